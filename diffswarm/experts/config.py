@@ -1,0 +1,47 @@
+"""What an expert is: one dataclass, saved inside its checkpoint and announced by its peer."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .networks import NetConfig
+from .schedules import ScheduleConfig
+
+OBJECTIVES = ("ddpm", "fm")
+
+
+@dataclass
+class ExpertConfig:
+    """Everything needed to rebuild and describe one expert denoiser."""
+
+    objective: str = "fm"  # ddpm (epsilon prediction) | fm (velocity prediction)
+    net: NetConfig = field(default_factory=NetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # used by ddpm only
+    cluster: int | None = None  # partition cluster this expert was trained on (None: all data)
+    num_clusters: int | None = None  # K of the partition
+    partition_hash: str | None = None  # the partition manifest this expert belongs to
+    dataset_id: str = ""  # e.g. "fashion:28"
+    cond_drop: float = 0.1  # label dropout for classifier-free guidance
+    fm_time: str = "logit_normal"  # fm training-time distribution: uniform | logit_normal
+    x0_clip: float | None = 1.0  # data range used by the eps->v translator near t = 1
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+
+    @property
+    def expert_id(self) -> str:
+        where = "all" if self.cluster is None else f"c{self.cluster}"
+        return f"{where}-{self.objective}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExpertConfig":
+        d = dict(d)
+        net = NetConfig.from_dict(d.pop("net", {}))
+        sched_d = d.pop("schedule", {}) or {}
+        sched = ScheduleConfig(**{k: v for k, v in sched_d.items() if k in ScheduleConfig.__dataclass_fields__})
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(net=net, schedule=sched, **known)

@@ -1,0 +1,99 @@
+"""Experts answer one contract: ``velocity(x_t, t, labels, guidance) -> v`` in flow time.
+
+An adapter per objective does the translating, so samplers never ask what a model predicts
+(k-diffusion's ``external.py`` pattern):
+
+- ``fm``: the network predicts v directly from (x_t, 999 t).
+- ``ddpm``: the network predicts eps from the VP point x_t / r at the SNR-matched step tau(t);
+  ``translator.eps_to_velocity`` turns it into v (HDDM's universal translator).
+
+Classifier-free guidance is applied per expert, in the network's native output space, before
+translating and before any mixing: ``out = out_u + g (out_c - out_u)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .checkpoint import load_expert_file
+from .config import ExpertConfig
+from .networks import build_network
+from .schedules import FM_TIME_SCALE, VPSchedule, bcast
+from .translator import eps_to_velocity, flow_to_vp_scale
+
+
+class VelocityModel(Protocol):
+    """Anything that answers in the shared flow convention (local expert, remote expert, ensemble)."""
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance: float = 1.0) -> torch.Tensor:
+        ...
+
+
+def null_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Map "no condition" (-1) and out-of-range ids to the null label ``num_classes``."""
+    labels = labels.long()
+    return torch.where((labels < 0) | (labels >= num_classes), torch.full_like(labels, num_classes), labels)
+
+
+class Expert(nn.Module):
+    """One expert denoiser with its objective adapter."""
+
+    def __init__(self, config: ExpertConfig, net: nn.Module | None = None, summary: dict | None = None):
+        super().__init__()
+        self.config = config
+        self.net = net if net is not None else build_network(config.net)
+        self.summary = summary or {}
+        self.schedule = VPSchedule(config.schedule) if config.objective == "ddpm" else None
+        self.weights_sha256: str | None = None
+
+    @property
+    def expert_id(self) -> str:
+        return self.config.expert_id
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> "Expert":
+        meta, weights = load_expert_file(path)
+        cfg = ExpertConfig.from_dict(meta["config"])
+        expert = cls(cfg, summary=meta.get("summary", {}))
+        expert.net.load_state_dict(weights)
+        expert.weights_sha256 = meta["weights_sha256"]
+        return expert.to(device).eval()
+
+    def network_input(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(network input, network timestep) for flow point x_t at flow time t (B,)."""
+        if self.schedule is None:
+            return x_t, t.to(x_t.dtype) * FM_TIME_SCALE
+        tau = self.schedule.tau_for_flow_time(t).to(x_t.dtype)  # (B,) SNR-matched DDPM step
+        return x_t / bcast(flow_to_vp_scale(t), x_t), tau
+
+    @torch.no_grad()
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance: float = 1.0) -> torch.Tensor:
+        """v(x_t, t | labels) with CFG. x: (B, C, H, W); t: (B,) in [0, 1]; labels: (B,), -1 = none."""
+        t = t.to(device=x.device, dtype=x.dtype)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        labels = null_labels(labels.to(x.device), self.config.net.num_classes)
+        inp, ts = self.network_input(x, t)
+        null = torch.full_like(labels, self.config.net.num_classes)
+        guided = guidance != 1.0 and self.config.net.num_classes > 0
+        if guided:
+            # one forward pass over [cond; uncond]: (2B, C, H, W)
+            out = self._forward(torch.cat([inp, inp]), torch.cat([ts, ts]), torch.cat([labels, null]))
+            out_c, out_u = out.chunk(2)
+            # rows asked unconditionally get no guidance (out_c == out_u there)
+            out = out_u + guidance * (out_c - out_u)
+        else:
+            out = self._forward(inp, ts, labels)
+        if self.schedule is None:
+            return out
+        return eps_to_velocity(x, t, out, self.config.x0_clip)
+
+    def _forward(self, inp: torch.Tensor, ts: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if inp.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.net(inp, ts, labels).to(inp.dtype)
+        return self.net(inp, ts, labels)

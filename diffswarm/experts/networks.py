@@ -1,0 +1,170 @@
+"""Denoiser networks: one call signature for every kind.
+
+Every network maps ``(x, timestep, labels) -> out`` with
+
+- ``x``: (B, C, H, W) float, the network's own input space (DDPM: the VP point; FM: x_t),
+- ``timestep``: (B,) float, the network's own time scale (DDPM tau in [0, T-1]; FM 999 * t),
+- ``labels``: (B,) long class ids, ``num_classes`` meaning "no condition" (the CFG null label),
+- ``out``: (B, C, H, W), epsilon (DDPM) or velocity (FM).
+
+Kinds (``NetConfig.kind``):
+
+- ``mlp``: a residual MLP over flattened pixels with AdaLN modulation from diffusers'
+  ``Timesteps``/``TimestepEmbedding`` and a label embedding. Cheapest per CPU-second at
+  28x28 (see ``bench/network_choice.py``), so it is the CPU default.
+- ``dit``: diffusers ``DiTTransformer2DModel`` (adaLN-zero, class-conditional).
+- ``unet``: diffusers ``UNet2DModel`` with class embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+
+
+@dataclass
+class NetConfig:
+    """Architecture of one denoiser; saved inside every checkpoint."""
+
+    kind: str = "mlp"  # mlp | dit | unet
+    channels: int = 1  # image channels C
+    size: int = 28  # image height = width
+    num_classes: int = 10  # 0 = unconditional; label num_classes is the null label
+    width: int = 512  # mlp hidden width / dit hidden width / unet base channels
+    depth: int = 4  # mlp residual blocks / dit layers / unet levels (<= 3)
+    patch: int = 4  # dit patch size
+    heads: int = 4  # dit attention heads
+    extra: dict = field(default_factory=dict)  # room for kind-specific options
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NetConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class AdaBlock(nn.Module):
+    """Pre-norm residual MLP block modulated by the (time, label) embedding (AdaLN, zero-init gate)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.mod = nn.Linear(width, 3 * width)
+        nn.init.zeros_(self.mod.weight)
+        nn.init.zeros_(self.mod.bias)
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.fc2 = nn.Linear(2 * width, width)
+        self.act = nn.SiLU()
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.mod(emb).chunk(3, dim=-1)  # 3 x (B, W)
+        y = self.norm(h) * (1 + scale) + shift
+        y = self.fc2(self.act(self.fc1(y)))
+        return h + gate * y
+
+
+class MLPDenoiser(nn.Module):
+    """Residual MLP denoiser over flattened pixels."""
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.channels * cfg.size * cfg.size
+        w = cfg.width
+        self.time_proj = Timesteps(128, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_emb = TimestepEmbedding(128, w)
+        self.label_emb = nn.Embedding(cfg.num_classes + 1, w)
+        self.inp = nn.Linear(dim, w)
+        self.blocks = nn.ModuleList(AdaBlock(w) for _ in range(cfg.depth))
+        self.out_norm = nn.LayerNorm(w, elementwise_affine=False)
+        self.out_mod = nn.Linear(w, 2 * w)
+        self.out = nn.Linear(w, dim)
+        for layer in (self.out_mod, self.out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        tproj = self.time_proj(timestep).to(x.dtype)  # (B, 128)
+        emb = torch.nn.functional.silu(self.time_emb(tproj) + self.label_emb(labels))  # (B, W)
+        h = self.inp(x.reshape(b, -1))  # (B, W)
+        for blk in self.blocks:
+            h = blk(h, emb)
+        shift, scale = self.out_mod(emb).chunk(2, dim=-1)
+        h = self.out_norm(h) * (1 + scale) + shift
+        return self.out(h).reshape(x.shape)  # (B, C, H, W)
+
+
+class DiTDenoiser(nn.Module):
+    """diffusers ``DiTTransformer2DModel`` behind the common signature."""
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        from diffusers import DiTTransformer2DModel
+
+        self.cfg = cfg
+        self.net = DiTTransformer2DModel(
+            num_attention_heads=cfg.heads,
+            attention_head_dim=cfg.width // cfg.heads,
+            in_channels=cfg.channels,
+            out_channels=cfg.channels,
+            num_layers=cfg.depth,
+            sample_size=cfg.size,
+            patch_size=cfg.patch,
+            num_embeds_ada_norm=max(cfg.num_classes, 1),
+            norm_num_groups=1,
+        )
+        # diffusers drops labels itself in training mode; we drop them in the objective instead.
+        for mod in self.net.modules():
+            if hasattr(mod, "dropout_prob") and hasattr(mod, "token_drop"):
+                mod.dropout_prob = 0.0
+                if mod.embedding_table.num_embeddings == mod.num_classes:  # no null row was made
+                    old = mod.embedding_table
+                    mod.embedding_table = nn.Embedding(old.num_embeddings + 1, old.embedding_dim)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        labels = labels.clamp(max=max(self.cfg.num_classes, 1))
+        return self.net(x, timestep=timestep, class_labels=labels).sample
+
+
+class UNetDenoiser(nn.Module):
+    """diffusers ``UNet2DModel`` with class embeddings behind the common signature."""
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        self.cfg = cfg
+        levels = max(1, min(cfg.depth, 3))
+        chans = tuple(cfg.width * (2**i) for i in range(levels))
+        self.net = UNet2DModel(
+            sample_size=cfg.size,
+            in_channels=cfg.channels,
+            out_channels=cfg.channels,
+            block_out_channels=chans,
+            layers_per_block=1,
+            down_block_types=("DownBlock2D",) * levels,
+            up_block_types=("UpBlock2D",) * levels,
+            norm_num_groups=min(8, cfg.width),
+            num_class_embeds=cfg.num_classes + 1,
+        )
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.net(x, timestep, class_labels=labels).sample
+
+
+NETWORKS = {"mlp": MLPDenoiser, "dit": DiTDenoiser, "unet": UNetDenoiser}
+
+
+def build_network(cfg: NetConfig) -> nn.Module:
+    """Instantiate the denoiser named by ``cfg.kind``."""
+    try:
+        return NETWORKS[cfg.kind](cfg)
+    except KeyError:
+        raise ValueError(f"unknown network kind {cfg.kind!r}; choose one of {sorted(NETWORKS)}") from None

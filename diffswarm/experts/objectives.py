@@ -1,0 +1,55 @@
+"""Training objectives, each returning per-sample losses (B,) and the flow time of each sample.
+
+- ``fm``: flow matching, ``|| v_theta(x_t, 999 t) - (eps - x0) ||^2``, t ~ U(0,1) or logit-normal.
+- ``ddpm``: epsilon prediction, ``|| eps_theta(x_tau, tau) - eps ||^2``, tau ~ U{0..T-1}.
+
+The flow time of a DDPM sample (t = s / (a + s) with a = sqrt(abar), s = sqrt(1 - abar)) is
+returned so that both objectives bin their loss on one axis.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .expert import Expert, null_labels
+from .schedules import FM_TIME_SCALE, flow_point
+
+
+def drop_labels(labels: torch.Tensor, num_classes: int, p: float, gen: torch.Generator | None) -> torch.Tensor:
+    """Replace each label by the null label with probability p (CFG training)."""
+    labels = null_labels(labels, num_classes)
+    if p <= 0 or num_classes == 0:
+        return labels
+    drop = torch.rand(labels.shape, generator=gen, device=labels.device) < p
+    return torch.where(drop, torch.full_like(labels, num_classes), labels)
+
+
+def sample_flow_time(n: int, kind: str, gen: torch.Generator | None, device) -> torch.Tensor:
+    """(n,) flow times: uniform, or logit-normal(0, 1) as in SD3."""
+    if kind == "uniform":
+        return torch.rand(n, generator=gen, device=device)
+    if kind == "logit_normal":
+        return torch.sigmoid(torch.randn(n, generator=gen, device=device))
+    raise ValueError(f"unknown fm time distribution {kind!r}")
+
+
+def expert_loss(expert: Expert, x0: torch.Tensor, labels: torch.Tensor, gen: torch.Generator | None = None):
+    """(per-sample loss (B,), flow time (B,)) for one batch of clean data x0 (B, C, H, W)."""
+    cfg = expert.config
+    b = x0.shape[0]
+    eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+    y = drop_labels(labels, cfg.net.num_classes, cfg.cond_drop, gen)
+    if cfg.objective == "fm":
+        t = sample_flow_time(b, cfg.fm_time, gen, x0.device)
+        pred = expert.net(flow_point(x0, eps, t), t * FM_TIME_SCALE, y)
+        target = eps - x0
+    else:
+        sched = expert.schedule
+        tau = torch.randint(0, sched.steps, (b,), generator=gen, device=x0.device).to(torch.float64)
+        ab = sched.alpha_bar_at(tau)  # (B,) float64
+        a, s = ab.sqrt(), (1 - ab).sqrt()
+        t = (s / (a + s)).to(x0.dtype)
+        pred = expert.net(sched.add_noise(x0, eps, tau), tau.to(x0.dtype), y)
+        target = eps
+    loss = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
+    return loss, t

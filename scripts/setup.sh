@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One-time, idempotent set-up on a fresh Debian machine: the data package, a virtualenv in .venv,
+# the CPU build of torch (unless a torch is already there, e.g. a CUDA build), and diffswarm.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z "${DIFFSWARM_FASHION_DIR:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+      || echo "setup: could not install dataset-fashion-mnist; the demo will use scikit-learn's digits" >&2
+  else
+    echo "setup: not root; 'sudo apt-get install dataset-fashion-mnist' for Fashion-MNIST (digits used otherwise)" >&2
+  fi
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0"
+pip install -q -e ".[test]"
