@@ -52,7 +52,7 @@ def describe_partition(part: Partition, ds: ImageDataset | None = None) -> str:
 
 def cmd_train(args) -> int:
     from .experts.config import ExpertConfig
-    from .experts.networks import NetConfig
+    from .experts.networks import NetConfig, default_patch
     from .experts.schedules import ScheduleConfig
     from .experts.train import TrainConfig, train_expert
 
@@ -62,7 +62,8 @@ def cmd_train(args) -> int:
         raise ValueError(f"--cluster must be in 0..{part.k - 1}")
     idx = torch.from_numpy(part.indices(args.cluster))
     c, h, _ = ds.shape
-    net = NetConfig(kind=args.net, channels=c, size=h, num_classes=0 if args.unconditional else ds.num_classes)
+    net = NetConfig(kind=args.net, channels=c, size=h, num_classes=0 if args.unconditional else ds.num_classes,
+                    patch=default_patch(h))
     if args.width:
         net.width = args.width
     if args.depth:
@@ -125,28 +126,206 @@ def parse_classes(classes: list[str] | None, ds_names: list[str]) -> list[int] |
     return out
 
 
+def network_from_args(args, client: bool):
+    """``NetworkConfig`` from the shared --loopback/--no-relay/--no-nat/... options."""
+    from .dht.node import NetworkConfig
+
+    peers = list(getattr(args, "initial_peers", None) or [])
+    if args.loopback:
+        net = NetworkConfig.loopback(peers)
+    else:
+        net = NetworkConfig(initial_peers=peers)
+    if getattr(args, "no_relay", False):
+        net.use_relay = False
+    if getattr(args, "no_nat", False):
+        net.auto_nat = net.nat_port_map = False
+    if client:
+        net.client_mode = True
+        return net
+    host = "127.0.0.1" if args.loopback and args.host == "0.0.0.0" else args.host
+    proto = "ip6" if ":" in host else "ip4"
+    net.host_maddrs = [f"/{proto}/{host}/tcp/{args.port}"]
+    net.announce_maddrs = list(args.announce_maddrs or [])
+    net.identity_path = args.identity
+    if args.identity and args.no_identity_check:
+        net.check_identity = False
+    net.use_auto_relay = args.use_auto_relay
+    return net
+
+
+def _swarm_peers(args) -> list[str]:
+    if args.initial_peers:
+        return list(args.initial_peers)
+    from .peer.launch import LocalSwarm
+
+    try:
+        sw = LocalSwarm.load(args.run_dir)
+    except FileNotFoundError:
+        raise ValueError(f"no --initial-peers given and no local swarm in {args.run_dir}; start one with "
+                         "`diffswarm swarm up` or pass the multiaddr a peer printed") from None
+    if not args.loopback:  # a swarm from `swarm up` listens on 127.0.0.1 only
+        args.loopback = True
+    return sw.initial_peers
+
+
 def cmd_generate(args) -> int:
     from .experts.train import pick_device
     from .images import save_grid, save_samples
     from .router.local import ProgressCallback, generate, load_local_ensemble, make_labels
     from .router.routing import RoutingConfig
 
-    if not args.local:
-        raise ValueError("swarm generation is not available yet: pass expert checkpoints with --local")
     dev = pick_device(args.device)
     routing = RoutingConfig(args.routing, args.k, args.threshold, args.full_above)
-    model = load_local_ensemble(args.local, args.router, routing, dev, seed=args.seed)
-    ncfg = model.experts[0].config.net
-    names = [str(i) for i in range(ncfg.num_classes)]
-    labels = make_labels(args.n, parse_classes(args.classes, names), ncfg.num_classes)
-    t0 = time.perf_counter()
-    x = generate(model, labels, (ncfg.channels, ncfg.size, ncfg.size), args.steps, args.sampler, args.guidance,
-                 args.seed, dev, callback=ProgressCallback())
-    dt = time.perf_counter() - t0
+    if args.local:
+        model = load_local_ensemble(args.local, args.router, routing, dev, seed=args.seed)
+        ncfg = model.experts[0].config.net
+        shape, num_classes = (ncfg.channels, ncfg.size, ncfg.size), ncfg.num_classes
+        where = "locally"
+    else:
+        from .client.client import ClientConfig
+        from .client.ensemble import SwarmEnsemble
+
+        peers = _swarm_peers(args)
+        cfg = ClientConfig(swarm=args.swarm, net=network_from_args(args, client=True), call_timeout=args.timeout,
+                           compression=args.compression, router_sha256=args.router_sha256)
+        print(f"joining swarm {args.swarm!r} via {peers[0]}")
+        model = SwarmEnsemble.connect(peers, routing, seed=args.seed, router_path=args.router, config=cfg,
+                                      device=dev, log=print)
+        shape, num_classes = model.image_shape, model.num_classes
+        cov = model.client.view.coverage()
+        print("experts: " + ", ".join(f"{model.expert_ids[k]} x{n}" for k, n in enumerate(cov)))
+        where = "over the swarm"
+    try:
+        names = [str(i) for i in range(num_classes)]
+        labels = make_labels(args.n, parse_classes(args.classes, names), num_classes)
+        t0 = time.perf_counter()
+        x = generate(model, labels, shape, args.steps, args.sampler, args.guidance, args.seed, dev,
+                     callback=ProgressCallback())
+        dt = time.perf_counter() - t0
+    finally:
+        if not args.local:
+            model.close()
     nrow = args.nrow or (len(set(labels.tolist())) if args.classes else int(max(1, round(args.n**0.5))))
-    print(f"generated {args.n} images in {dt:.1f}s -> {save_grid(x, args.output, nrow)}")
+    print(f"generated {args.n} images {where} in {dt:.1f}s -> {save_grid(x, args.output, nrow)}")
     if args.save_samples:
         print(f"samples -> {save_samples(args.save_samples, x, labels)}")
+    return 0
+
+
+def cmd_peer(args) -> int:
+    from .peer.server import PeerConfig, TrainSpec, run_peer
+
+    train = None
+    if args.checkpoint is None and args.cluster is not None:
+        if not args.partition:
+            raise ValueError("training a new expert needs --partition (and --cluster, --objective, --train-steps)")
+        out = args.out or f"runs/peer-c{args.cluster}-{args.objective}"
+        train = TrainSpec(partition=args.partition, cluster=args.cluster, objective=args.objective,
+                          steps=args.train_steps, out=out, net=args.net, width=args.width, depth=args.depth,
+                          batch=args.batch, lr=args.lr, seed=args.seed)
+    elif args.checkpoint is None and args.router is None and args.initial_peers:
+        print("no --checkpoint, --cluster or --router: running as a DHT node only")
+    cfg = PeerConfig(net=network_from_args(args, client=False), swarm=args.swarm, checkpoint=args.checkpoint,
+                     train=train, router=args.router, device=args.device, threads=args.threads,
+                     max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                     announce_period=args.announce_period, info_file=args.info_file)
+    return run_peer(cfg, log=lambda m: print(m, flush=True))
+
+
+def cmd_swarm(args) -> int:
+    from .peer import launch
+
+    if args.swarm_command == "down":
+        n = launch.stop_local_swarm(args.run_dir, args.timeout)
+        print(f"stopped {n} process(es) of the swarm in {args.run_dir}")
+        return 0
+    if args.swarm_command == "status":
+        return _swarm_status(args)
+    return _swarm_up(args)
+
+
+def _swarm_status(args) -> int:
+    import asyncio
+
+    from .dht.node import SwarmDHT
+
+    peers = _swarm_peers(args)
+    net = network_from_args(args, client=True)
+    net.initial_peers = peers
+
+    async def query():
+        node = await SwarmDHT.create(net, args.swarm)
+        try:
+            return await node.get_experts(), await node.get_swarm()
+        finally:
+            await node.shutdown()
+
+    (experts, errs), (swarms, serrs) = asyncio.run(query())
+    for r in swarms:
+        print(f"router {r.router_sha256[:12]} K={r.num_clusters} partition {r.partition_hash[:12]} at {r.peer_id[:12]}")
+    for r in sorted(experts, key=lambda r: (r.cluster if r.cluster is not None else -1, r.peer_id)):
+        print(f"{r.expert_id:10s} {r.state:8s} {r.peer_id[:12]} {r.throughput:8.0f} rows/s  load {r.load:.0f}"
+              + (f"  training {r.progress:.0%}" if r.state == "joining" else ""))
+    for e in errs + serrs:
+        print(f"invalid record skipped: {e}")
+    return 0
+
+
+def _swarm_up(args) -> int:
+    from .peer.launch import PeerSpec, start_local_swarm
+
+    run = Path(args.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    k = args.experts
+    objectives = {"mixed": ["ddpm" if i % 2 == 0 else "fm" for i in range(k)], "ddpm": ["ddpm"] * k,
+                  "fm": ["fm"] * k}[args.objectives]
+    if args.checkpoints:
+        if not args.router and len(args.checkpoints) > 1:
+            raise ValueError("serving several --checkpoints needs their --router")
+        specs = [PeerSpec(f"peer{i}-r{r}" if args.replicas > 1 else f"peer{i}", checkpoint=c)
+                 for i, c in enumerate(args.checkpoints) for r in range(args.replicas)]
+        router = args.router
+    else:
+        from .router.model import RouterConfig
+        from .router.train import RouterTrainConfig, train_router
+
+        if args.partition:
+            part = Partition.load(args.partition)
+            part_path = args.partition
+            ds = dataset_for_partition(part)
+        else:
+            ds = dataset_from_args(args)
+            part = make_partition(ds, k, seed=args.seed)
+            part.source = {"name": ds.name, "root": args.data_root, "size": args.size, "channels": args.channels}
+            part_path = str(run / "partition.json")
+            part.save(part_path)
+            print(f"partitioned {ds.dataset_id} into K={k} clusters -> {part_path}")
+        if part.k != k:
+            raise ValueError(f"--experts {k} but the partition has K={part.k}")
+        router = str(run / "router.safetensors")
+        c, h, _ = ds.shape
+        print(f"training the router ({args.router_steps} steps)")
+        train_router(RouterConfig(num_clusters=k, num_classes=ds.num_classes, channels=c, size=h,
+                                  partition_hash=part.partition_hash),
+                     RouterTrainConfig(steps=args.router_steps, seed=args.seed), ds.images, ds.labels,
+                     torch.from_numpy(part.assignments), router, progress=False)
+        specs = []
+        for i, obj in enumerate(objectives):
+            for r in range(args.replicas):
+                train_args = ["--partition", part_path, "--cluster", str(i), "--objective", obj,
+                              "--train-steps", str(args.train_steps), "--out", str(run / "experts" / f"c{i}-{obj}"),
+                              "--seed", str(args.seed + i)]
+                train_args += ["--width", str(args.width)] if args.width else []
+                train_args += ["--depth", str(args.depth)] if args.depth else []
+                specs.append(PeerSpec(f"peer{i}-r{r}" if args.replicas > 1 else f"peer{i}", train_args=train_args))
+        if args.replicas > 1:
+            print("note: replicas of a cluster each train their own expert (same data and seed)")
+    print(f"starting a bootstrap node and {len(specs)} peer(s) on 127.0.0.1 (logs in {run / 'logs'})")
+    sw = start_local_swarm(specs, router, run, swarm=args.swarm, threads=args.threads, timeout=args.timeout,
+                           port=args.port, log=print)
+    print(f"swarm {args.swarm!r} is up with {len(specs)} expert peer(s). Multiaddr:\n  {' '.join(sw.initial_peers)}")
+    print(f"generate with: diffswarm generate --loopback --initial-peers {sw.initial_peers[0]} --class all")
+    print(f"stop with:     diffswarm swarm down --run-dir {run}")
     return 0
 
 

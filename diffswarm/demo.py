@@ -42,8 +42,8 @@ class Preset:
 
 
 PRESETS = {
-    "cpu": Preset(None, "mlp", 512, 3, 2000, 128, 1200, 2, 30, 10, 1000),
-    "gpu": Preset(None, "mlp", 1024, 6, 20000, 256, 6000, 4, 50, 10, 5000),
+    "cpu": Preset(None, "dit", 96, 3, 700, 96, 1200, 2, 30, 10, 1000),
+    "gpu": Preset(None, "dit", 256, 6, 20000, 256, 6000, 4, 50, 10, 5000),
     "tiny": Preset("digits", "mlp", 128, 2, 150, 64, 150, 1, 10, 4, 100),
 }
 
@@ -54,15 +54,16 @@ def _expert_job(partition: str, cluster: int, objective: str, out: str, preset: 
     from .commands import dataset_for_partition
     from .data import Partition
     from .experts.config import ExpertConfig
-    from .experts.networks import NetConfig
+    from .experts.networks import NetConfig, default_patch
     from .experts.train import TrainConfig, train_expert
 
     part = Partition.load(partition)
     ds = dataset_for_partition(part)
     idx = torch.from_numpy(part.indices(cluster))
     c, h, _ = ds.shape
-    cfg = ExpertConfig(objective=objective, net=NetConfig(kind=preset.net, channels=c, size=h, num_classes=ds.num_classes,
-                                                           width=preset.width, depth=preset.depth),
+    net = NetConfig(kind=preset.net, channels=c, size=h, num_classes=ds.num_classes, width=preset.width,
+                    depth=preset.depth, patch=default_patch(h))
+    cfg = ExpertConfig(objective=objective, net=net,
                        cluster=cluster, num_clusters=part.k, partition_hash=part.partition_hash, dataset_id=ds.dataset_id)
     tc = TrainConfig(steps=preset.expert_steps, batch=preset.batch, seed=seed + cluster,
                      ckpt_every=max(100, preset.expert_steps // 4))

@@ -9,11 +9,14 @@ Every network maps ``(x, timestep, labels) -> out`` with
 
 Kinds (``NetConfig.kind``):
 
+- ``dit`` (default): diffusers ``DiTTransformer2DModel`` (adaLN-zero, class-conditional). At
+  28x28 with patch 4, width 96, depth 3 it reaches the lowest held-out loss per CPU-second among
+  the candidates that also sample fast (``bench/network_choice.py``; numbers in docs/benchmarks.md).
+- ``unet``: diffusers ``UNet2DModel`` with class embeddings: as good per training second at
+  width 16, but twice as slow per forward pass, which sampling pays at every step.
 - ``mlp``: a residual MLP over flattened pixels with AdaLN modulation from diffusers'
-  ``Timesteps``/``TimestepEmbedding`` and a label embedding. Cheapest per CPU-second at
-  28x28 (see ``bench/network_choice.py``), so it is the CPU default.
-- ``dit``: diffusers ``DiTTransformer2DModel`` (adaLN-zero, class-conditional).
-- ``unet``: diffusers ``UNet2DModel`` with class embeddings.
+  ``Timesteps``/``TimestepEmbedding``: the fastest step, clearly worse per CPU-second at 28x28;
+  handy for tiny tests (8x8 digits).
 """
 
 from __future__ import annotations
@@ -30,12 +33,12 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 class NetConfig:
     """Architecture of one denoiser; saved inside every checkpoint."""
 
-    kind: str = "mlp"  # mlp | dit | unet
+    kind: str = "dit"  # dit | mlp | unet
     channels: int = 1  # image channels C
     size: int = 28  # image height = width
     num_classes: int = 10  # 0 = unconditional; label num_classes is the null label
-    width: int = 512  # mlp hidden width / dit hidden width / unet base channels
-    depth: int = 4  # mlp residual blocks / dit layers / unet levels (<= 3)
+    width: int = 96  # dit hidden width / mlp hidden width / unet base channels
+    depth: int = 3  # dit layers / mlp residual blocks / unet levels (<= 3)
     patch: int = 4  # dit patch size
     heads: int = 4  # dit attention heads
     extra: dict = field(default_factory=dict)  # room for kind-specific options
@@ -159,7 +162,12 @@ class UNetDenoiser(nn.Module):
         return self.net(x, timestep, class_labels=labels).sample
 
 
-NETWORKS = {"mlp": MLPDenoiser, "dit": DiTDenoiser, "unet": UNetDenoiser}
+NETWORKS = {"dit": DiTDenoiser, "mlp": MLPDenoiser, "unet": UNetDenoiser}
+
+
+def default_patch(size: int) -> int:
+    """DiT patch size for an image side: 4 from 24 px up (49 tokens at 28x28), else 2."""
+    return 4 if size >= 24 and size % 4 == 0 else 2 if size % 2 == 0 else 1
 
 
 def build_network(cfg: NetConfig) -> nn.Module:
