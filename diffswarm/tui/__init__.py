@@ -1,0 +1,1 @@
+"""Terminal dashboard (Textual): watch the swarm and generate from it. Built on the swarm client."""
