@@ -3,7 +3,8 @@
 1. partition the data into K clusters (k-means on whitened pixel PCA, no labels);
 2. train K experts in parallel processes, one per cluster, alternating DDPM and flow matching,
    as independent volunteers would (the router and the quality classifier train beside them);
-3. sample a per-class grid with the router's top-2 routing and CFG;
+3. start a local swarm (a bootstrap node serving the router + one peer process per expert on
+   127.0.0.1) and sample a per-class grid over it, as a client, with top-2 routing and CFG;
 4. score 1,000 class-conditional samples: Frechet distance in the classifier's features against
    real data (with the real train-vs-test floor), class accuracy, and the share of samples per
    cluster against the data's share.
@@ -14,6 +15,7 @@ larger, ``tiny`` (digits) is what the tests run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -42,7 +44,7 @@ class Preset:
 
 
 PRESETS = {
-    "cpu": Preset(None, "dit", 96, 3, 700, 96, 1200, 2, 30, 10, 1000),
+    "cpu": Preset(None, "dit", 96, 3, 900, 96, 1000, 2, 30, 10, 1000),
     "gpu": Preset(None, "dit", 256, 6, 20000, 256, 6000, 4, 50, 10, 5000),
     "tiny": Preset("digits", "mlp", 128, 2, 150, 64, 150, 1, 10, 4, 100),
 }
@@ -99,9 +101,9 @@ def _classifier_job(partition: str, preset: Preset, threads: int):
     from .eval import get_classifier
 
     part = Partition.load(partition)
-    ds = dataset_for_partition(part)
+    ds, test = dataset_for_partition(part), dataset_for_partition(part, "test")
     t0 = time.perf_counter()
-    clf = get_classifier(ds, epochs=preset.classifier_epochs, progress=False)
+    clf = get_classifier(ds, epochs=preset.classifier_epochs, progress=False, test_ds=test)
     return {"seconds": time.perf_counter() - t0, "test_accuracy": getattr(clf, "test_accuracy", None)}
 
 
@@ -160,37 +162,54 @@ def run_demo(args) -> dict:
         print(f"  {s['expert']}: {s['steps']} steps, final loss {s['final_loss']:.4f}, {s['seconds']:.0f}s")
     print(format_router_accuracy(router_summary))
 
-    # 3. generate: a per-class grid, then class-conditional samples for scoring
+    # 3. generate over a local swarm (bootstrap + K peer processes on 127.0.0.1): a per-class grid,
+    #    then class-conditional samples for scoring (--local-generation: in this process instead)
     torch.set_num_threads(os.cpu_count() or 1)
     routing = RoutingConfig("top-k", 2)
-    model = load_local_ensemble([d / "expert.safetensors" for d in expert_dirs], out / "router.safetensors",
-                                routing, dev, seed=args.seed)
+    expert_paths = [d / "expert.safetensors" for d in expert_dirs]
     shape = ds.shape
     classes = list(range(ds.num_classes)) or [-1]
-    t0 = time.perf_counter()
-    grid_labels = torch.tensor([c for c in classes for _ in range(preset.per_class)])
-    print(f"[3/4] sampling a {len(classes)}x{preset.per_class} grid ({preset.sample_steps} Euler steps, top-2, "
-          f"CFG {preset.guidance})")
-    grid = generate(model, grid_labels, shape, preset.sample_steps, "euler", preset.guidance, args.seed, dev,
-                    callback=ProgressCallback("grid"))
-    grid_path = save_grid(grid, out / "grid.png", preset.per_class)
-    timings["grid_s"] = time.perf_counter() - t0
-    eval_labels = torch.tensor([classes[i % len(classes)] for i in range(preset.eval_n)])
-    t0 = time.perf_counter()
-    model.calls.zero_()
-    samples = generate(model, eval_labels, shape, preset.sample_steps, "euler", preset.guidance, args.seed + 1, dev,
-                       callback=ProgressCallback("eval samples"))
-    save_samples(out / "samples.npz", samples, eval_labels)
-    timings["eval_sampling_s"] = time.perf_counter() - t0
+    with contextlib.ExitStack() as stack:
+        if getattr(args, "local_generation", False):
+            model = load_local_ensemble(expert_paths, out / "router.safetensors", routing, dev, seed=args.seed)
+            where = "in this process"
+        else:
+            from .peer.launch import local_swarm
+
+            t0 = time.perf_counter()
+            print(f"[3/4] starting a local swarm: bootstrap (router) + {args.k} expert peers on 127.0.0.1 "
+                  f"(logs in {out / 'swarm' / 'logs'})")
+            swarm = stack.enter_context(local_swarm(expert_paths, out / "router.safetensors", run_dir=out / "swarm",
+                                                    log=print))
+            model = stack.enter_context(swarm.client(routing, seed=args.seed, device=dev))
+            timings["swarm_up_s"] = time.perf_counter() - t0
+            where = f"over the swarm ({' '.join(swarm.initial_peers)})"
+        t0 = time.perf_counter()
+        grid_labels = torch.tensor([c for c in classes for _ in range(preset.per_class)])
+        print(f"[3/4] sampling a {len(classes)}x{preset.per_class} grid {where} ({preset.sample_steps} Euler steps, "
+              f"top-2, CFG {preset.guidance})")
+        grid = generate(model, grid_labels, shape, preset.sample_steps, "euler", preset.guidance, args.seed, dev,
+                        callback=ProgressCallback("grid"))
+        grid_path = save_grid(grid, out / "grid.png", preset.per_class)
+        timings["grid_s"] = time.perf_counter() - t0
+        eval_labels = torch.tensor([classes[i % len(classes)] for i in range(preset.eval_n)])
+        t0 = time.perf_counter()
+        model.calls.zero_()
+        samples = generate(model, eval_labels, shape, preset.sample_steps, "euler", preset.guidance, args.seed + 1,
+                           dev, callback=ProgressCallback("eval samples"))
+        save_samples(out / "samples.npz", samples, eval_labels)
+        timings["eval_sampling_s"] = time.perf_counter() - t0
+        model_calls = model.calls.clone()
 
     # 4. quality
-    clf = get_classifier(ds, epochs=preset.classifier_epochs, progress=False)
+    clf = get_classifier(ds, epochs=preset.classifier_epochs, progress=False, test_ds=test)
     rep = quality_report(samples, eval_labels if ds.num_classes else None, ds, test, clf, part, seed=args.seed)
     timings["total_s"] = time.perf_counter() - t_start
-    calls = (model.calls.float() / model.calls.sum().clamp_min(1)).tolist()
+    calls = (model_calls.float() / model_calls.sum().clamp_min(1)).tolist()
     report = {"dataset": ds.dataset_id, "k": args.k, "preset": preset.__dict__, "objectives": objectives,
               "experts": expert_summaries, "router": router_summary, "classifier": clf_info,
               "quality": rep.to_dict(), "routing": "top-2", "expert_call_share": calls, "timings": timings,
+              "generation": "local" if getattr(args, "local_generation", False) else "swarm",
               "grid": str(grid_path)}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     print("[4/4] quality (classifier features, top-2 routing):")

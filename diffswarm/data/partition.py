@@ -9,6 +9,10 @@ Representation: whitened PCA of raw pixels, then k-means (Lloyd, k-means++ init)
 - Whitening (dividing each component by its standard deviation) stops the first few
   high-variance directions (overall brightness, object size) from dominating the Euclidean
   distance k-means uses, so finer shape directions also count.
+- Eight whitened components: on Fashion-MNIST with K=4 the clusters agree better with the
+  (unused) classes at D=8 than at D=32 (normalised mutual information 0.505 / 0.477 / 0.469 for
+  seeds 0 / 1 / 2 against 0.393 / 0.412 / 0.389), and are less dominated by one mixed cluster:
+  whitening many weak components lets pixel noise drive the distances.
 - It is cheap and deterministic: PCA and k-means are fitted on at most 20,000 examples drawn with
   the seed, then every example is assigned to its nearest centroid. Same data, K and seed give the
   same assignments and the same ``partition_hash``. Fashion-MNIST (60,000 x 784), K=4 takes a few
@@ -38,7 +42,7 @@ from diffswarm.data.datasets import ImageDataset
 
 PARTITION_FORMAT = "diffswarm.partition/1"
 MAX_FIT_EXAMPLES = 20_000  # PCA and k-means see at most this many examples; all are assigned
-MAX_COMPONENTS = 32  # PCA dimension D
+MAX_COMPONENTS = 8  # PCA dimension D (see the module docstring for why 8)
 
 
 def _partition_hash(dataset_id: str, content_hash: str, k: int, seed: int, assignments: np.ndarray) -> str:

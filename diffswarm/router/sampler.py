@@ -51,12 +51,13 @@ class RoutedEnsemble:
     """A mixture of K experts weighted by a router; answers ``velocity`` like a single expert."""
 
     def __init__(self, experts: Sequence[VelocityModel], router, routing: RoutingConfig,
-                 expert_ids: Sequence[str] | None = None, seed: int = 0):
+                 expert_ids: Sequence[str] | None = None, seed: int = 0, router_sees_labels: bool = True):
         self.experts = list(experts)
         self.router = router
         self.routing = routing
         self.expert_ids = list(expert_ids) if expert_ids else [getattr(e, "expert_id", str(i)) for i, e in enumerate(experts)]
         self.gen_seed = seed
+        self.router_sees_labels = router_sees_labels  # False: route as an unconditional router would
         self.gumbel: torch.Tensor | None = None
         self.last: RouteRecord | None = None
         self.calls = torch.zeros(len(self.experts), dtype=torch.long)  # rows evaluated per expert
@@ -74,6 +75,8 @@ class RoutedEnsemble:
     def route_probs(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.router is None:
             return x.new_full((x.shape[0], self.num_experts), 1.0 / self.num_experts, dtype=torch.float32)
+        if not self.router_sees_labels:
+            labels = torch.full_like(labels, -1)
         return self.router.probs(x, t, labels)
 
     def reset(self, batch: int, device) -> None:

@@ -1,0 +1,26 @@
+"""The demo end to end on digits (tiny preset): every stage runs and the report is honest."""
+
+import json
+
+from PIL import Image
+
+from diffswarm.cli import main
+
+
+def test_tiny_demo_end_to_end(tmp_path, tmp_cache):
+    out = tmp_path / "demo"
+    assert main(["demo", "--preset", "tiny", "--k", "2", "--out", str(out), "--workers", "2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["dataset"] == "digits:8" and report["objectives"] == ["ddpm", "fm"]
+    assert [e["steps"] for e in report["experts"]] == [150, 150]
+    q = report["quality"]
+    assert q["n"] == 100 and q["fd"] > q["fd_floor"] > 0
+    assert 0 <= q["class_accuracy"] <= 1
+    assert abs(sum(q["cluster_share"]) - 1) < 1e-6 and len(q["data_share"]) == 2
+    assert len(report["router"]["accuracy_by_t"]) == 11
+    # the router is far better than chance on clean data
+    assert report["router"]["accuracy_by_t"][0]["top1"] > 0.8
+    img = Image.open(out / "grid.png")
+    assert img.size[0] > 8 * 4 and img.size[1] > 8 * 10
+    for sub in ("c0-ddpm", "c1-fm"):
+        assert (out / "experts" / sub / "expert.safetensors").exists()
