@@ -99,9 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
 
-    p = sub.add_parser("generate", help="generate images over the swarm (--initial-peers) or from local checkpoints (--local)")
+    p = sub.add_parser("generate",
+                       help="generate images over the swarm (--initial-peers) or from local checkpoints (--local)")
     p.add_argument("--local", nargs="+", metavar="EXPERT", help="expert checkpoints (one per cluster): no network")
-    p.add_argument("--router", default=None, help="router checkpoint (swarm: default is the router the swarm announces)")
+    p.add_argument("--router", default=None,
+                   help="router checkpoint (swarm: default is the router the swarm announces)")
     p.add_argument("--initial-peers", nargs="+", default=None, metavar="MADDR",
                    help="multiaddr(s) of swarm peers (default: those of `diffswarm swarm up` in --run-dir)")
     p.add_argument("--run-dir", default="runs/swarm", help="local swarm state folder (when --initial-peers is omitted)")
@@ -123,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--objective", choices=["ddpm", "fm"], default="fm")
     g.add_argument("--train-steps", type=int, default=2000)
     g.add_argument("--out", default=None, help="checkpoint folder (default runs/peer-c{cluster}-{objective}); resumes")
-    g.add_argument("--net", choices=["mlp", "dit", "unet"], default="mlp")
+    g.add_argument("--net", choices=["dit", "mlp", "unet"], default="dit", help="denoiser network (default dit)")
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--depth", type=int, default=None)
     g.add_argument("--batch", type=int, default=128)
@@ -151,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expert objectives: mixed alternates DDPM and FM (default)")
     q.add_argument("--train-steps", type=int, default=300, help="expert training steps (peers train on start)")
     q.add_argument("--router-steps", type=int, default=300)
-    q.add_argument("--width", type=int, default=None, help="expert MLP width")
-    q.add_argument("--depth", type=int, default=None, help="expert MLP depth")
+    q.add_argument("--net", choices=["dit", "mlp", "unet"], default="dit", help="expert network (default dit)")
+    q.add_argument("--width", type=int, default=None, help="expert network width")
+    q.add_argument("--depth", type=int, default=None, help="expert network depth")
     q.add_argument("--replicas", type=int, default=1, help="peers per expert")
     q.add_argument("--threads", type=int, default=1, help="torch threads per peer")
     q.add_argument("--port", type=int, default=0, help="bootstrap TCP port (0: any)")
@@ -181,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=["cpu", "gpu", "tiny"], default=None, help="sizes (default: gpu if CUDA, else cpu)")
     p.add_argument("--steps", type=int, default=None, help="override expert training steps")
     p.add_argument("--workers", type=int, default=None, help="parallel training processes (default: CPU cores)")
+    p.add_argument("--local-generation", action="store_true",
+                   help="generate in this process instead of over a local swarm of peer processes")
     p.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -189,12 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from . import commands
     from .client.client import SwarmClientError
+    from .dht.node import SwarmNetworkError
     from .peer.launch import SwarmLaunchError
     from .router.routing import NoExpertsError
 
     try:
         return getattr(commands, "cmd_" + args.command.replace("-", "_"))(args) or 0
-    except (ValueError, FileNotFoundError, NoExpertsError, SwarmClientError, SwarmLaunchError) as e:
+    except (ValueError, FileNotFoundError, NoExpertsError, SwarmClientError, SwarmLaunchError,
+            SwarmNetworkError) as e:
         print(f"diffswarm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

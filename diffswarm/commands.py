@@ -131,10 +131,7 @@ def network_from_args(args, client: bool):
     from .dht.node import NetworkConfig
 
     peers = list(getattr(args, "initial_peers", None) or [])
-    if args.loopback:
-        net = NetworkConfig.loopback(peers)
-    else:
-        net = NetworkConfig(initial_peers=peers)
+    net = NetworkConfig.loopback(peers) if args.loopback else NetworkConfig(initial_peers=peers)
     if getattr(args, "no_relay", False):
         net.use_relay = False
     if getattr(args, "no_nat", False):
@@ -312,9 +309,10 @@ def _swarm_up(args) -> int:
         specs = []
         for i, obj in enumerate(objectives):
             for r in range(args.replicas):
+                out = run / "experts" / (f"c{i}-{obj}" + (f"-r{r}" if args.replicas > 1 else ""))
                 train_args = ["--partition", part_path, "--cluster", str(i), "--objective", obj,
-                              "--train-steps", str(args.train_steps), "--out", str(run / "experts" / f"c{i}-{obj}"),
-                              "--seed", str(args.seed + i)]
+                              "--train-steps", str(args.train_steps), "--out", str(out),
+                              "--seed", str(args.seed + i), "--net", args.net]
                 train_args += ["--width", str(args.width)] if args.width else []
                 train_args += ["--depth", str(args.depth)] if args.depth else []
                 specs.append(PeerSpec(f"peer{i}-r{r}" if args.replicas > 1 else f"peer{i}", train_args=train_args))

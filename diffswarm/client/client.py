@@ -1,0 +1,450 @@
+"""The swarm client's I/O shell: a background event loop with a client-mode DHT node.
+
+``SwarmClient`` owns one thread running one asyncio loop (uvloop where available) with the
+client's P2P daemon and DHT node. It
+
+- refreshes the expert records in the background every ``refresh`` seconds (never a DHT lookup
+  per sampling step) and probes each new peer once with ``rpc_info`` (checks that the peer serves
+  what its record says, measures a first latency);
+- fetches the router announced in the swarm record and checks its sha256;
+- calls ``rpc_velocity`` / ``rpc_velocity_stream`` under a deadline.
+
+Synchronous callers (the sampler) use ``run(coro)``; the decisions live in ``selection`` and
+``discovery`` (pure) and in ``ensemble.SwarmEnsemble``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+from hivemind.utils.multiaddr import Multiaddr
+
+from ..dht.node import NetworkConfig, SwarmDHT
+from ..dht.records import ExpertRecord, SwarmRecord
+from ..peer.protocol import (
+    MAX_UNARY_BYTES,
+    RequestError,
+    combine_parts,
+    decode_info,
+    decode_response,
+    encode_request,
+    load_metadata,
+    payload_bytes,
+    request_metadata,
+    stream_parts,
+)
+from ..peer.server import NAMESPACE, ExpertServicer
+from .discovery import SwarmView, choose_swarm_record
+from .selection import Blacklist, Replica, update_ema
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ClientConfig:
+    """How the client finds, trusts and calls peers (one commented field per knob)."""
+
+    swarm: str = "diffswarm"  # DHT key prefix of the swarm
+    net: NetworkConfig = field(default_factory=lambda: NetworkConfig(client_mode=True))
+    refresh: float = 5.0  # seconds between background DHT lookups of expert records
+    call_timeout: float = 10.0  # deadline of one velocity call, seconds
+    info_timeout: float = 5.0  # deadline of the first-contact rpc_info probe
+    connect_timeout: float = 60.0  # how long connect() waits for a router and full cluster coverage
+    ban_base: float = 1.0  # first ban of a failing peer, seconds (doubles per strike)
+    ban_max: float = 60.0
+    compression: str = "none"  # none | float16 (x and v on the wire)
+    sessions: bool = True  # one long-lived rpc_velocity_session stream per peer (False: a unary call each time)
+    threads: int = 1  # torch threads while a step is evaluated (router + mixing are small; more threads
+    #                   busy-wait and steal CPU from peers on the same machine); 0 = leave torch's setting
+    router_sha256: str | None = None  # pin the router (prefix of its file or weights sha256)
+    cache_dir: str | None = None  # fetched routers (default $DIFFSWARM_CACHE or ~/.cache/diffswarm)
+
+
+class SwarmClientError(RuntimeError):
+    """The client cannot use the swarm (no router announced, router fails its hash check, ...)."""
+
+
+class PeerCallError(RuntimeError):
+    """A velocity call failed (timeout, unreachable peer, refused request, malformed answer)."""
+
+
+class PeerSession:
+    """One open ``rpc_velocity_session`` stream to a peer: requests go out tagged with an id, a reader
+    task resolves the matching futures. A broken stream fails every pending call at once (a dead peer
+    is noticed immediately, not at the deadline); a call that times out closes the session."""
+
+    def __init__(self, p2p: P2P, peer_id: str):
+        self.p2p, self.peer_id = p2p, peer_id
+        self.pending: dict[int, asyncio.Future] = {}
+        self.next_id = 0
+        self.closed = False
+        self.write_lock = asyncio.Lock()
+        self.reader = self.writer = self.read_task = None
+
+    async def open(self) -> None:
+        handle = ExpertServicer._get_handle_name(NAMESPACE, "rpc_velocity_session")
+        _, self.reader, self.writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(self.peer_id),
+                                                                                handle)
+        self.read_task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                resp, err = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, self.reader)
+                if err is not None:
+                    raise PeerCallError(f"the peer ended the session: {err.message}")
+                meta = load_metadata(resp.metadata)
+                fut = self.pending.pop(meta.get("id"), None)
+                if fut is not None and not fut.done():
+                    fut.set_result((list(resp.tensors), meta))
+        except asyncio.IncompleteReadError:
+            self.close(PeerCallError("connection to the peer was closed"))
+        except asyncio.CancelledError:
+            self.close(PeerCallError("session closed"))
+            raise
+        except Exception as e:
+            self.close(PeerCallError(f"session failed: {e!r}"))
+
+    async def call(self, uid: str, tensors, guidance: float, timeout: float):
+        """(response tensors, response metadata) for one velocity request."""
+        if self.closed:
+            raise PeerCallError("session is closed")
+        rid, self.next_id = self.next_id, self.next_id + 1
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[rid] = fut
+        msg = runtime_pb2.ExpertRequest(uid=uid, tensors=tensors, metadata=request_metadata(guidance, rid))
+        try:
+            async with asyncio.timeout(timeout):  # one deadline for sending and answering
+                async with self.write_lock:
+                    await P2P.send_protobuf(msg, self.writer)
+                return await fut
+        except BaseException:
+            self.pending.pop(rid, None)
+            self.close(PeerCallError("a call on this session failed"))  # never reuse a session in doubt
+            raise
+
+    def close(self, exc: Exception | None = None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(exc or PeerCallError("session closed"))
+        self.pending.clear()
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self.writer.close()
+        if self.read_task is not None and self.read_task is not asyncio.current_task():
+            self.read_task.cancel()
+
+
+def _cache_dir(cfg: ClientConfig) -> Path:
+    d = cfg.cache_dir or os.environ.get("DIFFSWARM_CACHE") or Path.home() / ".cache" / "diffswarm"
+    return Path(d) / "routers"
+
+
+class SwarmClient:
+    """Background loop + DHT node + RPC calls. Use as a context manager or call ``close()``."""
+
+    def __init__(self, initial_peers: list[str], cfg: ClientConfig | None = None):
+        self.cfg = replace(cfg or ClientConfig())  # a copy: the caller's config stays as it was
+        if not initial_peers:
+            raise ValueError("the swarm client needs --initial-peers (the multiaddr a peer or `swarm up` printed)")
+        self.cfg.net = replace(self.cfg.net, initial_peers=list(initial_peers))
+        try:
+            import uvloop
+
+            self.loop = uvloop.new_event_loop()
+        except ImportError:  # pragma: no cover
+            self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="swarm-client", daemon=True)
+        self._thread.start()
+        self.dht: SwarmDHT | None = None
+        self.view: SwarmView | None = None
+        self.records: list[ExpertRecord] = []
+        self.bans = Blacklist(self.cfg.ban_base, 2.0, self.cfg.ban_max)
+        self.latency: dict[str, float] = {}  # peer -> EMA of velocity round trips (s)
+        self.fresh: dict[str, tuple[float, float]] = {}  # peer -> (load, throughput) from its last answer
+        self.verified: dict[str, str] = {}  # peer -> "ok" once its rpc_info probe matched its record
+        self.last_error: dict[str, str] = {}  # peer -> last failure
+        self.events: deque[str] = deque()  # discovery events not yet reported through a step callback
+        self._refresh_task = None
+        self.sessions: dict[str, PeerSession] = {}
+        self._closed = False
+        try:
+            self.dht = self.run(SwarmDHT.create(self.cfg.net, self.cfg.swarm), timeout=120)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def run(self, coro, timeout: float | None = None):
+        """Run ``coro`` on the client loop and wait for its result (from a non-loop thread)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def __enter__(self) -> SwarmClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self.run(self._close_sessions(), timeout=5)
+        if self.dht is not None:
+            try:
+                self.run(self.dht.shutdown(), timeout=15)
+            except Exception as e:
+                logger.warning(f"swarm client shutdown: {e!r}")
+        with contextlib.suppress(Exception):  # best effort: the loop is going away anyway
+            self.run(self._cancel_tasks(), timeout=5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        if not self.loop.is_running():
+            self.loop.close()
+
+    async def _close_sessions(self) -> None:
+        for s in list(self.sessions.values()):
+            s.close()
+        self.sessions.clear()
+
+    async def _session(self, peer_id: str, timeout: float) -> PeerSession:
+        s = self.sessions.get(peer_id)
+        if s is None or s.closed:
+            s = PeerSession(self.dht.p2p, peer_id)
+            self.sessions[peer_id] = s
+            try:
+                await asyncio.wait_for(s.open(), timeout)
+            except BaseException:
+                s.close()
+                raise
+        return s
+
+    @staticmethod
+    async def _cancel_tasks() -> None:
+        """Cancel what is left on the loop (the refresh loop, hivemind's background tasks)."""
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- discovery -----------------------------------------------------------------------------
+
+    async def _refresh_once(self) -> None:
+        recs, errors = await self.dht.get_experts()
+        for e in errors:
+            logger.info(f"skipped an invalid expert record: {e}")
+        self.records = recs
+        if self.view is None:
+            return
+        events = self.view.update(recs)
+        for key, reason in self.view.skipped.items():
+            logger.debug(f"not using {key}: {reason}")
+        now = time.monotonic()
+        new = [r for r in self.view.all_replicas()
+               if r.peer_id not in self.verified and not self.bans.is_banned(r.peer_id, now)]
+        if new:
+            await asyncio.gather(*(self._probe(r) for r in {r.peer_id: r for r in new}.values()))
+        self.events.extend(events)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.refresh)
+            try:
+                await self._refresh_once()
+            except Exception as e:  # a failed lookup keeps the previous view
+                logger.warning(f"swarm refresh failed: {e!r}")
+
+    def start_refresh(self) -> None:
+        """Refresh the expert records every ``cfg.refresh`` seconds in the background."""
+        if self._refresh_task is None:
+            # cancelled with the loop's other tasks by close()
+            self._refresh_task = asyncio.run_coroutine_threadsafe(self._refresh_loop(), self.loop)
+
+    def refresh(self) -> None:
+        self.run(self._refresh_once(), timeout=60)
+
+    async def _connect(self, peer_id: str, addrs) -> None:
+        """Tell our daemon where the peer listens (its record's multiaddrs); best effort."""
+        maddrs = []
+        for a in addrs:
+            try:
+                m = Multiaddr(a)
+                maddrs.append(m.decapsulate(Multiaddr(f"/p2p/{peer_id}")) if f"/p2p/{peer_id}" in a else m)
+            except Exception:
+                continue
+        if maddrs:
+            try:
+                await self.dht.p2p._client.connect(PeerID.from_base58(peer_id), maddrs)  # no public API in 1.1.12
+            except Exception as e:
+                logger.debug(f"connect to {peer_id[:12]} via {addrs}: {e!r}")
+
+    def _stub(self, peer_id: str):
+        return ExpertServicer.get_stub(self.dht.p2p, PeerID.from_base58(peer_id), namespace=NAMESPACE)
+
+    async def info(self, peer_id: str, addrs=(), timeout: float | None = None) -> dict:
+        await self._connect(peer_id, addrs)
+        resp = await self._stub(peer_id).rpc_info(runtime_pb2.ExpertUID(uid=""),
+                                                  timeout=timeout or self.cfg.info_timeout)
+        return decode_info(resp.serialized_info)
+
+    async def _probe(self, rep: Replica) -> None:
+        """First contact: the peer must serve the announced expert with the announced weights."""
+        t0 = time.perf_counter()
+        try:
+            info = await self.info(rep.peer_id, rep.addrs)
+            served = {(e.get("expert_id"), e.get("checkpoint_sha256")) for e in info.get("experts", [])
+                      if isinstance(e, dict)}
+            if info.get("peer_id") != rep.peer_id or (rep.expert_id, rep.checkpoint_sha256) not in served:
+                raise RequestError(f"peer {rep.peer_id[:12]} does not serve {rep.expert_id} "
+                                   f"{rep.checkpoint_sha256[:12]} as announced")
+            self.latency.setdefault(rep.peer_id, time.perf_counter() - t0)
+            self.verified[rep.peer_id] = "ok"
+        except Exception as e:
+            reason = f"probe failed: {e!r}"[:300]
+            self.last_error[rep.peer_id] = reason
+            length = self.bans.ban(rep.peer_id, time.monotonic())
+            self.events.append(f"{rep.expert_id} at {rep.peer_id[:12]}: {reason}; banned {length:.0f}s")
+            self.verified.pop(rep.peer_id, None)  # probed again once the ban is over
+
+    def drain_events(self) -> list[str]:
+        out = []
+        while self.events:
+            out.append(self.events.popleft())
+        return out
+
+    def usable(self, rep: Replica, now: float) -> bool:
+        return self.verified.get(rep.peer_id) == "ok" and not self.bans.is_banned(rep.peer_id, now)
+
+    def with_fresh_load(self, reps: list[Replica]) -> list[Replica]:
+        out = []
+        for r in reps:
+            f = self.fresh.get(r.peer_id)
+            out.append(replace(r, load=f[0], throughput=f[1] if f[1] > 0 else r.throughput) if f else r)
+        return out
+
+    # -- router --------------------------------------------------------------------------------
+
+    async def _download_router(self, rec: SwarmRecord) -> bytes:
+        await self._connect(rec.peer_id, rec.addrs)
+        stream = await self._stub(rec.peer_id).rpc_router(runtime_pb2.ExpertUID(uid=rec.router_sha256))
+        chunks, size = [], 0
+        async for msg in stream:
+            size += len(msg.serialized_info)
+            if size > rec.router_bytes:
+                raise RequestError(f"router from {rec.peer_id[:12]} is larger than its announced {rec.router_bytes} B")
+            chunks.append(msg.serialized_info)
+        return b"".join(chunks)
+
+    def swarm_records(self) -> tuple[list[SwarmRecord], list[str]]:
+        return self.run(self.dht.get_swarm(), timeout=60)
+
+    def fetch_router(self, device="cpu"):
+        """(Router, SwarmRecord): the router the swarm announces, from the cache or a peer, verified."""
+        from ..experts.checkpoint import file_sha256
+        from ..router.model import Router
+
+        deadline = time.monotonic() + self.cfg.connect_timeout
+        while True:
+            recs, errors = self.swarm_records()
+            for e in errors:
+                logger.info(f"skipped an invalid swarm record: {e}")
+            rec, warnings = choose_swarm_record(recs, self.cfg.router_sha256)
+            if rec is not None:
+                break
+            if time.monotonic() > deadline:
+                pin = f" with sha256 {self.cfg.router_sha256}" if self.cfg.router_sha256 else ""
+                raise SwarmClientError(f"no peer announces a router{pin} in swarm {self.cfg.swarm!r}; start one with "
+                                   "`diffswarm peer --router FILE` or pass --router to use a local file")
+            time.sleep(1.0)
+        for w in warnings:
+            self.events.append(w)
+        path = _cache_dir(self.cfg) / f"{rec.router_sha256}.safetensors"
+        if not (path.exists() and file_sha256(path) == rec.router_sha256):
+            sources = [r for r in recs if r.router_sha256 == rec.router_sha256]
+            sources.sort(key=lambda r: r.peer_id != rec.peer_id)
+            data, errs = None, []
+            for src in sources:
+                try:
+                    data = self.run(asyncio.wait_for(self._download_router(src), self.cfg.connect_timeout))
+                except Exception as e:
+                    errs.append(f"{src.peer_id[:12]}: {e!r}")
+                    continue
+                if hashlib.sha256(data).hexdigest() == rec.router_sha256:
+                    break
+                errs.append(f"{src.peer_id[:12]}: bytes do not match the announced sha256")
+                data = None
+            if data is None:
+                raise SwarmClientError("could not fetch the router: " + "; ".join(errs))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        router = Router.load(path, device)
+        if router.weights_sha256 != rec.router_weights_sha256:
+            raise SwarmClientError(f"router {path} has weights {router.weights_sha256[:12]}, the swarm record "
+                               f"announces {rec.router_weights_sha256[:12]}")
+        return router, rec
+
+    # -- velocity calls ------------------------------------------------------------------------
+
+    async def call_velocity(self, rep: Replica, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                            guidance: float, timeout: float) -> tuple[torch.Tensor, dict]:
+        """v (B, C, H, W) float32 from ``rep`` for rows x (B, C, H, W), t (B,), labels (B,)."""
+        t0 = time.perf_counter()
+        try:
+            tensors = encode_request(rep.expert_id, x, t, labels, guidance, self.cfg.compression)
+            meta = request_metadata(guidance)
+            stub = self._stub(rep.peer_id)
+            small = payload_bytes(tensors) <= MAX_UNARY_BYTES
+            if small and self.cfg.sessions:
+                session = await self._session(rep.peer_id, timeout)
+                out, out_meta = await session.call(rep.expert_id, tensors, guidance, timeout)
+            elif small:
+                resp = await stub.rpc_velocity(runtime_pb2.ExpertRequest(uid=rep.expert_id, tensors=tensors,
+                                                                          metadata=meta), timeout=timeout)
+                out, out_meta = list(resp.tensors), resp.metadata
+            else:
+                out, out_meta = await asyncio.wait_for(self._stream_call(stub, rep.expert_id, tensors, meta), timeout)
+            v, info = decode_response(out, out_meta, x.shape[0], tuple(x.shape[1:]))
+        except TimeoutError:
+            raise PeerCallError(f"timed out after {timeout:.1f}s") from None
+        except Exception as e:
+            raise PeerCallError(f"{type(e).__name__}: {e}"[:400]) from None
+        rtt = time.perf_counter() - t0
+        self.latency[rep.peer_id] = update_ema(self.latency.get(rep.peer_id), rtt)
+        load, thr = info.get("load"), info.get("throughput")
+        if isinstance(load, (int, float)) and isinstance(thr, (int, float)):
+            self.fresh[rep.peer_id] = (float(load), float(thr))
+        return v, info
+
+    @staticmethod
+    async def _stream_call(stub, uid: str, tensors, meta: bytes):
+        async def requests():
+            for i, part in enumerate(stream_parts(tensors)):
+                yield runtime_pb2.ExpertRequest(uid=uid if i == 0 else "", tensors=[part],
+                                                metadata=meta if i == 0 else b"")
+
+        stream = await stub.rpc_velocity_stream(requests())
+        parts, out_meta = [], b""
+        async for msg in stream:
+            if not out_meta and msg.metadata:
+                out_meta = msg.metadata
+            parts.extend(msg.tensors)
+        return combine_parts(parts), out_meta

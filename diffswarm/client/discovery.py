@@ -1,0 +1,103 @@
+"""The client's picture of the swarm, rebuilt from DHT records (pure: no network, no clock).
+
+``SwarmView.update(records)`` keeps, per cluster of the router, the online replicas whose records
+match the router (partition, image shape, classes, protocol); everything else is skipped with a
+reason. ``choose_swarm_record`` picks the router to fetch when several peers announce one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..dht.records import PROTOCOL_VERSION, ExpertRecord, SwarmRecord
+from .selection import Replica
+
+
+@dataclass(frozen=True)
+class SwarmTarget:
+    """What the client's router expects of the experts it routes to."""
+
+    num_clusters: int
+    partition_hash: str  # "" = do not check
+    image_shape: tuple[int, int, int]
+    num_classes: int
+
+
+def skip_reason(rec: ExpertRecord, target: SwarmTarget) -> str | None:
+    """Why ``rec`` cannot serve this client's router (None: usable, apart from its state)."""
+    if rec.protocol != PROTOCOL_VERSION:
+        return f"speaks protocol {rec.protocol}, this client {PROTOCOL_VERSION}"
+    if rec.cluster is None or not 0 <= rec.cluster < target.num_clusters:
+        return f"cluster {rec.cluster} is not one of the router's 0..{target.num_clusters - 1}"
+    if target.partition_hash and rec.partition_hash != target.partition_hash:
+        return f"partition {rec.partition_hash[:12]} differs from the router's {target.partition_hash[:12]}"
+    if tuple(rec.image_shape) != tuple(target.image_shape):
+        return f"image shape {tuple(rec.image_shape)} differs from the router's {tuple(target.image_shape)}"
+    if rec.num_classes != target.num_classes:
+        return f"{rec.num_classes} classes, the router has {target.num_classes}"
+    return None
+
+
+class SwarmView:
+    """Online replicas per cluster, from the latest set of records."""
+
+    def __init__(self, target: SwarmTarget):
+        self.target = target
+        self.by_cluster: list[list[Replica]] = [[] for _ in range(target.num_clusters)]
+        self.joining: list[ExpertRecord] = []
+        self.skipped: dict[str, str] = {}  # "peer/expert" -> reason
+
+    def update(self, records: list[ExpertRecord]) -> list[str]:
+        """Replace the view with ``records``; returns events (replicas that appeared or left)."""
+        old = {(r.peer_id, r.expert_id) for reps in self.by_cluster for r in reps}
+        by_cluster: list[list[Replica]] = [[] for _ in range(self.target.num_clusters)]
+        latest: dict[tuple[str, str], ExpertRecord] = {}
+        for rec in records:  # one record per (peer, expert): the most recent
+            key = (rec.peer_id, rec.expert_id)
+            if key not in latest or rec.updated > latest[key].updated:
+                latest[key] = rec
+        joining, skipped = [], {}
+        for (peer, eid), rec in sorted(latest.items()):
+            reason = skip_reason(rec, self.target)
+            if reason is not None:
+                skipped[f"{peer[:12]}/{eid}"] = reason
+                continue
+            if rec.state == "joining":
+                joining.append(rec)
+            if rec.state != "online":
+                continue
+            by_cluster[rec.cluster].append(Replica(rec.peer_id, rec.expert_id, rec.checkpoint_sha256, rec.cluster,
+                                                   rec.throughput, rec.load, tuple(rec.addrs)))
+        self.by_cluster, self.joining, self.skipped = by_cluster, joining, skipped
+        new = {(r.peer_id, r.expert_id) for reps in by_cluster for r in reps}
+        events = [f"{eid} online at {p[:12]}" for p, eid in sorted(new - old)]
+        events += [f"{eid} at {p[:12]} left" for p, eid in sorted(old - new)]
+        return events
+
+    def replicas(self, cluster: int) -> list[Replica]:
+        return self.by_cluster[cluster]
+
+    def all_replicas(self) -> list[Replica]:
+        return [r for reps in self.by_cluster for r in reps]
+
+    def coverage(self) -> list[int]:
+        """Number of online replicas per cluster."""
+        return [len(r) for r in self.by_cluster]
+
+
+def choose_swarm_record(records: list[SwarmRecord], pin: str | None = None) -> tuple[SwarmRecord | None, list[str]]:
+    """The router to use: the one announced by the most peers (then the most recent), restricted to
+    ``pin`` (a prefix of its file or weights sha256) when given. Returns (record, warnings)."""
+    warnings = []
+    if pin:
+        records = [r for r in records if r.router_sha256.startswith(pin) or r.router_weights_sha256.startswith(pin)]
+    if not records:
+        return None, warnings
+    groups: dict[str, list[SwarmRecord]] = {}
+    for r in records:
+        groups.setdefault(r.router_sha256, []).append(r)
+    best = max(groups.values(), key=lambda g: (len({r.peer_id for r in g}), max(r.updated for r in g)))
+    if len(groups) > 1:
+        warnings.append(f"{len(groups)} different routers are announced; using {best[0].router_sha256[:12]} "
+                        f"(announced by {len(best)} peer(s)); pin one with --router-sha256")
+    return max(best, key=lambda r: r.updated), warnings

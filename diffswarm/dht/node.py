@@ -1,0 +1,205 @@
+"""The DHT shell: one hivemind ``P2P`` daemon and one ``DHTNode`` in the caller's asyncio loop.
+
+Design choice (documented in docs/protocol.md): peers and clients run hivemind's ``DHTNode``
+directly in their own event loop on a ``P2P`` they create, instead of the forked ``hivemind.DHT``
+process. One loop and one p2pd per peer: the same daemon carries the DHT and the expert RPCs, so
+the peer id in a record is the peer id serving the calls, and no pipes or forked processes sit
+between the sampler and the network.
+
+Identity: the libp2p identity file is an RSA key (``P2P.generate_identity``); the same key signs
+the peer's DHT records (``RSASignatureValidator``), which is what lets readers check that a
+record's ``peer_id`` belongs to its signer (``records.parse_entries``). Without ``identity_path``
+an ephemeral identity is written to a temporary file and removed at shutdown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+from hivemind.dht.node import DHTNode
+from hivemind.dht.validation import CompositeValidator
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import crypto_pb2
+from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.timed_storage import get_dht_time
+
+from .records import ExpertRecord, SwarmRecord, experts_key, make_validators, parse_entries, swarm_key
+
+logger = logging.getLogger(__name__)
+_SOCKETS = "/tmp/hivemind-p2p*.sock"
+
+
+class SwarmNetworkError(RuntimeError):
+    """The p2p daemon could not start or could not reach the initial peers."""
+
+
+def _dead_sockets(before: set[str]) -> None:
+    """Remove p2pd sockets that appeared since ``before`` and that nobody listens on (a daemon that
+    failed to start leaves its socket behind). A live socket accepts the connection and is kept."""
+    import glob
+    import socket
+
+    for path in set(glob.glob(_SOCKETS)) - before:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        except OSError:
+            pass
+        finally:
+            s.close()
+
+
+@dataclass
+class NetworkConfig:
+    """How a node joins the swarm's network (one field per p2pd/DHT knob we expose)."""
+
+    initial_peers: list[str] = field(default_factory=list)  # multiaddrs of running nodes; empty: new swarm
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])  # where to listen
+    announce_maddrs: list[str] = field(default_factory=list)  # public addresses to tell others (NAT, docker)
+    identity_path: str | None = None  # RSA identity file (created if missing); None: ephemeral
+    client_mode: bool = False  # cannot be reached by others: DHT client only, serves nothing
+    use_relay: bool = True  # allow libp2p circuit relays (reach / be reached through NAT)
+    use_auto_relay: bool = False  # look for relays to become reachable when behind NAT
+    auto_nat: bool = True  # AutoNAT reachability probing
+    nat_port_map: bool = True  # UPnP / NAT-PMP port mapping
+    check_identity: bool = True  # refuse an identity already online (one extra daemon start)
+    wait_timeout: float = 3.0  # DHT RPC timeout, seconds
+
+    @classmethod
+    def loopback(cls, initial_peers=(), **kw) -> NetworkConfig:
+        """127.0.0.1 only, no NAT traversal, no relays: local swarms and tests."""
+        base = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], use_relay=False, auto_nat=False, nat_port_map=False,
+                    check_identity=False)
+        base.update(kw)
+        return cls(initial_peers=list(initial_peers), **base)
+
+
+def load_identity(path: str | os.PathLike) -> RSAPrivateKey:
+    """The RSA private key inside a libp2p identity file (as written by ``P2P.generate_identity``)."""
+    with open(path, "rb") as f:
+        pb = crypto_pb2.PrivateKey.FromString(f.read())
+    if pb.key_type != crypto_pb2.KeyType.RSA:
+        raise ValueError(f"identity {path} holds a {crypto_pb2.KeyType.Name(pb.key_type)} key; diffswarm needs "
+                         "an RSA identity (delete it to let diffswarm create one)")
+    key = RSAPrivateKey.__new__(RSAPrivateKey)
+    key.__setstate__({"_private_key": pb.data})  # RSAPrivateKey's own unpickling path (DER bytes)
+    return key
+
+
+def identity_peer_id(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return PeerID.from_identity(f.read()).to_base58()
+
+
+class SwarmDHT:
+    """P2P + DHTNode with diffswarm's validators, and typed announce / lookup of records."""
+
+    def __init__(self, swarm: str, p2p: P2P, node: DHTNode, private_key: RSAPrivateKey, owner: bytes,
+                 ephemeral_identity: str | None):
+        self.swarm, self.p2p, self.node = swarm, p2p, node
+        self.private_key, self.owner = private_key, owner  # owner: b"[owner:ssh-rsa ...]"
+        self._ephemeral = ephemeral_identity
+
+    @property
+    def peer_id(self) -> PeerID:
+        return self.p2p.peer_id
+
+    @classmethod
+    async def create(cls, net: NetworkConfig, swarm: str = "diffswarm") -> SwarmDHT:
+        ephemeral = None
+        identity = net.identity_path
+        if identity is None:
+            fd, identity = tempfile.mkstemp(prefix="diffswarm-identity-")
+            os.close(fd)
+            os.unlink(identity)
+            ephemeral = identity
+        existed = os.path.isfile(identity)
+        if not existed:
+            P2P.generate_identity(identity)
+        key = load_identity(identity)
+        validators = make_validators(swarm, key)
+        p2p = None
+        import glob
+
+        sockets_before = set(glob.glob(_SOCKETS))
+        try:
+            p2p = await P2P.create(
+                initial_peers=net.initial_peers or None,
+                host_maddrs=net.host_maddrs,
+                announce_maddrs=net.announce_maddrs or None,
+                identity_path=identity,
+                check_if_identity_free=net.check_identity and existed,
+                use_relay=net.use_relay,
+                use_auto_relay=net.use_auto_relay,
+                auto_nat=net.auto_nat,
+                nat_port_map=net.nat_port_map,
+                dht_mode="client" if net.client_mode else "server",
+            )
+            node = await DHTNode.create(
+                p2p=p2p,
+                initial_peers=net.initial_peers or None,
+                client_mode=net.client_mode,
+                record_validator=CompositeValidator(validators),
+                wait_timeout=net.wait_timeout,
+            )
+        except BaseException as e:
+            if p2p is not None:
+                await p2p.shutdown()
+            if ephemeral and os.path.exists(ephemeral):
+                os.unlink(ephemeral)
+            _dead_sockets(sockets_before)
+            if isinstance(e, Exception) and not isinstance(e, ValueError):
+                where = " ".join(net.initial_peers) or "(new swarm)"
+                raise SwarmNetworkError(f"could not join the swarm via {where}: {e}") from e
+            raise
+        return cls(swarm, p2p, node, key, validators[1].local_public_key, ephemeral)
+
+    def socket_paths(self) -> list[str]:
+        """The unix sockets of this node's p2pd (left in /tmp if the process is killed)."""
+        out = []
+        for m in (self.p2p.daemon_listen_maddr, getattr(self.p2p, "_client_listen_maddr", None)):
+            with contextlib.suppress(KeyError, TypeError):
+                out.append(m["unix"])
+        return out
+
+    async def visible_maddrs(self) -> list[str]:
+        """Multiaddrs (with /p2p/<id>) others should pass as --initial-peers."""
+        return [str(a) for a in await self.p2p.get_visible_maddrs()]
+
+    async def announce_expert(self, rec: ExpertRecord, expiration: float) -> bool:
+        """Store ``rec`` under this peer's subkey for ``expiration`` seconds from now."""
+        return await self.node.store(experts_key(self.swarm), rec.to_dict(), get_dht_time() + expiration,
+                                     subkey=self.owner + rec.subkey_suffix)
+
+    async def announce_swarm(self, rec: SwarmRecord, expiration: float) -> bool:
+        return await self.node.store(swarm_key(self.swarm), rec.to_dict(), get_dht_time() + expiration,
+                                     subkey=self.owner)
+
+    async def _get_entries(self, key: str) -> dict:
+        found = await self.node.get(key, latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        return {sk: v.value for sk, v in found.value.items()}
+
+    async def get_experts(self) -> tuple[list[ExpertRecord], list[str]]:
+        """Valid expert records of the swarm, and one error line per skipped invalid record."""
+        return parse_entries(await self._get_entries(experts_key(self.swarm)), ExpertRecord)
+
+    async def get_swarm(self) -> tuple[list[SwarmRecord], list[str]]:
+        return parse_entries(await self._get_entries(swarm_key(self.swarm)), SwarmRecord)
+
+    async def shutdown(self) -> None:
+        try:
+            await self.node.shutdown()
+        finally:
+            await self.p2p.shutdown()
+            if self._ephemeral and os.path.exists(self._ephemeral):
+                os.chmod(self._ephemeral, 0o600)
+                os.unlink(self._ephemeral)

@@ -1,0 +1,298 @@
+"""A local swarm on 127.0.0.1: a bootstrap node and peers as separate processes.
+
+``diffswarm swarm up`` and ``diffswarm demo`` use this; so do the end-to-end tests and the
+benchmark. Every process runs ``python -m diffswarm peer --loopback ...`` in its own session (so
+``swarm down`` can stop its p2pd with it) and writes an info file (peer id, multiaddrs, pid, p2pd
+sockets). The state of a running swarm lives in ``RUN_DIR/swarm.json``:
+
+    {"swarm": name, "initial_peers": [...], "procs": [{"name", "pid", "log", "info"}...]}
+
+Stopping: SIGTERM to each peer (it announces offline and stops its daemon), SIGKILL to its
+process group after ``timeout``, then the leftover p2pd sockets are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+STATE_FILE = "swarm.json"
+
+
+class SwarmLaunchError(RuntimeError):
+    """A local peer failed to start or come online; the message carries the tail of its log."""
+
+
+@dataclass
+class PeerProc:
+    name: str
+    pid: int
+    log: str
+    info: str
+    args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PeerSpec:
+    """One peer of a local swarm: serve ``checkpoint``, or train (``train_args``: extra CLI args)."""
+
+    name: str
+    checkpoint: str | None = None
+    train_args: list[str] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return True
+
+
+def _is_ours(pid: int) -> bool:
+    """Guard against pid reuse: only signal processes that run diffswarm."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"diffswarm" in f.read()
+    except OSError:
+        return False
+
+
+def _tail(path: str | Path, n: int = 15) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def _read_info(path: str | Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class LocalSwarm:
+    """Handle on a running local swarm (processes, multiaddrs, run dir)."""
+
+    def __init__(self, run_dir: Path, swarm: str, initial_peers: list[str], procs: list[PeerProc],
+                 popens: dict[int, subprocess.Popen] | None = None):
+        self.run_dir, self.swarm, self.initial_peers, self.procs = run_dir, swarm, initial_peers, procs
+        self._popens = popens or {}
+
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / STATE_FILE
+
+    def save(self) -> None:
+        state = {"swarm": self.swarm, "initial_peers": self.initial_peers, "procs": [asdict(p) for p in self.procs]}
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, self.state_path)
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> LocalSwarm:
+        run_dir = Path(run_dir)
+        path = run_dir / STATE_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"no running swarm recorded in {path}")
+        state = json.loads(path.read_text())
+        return cls(run_dir, state["swarm"], state["initial_peers"], [PeerProc(**p) for p in state["procs"]])
+
+    def info(self, name: str) -> dict | None:
+        p = next(p for p in self.procs if p.name == name)
+        return _read_info(p.info)
+
+    def client(self, routing=None, seed: int = 0, config=None, **kw):
+        """A ``SwarmEnsemble`` connected to this swarm (loopback network settings)."""
+        from ..client.client import ClientConfig
+        from ..client.ensemble import SwarmEnsemble
+        from ..dht.node import NetworkConfig
+
+        config = config or ClientConfig(swarm=self.swarm, net=NetworkConfig.loopback(client_mode=True))
+        return SwarmEnsemble.connect(self.initial_peers, routing, seed=seed, config=config, **kw)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Kill one peer (its whole process group, p2pd included): a machine dying."""
+        p = next(p for p in self.procs if p.name == name)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, sig)
+        self._reap(p.pid, 10)
+
+    def _reap(self, pid: int, timeout: float) -> bool:
+        """Wait for ``pid`` to exit; True if it did."""
+        deadline = time.monotonic() + timeout
+        pop = self._popens.get(pid)
+        while time.monotonic() < deadline:
+            if pop is not None:
+                if pop.poll() is not None:
+                    return True
+            elif not _alive(pid):
+                return True
+            time.sleep(0.1)
+        return False
+
+    def stop(self, timeout: float = 20.0, log=None) -> None:
+        """SIGTERM every peer (experts first, the bootstrap last), SIGKILL what is left after ``timeout``."""
+        order = [p for p in self.procs if p.name != "bootstrap"] + [p for p in self.procs if p.name == "bootstrap"]
+        live = [p for p in order if _alive(p.pid) and _is_ours(p.pid)]
+        for p in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in live:
+            if not self._reap(p.pid, max(0.1, deadline - time.monotonic())) and log:
+                log(f"{p.name} (pid {p.pid}) did not stop in {timeout:.0f}s: killing it")
+            # p2pd and any other child of the peer live in its process group
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
+            self._reap(p.pid, 5)
+        self.cleanup_sockets()
+        with contextlib.suppress(FileNotFoundError):
+            self.state_path.unlink()
+
+    def cleanup_sockets(self) -> None:
+        for p in self.procs:
+            info = _read_info(p.info) or {}
+            for s in info.get("sockets", []):
+                if s.startswith("/tmp/hivemind-") and s.endswith(".sock"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(s)
+
+
+def _spawn(name: str, args: list[str], run_dir: Path, env: dict) -> tuple[PeerProc, subprocess.Popen]:
+    log = run_dir / "logs" / f"{name}.log"
+    info = run_dir / "info" / f"{name}.json"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    info.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        info.unlink()
+    cmd = [sys.executable, "-m", "diffswarm", "peer", "--loopback", "--info-file", str(info), *args]
+    with open(log, "ab") as f:
+        pop = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               start_new_session=True, env=env)
+    return PeerProc(name, pop.pid, str(log), str(info), cmd[3:]), pop
+
+
+def _wait_online(procs: list[tuple[PeerProc, subprocess.Popen]], deadline: float, log=None) -> dict[str, dict]:
+    infos: dict[str, dict] = {}
+    while len(infos) < len(procs):
+        for p, pop in procs:
+            if p.name in infos:
+                continue
+            info = _read_info(p.info)
+            if info and info.get("state") == "online":
+                infos[p.name] = info
+                if log:
+                    log(f"  {p.name} online ({info['peer_id'][:12]})")
+            elif pop.poll() is not None:
+                raise SwarmLaunchError(f"{p.name} exited with code {pop.returncode}; its log {p.log} ends:\n"
+                                       + _tail(p.log))
+        if len(infos) < len(procs):
+            if time.monotonic() > deadline:
+                late = [p.name for p, _ in procs if p.name not in infos]
+                raise SwarmLaunchError(f"{late} not online in time; last log lines of {late[0]}:\n"
+                                       + _tail(next(p.log for p, _ in procs if p.name == late[0])))
+            time.sleep(0.2)
+    return infos
+
+
+def start_local_swarm(peers: Sequence[PeerSpec], router_path: str | None, run_dir: str | Path, *,
+                      swarm: str = "diffswarm", threads: int = 1, timeout: float = 300.0, port: int = 0,
+                      announce_period: float = 5.0, extra_args: Sequence[str] = (), log=print) -> LocalSwarm:
+    """Start a bootstrap node (serving the router) and ``peers`` on 127.0.0.1, each as its own process;
+    return once all are online (their records checked in the DHT). Writes RUN_DIR/swarm.json."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / STATE_FILE).exists():
+        old = LocalSwarm.load(run_dir)
+        if any(_alive(p.pid) and _is_ours(p.pid) for p in old.procs):
+            raise SwarmLaunchError(f"a swarm is already running from {run_dir}; stop it with "
+                                   f"`diffswarm swarm down --run-dir {run_dir}`")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("GOMAXPROCS", "1")  # K+1 daemons share this machine's cores: one Go thread each is plenty
+    deadline = time.monotonic() + timeout
+    common = ["--swarm", swarm, "--threads", str(threads), "--announce-period", str(announce_period), *extra_args]
+    started: list[tuple[PeerProc, subprocess.Popen]] = []
+    sw = LocalSwarm(run_dir, swarm, [], [], {})
+    try:
+        boot_args = [*common, "--port", str(port)] + (["--router", str(router_path)] if router_path else [])
+        started.append(_spawn("bootstrap", boot_args, run_dir, env))
+        sw.procs, sw._popens = [p for p, _ in started], {p.pid: pop for p, pop in started}
+        sw.save()
+        boot = _wait_online(started[:1], deadline, log)["bootstrap"]
+        sw.initial_peers = boot["maddrs"]
+        for spec in peers:
+            args = [*common, "--initial-peers", *sw.initial_peers, *spec.extra_args]
+            args += ["--checkpoint", str(spec.checkpoint)] if spec.checkpoint else spec.train_args
+            started.append(_spawn(spec.name, args, run_dir, env))
+            sw.procs, sw._popens = [p for p, _ in started], {p.pid: pop for p, pop in started}
+            sw.save()
+        infos = _wait_online(started[1:], deadline, log)
+        _confirm_in_dht(sw, [i["peer_id"] for i in infos.values() if i.get("experts")], deadline)
+        return sw
+    except BaseException:
+        sw.stop(timeout=5)
+        raise
+
+
+def _confirm_in_dht(sw: LocalSwarm, peer_ids: list[str], deadline: float) -> None:
+    """Wait until every expert peer's online record can be read from the DHT by a fresh client."""
+    import asyncio
+
+    from ..dht.node import NetworkConfig, SwarmDHT
+
+    async def check() -> None:
+        node = await SwarmDHT.create(NetworkConfig.loopback(sw.initial_peers, client_mode=True), sw.swarm)
+        try:
+            while True:
+                recs, _ = await node.get_experts()
+                online = {r.peer_id for r in recs if r.state == "online"}
+                if set(peer_ids) <= online:
+                    return
+                if time.monotonic() > deadline:
+                    raise SwarmLaunchError(f"peers {sorted(set(peer_ids) - online)} are up but not online in the DHT")
+                await asyncio.sleep(0.5)
+        finally:
+            await node.shutdown()
+
+    asyncio.run(check())
+
+
+def stop_local_swarm(run_dir: str | Path, timeout: float = 20.0, log=print) -> int:
+    """Stop the swarm recorded in RUN_DIR/swarm.json; returns how many processes were running."""
+    sw = LocalSwarm.load(run_dir)
+    n = sum(_alive(p.pid) and _is_ours(p.pid) for p in sw.procs)
+    sw.stop(timeout, log)
+    return n
+
+
+@contextlib.contextmanager
+def local_swarm(expert_paths: Sequence[str | Path], router_path: str | Path | None, *, run_dir: str | Path,
+                replicas: int = 1, swarm: str = "diffswarm", threads: int = 1, timeout: float = 300.0,
+                announce_period: float = 5.0, log=print) -> Iterator[LocalSwarm]:
+    """Serve ``expert_paths`` (each ``replicas`` times) and the router from a local swarm for the
+    duration of the ``with`` block; stops every process (and cleans its sockets) on exit."""
+    specs = [PeerSpec(f"peer{i}-r{r}" if replicas > 1 else f"peer{i}", checkpoint=str(p))
+             for i, p in enumerate(expert_paths) for r in range(replicas)]
+    sw = start_local_swarm(specs, str(router_path) if router_path else None, run_dir, swarm=swarm, threads=threads,
+                           timeout=timeout, announce_period=announce_period, log=log)
+    try:
+        yield sw
+    finally:
+        sw.stop(log=log)

@@ -1,0 +1,504 @@
+"""A volunteer peer: joins the DHT, optionally trains its expert, serves it, announces it.
+
+Lifecycle (``Peer``), all in one asyncio loop (uvloop where available):
+
+1. ``start``: P2P daemon + DHT node (``SwarmDHT``); prints the multiaddrs others should use.
+2. ``train`` (only without a checkpoint): trains the expert on its cluster in a worker thread
+   while the heartbeat announces ``joining`` with the training progress.
+3. ``serve``: loads the expert, measures its throughput, registers the RPC handlers, announces
+   ``online``; re-announces every ``announce_period`` with expiration ``expire_factor`` times
+   that, carrying the current load and throughput.
+4. ``shutdown`` (SIGTERM / SIGINT / ``stop()``): announces ``offline`` first, then removes the
+   handlers and stops the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import AsyncIterator  # noqa: UP035  (hivemind's ServicerBase needs typing's alias to detect streams)
+
+import torch
+from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.proto import runtime_pb2
+from hivemind.utils.timed_storage import get_dht_time
+
+from .. import __version__
+from ..dht.node import NetworkConfig, SwarmDHT
+from ..dht.records import PROTOCOL_VERSION, RECORD_VERSION, ExpertRecord, SwarmRecord
+from ..experts.expert import Expert
+from .batching import Batcher, BatchPolicy
+from .protocol import (
+    ROUTER_CHUNK,
+    ExpertSpec,
+    RequestError,
+    check_request,
+    combine_parts,
+    dump_metadata,
+    encode_info,
+    encode_response,
+    load_metadata,
+    stream_parts,
+)
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "diffswarm"  # RPC handle names are "diffswarm::ExpertServicer.rpc_*"
+MAX_STREAM_BYTES = 512 << 20  # refuse streamed requests above this size
+MAX_SESSION_INFLIGHT = 64  # requests one session may have in flight
+
+
+@dataclass
+class TrainSpec:
+    """What to train when the peer has no checkpoint (``diffswarm peer --cluster k ...``)."""
+
+    partition: str  # partition manifest
+    cluster: int
+    objective: str = "fm"  # ddpm | fm
+    steps: int = 2000
+    out: str = "runs/peer"  # checkpoint folder (resumes from it)
+    net: str = "dit"  # same default as `diffswarm train`
+    width: int | None = None
+    depth: int | None = None
+    batch: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+
+
+@dataclass
+class PeerConfig:
+    """Everything one ``diffswarm peer`` process needs; one commented field per knob."""
+
+    net: NetworkConfig = field(default_factory=NetworkConfig)
+    swarm: str = "diffswarm"  # DHT key prefix: several swarms can share one DHT
+    checkpoint: str | None = None  # expert to serve; None with `train`: train it first; None without: no expert
+    train: TrainSpec | None = None
+    router: str | None = None  # router file to serve (and announce in the swarm record)
+    device: str = "auto"
+    threads: int = 0  # torch CPU threads (0: torch default)
+    max_batch: int = 256  # request rows per forward pass
+    batch_wait_ms: float = 2.0  # wait for more requests when several clients are active
+    inline_ms: float = 20.0  # forward passes expected to be shorter run on the event loop (no thread hop)
+    announce_period: float = 10.0  # seconds between heartbeats
+    expire_factor: float = 3.0  # records expire after this many periods without a heartbeat
+    info_file: str | None = None  # write {peer_id, maddrs, pid, ...} here once online (swarm up, tests)
+
+
+class ServedExpert:
+    """One loaded expert with its request spec and batcher."""
+
+    def __init__(self, expert: Expert, policy: BatchPolicy):
+        cfg = expert.config
+        self.expert = expert
+        self.spec = ExpertSpec(expert.expert_id, (cfg.net.channels, cfg.net.size, cfg.net.size), cfg.net.num_classes)
+        self.device = next(expert.parameters()).device
+        self.batcher = Batcher(self._velocity, policy)
+
+    @torch.inference_mode()  # answers leave the process as bytes: no autograd bookkeeping at all
+    def _velocity(self, x, t, labels, guidance):
+        if self.device.type == "cpu":
+            return self.expert.velocity(x, t, labels, guidance)
+        v = self.expert.velocity(x.to(self.device), t.to(self.device), labels.to(self.device), guidance)
+        return v.float().cpu()
+
+    def warm_up(self, rows: int = 16) -> float:
+        """One timed forward pass (CFG) to prime kernels; returns rows per second."""
+        c, h, w = self.spec.image_shape
+        x = torch.randn(rows, c, h, w)
+        t = torch.full((rows,), 0.5)
+        labels = torch.zeros(rows, dtype=torch.long) if self.spec.num_classes else torch.full((rows,), -1)
+        self._velocity(x, t, labels, 2.0)
+        t0 = time.perf_counter()
+        self._velocity(x, t, labels, 2.0)
+        return rows / max(time.perf_counter() - t0, 1e-6)
+
+
+class RouterBlob:
+    """The router file as served bytes, with the facts the swarm record names."""
+
+    def __init__(self, path: str | os.PathLike):
+        from ..router.model import Router
+
+        self.path = Path(path)
+        self.data = self.path.read_bytes()
+        self.sha256 = hashlib.sha256(self.data).hexdigest()
+        router = Router.load(self.path)  # checks the file's own weights hash
+        self.cfg = router.cfg
+        self.weights_sha256 = router.weights_sha256
+
+
+class ExpertServicer(ServicerBase):
+    """RPC handlers (see ``diffswarm.peer.protocol`` for the message layout)."""
+
+    def __init__(self, served: dict[str, ServedExpert], router: RouterBlob | None, info):
+        self.served, self.router, self.info = served, router, info
+        self.requests = 0
+        self.errors = 0
+
+    def _expert(self, uid: str) -> ServedExpert:
+        served = self.served.get(uid)
+        if served is None:
+            have = ", ".join(self.served) or "none"
+            raise RequestError(f"this peer does not serve expert {uid!r} (it serves: {have})")
+        return served
+
+    async def _answer(self, uid: str, tensors, metadata: bytes, context: P2PContext, extra: dict | None = None):
+        self.requests += 1
+        try:
+            served = self._expert(uid)
+            req = check_request(served.spec, uid, tensors, metadata)
+        except RequestError as e:
+            self.errors += 1
+            logger.info(f"refused a request from {str(context.remote_id)[:12]}: {e}")
+            raise
+        v, st = await served.batcher.submit(req, str(context.remote_id))
+        meta = {"rows": req.rows, "queue_ms": st.queue_ms, "compute_ms": st.compute_ms, "batch_rows": st.batch_rows,
+                "load": float(served.batcher.pending_rows), "throughput": float(served.batcher.throughput),
+                **(extra or {})}
+        return encode_response(v, req.compression, meta)
+
+    async def rpc_velocity(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        tensors, meta = await self._answer(request.uid, list(request.tensors), request.metadata, context)
+        return runtime_pb2.ExpertResponse(tensors=tensors, metadata=meta)
+
+    async def rpc_velocity_session(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
+                                   context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Many requests over one stream, answered as they complete, matched by metadata ``id``."""
+        out: asyncio.Queue = asyncio.Queue()
+        inflight: set[asyncio.Task] = set()
+
+        async def one(msg: runtime_pb2.ExpertRequest) -> None:
+            rid = None
+            try:
+                rid = load_metadata(msg.metadata).get("id")
+                if len(inflight) > MAX_SESSION_INFLIGHT:
+                    raise RequestError(f"more than {MAX_SESSION_INFLIGHT} requests in flight on one session")
+                tensors, meta = await self._answer(msg.uid, list(msg.tensors), msg.metadata, context, {"id": rid})
+                await out.put(runtime_pb2.ExpertResponse(tensors=tensors, metadata=meta))
+            except Exception as e:  # answered to this request only; the session goes on
+                await out.put(runtime_pb2.ExpertResponse(metadata=dump_metadata({"id": rid, "error": repr(e)[:500]})))
+
+        async def read() -> None:
+            async for msg in requests:
+                task = asyncio.get_running_loop().create_task(one(msg))
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+            await asyncio.gather(*inflight)
+            await out.put(None)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while True:
+                resp = await out.get()
+                if resp is None:
+                    return
+                yield resp
+        finally:
+            reader.cancel()
+            for task in list(inflight):
+                task.cancel()
+
+    async def rpc_velocity_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
+                                  context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        uid, metadata, parts, size = None, b"", [], 0
+        async for msg in requests:
+            if uid is None:
+                uid, metadata = msg.uid, msg.metadata
+            for p in msg.tensors:
+                size += len(p.buffer)
+                if size > MAX_STREAM_BYTES:
+                    raise RequestError(f"streamed request exceeds {MAX_STREAM_BYTES >> 20} MiB")
+                parts.append(p)
+        tensors, meta = await self._answer(uid or "", combine_parts(parts), metadata, context)
+        for i, part in enumerate(stream_parts(tensors)):
+            yield runtime_pb2.ExpertResponse(tensors=[part], metadata=meta if i == 0 else b"")
+
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        return runtime_pb2.ExpertInfo(serialized_info=encode_info(self.info()))
+
+    async def rpc_router(self, request: runtime_pb2.ExpertUID,
+                         context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertInfo]:
+        if self.router is None:
+            raise RequestError("this peer does not serve a router")
+        if request.uid and request.uid != self.router.sha256:
+            raise RequestError(f"this peer serves router {self.router.sha256[:12]}, not {request.uid[:12]}")
+        for s in range(0, len(self.router.data), ROUTER_CHUNK):
+            yield runtime_pb2.ExpertInfo(serialized_info=self.router.data[s:s + ROUTER_CHUNK])
+
+
+def schedule_name(expert_cfg) -> str:
+    if expert_cfg.objective == "fm":
+        return "flow"
+    return f"vp-{expert_cfg.schedule.kind}-{expert_cfg.schedule.steps}"
+
+
+def make_expert_record(cfg, *, state: str, sha256: str, peer_id: str, addrs: list[str], progress: float = 1.0,
+                       throughput: float = 0.0, load: float = 0.0, max_batch: int = 256) -> ExpertRecord:
+    """The record announcing an expert of ``ExpertConfig`` cfg."""
+    return ExpertRecord(
+        version=RECORD_VERSION, expert_id=cfg.expert_id, cluster=cfg.cluster, num_clusters=cfg.num_clusters or 1,
+        partition_hash=cfg.partition_hash or "", objective=cfg.objective, schedule=schedule_name(cfg),
+        image_shape=[cfg.net.channels, cfg.net.size, cfg.net.size], num_classes=cfg.net.num_classes,
+        checkpoint_sha256=sha256, software=__version__, protocol=PROTOCOL_VERSION, state=state,
+        progress=float(progress), throughput=float(throughput), load=float(load), max_batch=int(max_batch),
+        peer_id=peer_id, addrs=list(addrs), updated=float(get_dht_time()))
+
+
+class Peer:
+    """One volunteer peer; see the module docstring for the lifecycle."""
+
+    def __init__(self, cfg: PeerConfig, log=print):
+        self.cfg = cfg
+        self.log = log
+        self.dht: SwarmDHT | None = None
+        self.served: dict[str, ServedExpert] = {}
+        self.router: RouterBlob | None = None
+        self.servicer: ExpertServicer | None = None
+        self.stop_event = asyncio.Event()
+        self.state = "joining"
+        self.progress = 0.0
+        self.training_cfg = None  # ExpertConfig while training
+        self.maddrs: list[str] = []
+        self._heartbeat: asyncio.Task | None = None
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    @property
+    def peer_id(self) -> str:
+        return self.dht.peer_id.to_base58()
+
+    async def start(self) -> None:
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        self.dht = await SwarmDHT.create(self.cfg.net, self.cfg.swarm)
+        self.maddrs = await self.dht.visible_maddrs()
+        if self.cfg.net.initial_peers:
+            self.log(f"joined swarm {self.cfg.swarm!r} as {self.peer_id}")
+        else:
+            self.log(f"started a new swarm {self.cfg.swarm!r}; others join with:\n  --initial-peers "
+                     + " ".join(self.maddrs))
+        self.write_info()
+        if self.cfg.router:
+            self.router = RouterBlob(self.cfg.router)
+            self.log(f"serving router {self.router.sha256[:12]} (K={self.router.cfg.num_clusters})")
+
+    # -- records -------------------------------------------------------------------------------
+
+    def records(self) -> list[ExpertRecord]:
+        out = []
+        addrs = self.maddrs
+        for s in self.served.values():
+            out.append(make_expert_record(s.expert.config, state=self.state, sha256=s.expert.weights_sha256,
+                                          peer_id=self.peer_id, addrs=addrs, throughput=s.batcher.throughput,
+                                          load=s.batcher.pending_rows, max_batch=s.batcher.policy.max_rows))
+        if self.training_cfg is not None and not self.served:
+            out.append(make_expert_record(self.training_cfg, state=self.state, sha256="", peer_id=self.peer_id,
+                                          addrs=addrs, progress=self.progress, max_batch=self.cfg.max_batch))
+        return out
+
+    def swarm_record(self) -> SwarmRecord | None:
+        if self.router is None:
+            return None
+        rc = self.router.cfg
+        dataset_id = next((s.expert.config.dataset_id for s in self.served.values()), "")
+        return SwarmRecord(
+            version=RECORD_VERSION, partition_hash=rc.partition_hash or "", num_clusters=rc.num_clusters,
+            dataset_id=dataset_id, image_shape=[rc.channels, rc.size, rc.size], num_classes=rc.num_classes,
+            router_sha256=self.router.sha256, router_weights_sha256=self.router.weights_sha256,
+            router_bytes=len(self.router.data), software=__version__, protocol=PROTOCOL_VERSION,
+            peer_id=self.peer_id, addrs=self.maddrs, updated=float(get_dht_time()))
+
+    def info(self) -> dict:
+        sw = self.swarm_record()
+        return {"protocol": PROTOCOL_VERSION, "software": __version__, "peer_id": self.peer_id,
+                "experts": [r.to_dict() for r in self.records()], "router": sw.to_dict() if sw else None}
+
+    async def announce(self) -> None:
+        expiration = self.cfg.announce_period * self.cfg.expire_factor
+        tasks = [self.dht.announce_expert(r, expiration) for r in self.records()]
+        sw = self.swarm_record()
+        if sw is not None and self.state != "offline":
+            tasks.append(self.dht.announce_swarm(sw, expiration))
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for r in results:
+            if r is not True:
+                logger.warning(f"announcement not stored: {r!r}")
+
+    async def _heartbeat_loop(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                await self.announce()
+            except Exception as e:  # the DHT being briefly unreachable must not kill the peer
+                logger.warning(f"heartbeat failed: {e!r}")
+            with contextlib.suppress(TimeoutError):  # the period passed: announce again
+                await asyncio.wait_for(self.stop_event.wait(), self.cfg.announce_period)
+
+    def start_heartbeat(self) -> None:
+        if self._heartbeat is None:
+            self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
+
+    # -- training ------------------------------------------------------------------------------
+
+    async def train(self) -> str | None:
+        """Train the expert (announcing ``joining``); returns the checkpoint path, None if stopped."""
+        spec = self.cfg.train
+        from ..commands import dataset_for_partition
+        from ..data import Partition
+        from ..experts.config import ExpertConfig
+        from ..experts.networks import NetConfig, default_patch
+        from ..experts.train import TrainConfig, train_expert
+
+        part = Partition.load(spec.partition)
+        ds = dataset_for_partition(part)
+        if not 0 <= spec.cluster < part.k:
+            raise ValueError(f"--cluster must be in 0..{part.k - 1}")
+        idx = torch.from_numpy(part.indices(spec.cluster))
+        c, h, _ = ds.shape
+        net = NetConfig(kind=spec.net, channels=c, size=h, num_classes=ds.num_classes, patch=default_patch(h))
+        if spec.width:
+            net.width = spec.width
+        if spec.depth:
+            net.depth = spec.depth
+        ecfg = ExpertConfig(objective=spec.objective, net=net, cluster=spec.cluster, num_clusters=part.k,
+                            partition_hash=part.partition_hash, dataset_id=ds.dataset_id)
+        tc = TrainConfig(steps=spec.steps, batch=spec.batch, lr=spec.lr, seed=spec.seed,
+                         ckpt_every=max(50, spec.steps // 4), threads=self.cfg.threads)
+        self.training_cfg = ecfg
+        self.state = "joining"
+        self.start_heartbeat()
+        self.log(f"training {ecfg.expert_id} on {len(idx)} images of cluster {spec.cluster} for {spec.steps} steps "
+                 f"(announced as joining)")
+
+        class Stopped(Exception):
+            pass
+
+        def on_step(step: int, loss: float) -> None:
+            self.progress = step / max(1, spec.steps)
+            if self.stop_event.is_set():
+                raise Stopped
+
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, lambda: train_expert(
+                ecfg, tc, ds.images[idx], ds.labels[idx], spec.out, device=self.cfg.device, resume=True,
+                progress=False, on_step=on_step))
+        except Stopped:
+            self.log("training interrupted; the last checkpoint is kept (run again to resume)")
+            return None
+        return str(Path(spec.out) / "expert.safetensors")
+
+    # -- serving -------------------------------------------------------------------------------
+
+    def load_expert(self, path: str) -> ServedExpert:
+        from ..experts.train import pick_device
+
+        expert = Expert.from_checkpoint(path, pick_device(self.cfg.device))
+        served = ServedExpert(expert, BatchPolicy(max_rows=self.cfg.max_batch,
+                                                  max_wait=self.cfg.batch_wait_ms / 1000,
+                                                  inline_s=self.cfg.inline_ms / 1000))
+        served.batcher.throughput = served.warm_up(min(16, self.cfg.max_batch))
+        self.served[expert.expert_id] = served
+        return served
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.cfg.checkpoint:
+            served = await loop.run_in_executor(None, self.load_expert, self.cfg.checkpoint)
+            e = served.expert
+            self.log(f"serving {e.expert_id} ({e.config.objective}, sha256 {e.weights_sha256[:12]}, "
+                     f"{served.batcher.throughput:.0f} rows/s)")
+        for s in self.served.values():
+            s.batcher.start()
+        self.servicer = ExpertServicer(self.served, self.router, self.info)
+        await self.servicer.add_p2p_handlers(self.dht.p2p, namespace=NAMESPACE)
+        self.state = "online"
+        self.training_cfg = None
+        self.progress = 1.0
+        # the ~350k objects of torch/diffusers/hivemind live as long as the peer: keep them out of the
+        # cyclic GC, whose full passes over them (~0.2 s) would stall a request now and then
+        gc.collect()
+        gc.freeze()
+        await self.announce()
+        self.start_heartbeat()
+        self.write_info()
+        self.log(f"online as {self.peer_id} at {' '.join(self.maddrs)}")
+
+    def write_info(self) -> None:
+        if not self.cfg.info_file:
+            return
+        info = {"peer_id": self.peer_id, "maddrs": self.maddrs, "pid": os.getpid(), "state": self.state,
+                "experts": list(self.served), "router": self.router.sha256 if self.router else None,
+                "sockets": self.dht.socket_paths()}
+        path = Path(self.cfg.info_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, path)
+
+    async def shutdown(self) -> None:
+        """Announce offline, stop serving, stop the daemon."""
+        self.stop_event.set()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        if self.dht is None:
+            return
+        if self.served or self.training_cfg is not None:
+            self.state = "offline"
+            try:
+                await asyncio.wait_for(self.announce(), timeout=5)
+            except Exception as e:
+                logger.warning(f"could not announce offline: {e!r}")
+        if self.servicer is not None:
+            try:
+                await self.servicer.remove_p2p_handlers(self.dht.p2p, namespace=NAMESPACE)
+            except Exception as e:  # the daemon may already be gone; shutting down regardless
+                logger.debug(f"removing handlers: {e!r}")
+        for s in self.served.values():
+            await s.batcher.close()
+        await self.dht.shutdown()
+        self.dht = None
+
+    async def run(self) -> int:
+        """start -> (train) -> serve -> wait for stop -> shutdown. Returns an exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
+                loop.add_signal_handler(sig, self.stop)
+        try:
+            await self.start()
+            if self.cfg.checkpoint is None and self.cfg.train is not None:
+                path = await self.train()
+                if path is None:
+                    return 1
+                self.cfg = replace(self.cfg, checkpoint=path)
+            if self.stop_event.is_set():
+                return 0
+            await self.serve()
+            await self.stop_event.wait()
+            self.log("stopping: announcing offline")
+            return 0
+        finally:
+            await self.shutdown()
+
+
+def run_peer(cfg: PeerConfig, log=print) -> int:
+    """Run a peer until SIGINT/SIGTERM, in a fresh event loop (uvloop where available)."""
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover
+        runner = asyncio.run
+    return runner(Peer(cfg, log).run())

@@ -1,0 +1,214 @@
+"""DHT records: strict parsing, forward compatibility, owner binding, and signed DHT storage."""
+
+import asyncio
+import dataclasses
+import os
+import tempfile
+
+import pytest
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils.timed_storage import get_dht_time
+
+from diffswarm.client.discovery import choose_swarm_record
+from diffswarm.dht.node import NetworkConfig, SwarmDHT, load_identity
+from diffswarm.dht.records import (
+    ExpertRecord,
+    ExpertRecordModel,
+    RecordError,
+    SwarmRecord,
+    SwarmRecordModel,
+    experts_key,
+    parse_entries,
+    peer_id_of_public_key,
+)
+
+SHA = "ab" * 32
+
+
+def expert_record(**kw) -> ExpertRecord:
+    base = dict(version=1, expert_id="c0-fm", cluster=0, num_clusters=3, partition_hash="ph", objective="fm",
+                schedule="flow", image_shape=[1, 8, 8], num_classes=4, checkpoint_sha256=SHA, software="0.1.0",
+                protocol=1, state="online", progress=1.0, throughput=100.0, load=0.0, max_batch=64,
+                peer_id="QmPeer", addrs=["/ip4/127.0.0.1/tcp/1/p2p/QmPeer"], updated=1.0)
+    base.update(kw)
+    return ExpertRecord(**base)
+
+
+def swarm_record(**kw) -> SwarmRecord:
+    base = dict(version=1, partition_hash="ph", num_clusters=3, dataset_id="toy:8", image_shape=[1, 8, 8],
+                num_classes=4, router_sha256=SHA, router_weights_sha256="cd" * 32, router_bytes=1000,
+                software="0.1.0", protocol=1, peer_id="QmA", addrs=[], updated=1.0)
+    base.update(kw)
+    return SwarmRecord(**base)
+
+
+def test_dataclasses_and_schemas_have_the_same_fields():
+    assert [f.name for f in dataclasses.fields(ExpertRecord)] == list(ExpertRecordModel.__fields__)
+    assert [f.name for f in dataclasses.fields(SwarmRecord)] == list(SwarmRecordModel.__fields__)
+
+
+def test_round_trip_and_unknown_fields_ignored():
+    rec = expert_record()
+    d = rec.to_dict()
+    assert ExpertRecord.from_dict(d) == rec
+    d["gpu"] = "H100"  # a field a newer peer adds
+    d["stats"] = {"p50_ms": 3.0}
+    assert ExpertRecord.from_dict(d) == rec
+    s = swarm_record()
+    assert SwarmRecord.from_dict({**s.to_dict(), "mirror": "ipfs://..."}) == s
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"throughput": 100}, "wrong field types"),  # int where a float is required: no coercion
+    ({"cluster": "0"}, "wrong field types"),
+    ({"state": "busy"}, "state"),
+    ({"objective": "score"}, "objective"),
+    ({"cluster": 3}, "cluster 3 outside"),
+    ({"checkpoint_sha256": "xyz"}, "sha256"),
+    ({"image_shape": [1, 8]}, "image_shape"),
+    ({"load": -1.0}, "negative"),
+    ({"version": 0}, "version"),
+])
+def test_invalid_records_are_rejected(change, message):
+    d = {**expert_record().to_dict(), **change}
+    with pytest.raises(RecordError, match=message):
+        ExpertRecord.from_dict(d)
+
+
+def test_missing_field_and_non_dict_rejected():
+    d = expert_record().to_dict()
+    del d["throughput"]
+    with pytest.raises(RecordError, match="lacks fields"):
+        ExpertRecord.from_dict(d)
+    with pytest.raises(RecordError):
+        ExpertRecord.from_dict([1, 2, 3])
+
+
+def test_joining_record_may_lack_a_checkpoint_hash():
+    rec = ExpertRecord.from_dict(expert_record(state="joining", checkpoint_sha256="", progress=0.3).to_dict())
+    assert rec.state == "joining"
+
+
+def _identity(tmp) -> tuple[str, object]:
+    path = os.path.join(tmp, "id.key")
+    P2P.generate_identity(path)
+    return path, load_identity(path)
+
+
+def test_owner_key_determines_the_peer_id(tmp_path):
+    path, key = _identity(str(tmp_path))
+    with open(path, "rb") as f:
+        assert peer_id_of_public_key(key.get_public_key().to_bytes()) == PeerID.from_identity(f.read()).to_base58()
+
+
+def test_parse_entries_skips_records_not_bound_to_their_signer(tmp_path):
+    _, key = _identity(str(tmp_path))
+    owner = RSASignatureValidator(key).local_public_key
+    me = peer_id_of_public_key(key.get_public_key().to_bytes())
+    good = expert_record(peer_id=me).to_dict()
+    liar = expert_record(peer_id="QmSomeoneElse", expert_id="c1-fm", cluster=1).to_dict()
+    broken = {**expert_record(peer_id=me).to_dict(), "state": 3}
+    recs, errors = parse_entries({owner + b"/c0-fm": good, owner + b"/c1-fm": liar, owner + b"/x": broken,
+                                  b"no-owner": good}, ExpertRecord)
+    assert [r.expert_id for r in recs] == ["c0-fm"]
+    assert len(errors) == 3
+    assert any("signed by" in e for e in errors) and any("owner" in e for e in errors)
+
+
+def test_choose_swarm_record_prefers_consensus_and_respects_pin():
+    a1, a2 = swarm_record(peer_id="QmA"), swarm_record(peer_id="QmB", updated=2.0)
+    b = swarm_record(peer_id="QmC", router_sha256="ef" * 32, updated=3.0)
+    rec, warnings = choose_swarm_record([a1, a2, b])
+    assert rec.router_sha256 == SHA and rec.peer_id == "QmB" and warnings
+    rec, _ = choose_swarm_record([a1, a2, b], pin="efef")
+    assert rec.peer_id == "QmC"
+    assert choose_swarm_record([a1], pin="00")[0] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# signed records in a real DHT on 127.0.0.1
+
+
+async def _dht_scenario(tmp: str) -> dict:
+    out = {}
+    nodes = []
+    attacker = None
+    try:
+        boot = await SwarmDHT.create(NetworkConfig.loopback())
+        nodes.append(boot)
+        maddrs = await boot.visible_maddrs()
+        peer = await SwarmDHT.create(NetworkConfig.loopback(maddrs, identity_path=os.path.join(tmp, "peer.key")))
+        nodes.append(peer)
+        evil = await SwarmDHT.create(NetworkConfig.loopback(maddrs))
+        nodes.append(evil)
+        reader = await SwarmDHT.create(NetworkConfig.loopback(maddrs, client_mode=True))
+        nodes.append(reader)
+
+        genuine = expert_record(peer_id=peer.peer_id.to_base58(), updated=get_dht_time())
+        out["genuine_stored"] = await peer.announce_expert(genuine, 60)
+
+        # 1. another key writes the peer's subkey through a validating node: unsigned for that owner
+        forged = dataclasses.replace(genuine, throughput=1e9, updated=get_dht_time() + 1)
+        key, sub = experts_key("diffswarm"), peer.owner + genuine.subkey_suffix
+        out["forged_via_validator"] = await evil.node.store(key, forged.to_dict(), get_dht_time() + 120, subkey=sub)
+
+        # 2. a schema-invalid record under the evil node's own subkey (every node here validates)
+        bad = {**forged.to_dict(), "throughput": 5, "peer_id": evil.peer_id.to_base58()}
+        out["bad_schema"] = await evil.node.store(key, bad, get_dht_time() + 120, subkey=evil.owner + b"/c0-fm")
+
+        # 3. an attacker node without validators (stores anything itself), signing with the wrong key
+        attacker = await DHTNode.create(initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                                        use_relay=False, auto_nat=False, nat_port_map=False)
+        signature = evil.private_key.sign(forged_bytes := repr(forged).encode())  # valid, but by the wrong key
+        out["attacker_stored"] = await attacker.store(key, forged_bytes + b"[signature:" + signature + b"]",
+                                                      get_dht_time() + 120, subkey=sub)
+
+        # 4. a newer peer's record with an extra field, under its own subkey: stored and parsed
+        newer = {**expert_record(peer_id=evil.peer_id.to_base58(), expert_id="c2-fm", cluster=2,
+                                 updated=get_dht_time()).to_dict(), "hardware": {"gpu": "none"}}
+        out["newer_stored"] = await evil.node.store(key, newer, get_dht_time() + 120, subkey=evil.owner + b"/c2-fm")
+
+        recs, errors = await reader.get_experts()
+        out["seen"] = {(r.peer_id, r.expert_id): r for r in recs}
+        out["errors"] = errors
+        out["peer_id"], out["evil_id"] = peer.peer_id.to_base58(), evil.peer_id.to_base58()
+        out["genuine"] = genuine
+    finally:
+        if attacker is not None:
+            await attacker.shutdown()
+        for n in reversed(nodes):
+            await n.shutdown()
+    return out
+
+
+def test_forged_records_are_rejected_and_genuine_ones_kept():
+    with tempfile.TemporaryDirectory() as tmp:
+        out = asyncio.run(asyncio.wait_for(_dht_scenario(tmp), 90))
+    assert out["genuine_stored"] is True
+    assert out["forged_via_validator"] is False
+    assert out["bad_schema"] is False
+    assert out["newer_stored"] is True
+    seen = out["seen"]
+    # the attacker keeps its own copy, but no validating node stores it and no reader accepts it
+    assert seen[(out["peer_id"], "c0-fm")].throughput == out["genuine"].throughput  # never overwritten
+    assert (out["evil_id"], "c2-fm") in seen  # forward-compatible record accepted
+    assert (out["evil_id"], "c0-fm") not in seen
+
+
+def test_identity_file_keeps_the_peer_id_across_restarts(tmp_path):
+    from diffswarm.dht.node import identity_peer_id
+
+    path = str(tmp_path / "peer.key")
+
+    async def start_twice():
+        ids = []
+        for _ in range(2):
+            node = await SwarmDHT.create(NetworkConfig.loopback(identity_path=path))
+            ids.append(node.peer_id.to_base58())
+            await node.shutdown()
+        return ids
+
+    first, second = asyncio.run(asyncio.wait_for(start_twice(), 60))
+    assert first == second == identity_peer_id(path)
