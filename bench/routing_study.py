@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffswarm.commands import dataset_for_partition
+from diffswarm.clusters import dataset_for_partition
 from diffswarm.data import Partition
 from diffswarm.eval import get_classifier, quality_report
 from diffswarm.router.local import generate, load_local_ensemble

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from .clusters import cluster_expert, dataset_for_partition
 from .data import ImageDataset, Partition, default_dataset_name, load_dataset, make_partition
 
 
 def dataset_from_args(args, split: str = "train") -> ImageDataset:
     name = args.dataset or default_dataset_name()
     return load_dataset(name, split, root=args.data_root, size=args.size, channels=args.channels)
-
-
-def dataset_for_partition(part: Partition, split: str = "train") -> ImageDataset:
-    """Reload the dataset a partition was made from (its manifest records the source) and check it."""
-    src = part.source or {}
-    if not src.get("name"):
-        raise ValueError("the partition manifest does not name its dataset source; re-run `diffswarm partition`")
-    ds = load_dataset(src["name"], split, root=src.get("root"), size=src.get("size"), channels=src.get("channels"))
-    if split == part.split:
-        part.check_dataset(ds)
-    return ds
 
 
 def cmd_partition(args) -> int:
@@ -51,30 +40,16 @@ def describe_partition(part: Partition, ds: ImageDataset | None = None) -> str:
 
 
 def cmd_train(args) -> int:
-    from .experts.config import ExpertConfig
-    from .experts.networks import NetConfig, default_patch
-    from .experts.schedules import ScheduleConfig
     from .experts.train import TrainConfig, train_expert
 
     part = Partition.load(args.partition)
     ds = dataset_for_partition(part)
-    if not 0 <= args.cluster < part.k:
-        raise ValueError(f"--cluster must be in 0..{part.k - 1}")
-    idx = torch.from_numpy(part.indices(args.cluster))
-    c, h, _ = ds.shape
-    net = NetConfig(kind=args.net, channels=c, size=h, num_classes=0 if args.unconditional else ds.num_classes,
-                    patch=default_patch(h))
-    if args.width:
-        net.width = args.width
-    if args.depth:
-        net.depth = args.depth
-    cfg = ExpertConfig(objective=args.objective, net=net, schedule=ScheduleConfig(kind=args.schedule),
-                       cluster=args.cluster, num_clusters=part.k, partition_hash=part.partition_hash,
-                       dataset_id=ds.dataset_id)
+    cfg, images, labels = cluster_expert(part, ds, args.cluster, args.objective, args.net, args.width, args.depth,
+                                         args.schedule, args.unconditional)
     tc = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, ckpt_every=args.ckpt_every,
                      threads=args.threads)
-    print(f"training {cfg.expert_id} on {len(idx)} images of cluster {args.cluster} ({args.net}, {args.objective})")
-    summary = train_expert(cfg, tc, ds.images[idx], ds.labels[idx], args.out, device=args.device,
+    print(f"training {cfg.expert_id} on {len(images)} images of cluster {args.cluster} ({args.net}, {args.objective})")
+    summary = train_expert(cfg, tc, images, labels, args.out, device=args.device,
                            resume=args.resume, init_from=args.init_from)
     print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f} -> {Path(args.out) / 'expert.safetensors'}")
     return 0

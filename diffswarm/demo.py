@@ -53,31 +53,24 @@ PRESETS = {
 def _expert_job(partition: str, cluster: int, objective: str, out: str, preset: Preset, seed: int, threads: int):
     """One volunteer: load the data, keep its own cluster, train, write the checkpoint."""
     torch.set_num_threads(threads)
-    from .commands import dataset_for_partition
+    from .clusters import cluster_expert, dataset_for_partition
     from .data import Partition
-    from .experts.config import ExpertConfig
-    from .experts.networks import NetConfig, default_patch
     from .experts.train import TrainConfig, train_expert
 
     part = Partition.load(partition)
-    ds = dataset_for_partition(part)
-    idx = torch.from_numpy(part.indices(cluster))
-    c, h, _ = ds.shape
-    net = NetConfig(kind=preset.net, channels=c, size=h, num_classes=ds.num_classes, width=preset.width,
-                    depth=preset.depth, patch=default_patch(h))
-    cfg = ExpertConfig(objective=objective, net=net,
-                       cluster=cluster, num_clusters=part.k, partition_hash=part.partition_hash, dataset_id=ds.dataset_id)
+    cfg, images, labels = cluster_expert(part, dataset_for_partition(part), cluster, objective, preset.net,
+                                         preset.width, preset.depth)
     tc = TrainConfig(steps=preset.expert_steps, batch=preset.batch, seed=seed + cluster,
                      ckpt_every=max(100, preset.expert_steps // 4))
     t0 = time.perf_counter()
-    summary = train_expert(cfg, tc, ds.images[idx], ds.labels[idx], out, device="auto", resume=True,
+    summary = train_expert(cfg, tc, images, labels, out, device="auto", resume=True,
                            position=cluster, progress=True)
     return {"expert": cfg.expert_id, "seconds": time.perf_counter() - t0, **summary}
 
 
 def _router_job(partition: str, out: str, preset: Preset, seed: int, threads: int):
     torch.set_num_threads(threads)
-    from .commands import dataset_for_partition
+    from .clusters import dataset_for_partition
     from .data import Partition
     from .router.model import RouterConfig
     from .router.train import RouterTrainConfig, train_router
@@ -96,7 +89,7 @@ def _router_job(partition: str, out: str, preset: Preset, seed: int, threads: in
 
 def _classifier_job(partition: str, preset: Preset, threads: int):
     torch.set_num_threads(threads)
-    from .commands import dataset_for_partition
+    from .clusters import dataset_for_partition
     from .data import Partition
     from .eval import get_classifier
 

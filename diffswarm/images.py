@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .fileio import atomic_write
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -42,15 +42,6 @@ def save_grid(x: torch.Tensor, path: str | Path, nrow: int, scale: int = 3) -> P
 
 def save_samples(path: str | Path, samples: torch.Tensor, labels: torch.Tensor, **extra) -> Path:
     """``samples`` (N, C, H, W) float32 in [-1, 1] and ``labels`` (N,) (-1 = unconditional), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez(tmp, samples=samples.detach().float().cpu().clamp(-1, 1).numpy(),
-                 labels=labels.detach().cpu().numpy().astype(np.int64), **extra)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    arrays = {"samples": samples.detach().float().cpu().clamp(-1, 1).numpy(),
+              "labels": labels.detach().cpu().numpy().astype(np.int64), **extra}
+    return atomic_write(path, lambda tmp: np.savez(tmp, **arrays))

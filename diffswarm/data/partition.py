@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 
 from diffswarm.data.datasets import ImageDataset
+from diffswarm.fileio import atomic_write
 
 PARTITION_FORMAT = "diffswarm.partition/1"
 MAX_FIT_EXAMPLES = 20_000  # PCA and k-means see at most this many examples; all are assigned
@@ -151,19 +151,13 @@ class Partition:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the JSON manifest atomically (temp file in the same folder, then os.replace)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
                 json.dump(self.to_dict(), f, separators=(",", ":"))
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+
+        atomic_write(path, write)
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "manifest") -> "Partition":

@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffswarm.data.datasets import ImageDataset
+from diffswarm.fileio import atomic_write
 
 FEATURE_DIM = 128
 POOL = 7  # adaptive pooling grid; identity for 28x28 inputs
@@ -159,17 +159,7 @@ class Classifier:
             "test_accuracy": "" if self.config.test_accuracy is None else f"{self.config.test_accuracy:.6f}",
             "epochs": str(self.config.epochs),
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(state, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Classifier":

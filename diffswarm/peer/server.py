@@ -352,31 +352,19 @@ class Peer:
     async def train(self) -> str | None:
         """Train the expert (announcing ``joining``); returns the checkpoint path, None if stopped."""
         spec = self.cfg.train
-        from ..commands import dataset_for_partition
+        from ..clusters import cluster_expert, dataset_for_partition
         from ..data import Partition
-        from ..experts.config import ExpertConfig
-        from ..experts.networks import NetConfig, default_patch
         from ..experts.train import TrainConfig, train_expert
 
         part = Partition.load(spec.partition)
-        ds = dataset_for_partition(part)
-        if not 0 <= spec.cluster < part.k:
-            raise ValueError(f"--cluster must be in 0..{part.k - 1}")
-        idx = torch.from_numpy(part.indices(spec.cluster))
-        c, h, _ = ds.shape
-        net = NetConfig(kind=spec.net, channels=c, size=h, num_classes=ds.num_classes, patch=default_patch(h))
-        if spec.width:
-            net.width = spec.width
-        if spec.depth:
-            net.depth = spec.depth
-        ecfg = ExpertConfig(objective=spec.objective, net=net, cluster=spec.cluster, num_clusters=part.k,
-                            partition_hash=part.partition_hash, dataset_id=ds.dataset_id)
+        ecfg, images, labels = cluster_expert(part, dataset_for_partition(part), spec.cluster, spec.objective,
+                                              spec.net, spec.width, spec.depth)
         tc = TrainConfig(steps=spec.steps, batch=spec.batch, lr=spec.lr, seed=spec.seed,
                          ckpt_every=max(50, spec.steps // 4), threads=self.cfg.threads)
         self.training_cfg = ecfg
         self.state = "joining"
         self.start_heartbeat()
-        self.log(f"training {ecfg.expert_id} on {len(idx)} images of cluster {spec.cluster} for {spec.steps} steps "
+        self.log(f"training {ecfg.expert_id} on {len(images)} images of cluster {spec.cluster} for {spec.steps} steps "
                  f"(announced as joining)")
 
         class Stopped(Exception):
@@ -390,7 +378,7 @@ class Peer:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(None, lambda: train_expert(
-                ecfg, tc, ds.images[idx], ds.labels[idx], spec.out, device=self.cfg.device, resume=True,
+                ecfg, tc, images, labels, spec.out, device=self.cfg.device, resume=True,
                 progress=False, on_step=on_step))
         except Stopped:
             self.log("training interrupted; the last checkpoint is kept (run again to resume)")
