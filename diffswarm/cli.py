@@ -113,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     _add_routing_args(p)
 
+    p = sub.add_parser("dashboard", help="terminal dashboard: watch the swarm's experts and generate from it")
+    p.add_argument("--initial-peers", nargs="+", default=None, metavar="MADDR",
+                   help="multiaddr(s) of swarm peers (default: those of `diffswarm swarm up` in --run-dir)")
+    p.add_argument("--local", action="store_true",
+                   help="use the local swarm of `diffswarm swarm up` in --run-dir (the default without --initial-peers)")
+    p.add_argument("--run-dir", default="runs/swarm", help="local swarm state folder (when --initial-peers is omitted)")
+    p.add_argument("--swarm", default="diffswarm", help="swarm name (DHT key prefix)")
+    p.add_argument("--out", default="runs/dashboard", help="folder for the generated PNG grids")
+    p.add_argument("--timeout", type=float, default=10.0, help="deadline of one expert call, seconds")
+    p.add_argument("--device", default="cpu")
+    _add_network_args(p, client=True)
+
     p = sub.add_parser("peer", help="volunteer: join the swarm, (train and) serve one expert")
     g = p.add_argument_group("what to serve")
     g.add_argument("--checkpoint", default=None, help="expert checkpoint to serve (expert.safetensors)")

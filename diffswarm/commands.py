@@ -184,6 +184,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_dashboard(args) -> int:
+    from .client.client import ClientConfig
+    from .tui.app import make_app
+
+    peers = None if args.local else _swarm_peers(args)
+    cfg = None
+    if peers is not None:
+        cfg = ClientConfig(swarm=args.swarm, net=network_from_args(args, client=True), call_timeout=args.timeout,
+                           connect_timeout=20.0)
+    make_app(initial_peers=peers, run_dir=args.run_dir, out_dir=args.out, config=cfg, device=args.device).run()
+    return 0
+
+
 def cmd_peer(args) -> int:
     from .peer.server import PeerConfig, TrainSpec, run_peer
 

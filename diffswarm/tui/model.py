@@ -1,0 +1,167 @@
+"""Pure view-model functions of the dashboard: records -> table rows, summary, images, routing strips.
+
+No Textual, no network, no clock: everything takes ``now`` and plain data, so it is unit tested.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from rich.text import Text
+
+UPPER_HALF = "\u2580"
+BARS = " \u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"
+
+
+@dataclass(frozen=True)
+class ExpertRow:
+    """One line of the swarm table (one expert served by one peer)."""
+
+    key: str  # "peer_id/expert_id": stable row key
+    expert_id: str
+    cluster: int | None
+    objective: str  # "DDPM" | "FM"
+    peer: str  # short peer id
+    state: str  # joining | online | offline (vanished peers are kept as offline)
+    throughput: float
+    load: float
+    latency_ms: float | None
+    age_s: float  # seconds since the peer's last announcement
+    replicas: int  # online replicas of this cluster
+
+    def cells(self) -> tuple[str, ...]:
+        lat = "-" if self.latency_ms is None else f"{self.latency_ms:.0f}"
+        return (self.expert_id, "-" if self.cluster is None else str(self.cluster), self.objective, self.peer,
+                self.state, f"{self.throughput:.0f}", f"{self.load:.0f}", lat, f"{self.age_s:.0f}s",
+                str(self.replicas))
+
+
+COLUMNS = ("expert", "cluster", "objective", "peer", "state", "rows/s", "load", "latency ms", "heartbeat",
+           "replicas")
+
+
+def swarm_rows(records: Sequence, latency: Mapping[str, float], now: float,
+               previous: Sequence[ExpertRow] = ()) -> list[ExpertRow]:
+    """Rows from expert records (latest per peer/expert), ``latency`` (peer -> seconds) and ``now``
+    (DHT time, seconds). Rows of ``previous`` whose record vanished stay, marked offline."""
+    latest: dict[str, object] = {}
+    for r in records:
+        key = f"{r.peer_id}/{r.expert_id}"
+        if key not in latest or r.updated > latest[key].updated:
+            latest[key] = r
+    replicas: dict[int | None, int] = {}
+    for r in latest.values():
+        if r.state == "online":
+            replicas[r.cluster] = replicas.get(r.cluster, 0) + 1
+    rows = {}
+    for key, r in latest.items():
+        lat = latency.get(r.peer_id)
+        rows[key] = ExpertRow(key, r.expert_id, r.cluster, r.objective.upper(), r.peer_id[-8:], r.state,
+                              float(r.throughput), float(r.load), None if lat is None else lat * 1000.0,
+                              max(0.0, now - r.updated), replicas.get(r.cluster, 0))
+    for old in previous:
+        if old.key not in rows:
+            rows[old.key] = replace(old, state="offline", load=0.0, replicas=replicas.get(old.cluster, 0))
+    return sorted(rows.values(), key=lambda row: (row.cluster if row.cluster is not None else -1, row.key))
+
+
+@dataclass(frozen=True)
+class Summary:
+    peers_online: int
+    covered: int
+    num_clusters: int
+    uncovered: tuple[int, ...]
+
+    def line(self) -> str:
+        s = f"peers online: {self.peers_online}   experts covered: {self.covered}/{self.num_clusters}"
+        if self.uncovered:
+            s += "   uncovered clusters: " + ", ".join(str(k) for k in self.uncovered)
+        return s
+
+
+def summarize(rows: Sequence[ExpertRow], num_clusters: int) -> Summary:
+    online = [r for r in rows if r.state == "online"]
+    covered = {r.cluster for r in online if r.cluster is not None and 0 <= r.cluster < num_clusters}
+    peers = {r.key.split("/", 1)[0] for r in online}
+    return Summary(len(peers), len(covered), num_clusters, tuple(k for k in range(num_clusters) if k not in covered))
+
+
+def tile(x: torch.Tensor, nrow: int, pad: int = 1) -> torch.Tensor:
+    """(N, C, H, W) -> one (C, H', W') image, ``nrow`` images per row, padded with -1 (black)."""
+    n, c, h, w = x.shape
+    nrow = max(1, min(nrow, n))
+    rows = (n + nrow - 1) // nrow
+    out = torch.full((c, rows * (h + pad) - pad, nrow * (w + pad) - pad), -1.0)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        out[:, r * (h + pad): r * (h + pad) + h, q * (w + pad): q * (w + pad) + w] = x[i].float().cpu()
+    return out
+
+
+def _rgb(img: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) in [-1, 1] -> (H, W, 3) uint8."""
+    u8 = ((img.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if u8.shape[0] == 1:
+        u8 = u8.expand(3, -1, -1)
+    return u8[:3].permute(1, 2, 0)
+
+
+def halfblock(img: torch.Tensor) -> list[Text]:
+    """(C, H, W) image in [-1, 1] -> ceil(H/2) Rich lines of W upper half blocks: the top pixel is the
+    foreground colour, the bottom pixel the background (black below an odd last row)."""
+    px = _rgb(img).tolist()
+    h = len(px)
+    lines = []
+    for y in range(0, h, 2):
+        line = Text()
+        for xx, top in enumerate(px[y]):
+            bot = px[y + 1][xx] if y + 1 < h else [0, 0, 0]
+            line.append(UPPER_HALF, style=f"rgb({top[0]},{top[1]},{top[2]}) on rgb({bot[0]},{bot[1]},{bot[2]})")
+        lines.append(line)
+    return lines
+
+
+def routing_strip(info) -> Text:
+    """One line per step from a ``StepInfo``: each expert's mean weight over the batch as a bar."""
+    share = info.weights.float().mean(0).tolist()
+    text = Text(f"{info.step + 1:>3}/{info.num_steps} t={info.t:.2f} ")
+    for eid, w in zip(info.expert_ids, share):
+        bar = BARS[min(len(BARS) - 1, round(w * (len(BARS) - 1)))]
+        style = "bold green" if eid in info.chosen else "dim"
+        text.append(f" {eid} ", style=style)
+        text.append(bar, style=style)
+        text.append(f"{w:.2f}", style=style)
+    return text
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    classes: tuple[int, ...]  # () = unconditional
+    n: int
+    steps: int
+    k: int
+    guidance: float
+    seed: int
+
+
+def parse_request(classes: str, n: str, steps: str, k: str, guidance: str, seed: str,
+                  num_classes: int | None = None) -> GenRequest:
+    """The generate panel's fields -> a request; ValueError with a readable message on bad input."""
+    try:
+        cls = tuple(int(c) for c in classes.replace(",", " ").split())
+        req = GenRequest(cls, int(n), int(steps), int(k), float(guidance), int(seed))
+    except ValueError:
+        raise ValueError("classes, n, steps, k and seed must be integers, guidance a number") from None
+    if req.n < 1 or req.steps < 1 or req.k < 1:
+        raise ValueError("n, steps and k must be >= 1")
+    if num_classes is not None and any(not -1 <= c < num_classes for c in cls):
+        raise ValueError(f"classes must be in -1..{num_classes - 1}")
+    return req
+
+
+def labels_for(req: GenRequest) -> torch.Tensor:
+    if not req.classes:
+        return torch.full((req.n,), -1, dtype=torch.long)
+    return torch.tensor([req.classes[i % len(req.classes)] for i in range(req.n)], dtype=torch.long)

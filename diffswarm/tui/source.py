@@ -1,0 +1,121 @@
+"""Where the dashboard's data comes from: the live swarm (``LiveSource``) or fixed data (``FakeSource``).
+
+A source is blocking (the app calls it from thread workers): ``snapshot()`` returns the expert
+records, measured latencies and K; ``generate(req, callback)`` returns (N, C, H, W) in [-1, 1]
+and reports every step through ``callback(StepInfo)``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .model import GenRequest, labels_for
+
+
+@dataclass
+class Snapshot:
+    records: list  # ExpertRecord-like (peer_id, expert_id, cluster, objective, state, throughput, load, updated)
+    latency: dict[str, float] = field(default_factory=dict)  # peer -> seconds
+    num_clusters: int = 0
+    num_classes: int = 0
+    now: float = 0.0  # clock of ``records[*].updated`` (DHT time)
+
+
+class LiveSource:
+    """A ``SwarmEnsemble`` connected on first use (so connecting happens in a worker, not at start-up)."""
+
+    def __init__(self, initial_peers: Sequence[str], config=None, device="cpu"):
+        self.initial_peers, self.config, self.device = list(initial_peers), config, device
+        self.ens = None
+        self._lock = threading.Lock()
+
+    def _ensemble(self):
+        with self._lock:
+            if self.ens is None:
+                from ..client.ensemble import SwarmEnsemble
+
+                self.ens = SwarmEnsemble.connect(self.initial_peers, seed=0, config=self.config, device=self.device)
+            return self.ens
+
+    def snapshot(self) -> Snapshot:
+        from hivemind.utils.timed_storage import get_dht_time
+
+        ens = self._ensemble()
+        client = ens.client
+        return Snapshot(list(client.records), dict(client.latency), ens.num_experts, ens.num_classes, get_dht_time())
+
+    def generate(self, req: GenRequest, callback: Callable | None = None) -> torch.Tensor:
+        from ..router.local import generate
+        from ..router.routing import RoutingConfig
+
+        ens = self._ensemble()
+        ens.routing = RoutingConfig("top-k", min(req.k, ens.num_experts))
+        ens.gen_seed = req.seed
+        return generate(ens, labels_for(req), ens.image_shape, req.steps, "euler", req.guidance, req.seed,
+                        self.device, callback=callback)
+
+    def close(self) -> None:
+        if self.ens is not None:
+            self.ens.close()
+
+
+@dataclass(frozen=True)
+class FakeRecord:
+    peer_id: str
+    expert_id: str
+    cluster: int | None
+    objective: str
+    state: str = "online"
+    throughput: float = 100.0
+    load: float = 0.0
+    updated: float = 0.0
+
+
+class _FakeExpert:
+    def __init__(self, expert_id: str, scale: float):
+        self.expert_id, self.scale = expert_id, scale
+
+    def velocity(self, x, t, labels, guidance=1.0):
+        return x * self.scale
+
+
+class FakeSource:
+    """Fixed records and a deterministic local ensemble of toy velocity models: no network."""
+
+    def __init__(self, records: Sequence, num_clusters: int, latency: dict[str, float] | None = None,
+                 num_classes: int = 4, shape=(1, 8, 8), now: float = 100.0, fail: str | None = None):
+        self.records, self.num_clusters, self.latency = list(records), num_clusters, dict(latency or {})
+        self.num_classes, self.shape, self.now, self.fail = num_classes, tuple(shape), now, fail
+
+    def snapshot(self) -> Snapshot:
+        if self.fail == "snapshot":
+            raise ConnectionError("bootstrap peer unreachable")
+        return Snapshot(list(self.records), dict(self.latency), self.num_clusters, self.num_classes, self.now)
+
+    def generate(self, req: GenRequest, callback: Callable | None = None) -> torch.Tensor:
+        from ..router.local import generate
+        from ..router.routing import RoutingConfig
+        from ..router.sampler import RoutedEnsemble
+
+        if self.fail == "generate":
+            raise RuntimeError("no expert can serve this step")
+        experts = [_FakeExpert(f"c{k}", 0.5 + 0.1 * k) for k in range(self.num_clusters)]
+        ens = RoutedEnsemble(experts, None, RoutingConfig("top-k", min(req.k, self.num_clusters)), seed=req.seed)
+        return generate(ens, labels_for(req), self.shape, req.steps, "euler", req.guidance, req.seed,
+                        callback=callback).clamp(-1, 1)
+
+    def close(self) -> None:
+        pass
+
+
+def demo_records(now: float = 100.0) -> list[FakeRecord]:
+    """A small swarm with cluster 2 uncovered (one joining peer), used by tests and snapshots."""
+    return [FakeRecord("12D3KooWpeerAAAA0001", "c0-ddpm", 0, "ddpm", throughput=850, load=2, updated=now - 1),
+            FakeRecord("12D3KooWpeerBBBB0002", "c1-fm", 1, "fm", throughput=900, load=0, updated=now - 3),
+            FakeRecord("12D3KooWpeerCCCC0003", "c1-fm", 1, "fm", throughput=700, load=5, updated=now - 2),
+            FakeRecord("12D3KooWpeerDDDD0004", "c2-ddpm", 2, "ddpm", state="joining", throughput=0,
+                       updated=now - 4)]
