@@ -175,18 +175,24 @@ def _load_fashion(split: str, root: str | None, size: int | None) -> ImageDatase
     lbl = read_idx(lbl_file)  # (N,) uint8
     if raw.ndim != 3 or lbl.shape != (raw.shape[0],):
         raise ValueError(f"{d}: unexpected IDX shapes images {raw.shape}, labels {lbl.shape}")
-    images = torch.from_numpy(raw.astype(np.float32)).unsqueeze(1)  # (N, 1, 28, 28)
-    images = images.mul_(2.0 / 255.0).sub_(1.0)
+    return _grayscale("fashion", split, raw, lbl, 255.0, size, list(FASHION_CLASSES))
+
+
+def _grayscale(name: str, split: str, raw: np.ndarray, labels: np.ndarray, max_value: float, size: int | None,
+               class_names: list[str]) -> ImageDataset:
+    """(N, H, W) pixels in [0, max_value] -> an ImageDataset in [-1, 1], optionally resized."""
+    images = torch.from_numpy(raw.astype(np.float32)).unsqueeze(1)  # (N, 1, H, W)
+    images = images.mul_(2.0 / max_value).sub_(1.0)
     if size is not None:
         images = _resize(images, size)
     return ImageDataset(
-        name="fashion",
+        name=name,
         split=split,
         images=images.contiguous(),
-        labels=torch.from_numpy(lbl.astype(np.int64)),
-        num_classes=10,
-        class_names=list(FASHION_CLASSES),
-        dataset_id=f"fashion:{int(images.shape[-1])}",
+        labels=torch.from_numpy(labels.astype(np.int64)),
+        num_classes=len(class_names),
+        class_names=class_names,
+        dataset_id=f"{name}:{int(images.shape[-1])}",
     )
 
 
@@ -202,19 +208,7 @@ def _load_digits(split: str, size: int | None) -> ImageDataset:
     perm = np.random.default_rng(0).permutation(len(x))
     n_train = int(0.8 * len(x))
     idx = perm[:n_train] if split == "train" else perm[n_train:]
-    images = torch.from_numpy(x[idx]).unsqueeze(1)  # (N, 1, 8, 8)
-    images = images.mul_(2.0 / 16.0).sub_(1.0)
-    if size is not None:
-        images = _resize(images, size)
-    return ImageDataset(
-        name="digits",
-        split=split,
-        images=images.contiguous(),
-        labels=torch.from_numpy(y[idx]),
-        num_classes=10,
-        class_names=[str(i) for i in range(10)],
-        dataset_id=f"digits:{int(images.shape[-1])}",
-    )
+    return _grayscale("digits", split, x[idx], y[idx], 16.0, size, [str(i) for i in range(10)])
 
 
 # ----------------------------------------------------------------------------- folder
