@@ -9,6 +9,10 @@ import torch
 from diffswarm.tui.app import make_app
 from diffswarm.tui.model import (
     UPPER_HALF,
+    GenRequest,
+    HistoryEntry,
+    LatencyHistory,
+    detail_text,
     halfblock,
     labels_for,
     parse_request,
@@ -18,7 +22,15 @@ from diffswarm.tui.model import (
     tile,
 )
 from diffswarm.tui.source import FakeRecord, FakeSource, demo_records
-from diffswarm.tui.widgets import ImageView, RoutingLog, SummaryBar, SwarmTable
+from diffswarm.tui.widgets import (
+    ExpertDetail,
+    HelpScreen,
+    HistoryTable,
+    ImageView,
+    RoutingLog,
+    SummaryBar,
+    SwarmTable,
+)
 
 # -- model ------------------------------------------------------------------------------------
 
@@ -84,6 +96,31 @@ def test_parse_request():
     for bad in [("x", "1", "1", "1", "1", "0"), ("", "0", "1", "1", "1", "0"), ("9", "1", "1", "1", "1", "0")]:
         with pytest.raises(ValueError):
             parse_request(*bad, num_classes=4)
+
+
+def test_latency_history_is_bounded_per_peer():
+    h = LatencyHistory(3)
+    for s in (0.01, 0.02, 0.03, 0.04):
+        h.add({"a": s})
+    h.add({"b": 0.5})
+    assert h.get("a") == pytest.approx((20.0, 30.0, 40.0)) and h.get("b") == (500.0,) and h.get("zz") == ()
+
+
+def test_detail_text_shows_every_field_and_training():
+    rec = demo_records()[0]
+    text = detail_text(rec, "offline", (10.0, 30.0)).plain
+    for field in ("peer_id", "addrs", "checkpoint_sha256", "software", "protocol", "max_batch", "schedule"):
+        assert field in text
+    assert rec.checkpoint_sha256 in text and "/ip4/127.0.0.1/tcp/40001" in text
+    assert "steps 1200, final loss 0.0312" in text and "offline (last announced online)" in text
+    assert "last 30.0 ms, min 10.0, max 30.0" in text
+    assert "training" in detail_text(demo_records()[1]).plain and "not announced" in detail_text(demo_records()[1]).plain
+    assert "select a row" in detail_text(None).plain
+
+
+def test_history_entry_cells():
+    e = HistoryEntry(2, GenRequest((), 4, 10, 2, 1.5, 7), 1.234, "/tmp/x.png")
+    assert e.cells() == ("2", "all", "4", "10", "2", "1.5", "7", "1.23", "/tmp/x.png")
 
 
 # -- app (pilot) ------------------------------------------------------------------------------
@@ -163,6 +200,83 @@ def test_cli_dashboard_without_swarm_is_an_error(tmp_path, capsys):
 
     assert main(["dashboard", "--run-dir", str(tmp_path / "none")]) == 2
     assert "swarm up" in capsys.readouterr().err
+
+
+def test_keys_fire_while_a_field_is_focused_and_enter_generates(tmp_path):
+    async def go():
+        app = fake_app(tmp_path)
+        async with app.run_test(size=(120, 40)) as pilot:
+            steps, n = app.query_one("#gen-steps"), app.query_one("#gen-n")
+            steps.value, n.value = "3", "2"
+            steps.focus()
+            await pilot.pause()
+            await pilot.press("g", "r")  # priority bindings: generate / refresh, nothing typed into the field
+            await wait_for(pilot, lambda: len(app.history) == 1)
+            assert steps.value == "3" and app.focused is steps
+            first = app.history[0]
+            assert (first.request.n, first.request.steps, first.index) == (2, 3, 1) and first.path == str(app.last_png)
+            app.query_one("#gen-seed").value = "5"
+            for field in ("#gen-seed", "#gen-classes"):  # Enter in any generate field starts a generation
+                app.query_one(field).focus()
+                await pilot.pause()
+                before = len(app.history)
+                await pilot.press("enter")
+                await wait_for(pilot, lambda b=before: len(app.history) == b + 1)
+            assert [e.request.seed for e in app.history] == [0, 5, 5] and app.history[-1].wall_s > 0
+            assert len({e.path for e in app.history}) == 3  # one PNG per generation, even within a second
+            table = app.query_one(HistoryTable)
+            assert table.row_count == 3 and table.get_row_at(1)[6] == "5" and table.get_row_at(2)[1] == "all"
+            await pilot.press("q")
+        assert app.return_code == 0
+
+    asyncio.run(go())
+
+
+def test_expert_detail_follows_the_table_cursor(tmp_path):
+    async def go():
+        app = fake_app(tmp_path)
+        async with app.run_test(size=(120, 40)) as pilot:
+            table, detail = app.query_one(SwarmTable), app.query_one(ExpertDetail)
+            await wait_for(pilot, lambda: table.row_count == 4 and detail.record is not None)
+            shown = lambda: str(app.query_one("#detail-fields").content)
+            assert detail.record.peer_id == "12D3KooWpeerAAAA0001"
+            assert "9f2c" in shown() and "/ip4/127.0.0.1/tcp/40001" in shown() and "final loss 0.0312" in shown()
+            assert "software" in shown() and "steps 1200" in shown()
+            app.source.latency = {"12D3KooWpeerAAAA0001": 0.05}  # the measured latency changes: the sparkline grows
+            await wait_for(pilot, lambda: 50.0 in detail.latency and 20.0 in detail.latency)
+            assert list(app.query_one("#detail-latency").data) == list(detail.latency)
+            assert len(detail.latency) <= 60
+            table.focus()
+            await pilot.press("down")
+            await wait_for(pilot, lambda: detail.record.peer_id == "12D3KooWpeerBBBB0002")
+            assert app.selected_key == "12D3KooWpeerBBBB0002/c1-fm"
+            assert "not announced" in shown() and "not measured" in shown() and detail.latency == ()
+            await pilot.pause(0.5)  # polls keep the selection
+            assert detail.record.peer_id == "12D3KooWpeerBBBB0002"
+
+    asyncio.run(go())
+
+
+def test_help_screen_opens_and_closes(tmp_path):
+    async def go():
+        app = fake_app(tmp_path)
+        async with app.run_test(size=(120, 40)) as pilot:
+            app.query_one("#gen-n").focus()
+            await pilot.press("question_mark")
+            await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
+            assert "escape" in str(app.screen.query_one("#help-body").content)
+            await pilot.press("g")  # the modal screen keeps the dashboard's keys from firing
+            await pilot.pause(0.3)
+            assert app.history == () and app.query_one("#gen-n").value == "8"
+            await pilot.pause(0.3)  # polling goes on behind the help screen without errors
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: not isinstance(app.screen, HelpScreen))
+            await pilot.press("question_mark")
+            await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
+            await pilot.press("question_mark")  # ? toggles
+            await wait_for(pilot, lambda: not isinstance(app.screen, HelpScreen))
+
+    asyncio.run(go())
 
 
 # -- a real loopback swarm --------------------------------------------------------------------

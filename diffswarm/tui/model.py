@@ -5,8 +5,9 @@ No Textual, no network, no clock: everything takes ``now`` and plain data, so it
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 
 import torch
 from rich.text import Text
@@ -165,3 +166,106 @@ def labels_for(req: GenRequest) -> torch.Tensor:
     if not req.classes:
         return torch.full((req.n,), -1, dtype=torch.long)
     return torch.tensor([req.classes[i % len(req.classes)] for i in range(req.n)], dtype=torch.long)
+
+
+# -- expert detail ----------------------------------------------------------------------------
+
+
+class LatencyHistory:
+    """Bounded per-peer latency history (milliseconds), one sample per poll: feeds the detail sparkline."""
+
+    def __init__(self, maxlen: int = 60):
+        self.maxlen = maxlen
+        self._hist: dict[str, deque[float]] = {}
+
+    def add(self, latency: Mapping[str, float]) -> None:
+        for peer, seconds in latency.items():
+            self._hist.setdefault(peer, deque(maxlen=self.maxlen)).append(float(seconds) * 1000.0)
+
+    def get(self, peer: str) -> tuple[float, ...]:
+        return tuple(self._hist.get(peer, ()))
+
+
+def latest_records(records: Sequence, into: Mapping[str, object] | None = None) -> dict[str, object]:
+    """``peer_id/expert_id`` -> newest record; merged over ``into`` so vanished experts keep their last record."""
+    out = dict(into or {})
+    for r in records:
+        key = f"{r.peer_id}/{r.expert_id}"
+        if key not in out or r.updated >= out[key].updated:
+            out[key] = r
+    return out
+
+
+def record_fields(record) -> dict[str, object]:
+    """Every field a record carries (dataclass fields, then any extra attributes a newer peer announced)."""
+    if is_dataclass(record):
+        d = {f.name: getattr(record, f.name) for f in fields(record)}
+    else:
+        d = {}
+    d.update({k: v for k, v in getattr(record, "__dict__", {}).items() if not k.startswith("_")})
+    return d
+
+
+def training_summary(record) -> str:
+    """'steps N, final loss L' from a ``training`` dict or ``train_steps``/``final_loss`` attributes, if announced."""
+    tr = getattr(record, "training", None) or {}
+    steps = tr.get("steps", getattr(record, "train_steps", None)) if isinstance(tr, Mapping) else None
+    loss = tr.get("final_loss", getattr(record, "final_loss", None)) if isinstance(tr, Mapping) else None
+    parts = []
+    if steps is not None:
+        parts.append(f"steps {steps}")
+    if loss is not None:
+        parts.append(f"final loss {float(loss):.4g}")
+    return ", ".join(parts) if parts else "not announced"
+
+
+def detail_text(record, state: str | None = None, latency_ms: Sequence[float] = ()) -> Text:
+    """The detail panel: one ``name  value`` line per record field, the training summary and latency stats."""
+    if record is None:
+        return Text("select a row of the swarm table", style="dim")
+    d = record_fields(record)
+    if state is not None and state != d.get("state"):
+        d["state"] = f"{state} (last announced {d.get('state')})"
+    d.pop("training", None)
+    out = Text()
+    width = max(len(k) for k in d) if d else 0
+    for k, v in d.items():
+        if isinstance(v, (list, tuple)):
+            v = ", ".join(str(x) for x in v) or "-"
+        elif isinstance(v, float):
+            v = f"{v:.6g}"
+        elif v is None or v == "":
+            v = "-"
+        out.append(f"{k:<{width}} ", style="bold")
+        out.append(f"{v}\n")
+    out.append(f"{'training':<{width}} ", style="bold")
+    out.append(training_summary(record) + "\n")
+    if latency_ms:
+        out.append(f"{'latency':<{width}} ", style="bold")
+        out.append(f"last {latency_ms[-1]:.1f} ms, min {min(latency_ms):.1f}, max {max(latency_ms):.1f}")
+    else:
+        out.append(f"{'latency':<{width}} ", style="bold")
+        out.append("not measured yet", style="dim")
+    return out
+
+
+# -- history ----------------------------------------------------------------------------------
+
+
+HISTORY_COLUMNS = ("#", "class", "n", "steps", "k", "guidance", "seed", "wall s", "png")
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One finished generation of this session."""
+
+    index: int
+    request: GenRequest
+    wall_s: float
+    path: str
+
+    def cells(self) -> tuple[str, ...]:
+        r = self.request
+        cls = " ".join(str(c) for c in r.classes) or "all"
+        return (str(self.index), cls, str(r.n), str(r.steps), str(r.k), f"{r.guidance:g}", str(r.seed),
+                f"{self.wall_s:.2f}", self.path)

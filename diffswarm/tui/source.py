@@ -18,7 +18,7 @@ from .model import GenRequest, labels_for
 
 @dataclass
 class Snapshot:
-    records: list  # ExpertRecord-like (peer_id, expert_id, cluster, objective, state, throughput, load, updated)
+    records: list  # ExpertRecord-like (peer_id, expert_id, cluster, objective, state, throughput, load, updated, ...)
     latency: dict[str, float] = field(default_factory=dict)  # peer -> seconds
     num_clusters: int = 0
     num_classes: int = 0
@@ -73,6 +73,20 @@ class FakeRecord:
     throughput: float = 100.0
     load: float = 0.0
     updated: float = 0.0
+    # the rest of an ExpertRecord, so the detail panel shows what a live peer announces
+    version: int = 1
+    num_clusters: int = 3
+    partition_hash: str = ""
+    schedule: str = "flow"
+    image_shape: tuple = (1, 8, 8)
+    num_classes: int = 4
+    checkpoint_sha256: str = ""
+    software: str = "0.1.0"
+    protocol: int = 1
+    progress: float = 1.0
+    max_batch: int = 64
+    addrs: tuple = ()
+    training: dict | None = None  # {"steps": ..., "final_loss": ...} where a peer announces it
 
 
 class _FakeExpert:
@@ -114,7 +128,10 @@ class FakeSource:
 
 def demo_records(now: float = 100.0) -> list[FakeRecord]:
     """A small swarm with cluster 2 uncovered (one joining peer), used by tests and snapshots."""
-    return [FakeRecord("12D3KooWpeerAAAA0001", "c0-ddpm", 0, "ddpm", throughput=850, load=2, updated=now - 1),
+    return [FakeRecord("12D3KooWpeerAAAA0001", "c0-ddpm", 0, "ddpm", throughput=850, load=2, updated=now - 1,
+                       schedule="vp-cosine-1000", checkpoint_sha256="9f2c" + "0" * 56 + "a1b2",
+                       addrs=("/ip4/127.0.0.1/tcp/40001/p2p/12D3KooWpeerAAAA0001",),
+                       training={"steps": 1200, "final_loss": 0.0312}),
             FakeRecord("12D3KooWpeerBBBB0002", "c1-fm", 1, "fm", throughput=900, load=0, updated=now - 3),
             FakeRecord("12D3KooWpeerCCCC0003", "c1-fm", 1, "fm", throughput=700, load=5, updated=now - 2),
             FakeRecord("12D3KooWpeerDDDD0004", "c2-ddpm", 2, "ddpm", state="joining", throughput=0,

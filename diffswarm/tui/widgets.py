@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.reactive import reactive
-from textual.widgets import Button, DataTable, Input, Label, ProgressBar, RichLog, Static
+from textual.screen import ModalScreen
+from textual.widgets import Button, DataTable, Input, Label, ProgressBar, RichLog, Sparkline, Static
 
-from .model import COLUMNS, ExpertRow, GenRequest, parse_request
+from .model import COLUMNS, HISTORY_COLUMNS, ExpertRow, GenRequest, HistoryEntry, detail_text, parse_request
 
 
 class SwarmTable(DataTable):
@@ -40,6 +43,18 @@ class SummaryBar(Static):
         return self.text
 
 
+class NumberInput(Input):
+    """A generate field: numbers only, so it lets the app's letter keys (q, g, r, ?) through even when focused."""
+
+    ALLOWED = frozenset("0123456789 ,.-+eE")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, restrict=r"[0-9 ,.+eE-]*", **kwargs)
+
+    def check_consume_key(self, key: str, character: str | None) -> bool:
+        return character is not None and character in self.ALLOWED
+
+
 class GeneratePanel(Vertical):
     """Class / n / steps / k / guidance / seed fields and a Generate button."""
 
@@ -61,7 +76,7 @@ class GeneratePanel(Vertical):
             for name, label, value in self.FIELDS:
                 with Vertical(classes="field"):
                     yield Label(label)
-                    yield Input(value=value, id=f"gen-{name}", placeholder="all" if name == "classes" else "")
+                    yield NumberInput(value=value, id=f"gen-{name}", placeholder="all" if name == "classes" else "")
             yield Button("Generate", id="gen-button", variant="primary")
         yield ProgressBar(total=1, id="gen-progress", show_eta=False)  # a total: no indeterminate animation
 
@@ -98,3 +113,79 @@ class ImageView(Static):
         if self.path:
             out.append(f"\nsaved {self.path}", style="bold")
         return out
+
+
+class ExpertDetail(Vertical):
+    """The selected expert's full record and a sparkline of its peer's measured latency (set from above)."""
+
+    record: reactive[object] = reactive(None, always_update=True, init=False)
+    state: reactive[str | None] = reactive(None, init=False)
+    latency: reactive[tuple[float, ...]] = reactive((), always_update=True, init=False)
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="detail-scroll"):
+            yield Static(detail_text(None), id="detail-fields")
+        yield Label("latency ms", id="detail-latency-label")
+        yield Sparkline([], id="detail-latency")
+
+    def _refresh_text(self) -> None:
+        self.query_one("#detail-fields", Static).update(detail_text(self.record, self.state, self.latency))
+
+    def watch_record(self) -> None:
+        self._refresh_text()
+
+    def watch_state(self) -> None:
+        self._refresh_text()
+
+    def watch_latency(self, latency: tuple[float, ...]) -> None:
+        self.query_one(Sparkline).data = list(latency)
+        self._refresh_text()
+
+
+class HistoryTable(DataTable):
+    """This session's finished generations, newest last; ``entries`` is set by the app."""
+
+    entries: reactive[tuple[HistoryEntry, ...]] = reactive((), always_update=True, init=False)
+
+    def on_mount(self) -> None:
+        self.cursor_type = "row"
+        self.zebra_stripes = True
+        self.add_columns(*HISTORY_COLUMNS)
+
+    def watch_entries(self, entries: tuple[HistoryEntry, ...]) -> None:
+        self.clear()
+        for e in entries:
+            self.add_row(*e.cells(), key=str(e.index))
+        if entries:
+            self.move_cursor(row=len(entries) - 1, animate=False)
+
+
+HELP_TEXT = """\
+[b]keys[/b] (they work while a field is focused; fields take numbers only)
+  q          quit
+  g / Enter  generate with the fields' values (Enter in any field)
+  r          poll the swarm now (it is polled every few seconds anyway)
+  ?          this help            escape  close it
+  tab        move between the table, the fields and the tabs
+
+[b]panels[/b]
+  summary    peers online, clusters covered by an online expert, uncovered clusters
+  swarm      every (peer, expert) the swarm announces; vanished peers stay listed as offline;
+             heartbeat = seconds since the last announcement, replicas = online experts of the cluster
+  expert     the highlighted row's full record (address, checkpoint sha256, software, training
+             summary where announced) and a sparkline of the peer's measured latency (last 60 polls)
+  generate   class (blank = all/unconditional, or e.g. 1 3), n samples, steps, top-k, guidance, seed
+  routing    per step, each expert's mean routing weight; chosen experts in green, failovers as !
+  history    this session's generations with their settings, wall time and PNG path
+  images     the last samples as half blocks, and the PNG written under the output folder"""
+
+
+class HelpScreen(ModalScreen[None]):
+    """Keys and what the panels show; escape (or ?) closes it."""
+
+    BINDINGS: ClassVar = [("escape", "app.pop_screen", "Close")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="help-box"):
+            yield Static(HELP_TEXT, id="help-body")
+            yield Label("escape: close", id="help-close")
