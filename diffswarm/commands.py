@@ -130,11 +130,7 @@ def _swarm_peers(args) -> list[str]:
         return list(args.initial_peers)
     from .peer.launch import LocalSwarm
 
-    try:
-        sw = LocalSwarm.load(args.run_dir)
-    except FileNotFoundError:
-        raise ValueError(f"no --initial-peers given and no local swarm in {args.run_dir}; start one with "
-                         "`diffswarm swarm up` or pass the multiaddr a peer printed") from None
+    sw = LocalSwarm.find(args.run_dir)
     if not args.loopback:  # a swarm from `swarm up` listens on 127.0.0.1 only
         args.loopback = True
     return sw.initial_peers

@@ -157,7 +157,7 @@ def train_expert(
                position=position, leave=True, dynamic_ncols=True)
     last_loss = float("nan")
 
-    def checkpoint(final: bool = False) -> None:
+    def checkpoint() -> None:
         summary = {"steps": step, "final_loss": last_loss, "n_train": int(images.shape[0]), "train": train.to_dict()}
         tensors = {f"model.{k}": v for k, v in expert.net.state_dict().items()}
         tensors.update({f"ema.{k}": v for k, v in ema.net.state_dict().items()})
@@ -209,6 +209,6 @@ def train_expert(
         if on_step is not None:
             on_step(step, last_loss)
     bar.close()
-    checkpoint(final=True)
+    checkpoint()
     log_f.close()
     return read_meta(out / "expert.safetensors")["summary"]

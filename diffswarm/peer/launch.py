@@ -114,6 +114,15 @@ class LocalSwarm:
         state = json.loads(path.read_text())
         return cls(run_dir, state["swarm"], state["initial_peers"], [PeerProc(**p) for p in state["procs"]])
 
+    @classmethod
+    def find(cls, run_dir: str | Path) -> LocalSwarm:
+        """``load`` for a client with no --initial-peers: ValueError telling the user what to do."""
+        try:
+            return cls.load(run_dir)
+        except FileNotFoundError:
+            raise ValueError(f"no --initial-peers given and no local swarm in {run_dir}; start one with "
+                             "`diffswarm swarm up` or pass the multiaddr a peer printed") from None
+
     def info(self, name: str) -> dict | None:
         p = next(p for p in self.procs if p.name == name)
         return _read_info(p.info)

@@ -212,12 +212,7 @@ def make_app(initial_peers=None, run_dir: str | Path | None = None, source=None,
         if not initial_peers:
             from ..peer.launch import LocalSwarm
 
-            rd = run_dir or "runs/swarm"
-            try:
-                sw = LocalSwarm.load(rd)
-            except FileNotFoundError:
-                raise ValueError(f"no --initial-peers given and no local swarm in {rd}; start one with "
-                                 "`diffswarm swarm up` or pass the multiaddr a peer printed") from None
+            sw = LocalSwarm.find(run_dir or "runs/swarm")
             initial_peers = sw.initial_peers
             config = config or ClientConfig(swarm=sw.swarm, net=NetworkConfig.loopback(client_mode=True),
                                             connect_timeout=20.0)
