@@ -8,18 +8,24 @@ import tempfile
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
+from hivemind.dht.protocol import DHTProtocol
+from hivemind.dht.routing import DHTID
+from hivemind.dht.schema import SchemaValidator
+from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.timed_storage import get_dht_time
 
 from diffswarm.client.discovery import choose_swarm_record
 from diffswarm.dht.node import NetworkConfig, SwarmDHT, load_identity
 from diffswarm.dht.records import (
+    RECORD_VERSION,
     ExpertRecord,
     ExpertRecordModel,
     RecordError,
     SwarmRecord,
     SwarmRecordModel,
     experts_key,
+    make_validators,
     parse_entries,
     peer_id_of_public_key,
 )
@@ -42,6 +48,22 @@ def swarm_record(**kw) -> SwarmRecord:
                 software="0.1.0", protocol=1, peer_id="QmA", addrs=[], updated=1.0)
     base.update(kw)
     return SwarmRecord(**base)
+
+
+def v1_dict(rec: ExpertRecord) -> dict:
+    """``rec`` as a version-1 peer sends it: without the version-2 fields."""
+    d = {**rec.to_dict(), "version": 1}
+    del d["train_steps"], d["final_loss"]
+    return d
+
+
+def schema_accepts(value: dict) -> bool:
+    """Whether a diffswarm DHT node's ``SchemaValidator`` stores ``value`` as an expert record."""
+    [schema] = [v for v in make_validators("diffswarm") if isinstance(v, SchemaValidator)]
+    ser = DHTProtocol.serializer
+    return schema.validate(DHTRecord(key=DHTID.generate(source=experts_key("diffswarm")).to_bytes(),
+                                     subkey=ser.dumps(b"[owner:ssh-rsa AAAA]/c0-fm"), value=ser.dumps(value),
+                                     expiration_time=get_dht_time() + 60))
 
 
 def test_dataclasses_and_schemas_have_the_same_fields():
@@ -82,8 +104,48 @@ def test_missing_field_and_non_dict_rejected():
     del d["throughput"]
     with pytest.raises(RecordError, match="lacks fields"):
         ExpertRecord.from_dict(d)
+    d = expert_record().to_dict()
+    del d["cluster"]  # nullable, but required: a record must say whether it has a cluster
+    with pytest.raises(RecordError, match="lacks fields"):
+        ExpertRecord.from_dict(d)
     with pytest.raises(RecordError):
         ExpertRecord.from_dict([1, 2, 3])
+
+
+def test_training_summary_round_trips_and_passes_the_schema():
+    rec = expert_record(version=RECORD_VERSION, train_steps=500, final_loss=0.0625)
+    d = rec.to_dict()
+    assert d["train_steps"] == 500 and type(d["final_loss"]) is float
+    assert ExpertRecord.from_dict(d) == rec
+    assert schema_accepts(d)
+    assert type(expert_record(final_loss=1).to_dict()["final_loss"]) is float  # to_dict emits floats
+    unset = expert_record(version=RECORD_VERSION).to_dict()  # announced as None: msgpack and schema accept it
+    assert unset["train_steps"] is None and unset["final_loss"] is None and schema_accepts(unset)
+    assert ExpertRecord.from_dict(unset).train_steps is None
+
+
+def test_version_1_records_without_the_summary_are_accepted():
+    d = v1_dict(expert_record())
+    rec = ExpertRecord.from_dict(d)
+    assert rec.version == 1 and rec.train_steps is None and rec.final_loss is None
+    assert schema_accepts(d)  # newer DHT nodes keep storing older peers' records
+    assert not schema_accepts({**d, "final_loss": 1})  # strict types for the new fields too
+    assert not schema_accepts({**d, "train_steps": 1.0})
+    assert not schema_accepts({k: v for k, v in d.items() if k != "throughput"})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train_steps": -1}, "negative train_steps"),
+    ({"final_loss": float("nan")}, "final_loss nan is not finite"),
+    ({"final_loss": float("inf")}, "not finite"),
+    ({"final_loss": 1}, "wrong field types"),
+    ({"train_steps": 10.0}, "wrong field types"),
+    ({"train_steps": True}, "wrong field types"),
+])
+def test_invalid_training_summaries_are_rejected(change, message):
+    d = {**expert_record(version=RECORD_VERSION, train_steps=5, final_loss=0.5).to_dict(), **change}
+    with pytest.raises(RecordError, match=message):
+        ExpertRecord.from_dict(d)
 
 
 def test_joining_record_may_lack_a_checkpoint_hash():
@@ -146,7 +208,8 @@ async def _dht_scenario(tmp: str) -> dict:
         reader = await SwarmDHT.create(NetworkConfig.loopback(maddrs, client_mode=True))
         nodes.append(reader)
 
-        genuine = expert_record(peer_id=peer.peer_id.to_base58(), updated=get_dht_time())
+        genuine = expert_record(version=RECORD_VERSION, peer_id=peer.peer_id.to_base58(), updated=get_dht_time(),
+                                train_steps=500, final_loss=0.0625)
         out["genuine_stored"] = await peer.announce_expert(genuine, 60)
 
         # 1. another key writes the peer's subkey through a validating node: unsigned for that owner
@@ -170,6 +233,11 @@ async def _dht_scenario(tmp: str) -> dict:
                                  updated=get_dht_time()).to_dict(), "hardware": {"gpu": "none"}}
         out["newer_stored"] = await evil.node.store(key, newer, get_dht_time() + 120, subkey=evil.owner + b"/c2-fm")
 
+        # 5. an older (version 1) peer's record, without the training summary: stored and parsed
+        older = v1_dict(expert_record(peer_id=evil.peer_id.to_base58(), expert_id="c1-fm", cluster=1,
+                                      updated=get_dht_time()))
+        out["older_stored"] = await evil.node.store(key, older, get_dht_time() + 120, subkey=evil.owner + b"/c1-fm")
+
         recs, errors = await reader.get_experts()
         out["seen"] = {(r.peer_id, r.expert_id): r for r in recs}
         out["errors"] = errors
@@ -190,10 +258,12 @@ def test_forged_records_are_rejected_and_genuine_ones_kept():
     assert out["forged_via_validator"] is False
     assert out["bad_schema"] is False
     assert out["newer_stored"] is True
+    assert out["older_stored"] is True
     seen = out["seen"]
     # the attacker keeps its own copy, but no validating node stores it and no reader accepts it
-    assert seen[(out["peer_id"], "c0-fm")].throughput == out["genuine"].throughput  # never overwritten
+    assert seen[(out["peer_id"], "c0-fm")] == out["genuine"]  # never overwritten, summary included
     assert (out["evil_id"], "c2-fm") in seen  # forward-compatible record accepted
+    assert seen[(out["evil_id"], "c1-fm")].train_steps is None  # backward-compatible record accepted
     assert (out["evil_id"], "c0-fm") not in seen
 
 

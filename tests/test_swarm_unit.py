@@ -99,6 +99,38 @@ def test_swarm_view_keeps_matching_online_replicas():
     assert view.coverage() == [1, 0] and events == ["c1-fm at p1 left"]
 
 
+def test_peer_records_announce_the_training_summary():
+    """Online: the served checkpoint's summary; joining: the current step and loss."""
+    from types import SimpleNamespace
+
+    from diffswarm.experts.config import ExpertConfig, NetConfig
+    from diffswarm.experts.expert import Expert
+    from diffswarm.peer.server import Peer, PeerConfig, ServedExpert, make_expert_record
+
+    cfg = ExpertConfig(objective="fm", net=NetConfig(kind="mlp", size=8, width=8, depth=1, num_classes=3),
+                       cluster=0, num_clusters=2, partition_hash="ph")
+    peer = Peer(PeerConfig(), log=lambda m: None)
+    peer.dht = SimpleNamespace(peer_id=SimpleNamespace(to_base58=lambda: "QmPeer"))  # records() only needs the id
+    peer.training_cfg, peer.progress, peer.train_step, peer.train_loss = cfg, 0.3, 30, 0.5
+    [joining] = peer.records()
+    assert (joining.state, joining.train_steps, joining.final_loss) == ("joining", 30, 0.5)
+
+    expert = Expert(cfg, summary={"steps": 100, "final_loss": 0.25, "n_train": 64})
+    expert.weights_sha256 = "ab" * 32
+    peer.served = {expert.expert_id: ServedExpert(expert, BatchPolicy(max_rows=64))}
+    peer.state = "online"
+    [online] = peer.records()
+    assert (online.state, online.train_steps, online.final_loss) == ("online", 100, 0.25)
+    assert ExpertRecord.from_dict(online.to_dict()) == online
+
+    expert.summary = {}  # an older checkpoint without a summary
+    assert peer.records()[0].train_steps is None and peer.records()[0].final_loss is None
+    # no step done yet (the trainer's loss starts as NaN): announced as unknown, not as an invalid record
+    rec = make_expert_record(cfg, state="joining", sha256="", peer_id="QmPeer", addrs=[], train_steps=0,
+                             final_loss=float("nan"))
+    assert rec.final_loss is None and ExpertRecord.from_dict(rec.to_dict()).train_steps == 0
+
+
 # -- request checks ------------------------------------------------------------------------------
 
 SPEC = ExpertSpec("c0-fm", (1, 8, 8), 4, max_rows=64)
@@ -289,6 +321,8 @@ def test_streamed_and_float16_calls_match_the_local_expert(inproc_peer):
         assert torch.allclose(v16, want[:8], atol=0.05) and not torch.equal(v16, want[:8])
         info = client.run(client.info(peer.peer_id, peer.maddrs))
         assert info["experts"][0]["expert_id"] == "c0-ddpm" and info["router"]["num_clusters"] == 1
+        assert info["experts"][0]["train_steps"] == expert.summary["steps"] == 2  # the checkpoint's summary
+        assert info["experts"][0]["final_loss"] == expert.summary["final_loss"]
         router, rec = client.fetch_router()
         assert router.weights_sha256 == rec.router_weights_sha256
 

@@ -16,6 +16,10 @@ expert at another peer's address.
 
 Versioning: ``version`` is the record schema version. Versions only add fields (readers ignore
 unknown fields, ``from_dict``); a change of meaning gets new DHT keys (``..._experts_v2``).
+Version 2 added the optional ``ExpertRecord`` fields ``train_steps`` and ``final_loss`` (the
+expert's training summary): readers accept version-1 records that lack them (they read as None),
+and older readers and validators ignore them as unknown fields. ``SwarmRecord`` is unchanged
+since version 1 but carries the same version number.
 ``protocol`` is the RPC protocol version (``diffswarm.peer.protocol``); clients skip peers
 speaking another major protocol.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -35,7 +40,7 @@ from pydantic.v1 import StrictFloat, StrictInt, StrictStr
 
 logger = logging.getLogger(__name__)
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: optional ExpertRecord.train_steps / final_loss
 PROTOCOL_VERSION = 1
 STATES = ("joining", "online", "offline")
 OBJECTIVES = ("ddpm", "fm")
@@ -50,12 +55,25 @@ class RecordError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # pydantic v1 schemas for hivemind's SchemaValidator (strict types, no conversions allowed).
 # Extra fields are allowed inside a record so that older nodes keep storing newer peers' records.
+# Fields with a default are optional (added by later versions); ``= ...`` marks a nullable field
+# that is still required (pydantic v1 makes ``X | None`` optional otherwise).
 
 
-class ExpertRecordModel(pydantic.BaseModel):
+class _RecordModel(pydantic.BaseModel):
+    def dict(self, **kwargs) -> dict:
+        """Leave out optional fields the record did not carry: ``SchemaValidator`` compares this with
+        the stored value, so a version-1 record (without version-2 fields) must come back unchanged."""
+        d = super().dict(**kwargs)
+        for name, f in self.__fields__.items():
+            if not f.required and name not in self.__fields_set__:
+                d.pop(f.alias if kwargs.get("by_alias") else name, None)
+        return d
+
+
+class ExpertRecordModel(_RecordModel):
     version: StrictInt
     expert_id: StrictStr
-    cluster: StrictInt | None
+    cluster: StrictInt | None = ...
     num_clusters: StrictInt
     partition_hash: StrictStr
     objective: StrictStr
@@ -73,12 +91,14 @@ class ExpertRecordModel(pydantic.BaseModel):
     peer_id: StrictStr
     addrs: list[StrictStr]
     updated: StrictFloat
+    train_steps: StrictInt | None = None  # version 2
+    final_loss: StrictFloat | None = None  # version 2
 
     class Config:
         extra = pydantic.Extra.allow
 
 
-class SwarmRecordModel(pydantic.BaseModel):
+class SwarmRecordModel(_RecordModel):
     version: StrictInt
     partition_hash: StrictStr
     num_clusters: StrictInt
@@ -123,20 +143,22 @@ def swarm_key(swarm: str) -> str:
 # records as plain dataclasses (what the code passes around)
 
 
-def _strict(model: type[pydantic.BaseModel], d: Any, what: str) -> dict:
+def _strict(model: type[_RecordModel], d: Any, what: str) -> dict:
+    """The schema's fields of ``d``, exactly typed; optional fields that ``d`` lacks (records of an
+    older version) read as None."""
     if not isinstance(d, dict):
         raise RecordError(f"{what} must be a dict, got {type(d).__name__}")
     known = {k: v for k, v in d.items() if k in model.__fields__}
-    missing = sorted(set(model.__fields__) - set(known))
+    missing = sorted(name for name, f in model.__fields__.items() if f.required and name not in known)
     if missing:
         raise RecordError(f"{what} lacks fields {missing}")
     try:
-        parsed = model.parse_obj(known).dict()
+        parsed = model.parse_obj(known).dict()  # only the fields present (_RecordModel.dict)
     except pydantic.ValidationError as e:
         raise RecordError(f"{what} has wrong field types: {e.errors()}") from None
     if parsed != known:  # strict types should make this impossible; guard against silent coercion
         raise RecordError(f"{what} needed type conversions")
-    return parsed
+    return {name: parsed.get(name) for name in model.__fields__}
 
 
 def _check_common(r, what: str) -> None:
@@ -174,11 +196,17 @@ class ExpertRecord:
     peer_id: str  # base58 libp2p peer id serving the RPCs
     addrs: list[str]  # multiaddrs to reach the peer
     updated: float  # DHT time of this announcement
+    train_steps: int | None = None  # training steps done (checkpoint's when online, current while joining); v2
+    final_loss: float | None = None  # last training loss (checkpoint's when online, latest step's while joining); v2
 
     def to_dict(self) -> dict:
         d = asdict(self)
         for f in ("progress", "throughput", "load", "updated"):
             d[f] = float(d[f])
+        if d["train_steps"] is not None:
+            d["train_steps"] = int(d["train_steps"])
+        if d["final_loss"] is not None:
+            d["final_loss"] = float(d["final_loss"])
         d["image_shape"] = [int(s) for s in d["image_shape"]]
         d["addrs"] = [str(a) for a in d["addrs"]]
         return d
@@ -200,6 +228,10 @@ class ExpertRecord:
             raise RecordError(f"{what}: checkpoint_sha256 is not a sha256 hex digest")
         if not (r.throughput >= 0 and r.load >= 0 and 0 <= r.progress <= 1 and r.max_batch >= 1):
             raise RecordError(f"{what}: negative or out-of-range throughput/load/progress/max_batch")
+        if r.train_steps is not None and r.train_steps < 0:
+            raise RecordError(f"{what}: negative train_steps {r.train_steps}")
+        if r.final_loss is not None and not math.isfinite(r.final_loss):
+            raise RecordError(f"{what}: final_loss {r.final_loss} is not finite")
         return r
 
     @property

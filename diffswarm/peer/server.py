@@ -20,6 +20,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -241,16 +242,31 @@ def schedule_name(expert_cfg) -> str:
     return f"vp-{expert_cfg.schedule.kind}-{expert_cfg.schedule.steps}"
 
 
+def summary_fields(summary: dict) -> dict:
+    """``make_expert_record``'s ``train_steps`` and ``final_loss`` from a checkpoint's training summary
+    (``Expert.summary``, keys ``steps`` and ``final_loss``); a missing key reads as None."""
+    steps, loss = summary.get("steps"), summary.get("final_loss")
+    return {"train_steps": int(steps) if steps is not None else None,
+            "final_loss": float(loss) if loss is not None else None}
+
+
 def make_expert_record(cfg, *, state: str, sha256: str, peer_id: str, addrs: list[str], progress: float = 1.0,
-                       throughput: float = 0.0, load: float = 0.0, max_batch: int = 256) -> ExpertRecord:
-    """The record announcing an expert of ``ExpertConfig`` cfg."""
+                       throughput: float = 0.0, load: float = 0.0, max_batch: int = 256,
+                       train_steps: int | None = None, final_loss: float | None = None) -> ExpertRecord:
+    """The record announcing an expert of ``ExpertConfig`` cfg. A non-finite ``final_loss`` (no step
+    done yet, or a diverged run) is announced as None: readers reject non-finite losses."""
+    if final_loss is not None:
+        final_loss = float(final_loss)
+        if not math.isfinite(final_loss):
+            final_loss = None
     return ExpertRecord(
         version=RECORD_VERSION, expert_id=cfg.expert_id, cluster=cfg.cluster, num_clusters=cfg.num_clusters or 1,
         partition_hash=cfg.partition_hash or "", objective=cfg.objective, schedule=schedule_name(cfg),
         image_shape=[cfg.net.channels, cfg.net.size, cfg.net.size], num_classes=cfg.net.num_classes,
         checkpoint_sha256=sha256, software=__version__, protocol=PROTOCOL_VERSION, state=state,
         progress=float(progress), throughput=float(throughput), load=float(load), max_batch=int(max_batch),
-        peer_id=peer_id, addrs=list(addrs), updated=float(get_dht_time()))
+        peer_id=peer_id, addrs=list(addrs), updated=float(get_dht_time()),
+        train_steps=int(train_steps) if train_steps is not None else None, final_loss=final_loss)
 
 
 class Peer:
@@ -266,6 +282,8 @@ class Peer:
         self.stop_event = asyncio.Event()
         self.state = "joining"
         self.progress = 0.0
+        self.train_step: int | None = None  # current training step while training
+        self.train_loss: float | None = None  # latest step's loss while training
         self.training_cfg = None  # ExpertConfig while training
         self.maddrs: list[str] = []
         self._heartbeat: asyncio.Task | None = None
@@ -300,10 +318,12 @@ class Peer:
         for s in self.served.values():
             out.append(make_expert_record(s.expert.config, state=self.state, sha256=s.expert.weights_sha256,
                                           peer_id=self.peer_id, addrs=addrs, throughput=s.batcher.throughput,
-                                          load=s.batcher.pending_rows, max_batch=s.batcher.policy.max_rows))
+                                          load=s.batcher.pending_rows, max_batch=s.batcher.policy.max_rows,
+                                          **summary_fields(s.expert.summary)))
         if self.training_cfg is not None and not self.served:
             out.append(make_expert_record(self.training_cfg, state=self.state, sha256="", peer_id=self.peer_id,
-                                          addrs=addrs, progress=self.progress, max_batch=self.cfg.max_batch))
+                                          addrs=addrs, progress=self.progress, max_batch=self.cfg.max_batch,
+                                          train_steps=self.train_step, final_loss=self.train_loss))
         return out
 
     def swarm_record(self) -> SwarmRecord | None:
@@ -372,6 +392,7 @@ class Peer:
 
         def on_step(step: int, loss: float) -> None:
             self.progress = step / max(1, spec.steps)
+            self.train_step, self.train_loss = step, loss
             if self.stop_event.is_set():
                 raise Stopped
 
@@ -412,6 +433,7 @@ class Peer:
         self.state = "online"
         self.training_cfg = None
         self.progress = 1.0
+        self.train_step = self.train_loss = None  # the served checkpoint's summary is announced instead
         # the ~350k objects of torch/diffusers/hivemind live as long as the peer: keep them out of the
         # cyclic GC, whose full passes over them (~0.2 s) would stall a request now and then
         gc.collect()
