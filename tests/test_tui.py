@@ -1,18 +1,26 @@
 """The terminal dashboard: pure view-model functions, and the app driven by Textual's pilot on fake data."""
 
 import asyncio
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from textual.widgets import Select, TabbedContent
 
 from diffswarm.tui.app import make_app
 from diffswarm.tui.model import (
+    COLUMNS,
+    HISTORY_COLUMNS,
     UPPER_HALF,
     GenRequest,
     HistoryEntry,
     LatencyHistory,
     detail_text,
+    event_line,
+    fit_grid,
+    fit_images,
     halfblock,
     labels_for,
     parse_request,
@@ -37,21 +45,25 @@ from diffswarm.tui.widgets import (
 
 def test_rows_from_records():
     recs = demo_records(now=100.0) + [FakeRecord("12D3KooWpeerAAAA0001", "c0-ddpm", 0, "ddpm", load=9, updated=50.0)]
-    rows = swarm_rows(recs, {"12D3KooWpeerAAAA0001": 0.0123}, now=100.0)
+    rows = swarm_rows(recs, {"12D3KooWpeerAAAA0001": 0.0123}, now=100.0,
+                      health={"12D3KooWpeerAAAA0001": "ok", "12D3KooWpeerBBBB0002": "banned 7s"})
     assert [r.expert_id for r in rows] == ["c0-ddpm", "c1-fm", "c1-fm", "c2-ddpm"]
     a = rows[0]
     assert (a.objective, a.peer, a.state, a.load, a.age_s, a.replicas) == ("DDPM", "AAAA0001", "online", 2.0, 1.0, 1)
     assert a.latency_ms == pytest.approx(12.3)
-    assert a.cells()[7] == "12" and rows[1].cells()[7] == "-"
+    col = dict(zip(COLUMNS, range(len(COLUMNS))))
+    assert a.cells()[col["latency ms"]] == "12" and rows[1].cells()[col["latency ms"]] == "-"
+    assert a.cells()[col["health"]] == "ok" and rows[1].cells()[col["health"]] == "banned 7s"
+    assert rows[2].cells()[col["health"]] == "-"  # no verdict from the client yet
     assert rows[1].objective == "FM" and rows[1].replicas == 2
-    assert rows[3].state == "joining" and rows[3].replicas == 0
+    assert rows[3].state == "joining" and rows[3].replicas == 0 and rows[3].cells()[col["state"]] == "joining 40%"
 
 
 def test_vanished_peers_stay_as_offline():
     first = swarm_rows(demo_records(100.0), {}, 100.0)
     second = swarm_rows(demo_records(110.0)[1:], {}, 110.0, previous=first)
     gone = [r for r in second if r.expert_id == "c0-ddpm"]
-    assert len(second) == 4 and gone[0].state == "offline" and gone[0].replicas == 0
+    assert len(second) == 4 and gone[0].state == "offline" and gone[0].replicas == 0 and gone[0].health == "-"
     s = summarize(second, 3)
     assert (s.peers_online, s.covered, s.uncovered) == (2, 1, (0, 2))
     assert "uncovered clusters: 0, 2" in s.line()
@@ -81,19 +93,49 @@ def test_tile_pads_with_black():
 
 
 def test_routing_strip():
-    info = SimpleNamespace(step=2, num_steps=10, t=0.8, expert_ids=["c0", "c1", "c2"],
-                           weights=torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]]), chosen=["c0", "c1"])
+    info = SimpleNamespace(step=2, num_steps=10, t=0.8, expert_ids=["c0", "c1", "c2", "c3"],
+                           weights=torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.46, 0.04, 0.0]]),
+                           chosen=["c0", "c1", "c2"])
     text = routing_strip(info)
-    assert text.plain.startswith("  3/10 t=0.80")
-    assert "c0 \u25860.75" in text.plain and "c1 \u25820.25" in text.plain and "c2  0.00" in text.plain
+    # one bar column per expert (c2's 0.02 still shows as the lowest bar: it was called), then the called ones by weight
+    assert text.plain == "  3/10 t=0.80 \u2586\u2582\u2581   c0 .75  c1 .23  c2 .02"
+    green = [text.plain[s.start:s.end] for s in text.spans if "green" in str(s.style)]
+    assert green[:3] == ["\u2586", "\u2582", "\u2581"] and "c0 " in green[3] and "\u2581" in green  # c3: grey
+    one = routing_strip(SimpleNamespace(step=0, num_steps=1, t=1.0, expert_ids=["a"], weights=torch.ones(2, 1),
+                                        chosen=["a"]))
+    assert one.plain.endswith("a 1.0")
+
+
+def test_event_lines_are_marked_by_kind():
+    assert event_line("c1-fm online at 12D3KooWabcd").plain.startswith("  + ")
+    assert event_line("c1-fm at 12D3KooWabcd left").plain.startswith("  - ")
+    failover = event_line("t=0.500: c1-fm at 12D3KooWabcd failed (timeout); banned 1s; retrying")
+    assert failover.plain.startswith("  ! ") and "red" in str(failover.style)
+
+
+def test_fit_grid_uses_the_panel():
+    assert fit_grid(8, 28, 28, 200, 60) == (4, 49, 49)  # room to spare: two rows of four, scaled up to fill it
+    nrow, h, w = fit_grid(8, 28, 28, 58, 20)  # a 58 x 40-pixel panel: scaled down until 8 fit
+    assert (h, w) == (13, 13) and nrow * (w + 1) - 1 <= 58 and -(-8 // nrow) * (h + 1) - 1 <= 40
+    assert fit_grid(1, 8, 8, 100, 30) == (1, 24, 24)  # small digits are scaled up, at most 3x
+    assert fit_grid(8, 8, 8, 58, 22) == (3, 14, 14)  # ... by any factor that fills the panel
+    assert fit_grid(64, 28, 28, 20, 5)[1:] == (7, 7)  # never below a quarter: the view scrolls instead
+    lines = fit_images(torch.zeros(8, 1, 28, 28), 58, 20)
+    assert len(lines) == 14 and len(lines[0].plain) == 4 * 14 - 1
+    assert len(fit_images(torch.zeros(2, 3, 8, 8), 100, 30)) == 12  # 2 x 24 px high, upscaled 3x
 
 
 def test_parse_request():
     req = parse_request("1, 3", "4", "10", "2", "1.5", "7", num_classes=4)
-    assert req.classes == (1, 3) and req.guidance == 1.5
+    assert req.classes == (1, 3) and req.guidance == 1.5 and (req.strategy, req.sampler) == ("top-k", "euler")
     assert labels_for(req).tolist() == [1, 3, 1, 3]
     assert labels_for(parse_request("", "2", "1", "1", "1", "0")).tolist() == [-1, -1]
-    for bad in [("x", "1", "1", "1", "1", "0"), ("", "0", "1", "1", "1", "0"), ("9", "1", "1", "1", "1", "0")]:
+    req = parse_request("", "2", "1", "3", "1", "0", strategy="sample-k", sampler="heun")
+    assert (req.strategy, req.sampler, req.routing_label) == ("sample-k", "heun", "sample-3")
+    assert parse_request("", "2", "1", "3", "1", "0", strategy="full").routing_label == "full"
+    for bad in [("x", "1", "1", "1", "1", "0"), ("", "0", "1", "1", "1", "0"), ("9", "1", "1", "1", "1", "0"),
+                ("", "1", "1", "1", "1", "0", "best-k"), ("", "1", "1", "1", "1", "0", "top-k", "ddim"),
+                ("", "100000", "1", "1", "1", "0")]:
         with pytest.raises(ValueError):
             parse_request(*bad, num_classes=4)
 
@@ -115,12 +157,13 @@ def test_detail_text_shows_every_field_and_training():
     assert "steps 1200, final loss 0.0312" in text and "offline (last announced online)" in text
     assert "last 30.0 ms, min 10.0, max 30.0" in text
     assert "training" in detail_text(demo_records()[1]).plain and "not announced" in detail_text(demo_records()[1]).plain
+    assert "step 480 (40%), loss 0.0581" in detail_text(demo_records()[3]).plain  # a joining peer's progress
     assert "select a row" in detail_text(None).plain
 
 
 def test_history_entry_cells():
     e = HistoryEntry(2, GenRequest((), 4, 10, 2, 1.5, 7), 1.234, "/tmp/x.png")
-    assert e.cells() == ("2", "all", "4", "10", "2", "1.5", "7", "1.23", "/tmp/x.png")
+    assert e.cells() == ("2", "all", "4", "10", "top-2", "euler", "1.5", "7", "1.23", "/tmp/x.png")
 
 
 # -- app (pilot) ------------------------------------------------------------------------------
@@ -165,11 +208,20 @@ def test_app_generates_images_and_png(tmp_path):
             await pilot.press("g")
             await wait_for(pilot, lambda: app.last_png is not None)
             view = app.query_one(ImageView)
-            assert len(view.lines) == 4 and UPPER_HALF in view.lines[0].plain  # 8 px high -> 4 lines
+            w, h = view.content_size
+            nrow, hh, ww = fit_grid(3, 8, 8, w, h - 2)
+            assert hh > 8 and len(view.lines) == (-(-3 // nrow) * (hh + 1)) // 2  # 8x8 samples scaled up to the panel
+            assert UPPER_HALF in view.lines[0].plain and len(view.lines[0].plain) <= w
             assert view.path == str(app.last_png) and app.last_png.exists() and app.last_png.parent == tmp_path
-            assert len(app.query_one(RoutingLog).lines) == 5  # one routing strip per step
+            log = app.query_one(RoutingLog)
+            assert len(log.lines) == 6 and "experts: 0=c0" in log.lines[0].text  # a legend, one strip per step
+            assert str(app.query_one("#gen-status").content).startswith("done in")
+            area = len(view.lines) * len(view.lines[0].plain)
+            await pilot.resize_terminal(200, 60)  # a bigger panel: the same samples are laid out again, larger
+            await wait_for(pilot, lambda: view.content_size.width > w)
+            assert len(view.lines) * len(view.lines[0].plain) > area
             await pilot.click("#gen-button")
-            await pilot.pause(0.1)
+            await wait_for(pilot, lambda: len(app.history) == 2)
 
     asyncio.run(go())
 
@@ -225,7 +277,7 @@ def test_keys_fire_while_a_field_is_focused_and_enter_generates(tmp_path):
             assert [e.request.seed for e in app.history] == [0, 5, 5] and app.history[-1].wall_s > 0
             assert len({e.path for e in app.history}) == 3  # one PNG per generation, even within a second
             table = app.query_one(HistoryTable)
-            assert table.row_count == 3 and table.get_row_at(1)[6] == "5" and table.get_row_at(2)[1] == "all"
+            assert table.row_count == 3 and table.get_row_at(1)[HISTORY_COLUMNS.index("seed")] == "5" and table.get_row_at(2)[1] == "all"
             await pilot.press("q")
         assert app.return_code == 0
 
@@ -279,11 +331,98 @@ def test_help_screen_opens_and_closes(tmp_path):
     asyncio.run(go())
 
 
+def test_cancel_and_one_generation_at_a_time(tmp_path):
+    async def go():
+        app = fake_app(tmp_path, step_delay=0.05)
+        async with app.run_test(size=(120, 40)) as pilot:
+            app.query_one("#gen-steps").value = "400"
+            await pilot.press("g")
+            bar = app.query_one("#gen-progress")
+            await wait_for(pilot, lambda: (bar.progress or 0) >= 3)
+            assert app.generating is not None and "x cancels" in str(app.query_one("#gen-status").content)
+            await pilot.press("g")  # a second request while one runs is refused, not queued or interleaved
+            await wait_for(pilot, lambda: any("is running" in n.message for n in app._notifications))
+            await pilot.press("x")
+            await wait_for(pilot, lambda: app.generating is None)
+            assert str(app.query_one("#gen-status").content) == "cancelled" and bar.progress < 400
+            assert app.history == () and app.last_png is None and list(tmp_path.iterdir()) == []
+            await pilot.press("x")  # nothing to cancel: a notice, no error
+            await wait_for(pilot, lambda: any("no generation" in n.message for n in app._notifications))
+            app.query_one("#gen-steps").value = "4"
+            await pilot.press("g")  # the dashboard generates again after a cancel
+            await wait_for(pilot, lambda: len(app.history) == 1)
+
+    asyncio.run(go())
+
+
+def test_quit_during_a_generation_stops_it(tmp_path):
+    async def go():
+        app = fake_app(tmp_path, step_delay=0.05)
+        async with app.run_test(size=(120, 40)) as pilot:
+            app.query_one("#gen-steps").value = "900"  # 45 s if it were not stopped
+            await pilot.press("g")
+            await wait_for(pilot, lambda: (app.query_one("#gen-progress").progress or 0) >= 2)
+            t0 = time.monotonic()
+            await pilot.press("q")
+        return app, time.monotonic() - t0
+
+    app, quit_s = asyncio.run(go())
+    assert app._gen_idle.is_set() and quit_s < 5  # the generation thread ended at its next step
+    assert app.history == ()
+
+
+def test_routing_strategy_and_sampler_choices(tmp_path):
+    async def go():
+        app = fake_app(tmp_path)
+        async with app.run_test(size=(120, 40)) as pilot:
+            app.query_one("#gen-steps").value = "3"
+            app.query_one("#gen-strategy", Select).value = "full"
+            app.query_one("#gen-sampler", Select).value = "heun"
+            await pilot.press("g")
+            await wait_for(pilot, lambda: len(app.history) == 1)
+            req = app.history[0].request
+            assert (req.strategy, req.sampler) == ("full", "heun")
+            strips = [line.text for line in app.query_one(RoutingLog).lines[1:]]
+            assert len(strips) == 3 and all("c0 " in s and "c1 " in s and "c2 " in s for s in strips)  # all called
+            assert app.query_one(HistoryTable).get_row_at(0)[HISTORY_COLUMNS.index("routing")] == "full"
+            app.query_one("#gen-strategy", Select).value = "top-k"
+            app.query_one("#gen-k").value = "1"
+            app.query_one("#gen-n").value = "1"
+            await pilot.press("g")
+            await wait_for(pilot, lambda: len(app.history) == 2)
+            strips = [line.text for line in app.query_one(RoutingLog).lines[1:]]
+            assert len(strips) == 3 and all(s.count(" c") == 1 for s in strips)  # top-1, one sample: one expert a step
+
+    asyncio.run(go())
+
+
+def test_health_column_and_enter_opens_the_expert_tab(tmp_path):
+    async def go():
+        app = fake_app(tmp_path, health={"12D3KooWpeerBBBB0002": "banned 12s", "12D3KooWpeerAAAA0001": "ok"})
+        async with app.run_test(size=(120, 40)) as pilot:
+            table = app.query_one(SwarmTable)
+            await wait_for(pilot, lambda: table.row_count == 4)
+            health = COLUMNS.index("health")
+            assert [str(table.get_row_at(i)[health]) for i in range(4)] == ["ok", "banned 12s", "-", "-"]
+            app.source.health = {}  # the ban ran out: the cell is updated in place on the next poll
+            await wait_for(pilot, lambda: str(table.get_row_at(1)[health]) == "-")
+            tabs = app.query_one(TabbedContent)
+            assert tabs.active == "tab-routing"
+            table.focus()
+            await pilot.press("down", "down", "down", "enter")
+            await wait_for(pilot, lambda: tabs.active == "tab-expert")
+            assert "step 480 (40%)" in str(app.query_one("#detail-fields").content)
+
+    asyncio.run(go())
+
+
 # -- a real loopback swarm --------------------------------------------------------------------
 
 
 @pytest.mark.slow
 def test_dashboard_on_a_loopback_swarm(tmp_path):
+    """Two peers and a bootstrap on 127.0.0.1: the table fills, a generation's images appear, a killed
+    (SIGKILL, no goodbye) peer's row turns offline once its record expires, and generation goes on."""
     from diffswarm.client.client import ClientConfig
     from diffswarm.dht.node import NetworkConfig
     from diffswarm.peer.launch import local_swarm
@@ -295,16 +434,37 @@ def test_dashboard_on_a_loopback_swarm(tmp_path):
         cfg = ClientConfig(swarm=sw.swarm, net=NetworkConfig.loopback(client_mode=True), connect_timeout=30.0,
                            cache_dir=str(tmp_path / "cache"))
         app = make_app(initial_peers=sw.initial_peers, out_dir=tmp_path / "png", config=cfg, poll_seconds=0.5)
+        victim = sw.info("peer1")["peer_id"]
 
         async def go():
             async with app.run_test(size=(120, 40)) as pilot:
                 await wait_for(pilot, lambda: sum(r.state == "online" for r in app.rows) == 2, timeout=45)
                 assert "experts covered: 2/2" in app.query_one(SummaryBar).text
+                await wait_for(pilot, lambda: all(r.health == "ok" for r in app.rows), timeout=20)  # probed
                 app.query_one("#gen-steps").value = "3"
                 app.query_one("#gen-n").value = "2"
                 await pilot.press("g")
                 await wait_for(pilot, lambda: app.last_png is not None, timeout=30)
-                assert app.last_png.exists()
+                assert app.last_png.exists() and app.query_one(ImageView).lines
+                both = {r.expert_id for r in app.rows}
+                assert all(any(e in line.text for e in both) for line in app.query_one(RoutingLog).lines[1:])
+
+                sw.kill("peer1")
+                table = app.query_one(SwarmTable)
+                dead = lambda: next(r for r in app.rows if r.key.startswith(victim))
+                await wait_for(pilot, lambda: dead().state == "offline", timeout=30)
+                assert table.row_count == 2  # marked, not dropped
+                state = COLUMNS.index("state")
+                assert str(table.get_row(dead().key)[state]) == "offline"
+                assert "experts covered: 1/2" in app.query_one(SummaryBar).text
+                assert f"uncovered clusters: {dead().cluster}" in app.query_one(SummaryBar).text
+
+                first = app.last_png
+                await pilot.press("g")  # the surviving expert still serves; the strips show only it
+                await wait_for(pilot, lambda: app.last_png != first and app.generating is None, timeout=30)
+                alive = next(r.expert_id for r in app.rows if r.state == "online")
+                strips = [line.text for line in app.query_one(RoutingLog).lines if "t=" in line.text[:14]]
+                assert len(strips) == 3 and all(f"  {alive} 1.0" in s for s in strips)
 
         asyncio.run(go())
 
@@ -312,11 +472,68 @@ def test_dashboard_on_a_loopback_swarm(tmp_path):
 # -- snapshot ---------------------------------------------------------------------------------
 
 
+def snapshot_app(tmp_path):
+    """The fake dashboard with everything that varies between runs pinned: PNG names and wall times."""
+    app = fake_app(tmp_path, health={"12D3KooWpeerAAAA0001": "ok", "12D3KooWpeerBBBB0002": "banned 12s",
+                                     "12D3KooWpeerCCCC0003": "ok"})
+    ticks = iter(range(1000))
+    app.clock = lambda: 1.5 * next(ticks)
+    app.png_path = lambda req: Path("runs/dashboard") / f"snapshot-{len(app.history) + 1}.png"
+    return app
+
+
 def test_dashboard_snapshot(snap_compare, tmp_path):
-    app = fake_app(tmp_path)
+    app = snapshot_app(tmp_path)
 
     async def loaded(pilot):
         await wait_for(pilot, lambda: app.query_one(SwarmTable).row_count == 4)
         await pilot.pause()
 
-    assert snap_compare(app, terminal_size=(120, 36), run_before=loaded)
+    assert snap_compare(app, terminal_size=(120, 40), run_before=loaded)
+
+
+def test_dashboard_after_generation_snapshot(snap_compare, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the pinned PNG path is relative
+    app = snapshot_app(tmp_path)
+
+    async def generated(pilot):
+        await wait_for(pilot, lambda: app.query_one(SwarmTable).row_count == 4)
+        app.query_one("#gen-steps").value = "12"
+        app.query_one("#gen-classes").value = "1 2"
+        await pilot.press("g")
+        await wait_for(pilot, lambda: app.last_png is not None)
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=(120, 40), run_before=generated)
+
+
+def test_expert_tab_snapshot(snap_compare, tmp_path):
+    app = snapshot_app(tmp_path)
+
+    async def selected(pilot):
+        await wait_for(pilot, lambda: app.query_one(SwarmTable).row_count == 4)
+        app.query_one(SwarmTable).focus()
+        await pilot.press("enter")  # the first row: c0-ddpm, with its training summary and latency sparkline
+        await wait_for(pilot, lambda: len(app.query_one(ExpertDetail).latency) >= 3)
+        app.source.latency = {}  # later polls add no samples
+        await pilot.pause(0.5)
+        app.latency_history = LatencyHistory(60)  # the sparkline from fixed samples, not from how many polls ran
+        app.latency_history.add({"12D3KooWpeerAAAA0001": 0.02})
+        for ms in (0.018, 0.025, 0.031, 0.022, 0.019, 0.040, 0.021):
+            app.latency_history.add({"12D3KooWpeerAAAA0001": ms})
+        app.show_detail()
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=(120, 40), run_before=selected)
+
+
+def test_help_screen_snapshot(snap_compare, tmp_path):
+    app = snapshot_app(tmp_path)
+
+    async def helped(pilot):
+        await wait_for(pilot, lambda: app.query_one(SwarmTable).row_count == 4)
+        await pilot.press("question_mark")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=(120, 40), run_before=helped)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -9,20 +10,22 @@ from typing import ClassVar
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.containers import Horizontal
-from textual.widgets import DataTable, Footer, Header, ProgressBar, TabbedContent, TabPane
+from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, TabbedContent, TabPane
+from textual.worker import get_current_worker
 
 from .model import (
     ExpertRow,
     GenRequest,
     HistoryEntry,
     LatencyHistory,
-    halfblock,
+    event_line,
     latest_records,
+    routing_header,
     routing_strip,
     summarize,
     swarm_rows,
-    tile,
 )
 from .source import Snapshot
 from .widgets import (
@@ -44,6 +47,7 @@ class DashboardApp(App):
     # while a field is focused and never type into it
     BINDINGS: ClassVar = [Binding("q", "quit", "Quit", priority=True),
                           Binding("g", "generate", "Generate", priority=True),
+                          Binding("x", "cancel", "Cancel", priority=True),
                           Binding("r", "refresh", "Refresh", priority=True),
                           Binding("question_mark", "help", "Help", priority=True)]
 
@@ -58,6 +62,10 @@ class DashboardApp(App):
         self.selected_key: str | None = None
         self.history: tuple[HistoryEntry, ...] = ()
         self._last_error = ""
+        self.clock = time.perf_counter  # wall time of generations (tests make it deterministic)
+        self.generating: GenRequest | None = None  # the request being generated
+        self._gen_idle = threading.Event()  # set while no generation thread runs (quit waits for it)
+        self._gen_idle.set()
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -69,18 +77,19 @@ class DashboardApp(App):
         with Horizontal(id="output"):
             with TabbedContent(id="tabs"):
                 with TabPane("routing", id="tab-routing"):
-                    yield RoutingLog(markup=False, wrap=False, max_lines=500)
+                    yield RoutingLog(markup=False, wrap=False, max_lines=2000)
+                with TabPane("expert", id="tab-expert"):
+                    yield ExpertDetail()
                 with TabPane("history", id="tab-history"):
                     yield HistoryTable()
-            detail = ExpertDetail()
-            detail.border_title = "expert"
-            yield detail
-            yield ImageView()
+            images = ImageView()
+            images.border_title = "images"
+            yield images
         yield Footer()
 
-    def _q(self, selector):
+    def _q(self, selector, expect_type=None):
         """A dashboard widget, also while the help screen is on top (``query_one`` searches the top screen)."""
-        return self.screen_stack[0].query_one(selector)
+        return self.screen_stack[0].query_one(selector, expect_type)
 
     def on_mount(self) -> None:
         self._q(SwarmTable).focus()
@@ -88,6 +97,9 @@ class DashboardApp(App):
         self.set_interval(self.poll_seconds, self.action_refresh)
 
     def on_unmount(self) -> None:
+        # quit during a generation: the worker was cancelled and stops at its next step; wait for it
+        # (bounded) so the source is not closed under a running RPC
+        self._gen_idle.wait(timeout=15)
         self.source.close()
 
     # -- polling -------------------------------------------------------------------------------
@@ -100,14 +112,14 @@ class DashboardApp(App):
         try:
             snap = self.source.snapshot()
         except Exception as e:  # noqa: BLE001 - unreachable bootstrap, no router...: show it, keep polling
-            self.call_from_thread(self.show_error, f"swarm: {e}")
+            self._ui(self.show_error, f"swarm: {e}")
             return
-        self.call_from_thread(self.show_snapshot, snap)
+        self._ui(self.show_snapshot, snap)
 
     def show_snapshot(self, snap: Snapshot) -> None:
         self._last_error = ""
         self.snapshot = snap
-        self.rows = tuple(swarm_rows(snap.records, snap.latency, snap.now, self.rows))
+        self.rows = tuple(swarm_rows(snap.records, snap.latency, snap.now, self.rows, snap.health))
         self.records = latest_records(snap.records, self.records)
         self.latency_history.add(snap.latency)
         self._q(SwarmTable).expert_rows = self.rows
@@ -127,6 +139,10 @@ class DashboardApp(App):
         if isinstance(event.data_table, SwarmTable) and event.row_key.value is not None:
             self.selected_key = event.row_key.value
             self.show_detail()
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        if isinstance(event.data_table, SwarmTable):  # enter / click on a row: show its expert tab
+            self._q(TabbedContent).active = "tab-expert"
 
     def show_detail(self) -> None:
         key = self.selected_key
@@ -153,49 +169,113 @@ class DashboardApp(App):
     # -- generation ----------------------------------------------------------------------------
 
     def action_generate(self) -> None:
+        if self.generating is not None:
+            self.notify("a generation is running: x cancels it", severity="warning")
+            return
         self._q(GeneratePanel).submit()
+
+    def action_cancel(self) -> None:
+        if self.generating is None:
+            self.notify("no generation is running")
+            return
+        self.workers.cancel_group(self, "generate")
+        self._q("#gen-status", Label).update("cancelling...")
 
     def on_generate_panel_invalid(self, msg: GeneratePanel.Invalid) -> None:
         self.notify(msg.error, severity="error")
 
     def on_generate_panel_requested(self, msg: GeneratePanel.Requested) -> None:
+        if self.generating is not None:
+            self.notify("a generation is running: x cancels it", severity="warning")
+            return
+        self.generating = msg.request
+        self._gen_idle.clear()
         self._q(RoutingLog).clear()
+        self._q(TabbedContent).active = "tab-routing"
         self._q(ProgressBar).update(total=msg.request.steps, progress=0)
+        self._q("#gen-status", Label).update(f"generating {msg.request.n} image(s)...  x cancels")
         self.generate(msg.request)
+
+    def png_path(self, req: GenRequest) -> Path:
+        """Where a finished generation's grid goes (one new file per generation)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return self.out_dir / f"dashboard-{stamp}-{len(self.history) + 1:03d}-s{req.seed}.png"
+
+    def _ui(self, fn, *args, **kwargs) -> None:
+        """``call_from_thread`` for workers, quiet once the app is shutting down (quit while a poll or a
+        generation step is in flight): its widgets may already be gone then."""
+        def guarded() -> None:
+            try:
+                fn(*args, **kwargs)
+            except NoMatches:
+                if not self._stopping:
+                    raise
+
+        if self._stopping or not self.is_running:
+            return
+        try:
+            self.call_from_thread(guarded)
+        except RuntimeError:
+            if not self._stopping and self.is_running:  # a real error, not the app stopping meanwhile
+                raise
+
+    @property
+    def _stopping(self) -> bool:
+        return bool(self._exit or self._closing or self._closed)
 
     @work(thread=True, exclusive=True, group="generate")
     def generate(self, req: GenRequest) -> None:
         from ..images import save_grid
 
-        def on_step(info) -> None:
-            strip, events = routing_strip(info), list(info.events)
-            self.call_from_thread(self.show_step, info.step + 1, info.num_steps, strip, events)
+        worker = get_current_worker()
 
-        t0 = time.perf_counter()
+        class Cancelled(Exception):
+            pass
+
+        def on_step(info) -> None:
+            if worker.is_cancelled:
+                raise Cancelled
+            header = routing_header(info.expert_ids) if info.step == 0 else None
+            self._ui(self.show_step, info.step + 1, info.num_steps, routing_strip(info),
+                     [event_line(e) for e in info.events], header)
+
+        t0 = self.clock()
         try:
             x = self.source.generate(req, callback=on_step)
-            nrow = min(req.n, 8)
-            path = save_grid(x, self.out_dir / f"dashboard-{time.strftime('%Y%m%d-%H%M%S')}-{len(self.history) + 1:03d}-s{req.seed}.png", nrow)
-            lines = tuple(halfblock(tile(x, nrow)))
-        except Exception as e:  # noqa: BLE001 - the UI reports any failure instead of crashing
-            self.call_from_thread(self.notify, f"generation failed: {e}", severity="error", timeout=10)
+            path = save_grid(x, self.png_path(req), min(req.n, 8))
+        except Cancelled:
+            self._ui(self.end_generation, "cancelled", "warning")
             return
-        self.call_from_thread(self.show_images, lines, path, req, time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - the UI reports any failure instead of crashing
+            self._ui(self.end_generation, f"generation failed: {e}", "error")
+            return
+        finally:
+            self._gen_idle.set()
+        self._ui(self.show_images, x, path, req, self.clock() - t0)
 
-    def show_step(self, done: int, total: int, strip, events: list[str]) -> None:
+    def end_generation(self, message: str, severity: str | None = None) -> None:
+        """The generation is over: the status line says how, and failures are also notified."""
+        self.generating = None
+        self._q("#gen-status", Label).update(message)
+        if severity is not None:
+            self.notify(message, severity=severity, timeout=10)
+
+    def show_step(self, done: int, total: int, strip, events: list, header=None) -> None:
         self._q(ProgressBar).update(total=total, progress=done)
         log = self._q(RoutingLog)
+        if header is not None:
+            log.write(header)
         log.write(strip)
         for e in events:
-            log.write(f"  ! {e}")
+            log.write(e)
 
-    def show_images(self, lines: tuple, path: Path, req: GenRequest | None = None, wall_s: float = 0.0) -> None:
+    def show_images(self, x, path: Path, req: GenRequest | None = None, wall_s: float = 0.0) -> None:
         self.last_png = path
         if req is not None:
             self.history += (HistoryEntry(len(self.history) + 1, req, wall_s, str(path)),)
             self._q(HistoryTable).entries = self.history
-        view = self._q(ImageView)
-        view.lines, view.path = lines, str(path)
+        self._q(ImageView).show(x, str(path))
+        self.end_generation(f"done in {wall_s:.1f} s")
         self.notify(f"saved {path}")
 
 

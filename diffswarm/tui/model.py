@@ -31,22 +31,31 @@ class ExpertRow:
     latency_ms: float | None
     age_s: float  # seconds since the peer's last announcement
     replicas: int  # online replicas of this cluster
+    health: str = "-"  # this client's view of the peer: ok | unverified | banned 12s | skipped: why
+    progress: float = 1.0  # training progress of a joining expert
+
+    @property
+    def state_label(self) -> str:
+        return f"{self.state} {self.progress:.0%}" if self.state == "joining" else self.state
 
     def cells(self) -> tuple[str, ...]:
         lat = "-" if self.latency_ms is None else f"{self.latency_ms:.0f}"
         return (self.expert_id, "-" if self.cluster is None else str(self.cluster), self.objective, self.peer,
-                self.state, f"{self.throughput:.0f}", f"{self.load:.0f}", lat, f"{self.age_s:.0f}s",
-                str(self.replicas))
+                self.state_label, self.health, f"{self.throughput:.0f}", f"{self.load:.0f}", lat,
+                f"{self.age_s:.0f}s", str(self.replicas))
 
 
-COLUMNS = ("expert", "cluster", "objective", "peer", "state", "rows/s", "load", "latency ms", "heartbeat",
-           "replicas")
+COLUMNS = ("expert", "cluster", "objective", "peer", "state", "health", "rows/s", "load", "latency ms",
+           "heartbeat", "replicas")
+STATE_COLUMN, HEALTH_COLUMN = COLUMNS.index("state"), COLUMNS.index("health")
 
 
 def swarm_rows(records: Sequence, latency: Mapping[str, float], now: float,
-               previous: Sequence[ExpertRow] = ()) -> list[ExpertRow]:
-    """Rows from expert records (latest per peer/expert), ``latency`` (peer -> seconds) and ``now``
-    (DHT time, seconds). Rows of ``previous`` whose record vanished stay, marked offline."""
+               previous: Sequence[ExpertRow] = (), health: Mapping[str, str] | None = None) -> list[ExpertRow]:
+    """Rows from expert records (latest per peer/expert), ``latency`` (peer -> seconds), ``health``
+    (peer -> this client's verdict) and ``now`` (DHT time, seconds). Rows of ``previous`` whose record
+    vanished stay, marked offline."""
+    health = health or {}
     latest: dict[str, object] = {}
     for r in records:
         key = f"{r.peer_id}/{r.expert_id}"
@@ -61,10 +70,12 @@ def swarm_rows(records: Sequence, latency: Mapping[str, float], now: float,
         lat = latency.get(r.peer_id)
         rows[key] = ExpertRow(key, r.expert_id, r.cluster, r.objective.upper(), r.peer_id[-8:], r.state,
                               float(r.throughput), float(r.load), None if lat is None else lat * 1000.0,
-                              max(0.0, now - r.updated), replicas.get(r.cluster, 0))
+                              max(0.0, now - r.updated), replicas.get(r.cluster, 0),
+                              health.get(r.peer_id, "-"), float(getattr(r, "progress", 1.0)))
     for old in previous:
         if old.key not in rows:
-            rows[old.key] = replace(old, state="offline", load=0.0, replicas=replicas.get(old.cluster, 0))
+            rows[old.key] = replace(old, state="offline", load=0.0, replicas=replicas.get(old.cluster, 0),
+                                    health="-", latency_ms=None)
     return sorted(rows.values(), key=lambda row: (row.cluster if row.cluster is not None else -1, row.key))
 
 
@@ -124,17 +135,79 @@ def halfblock(img: torch.Tensor) -> list[Text]:
     return lines
 
 
+def fit_grid(n: int, h: int, w: int, cols: int, lines: int, max_up: int = 3) -> tuple[int, int, int]:
+    """The largest (height, width) for ``n`` images of h x w pixels, tiled with a 1-pixel gap, that fits
+    ``cols`` terminal columns and ``lines`` half-block lines (2 pixels each); returns (nrow, height, width).
+    Upscales up to ``max_up`` times (small images, big panel), downscales down to a quarter; when even
+    that does not fit it returns the quarter size (the view scrolls)."""
+    px_h, n = 2 * max(1, lines), max(1, n)
+
+    def layout(hh: int, ww: int) -> int | None:
+        most = min(n, (cols + 1) // (ww + 1))  # images per row that fit the width
+        if most < 1:
+            return None
+        rows = -(-n // most)
+        return -(-n // rows) if rows * (hh + 1) - 1 <= px_h else None  # as few per row as that many rows allow
+
+    sizes = [(hh, max(1, round(w * hh / h))) for hh in range(h * max_up, max(1, h // 4) - 1, -1)]
+    for hh, ww in sizes:
+        nrow = layout(hh, ww)
+        if nrow is not None:
+            return nrow, hh, ww
+    hh, ww = sizes[-1]
+    return max(1, min(n, (cols + 1) // (ww + 1))), hh, ww
+
+
+def fit_images(x: torch.Tensor, cols: int, lines: int) -> list[Text]:
+    """(N, C, H, W) samples in [-1, 1] -> half-block lines that fit a ``cols`` x ``lines`` panel."""
+    import torch.nn.functional as F
+
+    n, _, h, w = x.shape
+    nrow, hh, ww = fit_grid(n, h, w, cols, lines)
+    x = x.detach().float().cpu()
+    if hh % h == 0 and ww % w == 0:  # whole-factor upscale (or none): crisp pixels
+        x = x.repeat_interleave(hh // h, dim=2).repeat_interleave(ww // w, dim=3)
+    elif hh > h:
+        x = F.interpolate(x, size=(hh, ww), mode="bilinear", align_corners=False).clamp(-1, 1)
+    else:
+        x = F.interpolate(x, size=(hh, ww), mode="area")
+    return halfblock(tile(x, nrow))
+
+
+def routing_header(expert_ids: Sequence[str]) -> Text:
+    """The line above a generation's strips: which expert each column of the strips' bar stands for."""
+    return Text("experts: " + "  ".join(f"{i}={eid}" for i, eid in enumerate(expert_ids)), style="dim")
+
+
 def routing_strip(info) -> Text:
-    """One line per step from a ``StepInfo``: each expert's mean weight over the batch as a bar."""
+    """One line per step from a ``StepInfo``: a bar with one column per expert (its mean routing weight over
+    the batch, green where the expert was called), then the called experts by weight, e.g.
+    ``  3/20 t=0.80 ▆▂ ▁  c0-ddpm .75  c1-fm .25``. Its width grows by one column per expert, so K=16 fits."""
     share = info.weights.float().mean(0).tolist()
     text = Text(f"{info.step + 1:>3}/{info.num_steps} t={info.t:.2f} ")
+    chosen = set(info.chosen)
     for eid, w in zip(info.expert_ids, share):
-        bar = BARS[min(len(BARS) - 1, round(w * (len(BARS) - 1)))]
-        style = "bold green" if eid in info.chosen else "dim"
-        text.append(f" {eid} ", style=style)
-        text.append(bar, style=style)
-        text.append(f"{w:.2f}", style=style)
+        level = min(len(BARS) - 1, round(w * (len(BARS) - 1)))
+        text.append(BARS[max(level, 1 if w > 0 else 0)],  # a called expert never looks idle
+                    style="green on grey15" if eid in chosen else "grey50 on grey15")
+    called = sorted(((w, eid) for eid, w in zip(info.expert_ids, share) if eid in chosen), key=lambda p: -p[0])
+    for w, eid in called:
+        text.append(f"  {eid} ", style="bold green")
+        text.append(f"{w:.2f}".lstrip("0") if w < 1 else "1.0")
     return text
+
+
+def event_line(event: str) -> Text:
+    """A client event under the step it happened in: ``+`` an expert came online, ``-`` one left,
+    ``!`` a failure (failover, ban, uncovered cluster)."""
+    if " online at " in event or event == "all clusters are covered again":
+        return Text(f"  + {event}", style="green")
+    if event.endswith(" left"):
+        return Text(f"  - {event}", style="yellow")
+    return Text(f"  ! {event}", style="bold red")
+
+
+SAMPLERS = ("euler", "heun")
 
 
 @dataclass(frozen=True)
@@ -145,18 +218,30 @@ class GenRequest:
     k: int
     guidance: float
     seed: int
+    strategy: str = "top-k"  # diffswarm.router.routing.STRATEGIES
+    sampler: str = "euler"  # SAMPLERS
+
+    @property
+    def routing_label(self) -> str:
+        return f"{self.strategy.removesuffix('-k')}-{self.k}" if self.strategy in ("top-k", "sample-k") else self.strategy
 
 
-def parse_request(classes: str, n: str, steps: str, k: str, guidance: str, seed: str,
-                  num_classes: int | None = None) -> GenRequest:
+def parse_request(classes: str, n: str, steps: str, k: str, guidance: str, seed: str, strategy: str = "top-k",
+                  sampler: str = "euler", num_classes: int | None = None) -> GenRequest:
     """The generate panel's fields -> a request; ValueError with a readable message on bad input."""
+    from ..router.routing import STRATEGIES
+
     try:
         cls = tuple(int(c) for c in classes.replace(",", " ").split())
-        req = GenRequest(cls, int(n), int(steps), int(k), float(guidance), int(seed))
+        req = GenRequest(cls, int(n), int(steps), int(k), float(guidance), int(seed), strategy, sampler)
     except ValueError:
         raise ValueError("classes, n, steps, k and seed must be integers, guidance a number") from None
     if req.n < 1 or req.steps < 1 or req.k < 1:
         raise ValueError("n, steps and k must be >= 1")
+    if req.n > 256 or req.steps > 1000:
+        raise ValueError("at most 256 images and 1000 steps per generation")
+    if strategy not in STRATEGIES or sampler not in SAMPLERS:
+        raise ValueError(f"routing must be one of {STRATEGIES}, sampler one of {SAMPLERS}")
     if num_classes is not None and any(not -1 <= c < num_classes for c in cls):
         raise ValueError(f"classes must be in -1..{num_classes - 1}")
     return req
@@ -207,15 +292,15 @@ def record_fields(record) -> dict[str, object]:
 
 
 def training_summary(record) -> str:
-    """'steps N, final loss L' from a ``training`` dict or ``train_steps``/``final_loss`` attributes, if announced."""
-    tr = getattr(record, "training", None) or {}
-    steps = tr.get("steps", getattr(record, "train_steps", None)) if isinstance(tr, Mapping) else None
-    loss = tr.get("final_loss", getattr(record, "final_loss", None)) if isinstance(tr, Mapping) else None
+    """'steps N, final loss L' (online) or 'step N (40%), loss L' (joining) from the record's ``train_steps`` and
+    ``final_loss`` (record version 2); 'not announced' for peers that do not announce them."""
+    steps, loss = getattr(record, "train_steps", None), getattr(record, "final_loss", None)
+    joining = getattr(record, "state", None) == "joining"
     parts = []
     if steps is not None:
-        parts.append(f"steps {steps}")
+        parts.append(f"step {steps} ({float(getattr(record, 'progress', 0)):.0%})" if joining else f"steps {steps}")
     if loss is not None:
-        parts.append(f"final loss {float(loss):.4g}")
+        parts.append(f"{'loss' if joining else 'final loss'} {float(loss):.4g}")
     return ", ".join(parts) if parts else "not announced"
 
 
@@ -226,7 +311,8 @@ def detail_text(record, state: str | None = None, latency_ms: Sequence[float] = 
     d = record_fields(record)
     if state is not None and state != d.get("state"):
         d["state"] = f"{state} (last announced {d.get('state')})"
-    d.pop("training", None)
+    for k in ("train_steps", "final_loss"):  # shown as one 'training' line below
+        d.pop(k, None)
     out = Text()
     width = max(len(k) for k in d) if d else 0
     for k, v in d.items():
@@ -252,7 +338,7 @@ def detail_text(record, state: str | None = None, latency_ms: Sequence[float] = 
 # -- history ----------------------------------------------------------------------------------
 
 
-HISTORY_COLUMNS = ("#", "class", "n", "steps", "k", "guidance", "seed", "wall s", "png")
+HISTORY_COLUMNS = ("#", "class", "n", "steps", "routing", "sampler", "guidance", "seed", "wall s", "png")
 
 
 @dataclass(frozen=True)
@@ -267,5 +353,5 @@ class HistoryEntry:
     def cells(self) -> tuple[str, ...]:
         r = self.request
         cls = " ".join(str(c) for c in r.classes) or "all"
-        return (str(self.index), cls, str(r.n), str(r.steps), str(r.k), f"{r.guidance:g}", str(r.seed),
-                f"{self.wall_s:.2f}", self.path)
+        return (str(self.index), cls, str(r.n), str(r.steps), r.routing_label, r.sampler, f"{r.guidance:g}",
+                str(r.seed), f"{self.wall_s:.2f}", self.path)

@@ -8,6 +8,7 @@ and reports every step through ``callback(StepInfo)``.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +24,26 @@ class Snapshot:
     num_clusters: int = 0
     num_classes: int = 0
     now: float = 0.0  # clock of ``records[*].updated`` (DHT time)
+    health: dict[str, str] = field(default_factory=dict)  # peer -> this client's verdict (ok, banned 12s, ...)
+
+
+def client_health(client, now: float) -> dict[str, str]:
+    """Per peer, what the swarm client makes of it: ``banned Ns`` (failed calls or probe, with the seconds
+    left), ``ok`` (its info probe matched its record), ``skipped`` (announces another partition or
+    protocol), else ``unverified`` (not probed yet)."""
+    out: dict[str, str] = {}
+    skipped = {key.split("/", 1)[0] for key in (client.view.skipped if client.view is not None else {})}
+    for r in client.records:
+        p = r.peer_id
+        if client.bans.is_banned(p, now):
+            out[p] = f"banned {client.bans.until[p] - now:.0f}s"
+        elif client.verified.get(p) == "ok":
+            out[p] = "ok"
+        elif p[:12] in skipped:
+            out[p] = "skipped"
+        elif r.state == "online":
+            out[p] = "unverified"
+    return out
 
 
 class LiveSource:
@@ -46,16 +67,17 @@ class LiveSource:
 
         ens = self._ensemble()
         client = ens.client
-        return Snapshot(list(client.records), dict(client.latency), ens.num_experts, ens.num_classes, get_dht_time())
+        return Snapshot(list(client.records), dict(client.latency), ens.num_experts, ens.num_classes, get_dht_time(),
+                        client_health(client, time.monotonic()))
 
     def generate(self, req: GenRequest, callback: Callable | None = None) -> torch.Tensor:
         from ..router.local import generate
         from ..router.routing import RoutingConfig
 
         ens = self._ensemble()
-        ens.routing = RoutingConfig("top-k", min(req.k, ens.num_experts))
+        ens.routing = RoutingConfig(req.strategy, min(req.k, ens.num_experts))
         ens.gen_seed = req.seed
-        return generate(ens, labels_for(req), ens.image_shape, req.steps, "euler", req.guidance, req.seed,
+        return generate(ens, labels_for(req), ens.image_shape, req.steps, req.sampler, req.guidance, req.seed,
                         self.device, callback=callback)
 
     def close(self) -> None:
@@ -86,7 +108,8 @@ class FakeRecord:
     progress: float = 1.0
     max_batch: int = 64
     addrs: tuple = ()
-    training: dict | None = None  # {"steps": ..., "final_loss": ...} where a peer announces it
+    train_steps: int | None = None  # training summary, where the peer announces it (record version 2)
+    final_loss: float | None = None
 
 
 class _FakeExpert:
@@ -97,18 +120,33 @@ class _FakeExpert:
         return x * self.scale
 
 
+class _FakeRouter:
+    """Routes by the mean pixel of x: expert k prefers means near a k-dependent level (readable strips)."""
+
+    def __init__(self, num_clusters: int):
+        self.cfg = type("Cfg", (), {"num_clusters": num_clusters})()
+
+    def probs(self, x, t, labels):
+        levels = torch.linspace(-0.6, 0.6, self.cfg.num_clusters, dtype=torch.float32)
+        m = x.float().flatten(1).mean(1, keepdim=True) * 4
+        return torch.softmax(-((m - levels) ** 2) / 0.2, dim=1)
+
+
 class FakeSource:
     """Fixed records and a deterministic local ensemble of toy velocity models: no network."""
 
     def __init__(self, records: Sequence, num_clusters: int, latency: dict[str, float] | None = None,
-                 num_classes: int = 4, shape=(1, 8, 8), now: float = 100.0, fail: str | None = None):
+                 num_classes: int = 4, shape=(1, 8, 8), now: float = 100.0, fail: str | None = None,
+                 health: dict[str, str] | None = None, step_delay: float = 0.0):
         self.records, self.num_clusters, self.latency = list(records), num_clusters, dict(latency or {})
         self.num_classes, self.shape, self.now, self.fail = num_classes, tuple(shape), now, fail
+        self.health, self.step_delay = dict(health or {}), step_delay  # step_delay: a slow swarm, seconds per step
 
     def snapshot(self) -> Snapshot:
         if self.fail == "snapshot":
             raise ConnectionError("bootstrap peer unreachable")
-        return Snapshot(list(self.records), dict(self.latency), self.num_clusters, self.num_classes, self.now)
+        return Snapshot(list(self.records), dict(self.latency), self.num_clusters, self.num_classes, self.now,
+                        dict(self.health))
 
     def generate(self, req: GenRequest, callback: Callable | None = None) -> torch.Tensor:
         from ..router.local import generate
@@ -118,9 +156,15 @@ class FakeSource:
         if self.fail == "generate":
             raise RuntimeError("no expert can serve this step")
         experts = [_FakeExpert(f"c{k}", 0.5 + 0.1 * k) for k in range(self.num_clusters)]
-        ens = RoutedEnsemble(experts, None, RoutingConfig("top-k", min(req.k, self.num_clusters)), seed=req.seed)
-        return generate(ens, labels_for(req), self.shape, req.steps, "euler", req.guidance, req.seed,
-                        callback=callback).clamp(-1, 1)
+        ens = RoutedEnsemble(experts, _FakeRouter(self.num_clusters), RoutingConfig(req.strategy, min(req.k, self.num_clusters)), seed=req.seed)
+
+        def slow_callback(info) -> None:
+            time.sleep(self.step_delay)
+            if callback is not None:
+                callback(info)
+
+        return generate(ens, labels_for(req), self.shape, req.steps, req.sampler, req.guidance, req.seed,
+                        callback=slow_callback if self.step_delay else callback).clamp(-1, 1)
 
     def close(self) -> None:
         pass
@@ -131,8 +175,8 @@ def demo_records(now: float = 100.0) -> list[FakeRecord]:
     return [FakeRecord("12D3KooWpeerAAAA0001", "c0-ddpm", 0, "ddpm", throughput=850, load=2, updated=now - 1,
                        schedule="vp-cosine-1000", checkpoint_sha256="9f2c" + "0" * 56 + "a1b2",
                        addrs=("/ip4/127.0.0.1/tcp/40001/p2p/12D3KooWpeerAAAA0001",),
-                       training={"steps": 1200, "final_loss": 0.0312}),
+                       train_steps=1200, final_loss=0.0312),
             FakeRecord("12D3KooWpeerBBBB0002", "c1-fm", 1, "fm", throughput=900, load=0, updated=now - 3),
             FakeRecord("12D3KooWpeerCCCC0003", "c1-fm", 1, "fm", throughput=700, load=5, updated=now - 2),
-            FakeRecord("12D3KooWpeerDDDD0004", "c2-ddpm", 2, "ddpm", state="joining", throughput=0,
-                       updated=now - 4)]
+            FakeRecord("12D3KooWpeerDDDD0004", "c2-ddpm", 2, "ddpm", state="joining", throughput=0, progress=0.4,
+                       updated=now - 4, train_steps=480, final_loss=0.0581)]

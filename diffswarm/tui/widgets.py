@@ -10,9 +10,23 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.reactive import reactive
 from textual.screen import ModalScreen
-from textual.widgets import Button, DataTable, Input, Label, ProgressBar, RichLog, Sparkline, Static
+from textual.widgets import Button, DataTable, Input, Label, ProgressBar, RichLog, Select, Sparkline, Static
 
-from .model import COLUMNS, HISTORY_COLUMNS, ExpertRow, GenRequest, HistoryEntry, detail_text, parse_request
+from .model import (
+    COLUMNS,
+    HEALTH_COLUMN,
+    HISTORY_COLUMNS,
+    SAMPLERS,
+    STATE_COLUMN,
+    ExpertRow,
+    GenRequest,
+    HistoryEntry,
+    detail_text,
+    fit_images,
+    parse_request,
+)
+
+STATE_STYLES = {"online": "green", "joining": "yellow", "offline": "red dim"}
 
 
 class SwarmTable(DataTable):
@@ -25,13 +39,26 @@ class SwarmTable(DataTable):
         self.zebra_stripes = True
         self.add_columns(*COLUMNS)
 
+    @staticmethod
+    def styled_cells(r: ExpertRow) -> list:
+        cells: list = list(r.cells())
+        cells[STATE_COLUMN] = Text(cells[STATE_COLUMN], style=STATE_STYLES.get(r.state, ""))
+        health = cells[HEALTH_COLUMN]
+        cells[HEALTH_COLUMN] = Text(health, style="green" if health == "ok" else "dim" if health == "-" else "bold red")
+        return cells
+
     def watch_expert_rows(self, rows: tuple[ExpertRow, ...]) -> None:
+        keys = [r.key for r in rows]
+        if keys == [k.value for k in self.rows]:  # same rows in the same order: update cells in place (no flicker)
+            for r in rows:
+                for col, cell in zip(self.columns, self.styled_cells(r)):
+                    if self.get_cell(r.key, col) != cell:
+                        self.update_cell(r.key, col, cell)
+            return
         cursor = self.cursor_coordinate
         self.clear()
         for r in rows:
-            style = {"online": "green", "joining": "yellow", "offline": "red dim"}.get(r.state, "")
-            cells = [Text(c, style=style) if i == 4 else c for i, c in enumerate(r.cells())]
-            self.add_row(*cells, key=r.key)
+            self.add_row(*self.styled_cells(r), key=r.key)
         if rows:  # keep the user's place across polls
             self.move_cursor(row=min(cursor.row, len(rows) - 1), animate=False)
 
@@ -70,6 +97,7 @@ class GeneratePanel(Vertical):
 
     FIELDS = (("classes", "class", ""), ("n", "n", "8"), ("steps", "steps", "20"), ("k", "k", "2"),
               ("guidance", "guidance", "1.0"), ("seed", "seed", "0"))
+    CHOICES = (("strategy", "routing", ("top-k", "sample-k", "threshold", "full")), ("sampler", "sampler", SAMPLERS))
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="gen-fields"):
@@ -77,11 +105,18 @@ class GeneratePanel(Vertical):
                 with Vertical(classes="field"):
                     yield Label(label)
                     yield NumberInput(value=value, id=f"gen-{name}", placeholder="all" if name == "classes" else "")
+            for name, label, options in self.CHOICES:
+                with Vertical(classes="field choice"):
+                    yield Label(label)
+                    yield Select([(o, o) for o in options], value=options[0], allow_blank=False, id=f"gen-{name}")
             yield Button("Generate", id="gen-button", variant="primary")
-        yield ProgressBar(total=1, id="gen-progress", show_eta=False)  # a total: no indeterminate animation
+        with Horizontal(id="gen-status-row"):
+            yield ProgressBar(total=1, id="gen-progress", show_eta=False)  # a total: no indeterminate animation
+            yield Label("", id="gen-status")
 
     def submit(self) -> None:
         vals = {name: self.query_one(f"#gen-{name}", Input).value for name, _, _ in self.FIELDS}
+        vals.update({name: str(self.query_one(f"#gen-{name}", Select).value) for name, _, _ in self.CHOICES})
         try:
             self.post_message(self.Requested(parse_request(**vals)))
         except ValueError as e:
@@ -101,15 +136,34 @@ class RoutingLog(RichLog):
 
 
 class ImageView(Static):
-    """Finished samples as half-block lines, and where the PNG went."""
+    """Finished samples as half-block pixels, sized to the panel (re-laid out when it resizes), and where
+    the PNG went."""
 
-    lines: reactive[tuple] = reactive(())
-    path: reactive[str] = reactive("")
+    images = None  # (N, C, H, W) in [-1, 1], or None; set with ``show``
+    path = ""
+    _shown = 0  # how many times ``show`` was called: part of the layout cache key
+    _cache: tuple = (None, None)
+
+    def show(self, images, path: str) -> None:
+        self.images, self.path = images, path
+        self._shown += 1
+        self.refresh()
+
+    @property
+    def lines(self) -> list[Text]:
+        if self.images is None:
+            return []
+        w, h = self.content_size
+        key = (self._shown, w, h)
+        if self._cache[0] != key:  # the layout is recomputed when the images or the panel size change
+            self._cache = (key, fit_images(self.images, max(8, w), max(4, h - (2 if self.path else 0))))
+        return self._cache[1]
 
     def render(self) -> Text:
-        if not self.lines:
+        lines = self.lines
+        if not lines:
             return Text("no images yet: press g to generate", style="dim")
-        out = Text("\n").join(self.lines)
+        out = Text("\n").join(lines)
         if self.path:
             out.append(f"\nsaved {self.path}", style="bold")
         return out
@@ -161,23 +215,27 @@ class HistoryTable(DataTable):
 
 
 HELP_TEXT = """\
-[b]keys[/b] (they work while a field is focused; fields take numbers only)
-  q          quit
-  g / Enter  generate with the fields' values (Enter in any field)
+[b]keys[/b] (they work while a field is focused; the number fields take numbers only)
+  q          quit (a running generation is stopped first)
+  g / Enter  generate with the fields' values (Enter in any number field)
+  x          cancel the running generation (it stops after the current step)
   r          poll the swarm now (it is polled every few seconds anyway)
   ?          this help            escape  close it
-  tab        move between the table, the fields and the tabs
+  tab        move between the table, the fields and the tabs; Enter on a table row opens its expert tab
 
 [b]panels[/b]
   summary    peers online, clusters covered by an online expert, uncovered clusters
   swarm      every (peer, expert) the swarm announces; vanished peers stay listed as offline;
+             health = this client's view (ok, banned Ns after failed calls, unverified, skipped);
              heartbeat = seconds since the last announcement, replicas = online experts of the cluster
-  expert     the highlighted row's full record (address, checkpoint sha256, software, training
-             summary where announced) and a sparkline of the peer's measured latency (last 60 polls)
-  generate   class (blank = all/unconditional, or e.g. 1 3), n samples, steps, top-k, guidance, seed
-  routing    per step, each expert's mean routing weight; chosen experts in green, failovers as !
+  generate   class (blank = all/unconditional, or e.g. 1 3), n samples, steps, k, guidance, seed,
+             routing (top-k, sample-k, threshold, full) and sampler (euler, heun)
+  routing    per step a bar with one column per expert (its mean weight; green = called), then the
+             called experts by weight; + an expert joined, - one left, ! a failover or ban
+  expert     the highlighted row's full record, its training summary where announced and a sparkline
+             of the peer's measured latency (last 60 polls)
   history    this session's generations with their settings, wall time and PNG path
-  images     the last samples as half blocks, and the PNG written under the output folder"""
+  images     the last samples as half blocks, sized to the panel, and the PNG written"""
 
 
 class HelpScreen(ModalScreen[None]):
