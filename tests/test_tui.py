@@ -1,12 +1,14 @@
 """The terminal dashboard: pure view-model functions, and the app driven by Textual's pilot on fake data."""
 
 import asyncio
+import io
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from rich.console import Console
 from textual.widgets import Select, TabbedContent
 
 from diffswarm.tui.app import make_app
@@ -129,7 +131,9 @@ def test_parse_request():
     req = parse_request("1, 3", "4", "10", "2", "1.5", "7", num_classes=4)
     assert req.classes == (1, 3) and req.guidance == 1.5 and (req.strategy, req.sampler) == ("top-k", "euler")
     assert labels_for(req).tolist() == [1, 3, 1, 3]
-    assert labels_for(parse_request("", "2", "1", "1", "1", "0")).tolist() == [-1, -1]
+    assert labels_for(parse_request("", "2", "1", "1", "1", "0")).tolist() == [-1, -1]  # unconditional experts
+    assert labels_for(parse_request("", "5", "1", "1", "1", "0"), num_classes=3).tolist() == [0, 1, 2, 0, 1]  # all
+    assert labels_for(parse_request("-1", "2", "1", "1", "1", "0"), num_classes=3).tolist() == [-1, -1]
     req = parse_request("", "2", "1", "3", "1", "0", strategy="sample-k", sampler="heun")
     assert (req.strategy, req.sampler, req.routing_label) == ("sample-k", "heun", "sample-3")
     assert parse_request("", "2", "1", "3", "1", "0", strategy="full").routing_label == "full"
@@ -177,6 +181,13 @@ async def wait_for(pilot, cond, timeout=10.0):
     raise AssertionError("condition not reached")
 
 
+def rendered(widget) -> str:
+    """What a Static shows, as plain text (wide: nothing folds)."""
+    console = Console(width=200, file=io.StringIO(), color_system=None)
+    console.print(widget.content)
+    return console.file.getvalue()
+
+
 def fake_app(tmp_path, **kw):
     src = FakeSource(demo_records(), 3, {"12D3KooWpeerAAAA0001": 0.02}, **kw)
     return make_app(source=src, out_dir=tmp_path, poll_seconds=0.2)
@@ -214,7 +225,8 @@ def test_app_generates_images_and_png(tmp_path):
             assert UPPER_HALF in view.lines[0].plain and len(view.lines[0].plain) <= w
             assert view.path == str(app.last_png) and app.last_png.exists() and app.last_png.parent == tmp_path
             log = app.query_one(RoutingLog)
-            assert len(log.lines) == 6 and "experts: 0=c0" in log.lines[0].text  # a legend, one strip per step
+            assert len(log.lines) == 5 and log.lines[0].text.startswith("  1/5 t=1.00")  # one strip per step
+            assert str(app.query_one("#routing-legend").content) == "bar columns: c0 c1 c2"
             assert str(app.query_one("#gen-status").content).startswith("done in")
             area = len(view.lines) * len(view.lines[0].plain)
             await pilot.resize_terminal(200, 60)  # a bigger panel: the same samples are laid out again, larger
@@ -238,6 +250,12 @@ def test_app_errors_are_notified_not_raised(tmp_path):
             await pilot.press("g")
             await wait_for(pilot, lambda: any("integers" in n.message for n in app._notifications))
             assert app.last_png is None
+            app.source.fail = None
+            await wait_for(pilot, lambda: app.snapshot is not None)  # the swarm answers now: 4 classes
+            app.query_one("#gen-n").value, app.query_one("#gen-classes").value = "2", "7"
+            await pilot.press("g")
+            await wait_for(pilot, lambda: any("classes 0..3" in n.message for n in app._notifications))
+            assert app.generating is None and app.last_png is None
 
     asyncio.run(go())
 
@@ -290,7 +308,7 @@ def test_expert_detail_follows_the_table_cursor(tmp_path):
         async with app.run_test(size=(120, 40)) as pilot:
             table, detail = app.query_one(SwarmTable), app.query_one(ExpertDetail)
             await wait_for(pilot, lambda: table.row_count == 4 and detail.record is not None)
-            shown = lambda: str(app.query_one("#detail-fields").content)
+            shown = lambda: rendered(app.query_one("#detail-fields"))
             assert detail.record.peer_id == "12D3KooWpeerAAAA0001"
             assert "9f2c" in shown() and "/ip4/127.0.0.1/tcp/40001" in shown() and "final loss 0.0312" in shown()
             assert "software" in shown() and "steps 1200" in shown()
@@ -382,7 +400,7 @@ def test_routing_strategy_and_sampler_choices(tmp_path):
             await wait_for(pilot, lambda: len(app.history) == 1)
             req = app.history[0].request
             assert (req.strategy, req.sampler) == ("full", "heun")
-            strips = [line.text for line in app.query_one(RoutingLog).lines[1:]]
+            strips = [line.text for line in app.query_one(RoutingLog).lines]
             assert len(strips) == 3 and all("c0 " in s and "c1 " in s and "c2 " in s for s in strips)  # all called
             assert app.query_one(HistoryTable).get_row_at(0)[HISTORY_COLUMNS.index("routing")] == "full"
             app.query_one("#gen-strategy", Select).value = "top-k"
@@ -390,7 +408,7 @@ def test_routing_strategy_and_sampler_choices(tmp_path):
             app.query_one("#gen-n").value = "1"
             await pilot.press("g")
             await wait_for(pilot, lambda: len(app.history) == 2)
-            strips = [line.text for line in app.query_one(RoutingLog).lines[1:]]
+            strips = [line.text for line in app.query_one(RoutingLog).lines]
             assert len(strips) == 3 and all(s.count(" c") == 1 for s in strips)  # top-1, one sample: one expert a step
 
     asyncio.run(go())
@@ -411,7 +429,7 @@ def test_health_column_and_enter_opens_the_expert_tab(tmp_path):
             table.focus()
             await pilot.press("down", "down", "down", "enter")
             await wait_for(pilot, lambda: tabs.active == "tab-expert")
-            assert "step 480 (40%)" in str(app.query_one("#detail-fields").content)
+            assert "step 480 (40%)" in rendered(app.query_one("#detail-fields"))
 
     asyncio.run(go())
 
@@ -447,7 +465,7 @@ def test_dashboard_on_a_loopback_swarm(tmp_path):
                 await wait_for(pilot, lambda: app.last_png is not None, timeout=30)
                 assert app.last_png.exists() and app.query_one(ImageView).lines
                 both = {r.expert_id for r in app.rows}
-                assert all(any(e in line.text for e in both) for line in app.query_one(RoutingLog).lines[1:])
+                assert all(any(e in line.text for e in both) for line in app.query_one(RoutingLog).lines)
 
                 sw.kill("peer1")
                 table = app.query_one(SwarmTable)

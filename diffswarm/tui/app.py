@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import ClassVar
 
 from textual import work
@@ -22,7 +23,7 @@ from .model import (
     LatencyHistory,
     event_line,
     latest_records,
-    routing_header,
+    routing_legend,
     routing_strip,
     summarize,
     swarm_rows,
@@ -77,6 +78,7 @@ class DashboardApp(App):
         with Horizontal(id="output"):
             with TabbedContent(id="tabs"):
                 with TabPane("routing", id="tab-routing"):
+                    yield Label("", id="routing-legend")
                     yield RoutingLog(markup=False, wrap=False, max_lines=2000)
                 with TabPane("expert", id="tab-expert"):
                     yield ExpertDetail()
@@ -125,13 +127,16 @@ class DashboardApp(App):
         self._q(SwarmTable).expert_rows = self.rows
         self.show_detail()
         summary = summarize(self.rows, snap.num_clusters)
-        self._q(SummaryBar).text = summary.line() if self.rows else "the swarm announces no experts yet"
+        bar = self._q(SummaryBar)
+        bar.text = summary.line() if self.rows else "the swarm announces no experts yet"
+        bar.alert = not self.rows
 
     def show_error(self, msg: str) -> None:
         if msg != self._last_error:  # once per distinct error, not every poll
             self._last_error = msg
             self.notify(msg, severity="error", timeout=8)
-        self._q(SummaryBar).text = msg
+        bar = self._q(SummaryBar)
+        bar.text, bar.alert = msg, True
 
     # -- expert detail -------------------------------------------------------------------------
 
@@ -188,6 +193,12 @@ class DashboardApp(App):
         if self.generating is not None:
             self.notify("a generation is running: x cancels it", severity="warning")
             return
+        if self.snapshot is not None:  # (before the first poll the swarm's own error says it)
+            nc = self.snapshot.num_classes
+            if any(not (c == -1 or 0 <= c < nc) for c in msg.request.classes):
+                self.notify(f"the swarm's experts know classes 0..{nc - 1} (-1: none)" if nc else
+                            "the swarm's experts take no class: leave class blank", severity="error")
+                return
         self.generating = msg.request
         self._gen_idle.clear()
         self._q(RoutingLog).clear()
@@ -235,9 +246,10 @@ class DashboardApp(App):
         def on_step(info) -> None:
             if worker.is_cancelled:
                 raise Cancelled
-            header = routing_header(info.expert_ids) if info.step == 0 else None
-            self._ui(self.show_step, info.step + 1, info.num_steps, routing_strip(info),
-                     [event_line(e) for e in info.events], header)
+            # what the strip needs, copied: the UI thread draws it to the log's width
+            step = SimpleNamespace(step=info.step, num_steps=info.num_steps, t=info.t, expert_ids=list(info.expert_ids),
+                                   weights=info.weights.detach().float().cpu().clone(), chosen=list(info.chosen))
+            self._ui(self.show_step, step, [event_line(e) for e in info.events])
 
         t0 = self.clock()
         try:
@@ -260,14 +272,14 @@ class DashboardApp(App):
         if severity is not None:
             self.notify(message, severity=severity, timeout=10)
 
-    def show_step(self, done: int, total: int, strip, events: list, header=None) -> None:
-        self._q(ProgressBar).update(total=total, progress=done)
+    def show_step(self, step, events: list) -> None:
+        self._q(ProgressBar).update(total=step.num_steps, progress=step.step + 1)
+        if step.step == 0:
+            self._q("#routing-legend", Label).update(routing_legend(step.expert_ids))
         log = self._q(RoutingLog)
-        if header is not None:
-            log.write(header)
-        log.write(strip)
-        for e in events:
+        for e in events:  # what happened before/while this step ran, then the step
             log.write(e)
+        log.write(routing_strip(step, max(20, log.scrollable_content_region.width - 1)))
 
     def show_images(self, x, path: Path, req: GenRequest | None = None, wall_s: float = 0.0) -> None:
         self.last_png = path

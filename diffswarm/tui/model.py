@@ -174,15 +174,16 @@ def fit_images(x: torch.Tensor, cols: int, lines: int) -> list[Text]:
     return halfblock(tile(x, nrow))
 
 
-def routing_header(expert_ids: Sequence[str]) -> Text:
-    """The line above a generation's strips: which expert each column of the strips' bar stands for."""
-    return Text("experts: " + "  ".join(f"{i}={eid}" for i, eid in enumerate(expert_ids)), style="dim")
+def routing_legend(expert_ids: Sequence[str]) -> str:
+    """Which expert each column of the strips' bar stands for."""
+    return "bar columns: " + " ".join(expert_ids)
 
 
-def routing_strip(info) -> Text:
+def routing_strip(info, width: int | None = None) -> Text:
     """One line per step from a ``StepInfo``: a bar with one column per expert (its mean routing weight over
     the batch, green where the expert was called), then the called experts by weight, e.g.
-    ``  3/20 t=0.80 ▆▂ ▁  c0-ddpm .75  c1-fm .25``. Its width grows by one column per expert, so K=16 fits."""
+    ``  3/20 t=0.80 ▆▂ ▁  c0-ddpm .75  c1-fm .25``. The bar grows by one column per expert (K=16 fits);
+    names that would pass ``width`` columns are summed up as ``+N``."""
     share = info.weights.float().mean(0).tolist()
     text = Text(f"{info.step + 1:>3}/{info.num_steps} t={info.t:.2f} ")
     chosen = set(info.chosen)
@@ -191,9 +192,14 @@ def routing_strip(info) -> Text:
         text.append(BARS[max(level, 1 if w > 0 else 0)],  # a called expert never looks idle
                     style="green on grey15" if eid in chosen else "grey50 on grey15")
     called = sorted(((w, eid) for eid, w in zip(info.expert_ids, share) if eid in chosen), key=lambda p: -p[0])
-    for w, eid in called:
-        text.append(f"  {eid} ", style="bold green")
-        text.append(f"{w:.2f}".lstrip("0") if w < 1 else "1.0")
+    for i, (w, eid) in enumerate(called):
+        item = f"  {eid} " + ("1.0" if w >= 0.995 else f"{w:.2f}".lstrip("0") if w >= 0.005 else "<.01")
+        rest = len(called) - i - 1
+        if width is not None and len(text) + len(item) + (len(f" +{rest}") if rest else 0) > width:
+            text.append(f"  +{len(called) - i}", style="green")
+            break
+        text.append(item[:-len(item.split()[-1])], style="bold green")
+        text.append(item.split()[-1])
     return text
 
 
@@ -247,10 +253,11 @@ def parse_request(classes: str, n: str, steps: str, k: str, guidance: str, seed:
     return req
 
 
-def labels_for(req: GenRequest) -> torch.Tensor:
-    if not req.classes:
-        return torch.full((req.n,), -1, dtype=torch.long)
-    return torch.tensor([req.classes[i % len(req.classes)] for i in range(req.n)], dtype=torch.long)
+def labels_for(req: GenRequest, num_classes: int = 0) -> torch.Tensor:
+    """(n,) labels: the request's classes in turn; no classes = every class in turn (like the CLI's
+    ``--class all``), or unconditional (-1) when the swarm's experts take no class."""
+    classes = req.classes or tuple(range(num_classes)) or (-1,)
+    return torch.tensor([classes[i % len(classes)] for i in range(req.n)], dtype=torch.long)
 
 
 # -- expert detail ----------------------------------------------------------------------------
@@ -304,17 +311,14 @@ def training_summary(record) -> str:
     return ", ".join(parts) if parts else "not announced"
 
 
-def detail_text(record, state: str | None = None, latency_ms: Sequence[float] = ()) -> Text:
-    """The detail panel: one ``name  value`` line per record field, the training summary and latency stats."""
-    if record is None:
-        return Text("select a row of the swarm table", style="dim")
+def detail_rows(record, state: str | None = None, latency_ms: Sequence[float] = ()) -> list[tuple[str, Text]]:
+    """The detail panel's (name, value) rows: every record field, the training summary and latency stats."""
     d = record_fields(record)
     if state is not None and state != d.get("state"):
         d["state"] = f"{state} (last announced {d.get('state')})"
-    for k in ("train_steps", "final_loss"):  # shown as one 'training' line below
+    for k in ("train_steps", "final_loss"):  # shown as one 'training' row
         d.pop(k, None)
-    out = Text()
-    width = max(len(k) for k in d) if d else 0
+    rows = []
     for k, v in d.items():
         if isinstance(v, (list, tuple)):
             v = ", ".join(str(x) for x in v) or "-"
@@ -322,17 +326,37 @@ def detail_text(record, state: str | None = None, latency_ms: Sequence[float] = 
             v = f"{v:.6g}"
         elif v is None or v == "":
             v = "-"
-        out.append(f"{k:<{width}} ", style="bold")
-        out.append(f"{v}\n")
-    out.append(f"{'training':<{width}} ", style="bold")
-    out.append(training_summary(record) + "\n")
+        rows.append((k, Text(str(v))))
+    rows.append(("training", Text(training_summary(record))))
     if latency_ms:
-        out.append(f"{'latency':<{width}} ", style="bold")
-        out.append(f"last {latency_ms[-1]:.1f} ms, min {min(latency_ms):.1f}, max {max(latency_ms):.1f}")
+        rows.append(("latency", Text(f"last {latency_ms[-1]:.1f} ms, min {min(latency_ms):.1f}, "
+                                     f"max {max(latency_ms):.1f}")))
     else:
-        out.append(f"{'latency':<{width}} ", style="bold")
-        out.append("not measured yet", style="dim")
-    return out
+        rows.append(("latency", Text("not measured yet", style="dim")))
+    return rows
+
+
+def detail_table(record, state: str | None = None, latency_ms: Sequence[float] = ()):
+    """The detail panel as a two-column grid: long values (hashes, addresses) fold inside their column."""
+    from rich.table import Table
+
+    if record is None:
+        return Text("select a row of the swarm table", style="dim")
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+    for k, v in detail_rows(record, state, latency_ms):
+        grid.add_row(k, v)
+    return grid
+
+
+def detail_text(record, state: str | None = None, latency_ms: Sequence[float] = ()) -> Text:
+    """The same rows as plain ``name  value`` lines (for logs and tests)."""
+    if record is None:
+        return Text("select a row of the swarm table", style="dim")
+    rows = detail_rows(record, state, latency_ms)
+    width = max(len(k) for k, _ in rows)
+    return Text("\n").join(Text(f"{k:<{width}} ", style="bold") + v for k, v in rows)
 
 
 # -- history ----------------------------------------------------------------------------------

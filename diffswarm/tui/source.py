@@ -77,7 +77,7 @@ class LiveSource:
         ens = self._ensemble()
         ens.routing = RoutingConfig(req.strategy, min(req.k, ens.num_experts))
         ens.gen_seed = req.seed
-        return generate(ens, labels_for(req), ens.image_shape, req.steps, req.sampler, req.guidance, req.seed,
+        return generate(ens, labels_for(req, ens.num_classes), ens.image_shape, req.steps, req.sampler, req.guidance, req.seed,
                         self.device, callback=callback)
 
     def close(self) -> None:
@@ -163,7 +163,7 @@ class FakeSource:
             if callback is not None:
                 callback(info)
 
-        return generate(ens, labels_for(req), self.shape, req.steps, req.sampler, req.guidance, req.seed,
+        return generate(ens, labels_for(req, self.num_classes), self.shape, req.steps, req.sampler, req.guidance, req.seed,
                         callback=slow_callback if self.step_delay else callback).clamp(-1, 1)
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ from .model import (
     ExpertRow,
     GenRequest,
     HistoryEntry,
-    detail_text,
+    detail_table,
     fit_images,
     parse_request,
 )
@@ -53,7 +53,7 @@ class SwarmTable(DataTable):
             for r in rows:
                 for col, cell in zip(self.columns, self.styled_cells(r)):
                     if self.get_cell(r.key, col) != cell:
-                        self.update_cell(r.key, col, cell)
+                        self.update_cell(r.key, col, cell, update_width=True)  # "banned 12s" outgrows "ok"
             return
         cursor = self.cursor_coordinate
         self.clear()
@@ -64,10 +64,16 @@ class SwarmTable(DataTable):
 
 
 class SummaryBar(Static):
-    text: reactive[str] = reactive("connecting to the swarm...")
+    """One line: peers online, clusters covered; uncovered clusters (and errors) stand out in red."""
 
-    def render(self) -> str:
-        return self.text
+    text: reactive[str] = reactive("connecting to the swarm...")
+    alert: reactive[bool] = reactive(False)  # the whole line is an error
+
+    def render(self) -> Text:
+        if self.alert:
+            return Text(self.text, style="bold red")
+        head, sep, tail = self.text.partition("   uncovered clusters:")
+        return Text(head) + (Text(sep + tail, style="bold red") if sep else Text())
 
 
 class NumberInput(Input):
@@ -178,12 +184,12 @@ class ExpertDetail(Vertical):
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="detail-scroll"):
-            yield Static(detail_text(None), id="detail-fields")
+            yield Static(detail_table(None), id="detail-fields")
         yield Label("latency ms", id="detail-latency-label")
         yield Sparkline([], id="detail-latency")
 
     def _refresh_text(self) -> None:
-        self.query_one("#detail-fields", Static).update(detail_text(self.record, self.state, self.latency))
+        self.query_one("#detail-fields", Static).update(detail_table(self.record, self.state, self.latency))
 
     def watch_record(self) -> None:
         self._refresh_text()
@@ -228,7 +234,7 @@ HELP_TEXT = """\
   swarm      every (peer, expert) the swarm announces; vanished peers stay listed as offline;
              health = this client's view (ok, banned Ns after failed calls, unverified, skipped);
              heartbeat = seconds since the last announcement, replicas = online experts of the cluster
-  generate   class (blank = all/unconditional, or e.g. 1 3), n samples, steps, k, guidance, seed,
+  generate   class (blank = every class in turn, e.g. 1 3, -1 = none), n, steps, k, guidance, seed,
              routing (top-k, sample-k, threshold, full) and sampler (euler, heun)
   routing    per step a bar with one column per expert (its mean weight; green = called), then the
              called experts by weight; + an expert joined, - one left, ! a failover or ban
