@@ -165,6 +165,23 @@ def test_detail_text_shows_every_field_and_training():
     assert "select a row" in detail_text(None).plain
 
 
+def test_client_health_verdicts():
+    from diffswarm.client.selection import Blacklist
+    from diffswarm.tui.source import client_health
+
+    bans = Blacklist()
+    bans.ban("12D3KooWpeerBBBB0002", now=100.0)  # first strike: 1 s
+    bans.ban("12D3KooWpeerBBBB0002", now=100.0)  # second: 2 s
+    recs = demo_records() + [FakeRecord("12D3KooWpeerEEEE0005", "c0-fm", 0, "fm")]
+    client = SimpleNamespace(records=recs, bans=bans, verified={"12D3KooWpeerAAAA0001": "ok"},
+                             view=SimpleNamespace(skipped={"12D3KooWpeerEEEE0005/c0-fm": "partition differs"}))
+    h = client_health(client, now=100.5)
+    assert h["12D3KooWpeerAAAA0001"] == "ok" and h["12D3KooWpeerBBBB0002"] == "banned 2s"
+    assert h["12D3KooWpeerCCCC0003"] == "unverified" and "12D3KooWpeerDDDD0004" not in h  # joining: no verdict
+    assert client_health(client, now=103.0)["12D3KooWpeerBBBB0002"] == "unverified"  # the ban ran out
+    assert h["12D3KooWpeerEEEE0005"] == "skipped"
+
+
 def test_history_entry_cells():
     e = HistoryEntry(2, GenRequest((), 4, 10, 2, 1.5, 7), 1.234, "/tmp/x.png")
     assert e.cells() == ("2", "all", "4", "10", "top-2", "euler", "1.5", "7", "1.23", "/tmp/x.png")
@@ -500,14 +517,19 @@ def snapshot_app(tmp_path):
     return app
 
 
-def test_dashboard_snapshot(snap_compare, tmp_path):
-    app = snapshot_app(tmp_path)
-
-    async def loaded(pilot):
+def snap(snap_compare, app, prepare=None) -> bool:
+    """Compare the 120x40 screen once the table is filled and ``prepare(pilot)`` ran."""
+    async def run_before(pilot):
         await wait_for(pilot, lambda: app.query_one(SwarmTable).row_count == 4)
+        if prepare is not None:
+            await prepare(pilot)
         await pilot.pause()
 
-    assert snap_compare(app, terminal_size=(120, 40), run_before=loaded)
+    return snap_compare(app, terminal_size=(120, 40), run_before=run_before)
+
+
+def test_dashboard_snapshot(snap_compare, tmp_path):
+    assert snap(snap_compare, snapshot_app(tmp_path))
 
 
 def test_dashboard_after_generation_snapshot(snap_compare, tmp_path, monkeypatch):
@@ -515,43 +537,36 @@ def test_dashboard_after_generation_snapshot(snap_compare, tmp_path, monkeypatch
     app = snapshot_app(tmp_path)
 
     async def generated(pilot):
-        await wait_for(pilot, lambda: app.query_one(SwarmTable).row_count == 4)
         app.query_one("#gen-steps").value = "12"
         app.query_one("#gen-classes").value = "1 2"
         await pilot.press("g")
         await wait_for(pilot, lambda: app.last_png is not None)
-        await pilot.pause()
 
-    assert snap_compare(app, terminal_size=(120, 40), run_before=generated)
+    assert snap(snap_compare, app, generated)
 
 
 def test_expert_tab_snapshot(snap_compare, tmp_path):
     app = snapshot_app(tmp_path)
 
     async def selected(pilot):
-        await wait_for(pilot, lambda: app.query_one(SwarmTable).row_count == 4)
         app.query_one(SwarmTable).focus()
         await pilot.press("enter")  # the first row: c0-ddpm, with its training summary and latency sparkline
         await wait_for(pilot, lambda: len(app.query_one(ExpertDetail).latency) >= 3)
         app.source.latency = {}  # later polls add no samples
         await pilot.pause(0.5)
         app.latency_history = LatencyHistory(60)  # the sparkline from fixed samples, not from how many polls ran
-        app.latency_history.add({"12D3KooWpeerAAAA0001": 0.02})
-        for ms in (0.018, 0.025, 0.031, 0.022, 0.019, 0.040, 0.021):
+        for ms in (0.02, 0.018, 0.025, 0.031, 0.022, 0.019, 0.040, 0.021):
             app.latency_history.add({"12D3KooWpeerAAAA0001": ms})
         app.show_detail()
-        await pilot.pause()
 
-    assert snap_compare(app, terminal_size=(120, 40), run_before=selected)
+    assert snap(snap_compare, app, selected)
 
 
 def test_help_screen_snapshot(snap_compare, tmp_path):
     app = snapshot_app(tmp_path)
 
     async def helped(pilot):
-        await wait_for(pilot, lambda: app.query_one(SwarmTable).row_count == 4)
         await pilot.press("question_mark")
         await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
-        await pilot.pause()
 
-    assert snap_compare(app, terminal_size=(120, 40), run_before=helped)
+    assert snap(snap_compare, app, helped)

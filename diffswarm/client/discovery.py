@@ -60,7 +60,7 @@ class SwarmView:
         for (peer, eid), rec in sorted(latest.items()):
             reason = skip_reason(rec, self.target)
             if reason is not None:
-                skipped[f"{peer[:12]}/{eid}"] = reason
+                skipped[f"{peer}/{eid}"] = reason
                 continue
             if rec.state == "joining":
                 joining.append(rec)

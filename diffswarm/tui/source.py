@@ -32,14 +32,14 @@ def client_health(client, now: float) -> dict[str, str]:
     left), ``ok`` (its info probe matched its record), ``skipped`` (announces another partition or
     protocol), else ``unverified`` (not probed yet)."""
     out: dict[str, str] = {}
-    skipped = {key.split("/", 1)[0] for key in (client.view.skipped if client.view is not None else {})}
+    skipped = client.view.skipped if client.view is not None else {}  # "peer_id/expert_id" -> why
     for r in client.records:
         p = r.peer_id
         if client.bans.is_banned(p, now):
             out[p] = f"banned {client.bans.until[p] - now:.0f}s"
         elif client.verified.get(p) == "ok":
             out[p] = "ok"
-        elif p[:12] in skipped:
+        elif f"{p}/{r.expert_id}" in skipped:
             out[p] = "skipped"
         elif r.state == "online":
             out[p] = "unverified"
