@@ -355,12 +355,13 @@ class SwarmClient:
     def swarm_records(self) -> tuple[list[SwarmRecord], list[str]]:
         return self.run(self.dht.get_swarm(), timeout=60)
 
-    def fetch_router(self, device="cpu"):
-        """(Router, SwarmRecord): the router the swarm announces, from the cache or a peer, verified."""
+    def fetch_router(self, device="cpu", wait: float | None = None):
+        """(Router, SwarmRecord): the router the swarm announces, from the cache or a peer, verified.
+        ``wait``: seconds to wait for a swarm record to appear (default ``cfg.connect_timeout``; 0 = look once)."""
         from ..experts.checkpoint import file_sha256
         from ..router.model import Router
 
-        deadline = time.monotonic() + self.cfg.connect_timeout
+        deadline = time.monotonic() + (self.cfg.connect_timeout if wait is None else wait)
         while True:
             recs, errors = self.swarm_records()
             for e in errors:

@@ -129,7 +129,7 @@ class DashboardApp(App):
         summary = summarize(self.rows, snap.num_clusters)
         bar = self._q(SummaryBar)
         bar.text = summary.line() if self.rows else "the swarm announces no experts yet"
-        bar.alert = not self.rows
+        bar.alert, bar.note = not self.rows, snap.note
 
     def show_error(self, msg: str) -> None:
         if msg != self._last_error:  # once per distinct error, not every poll

@@ -312,28 +312,28 @@ def training_summary(record) -> str:
 
 
 def detail_rows(record, state: str | None = None, latency_ms: Sequence[float] = ()) -> list[tuple[str, Text]]:
-    """The detail panel's (name, value) rows: every record field, the training summary and latency stats."""
+    """The detail panel's (name, value) rows: who and how it is doing first (expert, peer, state, training
+    summary, latency), then every other field of the record."""
     d = record_fields(record)
     if state is not None and state != d.get("state"):
         d["state"] = f"{state} (last announced {d.get('state')})"
     for k in ("train_steps", "final_loss"):  # shown as one 'training' row
         d.pop(k, None)
-    rows = []
-    for k, v in d.items():
-        if isinstance(v, (list, tuple)):
-            v = ", ".join(str(x) for x in v) or "-"
-        elif isinstance(v, float):
-            v = f"{v:.6g}"
-        elif v is None or v == "":
-            v = "-"
-        rows.append((k, Text(str(v))))
-    rows.append(("training", Text(training_summary(record))))
     if latency_ms:
-        rows.append(("latency", Text(f"last {latency_ms[-1]:.1f} ms, min {min(latency_ms):.1f}, "
-                                     f"max {max(latency_ms):.1f}")))
+        latency = Text(f"last {latency_ms[-1]:.1f} ms, min {min(latency_ms):.1f}, max {max(latency_ms):.1f}")
     else:
-        rows.append(("latency", Text("not measured yet", style="dim")))
-    return rows
+        latency = Text("not measured yet", style="dim")
+    rows = [(k, Text(_field_value(d.pop(k)))) for k in ("expert_id", "peer_id", "state") if k in d]
+    rows += [("training", Text(training_summary(record))), ("latency", latency)]
+    return rows + [(k, Text(_field_value(v))) for k, v in d.items()]
+
+
+def _field_value(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return ", ".join(str(x) for x in v) or "-"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "-" if v is None or v == "" else str(v)
 
 
 def detail_table(record, state: str | None = None, latency_ms: Sequence[float] = ()):

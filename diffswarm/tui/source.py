@@ -7,6 +7,7 @@ and reports every step through ``callback(StepInfo)``.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ class Snapshot:
     num_classes: int = 0
     now: float = 0.0  # clock of ``records[*].updated`` (DHT time)
     health: dict[str, str] = field(default_factory=dict)  # peer -> this client's verdict (ok, banned 12s, ...)
+    note: str = ""  # what the source cannot do yet, shown after the summary
 
 
 def client_health(client, now: float) -> dict[str, str]:
@@ -47,42 +49,78 @@ def client_health(client, now: float) -> dict[str, str]:
 
 
 class LiveSource:
-    """A ``SwarmEnsemble`` connected on first use (so connecting happens in a worker, not at start-up)."""
+    """The live swarm, in two stages so a swarm that is still training can be watched:
+
+    - a ``SwarmClient`` (a DHT node reading the expert records in the background), joined on the
+      first poll, in a worker, not at start-up;
+    - a ``SwarmEnsemble`` on that client, built once a peer announces the router (looked up once
+      per poll, without waiting): it verifies peers (the health column) and serves generations."""
 
     def __init__(self, initial_peers: Sequence[str], config=None, device="cpu"):
         self.initial_peers, self.config, self.device = list(initial_peers), config, device
+        self.client = None
         self.ens = None
+        self.router_error = ""
         self._lock = threading.Lock()
 
-    def _ensemble(self):
+    def _client(self):
+        with self._lock:
+            if self.client is None:
+                from ..client.client import SwarmClient
+
+                client = SwarmClient(self.initial_peers, self.config)
+                client.refresh()
+                client.start_refresh()
+                self.client = client
+            return self.client
+
+    def _ensemble(self, wait: float | None = None):
+        client = self._client()
         with self._lock:
             if self.ens is None:
                 from ..client.ensemble import SwarmEnsemble
+                from ..router.routing import RoutingConfig
 
-                self.ens = SwarmEnsemble.connect(self.initial_peers, seed=0, config=self.config, device=self.device)
+                try:
+                    router, rec = client.fetch_router(self.device, wait=wait)
+                except Exception as e:
+                    self.router_error = str(e)
+                    raise
+                self.ens = SwarmEnsemble(client, router, RoutingConfig(), swarm_record=rec)
+                self.router_error = ""
             return self.ens
 
     def snapshot(self) -> Snapshot:
         from hivemind.utils.timed_storage import get_dht_time
 
-        ens = self._ensemble()
-        client = ens.client
-        return Snapshot(list(client.records), dict(client.latency), ens.num_experts, ens.num_classes, get_dht_time(),
-                        client_health(client, time.monotonic()))
+        client = self._client()
+        if self.ens is None:
+            with contextlib.suppress(Exception):  # no router yet (peers still training): watch the records
+                self._ensemble(wait=0).wait_for_experts(timeout=0)  # probe the peers under the router's view now
+        recs = list(client.records)
+        if self.ens is not None:
+            k, classes, note = self.ens.num_experts, self.ens.num_classes, ""
+        else:
+            k = max((r.num_clusters for r in recs), default=0)
+            classes = max((r.num_classes for r in recs), default=0)
+            note = "no router announced yet: peers serve it once trained"
+        return Snapshot(recs, dict(client.latency), k, classes, get_dht_time(), client_health(client, time.monotonic()),
+                        note)
 
     def generate(self, req: GenRequest, callback: Callable | None = None) -> torch.Tensor:
         from ..router.local import generate
         from ..router.routing import RoutingConfig
 
         ens = self._ensemble()
+        ens.wait_for_experts(timeout=0)  # fresh records and expert names; NoExpertsError if none can serve
         ens.routing = RoutingConfig(req.strategy, min(req.k, ens.num_experts))
         ens.gen_seed = req.seed
-        return generate(ens, labels_for(req, ens.num_classes), ens.image_shape, req.steps, req.sampler, req.guidance, req.seed,
-                        self.device, callback=callback)
+        return generate(ens, labels_for(req, ens.num_classes), ens.image_shape, req.steps, req.sampler, req.guidance,
+                        req.seed, self.device, callback=callback)
 
     def close(self) -> None:
-        if self.ens is not None:
-            self.ens.close()
+        if self.client is not None:
+            self.client.close()
 
 
 @dataclass(frozen=True)

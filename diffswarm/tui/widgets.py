@@ -68,12 +68,15 @@ class SummaryBar(Static):
 
     text: reactive[str] = reactive("connecting to the swarm...")
     alert: reactive[bool] = reactive(False)  # the whole line is an error
+    note: reactive[str] = reactive("")  # what cannot be done yet (no router announced), after the line
 
     def render(self) -> Text:
         if self.alert:
-            return Text(self.text, style="bold red")
-        head, sep, tail = self.text.partition("   uncovered clusters:")
-        return Text(head) + (Text(sep + tail, style="bold red") if sep else Text())
+            out = Text(self.text, style="bold red")
+        else:
+            head, sep, tail = self.text.partition("   uncovered clusters:")
+            out = Text(head) + (Text(sep + tail, style="bold red") if sep else Text())
+        return out + Text(f"   {self.note}", style="yellow") if self.note else out
 
 
 class NumberInput(Input):
