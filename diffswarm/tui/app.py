@@ -63,6 +63,7 @@ class DashboardApp(App):
         self.selected_key: str | None = None
         self.history: tuple[HistoryEntry, ...] = ()
         self._last_error = ""
+        self._polling = False  # a poll worker is running
         self.clock = time.perf_counter  # wall time of generations (tests make it deterministic)
         self.generating: GenRequest | None = None  # the request being generated
         self._gen_idle = threading.Event()  # set while no generation thread runs (quit waits for it)
@@ -107,15 +108,19 @@ class DashboardApp(App):
     # -- polling -------------------------------------------------------------------------------
 
     def action_refresh(self) -> None:
-        self.poll()
+        if not self._polling:  # a slow poll (joining the swarm, an unreachable bootstrap) is not stacked up
+            self._polling = True
+            self.poll()
 
-    @work(thread=True, exclusive=True, group="poll")
+    @work(thread=True, group="poll")
     def poll(self) -> None:
         try:
             snap = self.source.snapshot()
         except Exception as e:  # noqa: BLE001 - unreachable bootstrap, no router...: show it, keep polling
             self._ui(self.show_error, f"swarm: {e}")
             return
+        finally:
+            self._polling = False
         self._ui(self.show_snapshot, snap)
 
     def show_snapshot(self, snap: Snapshot) -> None:

@@ -61,6 +61,7 @@ class LiveSource:
         self.client = None
         self.ens = None
         self.router_error = ""
+        self.closed = False
         self._lock = threading.Lock()
 
     def _client(self):
@@ -68,10 +69,11 @@ class LiveSource:
             if self.client is None:
                 from ..client.client import SwarmClient
 
-                client = SwarmClient(self.initial_peers, self.config)
-                client.refresh()
-                client.start_refresh()
-                self.client = client
+                if self.closed:
+                    raise RuntimeError("the dashboard is closing")
+                self.client = SwarmClient(self.initial_peers, self.config)
+                self.client.refresh()
+                self.client.start_refresh()
             return self.client
 
     def _ensemble(self, wait: float | None = None):
@@ -119,8 +121,12 @@ class LiveSource:
                         req.seed, self.device, callback=callback)
 
     def close(self) -> None:
-        if self.client is not None:
-            self.client.close()
+        """Shut the client's DHT node down; waits for a connect in progress in a worker, so no daemon is
+        left behind by a quit during start-up."""
+        self.closed = True
+        with self._lock:
+            if self.client is not None:
+                self.client.close()
 
 
 @dataclass(frozen=True)
