@@ -319,6 +319,27 @@ def test_keys_fire_while_a_field_is_focused_and_enter_generates(tmp_path):
     asyncio.run(go())
 
 
+def test_history_row_shows_its_images_again(tmp_path):
+    async def go():
+        app = fake_app(tmp_path)
+        async with app.run_test(size=(120, 40)) as pilot:
+            app.query_one("#gen-steps").value = "2"
+            for seed in ("1", "2"):
+                app.query_one("#gen-seed").value = seed
+                await pilot.press("g")
+                await wait_for(pilot, lambda s=seed: len(app.history) == int(s) and app.generating is None)
+            view = app.query_one(ImageView)
+            assert view.path == app.history[1].path and view.images is app.history[1].images
+            app.query_one(TabbedContent).active = "tab-history"
+            table = app.query_one(HistoryTable)
+            table.focus()
+            await pilot.press("up", "enter")  # the first generation
+            await wait_for(pilot, lambda: view.path == app.history[0].path)
+            assert view.images is app.history[0].images and not torch.equal(app.history[0].images, app.history[1].images)
+
+    asyncio.run(go())
+
+
 def test_expert_detail_follows_the_table_cursor(tmp_path):
     async def go():
         app = fake_app(tmp_path)
@@ -374,7 +395,8 @@ def test_cancel_and_one_generation_at_a_time(tmp_path):
             await pilot.press("g")
             bar = app.query_one("#gen-progress")
             await wait_for(pilot, lambda: (bar.progress or 0) >= 3)
-            assert app.generating is not None and "x cancels" in str(app.query_one("#gen-status").content)
+            status = str(app.query_one("#gen-status").content)
+            assert app.generating is not None and "x cancels" in status and "steps/s" in status and "/400" in status
             await pilot.press("g")  # a second request while one runs is refused, not queued or interleaved
             await wait_for(pilot, lambda: any("is running" in n.message for n in app._notifications))
             await pilot.press("x")

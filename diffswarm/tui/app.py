@@ -66,6 +66,7 @@ class DashboardApp(App):
         self._polling = False  # a poll worker is running
         self.clock = time.perf_counter  # wall time of generations (tests make it deterministic)
         self.generating: GenRequest | None = None  # the request being generated
+        self._gen_t0 = 0.0
         self._gen_idle = threading.Event()  # set while no generation thread runs (quit waits for it)
         self._gen_idle.set()
 
@@ -153,6 +154,10 @@ class DashboardApp(App):
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         if isinstance(event.data_table, SwarmTable):  # enter / click on a row: show its expert tab
             self._q(TabbedContent).active = "tab-expert"
+        elif isinstance(event.data_table, HistoryTable):  # a past generation: show its images again
+            entry = next((e for e in self.history if str(e.index) == event.row_key.value), None)
+            if entry is not None and entry.images is not None:
+                self._q(ImageView).show(entry.images, entry.path)
 
     def show_detail(self) -> None:
         key = self.selected_key
@@ -210,6 +215,7 @@ class DashboardApp(App):
         self._q(TabbedContent).active = "tab-routing"
         self._q(ProgressBar).update(total=msg.request.steps, progress=0)
         self._q("#gen-status", Label).update(f"generating {msg.request.n} image(s)...  x cancels")
+        self._gen_t0 = self.clock()
         self.generate(msg.request)
 
     def png_path(self, req: GenRequest) -> Path:
@@ -278,7 +284,11 @@ class DashboardApp(App):
             self.notify(message, severity=severity, timeout=10)
 
     def show_step(self, step, events: list) -> None:
-        self._q(ProgressBar).update(total=step.num_steps, progress=step.step + 1)
+        done = step.step + 1
+        self._q(ProgressBar).update(total=step.num_steps, progress=done)
+        elapsed = self.clock() - self._gen_t0
+        rate = f"{done / elapsed:.1f} steps/s  " if elapsed > 0 else ""
+        self._q("#gen-status", Label).update(f"step {done}/{step.num_steps}  {rate}x cancels")
         if step.step == 0:
             self._q("#routing-legend", Label).update(routing_legend(step.expert_ids))
         log = self._q(RoutingLog)
@@ -289,7 +299,7 @@ class DashboardApp(App):
     def show_images(self, x, path: Path, req: GenRequest | None = None, wall_s: float = 0.0) -> None:
         self.last_png = path
         if req is not None:
-            self.history += (HistoryEntry(len(self.history) + 1, req, wall_s, str(path)),)
+            self.history += (HistoryEntry(len(self.history) + 1, req, wall_s, str(path), x),)
             self._q(HistoryTable).entries = self.history
         self._q(ImageView).show(x, str(path))
         self.end_generation(f"done in {wall_s:.1f} s")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 
 import torch
 from rich.text import Text
@@ -373,6 +373,7 @@ class HistoryEntry:
     request: GenRequest
     wall_s: float
     path: str
+    images: object = field(default=None, compare=False, repr=False)  # the samples, to show them again
 
     def cells(self) -> tuple[str, ...]:
         r = self.request

@@ -243,7 +243,8 @@ HELP_TEXT = """\
              called experts by weight; + an expert joined, - one left, ! a failover or ban
   expert     the highlighted row's full record, its training summary where announced and a sparkline
              of the peer's measured latency (last 60 polls)
-  history    this session's generations with their settings, wall time and PNG path
+  history    this session's generations with their settings, wall time and PNG path;
+             Enter on a row shows its images again
   images     the last samples as half blocks, sized to the panel, and the PNG written"""
 
 
