@@ -97,7 +97,7 @@ class SwarmEnsemble(RoutedEnsemble):
         deadline = time.monotonic() + timeout
         while True:
             self.client.refresh()
-            self._update_ids()
+            self.update_expert_ids()
             uncovered = self.uncovered()
             if not uncovered:
                 return []
@@ -131,7 +131,8 @@ class SwarmEnsemble(RoutedEnsemble):
         avail = self.available()
         return [k for k in range(self.num_experts) if not avail[k]]
 
-    def _update_ids(self) -> None:
+    def update_expert_ids(self) -> None:
+        """Name each cluster after the expert of its first usable replica (from the last refreshed records)."""
         now = time.monotonic()
         for k in range(self.num_experts):
             reps = self._usable(k, now)

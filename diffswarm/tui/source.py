@@ -114,7 +114,7 @@ class LiveSource:
         from ..router.routing import RoutingConfig
 
         ens = self._ensemble()
-        ens.wait_for_experts(timeout=0)  # fresh records and expert names; NoExpertsError if none can serve
+        ens.update_expert_ids()  # names from the records the background refresh keeps fresh (no lookup here)
         ens.routing = RoutingConfig(req.strategy, min(req.k, ens.num_experts))
         ens.gen_seed = req.seed
         return generate(ens, labels_for(req, ens.num_classes), ens.image_shape, req.steps, req.sampler, req.guidance,
