@@ -115,7 +115,7 @@ class GeneratePanel(Vertical):
                     yield Label(label)
                     yield NumberInput(value=value, id=f"gen-{name}", placeholder="all" if name == "classes" else "")
             for name, label, options in self.CHOICES:
-                with Vertical(classes="field choice"):
+                with Vertical(classes="field choice", id=f"choice-{name}"):
                     yield Label(label)
                     yield Select([(o, o) for o in options], value=options[0], allow_blank=False, id=f"gen-{name}")
             yield Button("Generate", id="gen-button", variant="primary")
