@@ -64,7 +64,7 @@ def cmd_train_router(args) -> int:
     test = dataset_for_partition(part, "test")
     c, h, _ = ds.shape
     cfg = RouterConfig(num_clusters=part.k, num_classes=0 if args.unconditional else ds.num_classes, channels=c,
-                       size=h, width=args.width, partition_hash=part.partition_hash)
+                       size=h, width=args.width, partition_hash=part.partition_hash, dataset_id=ds.dataset_id)
     router = train_router(cfg, RouterTrainConfig(steps=args.steps, batch=args.batch, seed=args.seed),
                           ds.images, ds.labels, torch.from_numpy(part.assignments), args.out,
                           eval_set=(test.images, test.labels, torch.from_numpy(part.assign(test.images))),
@@ -287,7 +287,7 @@ def _swarm_up(args) -> int:
         c, h, _ = ds.shape
         print(f"training the router ({args.router_steps} steps)")
         train_router(RouterConfig(num_clusters=k, num_classes=ds.num_classes, channels=c, size=h,
-                                  partition_hash=part.partition_hash),
+                                  partition_hash=part.partition_hash, dataset_id=ds.dataset_id),
                      RouterTrainConfig(steps=args.router_steps, seed=args.seed), ds.images, ds.labels,
                      torch.from_numpy(part.assignments), router, progress=False)
         specs = []

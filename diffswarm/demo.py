@@ -79,7 +79,7 @@ def _router_job(partition: str, out: str, preset: Preset, seed: int, threads: in
     ds, test = dataset_for_partition(part), dataset_for_partition(part, "test")
     c, h, _ = ds.shape
     cfg = RouterConfig(num_clusters=part.k, num_classes=ds.num_classes, channels=c, size=h,
-                       partition_hash=part.partition_hash)
+                       partition_hash=part.partition_hash, dataset_id=ds.dataset_id)
     router = train_router(cfg, RouterTrainConfig(steps=preset.router_steps, seed=seed), ds.images, ds.labels,
                           torch.from_numpy(part.assignments), out,
                           eval_set=(test.images, test.labels, torch.from_numpy(part.assign(test.images))),

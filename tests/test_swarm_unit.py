@@ -131,6 +131,22 @@ def test_peer_records_announce_the_training_summary():
     assert rec.final_loss is None and ExpertRecord.from_dict(rec.to_dict()).train_steps == 0
 
 
+def test_router_only_peer_announces_the_routers_dataset(tmp_path):
+    """The bootstrap of a local swarm serves the router and no expert: the dataset id comes from the router."""
+    from types import SimpleNamespace
+
+    from diffswarm.peer.server import Peer, PeerConfig, RouterBlob
+    from diffswarm.router.model import Router, RouterConfig
+
+    path = tmp_path / "router.safetensors"
+    Router(RouterConfig(num_clusters=2, num_classes=10, size=8, width=16, dataset_id="fashion:8")).save(path)
+    peer = Peer(PeerConfig(), log=lambda m: None)
+    peer.dht = SimpleNamespace(peer_id=SimpleNamespace(to_base58=lambda: "QmPeer"))
+    peer.router = RouterBlob(path)
+    rec = peer.swarm_record()
+    assert rec.dataset_id == "fashion:8" and rec.num_clusters == 2 and not peer.served
+
+
 # -- request checks ------------------------------------------------------------------------------
 
 SPEC = ExpertSpec("c0-fm", (1, 8, 8), 4, max_rows=64)

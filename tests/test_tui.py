@@ -19,6 +19,7 @@ from diffswarm.tui.model import (
     GenRequest,
     HistoryEntry,
     LatencyHistory,
+    class_hint,
     detail_text,
     event_line,
     fit_grid,
@@ -180,6 +181,13 @@ def test_client_health_verdicts():
     assert h["12D3KooWpeerCCCC0003"] == "unverified" and "12D3KooWpeerDDDD0004" not in h  # joining: no verdict
     assert client_health(client, now=103.0)["12D3KooWpeerBBBB0002"] == "unverified"  # the ban ran out
     assert h["12D3KooWpeerEEEE0005"] == "skipped"
+
+
+def test_class_hint_names_the_classes():
+    assert class_hint("fashion:28", 10).startswith("0 T-shirt/top  1 Trouser") and "9 Ankle boot" in class_hint("fashion:28", 10)
+    assert class_hint("digits:8", 10).startswith("digits 0-9")
+    assert class_hint("folder:32", 3).startswith("folder 0..2") and "-1: unconditional" in class_hint("folder:32", 3)
+    assert "take no class" in class_hint("fashion:28", 0)
 
 
 def test_history_entry_cells():

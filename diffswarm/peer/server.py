@@ -330,7 +330,8 @@ class Peer:
         if self.router is None:
             return None
         rc = self.router.cfg
-        dataset_id = next((s.expert.config.dataset_id for s in self.served.values()), "")
+        # the router's own (routers trained before it was recorded: a served expert's; a router-only peer: "")
+        dataset_id = rc.dataset_id or next((s.expert.config.dataset_id for s in self.served.values()), "")
         return SwarmRecord(
             version=RECORD_VERSION, partition_hash=rc.partition_hash or "", num_clusters=rc.num_clusters,
             dataset_id=dataset_id, image_shape=[rc.channels, rc.size, rc.size], num_classes=rc.num_classes,

@@ -37,6 +37,7 @@ class RouterConfig:
     depth: int = 2
     partition_hash: str | None = None
     label_drop: float = 0.2  # conditional routers only
+    dataset_id: str = ""  # data it was trained on, e.g. "fashion:28" (announced in the swarm record)
 
     def to_dict(self) -> dict:
         return asdict(self)

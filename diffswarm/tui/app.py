@@ -23,6 +23,7 @@ from .model import (
     GenRequest,
     HistoryEntry,
     LatencyHistory,
+    class_hint,
     event_line,
     latest_records,
     routing_legend,
@@ -139,6 +140,8 @@ class DashboardApp(App):
         bar = self._q(SummaryBar)
         bar.text = summary.line() if self.rows else "the swarm announces no experts yet"
         bar.alert, bar.note = not self.rows, snap.note
+        if snap.num_clusters:
+            self._q("#gen-hint", Label).update(class_hint(snap.dataset_id, snap.num_classes), layout=False)
 
     def show_error(self, msg: str) -> None:
         if msg != self._last_error:  # once per distinct error, not every poll

@@ -253,6 +253,20 @@ def parse_request(classes: str, n: str, steps: str, k: str, guidance: str, seed:
     return req
 
 
+def class_hint(dataset_id: str, num_classes: int) -> str:
+    """The generate panel's reminder of what the class ids mean: names for the built-in datasets
+    (``fashion:28`` -> ``0 T-shirt/top  1 Trouser ...``), else the id range."""
+    from ..data.datasets import FASHION_CLASSES
+
+    if num_classes <= 0:
+        return "the swarm's experts take no class: leave class blank"
+    name = dataset_id.split(":", 1)[0]
+    if name == "fashion" and num_classes == len(FASHION_CLASSES):
+        return "  ".join(f"{i} {c}" for i, c in enumerate(FASHION_CLASSES))
+    what = "digits 0-9" if name == "digits" and num_classes == 10 else f"{name or 'classes'} 0..{num_classes - 1}"
+    return f"{what}   (blank: every class in turn, -1: unconditional)"
+
+
 def labels_for(req: GenRequest, num_classes: int = 0) -> torch.Tensor:
     """(n,) labels: the request's classes in turn; no classes = every class in turn (like the CLI's
     ``--class all``), or unconditional (-1) when the swarm's experts take no class."""

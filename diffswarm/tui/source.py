@@ -27,6 +27,7 @@ class Snapshot:
     now: float = 0.0  # clock of ``records[*].updated`` (DHT time)
     health: dict[str, str] = field(default_factory=dict)  # peer -> this client's verdict (ok, banned 12s, ...)
     note: str = ""  # what the source cannot do yet, shown after the summary
+    dataset_id: str = ""  # e.g. "fashion:28" (the swarm record's), for class names
 
 
 def client_health(client, now: float) -> dict[str, str]:
@@ -100,14 +101,16 @@ class LiveSource:
             with contextlib.suppress(Exception):  # no router yet (peers still training): watch the records
                 self._ensemble(wait=0).wait_for_experts(timeout=0)  # probe the peers under the router's view now
         recs = list(client.records)
+        dataset = ""
         if self.ens is not None:
             k, classes, note = self.ens.num_experts, self.ens.num_classes, ""
+            dataset = self.ens.swarm_record.dataset_id if self.ens.swarm_record is not None else ""
         else:
             k = max((r.num_clusters for r in recs), default=0)
             classes = max((r.num_classes for r in recs), default=0)
             note = "no router announced yet: peers serve it once trained"
         return Snapshot(recs, dict(client.latency), k, classes, get_dht_time(), client_health(client, time.monotonic()),
-                        note)
+                        note, dataset)
 
     def generate(self, req: GenRequest, callback: Callable | None = None) -> torch.Tensor:
         from ..router.local import generate
@@ -181,16 +184,17 @@ class FakeSource:
 
     def __init__(self, records: Sequence, num_clusters: int, latency: dict[str, float] | None = None,
                  num_classes: int = 4, shape=(1, 8, 8), now: float = 100.0, fail: str | None = None,
-                 health: dict[str, str] | None = None, step_delay: float = 0.0):
+                 health: dict[str, str] | None = None, step_delay: float = 0.0, dataset_id: str = ""):
         self.records, self.num_clusters, self.latency = list(records), num_clusters, dict(latency or {})
         self.num_classes, self.shape, self.now, self.fail = num_classes, tuple(shape), now, fail
         self.health, self.step_delay = dict(health or {}), step_delay  # step_delay: a slow swarm, seconds per step
+        self.dataset_id = dataset_id
 
     def snapshot(self) -> Snapshot:
         if self.fail == "snapshot":
             raise ConnectionError("bootstrap peer unreachable")
         return Snapshot(list(self.records), dict(self.latency), self.num_clusters, self.num_classes, self.now,
-                        dict(self.health))
+                        dict(self.health), dataset_id=self.dataset_id)
 
     def generate(self, req: GenRequest, callback: Callable | None = None) -> torch.Tensor:
         from ..router.local import generate

@@ -119,6 +119,7 @@ class GeneratePanel(Vertical):
                     yield Label(label)
                     yield Select([(o, o) for o in options], value=options[0], allow_blank=False, id=f"gen-{name}")
             yield Button("Generate", id="gen-button", variant="primary")
+        yield Label("", id="gen-hint")  # what the class ids mean, once the swarm is known
         with Horizontal(id="gen-status-row"):
             yield ProgressBar(total=1, id="gen-progress", show_eta=False)  # a total: no indeterminate animation
             yield Label("", id="gen-status")
