@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from rich.console import Console
+from rich.text import Text
 from textual.widgets import Select, TabbedContent
 
 from diffswarm.tui.app import make_app
@@ -20,7 +21,8 @@ from diffswarm.tui.model import (
     HistoryEntry,
     LatencyHistory,
     class_hint,
-    detail_text,
+    detail_rows,
+    detail_table,
     event_line,
     fit_grid,
     fit_images,
@@ -151,6 +153,13 @@ def test_latency_history_is_bounded_per_peer():
         h.add({"a": s})
     h.add({"b": 0.5})
     assert h.get("a") == pytest.approx((20.0, 30.0, 40.0)) and h.get("b") == (500.0,) and h.get("zz") == ()
+
+
+def detail_text(record, state=None, latency_ms=()) -> Text:
+    """The detail panel's rows as plain ``name  value`` lines."""
+    if record is None:
+        return detail_table(None)  # the panel's own placeholder
+    return Text("\n").join(Text(f"{k} ") + v for k, v in detail_rows(record, state, latency_ms))
 
 
 def test_detail_text_shows_every_field_and_training():

@@ -140,6 +140,7 @@ class DashboardApp(App):
         bar = self._q(SummaryBar)
         bar.text = summary.line() if self.rows else "the swarm announces no experts yet"
         bar.alert, bar.note = not self.rows, snap.note
+        self._q(GeneratePanel).num_classes = snap.num_classes
         if snap.num_clusters:
             self._q("#gen-hint", Label).update(class_hint(snap.dataset_id, snap.num_classes), layout=False)
 
@@ -209,12 +210,6 @@ class DashboardApp(App):
         if self.generating is not None:
             self.notify("a generation is running: x cancels it", severity="warning")
             return
-        if self.snapshot is not None:  # (before the first poll the swarm's own error says it)
-            nc = self.snapshot.num_classes
-            if any(not (c == -1 or 0 <= c < nc) for c in msg.request.classes):
-                self.notify(f"the swarm's experts know classes 0..{nc - 1} (-1: none)" if nc else
-                            "the swarm's experts take no class: leave class blank", severity="error")
-                return
         self.generating = msg.request
         self._gen_idle.clear()
         self._q(RoutingLog).clear()
@@ -352,11 +347,10 @@ class DashboardApp(App):
             log.write(item if isinstance(item, Text) else routing_strip(item, width))
         self._pending_log = []
 
-    def show_images(self, x, path: Path, req: GenRequest | None = None, wall_s: float = 0.0) -> None:
+    def show_images(self, x, path: Path, req: GenRequest, wall_s: float) -> None:
         self.last_png = path
-        if req is not None:
-            self.history += (HistoryEntry(len(self.history) + 1, req, wall_s, str(path), x),)
-            self._q(HistoryTable).entries = self.history
+        self.history += (HistoryEntry(len(self.history) + 1, req, wall_s, str(path), x),)
+        self._q(HistoryTable).entries = self.history
         self._q(ImageView).show(x, str(path))
         self.end_generation(f"done in {wall_s:.1f} s")
         self.notify(f"saved {path}")

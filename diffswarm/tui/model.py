@@ -56,11 +56,7 @@ def swarm_rows(records: Sequence, latency: Mapping[str, float], now: float,
     (peer -> this client's verdict) and ``now`` (DHT time, seconds). Rows of ``previous`` whose record
     vanished stay, marked offline."""
     health = health or {}
-    latest: dict[str, object] = {}
-    for r in records:
-        key = f"{r.peer_id}/{r.expert_id}"
-        if key not in latest or r.updated > latest[key].updated:
-            latest[key] = r
+    latest = latest_records(records)
     replicas: dict[int | None, int] = {}
     for r in latest.values():
         if r.state == "online":
@@ -193,13 +189,13 @@ def routing_strip(info, width: int | None = None) -> Text:
                     style="green on grey15" if eid in chosen else "grey50 on grey15")
     called = sorted(((w, eid) for eid, w in zip(info.expert_ids, share) if eid in chosen), key=lambda p: -p[0])
     for i, (w, eid) in enumerate(called):
-        item = f"  {eid} " + ("1.0" if w >= 0.995 else f"{w:.2f}".lstrip("0") if w >= 0.005 else "<.01")
+        name, weight = f"  {eid} ", "1.0" if w >= 0.995 else f"{w:.2f}".lstrip("0") if w >= 0.005 else "<.01"
         rest = len(called) - i - 1
-        if width is not None and len(text) + len(item) + (len(f" +{rest}") if rest else 0) > width:
+        if width is not None and len(text) + len(name) + len(weight) + (len(f"  +{rest}") if rest else 0) > width:
             text.append(f"  +{len(called) - i}", style="green")
             break
-        text.append(item[:-len(item.split()[-1])], style="bold green")
-        text.append(item.split()[-1])
+        text.append(name, style="bold green")
+        text.append(weight)
     return text
 
 
@@ -249,7 +245,8 @@ def parse_request(classes: str, n: str, steps: str, k: str, guidance: str, seed:
     if strategy not in STRATEGIES or sampler not in SAMPLERS:
         raise ValueError(f"routing must be one of {STRATEGIES}, sampler one of {SAMPLERS}")
     if num_classes is not None and any(not -1 <= c < num_classes for c in cls):
-        raise ValueError(f"classes must be in -1..{num_classes - 1}")
+        raise ValueError(f"the swarm's experts know classes 0..{num_classes - 1} (-1: none)" if num_classes else
+                         "the swarm's experts take no class: leave class blank")
     return req
 
 
@@ -362,15 +359,6 @@ def detail_table(record, state: str | None = None, latency_ms: Sequence[float] =
     for k, v in detail_rows(record, state, latency_ms):
         grid.add_row(k, v)
     return grid
-
-
-def detail_text(record, state: str | None = None, latency_ms: Sequence[float] = ()) -> Text:
-    """The same rows as plain ``name  value`` lines (for logs and tests)."""
-    if record is None:
-        return Text("select a row of the swarm table", style="dim")
-    rows = detail_rows(record, state, latency_ms)
-    width = max(len(k) for k, _ in rows)
-    return Text("\n").join(Text(f"{k:<{width}} ", style="bold") + v for k, v in rows)
 
 
 # -- history ----------------------------------------------------------------------------------

@@ -61,7 +61,6 @@ class LiveSource:
         self.initial_peers, self.config, self.device = list(initial_peers), config, device
         self.client = None
         self.ens = None
-        self.router_error = ""
         self.closed = False
         self._lock = threading.Lock()
 
@@ -84,13 +83,8 @@ class LiveSource:
                 from ..client.ensemble import SwarmEnsemble
                 from ..router.routing import RoutingConfig
 
-                try:
-                    router, rec = client.fetch_router(self.device, wait=wait)
-                except Exception as e:
-                    self.router_error = str(e)
-                    raise
+                router, rec = client.fetch_router(self.device, wait=wait)
                 self.ens = SwarmEnsemble(client, router, RoutingConfig(), swarm_record=rec)
-                self.router_error = ""
             return self.ens
 
     def snapshot(self) -> Snapshot:

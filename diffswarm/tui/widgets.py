@@ -29,15 +29,22 @@ from .model import (
 STATE_STYLES = {"online": "green", "joining": "yellow", "offline": "red dim"}
 
 
-class SwarmTable(DataTable):
-    """One row per (peer, expert); ``expert_rows`` is set by the app after each poll."""
+class RowTable(DataTable):
+    """A striped table selected by whole rows, with the columns ``COLUMNS``."""
 
-    expert_rows: reactive[tuple[ExpertRow, ...]] = reactive((), always_update=True, init=False)
+    COLUMNS: ClassVar[tuple[str, ...]] = ()
 
     def on_mount(self) -> None:
         self.cursor_type = "row"
         self.zebra_stripes = True
-        self.add_columns(*COLUMNS)
+        self.add_columns(*self.COLUMNS)
+
+
+class SwarmTable(RowTable):
+    """One row per (peer, expert); ``expert_rows`` is set by the app after each poll."""
+
+    COLUMNS = COLUMNS
+    expert_rows: reactive[tuple[ExpertRow, ...]] = reactive((), always_update=True, init=False)
 
     @staticmethod
     def styled_cells(r: ExpertRow) -> list:
@@ -106,6 +113,7 @@ class GeneratePanel(Vertical):
 
     FIELDS = (("classes", "class", ""), ("n", "n", "8"), ("steps", "steps", "20"), ("k", "k", "2"),
               ("guidance", "guidance", "1.0"), ("seed", "seed", "0"))
+    num_classes: int | None = None  # the swarm's, once known (set by the app): class ids are checked against it
     CHOICES = (("strategy", "routing", ("top-k", "sample-k", "threshold", "full")), ("sampler", "sampler", SAMPLERS))
 
     def compose(self) -> ComposeResult:
@@ -128,7 +136,7 @@ class GeneratePanel(Vertical):
         vals = {name: self.query_one(f"#gen-{name}", Input).value for name, _, _ in self.FIELDS}
         vals.update({name: str(self.query_one(f"#gen-{name}", Select).value) for name, _, _ in self.CHOICES})
         try:
-            self.post_message(self.Requested(parse_request(**vals)))
+            self.post_message(self.Requested(parse_request(**vals, num_classes=self.num_classes)))
         except ValueError as e:
             self.post_message(self.Invalid(str(e)))
 
@@ -206,15 +214,11 @@ class ExpertDetail(Vertical):
         self._refresh_text()
 
 
-class HistoryTable(DataTable):
+class HistoryTable(RowTable):
     """This session's finished generations, newest last; ``entries`` is set by the app."""
 
+    COLUMNS = HISTORY_COLUMNS
     entries: reactive[tuple[HistoryEntry, ...]] = reactive((), always_update=True, init=False)
-
-    def on_mount(self) -> None:
-        self.cursor_type = "row"
-        self.zebra_stripes = True
-        self.add_columns(*HISTORY_COLUMNS)
 
     def watch_entries(self, entries: tuple[HistoryEntry, ...]) -> None:
         self.clear()
