@@ -30,10 +30,10 @@ import torch
 
 from diffswarm.client.client import ClientConfig
 from diffswarm.dht.node import NetworkConfig
-from diffswarm.peer.launch import local_swarm
-from diffswarm.peer.toy import make_toy_swarm
+from diffswarm.localswarm import local_swarm
 from diffswarm.router.local import generate
 from diffswarm.router.routing import RoutingConfig
+from diffswarm.toy import ToySwarmSpec, make_toy_swarm
 from diffswarm.tui.app import make_app
 from diffswarm.tui.model import GenRequest, labels_for
 
@@ -79,8 +79,9 @@ def main() -> None:
     req = GenRequest(tuple(range(10)), args.n, args.steps, 2, 1.0, args.seed)
     torch.set_num_threads(1)  # the client's own work is small; the peers need the cores
     with tempfile.TemporaryDirectory(prefix="dashboard-bench-") as tmp:
-        experts, router = make_toy_swarm(tmp, objectives, size=28, num_classes=10, net="dit", width=96, depth=3,
-                                         steps=2, router_width=256, seed=args.seed)
+        experts, router = make_toy_swarm(tmp, ToySwarmSpec(objectives, size=28, num_classes=10, net="dit", width=96,
+                                                           depth=3,
+                                         steps=2, router_width=256, seed=args.seed))
         with local_swarm(experts, router, run_dir=os.path.join(tmp, "swarm"), threads=1, announce_period=30.0,
                          log=lambda m: None) as sw:
             config = ClientConfig(swarm=sw.swarm, net=NetworkConfig.loopback(client_mode=True), refresh=30.0,
@@ -90,7 +91,7 @@ def main() -> None:
 
                 def direct() -> float:
                     t0 = time.perf_counter()
-                    generate(model, labels, model.image_shape, req.steps, "euler", req.guidance, req.seed)
+                    generate(model, labels, model.image_shape, req.sampling())
                     return time.perf_counter() - t0
 
                 direct()  # warm-up: sessions to every peer
@@ -105,7 +106,8 @@ def main() -> None:
     print(f"direct   {d:7.3f} s   (all: {' '.join(f'{x:.3f}' for x in directs)})")
     print(f"dashboard{w:7.3f} s   (all: {' '.join(f'{x:.3f}' for x in walls)})")
     print(f"direct / dashboard: {d / w:.2f}")
-    print(f"event-loop lag while generating ({len(lags_ms)} probes of 20 ms): median {statistics.median(lags_ms):.1f} ms,"
+    print(f"event-loop lag while generating ({len(lags_ms)} probes of 20 ms): "
+          f"median {statistics.median(lags_ms):.1f} ms,"
           f" p95 {p95:.1f} ms, max {lags_ms[-1]:.1f} ms")
     if args.json:
         with open(args.json, "w") as f:

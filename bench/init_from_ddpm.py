@@ -15,6 +15,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,7 +47,8 @@ def main() -> None:
     x, y = ds.images[idx], ds.labels[idx]
     c, h, _ = ds.shape
     net = NetConfig(channels=c, size=h, num_classes=ds.num_classes, patch=default_patch(h))
-    common = dict(cluster=args.cluster, num_clusters=args.k, partition_hash=part.partition_hash, dataset_id=ds.dataset_id)
+    common = dict(cluster=args.cluster, num_clusters=args.k, partition_hash=part.partition_hash,
+                  dataset_id=ds.dataset_id)
     tmp = Path(tempfile.mkdtemp(prefix="initfrom-"))
     print(f"{ds.dataset_id}, cluster {args.cluster} ({len(idx)} images), net {net.kind} {net.width}x{net.depth}")
     t0 = time.perf_counter()
@@ -57,10 +59,11 @@ def main() -> None:
     fm = ExpertConfig(objective="fm", net=net, **common)
     tc = TrainConfig(steps=args.fm_steps, batch=args.batch, log_every=args.log_every, ckpt_every=10**9, seed=1)
     train_expert(fm, tc, x, y, tmp / "scratch", progress=False)
-    train_expert(fm, tc, x, y, tmp / "init", progress=False, init_from=tmp / "ddpm" / "expert.safetensors")
+    init = replace(tc, init_from=str(tmp / "ddpm" / "expert.safetensors"))
+    train_expert(fm, init, x, y, tmp / "init", progress=False)
     scratch, init = losses(tmp / "scratch"), losses(tmp / "init")
     print(f"{'step':>6s} {'FM scratch':>11s} {'FM from DDPM':>13s}")
-    for (s, a), (_, b) in zip(scratch, init):
+    for (s, a), (_, b) in zip(scratch, init, strict=True):
         print(f"{s:6d} {a:11.4f} {b:13.4f}")
     target = scratch[-1][1]
     reached = next((s for s, b in init if b <= target), None)

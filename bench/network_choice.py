@@ -79,7 +79,8 @@ def main() -> None:
         ms = 1000 * (time.perf_counter() - t0) / steps
         n = sum(p.numel() for p in expert.net.parameters())
         label = " ".join(f"{k}={v}" for k, v in cand.items())
-        print(f"{label:28s} {n / 1e6:7.2f}M {ms:8.0f} {steps:6d} {heldout_loss(expert.eval(), xv, yv):17.4f}", flush=True)
+        loss = heldout_loss(expert.eval(), xv, yv)
+        print(f"{label:28s} {n / 1e6:7.2f}M {ms:8.0f} {steps:6d} {loss:17.4f}", flush=True)
 
 
 if __name__ == "__main__":

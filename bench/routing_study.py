@@ -27,6 +27,7 @@ from diffswarm.data import Partition
 from diffswarm.eval import get_classifier, quality_report
 from diffswarm.router.local import generate, load_local_ensemble
 from diffswarm.router.routing import RoutingConfig
+from diffswarm.router.sampler import SamplingConfig
 
 SETTINGS = [
     # (name, conditional generation, routing)
@@ -59,13 +60,15 @@ def main() -> None:
     print(f"{train.dataset_id}, K={part.k}, experts: {', '.join(p.parent.name for p in experts)}; "
           f"n={args.n}, {args.steps} Euler steps, CFG {args.guidance}, seed {args.seed}")
     print("data share per cluster: " + " ".join(f"{s:.2f}" for s in data_share))
-    print(f"{'setting':26s} {'FD':>7s} {'floor':>6s} {'class acc':>9s}  {'sample share per cluster':26s} {'TV':>5s} {'s':>5s}")
+    print(f"{'setting':26s} {'FD':>7s} {'floor':>6s} {'class acc':>9s}  {'sample share per cluster':26s} "
+          f"{'TV':>5s} {'s':>5s}")
     for name, cond, routing in SETTINGS:
         model = load_local_ensemble(experts, run / "router.safetensors", routing, seed=args.seed)
         model.router_sees_labels = cond
         labels = torch.arange(args.n) % train.num_classes if cond else torch.full((args.n,), -1)
         t0 = time.perf_counter()
-        x = generate(model, labels, train.shape, args.steps, "euler", args.guidance if cond else 1.0, args.seed)
+        sampling = SamplingConfig(steps=args.steps, guidance=args.guidance if cond else 1.0, seed=args.seed)
+        x = generate(model, labels, train.shape, sampling)
         dt = time.perf_counter() - t0
         rep = quality_report(x, labels if cond else None, train, test, clf, part, seed=args.seed)
         share = np.asarray(rep.cluster_share)

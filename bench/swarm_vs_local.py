@@ -30,10 +30,11 @@ import torch
 
 from diffswarm.client.client import ClientConfig
 from diffswarm.dht.node import NetworkConfig
-from diffswarm.peer.launch import local_swarm
-from diffswarm.peer.toy import make_toy_swarm
+from diffswarm.localswarm import local_swarm
 from diffswarm.router.local import generate, load_local_ensemble
 from diffswarm.router.routing import RoutingConfig
+from diffswarm.router.sampler import SamplingConfig
+from diffswarm.toy import ToySwarmSpec, make_toy_swarm
 
 
 def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
@@ -67,9 +68,10 @@ def main() -> None:
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="swarm-bench-") as tmp:
         t0 = time.perf_counter()
-        experts, router = make_toy_swarm(tmp, objectives, size=args.size, num_classes=args.classes, net=args.net,
+        experts, router = make_toy_swarm(tmp, ToySwarmSpec(objectives, size=args.size, num_classes=args.classes,
+                                                           net=args.net,
                                          width=args.width, depth=args.depth, steps=2, router_width=256,
-                                         seed=args.seed)
+                                         seed=args.seed))
         print(f"built K={args.k} experts ({args.net} {args.width}x{args.depth}, {args.size}x{args.size}, "
               f"{' '.join(objectives)}) in {time.perf_counter() - t0:.0f}s; {cores} CPU cores")
         labels = {b: torch.arange(b) % args.classes for b in args.batches}
@@ -89,9 +91,9 @@ def main() -> None:
                     run_swarm = partial(generate, model, labels[b], shape, args.steps, "euler", 2.0, args.seed)
                     for threads in sorted({1, cores}):  # warm-up
                         torch.set_num_threads(threads)
-                        generate(local, labels[b], shape, 2, "euler", 2.0, args.seed)
+                        generate(local, labels[b], shape, SamplingConfig(steps=2, guidance=2.0, seed=args.seed))
                     torch.set_num_threads(1)
-                    generate(model, labels[b], shape, 2, "euler", 2.0, args.seed)
+                    generate(model, labels[b], shape, SamplingConfig(steps=2, guidance=2.0, seed=args.seed))
                     for _ in range(args.repeats):
                         for threads in sorted({1, cores}):  # local: best of one thread and all threads
                             torch.set_num_threads(threads)

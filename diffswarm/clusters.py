@@ -1,17 +1,28 @@
-"""From a partition manifest to what one volunteer trains: its cluster's data and its expert config.
+"""From a partition manifest to what one volunteer trains: ``TrainJob``, its data and its expert config.
 
-Shared by ``diffswarm train``, the demo's worker processes and a peer that trains on start, so all
-three build the same expert from the same arguments.
+``diffswarm train``, ``diffswarm peer --cluster``, ``diffswarm swarm up`` (one job file per peer in
+the run directory) and the demo's worker processes all describe a volunteer's run as one
+``TrainJob`` and run it with ``run_train_job``, so all four build the same expert from the same
+settings. The job is written to ``OUT/job.json`` beside the checkpoint it produces.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
 import torch
 
 from .data import ImageDataset, Partition, load_dataset
-from .experts.config import ExpertConfig
-from .experts.networks import NetConfig, default_patch
+from .experts.config import OBJECTIVES, ExpertConfig
+from .experts.networks import NETWORKS, NetConfig, default_patch
 from .experts.schedules import ScheduleConfig
+from .experts.train import TrainConfig
+from .fileio import atomic_write
+from .router.train import RouterTrainConfig
+
+JOB_FILE = "job.json"
 
 
 def dataset_for_partition(part: Partition, split: str = "train") -> ImageDataset:
@@ -25,20 +36,110 @@ def dataset_for_partition(part: Partition, split: str = "train") -> ImageDataset
     return ds
 
 
-def cluster_expert(part: Partition, ds: ImageDataset, cluster: int, objective: str, net: str = "dit",
-                   width: int | None = None, depth: int | None = None, schedule: str = "cosine",
-                   unconditional: bool = False) -> tuple[ExpertConfig, torch.Tensor, torch.Tensor]:
-    """(expert config, images (n, C, H, W), labels (n,)) for the expert of ``cluster``."""
-    if not 0 <= cluster < part.k:
-        raise ValueError(f"--cluster must be in 0..{part.k - 1}")
-    idx = torch.from_numpy(part.indices(cluster))
+@dataclass
+class TrainJob:
+    """One volunteer's training run: which expert (cluster, objective, network) and how (``TrainConfig``)."""
+
+    partition: str  # partition manifest (from `diffswarm partition`)
+    cluster: int  # the cluster whose images this expert trains on
+    out: str  # folder of expert.safetensors, state.safetensors, train_log.jsonl, job.json
+    objective: str = "fm"  # ddpm | fm
+    schedule: str = "cosine"  # DDPM noise schedule: cosine | linear (FM experts have none)
+    net: str = "dit"  # denoiser network kind
+    width: int | None = None  # None: the network kind's default
+    depth: int | None = None
+    unconditional: bool = False  # ignore class labels (no CFG)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.net not in NETWORKS:
+            raise ValueError(f"unknown network {self.net!r}; choose one of {sorted(NETWORKS)}")
+        if self.cluster < 0:
+            raise ValueError(f"cluster must be >= 0, got {self.cluster}")
+        if self.train.init_from and self.objective != "fm":
+            raise ValueError("--init-from initialises an FM expert from a DDPM one: use it with --objective fm")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainJob:
+        d = dict(d)
+        train = TrainConfig.from_dict(d.pop("train", {}))
+        return cls(train=train, **{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(self.to_dict(), indent=2)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainJob:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"training job file {path} does not exist") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"training job file {path} is not valid: {e}") from None
+
+    def expert(self, part: Partition, ds: ImageDataset) -> tuple[ExpertConfig, torch.Tensor, torch.Tensor]:
+        """(expert config, images (n, C, H, W), labels (n,)) of this job's cluster."""
+        if not 0 <= self.cluster < part.k:
+            raise ValueError(f"--cluster must be in 0..{part.k - 1}")
+        idx = torch.from_numpy(part.indices(self.cluster))
+        c, h, _ = ds.shape
+        ncfg = NetConfig(kind=self.net, channels=c, size=h, num_classes=0 if self.unconditional else ds.num_classes,
+                         patch=default_patch(h))
+        if self.width:
+            ncfg.width = self.width
+        if self.depth:
+            ncfg.depth = self.depth
+        cfg = ExpertConfig(objective=self.objective, net=ncfg, schedule=ScheduleConfig(kind=self.schedule),
+                           cluster=self.cluster, num_clusters=part.k, partition_hash=part.partition_hash,
+                           dataset_id=ds.dataset_id)
+        return cfg, ds.images[idx], ds.labels[idx]
+
+    def load_data(self) -> tuple[ExpertConfig, torch.Tensor, torch.Tensor]:
+        part = Partition.load(self.partition)
+        return self.expert(part, dataset_for_partition(part))
+
+
+def run_train_job(job: TrainJob, *, progress: bool = True, position: int = 0, on_step=None,
+                  prepared: tuple[ExpertConfig, torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """Train ``job`` (writing ``OUT/job.json`` first); returns the checkpoint's summary.
+    ``prepared``: the (config, images, labels) of ``job.load_data()`` when the caller has them already."""
+    from .experts.train import train_expert
+
+    cfg, images, labels = prepared or job.load_data()
+    job.save(Path(job.out) / JOB_FILE)
+    return train_expert(cfg, job.train, images, labels, job.out, progress=progress, position=position,
+                        on_step=on_step)
+
+
+@dataclass
+class RouterJob:
+    """Training the swarm's router on a partition's cluster ids (the one place that needs every cluster's data)."""
+
+    partition: str  # partition manifest
+    out: str  # router file to write
+    unconditional: bool = False  # no class input (the papers' kind)
+    width: int = 256
+    train: RouterTrainConfig = field(default_factory=RouterTrainConfig)
+
+
+def run_router_job(job: RouterJob, *, progress: bool = True, evaluate: bool = True):
+    """Train the router of ``job`` (with its accuracy against t on the test split when ``evaluate``); returns it."""
+    from .router.model import RouterConfig
+    from .router.train import train_router
+
+    part = Partition.load(job.partition)
+    ds = dataset_for_partition(part)
     c, h, _ = ds.shape
-    ncfg = NetConfig(kind=net, channels=c, size=h, num_classes=0 if unconditional else ds.num_classes,
-                     patch=default_patch(h))
-    if width:
-        ncfg.width = width
-    if depth:
-        ncfg.depth = depth
-    cfg = ExpertConfig(objective=objective, net=ncfg, schedule=ScheduleConfig(kind=schedule), cluster=cluster,
-                       num_clusters=part.k, partition_hash=part.partition_hash, dataset_id=ds.dataset_id)
-    return cfg, ds.images[idx], ds.labels[idx]
+    cfg = RouterConfig(num_clusters=part.k, num_classes=0 if job.unconditional else ds.num_classes, channels=c,
+                       size=h, width=job.width, partition_hash=part.partition_hash, dataset_id=ds.dataset_id)
+    eval_set = None
+    if evaluate:
+        test = dataset_for_partition(part, "test")
+        eval_set = (test.images, test.labels, torch.from_numpy(part.assign(test.images)))
+    return train_router(cfg, job.train, ds.images, ds.labels, torch.from_numpy(part.assignments), job.out,
+                        eval_set=eval_set, progress=progress)

@@ -1,91 +1,406 @@
-"""Implementations of the CLI subcommands: thin I/O shells over the library."""
+"""The CLI subcommands, each in two halves: ``plan`` (options -> config objects) and ``run`` (the I/O shell).
+
+``plan(args, given)`` builds the dataclasses the library runs on (``TrainJob``, ``PeerConfig``,
+``ClientConfig``, ``SamplingConfig``, ``RoutingConfig``, ...) and refuses, with a ``ValueError`` that
+names the option, every option that would have no effect in the combination given: ``given`` maps
+the options the user typed to their spelling. Planning reads nothing but a local swarm's
+``swarm.json`` (to find the swarm by its own name), so it is tested offline option by option
+(``tests/test_cli_options.py``).
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
+from .clusters import RouterJob, TrainJob
+from .data import DatasetSpec
+from .experts.train import TrainConfig
+from .router.routing import RoutingConfig
+from .router.sampler import SamplingConfig
+from .router.train import RouterTrainConfig
 
-from .clusters import cluster_expert, dataset_for_partition
-from .data import ImageDataset, Partition, default_dataset_name, load_dataset, make_partition
+DEFAULT_RUN_DIR = "runs/swarm"
+DEFAULT_SWARM = "diffswarm"
 
 
-def dataset_from_args(args, split: str = "train") -> ImageDataset:
-    name = args.dataset or default_dataset_name()
-    return load_dataset(name, split, root=args.data_root, size=args.size, channels=args.channels)
+def _refuse(given: dict[str, str], dests, why: str) -> None:
+    """ValueError if any of ``dests`` was typed: '--x has no effect <why>'."""
+    bad = [given[d] for d in dests if d in given]
+    if bad:
+        verb = "has" if len(bad) == 1 else "have"
+        raise ValueError(f"{', '.join(bad)} {verb} no effect {why}")
 
 
-def cmd_partition(args) -> int:
-    ds = dataset_from_args(args)
+def _dataset(args) -> DatasetSpec:
+    spec = DatasetSpec(args.dataset, args.data_root, args.size, args.channels)
+    spec.resolved()  # refuse options the dataset would not honour, now
+    return spec
+
+
+DATASET_DESTS = ("dataset", "data_root", "size", "channels")
+
+
+# ---------------------------------------------------------------------------------------------
+# plans
+
+
+@dataclass(frozen=True)
+class PartitionPlan:
+    data: DatasetSpec
+    k: int
+    seed: int
+    out: str
+
+
+@dataclass(frozen=True)
+class RouterPlan:
+    job: RouterJob
+    device: str
+
+
+@dataclass(frozen=True)
+class SwarmSource:
+    """Where a client finds the swarm: explicit multiaddrs, or the local swarm recorded in ``run_dir``."""
+
+    initial_peers: tuple[str, ...]
+    config: object  # ClientConfig (swarm name, network, deadlines)
+    local_run_dir: str | None = None  # the `swarm up` folder it came from
+
+
+@dataclass(frozen=True)
+class GeneratePlan:
+    routing: RoutingConfig
+    sampling: SamplingConfig
+    n: int
+    classes: tuple[str, ...] | None
+    output: str
+    save_samples: str | None
+    nrow: int | None
+    device: str
+    local: tuple[str, ...] | None = None  # expert checkpoints (no network)
+    router: str | None = None  # router file (local: required for several experts; swarm: instead of fetching)
+    swarm: SwarmSource | None = None
+
+
+@dataclass(frozen=True)
+class DashboardPlan:
+    swarm: SwarmSource
+    out: str
+    device: str
+
+
+@dataclass(frozen=True)
+class PeerPlan:
+    config: object  # PeerConfig
+
+
+@dataclass(frozen=True)
+class SwarmUpPlan:
+    run_dir: str
+    swarm: str
+    replicas: int
+    threads: int
+    port: int
+    timeout: float
+    checkpoints: tuple[str, ...] | None = None  # serve these (no training)
+    router: str | None = None
+    experts: int = 4  # K (training mode)
+    partition: str | None = None  # existing manifest; None: partition `data` in the run dir
+    data: DatasetSpec = field(default_factory=DatasetSpec)
+    objectives: str = "mixed"
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300))
+    router_train: RouterTrainConfig = field(default_factory=lambda: RouterTrainConfig(steps=300))
+    net: str = "dit"
+    width: int | None = None
+    depth: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SwarmDownPlan:
+    run_dir: str
+    timeout: float
+
+
+@dataclass(frozen=True)
+class SwarmStatusPlan:
+    swarm: SwarmSource
+
+
+@dataclass(frozen=True)
+class QualityPlan:
+    samples: str
+    partition: str | None
+    data: DatasetSpec | None  # None: the partition's own dataset
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    config: object  # demo.DemoConfig
+
+
+def plan(args, given: dict[str, str]):
+    """The plan of the parsed command ``args``; ``given``: {dest: option string} of the typed options."""
+    name = args.command + (f"_{args.swarm_command}" if args.command == "swarm" else "")
+    return globals()["plan_" + name.replace("-", "_")](args, given)
+
+
+def run(p) -> int:
+    """Execute a plan (the I/O half)."""
+    return _RUNNERS[type(p)](p)
+
+
+def plan_partition(args, given) -> PartitionPlan:
+    return PartitionPlan(_dataset(args), args.k, args.seed, args.out)
+
+
+def _train_job(args, given, *, out: str | None, resume: bool, device: str, threads: int) -> TrainJob:
+    """``TrainJob`` from the shared training options of `train` and `peer`."""
+    if args.objective != "ddpm":
+        _refuse(given, ["schedule"], "on an FM expert (the schedule is DDPM's)")
+    if args.objective != "fm":
+        _refuse(given, ["init_from"], "on a DDPM expert (it initialises an FM expert from a DDPM one)")
+    length = {"minutes": args.minutes, "steps": None} if args.minutes is not None else {"steps": args.steps or 2000}
+    train = TrainConfig(**length, batch=args.batch, lr=args.lr, seed=args.seed, ckpt_every=args.ckpt_every,
+                        threads=threads, device=device, resume=resume, init_from=args.init_from)
+    return TrainJob(partition=args.partition, cluster=args.cluster, objective=args.objective, schedule=args.schedule,
+                    net=args.net, width=args.width, depth=args.depth, unconditional=args.unconditional,
+                    out=out or f"runs/peer-c{args.cluster}-{args.objective}", train=train)
+
+
+TRAIN_DESTS = ("partition", "cluster", "objective", "schedule", "net", "width", "depth", "unconditional", "steps",
+               "minutes", "batch", "lr", "seed", "ckpt_every", "init_from", "out")
+
+
+def plan_train(args, given) -> TrainJob:
+    for need in ("partition", "cluster", "out"):
+        if getattr(args, need) is None:
+            raise ValueError(f"`diffswarm train` needs --{need.replace('_', '-')}")
+    return _train_job(args, given, out=args.out, resume=args.resume, device=args.device, threads=args.threads)
+
+
+def plan_train_router(args, given) -> RouterPlan:
+    train = RouterTrainConfig(steps=args.steps, batch=args.batch, seed=args.seed, device=args.device)
+    return RouterPlan(RouterJob(args.partition, args.out, args.unconditional, args.width, train), args.device)
+
+
+def _client_network(args, given, local: bool):
+    """The client's ``NetworkConfig`` from --loopback/--no-relay/--no-nat (a local swarm is loopback)."""
+    from .dht.node import NetworkConfig
+
+    if local:
+        _refuse(given, ["loopback", "no_relay", "no_nat"],
+                "on a local swarm (`swarm up` listens on 127.0.0.1 only, without relays or NAT probing)")
+        return NetworkConfig.loopback(client_mode=True)
+    if args.loopback:
+        _refuse(given, ["no_relay", "no_nat"], "with --loopback (it turns relays and NAT probing off)")
+        return NetworkConfig.loopback(client_mode=True)
+    return NetworkConfig(client_mode=True, use_relay=not args.no_relay, auto_nat=not args.no_nat,
+                         nat_port_map=not args.no_nat)
+
+
+def _swarm_source(args, given, **client_kw) -> SwarmSource:
+    """--initial-peers, else the local swarm of --run-dir found by its own name (``swarm.json``)."""
+    from .client.client import ClientConfig
+
+    if args.initial_peers:
+        _refuse(given, ["run_dir"], "with --initial-peers (it names the local swarm to use instead)")
+        net = _client_network(args, given, local=False)
+        return SwarmSource(tuple(args.initial_peers), ClientConfig(swarm=args.swarm or DEFAULT_SWARM, net=net,
+                                                                   **client_kw))
+    from .localswarm import LocalSwarm
+
+    run_dir = args.run_dir or DEFAULT_RUN_DIR
+    sw = LocalSwarm.find(run_dir)
+    if args.swarm is not None and args.swarm != sw.swarm:
+        raise ValueError(f"--swarm {args.swarm!r}: the local swarm in {run_dir} is named {sw.swarm!r}; drop --swarm "
+                         "or pass --initial-peers to join another swarm")
+    net = _client_network(args, given, local=True)
+    return SwarmSource(tuple(sw.initial_peers), ClientConfig(swarm=sw.swarm, net=net, **client_kw), str(run_dir))
+
+
+def _routing(args, given) -> RoutingConfig:
+    d = RoutingConfig()
+    if args.routing not in ("top-k", "sample-k"):
+        _refuse(given, ["k"], f"with --routing {args.routing} (it sets the experts of top-k and sample-k)")
+    if args.routing != "threshold":
+        _refuse(given, ["threshold"], f"with --routing {args.routing} (it is the cut-off of --routing threshold)")
+    if args.routing == "full":
+        _refuse(given, ["full_above"], "with --routing full (the full ensemble is used at every t already)")
+    return RoutingConfig(args.routing, args.k if args.k is not None else d.k,
+                         args.threshold if args.threshold is not None else d.threshold, args.full_above)
+
+
+def plan_generate(args, given) -> GeneratePlan:
+    common = dict(routing=_routing(args, given),
+                  sampling=SamplingConfig(steps=args.steps, sampler=args.sampler, guidance=args.guidance,
+                                          seed=args.seed),
+                  n=args.n, classes=tuple(args.classes) if args.classes else None, output=args.output,
+                  save_samples=args.save_samples, nrow=args.nrow, device=args.device)
+    swarm_only = ["initial_peers", "run_dir", "swarm", "router_sha256", "timeout", "compression", "loopback",
+                  "no_relay", "no_nat"]
+    if args.local:
+        _refuse(given, swarm_only, "with --local (it generates from local checkpoints, without a network)")
+        if len(args.local) > 1 and not args.router:
+            raise ValueError("several --local experts need their --router")
+        return GeneratePlan(**common, local=tuple(args.local), router=args.router)
+    if args.router:
+        _refuse(given, ["router_sha256"], "with --router (it pins an announced router; --router uses a local file)")
+    kw = {"call_timeout": args.timeout} if args.timeout is not None else {}
+    if args.compression is not None:
+        kw["compression"] = args.compression
+    src = _swarm_source(args, given, router_sha256=args.router_sha256, **kw)
+    return GeneratePlan(**common, router=args.router, swarm=src)
+
+
+def plan_dashboard(args, given) -> DashboardPlan:
+    return DashboardPlan(_swarm_source(args, given, call_timeout=args.timeout, connect_timeout=20.0), args.out,
+                         args.device)
+
+
+def _server_network(args, given):
+    """A peer's ``NetworkConfig`` from the server network options."""
+    from .dht.node import NetworkConfig
+
+    if not args.identity:
+        _refuse(given, ["no_identity_check"], "without --identity (an ephemeral identity is never online elsewhere)")
+    if args.loopback:
+        _refuse(given, ["host", "announce_maddrs", "use_auto_relay", "no_relay", "no_nat"],
+                "with --loopback (it listens on 127.0.0.1 only, without relays or NAT probing)")
+    if args.no_relay:
+        _refuse(given, ["use_auto_relay"], "with --no-relay (auto relay needs relays)")
+    peers = list(args.initial_peers or [])
+    net = NetworkConfig.loopback(peers) if args.loopback else NetworkConfig(
+        initial_peers=peers, use_relay=not args.no_relay, auto_nat=not args.no_nat, nat_port_map=not args.no_nat)
+    host = args.host or ("127.0.0.1" if args.loopback else "0.0.0.0")
+    net.host_maddrs = [f"/{'ip6' if ':' in host else 'ip4'}/{host}/tcp/{args.port}"]
+    net.announce_maddrs = list(args.announce_maddrs or [])
+    net.identity_path = args.identity
+    net.check_identity = net.check_identity and not args.no_identity_check
+    net.use_auto_relay = args.use_auto_relay
+    return net
+
+
+def plan_peer(args, given) -> PeerPlan:
+    from .peer.server import PeerConfig
+
+    train = None
+    training = [d for d in TRAIN_DESTS if d in given]
+    if args.checkpoint:
+        _refuse(given, [*TRAIN_DESTS, "train_job"], "with --checkpoint (the peer serves it instead of training)")
+    elif args.train_job:
+        _refuse(given, TRAIN_DESTS, "with --train-job (the job file says what to train)")
+        train = TrainJob.load(args.train_job)
+        train = replace(train, train=replace(train.train, resume=True, device=args.device or train.train.device,
+                                             threads=args.threads if args.threads is not None else train.train.threads))
+    elif args.cluster is not None or training:
+        if args.partition is None or args.cluster is None:
+            raise ValueError(f"training an expert first needs --partition and --cluster (given: "
+                             f"{', '.join(given[d] for d in training)})")
+        train = _train_job(args, given, out=args.out, resume=True, device=args.device or "auto",
+                           threads=args.threads or 0)
+    if not args.checkpoint and train is None:
+        _refuse(given, ["device", "threads", "max_batch", "batch_wait_ms"],
+                "without an expert to serve (--checkpoint, --cluster or --train-job)")
+    d = PeerConfig()
+    cfg = PeerConfig(net=_server_network(args, given), swarm=args.swarm, checkpoint=args.checkpoint, train=train,
+                     router=args.router, device=args.device or d.device,
+                     threads=args.threads if args.threads is not None else d.threads,
+                     max_batch=args.max_batch or d.max_batch,
+                     batch_wait_ms=args.batch_wait_ms if args.batch_wait_ms is not None else d.batch_wait_ms,
+                     announce_period=args.announce_period, info_file=args.info_file)
+    return PeerPlan(cfg)
+
+
+def plan_swarm_up(args, given) -> SwarmUpPlan:
+    common = dict(run_dir=args.run_dir, swarm=args.swarm, replicas=args.replicas, threads=args.threads,
+                  port=args.port, timeout=args.timeout)
+    training = ["experts", "partition", "objectives", "train_steps", "train_minutes", "router_steps", "net", "width",
+                "depth", "seed", *DATASET_DESTS]
+    if args.checkpoints:
+        _refuse(given, training, "with --checkpoints (the peers serve them instead of training new experts)")
+        if len(args.checkpoints) > 1 and not args.router:
+            raise ValueError("serving several --checkpoints needs their --router")
+        return SwarmUpPlan(**common, checkpoints=tuple(args.checkpoints), router=args.router)
+    _refuse(given, ["router"], "without --checkpoints (the swarm trains its own router)")
+    if args.partition:
+        _refuse(given, DATASET_DESTS, "with --partition (the manifest names its dataset)")
+    length = ({"steps": None, "minutes": args.train_minutes} if args.train_minutes
+              else {"steps": args.train_steps or 300})
+    seed = args.seed if args.seed is not None else 0
+    return SwarmUpPlan(**common, experts=args.experts or 4, partition=args.partition,
+                       data=DatasetSpec() if args.partition else _dataset(args),
+                       objectives=args.objectives or "mixed", train=TrainConfig(**length, seed=seed),
+                       router_train=RouterTrainConfig(steps=args.router_steps or 300, seed=seed),
+                       net=args.net or "dit", width=args.width, depth=args.depth, seed=seed)
+
+
+def plan_swarm_down(args, given) -> SwarmDownPlan:
+    return SwarmDownPlan(args.run_dir, args.timeout)
+
+
+def plan_swarm_status(args, given) -> SwarmStatusPlan:
+    return SwarmStatusPlan(_swarm_source(args, given))
+
+
+def plan_quality(args, given) -> QualityPlan:
+    if args.partition:
+        _refuse(given, DATASET_DESTS, "with --partition (the samples are compared with the manifest's dataset)")
+        return QualityPlan(args.samples, args.partition, None)
+    return QualityPlan(args.samples, None, _dataset(args))
+
+
+def plan_demo(args, given) -> DemoPlan:
+    from .demo import DemoConfig
+
+    return DemoPlan(DemoConfig(out=args.out, data=_dataset(args), k=args.k, preset=args.preset, minutes=args.minutes,
+                               steps=args.steps, workers=args.workers, local_generation=args.local_generation,
+                               seed=args.seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+
+
+def run_partition(p: PartitionPlan) -> int:
+    from .data import make_partition
+
+    ds = p.data.load("train")
     t0 = time.perf_counter()
-    part = make_partition(ds, args.k, seed=args.seed)
-    part.source = {"name": ds.name, "root": args.data_root, "size": args.size, "channels": args.channels}
-    part.save(args.out)
-    print(f"partitioned {ds.dataset_id} ({len(ds)} images) into K={args.k} clusters in {time.perf_counter() - t0:.1f}s")
-    print(describe_partition(part, ds))
-    print(f"manifest: {args.out}  partition hash: {part.partition_hash[:16]}")
+    part = make_partition(ds, p.k, seed=p.seed)
+    part.source = p.data.resolved().to_dict()
+    part.save(p.out)
+    print(f"partitioned {ds.dataset_id} ({len(ds)} images) into K={p.k} clusters in {time.perf_counter() - t0:.1f}s")
+    print(part.describe(ds.class_names))
+    print(f"manifest: {p.out}  partition hash: {part.partition_hash[:16]}")
     return 0
 
 
-def describe_partition(part: Partition, ds: ImageDataset | None = None) -> str:
-    lines = []
-    names = ds.class_names if ds is not None else []
-    for k, st in enumerate(part.cluster_stats):
-        hist = st.get("class_hist") or []
-        top = sorted(range(len(hist)), key=lambda c: -hist[c])[:3]
-        desc = ", ".join(f"{names[c] if c < len(names) else c} {hist[c] / max(1, st['count']):.0%}" for c in top if hist[c])
-        lines.append(f"  cluster {k}: {st['count']:6d} images ({st['share']:.1%})  {desc}")
-    return "\n".join(lines)
+def run_train(job: TrainJob) -> int:
+    from .clusters import run_train_job
 
-
-def cmd_train(args) -> int:
-    from .experts.train import TrainConfig, train_expert
-
-    part = Partition.load(args.partition)
-    ds = dataset_for_partition(part)
-    cfg, images, labels = cluster_expert(part, ds, args.cluster, args.objective, args.net, args.width, args.depth,
-                                         args.schedule, args.unconditional)
-    tc = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, ckpt_every=args.ckpt_every,
-                     threads=args.threads)
-    print(f"training {cfg.expert_id} on {len(images)} images of cluster {args.cluster} ({args.net}, {args.objective})")
-    summary = train_expert(cfg, tc, images, labels, args.out, device=args.device,
-                           resume=args.resume, init_from=args.init_from)
-    print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f} -> {Path(args.out) / 'expert.safetensors'}")
+    cfg, images, labels = job.load_data()
+    length = f"{job.train.steps} steps" if job.train.steps else f"{job.train.minutes:g} minutes"
+    print(f"training {cfg.expert_id} on {len(images)} images of cluster {job.cluster} ({job.net}, {length})")
+    summary = run_train_job(job, prepared=(cfg, images, labels))
+    print(f"done: {summary['steps']} steps in {summary['seconds']:.0f}s, final loss {summary['final_loss']:.4f} "
+          f"-> {Path(job.out) / 'expert.safetensors'}")
     return 0
 
 
-def cmd_train_router(args) -> int:
-    from .router.model import RouterConfig
-    from .router.train import RouterTrainConfig, train_router
+def run_train_router(p: RouterPlan) -> int:
+    from .clusters import run_router_job
+    from .router.train import format_router_accuracy
 
-    part = Partition.load(args.partition)
-    ds = dataset_for_partition(part)
-    test = dataset_for_partition(part, "test")
-    c, h, _ = ds.shape
-    cfg = RouterConfig(num_clusters=part.k, num_classes=0 if args.unconditional else ds.num_classes, channels=c,
-                       size=h, width=args.width, partition_hash=part.partition_hash, dataset_id=ds.dataset_id)
-    router = train_router(cfg, RouterTrainConfig(steps=args.steps, batch=args.batch, seed=args.seed),
-                          ds.images, ds.labels, torch.from_numpy(part.assignments), args.out,
-                          eval_set=(test.images, test.labels, torch.from_numpy(part.assign(test.images))),
-                          device=args.device)
+    router = run_router_job(p.job)
     print(format_router_accuracy(router.summary))
-    print(f"router -> {args.out}")
+    print(f"router -> {p.job.out}")
     return 0
 
 
-def format_router_accuracy(summary: dict) -> str:
-    rows = summary.get("accuracy_by_t", [])
-    unc = {r["t"]: r for r in summary.get("accuracy_by_t_uncond", [])}
-    out = ["router accuracy on the test split (true cluster of x0):",
-           "     t   top1   top2" + ("   top1 (no class)" if unc else "")]
-    for r in rows:
-        extra = f"   {unc[r['t']]['top1']:.3f}" if r["t"] in unc else ""
-        out.append(f"  {r['t']:4.1f}  {r['top1']:.3f}  {r['top2']:.3f}{extra}")
-    return "\n".join(out)
-
-
-def parse_classes(classes: list[str] | None, ds_names: list[str]) -> list[int] | None:
+def parse_classes(classes, ds_names: list[str]) -> list[int] | None:
     if not classes:
         return None
     out: list[int] = []
@@ -101,141 +416,131 @@ def parse_classes(classes: list[str] | None, ds_names: list[str]) -> list[int] |
     return out
 
 
-def network_from_args(args, client: bool):
-    """``NetworkConfig`` from the shared --loopback/--no-relay/--no-nat/... options."""
-    from .dht.node import NetworkConfig
+def _connect(src: SwarmSource, routing=None, *, router_path=None, device="cpu", seed=0, log=print):
+    from .client.ensemble import SwarmEnsemble
 
-    peers = list(getattr(args, "initial_peers", None) or [])
-    net = NetworkConfig.loopback(peers) if args.loopback else NetworkConfig(initial_peers=peers)
-    if getattr(args, "no_relay", False):
-        net.use_relay = False
-    if getattr(args, "no_nat", False):
-        net.auto_nat = net.nat_port_map = False
-    if client:
-        net.client_mode = True
-        return net
-    host = "127.0.0.1" if args.loopback and args.host == "0.0.0.0" else args.host
-    proto = "ip6" if ":" in host else "ip4"
-    net.host_maddrs = [f"/{proto}/{host}/tcp/{args.port}"]
-    net.announce_maddrs = list(args.announce_maddrs or [])
-    net.identity_path = args.identity
-    if args.identity and args.no_identity_check:
-        net.check_identity = False
-    net.use_auto_relay = args.use_auto_relay
-    return net
+    log(f"joining swarm {src.config.swarm!r} via {src.initial_peers[0]}")
+    return SwarmEnsemble.connect(list(src.initial_peers), routing, seed=seed, router_path=router_path,
+                                 config=src.config, device=device, log=log)
 
 
-def _swarm_peers(args) -> list[str]:
-    if args.initial_peers:
-        return list(args.initial_peers)
-    from .peer.launch import LocalSwarm
-
-    sw = LocalSwarm.find(args.run_dir)
-    if not args.loopback:  # a swarm from `swarm up` listens on 127.0.0.1 only
-        args.loopback = True
-    return sw.initial_peers
-
-
-def cmd_generate(args) -> int:
+def run_generate(p: GeneratePlan) -> int:
     from .experts.train import pick_device
     from .images import save_grid, save_samples
     from .router.local import ProgressCallback, generate, load_local_ensemble, make_labels
-    from .router.routing import RoutingConfig
 
-    dev = pick_device(args.device)
-    routing = RoutingConfig(args.routing, args.k, args.threshold, args.full_above)
-    if args.local:
-        model = load_local_ensemble(args.local, args.router, routing, dev, seed=args.seed)
+    dev = pick_device(p.device)
+    if p.local:
+        model = load_local_ensemble(p.local, p.router, p.routing, dev, seed=p.sampling.seed)
         ncfg = model.experts[0].config.net
         shape, num_classes = (ncfg.channels, ncfg.size, ncfg.size), ncfg.num_classes
         where = "locally"
     else:
-        from .client.client import ClientConfig
-        from .client.ensemble import SwarmEnsemble
-
-        peers = _swarm_peers(args)
-        cfg = ClientConfig(swarm=args.swarm, net=network_from_args(args, client=True), call_timeout=args.timeout,
-                           compression=args.compression, router_sha256=args.router_sha256)
-        print(f"joining swarm {args.swarm!r} via {peers[0]}")
-        model = SwarmEnsemble.connect(peers, routing, seed=args.seed, router_path=args.router, config=cfg,
-                                      device=dev, log=print)
+        model = _connect(p.swarm, p.routing, router_path=p.router, device=dev, seed=p.sampling.seed)
         shape, num_classes = model.image_shape, model.num_classes
         cov = model.client.view.coverage()
         print("experts: " + ", ".join(f"{model.expert_ids[k]} x{n}" for k, n in enumerate(cov)))
         where = "over the swarm"
     try:
-        names = [str(i) for i in range(num_classes)]
-        labels = make_labels(args.n, parse_classes(args.classes, names), num_classes)
+        labels = make_labels(p.n, parse_classes(p.classes, [str(i) for i in range(num_classes)]), num_classes)
         t0 = time.perf_counter()
-        x = generate(model, labels, shape, args.steps, args.sampler, args.guidance, args.seed, dev,
-                     callback=ProgressCallback())
+        x = generate(model, labels, shape, p.sampling, dev, callback=ProgressCallback())
         dt = time.perf_counter() - t0
     finally:
-        if not args.local:
+        if not p.local:
             model.close()
-    nrow = args.nrow or (len(set(labels.tolist())) if args.classes else int(max(1, round(args.n**0.5))))
-    print(f"generated {args.n} images {where} in {dt:.1f}s -> {save_grid(x, args.output, nrow)}")
-    if args.save_samples:
-        print(f"samples -> {save_samples(args.save_samples, x, labels)}")
+    nrow = p.nrow or (len(set(labels.tolist())) if p.classes else int(max(1, round(p.n**0.5))))
+    print(f"generated {p.n} images {where} in {dt:.1f}s -> {save_grid(x, p.output, nrow)}")
+    if p.save_samples:
+        print(f"samples -> {save_samples(p.save_samples, x, labels)}")
     return 0
 
 
-def cmd_dashboard(args) -> int:
-    from .client.client import ClientConfig
+def run_dashboard(p: DashboardPlan) -> int:
     from .tui.app import make_app
 
-    peers = None if args.local else _swarm_peers(args)
-    cfg = None
-    if peers is not None:
-        cfg = ClientConfig(swarm=args.swarm, net=network_from_args(args, client=True), call_timeout=args.timeout,
-                           connect_timeout=20.0)
-    make_app(initial_peers=peers, run_dir=args.run_dir, out_dir=args.out, config=cfg, device=args.device).run()
+    make_app(initial_peers=list(p.swarm.initial_peers), out_dir=p.out, config=p.swarm.config, device=p.device).run()
     return 0
 
 
-def cmd_peer(args) -> int:
-    from .peer.server import PeerConfig, TrainSpec, run_peer
+def run_peer(p: PeerPlan) -> int:
+    from .peer.server import run_peer as serve
 
-    train = None
-    if args.checkpoint is None and args.cluster is not None:
-        if not args.partition:
-            raise ValueError("training a new expert needs --partition (and --cluster, --objective, --train-steps)")
-        out = args.out or f"runs/peer-c{args.cluster}-{args.objective}"
-        train = TrainSpec(partition=args.partition, cluster=args.cluster, objective=args.objective,
-                          steps=args.train_steps, out=out, net=args.net, width=args.width, depth=args.depth,
-                          batch=args.batch, lr=args.lr, seed=args.seed)
-    elif args.checkpoint is None and args.router is None and args.initial_peers:
-        print("no --checkpoint, --cluster or --router: running as a DHT node only")
-    cfg = PeerConfig(net=network_from_args(args, client=False), swarm=args.swarm, checkpoint=args.checkpoint,
-                     train=train, router=args.router, device=args.device, threads=args.threads,
-                     max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                     announce_period=args.announce_period, info_file=args.info_file)
-    return run_peer(cfg, log=lambda m: print(m, flush=True))
+    cfg = p.config
+    if cfg.checkpoint is None and cfg.train is None and cfg.router is None and cfg.net.initial_peers:
+        print("no --checkpoint, --cluster, --train-job or --router: running as a DHT node only")
+    return serve(cfg, log=lambda m: print(m, flush=True))
 
 
-def cmd_swarm(args) -> int:
-    from .peer import launch
+def run_swarm_up(p: SwarmUpPlan) -> int:
+    from .data import Partition, make_partition
+    from .localswarm import PeerSpec, start_local_swarm
 
-    if args.swarm_command == "down":
-        n = launch.stop_local_swarm(args.run_dir, args.timeout)
-        print(f"stopped {n} process(es) of the swarm in {args.run_dir}")
-        return 0
-    if args.swarm_command == "status":
-        return _swarm_status(args)
-    return _swarm_up(args)
+    run_dir = Path(p.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    names = [f"peer{i}-r{r}" if p.replicas > 1 else f"peer{i}"
+             for i in range(len(p.checkpoints) if p.checkpoints else p.experts) for r in range(p.replicas)]
+    if p.checkpoints:
+        paths = [c for c in p.checkpoints for _ in range(p.replicas)]
+        specs = [PeerSpec(n, checkpoint=c) for n, c in zip(names, paths, strict=True)]
+        router = p.router
+    else:
+        from .clusters import run_router_job
+
+        k = p.experts
+        if p.partition:
+            part_path = p.partition
+            part = Partition.load(part_path)
+        else:
+            ds = p.data.load("train")
+            part = make_partition(ds, k, seed=p.seed)
+            part.source = p.data.resolved().to_dict()
+            part_path = str(run_dir / "partition.json")
+            part.save(part_path)
+            print(f"partitioned {ds.dataset_id} into K={k} clusters -> {part_path}")
+        if part.k != k:
+            raise ValueError(f"--experts {k} but the partition has K={part.k}")
+        router = str(run_dir / "router.safetensors")
+        print(f"training the router ({p.router_train.steps} steps)")
+        run_router_job(RouterJob(part_path, router, train=p.router_train), progress=False, evaluate=False)
+        objectives = {"mixed": ["ddpm" if i % 2 == 0 else "fm" for i in range(k)], "ddpm": ["ddpm"] * k,
+                      "fm": ["fm"] * k}[p.objectives]
+        specs = []
+        for i, obj in enumerate(objectives):
+            for r in range(p.replicas):
+                out = run_dir / "experts" / (f"c{i}-{obj}" + (f"-r{r}" if p.replicas > 1 else ""))
+                job = TrainJob(part_path, i, str(out), objective=obj, net=p.net, width=p.width, depth=p.depth,
+                               train=replace(p.train, seed=p.seed + i, resume=True, threads=p.threads))
+                specs.append(PeerSpec(names[i * p.replicas + r], train=job))
+        if p.replicas > 1:
+            print("note: replicas of a cluster each train their own expert (same data and seed)")
+    print(f"starting a bootstrap node and {len(specs)} peer(s) on 127.0.0.1 (logs in {run_dir / 'logs'})")
+    sw = start_local_swarm(specs, router, run_dir, swarm=p.swarm, threads=p.threads, timeout=p.timeout, port=p.port,
+                           log=print)
+    print(f"swarm {p.swarm!r} is up with {len(specs)} expert peer(s). Multiaddr:\n  {' '.join(sw.initial_peers)}")
+    print(f"generate with: diffswarm generate --run-dir {run_dir} --class all   (or --loopback --initial-peers "
+          f"{sw.initial_peers[0]})")
+    print(f"stop with:     diffswarm swarm down --run-dir {run_dir}")
+    return 0
 
 
-def _swarm_status(args) -> int:
+def run_swarm_down(p: SwarmDownPlan) -> int:
+    from .localswarm import stop_local_swarm
+
+    n = stop_local_swarm(p.run_dir, p.timeout)
+    print(f"stopped {n} process(es) of the swarm in {p.run_dir}")
+    return 0
+
+
+def run_swarm_status(p: SwarmStatusPlan) -> int:
     import asyncio
 
     from .dht.node import SwarmDHT
 
-    peers = _swarm_peers(args)
-    net = network_from_args(args, client=True)
-    net.initial_peers = peers
+    net = replace(p.swarm.config.net, initial_peers=list(p.swarm.initial_peers))
 
     async def query():
-        node = await SwarmDHT.create(net, args.swarm)
+        node = await SwarmDHT.create(net, p.swarm.config.swarm)
         try:
             return await node.get_experts(), await node.get_swarm()
         finally:
@@ -252,85 +557,35 @@ def _swarm_status(args) -> int:
     return 0
 
 
-def _swarm_up(args) -> int:
-    from .peer.launch import PeerSpec, start_local_swarm
-
-    run = Path(args.run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    k = args.experts
-    objectives = {"mixed": ["ddpm" if i % 2 == 0 else "fm" for i in range(k)], "ddpm": ["ddpm"] * k,
-                  "fm": ["fm"] * k}[args.objectives]
-    if args.checkpoints:
-        if not args.router and len(args.checkpoints) > 1:
-            raise ValueError("serving several --checkpoints needs their --router")
-        specs = [PeerSpec(f"peer{i}-r{r}" if args.replicas > 1 else f"peer{i}", checkpoint=c)
-                 for i, c in enumerate(args.checkpoints) for r in range(args.replicas)]
-        router = args.router
-    else:
-        from .router.model import RouterConfig
-        from .router.train import RouterTrainConfig, train_router
-
-        if args.partition:
-            part = Partition.load(args.partition)
-            part_path = args.partition
-            ds = dataset_for_partition(part)
-        else:
-            ds = dataset_from_args(args)
-            part = make_partition(ds, k, seed=args.seed)
-            part.source = {"name": ds.name, "root": args.data_root, "size": args.size, "channels": args.channels}
-            part_path = str(run / "partition.json")
-            part.save(part_path)
-            print(f"partitioned {ds.dataset_id} into K={k} clusters -> {part_path}")
-        if part.k != k:
-            raise ValueError(f"--experts {k} but the partition has K={part.k}")
-        router = str(run / "router.safetensors")
-        c, h, _ = ds.shape
-        print(f"training the router ({args.router_steps} steps)")
-        train_router(RouterConfig(num_clusters=k, num_classes=ds.num_classes, channels=c, size=h,
-                                  partition_hash=part.partition_hash, dataset_id=ds.dataset_id),
-                     RouterTrainConfig(steps=args.router_steps, seed=args.seed), ds.images, ds.labels,
-                     torch.from_numpy(part.assignments), router, progress=False)
-        specs = []
-        for i, obj in enumerate(objectives):
-            for r in range(args.replicas):
-                out = run / "experts" / (f"c{i}-{obj}" + (f"-r{r}" if args.replicas > 1 else ""))
-                train_args = ["--partition", part_path, "--cluster", str(i), "--objective", obj,
-                              "--train-steps", str(args.train_steps), "--out", str(out),
-                              "--seed", str(args.seed + i), "--net", args.net]
-                train_args += ["--width", str(args.width)] if args.width else []
-                train_args += ["--depth", str(args.depth)] if args.depth else []
-                specs.append(PeerSpec(f"peer{i}-r{r}" if args.replicas > 1 else f"peer{i}", train_args=train_args))
-        if args.replicas > 1:
-            print("note: replicas of a cluster each train their own expert (same data and seed)")
-    print(f"starting a bootstrap node and {len(specs)} peer(s) on 127.0.0.1 (logs in {run / 'logs'})")
-    sw = start_local_swarm(specs, router, run, swarm=args.swarm, threads=args.threads, timeout=args.timeout,
-                           port=args.port, log=print)
-    print(f"swarm {args.swarm!r} is up with {len(specs)} expert peer(s). Multiaddr:\n  {' '.join(sw.initial_peers)}")
-    print(f"generate with: diffswarm generate --loopback --initial-peers {sw.initial_peers[0]} --class all")
-    print(f"stop with:     diffswarm swarm down --run-dir {run}")
-    return 0
-
-
-def cmd_quality(args) -> int:
+def run_quality(p: QualityPlan) -> int:
     import numpy as np
+    import torch
 
+    from .clusters import dataset_for_partition
+    from .data import Partition
     from .eval import get_classifier, quality_report
 
-    data = np.load(args.samples)
+    data = np.load(p.samples)
     samples, labels = torch.from_numpy(data["samples"]), torch.from_numpy(data["labels"])
-    part = Partition.load(args.partition) if args.partition else None
-    if part is not None and args.dataset is None:
+    part = Partition.load(p.partition) if p.partition else None
+    if part is not None:
         train, test = dataset_for_partition(part), dataset_for_partition(part, "test")
     else:
-        train, test = dataset_from_args(args), dataset_from_args(args, "test")
+        train, test = p.data.load("train"), p.data.load("test")
     clf = get_classifier(train)
     rep = quality_report(samples, labels if (labels >= 0).any() else None, train, test, clf, part)
     print(rep.format())
     return 0
 
 
-def cmd_demo(args) -> int:
-    from .demo import run_demo
+def run_demo(p: DemoPlan) -> int:
+    from .demo import run_demo as demo
 
-    run_demo(args)
+    demo(p.config)
     return 0
+
+
+_RUNNERS = {PartitionPlan: run_partition, TrainJob: run_train, RouterPlan: run_train_router,
+            GeneratePlan: run_generate, DashboardPlan: run_dashboard, PeerPlan: run_peer, SwarmUpPlan: run_swarm_up,
+            SwarmDownPlan: run_swarm_down, SwarmStatusPlan: run_swarm_status, QualityPlan: run_quality,
+            DemoPlan: run_demo}

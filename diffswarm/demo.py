@@ -1,16 +1,21 @@
-"""``diffswarm demo``: the whole path on the embedded default dataset, in one command.
+"""``diffswarm demo``: the whole path on the embedded default dataset, in one command, in a time budget.
 
 1. partition the data into K clusters (k-means on whitened pixel PCA, no labels);
 2. train K experts in parallel processes, one per cluster, alternating DDPM and flow matching,
    as independent volunteers would (the router and the quality classifier train beside them);
 3. start a local swarm (a bootstrap node serving the router + one peer process per expert on
    127.0.0.1) and sample a per-class grid over it, as a client, with top-2 routing and CFG;
-4. score 1,000 class-conditional samples: Frechet distance in the classifier's features against
-   real data (with the real train-vs-test floor), class accuracy, and the share of samples per
-   cluster against the data's share.
+4. score class-conditional samples: Frechet distance in the classifier's features against real data
+   (with the real train-vs-test floor), class accuracy, and the share of samples per cluster.
 
-Presets size the work to the machine: ``cpu`` fits a 2-core CPU in under 10 minutes, ``gpu`` is
-larger, ``tiny`` (digits) is what the tests run.
+The demo keeps its time on any machine: the preset gives a wall-clock budget for the whole run
+(``--minutes`` overrides it). After partitioning, the demo times one forward pass of the expert
+network here, estimates what generating and scoring will cost on this machine, and gives the
+experts' training what is left (``TrainConfig.minutes``: the steps follow from the measured speed).
+A slower machine trains fewer steps instead of running late. ``--steps`` trains a fixed number of
+steps instead. Every stage's time is printed and written to ``report.json``.
+
+Presets: ``cpu`` fits a 2-core CPU, ``gpu`` is larger, ``tiny`` (digits) is what the tests run.
 """
 
 from __future__ import annotations
@@ -21,192 +26,243 @@ import multiprocessing as mp
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from .clusters import RouterJob, TrainJob
+from .data import DatasetSpec
+from .experts.train import TrainConfig
+from .router.routing import RoutingConfig
+from .router.sampler import SamplingConfig
+from .router.train import RouterTrainConfig
 
-@dataclass
+
+@dataclass(frozen=True)
 class Preset:
+    """Sizes of one demo configuration (frozen: a run derives its own copy, never edits these)."""
+
     dataset: str | None  # None: the default dataset
     net: str
     width: int
     depth: int
-    expert_steps: int
     batch: int
+    minutes: float  # wall-clock budget of the whole demo
     router_steps: int
     classifier_epochs: int
-    sample_steps: int
     per_class: int  # grid columns
     eval_n: int  # samples scored for FD
-    guidance: float = 2.0
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    lr: float = 1e-3
+    min_train_minutes: float = 1.0  # never train for less than this, whatever the estimate says
 
 
 PRESETS = {
-    "cpu": Preset(None, "dit", 96, 3, 900, 96, 1000, 2, 30, 10, 1000),
-    "gpu": Preset(None, "dit", 256, 6, 20000, 256, 6000, 4, 50, 10, 5000),
-    "tiny": Preset("digits", "mlp", 128, 2, 150, 64, 150, 1, 10, 4, 100),
+    "cpu": Preset(None, "dit", 96, 3, 96, minutes=8.5, router_steps=1000, classifier_epochs=2, per_class=10,
+                  eval_n=1000),
+    "gpu": Preset(None, "dit", 256, 6, 256, minutes=30.0, router_steps=6000, classifier_epochs=4, per_class=10,
+                  eval_n=5000, sampling=SamplingConfig(steps=50)),
+    "tiny": Preset("digits", "mlp", 128, 2, 64, minutes=1.0, router_steps=150, classifier_epochs=1, per_class=4,
+                   eval_n=100, sampling=SamplingConfig(steps=10), min_train_minutes=0.05),
 }
 
 
-def _expert_job(partition: str, cluster: int, objective: str, out: str, preset: Preset, seed: int, threads: int):
-    """One volunteer: load the data, keep its own cluster, train, write the checkpoint."""
-    torch.set_num_threads(threads)
-    from .clusters import cluster_expert, dataset_for_partition
-    from .data import Partition
-    from .experts.train import TrainConfig, train_expert
+@dataclass(frozen=True)
+class DemoConfig:
+    """One demo run (from `diffswarm demo`'s options)."""
 
-    part = Partition.load(partition)
-    cfg, images, labels = cluster_expert(part, dataset_for_partition(part), cluster, objective, preset.net,
-                                         preset.width, preset.depth)
-    tc = TrainConfig(steps=preset.expert_steps, batch=preset.batch, seed=seed + cluster,
-                     ckpt_every=max(100, preset.expert_steps // 4))
+    out: str = "runs/demo"
+    data: DatasetSpec = field(default_factory=DatasetSpec)  # name None: the preset's, else the default dataset
+    k: int = 4
+    preset: str | None = None  # cpu | gpu | tiny (None: gpu with CUDA, else cpu)
+    minutes: float | None = None  # budget of the whole demo (None: the preset's)
+    steps: int | None = None  # train each expert a fixed number of steps instead of a budget
+    workers: int | None = None  # training processes (default: one per job)
+    local_generation: bool = False  # generate in this process instead of over a local swarm
+    seed: int = 0
+
+
+def _expert_job(job: TrainJob, deadline: float | None, position: int) -> dict:
+    """One volunteer in its own process: train until ``deadline`` (time.time()), or job.train.steps."""
+    torch.set_num_threads(max(1, job.train.threads))
+    from .clusters import run_train_job
+
     t0 = time.perf_counter()
-    summary = train_expert(cfg, tc, images, labels, out, device="auto", resume=True,
-                           position=cluster, progress=True)
-    return {"expert": cfg.expert_id, "seconds": time.perf_counter() - t0, **summary}
+    if deadline is not None:
+        left = max(deadline - time.time(), 1.0)
+        job = replace(job, train=replace(job.train, minutes=left / 60))
+    summary = run_train_job(job, position=position, progress=True)
+    return {"expert": Path(job.out).name, "seconds": time.perf_counter() - t0, **summary}
 
 
-def _router_job(partition: str, out: str, preset: Preset, seed: int, threads: int):
+def _router_job(job: RouterJob) -> dict:
+    torch.set_num_threads(max(1, job.train.threads))
+    from .clusters import run_router_job
+
+    return run_router_job(job, progress=False).summary
+
+
+def _classifier_job(data: DatasetSpec, epochs: int, threads: int) -> dict:
     torch.set_num_threads(threads)
-    from .clusters import dataset_for_partition
-    from .data import Partition
-    from .router.model import RouterConfig
-    from .router.train import RouterTrainConfig, train_router
-
-    part = Partition.load(partition)
-    ds, test = dataset_for_partition(part), dataset_for_partition(part, "test")
-    c, h, _ = ds.shape
-    cfg = RouterConfig(num_clusters=part.k, num_classes=ds.num_classes, channels=c, size=h,
-                       partition_hash=part.partition_hash, dataset_id=ds.dataset_id)
-    router = train_router(cfg, RouterTrainConfig(steps=preset.router_steps, seed=seed), ds.images, ds.labels,
-                          torch.from_numpy(part.assignments), out,
-                          eval_set=(test.images, test.labels, torch.from_numpy(part.assign(test.images))),
-                          device="auto", progress=False)
-    return router.summary
-
-
-def _classifier_job(partition: str, preset: Preset, threads: int):
-    torch.set_num_threads(threads)
-    from .clusters import dataset_for_partition
-    from .data import Partition
     from .eval import get_classifier
 
-    part = Partition.load(partition)
-    ds, test = dataset_for_partition(part), dataset_for_partition(part, "test")
+    ds, test = data.load("train"), data.load("test")
     t0 = time.perf_counter()
-    clf = get_classifier(ds, epochs=preset.classifier_epochs, progress=False, test_ds=test)
-    return {"seconds": time.perf_counter() - t0, "test_accuracy": getattr(clf, "test_accuracy", None)}
+    clf = get_classifier(ds, epochs=epochs, progress=False, test_ds=test)
+    return {"seconds": time.perf_counter() - t0, "test_accuracy": getattr(clf.config, "test_accuracy", None)}
 
 
-def run_demo(args) -> dict:
-    from .commands import describe_partition, format_router_accuracy
-    from .data import default_dataset_name, load_dataset, make_partition
+def sampling_seconds_per_row(job: TrainJob, part, ds, guidance: float) -> float:
+    """Wall seconds of one velocity row (CFG included) of this job's network on this machine, one thread:
+    the best of a few timed forward passes of an untrained expert at batch 64."""
+    from .experts.expert import Expert
+
+    cfg, _, _ = job.expert(part, ds)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        e = Expert(cfg).eval()
+        x, t = torch.randn(64, *ds.shape), torch.full((64,), 0.5)
+        labels = torch.zeros(64, dtype=torch.long)
+        e.velocity(x, t, labels, guidance)  # warm-up
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            e.velocity(x, t, labels, guidance)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(prev)
+    return best / 64
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    from .data import make_partition
     from .eval import get_classifier, quality_report
     from .experts.train import pick_device
     from .images import save_grid, save_samples
     from .router.local import ProgressCallback, generate, load_local_ensemble
-    from .router.routing import RoutingConfig
+    from .router.train import format_router_accuracy
 
     t_start = time.perf_counter()
     dev = pick_device("auto")
-    preset = PRESETS[args.preset or ("gpu" if dev.type == "cuda" else "cpu")]
-    if args.steps:
-        preset.expert_steps = args.steps
-    out = Path(args.out)
+    preset = PRESETS[cfg.preset or ("gpu" if dev.type == "cuda" else "cpu")]
+    budget_s = 60 * (cfg.minutes if cfg.minutes is not None else preset.minutes)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = args.dataset or preset.dataset or default_dataset_name()
+    data = DatasetSpec(cfg.data.name or preset.dataset, cfg.data.root, cfg.data.size, cfg.data.channels).resolved()
     timings: dict[str, float] = {}
+    cores = os.cpu_count() or 1
 
     # 1. partition
     t0 = time.perf_counter()
-    ds = load_dataset(name, "train", root=args.data_root, size=args.size, channels=args.channels)
-    test = load_dataset(name, "test", root=args.data_root, size=args.size, channels=args.channels)
-    part = make_partition(ds, args.k, seed=args.seed)
-    part.source = {"name": name, "root": args.data_root, "size": args.size, "channels": args.channels}
+    ds, test = data.load("train"), data.load("test")
+    part = make_partition(ds, cfg.k, seed=cfg.seed)
+    part.source = data.to_dict()
     part_path = out / "partition.json"
     part.save(part_path)
     timings["partition_s"] = time.perf_counter() - t0
-    print(f"[1/4] partitioned {ds.dataset_id} ({len(ds)} images) into K={args.k} clusters "
+    print(f"[1/4] partitioned {ds.dataset_id} ({len(ds)} images) into K={cfg.k} clusters "
           f"in {timings['partition_s']:.1f}s")
-    print(describe_partition(part, ds))
+    print(part.describe(ds.class_names))
 
-    # 2. experts (alternating DDPM / FM), router and classifier, in parallel processes
-    workers = args.workers or min(os.cpu_count() or 1, 8)
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    objectives = ["ddpm" if k % 2 == 0 else "fm" for k in range(args.k)]
-    print(f"[2/4] training {args.k} experts ({objectives.count('ddpm')} DDPM + {objectives.count('fm')} FM, "
-          f"{preset.net} {preset.width}x{preset.depth}, {preset.expert_steps} steps) + router + classifier "
-          f"on {workers} worker processes")
+    # 2. experts (alternating DDPM / FM), router and classifier, in parallel processes, in what the budget leaves
+    objectives = ["ddpm" if k % 2 == 0 else "fm" for k in range(cfg.k)]
+    n_jobs = cfg.k + 2
+    workers = cfg.workers or n_jobs
+    threads = max(1, cores // min(workers, n_jobs))
+    length = {"steps": cfg.steps} if cfg.steps else {"steps": None, "minutes": 1.0}  # minutes: set per job below
+    jobs = [TrainJob(str(part_path), k, str(out / "experts" / f"c{k}-{obj}"), objective=obj, net=preset.net,
+                     width=preset.width, depth=preset.depth,
+                     train=TrainConfig(**length, batch=preset.batch, lr=preset.lr, seed=cfg.seed + k, threads=threads,
+                                       resume=True, ckpt_every=max(100, (cfg.steps or 400) // 4)))
+            for k, obj in enumerate(objectives)]
+    router_path = out / "router.safetensors"
+    rjob = RouterJob(str(part_path), str(router_path),
+                     train=RouterTrainConfig(steps=preset.router_steps, seed=cfg.seed, threads=threads))
+    grid_n = max(1, ds.num_classes) * preset.per_class
+    s = preset.sampling
+    rows = (grid_n + preset.eval_n) * s.evaluations * min(preset.routing.k, cfg.k)
+    row_s = sampling_seconds_per_row(jobs[0], part, ds, s.guidance)
+    # peers compute in parallel on the cores; the client, the RPCs and the swarm's start cost about as much again
+    est_generate = 2.0 * rows * row_s / max(1, min(cores, preset.routing.k)) + (0 if cfg.local_generation else 25)
+    elapsed = time.perf_counter() - t_start
+    train_s = max(60 * preset.min_train_minutes, budget_s - elapsed - est_generate - 15)
+    deadline = None if cfg.steps else time.time() + train_s
+    timings.update(budget_s=budget_s, estimated_generate_s=est_generate, training_budget_s=train_s)
+    what = f"{cfg.steps} steps each" if cfg.steps else f"{train_s:.0f} s wall-clock each"
+    print(f"[2/4] training {cfg.k} experts ({objectives.count('ddpm')} DDPM + {objectives.count('fm')} FM, "
+          f"{preset.net} {preset.width}x{preset.depth}, {what}) + router + classifier in {min(workers, n_jobs)} "
+          f"processes ({threads} thread(s) each); generating is estimated at {est_generate:.0f} s here")
     t0 = time.perf_counter()
-    expert_dirs = [out / "experts" / f"c{k}-{obj}" for k, obj in enumerate(objectives)]
-    ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futs = [pool.submit(_expert_job, str(part_path), k, obj, str(d), preset, args.seed, threads)
-                for k, (obj, d) in enumerate(zip(objectives, expert_dirs))]
-        f_router = pool.submit(_router_job, str(part_path), str(out / "router.safetensors"), preset, args.seed, threads)
-        f_clf = pool.submit(_classifier_job, str(part_path), preset, threads)
+    with ProcessPoolExecutor(max_workers=min(workers, n_jobs), mp_context=mp.get_context("spawn")) as pool:
+        f_router = pool.submit(_router_job, rjob)
+        f_clf = pool.submit(_classifier_job, data, preset.classifier_epochs, threads)
+        futs = [pool.submit(_expert_job, j, deadline, k) for k, j in enumerate(jobs)]
         expert_summaries = [f.result() for f in futs]
         router_summary = f_router.result()
         clf_info = f_clf.result()
     timings["train_s"] = time.perf_counter() - t0
-    for s in expert_summaries:
-        print(f"  {s['expert']}: {s['steps']} steps, final loss {s['final_loss']:.4f}, {s['seconds']:.0f}s")
+    for e in expert_summaries:
+        print(f"  {e['expert']}: {e['steps']} steps, final loss {e['final_loss']:.4f}, {e['seconds']:.0f}s")
     print(format_router_accuracy(router_summary))
 
     # 3. generate over a local swarm (bootstrap + K peer processes on 127.0.0.1): a per-class grid,
-    #    then class-conditional samples for scoring (--local-generation: in this process instead)
-    torch.set_num_threads(os.cpu_count() or 1)
-    routing = RoutingConfig("top-k", 2)
-    expert_paths = [d / "expert.safetensors" for d in expert_dirs]
-    shape = ds.shape
+    #    then class-conditional samples for scoring (local_generation: in this process instead)
+    torch.set_num_threads(cores)
+    expert_paths = [Path(j.out) / "expert.safetensors" for j in jobs]
     classes = list(range(ds.num_classes)) or [-1]
+    t_gen = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        if getattr(args, "local_generation", False):
-            model = load_local_ensemble(expert_paths, out / "router.safetensors", routing, dev, seed=args.seed)
+        if cfg.local_generation:
+            model = load_local_ensemble(expert_paths, router_path, preset.routing, dev, seed=cfg.seed)
             where = "in this process"
         else:
-            from .peer.launch import local_swarm
+            from .localswarm import local_swarm
 
             t0 = time.perf_counter()
-            print(f"[3/4] starting a local swarm: bootstrap (router) + {args.k} expert peers on 127.0.0.1 "
+            print(f"[3/4] starting a local swarm: bootstrap (router) + {cfg.k} expert peers on 127.0.0.1 "
                   f"(logs in {out / 'swarm' / 'logs'})")
-            swarm = stack.enter_context(local_swarm(expert_paths, out / "router.safetensors", run_dir=out / "swarm",
-                                                    log=print))
-            model = stack.enter_context(swarm.client(routing, seed=args.seed, device=dev))
+            swarm = stack.enter_context(local_swarm(expert_paths, router_path, run_dir=out / "swarm", log=print))
+            model = stack.enter_context(swarm.client(preset.routing, seed=cfg.seed, device=dev))
             timings["swarm_up_s"] = time.perf_counter() - t0
             where = f"over the swarm ({' '.join(swarm.initial_peers)})"
         t0 = time.perf_counter()
         grid_labels = torch.tensor([c for c in classes for _ in range(preset.per_class)])
-        print(f"[3/4] sampling a {len(classes)}x{preset.per_class} grid {where} ({preset.sample_steps} Euler steps, "
-              f"top-2, CFG {preset.guidance})")
-        grid = generate(model, grid_labels, shape, preset.sample_steps, "euler", preset.guidance, args.seed, dev,
-                        callback=ProgressCallback("grid"))
+        print(f"[3/4] sampling a {len(classes)}x{preset.per_class} grid {where} ({s.steps} {s.sampler} steps, "
+              f"{preset.routing.strategy} k={preset.routing.k}, CFG {s.guidance:g})")
+        grid = generate(model, grid_labels, ds.shape, replace(s, seed=cfg.seed), dev, callback=ProgressCallback("grid"))
         grid_path = save_grid(grid, out / "grid.png", preset.per_class)
         timings["grid_s"] = time.perf_counter() - t0
         eval_labels = torch.tensor([classes[i % len(classes)] for i in range(preset.eval_n)])
         t0 = time.perf_counter()
         model.calls.zero_()
-        samples = generate(model, eval_labels, shape, preset.sample_steps, "euler", preset.guidance, args.seed + 1,
-                           dev, callback=ProgressCallback("eval samples"))
+        samples = generate(model, eval_labels, ds.shape, replace(s, seed=cfg.seed + 1), dev,
+                           callback=ProgressCallback("eval samples"))
         save_samples(out / "samples.npz", samples, eval_labels)
         timings["eval_sampling_s"] = time.perf_counter() - t0
         model_calls = model.calls.clone()
+    timings["generate_s"] = time.perf_counter() - t_gen
 
     # 4. quality
+    t0 = time.perf_counter()
     clf = get_classifier(ds, epochs=preset.classifier_epochs, progress=False, test_ds=test)
-    rep = quality_report(samples, eval_labels if ds.num_classes else None, ds, test, clf, part, seed=args.seed)
+    rep = quality_report(samples, eval_labels if ds.num_classes else None, ds, test, clf, part, seed=cfg.seed)
+    timings["score_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     calls = (model_calls.float() / model_calls.sum().clamp_min(1)).tolist()
-    report = {"dataset": ds.dataset_id, "k": args.k, "preset": preset.__dict__, "objectives": objectives,
+    report = {"dataset": ds.dataset_id, "k": cfg.k, "preset": asdict(preset), "objectives": objectives,
               "experts": expert_summaries, "router": router_summary, "classifier": clf_info,
-              "quality": rep.to_dict(), "routing": "top-2", "expert_call_share": calls, "timings": timings,
-              "generation": "local" if getattr(args, "local_generation", False) else "swarm",
-              "grid": str(grid_path)}
+              "quality": rep.to_dict(), "routing": asdict(preset.routing), "sampling": asdict(s),
+              "expert_call_share": calls, "timings": timings, "cpu_count": cores,
+              "generation": "local" if cfg.local_generation else "swarm", "grid": str(grid_path)}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    print("[4/4] quality (classifier features, top-2 routing):")
+    print(f"[4/4] quality (classifier features, {preset.routing.strategy} k={preset.routing.k}):")
     print(rep.format())
-    print("  expert call share (rows evaluated): " + ", ".join(f"c{k} {s:.2f}" for k, s in enumerate(calls)))
-    print(f"grid -> {grid_path}\nreport -> {out / 'report.json'}\ntotal {timings['total_s']:.0f}s")
+    print("  expert call share (rows evaluated): " + ", ".join(f"c{k} {v:.2f}" for k, v in enumerate(calls)))
+    print("  time per stage: " + ", ".join(f"{k.removesuffix('_s')} {v:.0f}s" for k, v in timings.items()
+                                           if k not in ("budget_s", "estimated_generate_s", "training_budget_s")))
+    print(f"grid -> {grid_path}\nreport -> {out / 'report.json'}\ntotal {timings['total_s']:.0f}s "
+          f"(budget {budget_s:.0f}s)")
     return report

@@ -55,7 +55,7 @@ def test_resume_continues_exactly_where_a_killed_run_stopped(tmp_path):
     train_expert(_cfg(), TrainConfig(steps=12, batch=16, ckpt_every=6, warmup=2), x, y, full, progress=False)
     part = tmp_path / "part"
 
-    def kill_at_9(step, loss):
+    def kill_at_9(step, loss, progress):
         if step == 9:
             raise KeyboardInterrupt
 
@@ -64,7 +64,8 @@ def test_resume_continues_exactly_where_a_killed_run_stopped(tmp_path):
         train_expert(_cfg(), TrainConfig(steps=12, batch=16, ckpt_every=6, warmup=2), x, y, part, progress=False,
                      on_step=kill_at_9)
     assert read_meta(part / "state.safetensors")["step"] == 6
-    train_expert(_cfg(), TrainConfig(steps=12, batch=16, ckpt_every=6, warmup=2), x, y, part, resume=True, progress=False)
+    resumed = TrainConfig(steps=12, batch=16, ckpt_every=6, warmup=2, resume=True)
+    train_expert(_cfg(), resumed, x, y, part, progress=False)
     a = load_expert_file(full / "expert.safetensors")[1]
     b = load_expert_file(part / "expert.safetensors")[1]
     for k in a:
@@ -77,4 +78,41 @@ def test_resume_refuses_another_configuration(tmp_path):
     x, y = _data()
     train_expert(_cfg("fm"), TrainConfig(steps=2, batch=8), x, y, tmp_path, progress=False)
     with pytest.raises(CheckpointError, match="different expert"):
-        train_expert(_cfg("ddpm"), TrainConfig(steps=4, batch=8), x, y, tmp_path, resume=True, progress=False)
+        train_expert(_cfg("ddpm"), TrainConfig(steps=4, batch=8, resume=True), x, y, tmp_path, progress=False)
+
+
+def test_step_budget_plans_the_steps_that_fit():
+    from diffswarm.experts.train import StepBudget
+
+    b = StepBudget(seconds=100.0, probe_s=3.0, probe_steps=5)
+    assert b.plan(1, 0.5) is None  # the first (allocating) step is not timed
+    assert b.plan(3, 1.5) is None  # still measuring
+    assert b.plan(11, 5.5) == 11 + int((100 - 5.5) / 0.5)  # 0.5 s per step over steps 1..11
+    # the machine slows down to 1 s per step: the plan shrinks (smoothed: 0.75 s per step)
+    assert b.plan(21, 15.5) == 21 + int((100 - 15.5) / 0.75)
+    assert b.plan(200, 101.0) == 200  # out of time: no more steps
+
+
+def test_lr_schedule_is_laid_over_the_planned_steps():
+    from diffswarm.experts.train import lr_at
+
+    cfg = TrainConfig(steps=None, minutes=1.0, lr=1.0, warmup=100)
+    assert lr_at(0, cfg, None) == pytest.approx(0.01) and lr_at(500, cfg, None) == 1.0  # measuring: warm-up only
+    assert lr_at(0, cfg, 300) == pytest.approx(1 / 30)  # warm-up at most a tenth of the run
+    assert lr_at(299, cfg, 300) == pytest.approx(0.1, abs=0.01)  # decayed to lr/10 at the end of the plan
+    with pytest.raises(ValueError, match="steps or as minutes"):
+        TrainConfig(steps=10, minutes=1.0)
+
+
+def test_a_time_budget_run_records_its_steps_and_resumes_within_the_budget(tmp_path):
+    x, y = _data()
+    summary = train_expert(_cfg(), TrainConfig(steps=None, minutes=0.05, batch=8, log_every=5, ckpt_every=5), x, y,
+                           tmp_path, progress=False)
+    assert summary["steps"] > 5 and summary["planned_steps"] >= summary["steps"] - 5
+    assert 2.0 <= summary["seconds"] < 30  # 3 s budget (generous upper bound: shared machines)
+    state = read_meta(tmp_path / "state.safetensors")
+    assert state["elapsed_s"] >= 2.0 and state["step"] == summary["steps"]
+    # resuming a spent budget trains no further
+    again = train_expert(_cfg(), TrainConfig(steps=None, minutes=0.05, batch=8, resume=True), x, y, tmp_path,
+                         progress=False)
+    assert again["steps"] == summary["steps"]

@@ -49,27 +49,73 @@ def test_generate_writes_grid_and_samples_reproducibly(run):
     assert Image.open(run / "a.png").size[0] > 8
 
 
-@pytest.mark.parametrize("routing", [["--routing", "full"], ["--routing", "threshold"], ["--routing", "sample-k", "--k", "1"],
-                                     ["--routing", "top-k", "--k", "1", "--sampler", "heun"]])
-def test_every_routing_strategy_runs(run, routing):
-    out = _generate(run, "r", *routing)
-    assert np.isfinite(out["samples"]).all()
+def test_routing_options_change_the_samples(run):
+    """Each routing option does what it says on these K=2 experts."""
+    base = _generate(run, "r0", "--seed", "5")["samples"]
+    out = {name: _generate(run, name, "--seed", "5", *opts)["samples"] for name, opts in {
+        "full": ["--routing", "full"], "top1": ["--k", "1"], "sample1": ["--routing", "sample-k", "--k", "1"],
+        "thr_all": ["--routing", "threshold", "--threshold", "0.0"],
+        "thr_argmax": ["--routing", "threshold", "--threshold", "0.99"], "heun": ["--sampler", "heun"],
+        "guided": ["--guidance", "4"]}.items()}
+    for x in out.values():
+        assert np.isfinite(x).all()
+    np.testing.assert_allclose(out["full"], base, atol=1e-6)  # top-2 of 2 experts is the full ensemble
+    np.testing.assert_allclose(out["thr_all"], base, atol=1e-6)  # a zero threshold keeps everyone
+    np.testing.assert_allclose(out["thr_argmax"], out["top1"], atol=1e-6)  # a high one keeps the argmax only
+    for name in ("top1", "sample1", "heun", "guided"):
+        assert np.abs(out[name] - base).max() > 1e-3, name
 
 
 def test_quality_command(run, capsys, tmp_cache):
-    _generate(run, "q")
+    import re
+
+    import torch
+
+    from diffswarm.clusters import dataset_for_partition
+    from diffswarm.data import Partition
+    from diffswarm.eval import get_classifier, quality_report
+
+    q = _generate(run, "q")
+    capsys.readouterr()
     assert main(["quality", str(run / "q.npz"), "--partition", str(run / "p.json")]) == 0
-    assert "FD" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    part = Partition.load(run / "p.json")
+    train, test = dataset_for_partition(part), dataset_for_partition(part, "test")
+    want = quality_report(torch.from_numpy(q["samples"]), torch.from_numpy(q["labels"]), train, test,
+                          get_classifier(train), part)
+    fd, floor = map(float, re.search(r"FD ([\d.]+)\s+\(real-vs-real floor ([\d.]+)", printed).groups())
+    assert fd == pytest.approx(want.fd, abs=0.01) and floor == pytest.approx(want.fd_floor, abs=0.01)
+    assert f"class accuracy {100 * want.class_accuracy:.1f}%" in printed
+    assert "cluster share samples/data: c0" in printed
 
 
 def test_resume_and_init_from(run):
+    import torch
+
+    from diffswarm.experts.checkpoint import load_expert_file
+
     p = str(run / "p.json")
     assert main(["train", "--partition", p, "--cluster", "1", "--objective", "fm", "--steps", "30",
                  "--out", str(run / "c1"), "--resume", *TINY]) == 0
     log = [json.loads(x) for x in (run / "c1" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 30
-    assert main(["train", "--partition", p, "--cluster", "1", "--objective", "fm", "--steps", "5",
-                 "--init-from", str(run / "c0" / "expert.safetensors"), "--out", str(run / "c1i"), *TINY]) == 0
+    job = json.loads((run / "c1" / "job.json").read_text())  # the whole job is written beside the checkpoint
+    assert job["train"]["steps"] == 30 and job["train"]["resume"] is True and job["objective"] == "fm"
+    # --init-from copies the DDPM expert's trunk: one step later the trunk is still next to it, a fresh run's is not
+    ddpm = load_expert_file(run / "c0" / "expert.safetensors")[1]
+    one = [*TINY, "--steps", "1", "--lr", "1e-4"]
+    assert main(["train", "--partition", p, "--cluster", "1", "--objective", "fm", "--out", str(run / "c1i"),
+                 "--init-from", str(run / "c0" / "expert.safetensors"), "--seed", "9", *one]) == 0
+    assert main(["train", "--partition", p, "--cluster", "1", "--objective", "fm", "--out", str(run / "c1s"),
+                 "--seed", "9", *one]) == 0
+
+    def trunk_distance(path) -> float:
+        w = load_expert_file(path)[1]
+        return sum(float((w[k] - ddpm[k]).abs().sum()) for k in w if not k.startswith("out."))
+
+    scratch = trunk_distance(run / "c1s" / "expert.safetensors")
+    assert trunk_distance(run / "c1i" / "expert.safetensors") < 0.01 * scratch
+    assert torch.isfinite(load_expert_file(run / "c1i" / "expert.safetensors")[1]["out.weight"]).all()
 
 
 def test_clear_errors(run, capsys):

@@ -9,7 +9,7 @@ from diffswarm.cli import main
 
 def test_tiny_demo_end_to_end(tmp_path, tmp_cache):
     out = tmp_path / "demo"
-    assert main(["demo", "--preset", "tiny", "--k", "2", "--out", str(out), "--workers", "2"]) == 0
+    assert main(["demo", "--preset", "tiny", "--k", "2", "--out", str(out), "--steps", "150"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["dataset"] == "digits:8" and report["objectives"] == ["ddpm", "fm"]
     assert [e["steps"] for e in report["experts"]] == [150, 150]

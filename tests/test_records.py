@@ -259,8 +259,11 @@ def test_forged_records_are_rejected_and_genuine_ones_kept():
     assert out["bad_schema"] is False
     assert out["newer_stored"] is True
     assert out["older_stored"] is True
+    # the attacker's forged value is refused by every validating node (its own copy does not count as stored)
+    assert out["attacker_stored"] is False
+    # nothing invalid reached the reader: the DHT's validators dropped the forgeries before parse_entries saw them
+    assert out["errors"] == []
     seen = out["seen"]
-    # the attacker keeps its own copy, but no validating node stores it and no reader accepts it
     assert seen[(out["peer_id"], "c0-fm")] == out["genuine"]  # never overwritten, summary included
     assert (out["evil_id"], "c2-fm") in seen  # forward-compatible record accepted
     assert seen[(out["evil_id"], "c1-fm")].train_steps is None  # backward-compatible record accepted

@@ -48,11 +48,53 @@ def test_sample_k_follows_router_probabilities():
     assert torch.allclose(share, torch.tensor([0.6, 0.3, 0.1]), atol=0.02)
 
 
-def test_sample_k_is_sticky_for_fixed_noise():
-    g = sample_gumbel((2, 4), torch.Generator().manual_seed(1), "cpu")
-    a = choose_experts(P, ALL, RoutingConfig("sample-k", 2), gumbel=g)
-    b = choose_experts(P, ALL, RoutingConfig("sample-k", 2), gumbel=g)
-    assert torch.equal(a, b)
+class _Field:
+    def __init__(self, c):
+        self.c = c
+
+    def velocity(self, x, t, labels, guidance=1.0):
+        return x - self.c
+
+
+class _Router:
+    """p(k) = base, plus a drift linear in t (a real router's p moves along the trajectory)."""
+
+    cfg = type("C", (), {"num_clusters": 4})()
+
+    def __init__(self, drift: float):
+        self.drift = drift
+
+    def probs(self, x, t, labels):
+        p = torch.tensor([0.4, 0.3, 0.2, 0.1]) + self.drift * t.reshape(-1, 1) * torch.tensor([-1.0, 1.0, -1.0, 1.0])
+        return (p / p.sum(-1, keepdim=True)).expand(x.shape[0], -1)
+
+
+def _sample_k_choices(drift: float, seed: int, n: int = 400, steps: int = 12) -> torch.Tensor:
+    """(steps, n) expert chosen by sample-1 at every step of one trajectory batch."""
+    from diffswarm.router.sampler import RoutedEnsemble, sample
+
+    ens = RoutedEnsemble([_Field(float(k)) for k in range(4)], _Router(drift), RoutingConfig("sample-k", 1),
+                         seed=seed)
+    chosen = []
+    sample(ens, torch.randn(n, 1, 2, 2), torch.full((n,), -1), steps=steps,
+           callback=lambda info: chosen.append(info.weights.argmax(-1)))
+    return torch.stack(chosen)
+
+
+def test_sample_k_keeps_each_trajectory_on_its_experts_across_steps():
+    """Per-trajectory Gumbel noise: with p fixed, every sample keeps the expert it drew at step 0 for the whole
+    run, and samples draw experts in proportion to p (DDM's per-step resampling was catastrophic)."""
+    chosen = _sample_k_choices(0.0, seed=3)
+    assert (chosen == chosen[0]).all(), "a trajectory switched experts between steps"
+    share = torch.bincount(chosen[0], minlength=4).float() / chosen.shape[1]
+    assert torch.allclose(share, torch.tensor([0.4, 0.3, 0.2, 0.1]), atol=0.07)
+    # while p drifts a little, only the samples at a decision boundary move: fresh noise per step would move
+    # 1 - sum p^2 = 70% of them at every step
+    drifting = _sample_k_choices(0.05, seed=3)
+    switched = (drifting != drifting[0]).any(0).float().mean()
+    assert 0 < switched < 0.15
+    # another trajectory (seed) draws again: stickiness is per trajectory, not global
+    assert (_sample_k_choices(0.0, seed=4)[0] != chosen[0]).float().mean() > 0.3
 
 
 def test_full_above_switches_strategy_by_time():

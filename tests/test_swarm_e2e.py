@@ -24,12 +24,13 @@ from hivemind.utils.timed_storage import get_dht_time
 from diffswarm.client.client import ClientConfig, SwarmClient
 from diffswarm.dht.node import NetworkConfig, SwarmDHT
 from diffswarm.dht.records import experts_key
-from diffswarm.peer.launch import LocalSwarm, PeerSpec, _alive, _spawn, start_local_swarm
-from diffswarm.peer.protocol import encode_request, request_metadata
+from diffswarm.localswarm import LocalSwarm, PeerSpec, _alive, _spawn, start_local_swarm
 from diffswarm.peer.server import NAMESPACE, ExpertServicer
-from diffswarm.peer.toy import make_toy_swarm
 from diffswarm.router.local import generate, load_local_ensemble
 from diffswarm.router.routing import NoExpertsError, RoutingConfig
+from diffswarm.router.sampler import SamplingConfig
+from diffswarm.toy import ToySwarmSpec, make_toy_swarm
+from diffswarm.wire import encode_request, request_metadata
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,7 @@ LABELS = torch.tensor([0, 1, 2, 3, -1, 0, 1, 2])
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     d = tmp_path_factory.mktemp("toy")
-    experts, router = make_toy_swarm(d, OBJECTIVES, size=8, width=32, depth=1, steps=10)
+    experts, router = make_toy_swarm(d, ToySwarmSpec(OBJECTIVES, size=8, width=32, depth=1, steps=10))
     return d, experts, router
 
 
@@ -86,7 +87,7 @@ def local_samples(toy, routing, seed, steps=8, unavailable_after=None, drop=()):
             return avail
 
         model.available = available
-    return generate(model, LABELS, SHAPE, steps, "euler", 2.0, seed)
+    return generate(model, LABELS, SHAPE, SamplingConfig(steps=steps, guidance=2.0, seed=seed))
 
 
 def name_of(sw: LocalSwarm, peer_id: str) -> str:
@@ -106,7 +107,8 @@ def test_swarm_generation_matches_local(swarm, toy):
     with swarm.client(routing, seed=3, config=client_config(toy)) as model:
         assert model.client.view.coverage() == [1, 2, 1]
         assert model.expert_ids == ["c0-ddpm", "c1-fm", "c2-ddpm"]
-        x = generate(model, LABELS, SHAPE, 8, "euler", 2.0, 3, callback=lambda i: events.extend(i.events))
+        x = generate(model, LABELS, SHAPE, SamplingConfig(steps=8, guidance=2.0, seed=3),
+                     callback=lambda i: events.extend(i.events))
         assert model.calls.sum() == 8 * 8 * 2  # every row evaluated by its top-2 experts, every step
     want = local_samples(toy, routing, 3)
     assert torch.allclose(x, want, atol=1e-5), (x - want).abs().max()
@@ -121,7 +123,7 @@ def test_a_trained_peer_announces_joining_then_online_then_offline(swarm, toy, t
     part.save(tmp_path / "partition.json")
     args = ["--initial-peers", *swarm.initial_peers, "--threads", "1", "--announce-period", "0.5",
             "--partition", str(tmp_path / "partition.json"), "--cluster", "1", "--objective", "fm",
-            "--train-steps", "3000", "--width", "32", "--depth", "1", "--batch", "32", "--out", str(tmp_path / "c1")]
+            "--steps", "3000", "--width", "32", "--depth", "1", "--batch", "32", "--out", str(tmp_path / "c1")]
     proc, pop = _spawn("trainer", args, toy[0] / "run", dict(os.environ, PYTHONUNBUFFERED="1"))
     swarm.procs.append(proc)
     swarm._popens[proc.pid] = pop
@@ -212,7 +214,7 @@ def test_swarm_survives_killed_peers_and_fails_clearly_when_none_is_left(swarm, 
                 swarm.kill(name_of(swarm, dead))
                 model.client.latency[dead] = 0.0  # the client still thinks it is the fastest replica
 
-        x = generate(model, LABELS, SHAPE, 8, "euler", 2.0, 5, callback=kill_c1)
+        x = generate(model, LABELS, SHAPE, SamplingConfig(steps=8, guidance=2.0, seed=5), callback=kill_c1)
     assert any("retrying" in e for e in events), events
     assert torch.allclose(x, local_samples(toy, RoutingConfig("full"), 5), atol=1e-5)
 
@@ -224,7 +226,7 @@ def test_swarm_survives_killed_peers_and_fails_clearly_when_none_is_left(swarm, 
             if info.step == 2:
                 swarm.kill("peer2")
 
-        x = generate(model, LABELS, SHAPE, 8, "euler", 2.0, 7, callback=kill_c2)
+        x = generate(model, LABELS, SHAPE, SamplingConfig(steps=8, guidance=2.0, seed=7), callback=kill_c2)
         assert any("no replica left for cluster 2" in e for e in events), events
         want = local_samples(toy, RoutingConfig("top-k", 2), 7, unavailable_after=2, drop=[2])
         assert torch.allclose(x, want, atol=1e-5), (x - want).abs().max()
@@ -233,7 +235,7 @@ def test_swarm_survives_killed_peers_and_fails_clearly_when_none_is_left(swarm, 
         for name in ("peer0", "peer1", "peer1b"):
             swarm.kill(name)
         with pytest.raises(NoExpertsError, match=r"clusters 0, 1, 2 are uncovered"):
-            generate(model, LABELS, SHAPE, 4, "euler", 2.0, 7)
+            generate(model, LABELS, SHAPE, SamplingConfig(steps=4, guidance=2.0, seed=7))
 
 
 def test_swarm_up_generate_down_cli(toy, tmp_path):
@@ -264,6 +266,6 @@ def test_swarm_up_generate_down_cli(toy, tmp_path):
 
     samples = torch.from_numpy(np.load(tmp_path / "s.npz")["samples"])
     labels = torch.tensor([0, 1, 2, 3, -1, 0, 1, 2])
-    want = generate(load_local_ensemble(experts, router, RoutingConfig("top-k", 2), seed=3), labels, SHAPE, 8,
-                    "euler", 2.0, 3)
+    want = generate(load_local_ensemble(experts, router, RoutingConfig("top-k", 2), seed=3), labels, SHAPE,
+                    SamplingConfig(steps=8, guidance=2.0, seed=3))
     assert torch.allclose(samples, want.clamp(-1, 1), atol=1e-5)

@@ -14,7 +14,8 @@ from diffswarm.client.discovery import SwarmTarget, SwarmView
 from diffswarm.client.selection import Blacklist, Replica, expected_seconds, pick_replica
 from diffswarm.dht.records import ExpertRecord
 from diffswarm.peer.batching import Batcher, BatchPolicy, compute_batch, should_wait, take_batch
-from diffswarm.peer.protocol import (
+from diffswarm.router.sampler import SamplingConfig
+from diffswarm.wire import (
     MAX_UNARY_BYTES,
     ExpertSpec,
     RequestError,
@@ -105,7 +106,7 @@ def test_peer_records_announce_the_training_summary():
 
     from diffswarm.experts.config import ExpertConfig, NetConfig
     from diffswarm.experts.expert import Expert
-    from diffswarm.peer.server import Peer, PeerConfig, ServedExpert, make_expert_record
+    from diffswarm.peer.server import ExpertStatus, Peer, PeerConfig, ServedExpert, make_expert_record
 
     cfg = ExpertConfig(objective="fm", net=NetConfig(kind="mlp", size=8, width=8, depth=1, num_classes=3),
                        cluster=0, num_clusters=2, partition_hash="ph")
@@ -126,8 +127,7 @@ def test_peer_records_announce_the_training_summary():
     expert.summary = {}  # an older checkpoint without a summary
     assert peer.records()[0].train_steps is None and peer.records()[0].final_loss is None
     # no step done yet (the trainer's loss starts as NaN): announced as unknown, not as an invalid record
-    rec = make_expert_record(cfg, state="joining", sha256="", peer_id="QmPeer", addrs=[], train_steps=0,
-                             final_loss=float("nan"))
+    rec = make_expert_record(cfg, ExpertStatus("joining", train_steps=0, final_loss=float("nan")), "QmPeer", [])
     assert rec.final_loss is None and ExpertRecord.from_dict(rec.to_dict()).train_steps == 0
 
 
@@ -229,7 +229,7 @@ def test_compute_batch_groups_by_guidance_and_splits_back():
     calls = []
     outs = compute_batch(fake_velocity(calls), reqs)
     assert sorted(calls) == [(3, 1.0), (3, 2.0)]
-    for r, v in zip(reqs, outs):
+    for r, v in zip(reqs, outs, strict=True):
         assert torch.equal(v, r.x * r.guidance + r.t.reshape(-1, 1, 1, 1))
 
 
@@ -282,10 +282,10 @@ def test_batcher_failure_fails_requests_not_the_worker():
 def inproc_peer(tmp_path_factory):
     from diffswarm.dht.node import NetworkConfig
     from diffswarm.peer.server import Peer, PeerConfig
-    from diffswarm.peer.toy import make_toy_swarm
+    from diffswarm.toy import ToySwarmSpec, make_toy_swarm
 
     d = tmp_path_factory.mktemp("inproc")
-    experts, router = make_toy_swarm(d, ["ddpm"], size=32, channels=3, width=16, steps=2)
+    experts, router = make_toy_swarm(d, ToySwarmSpec(["ddpm"], size=32, channels=3, width=16, steps=2))
     cfg = PeerConfig(net=NetworkConfig.loopback(), checkpoint=str(experts[0]), router=str(router), threads=1,
                      announce_period=60, batch_wait_ms=200)
     started = threading.Event()
@@ -363,6 +363,12 @@ class FakeClient:
     def usable(self, rep, now):
         return not self.bans.is_banned(rep.peer_id, now)
 
+    def set_target(self, target):
+        from diffswarm.client.discovery import SwarmView
+
+        self.view = SwarmView(target)
+        return self.view
+
     def with_fresh_load(self, reps):
         return reps
 
@@ -386,10 +392,10 @@ class FakeClient:
 @pytest.fixture(scope="module")
 def three_experts(tmp_path_factory):
     from diffswarm.experts.expert import Expert
-    from diffswarm.peer.toy import make_toy_swarm
     from diffswarm.router.model import Router
+    from diffswarm.toy import ToySwarmSpec, make_toy_swarm
 
-    paths, router = make_toy_swarm(tmp_path_factory.mktemp("three"), ["ddpm", "fm", "ddpm"], steps=2)
+    paths, router = make_toy_swarm(tmp_path_factory.mktemp("three"), ToySwarmSpec(["ddpm", "fm", "ddpm"], steps=2))
     return [Expert.from_checkpoint(p) for p in paths], Router.load(router), paths, router
 
 
@@ -413,17 +419,18 @@ def test_swarm_ensemble_fails_over_to_replicas_then_reroutes(three_experts):
     _, _, paths, router_path = three_experts
     labels = torch.tensor([0, 1, 2, 3, -1, 0])
     routing = RoutingConfig("top-k", 2)
-    local = generate(load_local_ensemble(paths, router_path, routing, seed=1), labels, (1, 8, 8), 4, "euler", 2.0, 1)
+    s4 = SamplingConfig(steps=4, guidance=2.0, seed=1)
+    local = generate(load_local_ensemble(paths, router_path, routing, seed=1), labels, (1, 8, 8), s4)
 
     ens, client = fake_swarm(three_experts, routing)
-    assert torch.allclose(generate(ens, labels, (1, 8, 8), 4, "euler", 2.0, 1), local, atol=1e-6)
+    assert torch.allclose(generate(ens, labels, (1, 8, 8), s4), local, atol=1e-6)
 
     # one replica of cluster 1 dies: same rows retried on the other one, same images
     ens, client = fake_swarm(three_experts, routing)
     events = []
     client.dead.add("p10")
     client.latency["p10"] = 0.0  # make the dead one the first choice
-    x = generate(ens, labels, (1, 8, 8), 4, "euler", 2.0, 1, callback=lambda i: events.extend(i.events))
+    x = generate(ens, labels, (1, 8, 8), s4, callback=lambda i: events.extend(i.events))
     assert torch.allclose(x, local, atol=1e-6)
     assert any("retrying" in e and "p11" in e for e in events)
     assert client.bans.is_banned("p10", time.monotonic())
@@ -432,14 +439,15 @@ def test_swarm_ensemble_fails_over_to_replicas_then_reroutes(three_experts):
     ens, client = fake_swarm(three_experts, routing)
     client.dead.add("p20")
     events = []
-    generate(ens, labels, (1, 8, 8), 2, "euler", 2.0, 1, callback=lambda i: events.extend(i.events))
+    generate(ens, labels, (1, 8, 8), SamplingConfig(steps=2, guidance=2.0, seed=1),
+             callback=lambda i: events.extend(i.events))
     assert any("no replica left for cluster 2" in e for e in events)
     assert ens.last.weights[:, 2].eq(0).all() and torch.allclose(ens.last.weights.sum(1), torch.ones(6))
 
     # everyone dead: a clear error naming the clusters
     client.dead.update(client.experts)
     with pytest.raises(NoExpertsError, match="clusters 0, 1, 2 are uncovered"):
-        generate(ens, labels, (1, 8, 8), 2, "euler", 2.0, 1)
+        generate(ens, labels, (1, 8, 8), SamplingConfig(steps=2, guidance=2.0, seed=1))
 
 
 def test_requests_of_two_clients_share_one_forward_pass(inproc_peer):
@@ -464,7 +472,7 @@ def test_requests_of_two_clients_share_one_forward_pass(inproc_peer):
 def test_a_refused_request_does_not_end_the_session(inproc_peer):
     from diffswarm.client.client import ClientConfig, PeerSession, SwarmClient
     from diffswarm.dht.node import NetworkConfig
-    from diffswarm.peer.protocol import decode_response
+    from diffswarm.wire import decode_response
 
     peer, _ = inproc_peer
     x, t, labels = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([0, 1])

@@ -56,7 +56,7 @@ def test_rows_from_records():
     a = rows[0]
     assert (a.objective, a.peer, a.state, a.load, a.age_s, a.replicas) == ("DDPM", "AAAA0001", "online", 2.0, 1.0, 1)
     assert a.latency_ms == pytest.approx(12.3)
-    col = dict(zip(COLUMNS, range(len(COLUMNS))))
+    col = dict(zip(COLUMNS, range(len(COLUMNS)), strict=True))
     assert a.cells()[col["latency ms"]] == "12" and rows[1].cells()[col["latency ms"]] == "-"
     assert a.cells()[col["health"]] == "ok" and rows[1].cells()[col["health"]] == "banned 7s"
     assert rows[2].cells()[col["health"]] == "-"  # no verdict from the client yet
@@ -170,7 +170,8 @@ def test_detail_text_shows_every_field_and_training():
     assert rec.checkpoint_sha256 in text and "/ip4/127.0.0.1/tcp/40001" in text
     assert "steps 1200, final loss 0.0312" in text and "offline (last announced online)" in text
     assert "last 30.0 ms, min 10.0, max 30.0" in text
-    assert "training" in detail_text(demo_records()[1]).plain and "not announced" in detail_text(demo_records()[1]).plain
+    assert "training" in detail_text(demo_records()[1]).plain
+    assert "not announced" in detail_text(demo_records()[1]).plain
     assert "step 480 (40%), loss 0.0581" in detail_text(demo_records()[3]).plain  # a joining peer's progress
     assert "select a row" in detail_text(None).plain
 
@@ -183,17 +184,25 @@ def test_client_health_verdicts():
     bans.ban("12D3KooWpeerBBBB0002", now=100.0)  # first strike: 1 s
     bans.ban("12D3KooWpeerBBBB0002", now=100.0)  # second: 2 s
     recs = demo_records() + [FakeRecord("12D3KooWpeerEEEE0005", "c0-fm", 0, "fm")]
-    client = SimpleNamespace(records=recs, bans=bans, verified={"12D3KooWpeerAAAA0001": "ok"},
-                             view=SimpleNamespace(skipped={"12D3KooWpeerEEEE0005/c0-fm": "partition differs"}))
+    from diffswarm.client.client import SwarmClient
+
+    state = SimpleNamespace(records=recs, bans=bans, verified={"12D3KooWpeerAAAA0001": "ok"}, latency={},
+                            last_error={"12D3KooWpeerBBBB0002": "timed out"},
+                            view=SimpleNamespace(skipped={"12D3KooWpeerEEEE0005/c0-fm": "partition differs"}))
+    client = SimpleNamespace(health=lambda now: SwarmClient.health(state, now))  # the client's public snapshot
     h = client_health(client, now=100.5)
     assert h["12D3KooWpeerAAAA0001"] == "ok" and h["12D3KooWpeerBBBB0002"] == "banned 2s"
     assert h["12D3KooWpeerCCCC0003"] == "unverified" and "12D3KooWpeerDDDD0004" not in h  # joining: no verdict
     assert client_health(client, now=103.0)["12D3KooWpeerBBBB0002"] == "unverified"  # the ban ran out
     assert h["12D3KooWpeerEEEE0005"] == "skipped"
+    full = SwarmClient.health(state, 100.5)
+    assert full["12D3KooWpeerBBBB0002"].reason == "timed out"
+    assert full["12D3KooWpeerEEEE0005"].reason == "partition differs"
 
 
 def test_class_hint_names_the_classes():
-    assert class_hint("fashion:28", 10).startswith("0 T-shirt/top  1 Trouser") and "9 Ankle boot" in class_hint("fashion:28", 10)
+    assert class_hint("fashion:28", 10).startswith("0 T-shirt/top  1 Trouser")
+    assert "9 Ankle boot" in class_hint("fashion:28", 10)
     assert class_hint("digits:8", 10).startswith("digits 0-9")
     assert class_hint("folder:32", 3).startswith("folder 0..2") and "-1: unconditional" in class_hint("folder:32", 3)
     assert "take no class" in class_hint("fashion:28", 0)
@@ -294,9 +303,9 @@ def test_app_errors_are_notified_not_raised(tmp_path):
     asyncio.run(go())
 
 
-def test_make_app_without_swarm_explains(tmp_path):
+def test_make_app_without_swarm_explains():
     with pytest.raises(ValueError, match="swarm up"):
-        make_app(run_dir=tmp_path / "nothing")
+        make_app()
 
 
 def test_cli_dashboard_without_swarm_is_an_error(tmp_path, capsys):
@@ -329,7 +338,8 @@ def test_keys_fire_while_a_field_is_focused_and_enter_generates(tmp_path):
             assert [e.request.seed for e in app.history] == [0, 5, 5] and app.history[-1].wall_s > 0
             assert len({e.path for e in app.history}) == 3  # one PNG per generation, even within a second
             table = app.query_one(HistoryTable)
-            assert table.row_count == 3 and table.get_row_at(1)[HISTORY_COLUMNS.index("seed")] == "5" and table.get_row_at(2)[1] == "all"
+            assert table.row_count == 3 and table.get_row_at(1)[HISTORY_COLUMNS.index("seed")] == "5"
+            assert table.get_row_at(2)[1] == "all"
             await pilot.press("q")
         assert app.return_code == 0
 
@@ -352,7 +362,8 @@ def test_history_row_shows_its_images_again(tmp_path):
             table.focus()
             await pilot.press("up", "enter")  # the first generation
             await wait_for(pilot, lambda: view.path == app.history[0].path)
-            assert view.images is app.history[0].images and not torch.equal(app.history[0].images, app.history[1].images)
+            assert view.images is app.history[0].images
+            assert not torch.equal(app.history[0].images, app.history[1].images)
 
     asyncio.run(go())
 
@@ -363,7 +374,8 @@ def test_expert_detail_follows_the_table_cursor(tmp_path):
         async with app.run_test(size=(120, 40)) as pilot:
             table, detail = app.query_one(SwarmTable), app.query_one(ExpertDetail)
             await wait_for(pilot, lambda: table.row_count == 4 and detail.record is not None)
-            shown = lambda: rendered(app.query_one("#detail-fields"))
+            def shown():
+                return rendered(app.query_one("#detail-fields"))
             assert detail.record.peer_id == "12D3KooWpeerAAAA0001"
             assert "9f2c" in shown() and "/ip4/127.0.0.1/tcp/40001" in shown() and "final loss 0.0312" in shown()
             assert "software" in shown() and "steps 1200" in shown()
@@ -499,10 +511,10 @@ def test_dashboard_on_a_loopback_swarm(tmp_path):
     (SIGKILL, no goodbye) peer's row turns offline once its record expires, and generation goes on."""
     from diffswarm.client.client import ClientConfig
     from diffswarm.dht.node import NetworkConfig
-    from diffswarm.peer.launch import local_swarm
-    from diffswarm.peer.toy import make_toy_swarm
+    from diffswarm.localswarm import local_swarm
+    from diffswarm.toy import ToySwarmSpec, make_toy_swarm
 
-    experts, router = make_toy_swarm(tmp_path / "toy", ["ddpm", "fm"], size=8, width=16, depth=1, steps=2)
+    experts, router = make_toy_swarm(tmp_path / "toy", ToySwarmSpec(["ddpm", "fm"], size=8, width=16, depth=1, steps=2))
     with local_swarm(experts, router, run_dir=tmp_path / "run", timeout=120, announce_period=1.0,
                      log=lambda m: None) as sw:
         cfg = ClientConfig(swarm=sw.swarm, net=NetworkConfig.loopback(client_mode=True), connect_timeout=30.0,
@@ -525,7 +537,8 @@ def test_dashboard_on_a_loopback_swarm(tmp_path):
 
                 sw.kill("peer1")
                 table = app.query_one(SwarmTable)
-                dead = lambda: next(r for r in app.rows if r.key.startswith(victim))
+                def dead():
+                    return next(r for r in app.rows if r.key.startswith(victim))
                 await wait_for(pilot, lambda: dead().state == "offline", timeout=30)
                 assert table.row_count == 2  # marked, not dropped
                 state = COLUMNS.index("state")

@@ -33,20 +33,20 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from ..dht.node import NetworkConfig, SwarmDHT
 from ..dht.records import ExpertRecord, SwarmRecord
-from ..peer.protocol import (
+from ..wire import (
     MAX_UNARY_BYTES,
     RequestError,
     combine_parts,
     decode_info,
     decode_response,
     encode_request,
+    handle_name,
     load_metadata,
     payload_bytes,
     request_metadata,
     stream_parts,
 )
-from ..peer.server import NAMESPACE, ExpertServicer
-from .discovery import SwarmView, choose_swarm_record
+from .discovery import SwarmTarget, SwarmView, choose_swarm_record
 from .selection import Blacklist, Replica, update_ema
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,16 @@ class ClientConfig:
     cache_dir: str | None = None  # fetched routers (default $DIFFSWARM_CACHE or ~/.cache/diffswarm)
 
 
+@dataclass(frozen=True)
+class PeerHealth:
+    """This client's verdict on one peer (a copy for observers such as the dashboard)."""
+
+    verdict: str  # ok (probe matched its record) | banned | skipped (serves another partition/protocol) | unverified
+    banned_for: float = 0.0  # seconds of ban left (verdict banned)
+    reason: str = ""  # last failure (banned) or why its record is not used (skipped)
+    latency: float | None = None  # EMA of round trips, seconds
+
+
 class SwarmClientError(RuntimeError):
     """The client cannot use the swarm (no router announced, router fails its hash check, ...)."""
 
@@ -94,9 +104,8 @@ class PeerSession:
         self.reader = self.writer = self.read_task = None
 
     async def open(self) -> None:
-        handle = ExpertServicer._get_handle_name(NAMESPACE, "rpc_velocity_session")
-        _, self.reader, self.writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(self.peer_id),
-                                                                                handle)
+        _, self.reader, self.writer = await self.p2p.call_binary_stream_handler(
+            PeerID.from_base58(self.peer_id), handle_name("rpc_velocity_session"))
         self.read_task = asyncio.get_running_loop().create_task(self._read_loop())
 
     async def _read_loop(self) -> None:
@@ -295,13 +304,20 @@ class SwarmClient:
             except Exception as e:
                 logger.debug(f"connect to {peer_id[:12]} via {addrs}: {e!r}")
 
-    def _stub(self, peer_id: str):
-        return ExpertServicer.get_stub(self.dht.p2p, PeerID.from_base58(peer_id), namespace=NAMESPACE)
+    async def _unary(self, peer_id: str, rpc: str, request, response_type, timeout: float):
+        """One unary RPC under a deadline (hivemind's public ``P2P.call_protobuf_handler``)."""
+        return await asyncio.wait_for(self.dht.p2p.call_protobuf_handler(
+            PeerID.from_base58(peer_id), handle_name(rpc), request, response_type), timeout)
+
+    async def _stream(self, peer_id: str, rpc: str, requests, response_type):
+        """An async iterator over the answers of a streaming RPC (``P2P.iterate_protobuf_handler``)."""
+        return await self.dht.p2p.iterate_protobuf_handler(PeerID.from_base58(peer_id), handle_name(rpc), requests,
+                                                           response_type)
 
     async def info(self, peer_id: str, addrs=(), timeout: float | None = None) -> dict:
         await self._connect(peer_id, addrs)
-        resp = await self._stub(peer_id).rpc_info(runtime_pb2.ExpertUID(uid=""),
-                                                  timeout=timeout or self.cfg.info_timeout)
+        resp = await self._unary(peer_id, "rpc_info", runtime_pb2.ExpertUID(uid=""), runtime_pb2.ExpertInfo,
+                                 timeout or self.cfg.info_timeout)
         return decode_info(resp.serialized_info)
 
     async def _probe(self, rep: Replica) -> None:
@@ -323,6 +339,31 @@ class SwarmClient:
             self.events.append(f"{rep.expert_id} at {rep.peer_id[:12]}: {reason}; banned {length:.0f}s")
             self.verified.pop(rep.peer_id, None)  # probed again once the ban is over
 
+    def set_target(self, target: SwarmTarget) -> SwarmView:
+        """Route for ``target`` (the router's clusters, partition, shapes): keep a view of the replicas that fit it."""
+        self.view = SwarmView(target)
+        self.view.update(self.records)
+        return self.view
+
+    def health(self, now: float | None = None) -> dict[str, PeerHealth]:
+        """Per announcing peer, what this client makes of it (peers whose records are neither online nor
+        skipped, e.g. joining, are left out)."""
+        now = time.monotonic() if now is None else now
+        skipped = self.view.skipped if self.view is not None else {}  # "peer_id/expert_id" -> why
+        out: dict[str, PeerHealth] = {}
+        for r in self.records:
+            p = r.peer_id
+            lat = self.latency.get(p)
+            if self.bans.is_banned(p, now):
+                out[p] = PeerHealth("banned", self.bans.until[p] - now, self.last_error.get(p, ""), lat)
+            elif self.verified.get(p) == "ok":
+                out[p] = PeerHealth("ok", latency=lat)
+            elif f"{p}/{r.expert_id}" in skipped:
+                out[p] = PeerHealth("skipped", reason=skipped[f"{p}/{r.expert_id}"], latency=lat)
+            elif r.state == "online":
+                out[p] = PeerHealth("unverified", latency=lat)
+        return out
+
     def drain_events(self) -> list[str]:
         out = []
         while self.events:
@@ -343,7 +384,8 @@ class SwarmClient:
 
     async def _download_router(self, rec: SwarmRecord) -> bytes:
         await self._connect(rec.peer_id, rec.addrs)
-        stream = await self._stub(rec.peer_id).rpc_router(runtime_pb2.ExpertUID(uid=rec.router_sha256))
+        stream = await self._stream(rec.peer_id, "rpc_router", runtime_pb2.ExpertUID(uid=rec.router_sha256),
+                                    runtime_pb2.ExpertInfo)
         chunks, size = [], 0
         async for msg in stream:
             size += len(msg.serialized_info)
@@ -412,17 +454,17 @@ class SwarmClient:
         try:
             tensors = encode_request(rep.expert_id, x, t, labels, guidance, self.cfg.compression)
             meta = request_metadata(guidance)
-            stub = self._stub(rep.peer_id)
             small = payload_bytes(tensors) <= MAX_UNARY_BYTES
             if small and self.cfg.sessions:
                 session = await self._session(rep.peer_id, timeout)
                 out, out_meta = await session.call(rep.expert_id, tensors, guidance, timeout)
             elif small:
-                resp = await stub.rpc_velocity(runtime_pb2.ExpertRequest(uid=rep.expert_id, tensors=tensors,
-                                                                          metadata=meta), timeout=timeout)
+                resp = await self._unary(rep.peer_id, "rpc_velocity", runtime_pb2.ExpertRequest(
+                    uid=rep.expert_id, tensors=tensors, metadata=meta), runtime_pb2.ExpertResponse, timeout)
                 out, out_meta = list(resp.tensors), resp.metadata
             else:
-                out, out_meta = await asyncio.wait_for(self._stream_call(stub, rep.expert_id, tensors, meta), timeout)
+                out, out_meta = await asyncio.wait_for(self._stream_call(rep.peer_id, rep.expert_id, tensors, meta),
+                                                       timeout)
             v, info = decode_response(out, out_meta, x.shape[0], tuple(x.shape[1:]))
         except TimeoutError:
             raise PeerCallError(f"timed out after {timeout:.1f}s") from None
@@ -435,14 +477,13 @@ class SwarmClient:
             self.fresh[rep.peer_id] = (float(load), float(thr))
         return v, info
 
-    @staticmethod
-    async def _stream_call(stub, uid: str, tensors, meta: bytes):
+    async def _stream_call(self, peer_id: str, uid: str, tensors, meta: bytes):
         async def requests():
             for i, part in enumerate(stream_parts(tensors)):
                 yield runtime_pb2.ExpertRequest(uid=uid if i == 0 else "", tensors=[part],
                                                 metadata=meta if i == 0 else b"")
 
-        stream = await stub.rpc_velocity_stream(requests())
+        stream = await self._stream(peer_id, "rpc_velocity_stream", requests(), runtime_pb2.ExpertResponse)
         parts, out_meta = [], b""
         async for msg in stream:
             if not out_meta and msg.metadata:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..dht.records import PROTOCOL_VERSION, ExpertRecord, SwarmRecord
+from ..dht.records import ExpertRecord, SwarmRecord
+from ..wire import PROTOCOL_VERSION
 from .selection import Replica
 
 

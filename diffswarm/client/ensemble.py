@@ -26,7 +26,7 @@ import torch
 from ..router.routing import NoExpertsError, RoutingConfig, choose_experts
 from ..router.sampler import RoutedEnsemble
 from .client import ClientConfig, PeerCallError, SwarmClient
-from .discovery import SwarmTarget, SwarmView
+from .discovery import SwarmTarget
 from .selection import Replica, pick_replica
 
 
@@ -59,7 +59,7 @@ class SwarmEnsemble(RoutedEnsemble):
         self.swarm_record = swarm_record
         self.image_shape = (rc.channels, rc.size, rc.size)
         self.num_classes = rc.num_classes
-        client.view = SwarmView(SwarmTarget(rc.num_clusters, rc.partition_hash or "", self.image_shape, rc.num_classes))
+        client.set_target(SwarmTarget(rc.num_clusters, rc.partition_hash or "", self.image_shape, rc.num_classes))
         slots = [RemoteSlot(self, k) for k in range(rc.num_clusters)]
         super().__init__(slots, router, routing, expert_ids=[f"c{k}" for k in range(rc.num_clusters)], seed=seed)
         self.sticky: dict[int, str] = {}  # cluster -> checkpoint sha256 in use (stay on one expert's weights)
@@ -232,7 +232,7 @@ class SwarmEnsemble(RoutedEnsemble):
                 meta.append((k, rows, rep))
             outcomes = client.run(self._call_all(calls, guidance)) if calls else []
             now = time.monotonic()
-            for (k, rows, rep), out in zip(meta, outcomes):
+            for (k, rows, rep), out in zip(meta, outcomes, strict=True):
                 if isinstance(out, BaseException):
                     reason = str(out) if isinstance(out, PeerCallError) else repr(out)
                     length = client.bans.ban(rep.peer_id, now)

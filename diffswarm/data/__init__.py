@@ -3,6 +3,7 @@
 from diffswarm.data.datasets import (
     DATASET_NAMES,
     FASHION_CLASSES,
+    DatasetSpec,
     ImageDataset,
     default_dataset_name,
     load_dataset,
@@ -14,6 +15,7 @@ __all__ = [
     "DATASET_NAMES",
     "FASHION_CLASSES",
     "PARTITION_FORMAT",
+    "DatasetSpec",
     "ImageDataset",
     "Partition",
     "default_dataset_name",

@@ -241,15 +241,10 @@ def _read_image(path: Path, size: int, channels: int) -> np.ndarray:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 
-def _load_folder(split: str, root: str | None, size: int | None, channels: int | None) -> ImageDataset:
-    if root is None:
-        raise ValueError("dataset 'folder' needs root=<directory of images>")
+def _load_folder(split: str, root: str, size: int | None, channels: int | None) -> ImageDataset:
+    """(options checked by ``check_dataset_options``)"""
     size = 32 if size is None else int(size)
     channels = 1 if channels is None else int(channels)
-    if size < 1:
-        raise ValueError(f"size must be >= 1, got {size}")
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
     d = Path(root).expanduser()
     if not d.is_dir():
         raise FileNotFoundError(f"image folder {d} does not exist or is not a directory")
@@ -263,14 +258,16 @@ def _load_folder(split: str, root: str | None, size: int | None, channels: int |
         for sub in subdirs:
             found = _images_under(sub)
             if not found:
-                warnings.warn(f"class folder {sub} holds no images ({', '.join(IMAGE_EXTENSIONS)}); skipped")
+                warnings.warn(f"class folder {sub} holds no images ({', '.join(IMAGE_EXTENSIONS)}); skipped",
+                              stacklevel=2)
                 continue
             files.extend(found)
             labels.extend([len(class_names)] * len(found))
             class_names.append(sub.name)
         loose = [p for p in d.iterdir() if _is_image(p)]
         if loose and files:
-            warnings.warn(f"{len(loose)} images directly in {d} ignored: with class subfolders only they count")
+            warnings.warn(f"{len(loose)} images directly in {d} ignored: with class subfolders only they count",
+                          stacklevel=2)
     else:
         files = sorted(p for p in d.iterdir() if _is_image(p))
         labels = [0] * len(files)
@@ -306,6 +303,24 @@ def _load_folder(split: str, root: str | None, size: int | None, channels: int |
 # ----------------------------------------------------------------------------- entry points
 
 
+def check_dataset_options(name: str, root: str | None = None, size: int | None = None,
+                          channels: int | None = None) -> None:
+    """Refuse options a dataset would not honour (ValueError naming the option), before loading anything."""
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    if size is not None and size < 1:
+        raise ValueError(f"--size must be >= 1, got {size}")
+    if name in ("fashion", "digits") and channels not in (None, 1):
+        raise ValueError(f"dataset {name} (--dataset) is grayscale: --channels must be 1 or omitted")
+    if name == "digits" and root is not None:
+        raise ValueError("dataset digits (--dataset) takes no --data-root: scikit-learn bundles it")
+    if name == "folder":
+        if root is None:
+            raise ValueError("--dataset folder needs --data-root <directory of images>")
+        if channels not in (None, 1, 3):
+            raise ValueError(f"--channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+
+
 def load_dataset(
     name: str,
     split: str = "train",
@@ -324,21 +339,38 @@ def load_dataset(
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    check_dataset_options(name, root, size, channels)
     if name == "fashion":
-        if channels not in (None, 1):
-            raise ValueError("fashion is grayscale: channels must be 1 or None")
         return _load_fashion(split, root, size)
     if name == "digits":
-        if channels not in (None, 1):
-            raise ValueError("digits is grayscale: channels must be 1 or None")
-        if root is not None:
-            raise ValueError("digits is bundled with scikit-learn and takes no root")
         return _load_digits(split, size)
-    if name == "folder":
-        return _load_folder(split, root, size, channels)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    return _load_folder(split, root, size, channels)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Which dataset and which pixel-changing options; what a partition manifest records as its ``source``."""
+
+    name: str | None = None  # fashion | digits | folder (None: fashion if installed, else digits)
+    root: str | None = None  # fashion: IDX folder; folder: the image directory
+    size: int | None = None  # resize to size x size
+    channels: int | None = None  # folder: 1 or 3
+
+    def resolved(self) -> DatasetSpec:
+        """This spec with the default dataset filled in and its options checked."""
+        spec = self if self.name else DatasetSpec(default_dataset_name(), self.root, self.size, self.channels)
+        check_dataset_options(spec.name, spec.root, spec.size, spec.channels)
+        return spec
+
+    def load(self, split: str = "train") -> ImageDataset:
+        s = self.resolved()
+        return load_dataset(s.name, split, root=s.root, size=s.size, channels=s.channels)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "root": self.root, "size": self.size, "channels": self.channels}
 
 
 def default_dataset_name() -> str:
-    """``"fashion"`` when the Fashion-MNIST files are installed (or found via $DIFFSWARM_FASHION_DIR), else ``"digits"``."""
+    """``"fashion"`` when the Fashion-MNIST files are installed (or found via $DIFFSWARM_FASHION_DIR), else
+    ``"digits"``."""
     return "fashion" if _fashion_available() else "digits"

@@ -111,6 +111,17 @@ class Partition:
         """(K,) fraction of the split's examples in each cluster."""
         return np.bincount(self.assignments, minlength=self.k) / max(1, len(self.assignments))
 
+    def describe(self, class_names: list[str] | None = None) -> str:
+        """One line per cluster: size, share and its three most frequent classes."""
+        lines, names = [], class_names or []
+        for k, st in enumerate(self.cluster_stats):
+            hist = st.get("class_hist") or []
+            top = sorted(range(len(hist)), key=lambda c: -hist[c])[:3]
+            desc = ", ".join(f"{names[c] if c < len(names) else c} {hist[c] / max(1, st['count']):.0%}"
+                             for c in top if hist[c])
+            lines.append(f"  cluster {k}: {st['count']:6d} images ({st['share']:.1%})  {desc}")
+        return "\n".join(lines)
+
     def indices(self, k: int) -> np.ndarray:
         """Example indices (into the split) of cluster k, ascending."""
         if not 0 <= k < self.k:
@@ -160,7 +171,7 @@ class Partition:
         atomic_write(path, write)
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "manifest") -> "Partition":
+    def from_dict(cls, d: dict, source: str = "manifest") -> Partition:
         """Build from a manifest dict, validating format, shapes and the partition hash."""
         if not isinstance(d, dict) or d.get("format") != PARTITION_FORMAT:
             got = d.get("format") if isinstance(d, dict) else type(d).__name__
@@ -212,7 +223,7 @@ class Partition:
         return part
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Partition":
+    def load(cls, path: str | os.PathLike) -> Partition:
         """Read a manifest written by :meth:`save`; ValueError if it is not one or is corrupt."""
         path = Path(path)
         try:

@@ -20,7 +20,7 @@ Version 2 added the optional ``ExpertRecord`` fields ``train_steps`` and ``final
 expert's training summary): readers accept version-1 records that lack them (they read as None),
 and older readers and validators ignore them as unknown fields. ``SwarmRecord`` is unchanged
 since version 1 but carries the same version number.
-``protocol`` is the RPC protocol version (``diffswarm.peer.protocol``); clients skip peers
+``protocol`` is the RPC protocol version (``diffswarm.wire``); clients skip peers
 speaking another major protocol.
 """
 
@@ -38,12 +38,12 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from pydantic.v1 import StrictFloat, StrictInt, StrictStr
 
+from ..wire import OBJECTIVES
+
 logger = logging.getLogger(__name__)
 
 RECORD_VERSION = 2  # 2: optional ExpertRecord.train_steps / final_loss
-PROTOCOL_VERSION = 1
 STATES = ("joining", "online", "offline")
-OBJECTIVES = ("ddpm", "fm")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _OWNER_RE = re.compile(rb"\[owner:(.+?)\]")
 

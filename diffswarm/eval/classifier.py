@@ -106,7 +106,7 @@ class Classifier:
     def test_accuracy(self) -> float | None:
         return self.config.test_accuracy
 
-    def to(self, device: torch.device | str) -> "Classifier":
+    def to(self, device: torch.device | str) -> Classifier:
         self.net.to(device)
         return self
 
@@ -162,7 +162,7 @@ class Classifier:
         atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Classifier":
+    def load(cls, path: str | os.PathLike) -> Classifier:
         """Read a file written by :meth:`save`; ValueError if it is unreadable or its weights hash mismatches."""
         from safetensors import safe_open
 
@@ -309,9 +309,9 @@ def get_classifier(
                 if cfg.test_accuracy is None and test_ds is not None:
                     cfg.test_accuracy = clf.accuracy(test_ds)
                 return clf
-            warnings.warn(f"cached classifier {path} was trained differently; retraining")
+            warnings.warn(f"cached classifier {path} was trained differently; retraining", stacklevel=2)
         except ValueError as e:
-            warnings.warn(f"ignoring cached classifier: {e}; retraining")
+            warnings.warn(f"ignoring cached classifier: {e}; retraining", stacklevel=2)
     clf = train_classifier(train_ds, test_ds, epochs=epochs, seed=seed, progress=progress)
     clf.save(path)
     return clf

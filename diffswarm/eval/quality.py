@@ -51,7 +51,8 @@ class QualityReport:
         ]
         if self.cluster_share is not None and self.data_share is not None:
             pairs = "  ".join(
-                f"c{i} {s:.2f}/{d:.2f}" for i, (s, d) in enumerate(zip(self.cluster_share, self.data_share))
+                f"c{i} {s:.2f}/{d:.2f}"
+                for i, (s, d) in enumerate(zip(self.cluster_share, self.data_share, strict=True))
             )
             lines.append(f"cluster share samples/data: {pairs}")
         return "\n".join(lines)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from ..wire import OBJECTIVES
 from .networks import NetConfig
 from .schedules import ScheduleConfig
-
-OBJECTIVES = ("ddpm", "fm")
 
 
 @dataclass
@@ -38,7 +37,7 @@ class ExpertConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ExpertConfig":
+    def from_dict(cls, d: dict) -> ExpertConfig:
         d = dict(d)
         net = NetConfig.from_dict(d.pop("net", {}))
         sched_d = d.pop("schedule", {}) or {}

@@ -55,7 +55,7 @@ class Expert(nn.Module):
         return self.config.expert_id
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> "Expert":
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> Expert:
         meta, weights = load_expert_file(path)
         cfg = ExpertConfig.from_dict(meta["config"])
         expert = cls(cfg, summary=meta.get("summary", {}))

@@ -24,9 +24,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch import nn
-
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from torch import nn
 
 
 @dataclass
@@ -47,7 +46,7 @@ class NetConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "NetConfig":
+    def from_dict(cls, d: dict) -> NetConfig:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .protocol import VelocityRequest
+from ..wire import VelocityRequest
 
 
 @dataclass
@@ -58,7 +58,7 @@ def compute_batch(velocity: Callable, reqs: Sequence[VelocityRequest]) -> list[t
         t = torch.cat([reqs[i].t for i in idx])
         labels = torch.cat([reqs[i].labels for i in idx])
         v = velocity(x, t, labels, g)
-        for i, part in zip(idx, v.split([reqs[i].rows for i in idx])):
+        for i, part in zip(idx, v.split([reqs[i].rows for i in idx]), strict=True):
             out[i] = part
     return out  # type: ignore[return-value]
 
@@ -90,7 +90,6 @@ class Batcher:
         self.last_seen: dict[str, float] = {}
         self.pending_rows = 0  # queued + computing
         self.throughput = throughput  # rows / s, EMA over passes
-        self.passes = 0
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self._task: asyncio.Task | None = None
 
@@ -152,10 +151,9 @@ class Batcher:
             finally:
                 self.pending_rows -= taken_rows
             dt = time.perf_counter() - t0
-            self.passes += 1
             rate = rows / max(dt, 1e-6)
             self.throughput = rate if self.throughput <= 0 else 0.8 * self.throughput + 0.2 * rate
-            for i, v in zip(batch, outs):
+            for i, v in zip(batch, outs, strict=True):
                 if not i.future.done():
                     stats = BatchStats(queue_ms=1000 * (t0 - i.enqueued), compute_ms=1000 * dt, batch_rows=rows)
                     i.future.set_result((v, stats))

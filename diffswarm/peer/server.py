@@ -34,11 +34,13 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.timed_storage import get_dht_time
 
 from .. import __version__
+from ..clusters import TrainJob
 from ..dht.node import NetworkConfig, SwarmDHT
-from ..dht.records import PROTOCOL_VERSION, RECORD_VERSION, ExpertRecord, SwarmRecord
+from ..dht.records import RECORD_VERSION, ExpertRecord, SwarmRecord
 from ..experts.expert import Expert
-from .batching import Batcher, BatchPolicy
-from .protocol import (
+from ..wire import (
+    NAMESPACE,
+    PROTOCOL_VERSION,
     ROUTER_CHUNK,
     ExpertSpec,
     RequestError,
@@ -50,29 +52,12 @@ from .protocol import (
     load_metadata,
     stream_parts,
 )
+from .batching import Batcher, BatchPolicy
 
 logger = logging.getLogger(__name__)
 
-NAMESPACE = "diffswarm"  # RPC handle names are "diffswarm::ExpertServicer.rpc_*"
 MAX_STREAM_BYTES = 512 << 20  # refuse streamed requests above this size
 MAX_SESSION_INFLIGHT = 64  # requests one session may have in flight
-
-
-@dataclass
-class TrainSpec:
-    """What to train when the peer has no checkpoint (``diffswarm peer --cluster k ...``)."""
-
-    partition: str  # partition manifest
-    cluster: int
-    objective: str = "fm"  # ddpm | fm
-    steps: int = 2000
-    out: str = "runs/peer"  # checkpoint folder (resumes from it)
-    net: str = "dit"  # same default as `diffswarm train`
-    width: int | None = None
-    depth: int | None = None
-    batch: int = 128
-    lr: float = 1e-3
-    seed: int = 0
 
 
 @dataclass
@@ -82,7 +67,7 @@ class PeerConfig:
     net: NetworkConfig = field(default_factory=NetworkConfig)
     swarm: str = "diffswarm"  # DHT key prefix: several swarms can share one DHT
     checkpoint: str | None = None  # expert to serve; None with `train`: train it first; None without: no expert
-    train: TrainSpec | None = None
+    train: TrainJob | None = None  # what to train first when there is no checkpoint
     router: str | None = None  # router file to serve (and announce in the swarm record)
     device: str = "auto"
     threads: int = 0  # torch CPU threads (0: torch default)
@@ -138,7 +123,7 @@ class RouterBlob:
 
 
 class ExpertServicer(ServicerBase):
-    """RPC handlers (see ``diffswarm.peer.protocol`` for the message layout)."""
+    """RPC handlers (see ``diffswarm.wire`` for the message layout); registered under ``wire.handle_name``."""
 
     def __init__(self, served: dict[str, ServedExpert], router: RouterBlob | None, info):
         self.served, self.router, self.info = served, router, info
@@ -242,31 +227,43 @@ def schedule_name(expert_cfg) -> str:
     return f"vp-{expert_cfg.schedule.kind}-{expert_cfg.schedule.steps}"
 
 
-def summary_fields(summary: dict) -> dict:
-    """``make_expert_record``'s ``train_steps`` and ``final_loss`` from a checkpoint's training summary
-    (``Expert.summary``, keys ``steps`` and ``final_loss``); a missing key reads as None."""
-    steps, loss = summary.get("steps"), summary.get("final_loss")
-    return {"train_steps": int(steps) if steps is not None else None,
-            "final_loss": float(loss) if loss is not None else None}
+@dataclass(frozen=True)
+class ExpertStatus:
+    """What a peer announces about an expert beyond its ``ExpertConfig``: its state and serving figures."""
+
+    state: str  # joining | online | offline
+    sha256: str = ""  # checkpoint weights sha256 ("" while joining)
+    progress: float = 1.0  # training progress in [0, 1]
+    throughput: float = 0.0  # measured rows per second
+    load: float = 0.0  # rows queued or computing
+    max_batch: int = 256  # rows per forward pass
+    train_steps: int | None = None  # training steps done
+    final_loss: float | None = None  # last training loss (non-finite: announced as None)
+
+    @classmethod
+    def serving(cls, state: str, sha256: str, summary: dict, throughput: float, load: float,
+                max_batch: int) -> ExpertStatus:
+        """The status of a loaded checkpoint; ``summary`` is its training summary (keys ``steps``, ``final_loss``)."""
+        steps, loss = summary.get("steps"), summary.get("final_loss")
+        return cls(state, sha256, 1.0, float(throughput), float(load), int(max_batch),
+                   int(steps) if steps is not None else None, float(loss) if loss is not None else None)
 
 
-def make_expert_record(cfg, *, state: str, sha256: str, peer_id: str, addrs: list[str], progress: float = 1.0,
-                       throughput: float = 0.0, load: float = 0.0, max_batch: int = 256,
-                       train_steps: int | None = None, final_loss: float | None = None) -> ExpertRecord:
-    """The record announcing an expert of ``ExpertConfig`` cfg. A non-finite ``final_loss`` (no step
-    done yet, or a diverged run) is announced as None: readers reject non-finite losses."""
-    if final_loss is not None:
-        final_loss = float(final_loss)
-        if not math.isfinite(final_loss):
-            final_loss = None
+def make_expert_record(cfg, status: ExpertStatus, peer_id: str, addrs: list[str]) -> ExpertRecord:
+    """The record announcing an expert of ``ExpertConfig`` cfg in ``status``. A non-finite ``final_loss``
+    (no step done yet, or a diverged run) is announced as None: readers reject non-finite losses."""
+    loss = status.final_loss
+    if loss is not None and not math.isfinite(float(loss)):
+        loss = None
     return ExpertRecord(
         version=RECORD_VERSION, expert_id=cfg.expert_id, cluster=cfg.cluster, num_clusters=cfg.num_clusters or 1,
         partition_hash=cfg.partition_hash or "", objective=cfg.objective, schedule=schedule_name(cfg),
         image_shape=[cfg.net.channels, cfg.net.size, cfg.net.size], num_classes=cfg.net.num_classes,
-        checkpoint_sha256=sha256, software=__version__, protocol=PROTOCOL_VERSION, state=state,
-        progress=float(progress), throughput=float(throughput), load=float(load), max_batch=int(max_batch),
-        peer_id=peer_id, addrs=list(addrs), updated=float(get_dht_time()),
-        train_steps=int(train_steps) if train_steps is not None else None, final_loss=final_loss)
+        checkpoint_sha256=status.sha256, software=__version__, protocol=PROTOCOL_VERSION, state=status.state,
+        progress=float(status.progress), throughput=float(status.throughput), load=float(status.load),
+        max_batch=int(status.max_batch), peer_id=peer_id, addrs=list(addrs), updated=float(get_dht_time()),
+        train_steps=int(status.train_steps) if status.train_steps is not None else None,
+        final_loss=float(loss) if loss is not None else None)
 
 
 class Peer:
@@ -316,14 +313,13 @@ class Peer:
         out = []
         addrs = self.maddrs
         for s in self.served.values():
-            out.append(make_expert_record(s.expert.config, state=self.state, sha256=s.expert.weights_sha256,
-                                          peer_id=self.peer_id, addrs=addrs, throughput=s.batcher.throughput,
-                                          load=s.batcher.pending_rows, max_batch=s.batcher.policy.max_rows,
-                                          **summary_fields(s.expert.summary)))
+            status = ExpertStatus.serving(self.state, s.expert.weights_sha256, s.expert.summary, s.batcher.throughput,
+                                          s.batcher.pending_rows, s.batcher.policy.max_rows)
+            out.append(make_expert_record(s.expert.config, status, self.peer_id, addrs))
         if self.training_cfg is not None and not self.served:
-            out.append(make_expert_record(self.training_cfg, state=self.state, sha256="", peer_id=self.peer_id,
-                                          addrs=addrs, progress=self.progress, max_batch=self.cfg.max_batch,
-                                          train_steps=self.train_step, final_loss=self.train_loss))
+            status = ExpertStatus(self.state, progress=self.progress, max_batch=self.cfg.max_batch,
+                                  train_steps=self.train_step, final_loss=self.train_loss)
+            out.append(make_expert_record(self.training_cfg, status, self.peer_id, addrs))
         return out
 
     def swarm_record(self) -> SwarmRecord | None:
@@ -372,40 +368,35 @@ class Peer:
 
     async def train(self) -> str | None:
         """Train the expert (announcing ``joining``); returns the checkpoint path, None if stopped."""
-        spec = self.cfg.train
-        from ..clusters import cluster_expert, dataset_for_partition
-        from ..data import Partition
-        from ..experts.train import TrainConfig, train_expert
+        from ..clusters import run_train_job
 
-        part = Partition.load(spec.partition)
-        ecfg, images, labels = cluster_expert(part, dataset_for_partition(part), spec.cluster, spec.objective,
-                                              spec.net, spec.width, spec.depth)
-        tc = TrainConfig(steps=spec.steps, batch=spec.batch, lr=spec.lr, seed=spec.seed,
-                         ckpt_every=max(50, spec.steps // 4), threads=self.cfg.threads)
+        job = self.cfg.train
+        prepared = job.load_data()
+        ecfg, images = prepared[0], prepared[1]
         self.training_cfg = ecfg
         self.state = "joining"
         self.start_heartbeat()
-        self.log(f"training {ecfg.expert_id} on {len(images)} images of cluster {spec.cluster} for {spec.steps} steps "
+        length = f"{job.train.steps} steps" if job.train.steps else f"{job.train.minutes:g} minutes"
+        self.log(f"training {ecfg.expert_id} on {len(images)} images of cluster {job.cluster} for {length} "
                  f"(announced as joining)")
 
         class Stopped(Exception):
             pass
 
-        def on_step(step: int, loss: float) -> None:
-            self.progress = step / max(1, spec.steps)
+        def on_step(step: int, loss: float, progress: float) -> None:
+            self.progress = progress
             self.train_step, self.train_loss = step, loss
             if self.stop_event.is_set():
                 raise Stopped
 
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, lambda: train_expert(
-                ecfg, tc, images, labels, spec.out, device=self.cfg.device, resume=True,
-                progress=False, on_step=on_step))
+            await loop.run_in_executor(None, lambda: run_train_job(job, progress=False, on_step=on_step,
+                                                                   prepared=prepared))
         except Stopped:
             self.log("training interrupted; the last checkpoint is kept (run again to resume)")
             return None
-        return str(Path(spec.out) / "expert.safetensors")
+        return str(Path(job.out) / "expert.safetensors")
 
     # -- serving -------------------------------------------------------------------------------
 

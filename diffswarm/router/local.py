@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..experts.expert import Expert
 from .model import Router
 from .routing import RoutingConfig
-from .sampler import RoutedEnsemble, StepCallback, StepInfo, sample
+from .sampler import RoutedEnsemble, SamplingConfig, StepCallback, StepInfo, sample
 
 
 def order_by_cluster(experts: Sequence[Expert], num_clusters: int, partition_hash: str | None) -> list[Expert]:
@@ -66,7 +66,8 @@ class ProgressCallback:
             self.bar = tqdm(total=info.num_steps, desc=self.desc, disable=not self.enabled, dynamic_ncols=True)
         share = info.weights.mean(0)
         top = sorted(range(len(info.expert_ids)), key=lambda k: -float(share[k]))[:3]
-        self.bar.set_postfix_str(f"t={info.t:.2f} " + " ".join(f"{info.expert_ids[k]}:{float(share[k]):.2f}" for k in top))
+        self.bar.set_postfix_str(f"t={info.t:.2f} "
+                                 + " ".join(f"{info.expert_ids[k]}:{float(share[k]):.2f}" for k in top))
         for e in info.events:
             self.bar.write(e)
         self.bar.update(1)
@@ -74,15 +75,16 @@ class ProgressCallback:
             self.bar.close()
 
 
-def generate(model, labels: torch.Tensor, shape: tuple[int, int, int], steps: int = 30, method: str = "euler",
-             guidance: float = 1.0, seed: int = 0, device="cpu", batch: int = 256,
-             callback: StepCallback | None = None) -> torch.Tensor:
+def generate(model, labels: torch.Tensor, shape: tuple[int, int, int], sampling: SamplingConfig | None = None,
+             device="cpu", callback: StepCallback | None = None) -> torch.Tensor:
     """Samples (N, C, H, W) for ``labels`` (N,); noise drawn from one seeded CPU generator so a seed
-    gives the same images on any device and any batch split."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gives the same images on any device and any batch split. ``sampling``: default ``SamplingConfig()``."""
+    sampling = sampling or SamplingConfig()
+    gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
     noise = torch.randn((labels.shape[0], *shape), generator=gen)
     outs = []
-    for s in range(0, labels.shape[0], batch):
-        x = noise[s:s + batch].to(device)
-        outs.append(sample(model, x, labels[s:s + batch].to(device), steps, method, guidance, callback).cpu())
+    for s in range(0, labels.shape[0], sampling.batch):
+        x = noise[s:s + sampling.batch].to(device)
+        outs.append(sample(model, x, labels[s:s + sampling.batch].to(device), sampling.steps, sampling.sampler,
+                           sampling.guidance, callback).cpu())
     return torch.cat(outs)

@@ -13,9 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from torch import nn
 
 from ..experts.checkpoint import load_expert_file, save_expert
 from ..experts.expert import null_labels
@@ -43,7 +42,7 @@ class RouterConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RouterConfig":
+    def from_dict(cls, d: dict) -> RouterConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -86,7 +85,7 @@ class Router(nn.Module):
         return save_expert(path, self.state_dict(), {"router": self.cfg.to_dict()}, self.summary, fmt=ROUTER_FORMAT)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Router":
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Router:
         meta, weights = load_expert_file(path, fmt=ROUTER_FORMAT)
         router = cls(RouterConfig.from_dict(meta["config"]["router"]))
         router.load_state_dict(weights)

@@ -9,7 +9,7 @@ Strategies (decided per sample, per sampling step; DDM Sec. 4, Paris, the alignm
 - ``full``: all available experts, weights p_k renormalised over them.
 - ``threshold``: keep p_k >= tau (always at least the argmax), renormalised.
 - ``sample-k``: k experts drawn from p without replacement (Gumbel top-k). The Gumbel noise is
-  drawn once per sample and reused at every step (``RoutingState``), so a trajectory keeps its
+  drawn once per sample and reused at every step (``RoutedEnsemble.reset``), so a trajectory keeps its
   experts while p stays put instead of flip-flopping each step (DDM's per-step Sample-1 was
   catastrophic); weights are p renormalised over the drawn experts.
 

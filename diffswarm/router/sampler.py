@@ -38,6 +38,31 @@ class StepInfo:
 
 
 StepCallback = Callable[[StepInfo], None]
+SAMPLERS = ("euler", "heun")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to integrate from noise to data: the one set of defaults the CLI, the demo and the dashboard share."""
+
+    steps: int = 30  # integration steps (Heun: two velocity evaluations per step but the last)
+    sampler: str = "euler"  # euler | heun
+    guidance: float = 2.0  # classifier-free guidance scale (1 = none), applied per expert
+    seed: int = 0  # noise seed (one CPU generator: the same images on any device and batch split)
+    batch: int = 256  # samples integrated at once
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.steps < 1 or self.batch < 1:
+            raise ValueError("steps and batch must be >= 1")
+        if not 0 <= self.guidance <= 100:
+            raise ValueError(f"guidance must be in [0, 100], got {self.guidance}")
+
+    @property
+    def evaluations(self) -> int:
+        """Velocity evaluations per trajectory (network evaluations of each chosen expert)."""
+        return self.steps if self.sampler == "euler" else 2 * self.steps - 1
 
 
 @dataclass
@@ -55,14 +80,16 @@ class RoutedEnsemble:
         self.experts = list(experts)
         self.router = router
         self.routing = routing
-        self.expert_ids = list(expert_ids) if expert_ids else [getattr(e, "expert_id", str(i)) for i, e in enumerate(experts)]
+        self.expert_ids = (list(expert_ids) if expert_ids
+                           else [getattr(e, "expert_id", str(i)) for i, e in enumerate(experts)])
         self.gen_seed = seed
         self.router_sees_labels = router_sees_labels  # False: route as an unconditional router would
         self.gumbel: torch.Tensor | None = None
         self.last: RouteRecord | None = None
         self.calls = torch.zeros(len(self.experts), dtype=torch.long)  # rows evaluated per expert
         if router is not None and router.cfg.num_clusters != len(self.experts):
-            raise ValueError(f"router has {router.cfg.num_clusters} clusters but {len(self.experts)} experts were given")
+            raise ValueError(f"router has {router.cfg.num_clusters} clusters but {len(self.experts)} experts "
+                             "were given")
 
     @property
     def num_experts(self) -> int:
@@ -130,8 +157,8 @@ def sample(
     Euler: x <- x + (t_next - t) v(x, t). Heun: average the slopes at both ends, except on the
     final step to t = 0 (plain Euler there, as in EDM/k-diffusion).
     """
-    if method not in ("euler", "heun"):
-        raise ValueError(f"sampler method must be 'euler' or 'heun', got {method!r}")
+    if method not in SAMPLERS:
+        raise ValueError(f"sampler method must be one of {SAMPLERS}, got {method!r}")
     if steps < 1:
         raise ValueError("steps must be >= 1")
     x = noise
@@ -156,9 +183,10 @@ def sample(
             if record is not None:
                 ids, weights, chosen = model.expert_ids, record.weights, record.chosen
             else:
-                ids, weights, chosen = [getattr(model, "expert_id", "model")], torch.ones(b, 1), [getattr(model, "expert_id", "model")]
+                name = getattr(model, "expert_id", "model")
+                ids, weights, chosen = [name], torch.ones(b, 1), [name]
             callback(StepInfo(i, steps, float(t), float(t_next), x, list(ids), weights, chosen, events))
     return x
 
 
-__all__ = ["StepInfo", "RoutedEnsemble", "sample", "time_grid", "NoExpertsError"]
+__all__ = ["SAMPLERS", "NoExpertsError", "RoutedEnsemble", "SamplingConfig", "StepInfo", "sample", "time_grid"]

@@ -19,14 +19,29 @@ EVAL_TIMES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 @dataclass
 class RouterTrainConfig:
+    """How to train a router (saved in its summary)."""
+
     steps: int = 1500
     batch: int = 256
     lr: float = 2e-3
     seed: int = 0
-    threads: int = 0
+    threads: int = 0  # torch CPU threads (0: leave torch's default)
+    device: str = "auto"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def format_router_accuracy(summary: dict) -> str:
+    """The router summary's accuracy-against-t table as text (top-1/top-2, and top-1 without the class)."""
+    rows = summary.get("accuracy_by_t", [])
+    unc = {r["t"]: r for r in summary.get("accuracy_by_t_uncond", [])}
+    out = ["router accuracy on the test split (true cluster of x0):",
+           "     t   top1   top2" + ("   top1 (no class)" if unc else "")]
+    for r in rows:
+        extra = f"   {unc[r['t']]['top1']:.3f}" if r["t"] in unc else ""
+        out.append(f"  {r['t']:4.1f}  {r['top1']:.3f}  {r['top2']:.3f}{extra}")
+    return "\n".join(out)
 
 
 @torch.no_grad()
@@ -66,13 +81,12 @@ def train_router(
     clusters: torch.Tensor,
     out_path: str | Path,
     eval_set: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    device: str | None = None,
     progress: bool = True,
 ) -> Router:
     """Fit p(k | x_t, t, cond). images: (N, C, H, W); labels, clusters: (N,). Writes ``out_path``."""
     if train.threads:
         torch.set_num_threads(train.threads)
-    dev = pick_device(device)
+    dev = pick_device(train.device)
     torch.manual_seed(train.seed)
     gen = torch.Generator(device="cpu").manual_seed(train.seed)
     router = Router(cfg).to(dev)
@@ -94,7 +108,8 @@ def train_router(
         sched.step()
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    summary = {"steps": train.steps, "final_loss": loss.item(), "seconds": time.perf_counter() - t0, "train": train.to_dict()}
+    summary = {"steps": train.steps, "final_loss": loss.item(), "seconds": time.perf_counter() - t0,
+               "train": train.to_dict()}
     if eval_set is not None:
         summary["accuracy_by_t"] = router_accuracy_by_t(router, *eval_set)
         if cfg.num_classes > 0:

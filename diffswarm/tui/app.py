@@ -8,13 +8,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import ClassVar
 
+from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.css.query import NoMatches
-from rich.text import Text
-from textual.message import Message
 from textual.containers import Horizontal
+from textual.css.query import NoMatches
+from textual.message import Message
 from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, TabbedContent, TabPane
 from textual.worker import get_current_worker
 
@@ -72,6 +72,7 @@ class DashboardApp(App):
         self._pending_log: list = []  # routing-log lines not drawn yet (flush_log)
         self._gen_idle = threading.Event()  # set while no generation thread runs (quit waits for it)
         self._gen_idle.set()
+        self._quitting = False  # exit() was called or the app unmounted: workers stop touching widgets
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -105,6 +106,7 @@ class DashboardApp(App):
         self.set_interval(0.4, self.flush_log)
 
     def on_unmount(self) -> None:
+        self._quitting = True
         # quit during a generation: the worker was cancelled and stops at its next step; wait for it
         # (bounded) so the source is not closed under a running RPC
         self._gen_idle.wait(timeout=15)
@@ -242,9 +244,14 @@ class DashboardApp(App):
             if not self._stopping and self.is_running:  # a real error, not the app stopping meanwhile
                 raise
 
+    def exit(self, *args, **kwargs) -> None:
+        """Textual's ``App.exit`` (every quit path goes through it), remembering that the app is stopping."""
+        self._quitting = True
+        super().exit(*args, **kwargs)
+
     @property
     def _stopping(self) -> bool:
-        return bool(self._exit or self._closing or self._closed)
+        return self._quitting or not self.is_running
 
     @work(thread=True, exclusive=True, group="generate")
     def generate(self, req: GenRequest) -> None:
@@ -356,25 +363,19 @@ class DashboardApp(App):
         self.notify(f"saved {path}")
 
 
-def make_app(initial_peers=None, run_dir: str | Path | None = None, source=None, out_dir: str | Path | None = None,
-             config=None, device="cpu", poll_seconds: float = 2.0) -> DashboardApp:
+def make_app(initial_peers=None, source=None, out_dir: str | Path | None = None, config=None, device="cpu",
+             poll_seconds: float = 2.0) -> DashboardApp:
     """The dashboard, for the CLI and the tests. ``source``: an injected data source (``FakeSource``);
-    otherwise the live swarm at ``initial_peers`` or, without them, the local swarm of ``run_dir``
-    (`diffswarm swarm up`, default runs/swarm)."""
+    otherwise the live swarm at ``initial_peers`` with client ``config`` (the CLI resolves a local swarm of
+    `diffswarm swarm up` to its multiaddrs and name)."""
     if source is None:
+        from dataclasses import replace
+
         from ..client.client import ClientConfig
-        from ..dht.node import NetworkConfig
         from .source import LiveSource
 
         if not initial_peers:
-            from ..peer.launch import LocalSwarm
-
-            sw = LocalSwarm.find(run_dir or "runs/swarm")
-            initial_peers = sw.initial_peers
-            config = config or ClientConfig(swarm=sw.swarm, net=NetworkConfig.loopback(client_mode=True),
-                                            connect_timeout=20.0)
-        from dataclasses import replace
-
-        config = replace(config or ClientConfig(), refresh=min((config or ClientConfig()).refresh, poll_seconds))
-        source = LiveSource(initial_peers, config, device)
+            raise ValueError("the dashboard needs the swarm's --initial-peers (or a local swarm from `swarm up`)")
+        config = config or ClientConfig()
+        source = LiveSource(initial_peers, replace(config, refresh=min(config.refresh, poll_seconds)), device)
     return DashboardApp(source, out_dir or "runs/dashboard", poll_seconds)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 import torch
 from rich.text import Text
 
+from ..router.sampler import SAMPLERS, SamplingConfig  # the dashboard shares the CLI's sampling defaults
+
 UPPER_HALF = "\u2580"
 BARS = " \u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"
 
@@ -183,11 +185,12 @@ def routing_strip(info, width: int | None = None) -> Text:
     share = info.weights.float().mean(0).tolist()
     text = Text(f"{info.step + 1:>3}/{info.num_steps} t={info.t:.2f} ")
     chosen = set(info.chosen)
-    for eid, w in zip(info.expert_ids, share):
+    for eid, w in zip(info.expert_ids, share, strict=True):
         level = min(len(BARS) - 1, round(w * (len(BARS) - 1)))
         text.append(BARS[max(level, 1 if w > 0 else 0)],  # a called expert never looks idle
                     style="green on grey15" if eid in chosen else "grey50 on grey15")
-    called = sorted(((w, eid) for eid, w in zip(info.expert_ids, share) if eid in chosen), key=lambda p: -p[0])
+    called = sorted(((w, eid) for eid, w in zip(info.expert_ids, share, strict=True) if eid in chosen),
+                    key=lambda p: -p[0])
     for i, (w, eid) in enumerate(called):
         name, weight = f"  {eid} ", "1.0" if w >= 0.995 else f"{w:.2f}".lstrip("0") if w >= 0.005 else "<.01"
         rest = len(called) - i - 1
@@ -209,9 +212,6 @@ def event_line(event: str) -> Text:
     return Text(f"  ! {event}", style="bold red")
 
 
-SAMPLERS = ("euler", "heun")
-
-
 @dataclass(frozen=True)
 class GenRequest:
     classes: tuple[int, ...]  # () = unconditional
@@ -223,9 +223,19 @@ class GenRequest:
     strategy: str = "top-k"  # diffswarm.router.routing.STRATEGIES
     sampler: str = "euler"  # SAMPLERS
 
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(steps=self.steps, sampler=self.sampler, guidance=self.guidance, seed=self.seed)
+
+    def routing(self, num_experts: int):
+        from ..router.routing import RoutingConfig
+
+        return RoutingConfig(self.strategy, min(self.k, num_experts))
+
     @property
     def routing_label(self) -> str:
-        return f"{self.strategy.removesuffix('-k')}-{self.k}" if self.strategy in ("top-k", "sample-k") else self.strategy
+        if self.strategy in ("top-k", "sample-k"):
+            return f"{self.strategy.removesuffix('-k')}-{self.k}"
+        return self.strategy
 
 
 def parse_request(classes: str, n: str, steps: str, k: str, guidance: str, seed: str, strategy: str = "top-k",

@@ -31,22 +31,11 @@ class Snapshot:
 
 
 def client_health(client, now: float) -> dict[str, str]:
-    """Per peer, what the swarm client makes of it: ``banned Ns`` (failed calls or probe, with the seconds
-    left), ``ok`` (its info probe matched its record), ``skipped`` (announces another partition or
-    protocol), else ``unverified`` (not probed yet)."""
-    out: dict[str, str] = {}
-    skipped = client.view.skipped if client.view is not None else {}  # "peer_id/expert_id" -> why
-    for r in client.records:
-        p = r.peer_id
-        if client.bans.is_banned(p, now):
-            out[p] = f"banned {client.bans.until[p] - now:.0f}s"
-        elif client.verified.get(p) == "ok":
-            out[p] = "ok"
-        elif f"{p}/{r.expert_id}" in skipped:
-            out[p] = "skipped"
-        elif r.state == "online":
-            out[p] = "unverified"
-    return out
+    """Per peer, the swarm client's verdict (``SwarmClient.health``) as the health column shows it: ``banned Ns``
+    (failed calls or probe, with the seconds left), ``ok``, ``skipped`` (announces another partition or
+    protocol) or ``unverified`` (not probed yet)."""
+    return {p: f"banned {h.banned_for:.0f}s" if h.verdict == "banned" else h.verdict
+            for p, h in client.health(now).items()}
 
 
 class LiveSource:
@@ -108,14 +97,13 @@ class LiveSource:
 
     def generate(self, req: GenRequest, callback: Callable | None = None) -> torch.Tensor:
         from ..router.local import generate
-        from ..router.routing import RoutingConfig
 
         ens = self._ensemble()
         ens.update_expert_ids()  # names from the records the background refresh keeps fresh (no lookup here)
-        ens.routing = RoutingConfig(req.strategy, min(req.k, ens.num_experts))
+        ens.routing = req.routing(ens.num_experts)
         ens.gen_seed = req.seed
-        return generate(ens, labels_for(req, ens.num_classes), ens.image_shape, req.steps, req.sampler, req.guidance,
-                        req.seed, self.device, callback=callback)
+        return generate(ens, labels_for(req, ens.num_classes), ens.image_shape, req.sampling(), self.device,
+                        callback=callback)
 
     def close(self) -> None:
         """Shut the client's DHT node down; waits for a connect in progress in a worker, so no daemon is
@@ -192,20 +180,19 @@ class FakeSource:
 
     def generate(self, req: GenRequest, callback: Callable | None = None) -> torch.Tensor:
         from ..router.local import generate
-        from ..router.routing import RoutingConfig
         from ..router.sampler import RoutedEnsemble
 
         if self.fail == "generate":
             raise RuntimeError("no expert can serve this step")
         experts = [_FakeExpert(f"c{k}", 0.5 + 0.1 * k) for k in range(self.num_clusters)]
-        ens = RoutedEnsemble(experts, _FakeRouter(self.num_clusters), RoutingConfig(req.strategy, min(req.k, self.num_clusters)), seed=req.seed)
+        ens = RoutedEnsemble(experts, _FakeRouter(self.num_clusters), req.routing(self.num_clusters), seed=req.seed)
 
         def slow_callback(info) -> None:
             time.sleep(self.step_delay)
             if callback is not None:
                 callback(info)
 
-        return generate(ens, labels_for(req, self.num_classes), self.shape, req.steps, req.sampler, req.guidance, req.seed,
+        return generate(ens, labels_for(req, self.num_classes), self.shape, req.sampling(),
                         callback=slow_callback if self.step_delay else callback).clamp(-1, 1)
 
     def close(self) -> None:

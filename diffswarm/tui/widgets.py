@@ -12,6 +12,7 @@ from textual.reactive import reactive
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Input, Label, ProgressBar, RichLog, Select, Sparkline, Static
 
+from ..router.routing import RoutingConfig
 from .model import (
     COLUMNS,
     HEALTH_COLUMN,
@@ -21,6 +22,7 @@ from .model import (
     ExpertRow,
     GenRequest,
     HistoryEntry,
+    SamplingConfig,
     detail_table,
     fit_images,
     parse_request,
@@ -58,7 +60,7 @@ class SwarmTable(RowTable):
         keys = [r.key for r in rows]
         if keys == [k.value for k in self.rows]:  # same rows in the same order: update cells in place (no flicker)
             for r in rows:
-                for col, cell in zip(self.columns, self.styled_cells(r)):
+                for col, cell in zip(self.columns, self.styled_cells(r), strict=True):
                     if self.get_cell(r.key, col) != cell:
                         self.update_cell(r.key, col, cell, update_width=True)  # "banned 12s" outgrows "ok"
             return
@@ -111,8 +113,9 @@ class GeneratePanel(Vertical):
             super().__init__()
             self.error = error
 
-    FIELDS = (("classes", "class", ""), ("n", "n", "8"), ("steps", "steps", "20"), ("k", "k", "2"),
-              ("guidance", "guidance", "1.0"), ("seed", "seed", "0"))
+    FIELDS = (("classes", "class", ""), ("n", "n", "8"), ("steps", "steps", str(SamplingConfig().steps)),
+              ("k", "k", str(RoutingConfig().k)), ("guidance", "guidance", f"{SamplingConfig().guidance:g}"),
+              ("seed", "seed", "0"))
     num_classes: int | None = None  # the swarm's, once known (set by the app): class ids are checked against it
     CHOICES = (("strategy", "routing", ("top-k", "sample-k", "threshold", "full")), ("sampler", "sampler", SAMPLERS))
 

@@ -1,7 +1,12 @@
-"""The peer's RPC protocol: message layout, limits and request checks, shared by peer and client.
+"""The wire contract between peers and clients: RPC names, versions, message layout, limits, checks.
 
-RPCs (hivemind ``ServicerBase`` handlers of ``diffswarm.peer.server.ExpertServicer``; protobufs
-are hivemind's ``runtime_pb2``, metadata is msgpack):
+Both sides import this module and nothing of each other: the peer's servicer
+(``diffswarm.peer.server.ExpertServicer``) registers handlers under ``handle_name(rpc)`` and the
+client calls those names through hivemind's public ``P2P.call_protobuf_handler`` /
+``iterate_protobuf_handler`` / ``call_binary_stream_handler``. Protobufs are hivemind's
+``runtime_pb2``; metadata is msgpack.
+
+RPCs (handle names ``diffswarm::ExpertServicer.<rpc>``):
 
 - ``rpc_velocity``: unary ``ExpertRequest -> ExpertResponse``.
   request: ``uid`` = expert id, ``tensors`` = [x (B, C, H, W) float32 (optionally float16-compressed), t (B,) float32,
@@ -34,19 +39,31 @@ from dataclasses import dataclass
 import msgpack
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
-from hivemind.p2p.p2p_daemon_bindings.control import MAX_UNARY_PAYLOAD_SIZE
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
-from ..dht.records import PROTOCOL_VERSION
+PROTOCOL_VERSION = 1  # RPC protocol; clients skip peers that speak another one
+NAMESPACE = "diffswarm"  # handle-name prefix of every RPC
+SERVICER = "ExpertServicer"  # the servicer class name in handle names (hivemind's ServicerBase convention)
+OBJECTIVES = ("ddpm", "fm")  # training objectives an expert may announce
+RPCS = ("rpc_velocity", "rpc_velocity_session", "rpc_velocity_stream", "rpc_info", "rpc_router")
 
-MAX_UNARY_BYTES = MAX_UNARY_PAYLOAD_SIZE  # 2 MiB: half of p2pd's 4 MiB message cap; larger payloads stream
+# 2 MiB: half of p2pd's 4 MiB message cap (hivemind's MAX_UNARY_PAYLOAD_SIZE); larger payloads stream
+MAX_UNARY_BYTES = 2 << 20
 STREAM_CHUNK_BYTES = 1 << 20  # tensor part size in streamed requests / responses
 ROUTER_CHUNK = 1 << 20  # router file chunk size
 MAX_METADATA_BYTES = 4096
 MAX_REQUEST_ROWS = 8192  # rows in one request (a client splits larger batches)
 MAX_GUIDANCE = 100.0
 COMPRESSIONS = {"none": runtime_pb2.CompressionType.NONE, "float16": runtime_pb2.CompressionType.FLOAT16}
+
+
+def handle_name(rpc: str) -> str:
+    """The p2pd handle name of ``rpc`` (``"diffswarm::ExpertServicer.rpc_velocity"``): what hivemind's
+    ``ServicerBase`` registers for a handler method ``rpc`` of a class named ``SERVICER`` under ``NAMESPACE``."""
+    if rpc not in RPCS:
+        raise ValueError(f"unknown RPC {rpc!r}; the protocol has {RPCS}")
+    return f"{NAMESPACE}::{SERVICER}.{rpc}"
 
 
 class RequestError(ValueError):

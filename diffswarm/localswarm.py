@@ -24,6 +24,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .clusters import TrainJob
+
 STATE_FILE = "swarm.json"
 
 
@@ -42,12 +44,13 @@ class PeerProc:
 
 @dataclass
 class PeerSpec:
-    """One peer of a local swarm: serve ``checkpoint``, or train (``train_args``: extra CLI args)."""
+    """One peer of a local swarm: serve ``checkpoint``, or run the training job ``train`` first (written to
+    RUN_DIR/jobs/NAME.json and passed as ``--train-job``)."""
 
     name: str
     checkpoint: str | None = None
-    train_args: list[str] = field(default_factory=list)
-    extra_args: list[str] = field(default_factory=list)
+    train: TrainJob | None = None
+    extra_args: list[str] = field(default_factory=list)  # more `diffswarm peer` options
 
 
 def _alive(pid: int) -> bool:
@@ -129,9 +132,9 @@ class LocalSwarm:
 
     def client(self, routing=None, seed: int = 0, config=None, **kw):
         """A ``SwarmEnsemble`` connected to this swarm (loopback network settings)."""
-        from ..client.client import ClientConfig
-        from ..client.ensemble import SwarmEnsemble
-        from ..dht.node import NetworkConfig
+        from .client.client import ClientConfig
+        from .client.ensemble import SwarmEnsemble
+        from .dht.node import NetworkConfig
 
         config = config or ClientConfig(swarm=self.swarm, net=NetworkConfig.loopback(client_mode=True))
         return SwarmEnsemble.connect(self.initial_peers, routing, seed=seed, config=config, **kw)
@@ -236,7 +239,7 @@ def start_local_swarm(peers: Sequence[PeerSpec], router_path: str | None, run_di
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("GOMAXPROCS", "1")  # K+1 daemons share this machine's cores: one Go thread each is plenty
     deadline = time.monotonic() + timeout
-    common = ["--swarm", swarm, "--threads", str(threads), "--announce-period", str(announce_period), *extra_args]
+    common = ["--swarm", swarm, "--announce-period", str(announce_period), *extra_args]
     started: list[tuple[PeerProc, subprocess.Popen]] = []
     sw = LocalSwarm(run_dir, swarm, [], [], {})
     try:
@@ -247,8 +250,11 @@ def start_local_swarm(peers: Sequence[PeerSpec], router_path: str | None, run_di
         boot = _wait_online(started[:1], deadline, log)["bootstrap"]
         sw.initial_peers = boot["maddrs"]
         for spec in peers:
-            args = [*common, "--initial-peers", *sw.initial_peers, *spec.extra_args]
-            args += ["--checkpoint", str(spec.checkpoint)] if spec.checkpoint else spec.train_args
+            args = [*common, "--threads", str(threads), "--initial-peers", *sw.initial_peers, *spec.extra_args]
+            if spec.checkpoint:
+                args += ["--checkpoint", str(spec.checkpoint)]
+            elif spec.train is not None:
+                args += ["--train-job", str(spec.train.save(run_dir / "jobs" / f"{spec.name}.json"))]
             started.append(_spawn(spec.name, args, run_dir, env))
             sw.procs, sw._popens = [p for p, _ in started], {p.pid: pop for p, pop in started}
             sw.save()
@@ -264,7 +270,7 @@ def _confirm_in_dht(sw: LocalSwarm, peer_ids: list[str], deadline: float) -> Non
     """Wait until every expert peer's online record can be read from the DHT by a fresh client."""
     import asyncio
 
-    from ..dht.node import NetworkConfig, SwarmDHT
+    from .dht.node import NetworkConfig, SwarmDHT
 
     async def check() -> None:
         node = await SwarmDHT.create(NetworkConfig.loopback(sw.initial_peers, client_mode=True), sw.swarm)
