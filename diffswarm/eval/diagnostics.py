@@ -241,7 +241,7 @@ def split_by_selection(values: torch.Tensor, weights: torch.Tensor) -> dict:
     (NaN if none); ``best_selected``: share of samples whose lowest-value expert is selected.
     """
     if values.shape != weights.shape or values.dim() != 2:
-        raise ValueError(f"values and weights must both be (B, K), got {tuple(values.shape)} and {tuple(weights.shape)}")
+        raise ValueError(f"values and weights must be (B, K), got {tuple(values.shape)} and {tuple(weights.shape)}")
     v = values.detach().double().cpu()
     sel = weights.detach().cpu() > 0  # (B, K)
     nan = torch.full_like(v, float("nan"))

@@ -38,7 +38,7 @@ BLOCK_ENTRIES = 4_000_000  # entries of one block of a distance matrix (float64:
 
 
 def as_features(feats: np.ndarray | torch.Tensor, name: str = "features") -> np.ndarray:
-    """(N, D) numpy or torch features -> (N, D) float64 numpy (a copy only where needed); checks shape and finiteness."""
+    """(N, D) numpy or torch features -> (N, D) float64 numpy (copied only if needed); checks shape and finiteness."""
     if isinstance(feats, torch.Tensor):
         feats = feats.detach().to("cpu", torch.float64).numpy()
     f = np.asarray(feats, dtype=np.float64)
