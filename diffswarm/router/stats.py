@@ -103,7 +103,7 @@ MAX_CLASSES = 1000
 MAX_ID_CHARS = 256  # partition_hash, dataset_id
 MAX_ABS_VALUE = 1e4  # pixel / class means
 MAX_VARIANCE = 1e8
-PSD_TOL = 1e-3  # eigenvalues >= -PSD_TOL * max(1, lam_max) are accepted (and clamped to 0)
+PSD_TOL = 1e-3  # eigenvalues >= -PSD_TOL * max(1, lam_max) are accepted (the router floors them)
 _BASIS_RE = re.compile(r"^dct2d-v1:d=([1-9][0-9]{0,3})$")
 _DTYPES = {"<f2": np.dtype("<f2"), "<f4": np.dtype("<f4")}
 
@@ -145,7 +145,7 @@ class DCTBasis:
     """The orthonormal per-channel 2-D DCT-II in frequency order; its first ``d`` columns are B."""
 
     image_shape: tuple[int, int, int]  # (C, H, W)
-    d: int  # feature dimension
+    d: int = DEFAULT_FEATURES  # feature dimension
 
     def __post_init__(self) -> None:
         c, h, w = self.image_shape
