@@ -77,7 +77,7 @@ def make_mixture(seed=0, per_class=False):
     g = torch.Generator().manual_seed(seed)
     Q = torch.as_tensor(full_basis_scipy(SHAPE))  # (D, D)
     mix = []
-    for k in range(K):
+    for _ in range(K):
         mu = MEAN_SCALE * torch.randn(D, generator=g, dtype=torch.float64)  # coefficient mean
         A = torch.randn(DF, DF, generator=g, dtype=torch.float64)
         S = 0.6 * A @ A.T / DF + 0.05 * torch.eye(DF, dtype=torch.float64)

@@ -426,7 +426,7 @@ class Trace:
         if self.disagreement is not None:
             out["disagreement"] = self.disagreement.mean(0)
         if self.centroid_dist is not None and self._experts_are_clusters():
-            splits = [split_by_selection(d, w) for d, w in zip(self.centroid_dist, self.weights)]
+            splits = [split_by_selection(d, w) for d, w in zip(self.centroid_dist, self.weights, strict=True)]
             out["centroid_selected"] = torch.stack([s["selected_per_sample"] for s in splits]).nanmean(0)
             out["centroid_other"] = torch.stack([s["other_per_sample"] for s in splits]).nanmean(0)
         return out
@@ -453,7 +453,7 @@ class Trace:
         if self.centroid_dist is not None:
             out["centroid_nearest"] = float(self.centroid_dist.amin(-1).mean())
         if self.centroid_dist is not None and self._experts_are_clusters():
-            splits = [split_by_selection(d, w) for d, w in zip(self.centroid_dist, self.weights)]
+            splits = [split_by_selection(d, w) for d, w in zip(self.centroid_dist, self.weights, strict=True)]
             for key in ("selected", "other", "best_selected"):
                 per_step = [s[key] for s in splits]
                 out[f"centroid_{key}_per_step"] = per_step

@@ -54,3 +54,8 @@ def eps_to_velocity(
     x0_c = x0_hat.clamp(-x0_clip, x0_clip) if x0_clip is not None else x0_hat
     v_high = (x_t - x0_c) / tb.clamp_min(T_SWITCH)
     return torch.where(high, v_high, v_low)
+
+
+def velocity_to_x0(x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Predicted data x0 = x_t - t v (exact in the flow convention). (B, ...) -> (B, ...)."""
+    return x_t - bcast(t, x_t) * v

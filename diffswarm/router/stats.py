@@ -165,7 +165,7 @@ class DCTBasis:
         return c * h * w
 
     @classmethod
-    def from_name(cls, name: str, image_shape: Sequence[int]) -> "DCTBasis":
+    def from_name(cls, name: str, image_shape: Sequence[int]) -> DCTBasis:
         m = _BASIS_RE.match(name) if isinstance(name, str) else None
         if m is None:
             raise ValueError(f"unknown basis {name!r}; expected '{BASIS_KIND}:d=<int>'")
@@ -269,7 +269,7 @@ class ClusterStats:
         return blob
 
     @classmethod
-    def from_bytes(cls, blob: bytes) -> "ClusterStats":
+    def from_bytes(cls, blob: bytes) -> ClusterStats:
         """Parse and check a blob from the network. Anything wrong raises ``StatsFormatError``."""
         if not isinstance(blob, (bytes, bytearray, memoryview)):
             raise StatsFormatError(f"cluster stats must be bytes, got {type(blob).__name__}")
@@ -282,13 +282,13 @@ class ClusterStats:
         return cls.from_dict(d)
 
     @classmethod
-    def from_dict(cls, d) -> "ClusterStats":
+    def from_dict(cls, d) -> ClusterStats:
         """Validate an unpacked map (see :meth:`from_bytes`); unknown fields go to ``extra``."""
         if not isinstance(d, dict):
             raise StatsFormatError(f"cluster stats must be a map, got {type(d).__name__}")
         if d.get("format") != STATS_FORMAT:
             raise StatsFormatError(f"not cluster stats (format {d.get('format')!r}, expected {STATS_FORMAT!r})")
-        version = _int(d, "version", 1, 2**31)
+        _int(d, "version", 1, 2**31)  # checked; every version so far reads the same
         shape = d.get("image_shape")
         if not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(s) and s >= 1 for s in shape)):
             raise StatsFormatError(f"image_shape must be three positive ints, got {shape!r}")
@@ -539,7 +539,7 @@ class StatsRouter(nn.Module):
         self.image_shape = first.image_shape
         d = self.basis.d
         w_k = counts / counts.sum()
-        mean_eig = float(sum(wk * np.trace(s.feat_cov) / d for wk, s in zip(w_k, stats)))
+        mean_eig = float(sum(wk * np.trace(s.feat_cov) / d for wk, s in zip(w_k, stats, strict=True)))
         floor = max(opt.var_floor, opt.var_floor_rel * mean_eig)
         self.floor = floor
 
@@ -560,7 +560,7 @@ class StatsRouter(nn.Module):
         # 2. coefficient means, feature eigendecompositions, residual variances
         mean_px = torch.as_tensor(np.stack([s.mean for s in stats])).reshape(-1, *self.image_shape)  # (K, C, H, W)
         coef_mean = self.basis.coefficients(mean_px)  # (K, D)
-        evals, evecs = zip(*(self._eig(s.feat_cov) for s in stats))
+        evals, evecs = zip(*(self._eig(s.feat_cov) for s in stats), strict=True)
         self.register_buffer("feat_mean", coef_mean[:, :d].contiguous(), persistent=False)  # (K, d)
         self.register_buffer("feat_evals", torch.stack(list(evals)), persistent=False)  # (K, d)
         self.register_buffer("feat_evecs", torch.stack(evecs), persistent=False)  # (K, d, d)
@@ -575,7 +575,7 @@ class StatsRouter(nn.Module):
             cm = torch.as_tensor(np.stack([s.class_means for s in stats]))  # (K, nc, d)
             n_kc = torch.as_tensor(hist)[:, :, None]  # (K, nc, 1)
             cm = (n_kc * cm + kappa * self.feat_mean[:, None, :]) / (n_kc + kappa).clamp_min(1e-12)
-            wevals, wevecs = zip(*(self._eig(s.within_cov) for s in stats))
+            wevals, wevecs = zip(*(self._eig(s.within_cov) for s in stats), strict=True)
             self.register_buffer("class_mean", cm, persistent=False)  # (K, nc, d)
             self.register_buffer("within_evals", torch.stack(wevals), persistent=False)  # (K, d)
             self.register_buffer("within_evecs", torch.stack(wevecs), persistent=False)  # (K, d, d)
