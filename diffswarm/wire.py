@@ -28,11 +28,24 @@ RPCs (handle names ``diffswarm::ExpertServicer.<rpc>``):
 Every incoming velocity request is checked against the expert's declared spec (``check_request``)
 and refused with ``RequestError`` (which the caller receives as ``P2PHandlerError`` with the
 message) instead of reaching the network.
+
+Error answers carry one of three codes (``classify_error`` reads them back from either form):
+
+- ``busy``: the peer is loaded or the caller is over its limits (``PeerBusy``, with ``retry_after``
+  seconds): load, not a lie; try later or elsewhere.
+- ``refused``: the request itself is wrong (``RequestError``): the message says what and what was expected.
+- ``internal``: the peer failed on its own (``PeerInternalError``): the message carries only a short id that
+  the peer logged with its traceback; nothing of the exception itself.
+
+Session answers put them in the metadata ``{"id", "error", "code", "retry_after"}``; unary and stream
+calls fail with a ``P2PHandlerError`` whose message contains ``format_error``'s prefix
+``[diffswarm:CODE retry_after=S id=ID]`` (``retry_after`` for busy, ``id`` for internal).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -52,10 +65,28 @@ RPCS = ("rpc_velocity", "rpc_velocity_session", "rpc_velocity_stream", "rpc_info
 MAX_UNARY_BYTES = 2 << 20
 STREAM_CHUNK_BYTES = 1 << 20  # tensor part size in streamed requests / responses
 ROUTER_CHUNK = 1 << 20  # router file chunk size
-MAX_METADATA_BYTES = 4096
+MAX_METADATA_BYTES = 4096  # request metadata (msgpack map), refused above
 MAX_REQUEST_ROWS = 8192  # rows in one request (a client splits larger batches)
 MAX_GUIDANCE = 100.0
 COMPRESSIONS = {"none": runtime_pb2.CompressionType.NONE, "float16": runtime_pb2.CompressionType.FLOAT16}
+
+# Bounds of single stream messages, checked from the 8-byte length header before the body is read:
+# protobuf framing, uid and metadata around the tensor buffers of one message fit in this slack
+MESSAGE_SLACK_BYTES = 64 << 10
+# one rpc_velocity_session message: the client sends requests of up to MAX_UNARY_BYTES of tensors over sessions
+MAX_SESSION_MESSAGE_BYTES = MAX_UNARY_BYTES + MESSAGE_SLACK_BYTES
+# one rpc_velocity_stream message: one part of split_for_streaming (STREAM_CHUNK_BYTES of buffer)
+MAX_STREAM_PART_BYTES = STREAM_CHUNK_BYTES + MESSAGE_SLACK_BYTES
+MAX_SMALL_MESSAGE_BYTES = 16 << 10  # requests of rpc_router (an ExpertUID) and the stream end marker
+# The whole streamed request is bounded by the expert's spec (``ExpertSpec.max_request_bytes``: its most rows
+# times the bytes of a row, plus slack) and so is the number of its parts (``ExpertSpec.max_stream_parts``).
+
+MAX_RETRY_AFTER = 60.0  # a busy answer's retry_after is clipped to [0, this] (a hostile peer may claim anything)
+DEFAULT_RETRY_AFTER = 1.0  # retry_after of a busy answer that gives none (or an unreadable one)
+ERROR_CODES = ("busy", "refused", "internal")
+# dtype names each request tensor may declare (checked before anything is decoded)
+_DTYPES = {"x": ("float32",), "t": ("float32",), "labels": ("int64", "int32")}
+_ITEMSIZE = {"float32": 4, "int64": 8, "int32": 4}
 
 
 def handle_name(rpc: str) -> str:
@@ -67,7 +98,121 @@ def handle_name(rpc: str) -> str:
 
 
 class RequestError(ValueError):
-    """A request the peer refuses; the message says what was wrong and what was expected."""
+    """An error answer: by default a request the peer refuses (code ``refused``); the message says what
+    was wrong and what was expected. Subclasses: ``PeerBusy`` (load) and ``PeerInternalError``."""
+
+    code = "refused"
+
+    @property
+    def wire_message(self) -> str:
+        """The message as a peer sends it in a ``P2PHandlerError`` (``format_error``)."""
+        return format_error(self.code, str(self))
+
+
+class PeerBusy(RequestError):
+    """The peer cannot take this request now (its queue or memory budget is full, or the caller is over its
+    rate or stream limits): load, not a lie. ``retry_after``: seconds after which it may succeed."""
+
+    code = "busy"
+
+    def __init__(self, message: str, retry_after: float = DEFAULT_RETRY_AFTER):
+        super().__init__(message)
+        self.retry_after = _clip_retry_after(retry_after)
+
+    @property
+    def wire_message(self) -> str:
+        return format_error(self.code, str(self), retry_after=self.retry_after)
+
+
+class PeerInternalError(RequestError):
+    """The peer failed on its own (a bug, a failing forward pass). Only ``error_id`` travels: the peer logs the
+    traceback under that id; no text of the exception reaches the caller."""
+
+    code = "internal"
+
+    def __init__(self, error_id: str, message: str | None = None):
+        super().__init__(message or f"internal error on the peer (logged there as {error_id})")
+        self.error_id = error_id
+
+    @property
+    def wire_message(self) -> str:
+        return format_error(self.code, str(self), error_id=self.error_id)
+
+
+def _clip_retry_after(v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return DEFAULT_RETRY_AFTER
+    return min(max(float(v), 0.0), MAX_RETRY_AFTER)
+
+
+# "[diffswarm:busy retry_after=0.250] message": the fixed, parseable prefix of every error message a peer
+# sends in a P2PHandlerError (hivemind prefixes it with "Failed to call handler ...: " for streams)
+_ERROR_RE = re.compile(r"\[diffswarm:(busy|refused|internal)"
+                       r"(?: retry_after=([^\]\s]{1,32}))?(?: id=([0-9a-f]{1,32}))?\]")
+
+
+def format_error(code: str, message: str, retry_after: float | None = None, error_id: str | None = None) -> str:
+    """``[diffswarm:CODE retry_after=S id=ID] message`` (retry_after only for busy, id only for internal)."""
+    if code not in ERROR_CODES:
+        raise ValueError(f"error code {code!r} not in {ERROR_CODES}")
+    tags = f"diffswarm:{code}"
+    if code == "busy":
+        tags += f" retry_after={_clip_retry_after(retry_after):.3f}"
+    if code == "internal" and error_id:
+        tags += f" id={error_id}"
+    return f"[{tags}] {message}"
+
+
+def classify_error(error) -> tuple[str, float | None]:
+    """(code, retry_after) of an error answer, for the client to tell load from refusals and failures.
+
+    ``error``: a session answer's metadata (dict), the message of a ``P2PHandlerError`` from a unary or stream
+    call (str), or an exception (a ``RequestError`` gives its own code; anything else is read from ``str(e)``).
+    code: ``busy`` (retry_after in [0, MAX_RETRY_AFTER] seconds), ``refused``, ``internal`` (retry_after None),
+    ``unknown`` (an error that is not a diffswarm error answer: an older peer, a transport failure, a timeout),
+    ``ok`` (metadata without an ``error``: not an error at all)."""
+    if isinstance(error, RequestError):
+        return error.code, getattr(error, "retry_after", None) if error.code == "busy" else None
+    if isinstance(error, dict):
+        if "error" not in error:
+            return "ok", None
+        code = error.get("code")
+        if code in ERROR_CODES:
+            return code, _clip_retry_after(error.get("retry_after")) if code == "busy" else None
+        error = error.get("error")
+    text = error if isinstance(error, str) else str(error)
+    m = _ERROR_RE.search(text)
+    if m is None:
+        return "unknown", None
+    code = m.group(1)
+    if code != "busy":
+        return code, None
+    try:
+        retry = float(m.group(2)) if m.group(2) else DEFAULT_RETRY_AFTER
+    except ValueError:
+        retry = DEFAULT_RETRY_AFTER
+    return code, _clip_retry_after(retry)
+
+
+def error_metadata(request_id, error: RequestError) -> dict:
+    """Session answer metadata of an error answer: {"id", "error", "code"} (+ "retry_after" when busy)."""
+    d = {"id": request_id, "error": str(error), "code": error.code}
+    if error.code == "busy":
+        d["retry_after"] = float(error.retry_after)
+    if error.code == "internal":
+        d["error_id"] = error.error_id
+    return d
+
+
+def error_from_metadata(meta: dict) -> RequestError:
+    """The typed error of an error answer's metadata (``PeerBusy`` / ``PeerInternalError`` / ``RequestError``)."""
+    code, retry = classify_error(meta)
+    text = str(meta.get("error"))[:500]
+    if code == "busy":
+        return PeerBusy(f"the peer is busy: {text}", retry)
+    if code == "internal":
+        return PeerInternalError(str(meta.get("error_id", "")), f"the peer failed: {text}")
+    return RequestError(f"the peer refused the request: {text}")
 
 
 @dataclass(frozen=True)
@@ -78,6 +223,22 @@ class ExpertSpec:
     image_shape: tuple[int, int, int]  # (C, H, W)
     num_classes: int  # labels in -1..num_classes (num_classes itself = the null label)
     max_rows: int = MAX_REQUEST_ROWS
+
+    @property
+    def row_bytes(self) -> int:
+        """Wire bytes of one request row: x float32 (C*H*W), t float32, label int64."""
+        c, h, w = self.image_shape
+        return 4 * c * h * w + 4 + 8
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest valid request's tensor bytes plus slack: streamed requests are refused above it."""
+        return self.max_rows * self.row_bytes + MESSAGE_SLACK_BYTES
+
+    @property
+    def max_stream_parts(self) -> int:
+        """Parts of the largest valid streamed request (STREAM_CHUNK_BYTES each, at least one per tensor)."""
+        return -(-self.max_request_bytes // STREAM_CHUNK_BYTES) + 3
 
 
 @dataclass
@@ -129,6 +290,14 @@ def request_metadata(guidance: float, request_id: int | None = None) -> bytes:
     return _meta_dumps(d)
 
 
+def session_request_id(metadata: bytes) -> int:
+    """The ``id`` of a session request (an integer: answers are matched by it)."""
+    rid = _meta_loads(metadata).get("id")
+    if isinstance(rid, bool) or not isinstance(rid, int):
+        raise RequestError(f"a session request needs an integer metadata id, got {str(rid)[:20]!r}")
+    return rid
+
+
 def load_metadata(b: bytes) -> dict:
     """Decode request or response metadata (msgpack map, at most ``MAX_METADATA_BYTES``)."""
     return _meta_loads(b)
@@ -164,7 +333,7 @@ def decode_response(tensors: list[runtime_pb2.Tensor], metadata: bytes | dict, r
     """(v float32 (B, C, H, W), response metadata); raises ``RequestError`` on a malformed answer."""
     meta = metadata if isinstance(metadata, dict) else _meta_loads(metadata)
     if "error" in meta:
-        raise RequestError(f"the peer refused the request: {meta['error']}")
+        raise error_from_metadata(meta)
     if len(tensors) != 1:
         raise RequestError(f"response carries {len(tensors)} tensors, expected 1")
     v = _deserialize(tensors[0], "v").float()
@@ -184,18 +353,38 @@ def _deserialize(t: runtime_pb2.Tensor, name: str) -> torch.Tensor:
         raise RequestError(f"tensor {name} cannot be deserialized: {e}") from None
 
 
+def _check_declared(t: runtime_pb2.Tensor, name: str, shape: tuple[int, ...], compressions: tuple[int, ...]) -> None:
+    """What a request tensor declares (dtype name, compression, shape, buffer length), checked before any of it
+    is decoded: hivemind's decoders trust the declared dtype (``np.dtype(...)`` of any string) and shape."""
+    if t.dtype not in _DTYPES[name]:
+        raise RequestError(f"{name} declares dtype {t.dtype[:40]!r}, expected {' or '.join(_DTYPES[name])}")
+    if t.compression not in compressions:
+        raise RequestError(f"{name} uses compression {t.compression}; allowed: x uncompressed or float16, "
+                           "t and labels uncompressed")
+    if tuple(t.size) != shape:
+        raise RequestError(f"{name} has shape {tuple(t.size)[:8]}, expected {shape}")
+    itemsize = 2 if t.compression == COMPRESSIONS["float16"] else _ITEMSIZE[t.dtype]
+    want = math.prod(shape) * itemsize
+    if len(t.buffer) != want:
+        raise RequestError(f"{name} cannot be deserialized: its shape {shape} needs {want} bytes, it carries "
+                           f"{len(t.buffer)}")
+    if t.requires_grad:
+        raise RequestError(f"{name} must not require grad")
+
+
 def check_request(spec: ExpertSpec, uid: str, tensors: list[runtime_pb2.Tensor], metadata: bytes) -> VelocityRequest:
-    """Decode and check one velocity request against ``spec``; raise ``RequestError`` if anything is off."""
+    """Decode and check one velocity request against ``spec``; raise ``RequestError`` if anything is off.
+    Everything a tensor declares (rank, shape, dtype, compression, buffer length) is checked before it is decoded."""
     if uid != spec.uid:
-        raise RequestError(f"this peer serves expert {spec.uid!r}, not {uid!r}")
+        raise RequestError(f"this peer serves expert {spec.uid!r}, not {uid[:100]!r}")
     meta = _meta_loads(metadata)
     proto = meta.get("protocol")
     if proto != PROTOCOL_VERSION:
-        raise RequestError(f"protocol {proto!r} is not supported (this peer speaks {PROTOCOL_VERSION})")
+        raise RequestError(f"protocol {str(proto)[:20]!r} is not supported (this peer speaks {PROTOCOL_VERSION})")
     guidance = meta.get("guidance", 1.0)
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
             or not 0 <= guidance <= MAX_GUIDANCE:
-        raise RequestError(f"guidance must be a finite number in [0, {MAX_GUIDANCE}], got {guidance!r}")
+        raise RequestError(f"guidance must be a finite number in [0, {MAX_GUIDANCE}], got {str(guidance)[:20]}")
     if len(tensors) != 3:
         raise RequestError(f"expected 3 tensors [x, t, labels], got {len(tensors)}")
     c, h, w = spec.image_shape
@@ -203,15 +392,16 @@ def check_request(spec: ExpertSpec, uid: str, tensors: list[runtime_pb2.Tensor],
     sizes = [tuple(tt.size) for tt in tensors]
     b = sizes[0][0] if sizes[0] else 0
     if len(sizes[0]) != 4 or sizes[0][1:] != (c, h, w):
-        raise RequestError(f"x has shape {sizes[0]}, expert {spec.uid} expects (B, {c}, {h}, {w})")
+        raise RequestError(f"x has shape {sizes[0][:8]}, expert {spec.uid} expects (B, {c}, {h}, {w})")
     if not 1 <= b <= spec.max_rows:
         raise RequestError(f"batch of {b} rows outside 1..{spec.max_rows}")
     if sizes[1] != (b,) or sizes[2] != (b,):
-        raise RequestError(f"t and labels must have shape ({b},), got {sizes[1]} and {sizes[2]}")
+        raise RequestError(f"t and labels must have shape ({b},), got {sizes[1][:8]} and {sizes[2][:8]}")
     allowed = {v: k for k, v in COMPRESSIONS.items()}
-    if tensors[0].compression not in allowed or tensors[1].compression != COMPRESSIONS["none"] \
-            or tensors[2].compression != COMPRESSIONS["none"]:
-        raise RequestError("x may be sent uncompressed or as float16; t and labels uncompressed")
+    none = (COMPRESSIONS["none"],)
+    _check_declared(tensors[0], "x", (b, c, h, w), tuple(allowed))
+    _check_declared(tensors[1], "t", (b,), none)
+    _check_declared(tensors[2], "labels", (b,), none)
     x = _deserialize(tensors[0], "x")
     t = _deserialize(tensors[1], "t")
     labels = _deserialize(tensors[2], "labels")
