@@ -6,13 +6,15 @@ scalar per pass), and splits the answer back. It waits up to ``max_wait`` for mo
 when another client was active within ``window`` seconds: a lone client (the common case) never
 pays the wait, several clients get merged passes. Forward passes run one at a time on a worker
 thread, so the event loop keeps receiving requests while the expert computes, and requests that
-arrive during a pass form the next batch on their own.
+arrive during a pass form the next batch on their own. The queue is bounded: at most
+``max_queue_rows`` rows wait or compute at once; ``submit`` answers ``PeerBusy`` above that.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..wire import VelocityRequest
+from ..wire import MAX_REQUEST_ROWS, PeerBusy, VelocityRequest
+
+logger = logging.getLogger(__name__)
+MAX_CLIENTS_SEEN = 1024  # clients remembered for the wait policy (the most recent are kept)
 
 
 @dataclass
@@ -29,6 +34,8 @@ class BatchPolicy:
     max_wait: float = 0.002  # seconds to wait for more requests when other clients are active
     window: float = 1.0  # a client counts as active this long after its last request
     inline_s: float = 0.0  # passes expected to take less than this run on the event loop thread
+    max_queue_rows: int = 2 * MAX_REQUEST_ROWS  # rows queued or computing at once; PeerBusy above (a request
+    #                                             always gets in when the queue is empty)
 
 
 def should_wait(now: float, last_seen: dict[str, float], requester: str, window: float) -> bool:
@@ -96,67 +103,85 @@ class Batcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
+    def admit(self, rows: int) -> None:
+        """Raise ``PeerBusy`` if ``rows`` more rows would overfill the queue (retry_after: the time the backlog
+        takes to drain at the measured throughput)."""
+        over = self.pending_rows + rows - self.policy.max_queue_rows
+        if over > 0 and self.pending_rows > 0:
+            retry = over / self.throughput if self.throughput > 0 else 1.0
+            raise PeerBusy(f"the expert's queue is full ({self.pending_rows} rows waiting, limit "
+                           f"{self.policy.max_queue_rows})", max(retry, 0.05))
+
     async def submit(self, req: VelocityRequest, client: str) -> tuple[torch.Tensor, BatchStats]:
+        self.admit(req.rows)
         fut = asyncio.get_running_loop().create_future()
         now = time.monotonic()
-        self.last_seen[client] = now
-        if len(self.last_seen) > 1024:  # forget long-gone clients
-            self.last_seen = {c: ts for c, ts in self.last_seen.items() if now - ts <= self.policy.window}
+        self.last_seen.pop(client, None)
+        self.last_seen[client] = now  # most recent last
+        if len(self.last_seen) > MAX_CLIENTS_SEEN:  # forget long-gone clients, then the least recent
+            recent = [(c, ts) for c, ts in self.last_seen.items() if now - ts <= self.policy.window]
+            self.last_seen = dict(recent[-MAX_CLIENTS_SEEN // 2:])
         self.queue.append(_Item(req, client, fut))
         self.pending_rows += req.rows
         self.wakeup.set()
         return await fut
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self.queue:
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 continue
-            first = self.queue[0]
-            if self.policy.max_wait > 0 and should_wait(time.monotonic(), self.last_seen, first.client,
-                                                        self.policy.window):
-                deadline = time.monotonic() + self.policy.max_wait
-                while sum(i.req.rows for i in self.queue) < self.policy.max_rows:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self.wakeup.clear()
-                    try:
-                        await asyncio.wait_for(self.wakeup.wait(), left)
-                    except TimeoutError:
-                        break
-            n = take_batch([i.req.rows for i in self.queue], self.policy.max_rows)
-            taken, self.queue = self.queue[:n], self.queue[n:]
-            taken_rows = sum(i.req.rows for i in taken)
-            batch = [i for i in taken if not i.future.done()]  # skip callers that gave up
-            if not batch:
-                self.pending_rows -= taken_rows
-                continue
-            rows = sum(i.req.rows for i in batch)
-            t0 = time.perf_counter()
             try:
-                if self.throughput > 0 and rows / self.throughput <= self.policy.inline_s:
-                    # short pass: run it on the loop thread (no thread hop, no GIL ping-pong)
-                    outs = compute_batch(self.velocity, [i.req for i in batch])
-                else:  # long pass: a worker thread, so the loop keeps serving the DHT and new requests
-                    outs = await loop.run_in_executor(self.executor, compute_batch, self.velocity,
-                                                      [i.req for i in batch])
-            except Exception as e:  # a failing forward pass fails its requests, never the peer
-                for i in batch:
-                    if not i.future.done():
-                        i.future.set_exception(e)
-                continue
-            finally:
-                self.pending_rows -= taken_rows
-            dt = time.perf_counter() - t0
-            rate = rows / max(dt, 1e-6)
-            self.throughput = rate if self.throughput <= 0 else 0.8 * self.throughput + 0.2 * rate
-            for i, v in zip(batch, outs, strict=True):
+                await self._one_batch()
+            except Exception:  # a bug here must not stop the worker (every later request would hang)
+                logger.exception("batcher: a batch failed outside the forward pass")
+
+    async def _one_batch(self) -> None:
+        loop = asyncio.get_running_loop()
+        first = self.queue[0]
+        if self.policy.max_wait > 0 and should_wait(time.monotonic(), self.last_seen, first.client,
+                                                    self.policy.window):
+            deadline = time.monotonic() + self.policy.max_wait
+            while sum(i.req.rows for i in self.queue) < self.policy.max_rows:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.wakeup.clear()
+                try:
+                    await asyncio.wait_for(self.wakeup.wait(), left)
+                except TimeoutError:
+                    break
+        n = take_batch([i.req.rows for i in self.queue], self.policy.max_rows)
+        taken, self.queue = self.queue[:n], self.queue[n:]
+        taken_rows = sum(i.req.rows for i in taken)
+        batch = [i for i in taken if not i.future.done()]  # skip callers that gave up
+        if not batch:
+            self.pending_rows -= taken_rows
+            return
+        rows = sum(i.req.rows for i in batch)
+        t0 = time.perf_counter()
+        try:
+            if self.throughput > 0 and rows / self.throughput <= self.policy.inline_s:
+                # short pass: run it on the loop thread (no thread hop, no GIL ping-pong)
+                outs = compute_batch(self.velocity, [i.req for i in batch])
+            else:  # long pass: a worker thread, so the loop keeps serving the DHT and new requests
+                outs = await loop.run_in_executor(self.executor, compute_batch, self.velocity,
+                                                  [i.req for i in batch])
+        except Exception as e:  # a failing forward pass fails its requests, never the peer
+            for i in batch:
                 if not i.future.done():
-                    stats = BatchStats(queue_ms=1000 * (t0 - i.enqueued), compute_ms=1000 * dt, batch_rows=rows)
-                    i.future.set_result((v, stats))
+                    i.future.set_exception(e)
+            return
+        finally:
+            self.pending_rows -= taken_rows
+        dt = time.perf_counter() - t0
+        rate = rows / max(dt, 1e-6)
+        self.throughput = rate if self.throughput <= 0 else 0.8 * self.throughput + 0.2 * rate
+        for i, v in zip(batch, outs, strict=True):
+            if not i.future.done():
+                stats = BatchStats(queue_ms=1000 * (t0 - i.enqueued), compute_ms=1000 * dt, batch_rows=rows)
+                i.future.set_result((v, stats))
 
     async def close(self) -> None:
         if self._task is not None:

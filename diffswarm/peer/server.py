@@ -22,14 +22,16 @@ import json
 import logging
 import math
 import os
+import secrets
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import AsyncIterator  # noqa: UP035  (hivemind's ServicerBase needs typing's alias to detect streams)
 
 import torch
-from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.p2p import P2P, P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils.timed_storage import get_dht_time
 
@@ -39,25 +41,32 @@ from ..dht.node import NetworkConfig, SwarmDHT
 from ..dht.records import RECORD_VERSION, ExpertRecord, SwarmRecord
 from ..experts.expert import Expert
 from ..wire import (
+    MAX_SESSION_MESSAGE_BYTES,
+    MAX_SMALL_MESSAGE_BYTES,
+    MAX_STREAM_PART_BYTES,
     NAMESPACE,
     PROTOCOL_VERSION,
     ROUTER_CHUNK,
     ExpertSpec,
+    PeerBusy,
+    PeerInternalError,
     RequestError,
     check_request,
     combine_parts,
     dump_metadata,
     encode_info,
     encode_response,
-    load_metadata,
+    error_metadata,
+    format_error,
+    session_request_id,
     stream_parts,
 )
 from .batching import Batcher, BatchPolicy
+from .limits import ByteBudget, Lease, PeerLimits, RateLimiter, StreamSlots
+from .streams import IdleStream, StreamClosed, StuckReader, read_messages, write_error, write_message
 
 logger = logging.getLogger(__name__)
 
-MAX_STREAM_BYTES = 512 << 20  # refuse streamed requests above this size
-MAX_SESSION_INFLIGHT = 64  # requests one session may have in flight
 
 
 @dataclass
@@ -77,6 +86,7 @@ class PeerConfig:
     announce_period: float = 10.0  # seconds between heartbeats
     expire_factor: float = 3.0  # records expire after this many periods without a heartbeat
     info_file: str | None = None  # write {peer_id, maddrs, pid, ...} here once online (swarm up, tests)
+    limits: PeerLimits = field(default_factory=PeerLimits)  # what callers can make the peer hold (peer/limits.py)
 
 
 class ServedExpert:
@@ -122,91 +132,296 @@ class RouterBlob:
         self.weights_sha256 = router.weights_sha256
 
 
-class ExpertServicer(ServicerBase):
-    """RPC handlers (see ``diffswarm.wire`` for the message layout); registered under ``wire.handle_name``."""
+class _ErrorAnswer(Exception):
+    """Raised by a unary handler to answer an error. hivemind's p2pclient sends ``repr(e)`` of a unary
+    handler's exception to the caller, so repr (and str) are exactly the wire message (``format_error``)."""
 
-    def __init__(self, served: dict[str, ServedExpert], router: RouterBlob | None, info):
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+    __repr__ = __str__
+
+
+class _RawRequest:
+    """Stands in for the protobuf type when a unary handler is registered: hivemind hands the handler the
+    request bytes unparsed, so a malformed protobuf gets a diffswarm error answer, not hivemind's DecodeError."""
+
+    @staticmethod
+    def FromString(data: bytes) -> bytes:  # protobuf's name: hivemind calls it
+        return data
+
+
+class ExpertServicer(ServicerBase):
+    """RPC handlers (see ``diffswarm.wire`` for the message layout); registered under ``wire.handle_name``.
+
+    Nothing a caller sends is trusted: unary requests are capped by p2pd (4 MiB), stream messages by this
+    servicer's own framing (``streams``), whole requests by the expert's spec, and what all requests hold
+    together by ``PeerLimits`` (memory budget, queue rows, open streams, rows per second per caller). Error
+    answers are ``busy`` / ``refused`` / ``internal`` (``wire.classify_error``); an internal error sends only
+    an id, logged here with its traceback. ``stats`` counts what happened (the tests and the fuzzer read it)."""
+
+    def __init__(self, served: dict[str, ServedExpert], router: RouterBlob | None, info,
+                 limits: PeerLimits | None = None):
         self.served, self.router, self.info = served, router, info
-        self.requests = 0
-        self.errors = 0
+        self.configure(limits or PeerLimits())
+        # requests (velocity requests decoded), answered, refused, busy, internal, closed (caller went away),
+        # stuck (caller did not read), cancelled (unary caller gave up)
+        self.stats: Counter[str] = Counter()
+
+    def configure(self, limits: PeerLimits) -> None:
+        """Apply ``limits`` (rate buckets, held bytes and open streams are counted afresh: call it while idle,
+        on the peer's loop)."""
+        self.limits = limits
+        self.rates = RateLimiter(limits.rate_rows, limits.burst_rows, limits.max_callers)
+        self.budget = ByteBudget(limits.max_inflight_bytes, limits.max_caller_inflight_bytes)
+        self.slots = StreamSlots(limits.max_streams, limits.max_streams_per_caller)
+        for s in self.served.values():
+            s.batcher.policy.max_queue_rows = limits.max_queue_rows
+
+    # -- registration ----------------------------------------------------------------------------
+
+    async def add_p2p_handlers(self, p2p: P2P, wrapper=None, *, namespace: str | None = None,
+                               balanced: bool = False) -> None:
+        """Register every ``rpc_*`` method: unary ones through hivemind's ``add_protobuf_handler``, stream
+        ones through ``add_binary_stream_handler`` with the bounded framing of ``streams`` (hivemind's own
+        stream handler buffers whatever length a caller declares). ``remove_p2p_handlers`` is hivemind's."""
+        if wrapper is not None:
+            raise ValueError("ExpertServicer registers its own handlers; it takes no wrapper")
+        self._collect_rpc_handlers()
+        for h in self._rpc_handlers:
+            name = self._get_handle_name(namespace, h.method_name)
+            if h.stream_input or h.stream_output:
+                await p2p.add_binary_stream_handler(name, self._stream_handler(p2p, h, name), balanced=balanced)
+            else:
+                await p2p.add_protobuf_handler(name, self._unary_handler(h), _RawRequest, balanced=balanced)
+
+    def _as_answer(self, e: BaseException, caller: str, rpc: str) -> RequestError:
+        """The error answer for ``e``: a ``RequestError`` is written for the caller and goes as it is; anything
+        else is the peer's own failure, answered as ``PeerInternalError`` with a fresh id that is logged here
+        with the traceback (nothing of the exception itself reaches the caller)."""
+        if isinstance(e, RequestError):
+            self.stats[e.code] += 1
+            logger.debug(f"{rpc} from {caller[:12]}: {e.code}: {e}")
+            return e
+        error_id = secrets.token_hex(4)
+        self.stats["internal"] += 1
+        logger.error(f"internal error {error_id} in {rpc} for {caller[:12]}", exc_info=e)
+        return PeerInternalError(error_id)
+
+    def _unary_handler(self, h):
+        method = getattr(self, h.method_name)
+
+        async def handle(request: bytes, context: P2PContext):
+            caller = str(context.remote_id)
+            lease = Lease(self.budget, caller)
+            try:
+                lease.take(len(request))
+                try:
+                    msg = h.request_type.FromString(request)
+                except Exception:  # DecodeError
+                    raise RequestError(f"the request is not a valid {h.request_type.__name__} protobuf") from None
+                return await method(msg, context)
+            except asyncio.CancelledError:
+                # p2pclient cancels the handler when the caller gives up (its deadline) and then skips its own
+                # bookkeeping (hivemind 1.1.12 keeps the cancelled task, and with it the request, for good):
+                # end normally instead; the answer goes nowhere
+                self.stats["cancelled"] += 1
+                raise _ErrorAnswer(format_error("refused", "the caller cancelled the call")) from None
+            except Exception as e:
+                raise _ErrorAnswer(self._as_answer(e, caller, h.method_name).wire_message) from None
+            finally:
+                lease.release()
+
+        return handle
+
+    def _stream_bounds(self, rpc: str) -> tuple[int, float]:
+        """(largest message, seconds to wait for the next one) of a stream RPC's requests."""
+        if rpc == "rpc_velocity_session":
+            return MAX_SESSION_MESSAGE_BYTES, self.limits.session_idle
+        if rpc == "rpc_velocity_stream":
+            return MAX_STREAM_PART_BYTES, self.limits.read_timeout
+        return MAX_SMALL_MESSAGE_BYTES, self.limits.read_timeout
+
+    def _stream_handler(self, p2p: P2P, h, name: str):
+        method = getattr(self, h.method_name)
+        max_bytes, idle = self._stream_bounds(h.method_name)
+
+        async def handle(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            caller = stream_info.peer_id.to_base58()
+            context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=stream_info.peer_id)
+            try:
+                self.slots.open(caller)
+            except PeerBusy as e:
+                await write_error(writer, self._as_answer(e, caller, h.method_name).wire_message)
+                writer.close()
+                return
+            answers, abort = None, False
+            try:
+                requests = read_messages(reader, h.request_type, max_bytes, idle, self.limits.read_timeout)
+                if h.stream_input:
+                    answers = method(requests, context)
+                else:
+                    first = await anext(requests, None)
+                    if first is None:
+                        raise RequestError(f"{h.method_name} got no request")
+                    answers = method(first, context)
+                async for resp in answers:
+                    await write_message(writer, resp, self.limits.write_timeout)
+            except (StreamClosed, StuckReader) as e:  # nobody to answer: close at once, drop what is buffered
+                abort = True
+                self.stats["stuck" if isinstance(e, StuckReader) else "closed"] += 1
+                logger.debug(f"{h.method_name} from {caller[:12]}: {e}")
+            except Exception as e:
+                await write_error(writer, self._as_answer(e, caller, h.method_name).wire_message)
+            finally:
+                if answers is not None:
+                    await answers.aclose()
+                self.slots.close(caller)
+                if abort:
+                    writer.transport.abort()
+                else:
+                    writer.close()
+
+        return handle
+
+    # -- velocity --------------------------------------------------------------------------------
 
     def _expert(self, uid: str) -> ServedExpert:
         served = self.served.get(uid)
         if served is None:
             have = ", ".join(self.served) or "none"
-            raise RequestError(f"this peer does not serve expert {uid!r} (it serves: {have})")
+            raise RequestError(f"this peer does not serve expert {uid[:100]!r} (it serves: {have})")
         return served
 
-    async def _answer(self, uid: str, tensors, metadata: bytes, context: P2PContext, extra: dict | None = None):
-        self.requests += 1
-        try:
-            served = self._expert(uid)
-            req = check_request(served.spec, uid, tensors, metadata)
-        except RequestError as e:
-            self.errors += 1
-            logger.info(f"refused a request from {str(context.remote_id)[:12]}: {e}")
-            raise
-        v, st = await served.batcher.submit(req, str(context.remote_id))
+    async def _answer(self, uid: str, tensors, metadata: bytes, caller: str, extra: dict | None = None):
+        """Check one velocity request, admit it (queue, then the caller's rate), compute it in a batch."""
+        served = self._expert(uid)
+        req = check_request(served.spec, uid, tensors, metadata)
+        self.stats["requests"] += 1
+        served.batcher.admit(req.rows)  # queue full: busy, and the caller's rows are not spent
+        wait = self.rates.take(caller, req.rows, time.monotonic())
+        if wait == math.inf:
+            raise RequestError(f"a request of {req.rows} rows exceeds this peer's burst of {self.rates.burst} rows "
+                               "per caller; split it")
+        if wait > 0:
+            raise PeerBusy(f"over this peer's rate limit of {self.rates.rate:g} rows/s per caller", wait)
+        v, st = await served.batcher.submit(req, caller)
         meta = {"rows": req.rows, "queue_ms": st.queue_ms, "compute_ms": st.compute_ms, "batch_rows": st.batch_rows,
                 "load": float(served.batcher.pending_rows), "throughput": float(served.batcher.throughput),
                 **(extra or {})}
+        self.stats["answered"] += 1
         return encode_response(v, req.compression, meta)
 
     async def rpc_velocity(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        tensors, meta = await self._answer(request.uid, list(request.tensors), request.metadata, context)
+        tensors, meta = await self._answer(request.uid, list(request.tensors), request.metadata,
+                                           str(context.remote_id))
         return runtime_pb2.ExpertResponse(tensors=tensors, metadata=meta)
 
     async def rpc_velocity_session(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
                                    context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """Many requests over one stream, answered as they complete, matched by metadata ``id``."""
-        out: asyncio.Queue = asyncio.Queue()
-        inflight: set[asyncio.Task] = set()
+        """Many requests over one stream, answered as they complete, matched by metadata ``id``.
 
-        async def one(msg: runtime_pb2.ExpertRequest) -> None:
-            rid = None
+        At most ``limits.session_inflight`` requests are read and not yet answered: the next message is read
+        only when an answer has left (back-pressure through the stream), so the answer queue is bounded by
+        the same number and a caller that sends without reading stalls its own stream, then loses it after
+        ``limits.write_timeout``. A refused request gets an error answer and the session goes on."""
+        caller = str(context.remote_id)
+        n = self.limits.session_inflight
+        slots = asyncio.Semaphore(n)
+        out: asyncio.Queue = asyncio.Queue(maxsize=n + 1)  # one answer per slot, and the end marker
+        lease = Lease(self.budget, caller)
+        tasks: set[asyncio.Task] = set()
+        end = object()
+
+        async def one(msg: runtime_pb2.ExpertRequest, size: int) -> None:
+            rid, held = None, 0
             try:
-                rid = load_metadata(msg.metadata).get("id")
-                if len(inflight) > MAX_SESSION_INFLIGHT:
-                    raise RequestError(f"more than {MAX_SESSION_INFLIGHT} requests in flight on one session")
-                tensors, meta = await self._answer(msg.uid, list(msg.tensors), msg.metadata, context, {"id": rid})
-                await out.put(runtime_pb2.ExpertResponse(tensors=tensors, metadata=meta))
+                rid = session_request_id(msg.metadata)
+                lease.take(size)
+                held = size
+                tensors, meta = await self._answer(msg.uid, list(msg.tensors), msg.metadata, caller, {"id": rid})
+                resp = runtime_pb2.ExpertResponse(tensors=tensors, metadata=meta)
             except Exception as e:  # answered to this request only; the session goes on
-                await out.put(runtime_pb2.ExpertResponse(metadata=dump_metadata({"id": rid, "error": repr(e)[:500]})))
+                err = self._as_answer(e, caller, "rpc_velocity_session")
+                resp = runtime_pb2.ExpertResponse(metadata=dump_metadata(error_metadata(rid, err)))
+            out.put_nowait((resp, held))
 
         async def read() -> None:
-            async for msg in requests:
-                task = asyncio.get_running_loop().create_task(one(msg))
-                inflight.add(task)
-                task.add_done_callback(inflight.discard)
-            await asyncio.gather(*inflight)
-            await out.put(None)
+            try:
+                while True:
+                    await slots.acquire()
+                    msg = await anext(requests, None)
+                    if msg is None:
+                        break
+                    task = asyncio.get_running_loop().create_task(one(msg, msg.ByteSize()))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            except IdleStream:  # a quiet session ends like one the caller closed; the client opens another
+                pass
+            except Exception as e:
+                out.put_nowait(e)
+                return
+            await asyncio.gather(*tasks)
+            out.put_nowait(end)
 
         reader = asyncio.get_running_loop().create_task(read())
         try:
             while True:
-                resp = await out.get()
-                if resp is None:
+                item = await out.get()
+                if item is end:
                     return
+                if isinstance(item, Exception):
+                    raise item
+                resp, held = item
                 yield resp
+                lease.give(held)
+                slots.release()
         finally:
             reader.cancel()
-            for task in list(inflight):
+            for task in list(tasks):
                 task.cancel()
+            await asyncio.gather(reader, *tasks, return_exceptions=True)
+            lease.release()
 
     async def rpc_velocity_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
                                   context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        uid, metadata, parts, size = None, b"", [], 0
-        async for msg in requests:
+        """One request in parts; refused as soon as its running size passes the expert's largest request
+        (``ExpertSpec.max_request_bytes``, at most the caller's memory budget) or its parts pass
+        ``ExpertSpec.max_stream_parts``: the rest is never read."""
+        caller = str(context.remote_id)
+        lease = Lease(self.budget, caller)
+        try:
+            uid, metadata, parts, size = None, b"", [], 0
+            max_bytes = max_parts = 0
+            async for msg in requests:
+                if uid is None:
+                    uid, metadata = msg.uid, msg.metadata
+                    spec = self._expert(uid).spec
+                    max_bytes = min(spec.max_request_bytes, self.limits.max_caller_inflight_bytes)
+                    max_parts = spec.max_stream_parts
+                lease.take(msg.ByteSize())
+                size += sum(len(p.buffer) for p in msg.tensors)
+                if size > max_bytes:
+                    raise RequestError(f"streamed request exceeds {max_bytes} bytes (expert {uid}: at most "
+                                       f"{spec.max_rows} rows of {spec.row_bytes} bytes)")
+                parts.extend(msg.tensors)
+                if len(parts) > max_parts:
+                    raise RequestError(f"streamed request has more than {max_parts} parts")
             if uid is None:
-                uid, metadata = msg.uid, msg.metadata
-            for p in msg.tensors:
-                size += len(p.buffer)
-                if size > MAX_STREAM_BYTES:
-                    raise RequestError(f"streamed request exceeds {MAX_STREAM_BYTES >> 20} MiB")
-                parts.append(p)
-        tensors, meta = await self._answer(uid or "", combine_parts(parts), metadata, context)
-        for i, part in enumerate(stream_parts(tensors)):
-            yield runtime_pb2.ExpertResponse(tensors=[part], metadata=meta if i == 0 else b"")
+                raise RequestError("the stream carried no request")
+            tensors = combine_parts(parts)
+            parts = None  # the combined copy is all that is needed now
+            tensors, meta = await self._answer(uid, tensors, metadata, caller)
+            for i, part in enumerate(stream_parts(tensors)):
+                yield runtime_pb2.ExpertResponse(tensors=[part], metadata=meta if i == 0 else b"")
+        finally:
+            lease.release()
+
+    # -- info and router -------------------------------------------------------------------------
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         return runtime_pb2.ExpertInfo(serialized_info=encode_info(self.info()))
@@ -216,7 +431,7 @@ class ExpertServicer(ServicerBase):
         if self.router is None:
             raise RequestError("this peer does not serve a router")
         if request.uid and request.uid != self.router.sha256:
-            raise RequestError(f"this peer serves router {self.router.sha256[:12]}, not {request.uid[:12]}")
+            raise RequestError(f"this peer serves router {self.router.sha256[:12]}, not {request.uid[:12]!r}")
         for s in range(0, len(self.router.data), ROUTER_CHUNK):
             yield runtime_pb2.ExpertInfo(serialized_info=self.router.data[s:s + ROUTER_CHUNK])
 
@@ -420,7 +635,7 @@ class Peer:
                      f"{served.batcher.throughput:.0f} rows/s)")
         for s in self.served.values():
             s.batcher.start()
-        self.servicer = ExpertServicer(self.served, self.router, self.info)
+        self.servicer = ExpertServicer(self.served, self.router, self.info, self.cfg.limits)
         await self.servicer.add_p2p_handlers(self.dht.p2p, namespace=NAMESPACE)
         self.state = "online"
         self.training_cfg = None
