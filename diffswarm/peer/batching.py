@@ -134,8 +134,13 @@ class Batcher:
                 continue
             try:
                 await self._one_batch()
-            except Exception:  # a bug here must not stop the worker (every later request would hang)
+            except Exception as e:  # a bug here must not stop the worker (every later request would hang)
                 logger.exception("batcher: a batch failed outside the forward pass")
+                if self.queue:  # fail the oldest request, so the worker moves on
+                    item = self.queue.pop(0)
+                    self.pending_rows -= item.req.rows
+                    if not item.future.done():
+                        item.future.set_exception(e)
 
     async def _one_batch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -155,33 +160,31 @@ class Batcher:
         n = take_batch([i.req.rows for i in self.queue], self.policy.max_rows)
         taken, self.queue = self.queue[:n], self.queue[n:]
         taken_rows = sum(i.req.rows for i in taken)
-        batch = [i for i in taken if not i.future.done()]  # skip callers that gave up
-        if not batch:
-            self.pending_rows -= taken_rows
-            return
-        rows = sum(i.req.rows for i in batch)
-        t0 = time.perf_counter()
         try:
+            batch = [i for i in taken if not i.future.done()]  # skip callers that gave up
+            if not batch:
+                return
+            rows = sum(i.req.rows for i in batch)
+            t0 = time.perf_counter()
             if self.throughput > 0 and rows / self.throughput <= self.policy.inline_s:
                 # short pass: run it on the loop thread (no thread hop, no GIL ping-pong)
                 outs = compute_batch(self.velocity, [i.req for i in batch])
             else:  # long pass: a worker thread, so the loop keeps serving the DHT and new requests
                 outs = await loop.run_in_executor(self.executor, compute_batch, self.velocity,
                                                   [i.req for i in batch])
+            dt = time.perf_counter() - t0
+            rate = rows / max(dt, 1e-6)
+            self.throughput = rate if self.throughput <= 0 else 0.8 * self.throughput + 0.2 * rate
+            for i, v in zip(batch, outs, strict=True):
+                if not i.future.done():
+                    stats = BatchStats(queue_ms=1000 * (t0 - i.enqueued), compute_ms=1000 * dt, batch_rows=rows)
+                    i.future.set_result((v, stats))
         except Exception as e:  # a failing forward pass fails its requests, never the peer
-            for i in batch:
+            for i in taken:
                 if not i.future.done():
                     i.future.set_exception(e)
-            return
         finally:
             self.pending_rows -= taken_rows
-        dt = time.perf_counter() - t0
-        rate = rows / max(dt, 1e-6)
-        self.throughput = rate if self.throughput <= 0 else 0.8 * self.throughput + 0.2 * rate
-        for i, v in zip(batch, outs, strict=True):
-            if not i.future.done():
-                stats = BatchStats(queue_ms=1000 * (t0 - i.enqueued), compute_ms=1000 * dt, batch_rows=rows)
-                i.future.set_result((v, stats))
 
     async def close(self) -> None:
         if self._task is not None:

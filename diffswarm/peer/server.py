@@ -63,7 +63,15 @@ from ..wire import (
 )
 from .batching import Batcher, BatchPolicy
 from .limits import ByteBudget, Lease, PeerLimits, RateLimiter, StreamSlots
-from .streams import IdleStream, StreamClosed, StuckReader, read_messages, write_error, write_message
+from .streams import (
+    IdleStream,
+    StreamClosed,
+    StuckReader,
+    linger,
+    read_messages,
+    write_error,
+    write_message,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -248,15 +256,17 @@ class ExpertServicer(ServicerBase):
 
     def _stream_handler(self, p2p: P2P, h, name: str):
         method = getattr(self, h.method_name)
-        max_bytes, idle = self._stream_bounds(h.method_name)
 
         async def handle(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             caller = stream_info.peer_id.to_base58()
+            max_bytes, idle = self._stream_bounds(h.method_name)
             context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=stream_info.peer_id)
+            slots = self.slots  # the one this stream is counted in, even if the limits change meanwhile
             try:
-                self.slots.open(caller)
+                slots.open(caller)
             except PeerBusy as e:
-                await write_error(writer, self._as_answer(e, caller, h.method_name).wire_message)
+                if await write_error(writer, self._as_answer(e, caller, h.method_name).wire_message):
+                    await linger(reader)
                 writer.close()
                 return
             answers, abort = None, False
@@ -266,8 +276,8 @@ class ExpertServicer(ServicerBase):
                     answers = method(requests, context)
                 else:
                     first = await anext(requests, None)
-                    if first is None:
-                        raise RequestError(f"{h.method_name} got no request")
+                    if first is None or await anext(requests, None) is not None:  # then the end of input
+                        raise RequestError(f"{h.method_name} takes exactly one request")
                     answers = method(first, context)
                 async for resp in answers:
                     await write_message(writer, resp, self.limits.write_timeout)
@@ -276,15 +286,16 @@ class ExpertServicer(ServicerBase):
                 self.stats["stuck" if isinstance(e, StuckReader) else "closed"] += 1
                 logger.debug(f"{h.method_name} from {caller[:12]}: {e}")
             except Exception as e:
-                await write_error(writer, self._as_answer(e, caller, h.method_name).wire_message)
+                if await write_error(writer, self._as_answer(e, caller, h.method_name).wire_message):
+                    await linger(reader)
             finally:
                 if answers is not None:
                     await answers.aclose()
-                self.slots.close(caller)
                 if abort:
                     writer.transport.abort()
                 else:
                     writer.close()
+                slots.close(caller)
 
         return handle
 

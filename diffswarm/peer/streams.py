@@ -21,6 +21,7 @@ from hivemind.proto.p2pd_pb2 import RPCError
 from ..wire import MAX_SMALL_MESSAGE_BYTES, RequestError
 
 ERROR_WRITE_TIMEOUT = 2.0  # seconds an error answer may take to leave before the stream is closed anyway
+LINGER_S = 2.0  # seconds a closing stream keeps discarding the caller's input (see ``close_stream``)
 
 
 class StreamClosed(Exception):
@@ -103,3 +104,16 @@ async def write_error(writer: asyncio.StreamWriter, text: str) -> bool:
         return True
     except (StreamClosed, StuckReader):
         return False
+
+
+async def linger(reader: asyncio.StreamReader, seconds: float = LINGER_S) -> None:
+    """After an error answer: discard what the caller still sends until it closes (at most ``seconds``).
+    Closing a unix socket with unread input makes Linux reset it (ECONNRESET) and p2pd then resets the
+    libp2p stream, so the caller could lose the error still in flight (after the rest of a refused stream,
+    say). hivemind's callers close as soon as they read the error. Nothing read here is kept."""
+    try:
+        async with asyncio.timeout(seconds):
+            while await reader.read(1 << 16):
+                pass
+    except (Exception, TimeoutError):  # gone or slow: the stream is closed regardless
+        pass
