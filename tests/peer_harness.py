@@ -11,6 +11,7 @@ no honest client would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -29,8 +30,16 @@ from diffswarm.wire import encode_request, handle_name, request_metadata
 SHAPE = (1, 8, 8)  # the toy expert's (C, H, W)
 
 
-def rss_mib() -> float:
-    """Resident memory of this process (VmRSS), MiB."""
+def rss_mib(trim: bool = False) -> float:
+    """Resident memory of this process (VmRSS), MiB. ``trim``: first collect garbage and hand freed heap pages
+    back to the OS (glibc ``malloc_trim``), so the figure is memory still in use, not the allocator's cache."""
+    if trim:
+        import ctypes
+        import gc
+
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
@@ -39,17 +48,21 @@ def rss_mib() -> float:
 
 
 class InprocPeer:
-    """``Peer`` with one toy fm expert (1x8x8, 4 classes), started in a thread; ``stop()`` ends it."""
+    """``Peer`` with one toy fm expert (1x8x8, 4 classes) and, with ``router``, the toy router, started in a
+    thread; ``stop()`` ends it."""
 
-    def __init__(self, tmp_dir, limits: PeerLimits | None = None):
+    def __init__(self, tmp_dir, limits: PeerLimits | None = None, router: bool = False):
         from diffswarm.peer.server import Peer, PeerConfig
         from diffswarm.toy import ToySwarmSpec, make_toy_swarm
 
-        experts, _ = make_toy_swarm(tmp_dir, ToySwarmSpec(["fm"], size=SHAPE[1], channels=SHAPE[0], steps=2))
+        experts, router_path = make_toy_swarm(tmp_dir, ToySwarmSpec(["fm"], size=SHAPE[1], channels=SHAPE[0],
+                                                                    steps=2))
         self.checkpoint = experts[0]
+        self.router_bytes = router_path.read_bytes() if router else None
         self.base_limits = limits or PeerLimits()
         self.cfg = PeerConfig(net=NetworkConfig.loopback(), checkpoint=str(experts[0]), threads=1,
-                              announce_period=60, limits=self.base_limits)
+                              router=str(router_path) if router else None, announce_period=60,
+                              limits=self.base_limits)
         self.unhandled: list[dict] = []  # what reached the peer loop's exception handler (must stay empty)
         started, holder = threading.Event(), {}
 

@@ -32,8 +32,9 @@ class StuckReader(Exception):
     """The caller did not read an answer within the write timeout."""
 
 
-class IdleStream(Exception):
-    """No new message arrived within the idle timeout."""
+class IdleStream(RequestError):
+    """No new message arrived within the idle timeout: a refusal (too slow) where a message was due; the
+    quiet end of a session."""
 
 
 async def read_message(reader: asyncio.StreamReader, msg_type, max_bytes: int, idle_timeout: float,
@@ -44,7 +45,7 @@ async def read_message(reader: asyncio.StreamReader, msg_type, max_bytes: int, i
     ``idle_timeout``; ``StreamClosed`` when the caller goes away (also mid-message)."""
     try:
         marker = await asyncio.wait_for(reader.readexactly(1), idle_timeout)
-    except asyncio.IncompleteReadError:
+    except (asyncio.IncompleteReadError, ConnectionError):  # closed, or reset (ConnectionResetError)
         raise StreamClosed("the caller closed the stream") from None
     except TimeoutError:
         raise IdleStream(f"no message for {idle_timeout:g} s") from None
@@ -61,7 +62,7 @@ async def read_message(reader: asyncio.StreamReader, msg_type, max_bytes: int, i
             if n > max_bytes:
                 raise RequestError(f"a message of {n} bytes exceeds the {max_bytes} bytes this RPC accepts")
             body = await reader.readexactly(n)
-    except asyncio.IncompleteReadError:
+    except (asyncio.IncompleteReadError, ConnectionError):
         raise StreamClosed("the caller closed the stream mid-message") from None
     except TimeoutError:
         raise RequestError(f"a message took longer than {read_timeout:g} s to arrive") from None
