@@ -251,6 +251,50 @@ def test_batcher_queue_is_bounded_and_its_worker_survives_bugs():
     assert pending == 0 and shape == (2, 1, 2, 2)
 
 
+# -- bounded stream framing -------------------------------------------------------------------------
+
+
+def test_read_message_bounds_every_way_a_frame_can_go_wrong():
+    from diffswarm.peer.streams import IdleStream, StreamClosed, read_message
+
+    msg = valid_request(2)[0].SerializeToString()
+
+    async def read(data: bytes = b"", exc: BaseException | None = None, eof: bool = True, max_bytes=1 << 20,
+                   idle=1.0, body=1.0):
+        r = asyncio.StreamReader()
+        r.feed_data(data)
+        if exc is not None:  # once the reader waits for more: what a reset looks like
+            asyncio.get_running_loop().call_later(0.01, r.set_exception, exc)
+        elif eof:
+            r.feed_eof()
+        return await read_message(r, runtime_pb2.ExpertRequest, max_bytes, idle, body)
+
+    def outcome(**kw):
+        try:
+            return asyncio.run(read(**kw))
+        except (RequestError, StreamClosed) as e:
+            return e
+
+    assert outcome(data=frame(msg)).uid == "c0-fm"
+    assert outcome(data=END_OF_STREAM) is None
+    assert isinstance(outcome(data=b""), StreamClosed)
+    assert isinstance(outcome(data=frame(msg)[:20]), StreamClosed)  # stops mid-message
+    assert isinstance(outcome(exc=ConnectionResetError()), StreamClosed)  # reset before a message
+    assert isinstance(outcome(data=frame(msg)[:20], exc=ConnectionResetError()), StreamClosed)  # reset mid-message
+    # refused from the header alone: the body never comes, and is not waited for
+    e = outcome(data=frame(b"", length=1 << 40), eof=False)
+    assert isinstance(e, RequestError) and "exceeds the 1048576 bytes" in str(e)
+    e = outcome(data=frame(b"\xff" * 10))
+    assert isinstance(e, RequestError) and "not a valid ExpertRequest" in str(e)
+    e = outcome(data=b"\x07" + frame(msg)[1:])
+    assert isinstance(e, RequestError) and "invalid frame marker" in str(e)
+    e = outcome(data=frame(b"x" * 20000, P2P.ERROR_MARKER))
+    assert isinstance(e, RequestError) and "end-of-stream message" in str(e)
+    assert isinstance(outcome(eof=False, idle=0.05), IdleStream)  # nothing starts
+    e = outcome(data=frame(msg)[:20], eof=False, body=0.05)  # starts, then trickles: too slow
+    assert isinstance(e, RequestError) and not isinstance(e, IdleStream) and "took longer" in str(e)
+
+
 # -- one in-process peer and raw callers ----------------------------------------------------------------
 
 
@@ -610,6 +654,19 @@ def test_callers_that_give_up_or_vanish_leave_nothing_behind(fresh, caller):
         caller.run(vanish("rpc_router", b""))  # opens and leaves
     time.sleep(0.3)
     fresh.on_loop(fresh.served.batcher.start)
+
+    async def reset(n, rows):
+        """Answers pile up unread and the caller leaves mid-message."""
+        reader, writer = await caller.open("rpc_velocity_session")
+        for i in range(n):
+            writer.write(frame(valid_request(rows, seed=i, request_id=i)[0].SerializeToString()))
+        writer.write(frame(body)[: len(body) // 2])
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.close()
+
+    for n, rows in ((1, 2), (3, 2), (8, 2000), (16, 2000)):
+        caller.run(reset(n, rows))
     held = fresh.quiet()
     assert held == {"bytes": 0, "streams": 0, "queued_rows": 0, "queue": 0, "unary_tasks": 0}, held
     deadline = time.monotonic() + 5
@@ -617,6 +674,7 @@ def test_callers_that_give_up_or_vanish_leave_nothing_behind(fresh, caller):
         time.sleep(0.05)
     assert fresh.tasks() <= base_tasks
     assert fresh.servicer.stats["cancelled"] >= 5
+    assert fresh.servicer.stats["internal"] == 0  # a vanished or resetting caller is not the peer's failure
     assert served_correctly(fresh, caller)
 
 
