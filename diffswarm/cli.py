@@ -186,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait for other clients' requests (ms, default 2)")
     g.add_argument("--announce-period", type=float, default=10.0, help="seconds between DHT heartbeats")
     g.add_argument("--info-file", default=None, help="write peer id, multiaddrs and state here (JSON)")
+    g.add_argument("--rate-rows", type=float, default=None,
+                   help="request rows per second one caller may send; more is answered busy (default 10000; 0 = off)")
+    g.add_argument("--burst-rows", type=int, default=None,
+                   help="rows one caller may send at once after idling (default 16384)")
     _add_network_args(p, client=False)
 
     p = _parser(sub, "swarm", "a local swarm on 127.0.0.1: `swarm up` / `swarm down` / `swarm status`")

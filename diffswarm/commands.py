@@ -302,15 +302,20 @@ def plan_peer(args, given) -> PeerPlan:
         train = _train_job(args, given, out=args.out, resume=True, device=args.device or "auto",
                            threads=args.threads or 0)
     if not args.checkpoint and train is None:
-        _refuse(given, ["device", "threads", "max_batch", "batch_wait_ms"],
+        _refuse(given, ["device", "threads", "max_batch", "batch_wait_ms", "rate_rows", "burst_rows"],
                 "without an expert to serve (--checkpoint, --cluster or --train-job)")
     d = PeerConfig()
+    try:
+        limits = replace(d.limits, **{k: getattr(args, k) for k in ("rate_rows", "burst_rows")
+                                      if getattr(args, k) is not None})
+    except ValueError as e:
+        raise ValueError(f"--rate-rows / --burst-rows: {e}") from None
     cfg = PeerConfig(net=_server_network(args, given), swarm=args.swarm, checkpoint=args.checkpoint, train=train,
                      router=args.router, device=args.device or d.device,
                      threads=args.threads if args.threads is not None else d.threads,
                      max_batch=args.max_batch or d.max_batch,
                      batch_wait_ms=args.batch_wait_ms if args.batch_wait_ms is not None else d.batch_wait_ms,
-                     announce_period=args.announce_period, info_file=args.info_file)
+                     announce_period=args.announce_period, info_file=args.info_file, limits=limits)
     return PeerPlan(cfg)
 
 
