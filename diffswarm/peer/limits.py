@@ -28,10 +28,13 @@ class PeerLimits:
     burst_rows: int = 2 * MAX_REQUEST_ROWS
     # rows queued or computing per expert (the batcher queue); busy above, with retry_after = backlog / throughput
     max_queue_rows: int = 2 * MAX_REQUEST_ROWS
-    # request bytes held at once (read but not yet answered), all callers together; busy above. Decoding holds
-    # up to ~3x a request's wire bytes for a moment, answers are no larger than their requests
-    max_inflight_bytes: int = 512 << 20
-    max_caller_inflight_bytes: int = 256 << 20  # the same for one caller; also caps one streamed request
+    # request bytes held at once (read but not yet answered), all callers together; busy above. A request in
+    # work holds up to ~3x its wire bytes (its protobuf, the decoded tensors, the answer; answers are no larger
+    # than their requests), so this bounds request memory at ~3x it
+    max_inflight_bytes: int = 256 << 20
+    # the same for one caller; it also caps one streamed request (the largest valid request of a 3x32x32 expert,
+    # 8192 rows, is 96 MiB)
+    max_caller_inflight_bytes: int = 128 << 20
     max_streams: int = 256  # open stream RPCs (sessions, streamed calls, router downloads), all callers; busy above
     max_streams_per_caller: int = 8  # the same for one caller (a client keeps one session per peer)
     # requests read but not answered on one session: the peer reads no further message until one is answered
