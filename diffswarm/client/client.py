@@ -48,6 +48,7 @@ from ..wire import (
 )
 from .discovery import SwarmTarget, SwarmView, choose_swarm_record
 from .selection import Blacklist, Replica, update_ema
+from .trust import TrustConfig
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,9 @@ class ClientConfig:
     threads: int = 1  # torch threads while a step is evaluated (router + mixing are small; more threads
     #                   busy-wait and steal CPU from peers on the same machine); 0 = leave torch's setting
     router_sha256: str | None = None  # pin the router (prefix of its file or weights sha256)
-    cache_dir: str | None = None  # fetched routers (default $DIFFSWARM_CACHE or ~/.cache/diffswarm)
+    cache_dir: str | None = None  # fetched routers and experts (default $DIFFSWARM_CACHE or ~/.cache/diffswarm)
+    trust: TrustConfig = field(default_factory=TrustConfig)  # how peers' answers are checked (client/trust.py)
+    trusted_checkpoints: tuple[str, ...] = ()  # expert files the client holds: arbiters and local fallback
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,8 @@ class SwarmClient:
         self._refresh_task = None
         self.sessions: dict[str, PeerSession] = {}
         self._closed = False
+        self._local: dict[str, object] = {}  # checkpoint sha256 -> Expert (the client's own verified copies)
+        self._load_trusted()
         try:
             self.dht = self.run(SwarmDHT.create(self.cfg.net, self.cfg.swarm), timeout=120)
         except BaseException:
@@ -338,6 +343,18 @@ class SwarmClient:
             length = self.bans.ban(rep.peer_id, time.monotonic())
             self.events.append(f"{rep.expert_id} at {rep.peer_id[:12]}: {reason}; banned {length:.0f}s")
             self.verified.pop(rep.peer_id, None)  # probed again once the ban is over
+
+    def _load_trusted(self) -> None:
+        from ..experts.expert import Expert
+
+        for path in self.cfg.trusted_checkpoints:
+            e = Expert.from_checkpoint(path, "cpu")  # raises CheckpointError on a hash mismatch
+            self._local[e.weights_sha256] = e
+
+    def local_expert(self, sha256: str, replicas=(), fetch: bool = False):
+        """The client's own copy of the expert with weights ``sha256`` (an Expert, hash-checked), or None.
+        ``fetch``: reserved for fetching the weights from ``replicas`` (not offered by protocol 1 peers)."""
+        return self._local.get(sha256)
 
     def set_target(self, target: SwarmTarget) -> SwarmView:
         """Route for ``target`` (the router's clusters, partition, shapes): keep a view of the replicas that fit it."""

@@ -31,6 +31,10 @@ class Blacklist:
         self.until[peer] = now + length
         return length
 
+    def ban_for(self, peer: str, seconds: float, now: float) -> None:
+        """Ban ``peer`` for ``seconds`` (a peer caught misbehaving; no backoff)."""
+        self.until[peer] = max(self.until.get(peer, now), now + seconds)
+
     def is_banned(self, peer: str, now: float) -> bool:
         return self.until.get(peer, float("-inf")) > now
 
