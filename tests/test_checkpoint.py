@@ -233,8 +233,8 @@ def test_generate_refuses_a_corrupt_expert_or_router(swarm_files, capsys, damage
     assert "sha256" in err and "corrupt" in err and "Traceback" not in err
 
 
-def test_a_peer_refuses_to_serve_a_corrupt_router(swarm_files):
-    from diffswarm.peer.server import RouterBlob
+def test_a_peer_refuses_to_serve_a_corrupt_router_or_expert(swarm_files):
+    from diffswarm.peer.server import Peer, PeerConfig, RouterBlob
 
     path = swarm_files / "router.safetensors"
     assert RouterBlob(path).weights_sha256 == read_meta(path)["weights_sha256"]
@@ -242,6 +242,12 @@ def test_a_peer_refuses_to_serve_a_corrupt_router(swarm_files):
     with pytest.raises(CheckpointError, match="sha256.*corrupt") as e:
         RouterBlob(path)
     assert str(path) in str(e.value)
+    peer = Peer(PeerConfig(), log=lambda m: None)
+    expert = swarm_files / "c0" / "expert.safetensors"
+    _corrupt(expert)
+    with pytest.raises(CheckpointError, match="sha256.*corrupt") as e:
+        peer.load_expert(str(expert))
+    assert str(expert) in str(e.value) and not peer.served
 
 
 def test_train_resume_on_a_corrupt_state_exits_2_with_the_message(tmp_path, capsys):

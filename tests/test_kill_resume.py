@@ -157,7 +157,7 @@ def test_sigkill_at_random_moments_loses_no_checkpoint(ctx, tmp_path, capsys):
     rng = random.Random(9)
     targets = sorted(rng.sample(range(1, int(0.8 * STEPS)), KILLS))
     aimed = set(rng.sample(range(KILLS), KILLS // 2))  # these wait for a checkpoint write to begin
-    state_step, prev_temps = 0, set()
+    state_step, expert_step, prev_temps = 0, 0, set()
     where, lost = Counter(), []
     for i, target in enumerate(targets):
         p, counter, log = start(out)
@@ -184,8 +184,8 @@ def test_sigkill_at_random_moments_loses_no_checkpoint(ctx, tmp_path, capsys):
         new = meta["step"] if meta else 0
         assert new >= state_step, "the state went back"
         assert new % EVERY == 0 and new <= max(reached + 1, state_step), "a state of a step the run never reached"
-        if expert is not None:
-            assert meta is not None and new - EVERY <= expert <= new, f"expert file at step {expert}, state at {new}"
+        # the expert file never runs ahead of the state nor goes back (it lags when kills land between the writes)
+        assert (expert or 0) <= new and (expert or 0) >= expert_step, f"expert file at {expert}, state at {new}"
         assert reached - new <= EVERY, "lost more than one checkpoint interval"
         lost.append(max(0, reached - new))
         left = {t.name.split(".")[1] for t in temps - prev_temps}
@@ -193,7 +193,7 @@ def test_sigkill_at_random_moments_loses_no_checkpoint(ctx, tmp_path, capsys):
                else "inside the expert write" if "expert" in left
                else "between the state and expert writes" if new > state_step and (expert or 0) < new
                else "between checkpoints")] += 1
-        state_step, prev_temps = new, temps
+        state_step, expert_step, prev_temps = new, expert or 0, temps
 
     # the last run completes, from the last state, and ends with the uninterrupted run's weights, bit for bit
     p, counter, log = start(out)
@@ -210,9 +210,12 @@ def test_sigkill_at_random_moments_loses_no_checkpoint(ctx, tmp_path, capsys):
     steps_logged = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert steps_logged == list(range(100, STEPS + 1, 100))  # each logged step once: cut back on resume
 
-    assert where["inside the state write"] + where["inside the expert write"] > 0
+    during = sum(where[w] for w in ("inside the state write", "between the state and expert writes",
+                                    "inside the expert write"))
+    assert during > 0, where  # the aimed kills make this all but certain
     with capsys.disabled():
-        print(f"\n{sum(where.values())} SIGKILLs at steps >= {targets} ({len(aimed)} aimed at a write): "
+        print(f"\n{sum(where.values())} SIGKILLs at steps >= {targets} ({len(aimed)} aimed at a write), "
+              f"{during} during a checkpoint: "
               + ", ".join(f"{n} {w}" for w, n in where.most_common())
               + f"; steps recomputed per kill {lost} (checkpoint every {EVERY}); {runs - 1} runs after the "
               f"uninterrupted one; final weights equal its weights bit for bit; {time.perf_counter() - t_test:.1f}s")
