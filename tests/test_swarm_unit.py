@@ -437,7 +437,7 @@ def test_swarm_ensemble_fails_over_to_replicas_then_reroutes(three_experts):
     assert torch.allclose(x, local, atol=1e-6)
     # the rows come from p11: retried there, or taken from its cross-check answer to the same rows
     assert any(("retrying" in e or "using the answer of" in e) and "p11" in e for e in events)
-    assert client.bans.is_banned("p10", time.monotonic())
+    assert client.bans.strikes.get("p10") and "connection refused" in client.last_error["p10"]  # banned (1 s backoff)
 
     # cluster 2's only peer dies: rows re-routed to their next-ranked experts, weights renormalised
     ens, client = fake_swarm(three_experts, routing)
