@@ -18,16 +18,31 @@ same rows, and the mixture is accumulated in the local ensemble's order.
 from __future__ import annotations
 
 import asyncio
+import os
+import random
 import time
 from collections.abc import Sequence
 
 import torch
 
 from ..router.routing import NoExpertsError, RoutingConfig, choose_experts
-from ..router.sampler import RoutedEnsemble
+from ..router.sampler import RoutedEnsemble, StepRollback
 from .client import ClientConfig, PeerCallError, SwarmClient
 from .discovery import SwarmTarget
 from .selection import Replica, pick_replica
+from .trust import (
+    CAUGHT_LYING,
+    DISPUTED,
+    INVALID_ANSWER,
+    PRECISIONS,
+    Suspicion,
+    agree,
+    arbitrate,
+    check_answer,
+    relative_difference,
+    should_verify,
+    tolerance,
+)
 
 
 class RemoteSlot:
@@ -65,6 +80,15 @@ class SwarmEnsemble(RoutedEnsemble):
         self.sticky: dict[int, str] = {}  # cluster -> checkpoint sha256 in use (stay on one expert's weights)
         self.in_use: dict[int, str] = {}  # cluster -> peer id that answered last
         self._reported_uncovered: tuple[int, ...] = ()
+        self.trust = client.cfg.trust
+        self.suspicion = Suspicion(self.trust.half_life)
+        self.rng = random.Random(int.from_bytes(os.urandom(8), "little"))  # peers must not predict the checks
+        self.liars: set[str] = set()  # peers caught lying or sending invalid answers (banned for lie_ban)
+        self.checks = 0  # cross-checked calls (the cost of checking: each is one more call)
+        self.unverified = 0  # rows whose replicas disagreed with no arbiter
+        self.local_rows = 0  # rows computed with the client's own copy of the weights
+        self._precision_of: dict[str, str] = {}
+        self.step, self.evaluation, self.first_use, self.checked, self.rollback_to = 0, 0, {}, set(), None
 
     # -- construction --------------------------------------------------------------------------
 
@@ -124,8 +148,11 @@ class SwarmEnsemble(RoutedEnsemble):
         return [r for r in self.client.view.replicas(k) if self.client.usable(r, now)]
 
     def available(self) -> torch.Tensor:
+        """(K,) bool: clusters with a usable replica, or (``local_fallback``) whose weights the client holds."""
         now = time.monotonic()
-        return torch.tensor([bool(self._usable(k, now)) for k in range(self.num_experts)])
+        return torch.tensor([bool(self._usable(k, now)) or (self.trust.local_fallback and
+                                                            self._local_source(k, set()) is not None)
+                             for k in range(self.num_experts)])
 
     def uncovered(self) -> list[int]:
         avail = self.available()
@@ -184,20 +211,168 @@ class SwarmEnsemble(RoutedEnsemble):
             if threads:
                 torch.set_num_threads(prev)
 
-    def _pick(self, k: int, rows: int, now: float, failed: set[str]) -> Replica | None:
-        reps = self.client.with_fresh_load(self._usable(k, now))
-        return pick_replica(reps, self.client.latency, self.client.bans, now, rows, failed, self.sticky.get(k),
-                            current=self.in_use.get(k))
+    # -- sources: remote replicas, or the client's own verified copy of an expert's weights -------
 
-    async def _call_all(self, calls, guidance: float):
+    def _pick(self, k: int, rows: int, now: float, failed: set[str]):
+        """The source for cluster k's rows: the best usable replica, else (``local_fallback``) the client's own
+        verified copy of the cluster's weights; None if neither exists."""
+        reps = self.client.with_fresh_load(self._usable(k, now))
+        rep = pick_replica(reps, self.client.latency, self.client.bans, now, rows, failed, self.sticky.get(k),
+                           current=self.in_use.get(k))
+        if rep is None and self.trust.local_fallback:
+            return self._local_source(k, failed)
+        return rep
+
+    def _local_source(self, k: int, failed: set[str], sha: str | None = None):
+        """The client's own copy of cluster k's weights (``sha``, else the one in use, else any announced one)."""
+        announced = sorted({r.checkpoint_sha256 for r in self.client.view.replicas(k)})
+        shas = [sha] if sha else [self.sticky.get(k), *announced]
+        for h in shas:
+            if h and LocalSource.name(h) not in failed:
+                expert = self.client.local_expert(h, self.client.view.replicas(k), fetch=self.trust.fetch_checkpoints)
+                if expert is not None:
+                    return LocalSource(expert, h, k)
+        return None
+
+    def _partner(self, k: int, src, now: float, failed: set[str]):
+        """A second source for cross-checking ``src``: another usable replica with the same weights (the least
+        suspected), else the client's own copy; None if there is none."""
+        others = [r for r in self._usable(k, now) if r.checkpoint_sha256 == src.checkpoint_sha256
+                  and r.peer_id != src.peer_id and r.peer_id not in failed]
+        if others:
+            return min(others, key=lambda r: (self.suspicion.score(r.peer_id, now), r.peer_id))
+        if isinstance(src, LocalSource):
+            return None
+        return self._local_source(k, failed, src.checkpoint_sha256)
+
+    def _answer_all(self, calls, guidance: float) -> list:
+        """Answers (or exceptions) of [(source, x, t, labels)]: remote calls concurrently on the client loop,
+        then local ones here."""
         timeout = self.client.cfg.call_timeout
-        return await asyncio.gather(*(self.client.call_velocity(rep, xk, tk, lk, guidance, timeout)
-                                      for rep, xk, tk, lk in calls), return_exceptions=True)
+        remote = [i for i, c in enumerate(calls) if not isinstance(c[0], LocalSource)]
+
+        async def gather():
+            return await asyncio.gather(*(self.client.call_velocity(calls[i][0], *calls[i][1:], guidance, timeout)
+                                          for i in remote), return_exceptions=True)
+
+        out: list = [None] * len(calls)
+        for i, r in zip(remote, self.client.run(gather()) if remote else [], strict=True):
+            out[i] = r
+        for i, (src, xk, tk, lk) in enumerate(calls):
+            if isinstance(src, LocalSource):
+                out[i] = (src.velocity(xk, tk, lk, guidance), {"precision": "fp32"})
+        return out
+
+    # -- trajectory bookkeeping (for cross-check policy and rollbacks) ----------------------------
+
+    def reset(self, batch: int, device) -> None:
+        super().reset(batch, device)
+        self.step, self.evaluation = 0, 0
+        self.first_use: dict[str, tuple[int, int]] = {}  # peer -> (step, evaluation) of its first answer used
+        self.checked: set[str] = set()  # peers cross-checked in this trajectory
+
+    def begin_step(self, i: int) -> None:
+        self.step = i
+        for p in [p for p, (s, _) in self.first_use.items() if s >= i]:  # a recomputed step forgets later answers
+            del self.first_use[p]
+
+    # -- one evaluation --------------------------------------------------------------------------
+
+    def _valid(self, src, out, xk, tk, guidance, events: list[str], failed: set[str]):
+        """The answer of ``out`` if it is a valid answer, else None (the source is banned: backoff for a failed
+        call, ``lie_ban`` for an invalid answer)."""
+        now = time.monotonic()
+        if isinstance(src, LocalSource):
+            return out[0]
+        if isinstance(out, BaseException):
+            reason = str(out) if isinstance(out, PeerCallError) else repr(out)
+            length = self.client.bans.ban(src.peer_id, now)
+            self.client.last_error[src.peer_id] = reason
+            failed.add(src.peer_id)
+            events.append(f"t={float(tk[0]):.3f}: {src.expert_id} at {src.peer_id[:12]} failed ({reason[:160]}); "
+                          f"banned {length:.0f}s")
+            return None
+        v, _ = out
+        why = check_answer(v, xk, tk, guidance)
+        if why is None:
+            return v
+        self._punish(src.peer_id, f"sent an invalid answer: {why}", INVALID_ANSWER, now)
+        failed.add(src.peer_id)
+        events.append(f"t={float(tk[0]):.3f}: {src.expert_id} at {src.peer_id[:12]} sent an invalid answer ({why}); "
+                      f"banned {self.trust.lie_ban:.0f}s")
+        return None
+
+    def _punish(self, peer: str, reason: str, amount: float, now: float) -> None:
+        self.suspicion.add(peer, amount, now)
+        self.client.bans.ban_for(peer, self.trust.lie_ban, now)
+        self.client.last_error[peer] = reason
+        self.liars.add(peer)
+
+    def _precision(self, out) -> str:
+        meta = out[1] if isinstance(out, tuple) and isinstance(out[1], dict) else {}
+        p = meta.get("precision")
+        return p if p in PRECISIONS else "fp32"
+
+    def _dispute(self, k, rows, a, va, b, vb, call, guidance, events, failed):
+        """Sources a and b disagree on cluster k's rows: ask an arbiter (the client's own copy of the weights,
+        else a third replica), punish whoever deviates from it. Returns (answer, source it came from): an
+        honest side's, else the arbiter's; if nobody can be named, the less suspected side's (unverified)."""
+        xk, tk, lk = call
+        now = time.monotonic()
+        answers = {a.peer_id: va, b.peer_id: vb}
+        sources = {a.peer_id: a, b.peer_id: b}
+        tol = tolerance(self.trust, self._precision_of[a.peer_id], self._precision_of[b.peer_id])
+        arbiter = None if isinstance(a, LocalSource) or isinstance(b, LocalSource) else \
+            self._local_source(k, failed, a.checkpoint_sha256)
+        reference = None
+        if isinstance(a, LocalSource) or isinstance(b, LocalSource):
+            reference = va if isinstance(a, LocalSource) else vb
+        elif arbiter is not None:
+            reference = arbiter.velocity(xk, tk, lk, guidance)
+        else:  # a third replica's answer as a vote
+            third = [r for r in self._usable(k, now) if r.checkpoint_sha256 == a.checkpoint_sha256
+                     and r.peer_id not in answers and r.peer_id not in failed]
+            if third:
+                c = min(third, key=lambda r: self.suspicion.score(r.peer_id, now))
+                out = self._answer_all([(c, xk, tk, lk)], guidance)[0]
+                vc = self._valid(c, out, xk, tk, guidance, events, failed)
+                if vc is not None:
+                    answers[c.peer_id], sources[c.peer_id] = vc, c
+                    self._precision_of[c.peer_id] = self._precision(out)
+        liars, honest = arbitrate(answers, reference, tol)
+        truth = reference if reference is not None else (answers[min(honest)] if honest else None)
+        judge = "the verified weights" if reference is not None else "the other replicas"
+        for p in liars:
+            if p.startswith(LocalSource.PREFIX):
+                continue  # cannot happen with a reference (the client's own copy is the reference)
+            diff = float(relative_difference(answers[p], truth).max())
+            self._punish(p, f"caught lying: its answer differs from {judge} by {diff:.3g}", CAUGHT_LYING, now)
+            failed.add(p)
+            events.append(f"t={float(tk[0]):.3f}: cluster {k} peer {p[:12]} caught lying on {rows.numel()} row(s) "
+                          f"(relative difference {diff:.3g} from {judge}); banned {self.trust.lie_ban:.0f}s")
+            if p in self.first_use and self.first_use[p][1] < self.evaluation:  # its answers are in x already
+                step = self.first_use[p][0]
+                self.rollback_to = step if self.rollback_to is None else min(self.rollback_to, step)
+        if honest:
+            best = min(honest, key=lambda p: (p.startswith(LocalSource.PREFIX), p))  # prefer a remote honest side
+            return answers[best], sources[best]
+        if reference is not None:
+            return reference, arbiter
+        for p in answers:  # nobody can be named: both stay usable but are cross-checked from now on
+            self.suspicion.add(p, DISPUTED, now)
+        self.unverified += rows.numel()
+        events.append(f"t={float(tk[0]):.3f}: replicas {a.peer_id[:12]} and {b.peer_id[:12]} of cluster {k} "
+                      "disagree and no third source can arbitrate; using the less suspected answer (unverified)")
+        best = min(answers, key=lambda p: (self.suspicion.score(p, now), p))
+        return answers[best], sources[best]
 
     def evaluate(self, x, t, labels, guidance, weights, probs):
-        """Remote calls with failover. Returns (v, weights actually used, events)."""
+        """Remote calls with failover and cross-checks. Returns (v, weights actually used, events)."""
         client, kk, b = self.client, self.num_experts, x.shape[0]
         events = client.drain_events()
+        if not torch.isfinite(x).all():  # never blame peers for the client's own state
+            raise RuntimeError("the sampler's state contains NaN or inf; no answer that passed the checks can cause "
+                               "this (a bug in the client)")
         uncovered = tuple(self.uncovered())
         if uncovered != self._reported_uncovered and probs is not None:
             if uncovered:
@@ -210,6 +385,8 @@ class SwarmEnsemble(RoutedEnsemble):
         have = torch.zeros(kk, b, dtype=torch.bool)
         vk_full: list[torch.Tensor | None] = [None] * kk
         failed: set[str] = set()
+        self.rollback_to = None
+        self.evaluation += 1
         t_now = float(t[0])
         while True:
             todo = []
@@ -220,41 +397,67 @@ class SwarmEnsemble(RoutedEnsemble):
             if not todo:
                 break
             now = time.monotonic()
-            calls, meta = [], []
+            calls, jobs = [], []
             lost = False
             for k, rows in todo:
-                rep = self._pick(k, rows.numel(), now, failed)
-                if rep is None:
+                src = self._pick(k, rows.numel(), now, failed)
+                if src is None:
                     avail[k], lost = False, True
+                    events.append(f"t={t_now:.3f}: no replica left for cluster {k}: re-routing its rows to the "
+                                  "next-ranked experts")
                     continue
                 rd = rows.to(x.device)
-                calls.append((rep, x[rd], t[rd], labels[rd]))
-                meta.append((k, rows, rep))
-            outcomes = client.run(self._call_all(calls, guidance)) if calls else []
-            now = time.monotonic()
-            for (k, rows, rep), out in zip(meta, outcomes, strict=True):
-                if isinstance(out, BaseException):
-                    reason = str(out) if isinstance(out, PeerCallError) else repr(out)
-                    length = client.bans.ban(rep.peer_id, now)
-                    client.last_error[rep.peer_id] = reason
-                    failed.add(rep.peer_id)
-                    nxt = self._pick(k, rows.numel(), now, failed)
-                    msg = (f"t={t_now:.3f}: {rep.expert_id} at {rep.peer_id[:12]} failed ({reason[:160]}); "
-                           f"banned {length:.0f}s; ")
+                call = (x[rd], t[rd], labels[rd])
+                first = src.peer_id not in self.checked
+                partner = None
+                if not isinstance(src, LocalSource) and should_verify(
+                        self.trust, self.rng, first, self.suspicion.score(src.peer_id, now)):
+                    partner = self._partner(k, src, now, failed)
+                jobs.append((k, rows, src, partner, call, len(calls)))
+                calls.append((src, *call))
+                if partner is not None:
+                    calls.append((partner, *call))
+            outs = self._answer_all(calls, guidance) if calls else []
+            for k, rows, src, partner, call, i in jobs:
+                xk, tk, _ = call
+                va = self._valid(src, outs[i], xk, tk, guidance, events, failed)
+                self._precision_of[src.peer_id] = self._precision(outs[i])
+                vb = None
+                if partner is not None:
+                    vb = self._valid(partner, outs[i + 1], xk, tk, guidance, events, failed)
+                    self._precision_of[partner.peer_id] = self._precision(outs[i + 1])
+                    self.checks += 1
+                    self.checked.add(src.peer_id)
+                    if vb is not None:
+                        self.checked.add(partner.peer_id)
+                v, used = va, src
+                if va is not None and vb is not None:
+                    tol = tolerance(self.trust, self._precision_of[src.peer_id], self._precision_of[partner.peer_id])
+                    if not agree(va, vb, tol):
+                        v, used = self._dispute(k, rows, src, va, partner, vb, call, guidance, events, failed)
+                elif va is None and vb is not None:
+                    v, used = vb, partner  # the main source failed or lied; its partner's answer passed the checks
+                    events.append(f"t={t_now:.3f}: using the answer of {partner.peer_id[:12]} for cluster {k}")
+                if v is None:  # recomputed by another source in the next round
+                    nxt = self._pick(k, rows.numel(), time.monotonic(), failed)
                     if nxt is not None:
-                        msg += f"retrying {rows.numel()} row(s) on replica {nxt.peer_id[:12]}"
-                    else:
-                        msg += f"no replica left for cluster {k}: re-routing its rows to the next-ranked experts"
-                        avail[k], lost = False, True
-                    events.append(msg)
+                        events.append(f"t={t_now:.3f}: retrying {rows.numel()} row(s) of cluster {k} on "
+                                      f"{'its verified weights' if isinstance(nxt, LocalSource) else 'replica'} "
+                                      f"{nxt.peer_id[:12]}")
                     continue
-                v_k, _ = out
                 if vk_full[k] is None:
                     vk_full[k] = torch.zeros_like(x)
-                vk_full[k][rows.to(x.device)] = v_k.to(device=x.device, dtype=x.dtype)
+                vk_full[k][rows.to(x.device)] = v.to(device=x.device, dtype=x.dtype)
                 have[k, rows] = True
-                client.bans.success(rep.peer_id)
-                self.in_use[k], self.sticky[k], self.expert_ids[k] = rep.peer_id, rep.checkpoint_sha256, rep.expert_id
+                if not isinstance(used, LocalSource):
+                    client.bans.success(used.peer_id)
+                    self.first_use.setdefault(used.peer_id, (self.step, self.evaluation))
+                else:
+                    self.local_rows += rows.numel()
+                self.in_use[k], self.sticky[k] = used.peer_id, used.checkpoint_sha256
+                self.expert_ids[k] = used.expert_id
+            if self.rollback_to is not None:
+                raise StepRollback(self.rollback_to, "a peer whose answers went into it was caught lying")
             if lost:
                 if probs is None or not avail.any():
                     raise NoExpertsError("no expert left for this step")
@@ -269,3 +472,22 @@ class SwarmEnsemble(RoutedEnsemble):
             v.index_add_(0, rows, w * vk_full[k][rows])
             self.calls[k] += rows.numel()
         return v, weights, events
+
+
+class LocalSource:
+    """The client's own copy of an expert's weights (sha256-verified), used as a source like a replica."""
+
+    PREFIX = "local:"
+
+    def __init__(self, expert, sha256: str, cluster: int):
+        self.expert, self.checkpoint_sha256, self.cluster = expert, sha256, cluster
+        self.peer_id = self.name(sha256)
+        self.expert_id = expert.expert_id
+
+    @classmethod
+    def name(cls, sha256: str) -> str:
+        return cls.PREFIX + sha256[:12]
+
+    def velocity(self, x, t, labels, guidance):
+        dev = next(self.expert.parameters()).device
+        return self.expert.velocity(x.to(dev), t.to(dev), labels.to(dev), guidance).to(x.device)

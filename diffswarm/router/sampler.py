@@ -142,6 +142,18 @@ def time_grid(steps: int, device=None, dtype=torch.float32) -> torch.Tensor:
     return torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=dtype)
 
 
+class StepRollback(Exception):
+    """Raised by a velocity model to make ``sample`` recompute from the start of step ``step`` (the swarm
+    client does this after catching a peer that lied in that step or later; the liar is banned first)."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(reason)
+        self.step, self.reason = step, reason
+
+
+MAX_ROLLBACKS = 16  # a trajectory that keeps rolling back fails instead of looping
+
+
 @torch.no_grad()
 def sample(
     model: VelocityModel,
@@ -156,6 +168,10 @@ def sample(
 
     Euler: x <- x + (t_next - t) v(x, t). Heun: average the slopes at both ends, except on the
     final step to t = 0 (plain Euler there, as in EDM/k-diffusion).
+
+    A model with ``begin_step(i)`` is told which step it is asked for; one that raises ``StepRollback``
+    gets the steps from ``rollback.step`` on again, from the states kept for them (the callback then sees
+    those steps a second time, after an event saying why).
     """
     if method not in SAMPLERS:
         raise ValueError(f"sampler method must be one of {SAMPLERS}, got {method!r}")
@@ -166,19 +182,37 @@ def sample(
     ts = time_grid(steps, x.device, x.dtype)
     if isinstance(model, RoutedEnsemble):
         model.reset(b, x.device)
-    for i in range(steps):
+    begin = getattr(model, "begin_step", None)
+    states = [x]  # states[i]: x at the start of step i
+    pending: list[str] = []  # rollback notices for the next callback
+    rollbacks, i = 0, 0
+    while i < steps:
         t, t_next = ts[i], ts[i + 1]
-        v = model.velocity(x, t.expand(b), labels, guidance)
-        record = getattr(model, "last", None)
-        events = list(record.events) if record else []
-        x_euler = x + (t_next - t) * v
-        if method == "heun" and t_next > 0:
-            v2 = model.velocity(x_euler, t_next.expand(b), labels, guidance)
-            if getattr(model, "last", None) is not None:
-                events += model.last.events
-            x = x + (t_next - t) * 0.5 * (v + v2)
-        else:
-            x = x_euler
+        x = states[i]
+        try:
+            if begin is not None:
+                begin(i)
+            v = model.velocity(x, t.expand(b), labels, guidance)
+            record = getattr(model, "last", None)
+            events = pending + (list(record.events) if record else [])
+            x_euler = x + (t_next - t) * v
+            if method == "heun" and t_next > 0:
+                v2 = model.velocity(x_euler, t_next.expand(b), labels, guidance)
+                if getattr(model, "last", None) is not None:
+                    events += model.last.events
+                x = x + (t_next - t) * 0.5 * (v + v2)
+            else:
+                x = x_euler
+        except StepRollback as r:
+            rollbacks += 1
+            if rollbacks > MAX_ROLLBACKS or not 0 <= r.step <= i:
+                raise RuntimeError(f"sampling gave up after {rollbacks} rollbacks: {r.reason}") from None
+            pending.append(f"recomputing from step {r.step + 1}: {r.reason}")
+            del states[r.step + 1:]
+            i = r.step
+            continue
+        pending = []
+        states.append(x)
         if callback is not None:
             if record is not None:
                 ids, weights, chosen = model.expert_ids, record.weights, record.chosen
@@ -186,7 +220,9 @@ def sample(
                 name = getattr(model, "expert_id", "model")
                 ids, weights, chosen = [name], torch.ones(b, 1), [name]
             callback(StepInfo(i, steps, float(t), float(t_next), x, list(ids), weights, chosen, events))
+        i += 1
     return x
 
 
-__all__ = ["SAMPLERS", "NoExpertsError", "RoutedEnsemble", "SamplingConfig", "StepInfo", "sample", "time_grid"]
+__all__ = ["SAMPLERS", "NoExpertsError", "RoutedEnsemble", "SamplingConfig", "StepInfo", "StepRollback", "sample",
+           "time_grid"]

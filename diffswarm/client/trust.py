@@ -1,0 +1,166 @@
+"""Trust in peers' answers (pure decisions: no network, no clock; callers pass ``now``).
+
+Every velocity a peer returns is untrusted input. Three layers, cheapest first:
+
+1. **Checks on every answer** (``check_answer``): float dtype, the requested shape, finite, and a
+   per-row bound on the answer's RMS that follows from the request. In flow time a velocity for data
+   in [-1, 1] is v = (x_t - x0)/t with |x0| <= 1, so an honest expert's unguided answer has
+   RMS(v) <= (RMS(x_t) + 1)/t; classifier-free guidance g extrapolates two such answers, at most
+   (1 + 2g) times that. We allow that bound (with t floored at ``T_FLOOR``) times ``BOUND_SLACK``:
+   it never rejects an honest answer and catches garbage (inf, 1e30, overflowed halves).
+2. **Cross-checks** (``should_verify`` + ``relative_difference``): a share of calls (every peer's
+   first answer in each trajectory, a random ``verify_share`` of the rest, and every call of a
+   suspected peer) is also computed by a second source with the same checkpoint sha256: another
+   replica, or the client's own copy of the weights. Answers must agree per row within a relative
+   L2 tolerance measured for honest replicas (``TrustConfig.tolerance``; bf16 peers get
+   ``tolerance_bf16``). A disagreement is arbitrated by a third source (the client's own copy of
+   the weights, fetched and hash-checked when needed, else a third replica): whoever deviates from it
+   is caught lying.
+3. **Suspicion** (``Suspicion``, AI Horde's idea): a per-peer score that decays with a half-life;
+   invalid answers and lies add to it, and a peer caught lying is banned for ``lie_ban`` seconds.
+   Disputes that cannot be arbitrated raise both peers' scores (never a ban: one of them is honest),
+   and suspected peers are then cross-checked on every call.
+
+What this cannot catch: a lie smaller than the tolerance (at most ``tolerance`` of the answer's
+norm, per row); a lie in a call that is not cross-checked (a peer lying in a share q of its calls
+escapes a trajectory with probability about (1 - verify_share)^(q n) after its first answer); lies
+when no second source exists (a cluster served by one peer whose weights cannot be fetched); and
+colluding replicas that return the same lie (a local copy of the weights still catches them).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+T_FLOOR = 0.05  # flow time floor of the norm bound (the bound grows as 1/t)
+BOUND_SLACK = 4.0  # headroom over the analytic bound
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class TrustConfig:
+    """How much the client checks peers' answers (one commented field per knob)."""
+
+    verify_share: float = 0.05  # random share of calls also computed by a second source
+    verify_first: bool = True  # cross-check every peer's first answer in each trajectory
+    tolerance: float = 2e-3  # per-row relative L2 difference allowed between fp32 sources
+    tolerance_bf16: float = 5e-2  # ... when either source computes in bf16 (CUDA autocast)
+    fetch_checkpoints: bool = True  # fetch (and hash-check) an expert's weights to arbitrate or fill in
+    local_fallback: bool = True  # compute a cluster with its verified weights when no honest peer is left
+    suspect_score: float = 2.0  # from this score on, every call of the peer is cross-checked
+    lie_ban: float = 3600.0  # seconds a peer caught lying (or returning invalid answers) is banned
+    half_life: float = 600.0  # seconds for a suspicion score to halve
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.verify_share <= 1:
+            raise ValueError(f"verify_share must be in [0, 1], got {self.verify_share}")
+        if not (self.tolerance > 0 and self.tolerance_bf16 > 0):
+            raise ValueError("tolerances must be > 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. every answer
+
+
+def velocity_bound(x: torch.Tensor, t: torch.Tensor, guidance: float) -> torch.Tensor:
+    """(B,) largest RMS an honest velocity for rows x (B, ...) at flow times t (B,) can have (see module doc)."""
+    rms_x = x.detach().float().flatten(1).pow(2).mean(1).sqrt()
+    amp = 1.0 + 2.0 * max(float(guidance), 0.0)
+    return BOUND_SLACK * amp * (rms_x + 1.0) / t.detach().float().clamp_min(T_FLOOR)
+
+
+def check_answer(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor, guidance: float) -> str | None:
+    """Why the answer ``v`` to rows (x (B, C, H, W), t (B,), guidance) cannot be honest, or None."""
+    if not torch.is_tensor(v) or not v.is_floating_point():
+        return f"answer has dtype {getattr(v, 'dtype', type(v).__name__)}, expected a float tensor"
+    if tuple(v.shape) != tuple(x.shape):
+        return f"answer has shape {tuple(v.shape)}, the request {tuple(x.shape)}"
+    vf = v.detach().float()
+    if not torch.isfinite(vf).all():
+        return "answer contains NaN or inf"
+    rms = vf.flatten(1).pow(2).mean(1).sqrt()
+    bound = velocity_bound(x, t.to(x.device), guidance).to(rms.device)
+    over = rms > bound
+    if over.any():
+        i = int(over.nonzero()[0])
+        return f"answer row {i} has RMS {float(rms[i]):.3g}, above the bound {float(bound[i]):.3g} for its request"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. cross-checks
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B,) per-row ||a - b|| / max(||a||, ||b||, 1e-3 * sqrt(D)): 0 for equal answers, 1 for a zeroed one,
+    2 for a negated one."""
+    a, b = a.detach().float().flatten(1), b.detach().float().flatten(1)
+    floor = 1e-3 * math.sqrt(a.shape[1])
+    scale = torch.maximum(a.norm(dim=1), b.norm(dim=1)).clamp_min(floor)
+    return (a - b).norm(dim=1) / scale
+
+
+def tolerance(cfg: TrustConfig, *precisions: str) -> float:
+    """Allowed per-row relative difference between answers computed at these precisions."""
+    return cfg.tolerance_bf16 if any(p == "bf16" for p in precisions) else cfg.tolerance
+
+
+def agree(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    return bool((relative_difference(a, b) <= tol).all())
+
+
+def arbitrate(answers: dict[str, torch.Tensor], reference: torch.Tensor | None,
+              tol: float) -> tuple[set[str], set[str]]:
+    """(liars, honest) among ``answers`` {source: v}. With a ``reference`` (the client's own evaluation of
+    the weights), a source is honest iff it agrees with it. Without one, a strict majority of agreeing
+    sources decides; no majority: nobody is named (returns two empty sets)."""
+    if reference is not None:
+        honest = {s for s, v in answers.items() if agree(v, reference, tol)}
+        return set(answers) - honest, honest
+    names = list(answers)
+    for s in names:
+        agreeing = {o for o in names if agree(answers[o], answers[s], tol)}
+        if 2 * len(agreeing) > len(names):
+            return set(names) - agreeing, agreeing
+    return set(), set()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. suspicion
+
+
+@dataclass
+class Suspicion:
+    """Per-peer scores that halve every ``half_life`` seconds."""
+
+    half_life: float = 600.0
+    scores: dict[str, tuple[float, float]] = field(default_factory=dict)  # peer -> (score, at time)
+
+    def score(self, peer: str, now: float) -> float:
+        s, at = self.scores.get(peer, (0.0, now))
+        return s * 0.5 ** (max(0.0, now - at) / self.half_life)
+
+    def add(self, peer: str, amount: float, now: float) -> float:
+        s = self.score(peer, now) + amount
+        self.scores[peer] = (s, now)
+        return s
+
+
+INVALID_ANSWER = 5.0  # suspicion added for an answer that fails check_answer
+CAUGHT_LYING = 100.0  # ... for an answer that disagrees with the arbiter
+DISPUTED = 1.0  # ... to both sides of a disagreement nobody could arbitrate
+
+
+def should_verify(cfg: TrustConfig, rng: random.Random, first_in_trajectory: bool, suspicion: float) -> bool:
+    """Cross-check this call? Every first answer of a peer in a trajectory (``verify_first``), every call of a
+    suspected peer, and a random ``verify_share`` of the rest (``rng`` is the client's own: peers cannot
+    predict which calls are checked)."""
+    if cfg.verify_first and first_in_trajectory:
+        return True
+    if suspicion >= cfg.suspect_score:
+        return True
+    return rng.random() < cfg.verify_share

@@ -1,0 +1,310 @@
+"""Every answer from a peer is untrusted: checks, cross-checks, arbitration, bans, rollback (no network).
+
+The swarm is simulated: each "peer" is a local expert behind a fake client, some of them wrapped in a
+``Liar`` that corrupts its answers in one of the ways a hostile volunteer could. A generation with a
+liar present must equal a clean (local) run within float tolerance whenever a verification path exists,
+and no honest peer may ever be banned because of a liar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+
+import pytest
+import torch
+
+from diffswarm.client.selection import Blacklist
+from diffswarm.client.trust import (
+    Suspicion,
+    TrustConfig,
+    arbitrate,
+    check_answer,
+    relative_difference,
+    should_verify,
+    velocity_bound,
+)
+from diffswarm.router.sampler import SamplingConfig
+
+SHAPE = (1, 8, 8)
+LABELS = torch.tensor([0, 1, 2, 3, -1, 0, 1, 2])
+SAMPLING = SamplingConfig(steps=6, guidance=2.0, seed=3)
+
+
+# -- pure checks ---------------------------------------------------------------------------------
+
+
+def test_answer_checks_catch_garbage_and_pass_honest_answers(three):
+    experts = three[0]
+    x, t, y = torch.randn(16, *SHAPE), torch.rand(16).clamp_min(0.01), torch.randint(-1, 4, (16,))
+    for e in experts:  # honest answers at every t, with strong guidance, pass
+        for g in (1.0, 2.0, 5.0):
+            assert check_answer(e.velocity(x, t, y, g), x, t, g) is None
+    v = experts[0].velocity(x, t, y, 2.0)
+    bad = v.clone()
+    bad[3, 0, 0, 0] = float("nan")
+    assert "NaN" in check_answer(bad, x, t, 2.0)
+    assert "shape" in check_answer(v[:5], x, t, 2.0)
+    assert "dtype" in check_answer(v.to(torch.int32), x, t, 2.0)
+    huge = v.clone()
+    huge[2] *= 1e4
+    assert "row 2" in check_answer(huge, x, t, 2.0)
+    # the bound follows the request: at t = 1 with x ~ N(0, I) an RMS of 50 is impossible
+    assert float(velocity_bound(torch.randn(1, 1, 8, 8), torch.ones(1), 1.0)) < 50
+
+
+def test_relative_difference_and_arbitration():
+    a = torch.randn(4, 1, 8, 8)
+    assert torch.allclose(relative_difference(a, a), torch.zeros(4))
+    assert torch.allclose(relative_difference(a, -a), torch.full((4,), 2.0))
+    assert torch.allclose(relative_difference(a, torch.zeros_like(a)), torch.ones(4))
+    lie = a.clone()
+    lie[1] *= 1.5  # one row only
+    assert relative_difference(a, lie)[1] > 0.3 and relative_difference(a, lie)[0] == 0
+    # with a reference the deviating side is named; a majority decides among three; a tie names nobody
+    assert arbitrate({"p": a, "q": lie}, a, 1e-3) == ({"q"}, {"p"})
+    assert arbitrate({"p": a, "q": lie, "r": a + 1e-7}, None, 1e-3) == ({"q"}, {"p", "r"})
+    assert arbitrate({"p": a, "q": lie}, None, 1e-3) == (set(), set())
+
+
+def test_suspicion_decays_and_checks_follow_it():
+    s = Suspicion(half_life=10.0)
+    assert s.add("p", 4.0, now=0.0) == 4.0 and s.score("p", 10.0) == pytest.approx(2.0)
+    cfg = TrustConfig(verify_share=0.0)
+    rng = random.Random(0)
+    assert should_verify(cfg, rng, first_in_trajectory=True, suspicion=0.0)
+    assert not should_verify(cfg, rng, first_in_trajectory=False, suspicion=0.0)
+    assert should_verify(cfg, rng, first_in_trajectory=False, suspicion=cfg.suspect_score)
+    share = sum(should_verify(TrustConfig(verify_share=0.05), rng, False, 0.0) for _ in range(20000)) / 20000
+    assert share == pytest.approx(0.05, abs=0.01)
+
+
+# -- a simulated swarm ---------------------------------------------------------------------------
+
+
+class Liar:
+    """A peer serving a real checkpoint that corrupts its answers (mode), optionally only after ``after`` calls."""
+
+    def __init__(self, expert, mode: str, other=None, after: int = 0):
+        self.expert, self.mode, self.other, self.after, self.n = expert, mode, other, after, 0
+
+    def velocity(self, x, t, labels, guidance=1.0):
+        v = self.expert.velocity(x, t, labels, guidance)
+        self.n += 1
+        if self.n <= self.after:
+            return v
+        m = self.mode
+        if m == "nan":
+            return torch.full_like(v, float("nan"))
+        if m == "huge":
+            return v * 1e6
+        if m == "scale":
+            return v * 1.5
+        if m == "negate":
+            return -v
+        if m == "zero":
+            return torch.zeros_like(v)
+        if m == "random":  # right norm per row, wrong direction
+            r = torch.randn_like(v)
+            return r * (v.flatten(1).norm(dim=1) / r.flatten(1).norm(dim=1)).reshape(-1, 1, 1, 1)
+        if m == "other":  # another expert's (plausible) answer
+            return self.other.velocity(x, t, labels, guidance)
+        if m == "row0":  # one row only
+            v = v.clone()
+            v[0] = -v[0]
+            return v
+        if m == "shape":
+            return v[:-1]
+        raise ValueError(m)
+
+
+class FakeClient:
+    """SwarmClient's surface for SwarmEnsemble: peers are local velocity models, ``dead`` peers fail."""
+
+    def __init__(self, peers: dict, trust: TrustConfig, local: dict | None = None):
+        from diffswarm.client.client import ClientConfig
+
+        self.cfg = ClientConfig(call_timeout=0.3, threads=0, trust=trust)
+        self.peers, self.dead, self.local = peers, set(), dict(local or {})
+        self.view, self.bans = None, Blacklist()
+        self.latency, self.fresh, self.last_error, self.events = {}, {}, {}, deque()
+        self.calls: list[str] = []
+
+    def usable(self, rep, now):
+        return not self.bans.is_banned(rep.peer_id, now)
+
+    def set_target(self, target):
+        from diffswarm.client.discovery import SwarmView
+
+        self.view = SwarmView(target)
+        return self.view
+
+    def with_fresh_load(self, reps):
+        return reps
+
+    def drain_events(self):
+        out = list(self.events)
+        self.events.clear()
+        return out
+
+    def run(self, coro, timeout=None):
+        return asyncio.run(coro)
+
+    def local_expert(self, sha, replicas=(), fetch=False):
+        return self.local.get(sha)
+
+    async def call_velocity(self, rep, x, t, labels, guidance, timeout):
+        from diffswarm.client.client import PeerCallError
+
+        self.calls.append(rep.peer_id)
+        if rep.peer_id in self.dead:
+            raise PeerCallError("connection refused")
+        return self.peers[rep.peer_id].velocity(x, t, labels, guidance), {"precision": "fp32"}
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    from diffswarm.experts.expert import Expert
+    from diffswarm.router.model import Router
+    from diffswarm.toy import ToySwarmSpec, make_toy_swarm
+
+    paths, router = make_toy_swarm(tmp_path_factory.mktemp("three"), ToySwarmSpec(["ddpm", "fm", "ddpm"], steps=3))
+    return [Expert.from_checkpoint(p) for p in paths], Router.load(router), paths, router
+
+
+@pytest.fixture(scope="module")
+def clean(three):
+    from diffswarm.router.local import generate, load_local_ensemble
+    from diffswarm.router.routing import RoutingConfig
+
+    _, _, paths, router = three
+    return generate(load_local_ensemble(paths, router, RoutingConfig("top-k", 2), seed=1), LABELS, SHAPE, SAMPLING)
+
+
+def swarm(three, peers: dict, trust: TrustConfig | None = None, local: dict | None = None):
+    """A SwarmEnsemble over ``peers`` {peer id: (cluster, velocity model)}; records announce the real sha256."""
+    from diffswarm.client.ensemble import SwarmEnsemble
+    from diffswarm.dht.records import ExpertRecord
+    from diffswarm.router.routing import RoutingConfig
+
+    experts, router, _, _ = three
+    client = FakeClient({p: m for p, (_, m) in peers.items()}, trust or TrustConfig(), local)
+    ens = SwarmEnsemble(client, router, RoutingConfig("top-k", 2), seed=1)
+    ph = router.cfg.partition_hash
+    recs = []
+    for p, (k, _) in peers.items():
+        e = experts[k]
+        recs.append(ExpertRecord(version=2, expert_id=e.expert_id, cluster=k, num_clusters=3, partition_hash=ph,
+                                 objective=e.config.objective, schedule="flow", image_shape=list(SHAPE), num_classes=4,
+                                 checkpoint_sha256=e.weights_sha256, software="t", protocol=1, state="online",
+                                 progress=1.0, throughput=100.0, load=0.0, max_batch=64, peer_id=p, addrs=[],
+                                 updated=0.0))
+    client.view.update(recs)
+    client.latency.update({p: (0.0 if p.startswith("liar") else 0.001) for p in peers})  # liars look fastest
+    return ens, client
+
+
+def run(ens):
+    from diffswarm.router.local import generate
+
+    events = []
+    x = generate(ens, LABELS, SHAPE, SAMPLING, callback=lambda i: events.extend(i.events))
+    return x, events
+
+
+def honest_bans(client, now=None):
+    now = time.monotonic() if now is None else now
+    return [p for p in client.peers if not p.startswith("liar") and client.bans.is_banned(p, now)]
+
+
+MODES = ["nan", "huge", "scale", "negate", "zero", "random", "other", "row0", "shape"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_liar_beside_honest_replicas_never_spoils_the_image(three, clean, mode):
+    """Cluster 1 has two honest replicas and a liar that looks fastest: checks or the majority catch it."""
+    experts = three[0]
+    peers = {"h0": (0, experts[0]), "h1a": (1, experts[1]), "h1b": (1, experts[1]), "h2": (2, experts[2]),
+             "liar1": (1, Liar(experts[1], mode, other=experts[0]))}
+    ens, client = swarm(three, peers)
+    x, events = run(ens)
+    assert torch.allclose(x, clean, atol=1e-5), f"{mode}: max diff {float((x - clean).abs().max())}"
+    assert client.bans.is_banned("liar1", time.monotonic()) and "liar1" in ens.liars
+    assert honest_bans(client) == [] and not any(p.startswith("h") for p in ens.liars)
+    assert any("liar1" in e and ("caught lying" in e or "invalid answer" in e) for e in events)
+
+
+@pytest.mark.parametrize("mode", ["scale", "negate", "random", "other", "row0"])
+def test_one_honest_replica_and_a_liar_are_told_apart_by_the_verified_weights(three, clean, mode):
+    """Two replicas that disagree: the client's own copy of the weights arbitrates."""
+    experts = three[0]
+    peers = {"h0": (0, experts[0]), "h1": (1, experts[1]), "h2": (2, experts[2]),
+             "liar1": (1, Liar(experts[1], mode, other=experts[2]))}
+    ens, client = swarm(three, peers, local={experts[1].weights_sha256: experts[1]})
+    x, events = run(ens)
+    assert torch.allclose(x, clean, atol=1e-5)
+    assert "liar1" in ens.liars and honest_bans(client) == []
+    assert any("verified weights" in e for e in events)
+
+
+def test_the_nan_cascade_is_gone(three, clean):
+    """A NaN answer used to poison x, then honest peers refused 'x contains NaN' and were banned for it."""
+    experts = three[0]
+    peers = {"h0": (0, experts[0]), "h1": (1, experts[1]), "h2": (2, experts[2]),
+             "liar1": (1, Liar(experts[1], "nan"))}
+    ens, client = swarm(three, peers, trust=TrustConfig(verify_share=0.0, verify_first=False))
+    x, events = run(ens)
+    assert torch.isfinite(x).all() and torch.allclose(x, clean, atol=1e-5)
+    assert honest_bans(client) == [] and "liar1" in ens.liars
+    assert any("invalid answer" in e and "NaN" in e for e in events)
+
+
+def test_a_sleeper_caught_later_is_rolled_back(three, clean):
+    """Honest for its first calls, then lying: once caught, the steps it spoiled are recomputed without it."""
+    experts = three[0]
+    peers = {"h0": (0, experts[0]), "h1": (1, experts[1]), "h2": (2, experts[2]),
+             "liar1": (1, Liar(experts[1], "scale", after=2))}
+    ens, client = swarm(three, peers, trust=TrustConfig(verify_share=0.5),
+                        local={experts[1].weights_sha256: experts[1]})
+    ens.rng = random.Random(7)
+    x, events = run(ens)
+    assert "liar1" in ens.liars, "the sleeper was never checked (raise verify_share or change the seed)"
+    assert any("recomputing from step" in e for e in events)
+    assert torch.allclose(x, clean, atol=1e-5) and honest_bans(client) == []
+
+
+def test_a_cluster_whose_only_peer_lies_is_computed_with_its_verified_weights(three, clean):
+    experts = three[0]
+    peers = {"h0": (0, experts[0]), "h2": (2, experts[2]), "liar1": (1, Liar(experts[1], "negate"))}
+    ens, client = swarm(three, peers, local={experts[1].weights_sha256: experts[1]})
+    x, events = run(ens)
+    assert torch.allclose(x, clean, atol=1e-5)
+    assert "liar1" in ens.liars and ens.local_rows > 0
+
+
+def test_a_dispute_nobody_can_arbitrate_bans_nobody(three):
+    """Two replicas, no third source: both become suspects (checked on every call), neither is banned."""
+    experts = three[0]
+    peers = {"h0": (0, experts[0]), "h1": (1, experts[1]), "h2": (2, experts[2]),
+             "liar1": (1, Liar(experts[1], "scale"))}
+    ens, client = swarm(three, peers)
+    x, events = run(ens)
+    now = time.monotonic()
+    assert torch.isfinite(x).all() and ens.unverified > 0
+    assert not client.bans.is_banned("h1", now) and ens.suspicion.score("h1", now) > 0
+    assert any("no third source can arbitrate" in e for e in events)
+
+
+def test_honest_replicas_cost_a_few_checks_and_ban_nobody(three, clean):
+    experts = three[0]
+    peers = {"h0a": (0, experts[0]), "h0b": (0, experts[0]), "h1a": (1, experts[1]), "h1b": (1, experts[1]),
+             "h2a": (2, experts[2]), "h2b": (2, experts[2])}
+    ens, client = swarm(three, peers)
+    x, _ = run(ens)
+    assert torch.allclose(x, clean, atol=1e-5)
+    assert ens.liars == set() and honest_bans(client) == [] and ens.unverified == 0
+    # each peer used is checked once in the trajectory, plus ~5% of the other calls
+    used = {p for p in client.calls}
+    assert len(used) <= 6 and 1 <= ens.checks <= len(used) + 3
