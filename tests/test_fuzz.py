@@ -13,8 +13,9 @@ missing or duplicate ids, streams cut short or mid-tensor, frames that declare g
 - at the end nothing is held (bytes, streams, queued rows, hivemind's unary tasks, asyncio tasks) and the
   process's resident memory grew by less than ``RSS_BOUND_MIB``.
 
-Record parsing (``ExpertRecord.from_dict``, ``SwarmRecord.from_dict``, ``parse_entries``) gets random
-dicts, values and subkeys: a record or a ``RecordError``, nothing else.
+Record parsing (``ExpertRecord``/``RouterProvider``/``SwarmManifest.from_dict``, the manifest's signature
+check, ``parse_entries``, ``parse_manifests``) gets random dicts, values, subkeys and times: a record or a
+``RecordError``, nothing else; a manifest verifies only with the owner's signed fields untouched.
 
 CI runs ~170 RPC examples and ~200 record examples in well under a minute; ``DIFFSWARM_FUZZ_EXAMPLES=N``
 runs N per test (``-s`` prints the counts and RSS figures the closing note quotes).
@@ -50,7 +51,17 @@ from peer_harness import (
     valid_request,
 )
 
-from diffswarm.dht.records import ExpertRecord, RecordError, SwarmRecord, parse_entries, peer_id_of_public_key
+from diffswarm.dht.records import (
+    RECORD_VERSION,
+    ExpertRecord,
+    RecordError,
+    RouterProvider,
+    SwarmManifest,
+    parse_entries,
+    parse_manifests,
+    peer_id_of_public_key,
+)
+from diffswarm.dht.trust import sign_manifest, swarm_name_of, verify_manifest
 from diffswarm.peer.limits import PeerLimits
 from diffswarm.wire import (
     MAX_SESSION_MESSAGE_BYTES,
@@ -649,38 +660,50 @@ def test_fuzz_rpc_router(fuzz, msgs, end):
 
 # -- record parsing ---------------------------------------------------------------------------------------------
 
+NOW = 1_000_000.0  # the DHT time the parsers are told
+
 
 def _expert_dict() -> dict:
-    return dict(version=2, expert_id="c0-fm", cluster=0, num_clusters=2, partition_hash="ph", objective="fm",
-                schedule="flow", image_shape=[1, 8, 8], num_classes=4, checkpoint_sha256="ab" * 32, software="0.1.0",
-                protocol=1, state="online", progress=1.0, throughput=10.0, load=0.0, max_batch=64, peer_id="QmPeer",
-                addrs=["/ip4/127.0.0.1/tcp/1"], updated=1.0, train_steps=10, final_loss=0.5)
+    return dict(version=RECORD_VERSION, expert_id="c0-fm", cluster=0, num_clusters=2, partition_hash="ph",
+                objective="fm", schedule="flow", image_shape=[1, 8, 8], num_classes=4, checkpoint_sha256="ab" * 32,
+                software="0.1.0", protocol=1, state="online", progress=1.0, throughput=10.0, load=0.0, max_batch=64,
+                peer_id="QmPeer", addrs=["/ip4/127.0.0.1/tcp/1"], updated=NOW, train_steps=10, final_loss=0.5)
 
 
-def _swarm_dict() -> dict:
-    return dict(version=2, partition_hash="ph", num_clusters=2, dataset_id="fashion:8", image_shape=[1, 8, 8],
-                num_classes=4, router_sha256="cd" * 32, router_weights_sha256="ef" * 32, router_bytes=1000,
-                software="0.1.0", protocol=1, peer_id="QmPeer", addrs=[], updated=1.0)
+def _provider_dict() -> dict:
+    return dict(version=RECORD_VERSION, router_sha256="cd" * 32, router_bytes=1000, software="0.1.0",
+                peer_id="QmPeer", addrs=["/ip4/127.0.0.1/tcp/1"], updated=NOW)
+
+
+def _manifest_fields() -> dict:
+    return dict(version=RECORD_VERSION, swarm="fuzz", partition_hash="ph", num_clusters=2, dataset_id="fashion:8",
+                image_shape=[1, 8, 8], num_classes=4, router_sha256="cd" * 32, router_weights_sha256="ef" * 32,
+                router_bytes=1000, protocol=1, software="0.1.0", issued=NOW)
+
+
+SPECIALS = st.sampled_from([float("nan"), float("inf"), -1, 0, 2**70, "", [], [1, 2, 3, 4], "x" * 10_000,
+                            ["/ip4/1.2.3.4/tcp/1"] * 1000, b"\0" * 5000])
 
 
 @st.composite
-def record_dict(draw, base):
-    """A valid record dict with fields replaced by anything, removed, or added; or not a dict at all."""
+def mutated(draw, base: dict):
+    """``base`` with fields replaced by anything, removed, or added; or not a dict at all."""
     if draw(st.integers(0, 9)) == 0:
         return draw(ANY)
-    d = base()
+    d = dict(base)
     for key in draw(st.lists(st.sampled_from(sorted(d)), max_size=4)):
         if draw(st.booleans()):
-            d[key] = draw(ANY | st.sampled_from([float("nan"), float("inf"), -1, 0, 2**70, "", [], [1, 2, 3, 4]]))
+            d[key] = draw(ANY | SPECIALS)
         else:
             d.pop(key, None)
     d.update(draw(st.dictionaries(st.text(max_size=10), ANY, max_size=3)))
     return d
 
 
-def parsed_or_record_error(fn, d) -> str:
+def parsed_or_record_error(fn, *args) -> str:
+    """"ok" or "RecordError"; anything else raised fails the test."""
     try:
-        fn(d)
+        fn(*args)
         return "ok"
     except RecordError:
         return "RecordError"
@@ -689,49 +712,75 @@ def parsed_or_record_error(fn, d) -> str:
 RECORD_COUNTS: Counter = Counter()
 
 
-@fuzz_settings(80)
-@given(d=record_dict(_expert_dict))
+@fuzz_settings(60)
+@given(d=mutated(_expert_dict()))
 def test_fuzz_expert_record_from_dict(d):
     RECORD_COUNTS[("ExpertRecord.from_dict", parsed_or_record_error(ExpertRecord.from_dict, d))] += 1
 
 
-@fuzz_settings(60)
-@given(d=record_dict(_swarm_dict))
-def test_fuzz_swarm_record_from_dict(d):
-    RECORD_COUNTS[("SwarmRecord.from_dict", parsed_or_record_error(SwarmRecord.from_dict, d))] += 1
+@fuzz_settings(40)
+@given(d=mutated(_provider_dict()))
+def test_fuzz_router_provider_from_dict(d):
+    RECORD_COUNTS[("RouterProvider.from_dict", parsed_or_record_error(RouterProvider.from_dict, d))] += 1
 
 
 @pytest.fixture(scope="module")
 def owner():
+    """(key, ssh public key, peer id, a manifest it signed, the swarm's full name)."""
     from hivemind.utils.crypto import RSAPrivateKey
 
-    pub = RSAPrivateKey().get_public_key().to_bytes()
-    return pub, peer_id_of_public_key(pub)
+    key = RSAPrivateKey()
+    pub = key.get_public_key().to_bytes()
+    return key, pub, peer_id_of_public_key(pub), sign_manifest(key, _manifest_fields()), swarm_name_of("fuzz", key)
 
 
 @fuzz_settings(60)
 @given(data=st.data())
-def test_fuzz_parse_entries(owner, data):
-    pub, peer_id = owner
-    subkeys = st.sampled_from([b"[owner:" + pub + b"]/c0-fm", b"[owner:" + pub + b"]", b"[owner:garbage]",
-                               b"[owner:" + pub + b"][owner:" + pub + b"]", b"no owner", "text subkey", 7, None]) \
-        | st.binary(max_size=40)
-    kind = data.draw(st.sampled_from([ExpertRecord, SwarmRecord]))
-    base = _expert_dict if kind is ExpertRecord else _swarm_dict
+def test_fuzz_swarm_manifest_from_dict_and_signature(owner, data):
+    """A mutated signed manifest: a RecordError from parsing or from the signature check, or (untouched
+    signed fields) a manifest that verifies."""
+    _, _, _, manifest, name = owner
+    d = data.draw(mutated(manifest.to_dict()))
+
+    def parse_and_verify(d):
+        verify_manifest(SwarmManifest.from_dict(d), name)
+
+    outcome = parsed_or_record_error(parse_and_verify, d)
+    if outcome == "ok":  # only a manifest whose signed fields are the owner's verifies
+        assert SwarmManifest.from_dict(d).signed_bytes() == manifest.signed_bytes()
+    RECORD_COUNTS[("SwarmManifest.from_dict+verify", outcome)] += 1
+
+
+@fuzz_settings(60)
+@given(data=st.data())
+def test_fuzz_parse_entries_and_manifests(owner, data):
+    _, pub, peer_id, manifest, _ = owner
+    good = b"[owner:" + pub + b"]"
+    subkeys = st.sampled_from([good + b"/c0-fm", good]) | st.sampled_from(
+        [b"[owner:garbage]", good + good, b"no owner", "text subkey", 7, None]) | st.binary(max_size=40)
+    kind = data.draw(st.sampled_from(["experts", "routers", "manifests"]))
+    base = {"experts": _expert_dict(), "routers": _provider_dict(), "manifests": manifest.to_dict()}[kind]
 
     def value():
-        d = data.draw(record_dict(base))
-        if isinstance(d, dict) and data.draw(st.booleans()):
-            d["peer_id"] = peer_id  # signed by the owner key: these can parse
+        if data.draw(st.integers(0, 2)) == 0:  # a valid record of the subkey's owner (it parses with a good subkey)
+            return {**base, "peer_id": peer_id} if kind != "manifests" else dict(base)
+        d = data.draw(mutated(base))
+        if isinstance(d, dict) and kind != "manifests" and data.draw(st.booleans()):
+            d["peer_id"] = peer_id  # the owner key's peer id: these can parse
         return d
 
     entries = {data.draw(subkeys): value() for _ in range(data.draw(st.integers(0, 4)))}
     if data.draw(st.integers(0, 9)) == 0:
         entries = None
-    recs, errors = parse_entries(entries, kind)  # never raises
-    assert all(isinstance(r, kind) and r.peer_id == peer_id for r in recs)
+    now = data.draw(st.sampled_from([NOW, NOW, NOW + 10_000, None]))
+    if kind == "manifests":
+        recs, errors = parse_manifests(entries, now)  # never raises
+    else:
+        cls = ExpertRecord if kind == "experts" else RouterProvider
+        recs, errors = parse_entries(entries, cls, now)  # never raises
+        assert all(isinstance(r, cls) and r.peer_id == peer_id for r in recs)
     assert len(recs) + len(errors) == len(entries or {}) and all(isinstance(e, str) for e in errors)
-    RECORD_COUNTS[("parse_entries", "ok" if recs else "errors")] += 1
+    RECORD_COUNTS[(f"parse_{'manifests' if kind == 'manifests' else 'entries'}", "ok" if recs else "errors")] += 1
 
 
 # -- the closing checks: nothing held, memory bounded, counts printed ------------------------------------------------
