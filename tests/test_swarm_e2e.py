@@ -200,7 +200,8 @@ def test_forged_record_for_a_running_peer_is_rejected(swarm):
 
     stored, genuine, after = asyncio.run(forge())
     assert stored is False
-    assert after.throughput == genuine.throughput
+    # the forged figure never appears (the peer's own heartbeat may have refreshed its real throughput meanwhile)
+    assert after.throughput != 1e12 and after.checkpoint_sha256 == genuine.checkpoint_sha256
 
 
 def test_swarm_survives_killed_peers_and_fails_clearly_when_none_is_left(swarm, toy):
