@@ -55,6 +55,8 @@ class PeerSpec:
     checkpoint: str | None = None
     train: TrainJob | None = None
     extra_args: list[str] = field(default_factory=list)  # more `diffswarm peer` options
+    program: list[str] = field(default_factory=lambda: ["diffswarm", "peer"])  # `python -m` module and its
+    #   leading arguments: e.g. ["diffswarm.hostile", "--mode", "nan", "--"] for a lying peer (tests)
 
 
 def _alive(pid: int) -> bool:
@@ -101,13 +103,16 @@ class LocalSwarm:
                  popens: dict[int, subprocess.Popen] | None = None):
         self.run_dir, self.swarm, self.initial_peers, self.procs = run_dir, swarm, initial_peers, procs
         self._popens = popens or {}
+        self.peer_args: list[str] = []  # the options every expert peer of this swarm starts with
+        self.env: dict | None = None
 
     @property
     def state_path(self) -> Path:
         return self.run_dir / STATE_FILE
 
     def save(self) -> None:
-        state = {"swarm": self.swarm, "initial_peers": self.initial_peers, "procs": [asdict(p) for p in self.procs]}
+        state = {"swarm": self.swarm, "initial_peers": self.initial_peers, "peer_args": self.peer_args,
+                 "procs": [asdict(p) for p in self.procs]}
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         os.replace(tmp, self.state_path)
@@ -119,7 +124,9 @@ class LocalSwarm:
         if not path.exists():
             raise FileNotFoundError(f"no running swarm recorded in {path}")
         state = json.loads(path.read_text())
-        return cls(run_dir, state["swarm"], state["initial_peers"], [PeerProc(**p) for p in state["procs"]])
+        sw = cls(run_dir, state["swarm"], state["initial_peers"], [PeerProc(**p) for p in state["procs"]])
+        sw.peer_args = list(state.get("peer_args", []))
+        return sw
 
     @classmethod
     def find(cls, run_dir: str | Path) -> LocalSwarm:
@@ -135,6 +142,46 @@ class LocalSwarm:
             raise ValueError(f"the local swarm in {run_dir} was started by an older diffswarm (its name {sw.swarm!r} "
                              "has no owner fingerprint); restart it with `diffswarm swarm down` and `swarm up`")
         return sw
+
+    def _spawn_peer(self, spec: PeerSpec) -> tuple[PeerProc, subprocess.Popen]:
+        """Start ``spec`` as a process of this swarm (recorded in swarm.json); does not wait for it."""
+        args = [*self.peer_args, *spec.extra_args]
+        if spec.checkpoint:
+            args += ["--checkpoint", str(spec.checkpoint)]
+        elif spec.train is not None:
+            args += ["--train-job", str(spec.train.save(self.run_dir / "jobs" / f"{spec.name}.json"))]
+        proc, pop = _spawn(spec.name, args, self.run_dir, self.env or dict(os.environ), spec.program)
+        self.procs = [p for p in self.procs if p.name != spec.name] + [proc]
+        self._popens[proc.pid] = pop
+        self.save()
+        return proc, pop
+
+    def add_peer(self, spec: PeerSpec, timeout: float = 120.0, log=None) -> dict:
+        """Start one more peer of this swarm (a replica, a hostile peer in tests) and wait until it is online
+        and its records can be read from the DHT; returns its info file."""
+        started = self._spawn_peer(spec)
+        deadline = time.monotonic() + timeout
+        info = _wait_online([started], deadline, log)[spec.name]
+        if info.get("experts"):
+            _confirm_in_dht(self, [info["peer_id"]], deadline, manifest=False)
+        return info
+
+    def restart(self, name: str, timeout: float = 120.0, log=None) -> dict:
+        """Start a killed peer again with the same command line (same identity only if it has one)."""
+        p = next(p for p in self.procs if p.name == name)
+        if _alive(p.pid):
+            raise SwarmLaunchError(f"{name} (pid {p.pid}) is still running")
+        with contextlib.suppress(FileNotFoundError):
+            Path(p.info).unlink()
+        with open(p.log, "ab") as f:
+            pop = subprocess.Popen([sys.executable, *p.args], stdout=f, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True, env=self.env or dict(os.environ))
+        proc = PeerProc(name, pop.pid, p.log, p.info, p.args)
+        self.procs = [q for q in self.procs if q.name != name] + [proc]
+        self._popens[pop.pid] = pop
+        self.save()
+        info = _wait_online([(proc, pop)], time.monotonic() + timeout, log)[name]
+        return info
 
     def info(self, name: str) -> dict | None:
         p = next(p for p in self.procs if p.name == name)
@@ -197,18 +244,19 @@ class LocalSwarm:
                         os.unlink(s)
 
 
-def _spawn(name: str, args: list[str], run_dir: Path, env: dict) -> tuple[PeerProc, subprocess.Popen]:
+def _spawn(name: str, args: list[str], run_dir: Path, env: dict,
+           program: Sequence[str] = ("diffswarm", "peer")) -> tuple[PeerProc, subprocess.Popen]:
     log = run_dir / "logs" / f"{name}.log"
     info = run_dir / "info" / f"{name}.json"
     log.parent.mkdir(parents=True, exist_ok=True)
     info.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         info.unlink()
-    cmd = [sys.executable, "-m", "diffswarm", "peer", "--loopback", "--info-file", str(info), *args]
+    cmd = [sys.executable, "-m", *program, "--loopback", "--info-file", str(info), *args]
     with open(log, "ab") as f:
         pop = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                start_new_session=True, env=env)
-    return PeerProc(name, pop.pid, str(log), str(info), cmd[3:]), pop
+    return PeerProc(name, pop.pid, str(log), str(info), cmd[1:]), pop
 
 
 def _wait_online(procs: list[tuple[PeerProc, subprocess.Popen]], deadline: float, log=None) -> dict[str, dict]:
@@ -284,15 +332,10 @@ def start_local_swarm(peers: Sequence[PeerSpec], router_path: str | None, run_di
         if boot.get("swarm") != swarm:
             raise SwarmLaunchError(f"the bootstrap node runs swarm {boot.get('swarm')!r}, expected {swarm!r}")
         sw.initial_peers = boot["maddrs"]
+        sw.peer_args = [*common, "--threads", str(threads), "--initial-peers", *sw.initial_peers]
+        sw.env = env
         for spec in peers:
-            args = [*common, "--threads", str(threads), "--initial-peers", *sw.initial_peers, *spec.extra_args]
-            if spec.checkpoint:
-                args += ["--checkpoint", str(spec.checkpoint)]
-            elif spec.train is not None:
-                args += ["--train-job", str(spec.train.save(run_dir / "jobs" / f"{spec.name}.json"))]
-            started.append(_spawn(spec.name, args, run_dir, env))
-            sw.procs, sw._popens = [p for p, _ in started], {p.pid: pop for p, pop in started}
-            sw.save()
+            started.append(sw._spawn_peer(spec))
         infos = _wait_online(started[1:], deadline, log)
         _confirm_in_dht(sw, [i["peer_id"] for i in infos.values() if i.get("experts")], deadline,
                         manifest=router_path is not None)

@@ -22,6 +22,10 @@ RPCs (handle names ``diffswarm::ExpertServicer.<rpc>``):
   for payloads above ``MAX_UNARY_BYTES``; the first message carries uid and metadata.
 - ``rpc_info``: ``ExpertUID -> ExpertInfo``; msgpack of {"protocol", "software", "experts":
   [ExpertRecord dicts], "router": SwarmRecord dict or None}.
+- ``rpc_checkpoint``: ``ExpertUID(uid=checkpoint weights sha256) -> stream of ExpertInfo`` chunks
+  (``ROUTER_CHUNK`` bytes) of the served expert's safetensors file, at most ``MAX_CHECKPOINT_BYTES``;
+  a client fetches it to check answers against its own evaluation of the same weights (it verifies
+  the weights' sha256 after loading, so a peer cannot pass off other weights).
 - ``rpc_router``: ``ExpertUID(uid=router sha256) -> stream of ExpertInfo`` chunks of the router
   file (``ROUTER_CHUNK`` bytes each); the client checks the sha256 of the concatenation.
 
@@ -59,7 +63,8 @@ PROTOCOL_VERSION = 1  # RPC protocol; clients skip peers that speak another one
 NAMESPACE = "diffswarm"  # handle-name prefix of every RPC
 SERVICER = "ExpertServicer"  # the servicer class name in handle names (hivemind's ServicerBase convention)
 OBJECTIVES = ("ddpm", "fm")  # training objectives an expert may announce
-RPCS = ("rpc_velocity", "rpc_velocity_session", "rpc_velocity_stream", "rpc_info", "rpc_router")
+RPCS = ("rpc_velocity", "rpc_velocity_session", "rpc_velocity_stream", "rpc_info", "rpc_router", "rpc_checkpoint")
+MAX_CHECKPOINT_BYTES = 256 << 20  # the largest expert file a peer serves and a client downloads over rpc_checkpoint
 
 # 2 MiB: half of p2pd's 4 MiB message cap (hivemind's MAX_UNARY_PAYLOAD_SIZE); larger payloads stream
 MAX_UNARY_BYTES = 2 << 20

@@ -31,7 +31,7 @@ RANKS = [
     {"diffswarm.demo"},
     {"diffswarm.commands"},
     {"diffswarm.cli"},
-    {"diffswarm.__main__"},
+    {"diffswarm.__main__", "diffswarm.hostile"},
 ]
 
 

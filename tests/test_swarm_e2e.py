@@ -22,6 +22,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.timed_storage import get_dht_time
 
 from diffswarm.client.client import ClientConfig, SwarmClient
+from diffswarm.client.trust import TrustConfig
 from diffswarm.dht.node import NetworkConfig, SwarmDHT
 from diffswarm.dht.records import experts_key
 from diffswarm.localswarm import LocalSwarm, PeerSpec, _alive, _spawn, start_local_swarm
@@ -217,12 +218,14 @@ def test_swarm_survives_killed_peers_and_fails_clearly_when_none_is_left(swarm, 
                 model.client.latency[dead] = 0.0  # the client still thinks it is the fastest replica
 
         x = generate(model, LABELS, SHAPE, SamplingConfig(steps=8, guidance=2.0, seed=5), callback=kill_c1)
-    assert any("retrying" in e for e in events), events
+    assert any("retrying" in e for e in events), "\n".join(events)
     assert torch.allclose(x, local_samples(toy, RoutingConfig("full"), 5), atol=1e-5)
 
     # 2. top-2: kill c2's only peer after step 2: its rows go to their next-ranked experts
+    #    (without the client's own copy of c2's weights: local_fallback off)
     events = []
-    with swarm.client(RoutingConfig("top-k", 2), seed=7, config=client_config(toy, swarm)) as model:
+    no_fallback = client_config(toy, swarm, trust=TrustConfig(local_fallback=False))
+    with swarm.client(RoutingConfig("top-k", 2), seed=7, config=no_fallback) as model:
         def kill_c2(info):
             events.extend(info.events)
             if info.step == 2:

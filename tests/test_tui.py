@@ -510,6 +510,7 @@ def test_dashboard_on_a_loopback_swarm(tmp_path):
     """Two peers and a bootstrap on 127.0.0.1: the table fills, a generation's images appear, a killed
     (SIGKILL, no goodbye) peer's row turns offline once its record expires, and generation goes on."""
     from diffswarm.client.client import ClientConfig
+    from diffswarm.client.trust import TrustConfig
     from diffswarm.dht.node import NetworkConfig
     from diffswarm.localswarm import local_swarm
     from diffswarm.toy import ToySwarmSpec, make_toy_swarm
@@ -517,8 +518,10 @@ def test_dashboard_on_a_loopback_swarm(tmp_path):
     experts, router = make_toy_swarm(tmp_path / "toy", ToySwarmSpec(["ddpm", "fm"], size=8, width=16, depth=1, steps=2))
     with local_swarm(experts, router, run_dir=tmp_path / "run", timeout=120, announce_period=1.0,
                      log=lambda m: None) as sw:
+        # no local fallback: a dead expert's rows go to the survivor (the client would otherwise compute the
+        # cluster itself with the weights it fetched to check that peer's first answers)
         cfg = ClientConfig(swarm=sw.swarm, net=NetworkConfig.loopback(client_mode=True), connect_timeout=30.0,
-                           cache_dir=str(tmp_path / "cache"))
+                           cache_dir=str(tmp_path / "cache"), trust=TrustConfig(local_fallback=False))
         app = make_app(initial_peers=sw.initial_peers, out_dir=tmp_path / "png", config=cfg, poll_seconds=0.5)
         victim = sw.info("peer1")["peer_id"]
 

@@ -39,7 +39,9 @@ from hivemind.utils.multiaddr import Multiaddr
 from ..dht.node import NetworkConfig, SwarmDHT
 from ..dht.records import ExpertRecord, RouterProvider, SwarmManifest
 from ..dht.trust import SwarmName, SwarmNameError, choose_manifest, parse_swarm_name
+from ..fileio import atomic_write
 from ..wire import (
+    MAX_CHECKPOINT_BYTES,
     MAX_UNARY_BYTES,
     PROTOCOL_VERSION,
     RequestError,
@@ -170,7 +172,8 @@ class PeerSession:
 
 
 MIN_DOWNLOAD_RATE = 1e6  # bytes/s: a router source slower than this (after info_timeout) is given up
-MAX_ROUTER_SOURCES = 16  # router providers tried per lookup round
+MAX_ROUTER_SOURCES = 16  # router providers (and checkpoint sources) tried per lookup round
+FETCH_RETRY_S = 60.0  # an expert whose checkpoint could not be fetched is not tried again for this long
 
 
 def _cache_root(cfg: ClientConfig) -> Path:
@@ -239,6 +242,7 @@ class SwarmClient:
         self.sessions: dict[str, PeerSession] = {}
         self._closed = False
         self._local: dict[str, object] = {}  # checkpoint sha256 -> Expert (the client's own verified copies)
+        self._fetch_failed: dict[str, float] = {}  # checkpoint sha256 -> when fetching it may be tried again
         self._load_trusted()
         try:
             self.dht = self.run(SwarmDHT.create(self.cfg.net, prefix), timeout=120)
@@ -395,9 +399,49 @@ class SwarmClient:
             self._local[e.weights_sha256] = e
 
     def local_expert(self, sha256: str, replicas=(), fetch: bool = False):
-        """The client's own copy of the expert with weights ``sha256`` (an Expert, hash-checked), or None.
-        ``fetch``: reserved for fetching the weights from ``replicas`` (not offered by protocol 1 peers)."""
-        return self._local.get(sha256)
+        """The client's own copy of the expert with weights ``sha256`` (an Expert whose weights hash to it), or
+        None. ``fetch``: download it first (``rpc_checkpoint``) from one of ``replicas`` serving it, any of them
+        (the hash check makes the source irrelevant); a failed fetch is not retried for ``FETCH_RETRY_S``."""
+        if sha256 in self._local or not fetch or not sha256:
+            return self._local.get(sha256)
+        if time.monotonic() < self._fetch_failed.get(sha256, float("-inf")):
+            return None
+        from ..experts.checkpoint import CheckpointError
+        from ..experts.expert import Expert
+
+        path = _cache_root(self.cfg) / "experts" / f"{sha256}.safetensors"
+        sources = [r for r in replicas if r.checkpoint_sha256 == sha256]
+        random.shuffle(sources)
+        errs = []
+        for src in [None, *sources[:MAX_ROUTER_SOURCES]]:  # None: the cache
+            try:
+                if src is not None:
+                    data = self.run(asyncio.wait_for(self._download_checkpoint(src), self.cfg.connect_timeout))
+                    atomic_write(path, lambda tmp, data=data: Path(tmp).write_bytes(data))
+                elif not path.exists():
+                    continue
+                e = Expert.from_checkpoint(path, "cpu")  # checks the tensors against the file's recorded sha256
+                if e.weights_sha256 != sha256:
+                    raise CheckpointError(f"its weights hash to {e.weights_sha256[:12]}, not {sha256[:12]}")
+                self._local[sha256] = e
+                return e
+            except Exception as ex:
+                errs.append(f"{'cache' if src is None else src.peer_id[:12]}: {ex}"[:200])
+        self._fetch_failed[sha256] = time.monotonic() + FETCH_RETRY_S
+        logger.info(f"could not fetch expert {sha256[:12]}: {'; '.join(errs)}")
+        return None
+
+    async def _download_checkpoint(self, src: Replica) -> bytes:
+        await self._connect(src.peer_id, src.addrs)
+        stream = await self._stream(src.peer_id, "rpc_checkpoint", runtime_pb2.ExpertUID(uid=src.checkpoint_sha256),
+                                    runtime_pb2.ExpertInfo)
+        chunks, size = [], 0
+        async for msg in stream:
+            size += len(msg.serialized_info)
+            if size > MAX_CHECKPOINT_BYTES:
+                raise RequestError(f"checkpoint from {src.peer_id[:12]} exceeds {MAX_CHECKPOINT_BYTES >> 20} MiB")
+            chunks.append(msg.serialized_info)
+        return b"".join(chunks)
 
     def set_target(self, target: SwarmTarget) -> SwarmView:
         """Route for ``target`` (the router's clusters, partition, shapes): keep a view of the replicas that fit it."""

@@ -27,6 +27,7 @@ import torch
 
 from ..router.routing import NoExpertsError, RoutingConfig, choose_experts
 from ..router.sampler import RoutedEnsemble, StepRollback
+from ..wire import classify_error
 from .client import ClientConfig, PeerCallError, SwarmClient
 from .discovery import SwarmTarget
 from .selection import Replica, pick_replica
@@ -286,9 +287,15 @@ class SwarmEnsemble(RoutedEnsemble):
             return out[0]
         if isinstance(out, BaseException):
             reason = str(out) if isinstance(out, PeerCallError) else repr(out)
+            code, retry_after = classify_error(reason)
+            failed.add(src.peer_id)
+            if code == "busy":  # load, not a failure: no strike, no suspicion; skip it until it says to retry
+                self.client.bans.ban_for(src.peer_id, retry_after or 1.0, now)
+                events.append(f"t={float(tk[0]):.3f}: {src.expert_id} at {src.peer_id[:12]} is busy "
+                              f"(retry after {retry_after or 1.0:.2f}s)")
+                return None
             length = self.client.bans.ban(src.peer_id, now)
             self.client.last_error[src.peer_id] = reason
-            failed.add(src.peer_id)
             events.append(f"t={float(tk[0]):.3f}: {src.expert_id} at {src.peer_id[:12]} failed ({reason[:160]}); "
                           f"banned {length:.0f}s")
             return None

@@ -62,6 +62,7 @@ from ..dht.trust import (
 )
 from ..experts.expert import Expert
 from ..wire import (
+    MAX_CHECKPOINT_BYTES,
     MAX_SESSION_MESSAGE_BYTES,
     MAX_SMALL_MESSAGE_BYTES,
     MAX_STREAM_PART_BYTES,
@@ -124,9 +125,11 @@ class PeerConfig:
 class ServedExpert:
     """One loaded expert with its request spec and batcher."""
 
-    def __init__(self, expert: Expert, policy: BatchPolicy):
+    def __init__(self, expert: Expert, policy: BatchPolicy, path: str | os.PathLike | None = None):
         cfg = expert.config
         self.expert = expert
+        self.path = Path(path) if path is not None else None  # the checkpoint file (served by rpc_checkpoint)
+        self.precision = "bf16" if next(expert.parameters()).device.type == "cuda" else "fp32"  # autocast on CUDA
         self.spec = ExpertSpec(expert.expert_id, (cfg.net.channels, cfg.net.size, cfg.net.size), cfg.net.num_classes)
         self.device = next(expert.parameters()).device
         self.batcher = Batcher(self._velocity, policy)
@@ -350,6 +353,7 @@ class ExpertServicer(ServicerBase):
             raise PeerBusy(f"over this peer's rate limit of {self.rates.rate:g} rows/s per caller", wait)
         v, st = await served.batcher.submit(req, caller)
         meta = {"rows": req.rows, "queue_ms": st.queue_ms, "compute_ms": st.compute_ms, "batch_rows": st.batch_rows,
+                "precision": served.precision,
                 "load": float(served.batcher.pending_rows), "throughput": float(served.batcher.throughput),
                 **(extra or {})}
         self.stats["answered"] += 1
@@ -473,6 +477,20 @@ class ExpertServicer(ServicerBase):
             raise RequestError(f"this peer serves router {self.router.sha256[:12]}, not {request.uid[:12]!r}")
         for s in range(0, len(self.router.data), ROUTER_CHUNK):
             yield runtime_pb2.ExpertInfo(serialized_info=self.router.data[s:s + ROUTER_CHUNK])
+
+
+    async def rpc_checkpoint(self, request: runtime_pb2.ExpertUID,
+                             context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertInfo]:
+        """The served expert's checkpoint file (``uid`` = its weights sha256), for clients that check answers."""
+        served = next((s for s in self.served.values() if s.expert.weights_sha256 == request.uid), None)
+        if served is None or served.path is None:
+            raise RequestError(f"this peer serves no checkpoint with weights sha256 {request.uid[:12]!r}")
+        size = served.path.stat().st_size
+        if size > MAX_CHECKPOINT_BYTES:
+            raise RequestError(f"the checkpoint is {size >> 20} MiB, above the protocol's {MAX_CHECKPOINT_BYTES >> 20}")
+        data = await asyncio.get_running_loop().run_in_executor(None, served.path.read_bytes)
+        for s in range(0, len(data), ROUTER_CHUNK):
+            yield runtime_pb2.ExpertInfo(serialized_info=data[s:s + ROUTER_CHUNK])
 
 
 def schedule_name(expert_cfg) -> str:
@@ -774,7 +792,7 @@ class Peer:
         expert = Expert.from_checkpoint(path, pick_device(self.cfg.device))
         served = ServedExpert(expert, BatchPolicy(max_rows=self.cfg.max_batch,
                                                   max_wait=self.cfg.batch_wait_ms / 1000,
-                                                  inline_s=self.cfg.inline_ms / 1000))
+                                                  inline_s=self.cfg.inline_ms / 1000), path)
         served.batcher.throughput = served.warm_up(min(16, self.cfg.max_batch))
         self.served[expert.expert_id] = served
         return served
