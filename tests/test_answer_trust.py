@@ -308,3 +308,15 @@ def test_honest_replicas_cost_a_few_checks_and_ban_nobody(three, clean):
     # each peer used is checked once in the trajectory, plus ~5% of the other calls
     used = {p for p in client.calls}
     assert len(used) <= 6 and 1 <= ens.checks <= len(used) + 3
+
+
+def test_without_rerouting_a_step_that_needs_a_missing_cluster_fails_naming_it(three):
+    from diffswarm.router.routing import NoExpertsError
+
+    experts = three[0]
+    peers = {"h0": (0, experts[0]), "h1": (1, experts[1]), "h2": (2, experts[2])}
+    ens, client = swarm(three, peers)
+    client.cfg = type(client.cfg)(**{**client.cfg.__dict__, "reroute": False})
+    client.dead.add("h2")
+    with pytest.raises(NoExpertsError, match="cluster 2 is uncovered"):
+        run(ens)

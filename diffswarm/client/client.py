@@ -82,6 +82,9 @@ class ClientConfig:
     cache_dir: str | None = None  # fetched routers and experts (default $DIFFSWARM_CACHE or ~/.cache/diffswarm)
     trust: TrustConfig = field(default_factory=TrustConfig)  # how peers' answers are checked (client/trust.py)
     trusted_checkpoints: tuple[str, ...] = ()  # expert files the client holds: arbiters and local fallback
+    reroute: bool = True  # a chosen cluster with no source left: its rows go to the next-ranked experts (True) or
+    #                       the step fails with NoExpertsError naming it (False: never an image the router
+    #                       did not ask for)
 
 
 @dataclass(frozen=True)

@@ -155,6 +155,11 @@ class SwarmEnsemble(RoutedEnsemble):
                                                             self._local_source(k, set()) is not None)
                              for k in range(self.num_experts)])
 
+    def routable(self) -> torch.Tensor:
+        """With ``reroute`` off the router chooses among all clusters: a step that needs a cluster with no source
+        fails (``evaluate``) instead of being sent elsewhere."""
+        return self.available() if self.client.cfg.reroute else torch.ones(self.num_experts, dtype=torch.bool)
+
     def uncovered(self) -> list[int]:
         avail = self.available()
         return [k for k in range(self.num_experts) if not avail[k]]
@@ -184,8 +189,9 @@ class SwarmEnsemble(RoutedEnsemble):
                 else:
                     why.append(f"{r.peer_id[:12]} not verified yet")
             parts.append(f"cluster {k}: {len(reps)} replica(s), none usable: " + "; ".join(why))
-        ks = ", ".join(str(k) for k in self.uncovered())
-        return (f"{prefix}: clusters {ks} are uncovered ({' | '.join(parts)}). Start peers for them "
+        ks = self.uncovered()
+        which = f"cluster {ks[0]} is" if len(ks) == 1 else f"clusters {', '.join(str(k) for k in ks)} are"
+        return (f"{prefix}: {which} uncovered ({' | '.join(parts)}). Start peers for them "
                 f"(`diffswarm peer --cluster K ...`) or wait for banned peers to recover.")
 
     # -- one step ------------------------------------------------------------------------------
@@ -409,6 +415,10 @@ class SwarmEnsemble(RoutedEnsemble):
             for k, rows in todo:
                 src = self._pick(k, rows.numel(), now, failed)
                 if src is None:
+                    if not self.client.cfg.reroute:
+                        raise NoExpertsError(f"t={t_now:.3f}: cluster {k} has no usable source left for the "
+                                             f"{rows.numel()} row(s) routed to it (reroute is off): "
+                                             + self.uncovered_message(prefix="uncovered"))
                     avail[k], lost = False, True
                     events.append(f"t={t_now:.3f}: no replica left for cluster {k}: re-routing its rows to the "
                                   "next-ranked experts")

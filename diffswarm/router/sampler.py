@@ -99,6 +99,11 @@ class RoutedEnsemble:
         """(K,) bool: experts that may be called now. Local experts are always available."""
         return torch.tensor([e is not None for e in self.experts])
 
+    def routable(self) -> torch.Tensor:
+        """(K,) bool: experts the router may choose (``available`` here; the swarm client may choose all and
+        fail a step that needs a missing one instead of re-routing it)."""
+        return self.available()
+
     def route_probs(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.router is None:
             return x.new_full((x.shape[0], self.num_experts), 1.0 / self.num_experts, dtype=torch.float32)
@@ -117,7 +122,7 @@ class RoutedEnsemble:
         if self.gumbel is None or self.gumbel.shape[0] != x.shape[0]:
             self.reset(x.shape[0], x.device)
         probs = self.route_probs(x, t, labels)
-        weights = choose_experts(probs, self.available(), self.routing, float(t[0]), self.gumbel)
+        weights = choose_experts(probs, self.routable(), self.routing, float(t[0]), self.gumbel)
         v, weights, events = self.evaluate(x, t, labels, guidance, weights, probs)
         chosen = [self.expert_ids[k] for k in range(self.num_experts) if bool((weights[:, k] > 0).any())]
         self.last = RouteRecord(weights=weights.detach().cpu(), chosen=chosen, events=events)
