@@ -266,12 +266,13 @@ def test_a_sleeper_caught_later_is_rolled_back(three, clean):
     experts = three[0]
     peers = {"h0": (0, experts[0]), "h1": (1, experts[1]), "h2": (2, experts[2]),
              "liar1": (1, Liar(experts[1], "scale", after=2))}
-    ens, client = swarm(three, peers, trust=TrustConfig(verify_share=0.5),
+    # no random checks at all: its first answer is checked (honest then), the end-of-trajectory audit of its
+    # last answer catches it, and the steps since its checked answer are recomputed
+    ens, client = swarm(three, peers, trust=TrustConfig(verify_share=0.0),
                         local={experts[1].weights_sha256: experts[1]})
-    ens.rng = random.Random(7)
     x, events = run(ens)
-    assert "liar1" in ens.liars, "the sleeper was never checked (raise verify_share or change the seed)"
-    assert any("recomputing from step" in e for e in events)
+    assert "liar1" in ens.liars, events
+    assert any("recomputing from step" in e for e in events), events
     assert torch.allclose(x, clean, atol=1e-5) and honest_bans(client) == []
 
 

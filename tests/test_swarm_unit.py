@@ -100,6 +100,13 @@ def test_swarm_view_keeps_matching_online_replicas():
     assert view.coverage() == [1, 0] and events == ["c1-fm at p1 left"]
 
 
+def test_a_replica_missed_by_one_lookup_stays_for_the_grace_period():
+    view = SwarmView(SwarmTarget(2, "ph", (1, 8, 8), 4), grace=10.0)
+    view.update([record("p0", 0), record("p1", 1)], now=100.0)
+    assert view.update([record("p0", 0)], now=105.0) == [] and view.coverage() == [1, 1]  # a lookup missed p1
+    assert view.update([record("p0", 0)], now=111.0) == ["c1-fm at p1 left"] and view.coverage() == [1, 0]
+
+
 def test_peer_records_announce_the_training_summary():
     """Online: the served checkpoint's summary; joining: the current step and loss."""
     from types import SimpleNamespace

@@ -176,6 +176,7 @@ class PeerSession:
 
 MIN_DOWNLOAD_RATE = 1e6  # bytes/s: a router source slower than this (after info_timeout) is given up
 MAX_ROUTER_SOURCES = 16  # router providers (and checkpoint sources) tried per lookup round
+_DAEMON_START = threading.Lock()
 FETCH_RETRY_S = 60.0  # an expert whose checkpoint could not be fetched is not tried again for this long
 
 
@@ -248,7 +249,8 @@ class SwarmClient:
         self._fetch_failed: dict[str, float] = {}  # checkpoint sha256 -> when fetching it may be tried again
         self._load_trusted()
         try:
-            self.dht = self.run(SwarmDHT.create(self.cfg.net, prefix), timeout=120)
+            with _DAEMON_START:  # uvloop refuses two loops of one process spawning p2pd at once: one at a time
+                self.dht = self.run(SwarmDHT.create(self.cfg.net, prefix), timeout=120)
         except BaseException:
             self.close()
             raise

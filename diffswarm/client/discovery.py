@@ -9,6 +9,7 @@ router against the manifest, so the router's config (hence ``SwarmTarget``) is t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from ..dht.records import ExpertRecord, RouterProvider, SwarmManifest
@@ -41,17 +42,26 @@ def skip_reason(rec: ExpertRecord, target: SwarmTarget) -> str | None:
     return None
 
 
-class SwarmView:
-    """Online replicas per cluster, from the latest set of records."""
+GRACE_S = 20.0  # an online replica missing from one lookup stays in the view this long (see SwarmView.update)
 
-    def __init__(self, target: SwarmTarget):
-        self.target = target
+
+class SwarmView:
+    """Online replicas per cluster, from the latest sets of records."""
+
+    def __init__(self, target: SwarmTarget, grace: float = GRACE_S):
+        self.target, self.grace = target, grace
         self.by_cluster: list[list[Replica]] = [[] for _ in range(target.num_clusters)]
         self.joining: list[ExpertRecord] = []
         self.skipped: dict[str, str] = {}  # "peer/expert" -> reason
+        self._seen: dict[tuple[str, str], tuple[float, ExpertRecord]] = {}  # online records: when last seen
 
-    def update(self, records: list[ExpertRecord]) -> list[str]:
-        """Replace the view with ``records``; returns events (replicas that appeared or left)."""
+    def update(self, records: list[ExpertRecord], now: float | None = None) -> list[str]:
+        """Rebuild the view from ``records``; returns events (replicas that appeared or left).
+
+        A DHT lookup on a loaded network can miss a record (a reply past its deadline, a heartbeat a little
+        late): an online replica seen within ``grace`` seconds stays in the view until a lookup shows it
+        offline or the grace runs out. A peer that really died is noticed at its first failed call anyway."""
+        now = time.monotonic() if now is None else now
         old = {(r.peer_id, r.expert_id) for reps in self.by_cluster for r in reps}
         by_cluster: list[list[Replica]] = [[] for _ in range(self.target.num_clusters)]
         latest: dict[tuple[str, str], ExpertRecord] = {}
@@ -59,6 +69,16 @@ class SwarmView:
             key = (rec.peer_id, rec.expert_id)
             if key not in latest or rec.updated > latest[key].updated:
                 latest[key] = rec
+        for key, rec in latest.items():
+            if rec.state == "online":
+                self._seen[key] = (now, rec)
+            else:
+                self._seen.pop(key, None)
+        for key, (seen, rec) in list(self._seen.items()):
+            if now - seen > self.grace:
+                del self._seen[key]
+            elif key not in latest:
+                latest[key] = rec  # missed by this lookup: kept for the grace period
         joining, skipped = [], {}
         for (peer, eid), rec in sorted(latest.items()):
             reason = skip_reason(rec, self.target)

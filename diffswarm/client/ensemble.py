@@ -89,7 +89,10 @@ class SwarmEnsemble(RoutedEnsemble):
         self.unverified = 0  # rows whose replicas disagreed with no arbiter
         self.local_rows = 0  # rows computed with the client's own copy of the weights
         self._precision_of: dict[str, str] = {}
-        self.step, self.evaluation, self.first_use, self.checked, self.rollback_to = 0, 0, {}, set(), None
+        self.step, self.evaluation, self.rollback_to = 0, 0, None
+        self.unverified_since: dict[str, tuple[int, int]] = {}
+        self.last_call: dict[str, tuple] = {}
+        self.checked: set[str] = set()
 
     # -- construction --------------------------------------------------------------------------
 
@@ -275,13 +278,48 @@ class SwarmEnsemble(RoutedEnsemble):
     def reset(self, batch: int, device) -> None:
         super().reset(batch, device)
         self.step, self.evaluation = 0, 0
-        self.first_use: dict[str, tuple[int, int]] = {}  # peer -> (step, evaluation) of its first answer used
+        # peer -> (step, evaluation) of its first answer used since its last cross-checked one: where a lie found
+        # later can have started (a liar is assumed to keep lying once it starts; see client/trust.py)
+        self.unverified_since: dict[str, tuple[int, int]] = {}
+        self.last_call: dict[str, tuple] = {}  # peer -> its last unverified answer used (audited at the end)
         self.checked: set[str] = set()  # peers cross-checked in this trajectory
 
     def begin_step(self, i: int) -> None:
         self.step = i
-        for p in [p for p, (s, _) in self.first_use.items() if s >= i]:  # a recomputed step forgets later answers
-            del self.first_use[p]
+        for p in [p for p, (s, _) in self.unverified_since.items() if s >= i]:  # a recomputed step forgets later
+            del self.unverified_since[p]
+            self.last_call.pop(p, None)
+        for p in [p for p, c in self.last_call.items() if c[-1] >= i]:
+            del self.last_call[p]
+
+    def end_trajectory(self) -> None:
+        """Audit before the sampler returns: each peer's last unverified answer used in this trajectory is
+        recomputed by a second source; a peer caught lying there is punished and the steps since its last
+        checked answer are recomputed (``StepRollback``). With every peer's first answer checked too, a liar
+        that lies from some call on and keeps lying is always caught (``client/trust.py``)."""
+        events, failed = [], set()
+        self.rollback_to = None
+        self.evaluation += 1  # every answer audited here is in x already
+        for p, (k, rows, call, guidance, v, src, _) in sorted(self.last_call.items()):
+            now = time.monotonic()
+            partner = self._partner(k, src, now, failed)
+            if partner is None:
+                continue
+            out = self._answer_all([(partner, *call)], guidance)[0]
+            vb = self._valid(partner, out, call[0], call[1], guidance, events, failed)
+            self.checks += 1
+            if vb is None:
+                continue
+            self._precision_of[partner.peer_id] = self._precision(out)
+            tol = tolerance(self.trust, self._precision_of.get(p, "fp32"), self._precision_of[partner.peer_id])
+            if agree(v, vb, tol):
+                self.unverified_since.pop(p, None)
+            else:
+                self._dispute(k, rows, src, v, partner, vb, call, guidance, events, failed)
+        self.last_call.clear()
+        self.client.events.extend(events)
+        if self.rollback_to is not None:
+            raise StepRollback(self.rollback_to, "the end-of-trajectory audit caught a peer lying")
 
     # -- one evaluation --------------------------------------------------------------------------
 
@@ -353,6 +391,7 @@ class SwarmEnsemble(RoutedEnsemble):
                     answers[c.peer_id], sources[c.peer_id] = vc, c
                     self._precision_of[c.peer_id] = self._precision(out)
         liars, honest = arbitrate(answers, reference, tol)
+        self._resolved = bool(honest) or reference is not None
         truth = reference if reference is not None else (answers[min(honest)] if honest else None)
         judge = "the verified weights" if reference is not None else "the other replicas"
         for p in liars:
@@ -363,9 +402,9 @@ class SwarmEnsemble(RoutedEnsemble):
             failed.add(p)
             events.append(f"t={float(tk[0]):.3f}: cluster {k} peer {p[:12]} caught lying on {rows.numel()} row(s) "
                           f"(relative difference {diff:.3g} from {judge}); banned {self.trust.lie_ban:.0f}s")
-            if p in self.first_use and self.first_use[p][1] < self.evaluation:  # its answers are in x already
-                step = self.first_use[p][0]
-                self.rollback_to = step if self.rollback_to is None else min(self.rollback_to, step)
+            since = self.unverified_since.get(p)
+            if since is not None and since[1] < self.evaluation:  # earlier unchecked answers of it are in x already
+                self.rollback_to = since[0] if self.rollback_to is None else min(self.rollback_to, since[0])
         if honest:
             best = min(honest, key=lambda p: (p.startswith(LocalSource.PREFIX), p))  # prefer a remote honest side
             return answers[best], sources[best]
@@ -447,11 +486,13 @@ class SwarmEnsemble(RoutedEnsemble):
                     self.checked.add(src.peer_id)
                     if vb is not None:
                         self.checked.add(partner.peer_id)
-                v, used = va, src
+                v, used, checked = va, src, False
                 if va is not None and vb is not None:
                     tol = tolerance(self.trust, self._precision_of[src.peer_id], self._precision_of[partner.peer_id])
+                    checked = True
                     if not agree(va, vb, tol):
                         v, used = self._dispute(k, rows, src, va, partner, vb, call, guidance, events, failed)
+                        checked = self._resolved
                 elif va is None and vb is not None:
                     v, used = vb, partner  # the main source failed or lied; its partner's answer passed the checks
                     events.append(f"t={t_now:.3f}: using the answer of {partner.peer_id[:12]} for cluster {k}")
@@ -468,7 +509,12 @@ class SwarmEnsemble(RoutedEnsemble):
                 have[k, rows] = True
                 if not isinstance(used, LocalSource):
                     client.bans.success(used.peer_id)
-                    self.first_use.setdefault(used.peer_id, (self.step, self.evaluation))
+                    if checked:
+                        self.unverified_since.pop(used.peer_id, None)
+                        self.last_call.pop(used.peer_id, None)
+                    else:
+                        self.unverified_since.setdefault(used.peer_id, (self.step, self.evaluation))
+                        self.last_call[used.peer_id] = (k, rows, call, guidance, v, used, self.step)
                 else:
                     self.local_rows += rows.numel()
                 self.in_use[k], self.sticky[k] = used.peer_id, used.checkpoint_sha256

@@ -188,10 +188,24 @@ def sample(
     if isinstance(model, RoutedEnsemble):
         model.reset(b, x.device)
     begin = getattr(model, "begin_step", None)
+    end = getattr(model, "end_trajectory", None)
     states = [x]  # states[i]: x at the start of step i
     pending: list[str] = []  # rollback notices for the next callback
     rollbacks, i = 0, 0
-    while i < steps:
+    while i <= steps:
+        if i == steps:  # done: a model may audit the trajectory and ask for steps again
+            try:
+                if end is not None:
+                    end()
+                break
+            except StepRollback as r:
+                rollbacks += 1
+                if rollbacks > MAX_ROLLBACKS or not 0 <= r.step < steps:
+                    raise RuntimeError(f"sampling gave up after {rollbacks} rollbacks: {r.reason}") from None
+                pending.append(f"recomputing from step {r.step + 1}: {r.reason}")
+                del states[r.step + 1:]
+                i = r.step
+                continue
         t, t_next = ts[i], ts[i + 1]
         x = states[i]
         try:
@@ -226,7 +240,7 @@ def sample(
                 ids, weights, chosen = [name], torch.ones(b, 1), [name]
             callback(StepInfo(i, steps, float(t), float(t_next), x, list(ids), weights, chosen, events))
         i += 1
-    return x
+    return states[steps]
 
 
 __all__ = ["SAMPLERS", "NoExpertsError", "RoutedEnsemble", "SamplingConfig", "StepInfo", "StepRollback", "sample",
