@@ -201,7 +201,8 @@ class LocalSwarm:
         p = next(p for p in self.procs if p.name == name)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(p.pid, sig)
-        self._reap(p.pid, 10)
+        if self._reap(p.pid, 10):
+            self.cleanup_sockets([p])  # a restart overwrites its info file: clean the dead daemon's sockets now
 
     def _reap(self, pid: int, timeout: float) -> bool:
         """Wait for ``pid`` to exit; True if it did."""
@@ -235,8 +236,9 @@ class LocalSwarm:
         with contextlib.suppress(FileNotFoundError):
             self.state_path.unlink()
 
-    def cleanup_sockets(self) -> None:
-        for p in self.procs:
+    def cleanup_sockets(self, procs: Sequence[PeerProc] | None = None) -> None:
+        """Remove the p2pd sockets that ``procs`` (default all) recorded in their info files."""
+        for p in self.procs if procs is None else procs:
             info = _read_info(p.info) or {}
             for s in info.get("sockets", []):
                 if s.startswith("/tmp/hivemind-") and s.endswith(".sock"):

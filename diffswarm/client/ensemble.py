@@ -86,6 +86,7 @@ class SwarmEnsemble(RoutedEnsemble):
         self.rng = random.Random(int.from_bytes(os.urandom(8), "little"))  # peers must not predict the checks
         self.liars: set[str] = set()  # peers caught lying or sending invalid answers (banned for lie_ban)
         self.checks = 0  # cross-checked calls (the cost of checking: each is one more call)
+        self.main_calls = 0  # calls whose answers were needed (cross-checks not counted)
         self.unverified = 0  # rows whose replicas disagreed with no arbiter
         self.local_rows = 0  # rows computed with the client's own copy of the weights
         self._precision_of: dict[str, str] = {}
@@ -470,6 +471,7 @@ class SwarmEnsemble(RoutedEnsemble):
                         self.trust, self.rng, first, self.suspicion.score(src.peer_id, now)):
                     partner = self._partner(k, src, now, failed)
                 jobs.append((k, rows, src, partner, call, len(calls)))
+                self.main_calls += 1
                 calls.append((src, *call))
                 if partner is not None:
                     calls.append((partner, *call))
