@@ -1,7 +1,10 @@
 """Training objectives, each returning per-sample losses (B,) and the flow time of each sample.
 
 - ``fm``: flow matching, ``|| v_theta(x_t, 999 t) - (eps - x0) ||^2``, t ~ U(0,1) or logit-normal.
-- ``ddpm``: epsilon prediction, ``|| eps_theta(x_tau, tau) - eps ||^2``, tau ~ U{0..T-1}.
+- ``ddpm``: epsilon prediction, ``|| eps_theta(x_tau, tau) - eps ||^2``, tau ~ U{0..T-1}; with
+  ``loss_weighting="min_snr"`` each sample's loss is multiplied by ``min(SNR, gamma) / SNR``
+  (Min-SNR-gamma, Hang et al. 2023, eps-prediction form; SNR = abar / (1 - abar)), which stops the
+  nearly clean steps (huge SNR, tiny x0 error) from taking most of the gradient.
 
 The flow time of a DDPM sample (t = s / (a + s) with a = sqrt(abar), s = sqrt(1 - abar)) is
 returned so that both objectives bin their loss on one axis.
@@ -52,4 +55,7 @@ def expert_loss(expert: Expert, x0: torch.Tensor, labels: torch.Tensor, gen: tor
         pred = expert.net(sched.add_noise(x0, eps, tau), tau.to(x0.dtype), y)
         target = eps
     loss = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
+    if cfg.objective == "ddpm" and cfg.loss_weighting == "min_snr":
+        snr = ab / (1 - ab)  # (B,) float64
+        loss = loss * (snr.clamp(max=cfg.min_snr_gamma) / snr).to(loss.dtype)
     return loss, t
