@@ -1,0 +1,196 @@
+"""Which training recipe makes the best images from the same CPU time? Trains each candidate for
+the same budget of CPU-seconds on one thread, samples, and scores the images.
+
+Each candidate is a class-conditional expert on all of the train split (a monolith, as a proxy
+for one demo expert): ms/step is measured in CPU time over a few warm-up steps, the step count is
+``budget / (ms/step)``, and ``train_expert`` then trains for exactly that many steps (so the LR
+warm-up + cosine schedule spans the steps that fit, as the demo's wall-clock budget will). Then
+1,000 class-conditional images (100 per class) are sampled with fixed settings and scored with
+``diffswarm.eval.quality_report`` (FD in the quality classifier's features, the real-vs-real floor
+at the same n, class accuracy). CPU time is ``time.process_time()`` of the job's own process with
+``torch.set_num_threads(1)``, so other work on the machine inflates it far less than wall time.
+
+    python bench/recipe_choice.py --budget 140 --only 0,1 --objective fm --jobs 2
+
+Writes ``<out>/<tag>.json`` (one record per candidate), a 10x10 grid per candidate (one row per
+class) and the EMA checkpoint, and prints the table. The machine has 2 cores: ``--jobs`` is capped
+at 2 single-thread processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+
+import torch
+
+# name, network (NetConfig), training (TrainConfig), expert (ExpertConfig) options; unset = defaults
+# of the demo today: DiT 96x3 patch 4, batch 96, lr 1e-3, warm-up 100, EMA 0.999, logit-normal t.
+CANDIDATES = [
+    dict(name="dit96x3p4 (demo)", net=dict(kind="dit")),  # 0
+    dict(name="dit96x3p4 head16", net=dict(kind="dit", head=16)),  # 1
+    dict(name="dit96x3p4 head32", net=dict(kind="dit", head=32)),  # 2
+    dict(name="dit64x3p2", net=dict(kind="dit", width=64, patch=2)),  # 3
+    dict(name="unet16x2", net=dict(kind="unet", width=16, depth=2)),  # 4
+    dict(name="unet16x2 nomid", net=dict(kind="unet", width=16, depth=2, mid_attn=False)),  # 5
+    dict(name="unet16x3 nomid", net=dict(kind="unet", width=16, depth=3, mid_attn=False)),  # 6
+]
+
+DEFAULT_NET = dict(channels=1, size=28, num_classes=10)
+DEFAULT_TRAIN = dict(batch=96, lr=1e-3, warmup=100, ema_decay=0.999)
+
+
+def _describe(cand: dict) -> str:
+    parts = [f"{k}={v}" for k, v in {**cand.get("train", {}), **cand.get("expert", {})}.items()]
+    return cand["name"] + (" " + " ".join(parts) if parts else "")
+
+
+def run_candidate(i: int, cand: dict, args: argparse.Namespace) -> dict:
+    """Measure ms/step, train for the budget, sample, score. Runs in its own single-thread process."""
+    torch.set_num_threads(1)
+    from diffswarm.data import load_dataset
+    from diffswarm.eval import get_classifier, quality_report
+    from diffswarm.experts.config import ExpertConfig
+    from diffswarm.experts.expert import Expert
+    from diffswarm.experts.networks import NetConfig
+    from diffswarm.experts.objectives import expert_loss
+    from diffswarm.experts.schedules import ScheduleConfig
+    from diffswarm.experts.train import TrainConfig, train_expert
+    from diffswarm.images import save_grid
+    from diffswarm.router.local import generate
+
+    train_ds, test_ds = load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test")
+    clf = get_classifier(train_ds, test_ds=test_ds, progress=False)
+    ex = dict(cand.get("expert", {}))
+    objective = ex.pop("objective", args.objective)
+    sched = ScheduleConfig(**ex.pop("schedule", {}))
+    cfg = ExpertConfig(objective=objective, net=NetConfig(**{**DEFAULT_NET, **cand["net"]}), schedule=sched,
+                       dataset_id=train_ds.dataset_id, **ex)
+    tk = {**DEFAULT_TRAIN, **cand.get("train", {})}
+    out = Path(args.out) / f"{args.tag}-{i:02d}"
+
+    # 1. ms/step in CPU time: the training step of train_expert (loss, backward, clip, AdamW, EMA).
+    torch.manual_seed(args.seed)
+    probe, probe_ema = Expert(cfg), Expert(cfg)
+    opt = torch.optim.AdamW(probe.net.parameters(), lr=tk["lr"])
+    g = torch.Generator().manual_seed(args.seed)
+    warm, timed = 3, args.probe_steps
+    for s in range(warm + timed):
+        if s == warm:
+            c0 = time.process_time()
+        idx = torch.randint(0, len(train_ds), (tk["batch"],), generator=g)
+        loss, _ = expert_loss(probe, train_ds.images[idx], train_ds.labels[idx], g)
+        opt.zero_grad(set_to_none=True)
+        loss.mean().backward()
+        torch.nn.utils.clip_grad_norm_(probe.net.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for pe, pm in zip(probe_ema.net.parameters(), probe.net.parameters()):
+                pe.lerp_(pm, 0.001)
+    ms = 1000 * (time.process_time() - c0) / timed
+    n_params = sum(p.numel() for p in probe.net.parameters())
+    del probe, probe_ema, opt
+    steps = max(1, int(args.budget * 1000 / ms))
+    if "warmup" in cand.get("train", {}) and isinstance(tk["warmup"], float):
+        tk["warmup"] = max(1, int(tk["warmup"] * steps))  # a float warm-up is a fraction of the steps
+    tk["warmup"] = min(tk["warmup"], steps // 2)
+
+    # 2. train for the steps that fit
+    tc = TrainConfig(steps=steps, seed=args.seed, ckpt_every=10**9, log_every=max(1, steps // 10), **tk)
+    if out.exists():
+        for f in out.iterdir():
+            f.unlink()
+    c0 = time.process_time()
+    summary = train_expert(cfg, tc, train_ds.images, train_ds.labels, out, device="cpu", progress=False)
+    train_cpu = time.process_time() - c0
+
+    # 3. sample 100 per class with fixed settings; score
+    expert = Expert.from_checkpoint(out / "expert.safetensors")
+    labels = torch.arange(args.n) % train_ds.num_classes
+    c0 = time.process_time()
+    samples = generate(expert, labels, train_ds.shape, args.sample_steps, args.sampler, args.guidance,
+                       seed=args.seed + 1, batch=250)
+    sample_cpu = time.process_time() - c0
+    rep = quality_report(samples, labels, train_ds, test_ds, clf, seed=args.seed)
+    rows = torch.cat([samples[labels == c][:10] for c in range(train_ds.num_classes)])  # one row per class
+    save_grid(rows, out / "grid.png", 10)
+    return {"index": i, "candidate": _describe(cand), "objective": objective, "net": cfg.net.to_dict(),
+            "train": tc.to_dict(), "expert": cfg.to_dict(), "params": n_params, "ms_per_step": ms,
+            "steps": steps, "train_cpu_s": train_cpu, "final_loss": summary["final_loss"],
+            "fd": rep.fd, "fd_floor": rep.fd_floor, "class_accuracy": rep.class_accuracy,
+            "sample_cpu_s_per_1000": sample_cpu * 1000 / args.n, "checkpoint": str(out / "expert.safetensors"),
+            "grid": str(out / "grid.png")}
+
+
+def _job(payload):
+    i, cand, args = payload
+    t0 = time.perf_counter()
+    rec = run_candidate(i, cand, args)
+    rec["wall_s"] = time.perf_counter() - t0
+    print(f"done {i}: {rec['candidate']}: FD {rec['fd']:.1f} acc {100 * rec['class_accuracy']:.1f}%", flush=True)
+    return rec
+
+
+def _row(r: dict) -> str:
+    return (f"{r['index']:>2d} {r['candidate'][:58]:58s} {r['objective']:>4s} {r['params'] / 1e6:6.2f}M "
+            f"{r['ms_per_step']:7.0f} {r['steps']:6d} {r['fd']:6.1f} {r['fd_floor']:5.1f} "
+            f"{100 * r['class_accuracy']:6.1f}% {r['sample_cpu_s_per_1000']:7.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--budget", type=float, default=140, help="training CPU-seconds of one thread per candidate")
+    ap.add_argument("--only", default=None, help="comma-separated candidate indices (default: all)")
+    ap.add_argument("--objective", default="fm", choices=["fm", "ddpm"], help="for candidates that do not set one")
+    ap.add_argument("--jobs", type=int, default=1, help="concurrent single-thread jobs (at most 2)")
+    ap.add_argument("--dataset", default="fashion")
+    ap.add_argument("--n", type=int, default=1000, help="samples scored (a multiple of the class count)")
+    ap.add_argument("--sample-steps", type=int, default=30)
+    ap.add_argument("--sampler", default="euler", choices=["euler", "heun"])
+    ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--probe-steps", type=int, default=15, help="timed steps of the ms/step measurement")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="runs/recipe_choice")
+    ap.add_argument("--tag", default=None, help="name of the JSON and run folders (default: from the options)")
+    ap.add_argument("--list", action="store_true", help="print the candidates and exit")
+    args = ap.parse_args()
+    if args.list:
+        for i, c in enumerate(CANDIDATES):
+            print(f"{i:2d} {_describe(c)} net={c['net']}")
+        return
+    jobs = max(1, min(args.jobs, 2))
+    idx = [int(i) for i in args.only.split(",")] if args.only else list(range(len(CANDIDATES)))
+    args.tag = args.tag or f"{args.objective}-b{args.budget:g}-{args.sampler}{args.sample_steps}-g{args.guidance:g}"
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    # the quality classifier is trained once, here, before any job could race to write its cache
+    from diffswarm.data import load_dataset
+    from diffswarm.eval import get_classifier
+
+    torch.set_num_threads(1)
+    get_classifier(load_dataset(args.dataset, "train"), test_ds=load_dataset(args.dataset, "test"), progress=False)
+    print(f"{args.dataset}, objective {args.objective}, budget {args.budget:g} CPU-s of one thread per candidate, "
+          f"sampling {args.n} images ({args.sampler} {args.sample_steps} steps, CFG {args.guidance:g}), "
+          f"{jobs} job(s), {os.cpu_count()} CPUs", flush=True)
+    payloads = [(i, CANDIDATES[i], args) for i in idx]
+    if jobs == 1:
+        records = [_job(p) for p in payloads]
+    else:
+        with mp.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
+            records = pool.map(_job, payloads, chunksize=1)
+    path = Path(args.out) / f"{args.tag}.json"
+    old = {r["index"]: r for r in json.loads(path.read_text())["records"]} if path.exists() else {}
+    old.update({r["index"]: r for r in records})
+    path.write_text(json.dumps({"args": vars(args), "records": [old[k] for k in sorted(old)]}, indent=1))
+    print(f"\n{'#':>2s} {'candidate':58s} {'obj':>4s} {'params':>7s} {'ms/step':>7s} {'steps':>6s} "
+          f"{'FD':>6s} {'floor':>5s} {'acc':>7s} {'samp s/1k':>9s}")
+    for r in records:
+        print(_row(r))
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
