@@ -38,6 +38,24 @@ CANDIDATES = [
     dict(name="unet16x2", net=dict(kind="unet", width=16, depth=2)),  # 4
     dict(name="unet16x2 nomid", net=dict(kind="unet", width=16, depth=2, mid_attn=False)),  # 5
     dict(name="unet16x3 nomid", net=dict(kind="unet", width=16, depth=3, mid_attn=False)),  # 6
+    # UNet (16, 32, 64) without mid attention (the best of 0-6): batch, lr, EMA, t distribution
+    dict(name="unet16x3 nomid", net=dict(kind="unet", width=16, depth=3, mid_attn=False), train=dict(batch=48)),  # 7
+    dict(name="unet16x3 nomid", net=dict(kind="unet", width=16, depth=3, mid_attn=False),
+         train=dict(batch=48, lr=2e-3)),  # 8
+    dict(name="unet16x3 nomid", net=dict(kind="unet", width=16, depth=3, mid_attn=False), train=dict(lr=2e-3)),  # 9
+    dict(name="unet16x3 nomid", net=dict(kind="unet", width=16, depth=3, mid_attn=False), train=dict(lr=4e-3)),  # 10
+    dict(name="unet16x3 nomid", net=dict(kind="unet", width=16, depth=3, mid_attn=False),
+         train=dict(ema_decay=0.99)),  # 11
+    dict(name="unet16x3 nomid", net=dict(kind="unet", width=16, depth=3, mid_attn=False),
+         train=dict(ema_decay=0.0)),  # 12
+    dict(name="unet16x3 nomid", net=dict(kind="unet", width=16, depth=3, mid_attn=False),
+         expert=dict(fm_time="uniform")),  # 13
+    # UNet architecture around (16, 32, 64)
+    dict(name="unet16x3 (mid attn)", net=dict(kind="unet", width=16, depth=3)),  # 14
+    dict(name="unet16x3 nomid attn7x7", net=dict(kind="unet", width=16, depth=3, mid_attn=False, attn=True)),  # 15
+    dict(name="unet24x3 nomid", net=dict(kind="unet", width=24, depth=3, mid_attn=False)),  # 16
+    dict(name="unet16x3 nomid layers2", net=dict(kind="unet", width=16, depth=3, mid_attn=False, layers=2)),  # 17
+    dict(name="unet16x3 nomid", net=dict(kind="unet", width=16, depth=3, mid_attn=False), train=dict(batch=128)),  # 18
 ]
 
 DEFAULT_NET = dict(channels=1, size=28, num_classes=10)
@@ -49,41 +67,38 @@ def _describe(cand: dict) -> str:
     return cand["name"] + (" " + " ".join(parts) if parts else "")
 
 
-def run_candidate(i: int, cand: dict, args: argparse.Namespace) -> dict:
-    """Measure ms/step, train for the budget, sample, score. Runs in its own single-thread process."""
-    torch.set_num_threads(1)
-    from diffswarm.data import load_dataset
-    from diffswarm.eval import get_classifier, quality_report
+def make_config(cand: dict, objective: str, dataset_id: str, **meta):
+    """(ExpertConfig, TrainConfig options) of a candidate; ``objective`` unless the candidate sets one."""
     from diffswarm.experts.config import ExpertConfig
-    from diffswarm.experts.expert import Expert
     from diffswarm.experts.networks import NetConfig
-    from diffswarm.experts.objectives import expert_loss
     from diffswarm.experts.schedules import ScheduleConfig
-    from diffswarm.experts.train import TrainConfig, train_expert
-    from diffswarm.images import save_grid
-    from diffswarm.router.local import generate
 
-    train_ds, test_ds = load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test")
-    clf = get_classifier(train_ds, test_ds=test_ds, progress=False)
     ex = dict(cand.get("expert", {}))
-    objective = ex.pop("objective", args.objective)
+    objective = ex.pop("objective", objective)
+    ex.pop("ddpm", None), ex.pop("fm", None)
+    ex.update(cand.get("expert", {}).get(objective, {}))  # per-objective options, e.g. min_snr for ddpm
     sched = ScheduleConfig(**ex.pop("schedule", {}))
     cfg = ExpertConfig(objective=objective, net=NetConfig(**{**DEFAULT_NET, **cand["net"]}), schedule=sched,
-                       dataset_id=train_ds.dataset_id, **ex)
-    tk = {**DEFAULT_TRAIN, **cand.get("train", {})}
-    out = Path(args.out) / f"{args.tag}-{i:02d}"
+                       dataset_id=dataset_id, **meta, **ex)
+    return cfg, {**DEFAULT_TRAIN, **cand.get("train", {})}
 
-    # 1. ms/step in CPU time: the training step of train_expert (loss, backward, clip, AdamW, EMA).
-    torch.manual_seed(args.seed)
+
+def probe_ms_per_step(cfg, tk: dict, images: torch.Tensor, labels: torch.Tensor, seed: int = 0,
+                      timed: int = 15, warm: int = 3) -> tuple[float, int]:
+    """(CPU ms per training step, parameter count): the step of train_expert (loss, backward, clip,
+    AdamW, EMA) timed with process_time over ``timed`` steps after ``warm`` untimed ones."""
+    from diffswarm.experts.expert import Expert
+    from diffswarm.experts.objectives import expert_loss
+
+    torch.manual_seed(seed)
     probe, probe_ema = Expert(cfg), Expert(cfg)
     opt = torch.optim.AdamW(probe.net.parameters(), lr=tk["lr"])
-    g = torch.Generator().manual_seed(args.seed)
-    warm, timed = 3, args.probe_steps
+    g = torch.Generator().manual_seed(seed)
     for s in range(warm + timed):
         if s == warm:
             c0 = time.process_time()
-        idx = torch.randint(0, len(train_ds), (tk["batch"],), generator=g)
-        loss, _ = expert_loss(probe, train_ds.images[idx], train_ds.labels[idx], g)
+        idx = torch.randint(0, len(images), (tk["batch"],), generator=g)
+        loss, _ = expert_loss(probe, images[idx], labels[idx], g)
         opt.zero_grad(set_to_none=True)
         loss.mean().backward()
         torch.nn.utils.clip_grad_norm_(probe.net.parameters(), 1.0)
@@ -92,15 +107,47 @@ def run_candidate(i: int, cand: dict, args: argparse.Namespace) -> dict:
             for pe, pm in zip(probe_ema.net.parameters(), probe.net.parameters()):
                 pe.lerp_(pm, 0.001)
     ms = 1000 * (time.process_time() - c0) / timed
-    n_params = sum(p.numel() for p in probe.net.parameters())
-    del probe, probe_ema, opt
-    steps = max(1, int(args.budget * 1000 / ms))
-    if "warmup" in cand.get("train", {}) and isinstance(tk["warmup"], float):
-        tk["warmup"] = max(1, int(tk["warmup"] * steps))  # a float warm-up is a fraction of the steps
-    tk["warmup"] = min(tk["warmup"], steps // 2)
+    return ms, sum(p.numel() for p in probe.net.parameters())
+
+
+def fit_train_config(tk: dict, ms: float, budget: float, seed: int = 0):
+    """TrainConfig for the steps that fit ``budget`` CPU-seconds at ``ms`` per step; a float warm-up
+    below 1 is a fraction of those steps."""
+    from diffswarm.experts.train import TrainConfig
+
+    tk = dict(tk)
+    steps = max(1, int(budget * 1000 / ms))
+    if isinstance(tk["warmup"], float) and tk["warmup"] < 1:
+        tk["warmup"] = max(1, int(tk["warmup"] * steps))
+    tk["warmup"] = min(int(tk["warmup"]), steps // 2)
+    return TrainConfig(steps=steps, seed=seed, ckpt_every=10**9, log_every=max(1, steps // 10), **tk)
+
+
+def class_rows(samples: torch.Tensor, labels: torch.Tensor, num_classes: int, per_class: int = 10) -> torch.Tensor:
+    """The first ``per_class`` samples of each class in class order: a grid with one row per class."""
+    return torch.cat([samples[labels == c][:per_class] for c in range(num_classes)])
+
+
+def run_candidate(i: int, cand: dict, args: argparse.Namespace) -> dict:
+    """Measure ms/step, train for the budget, sample, score. Runs in its own single-thread process."""
+    torch.set_num_threads(1)
+    from diffswarm.data import load_dataset
+    from diffswarm.eval import get_classifier, quality_report
+    from diffswarm.experts.expert import Expert
+    from diffswarm.experts.train import train_expert
+    from diffswarm.images import save_grid
+    from diffswarm.router.local import generate
+
+    train_ds, test_ds = load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test")
+    clf = get_classifier(train_ds, test_ds=test_ds, progress=False)
+    cfg, tk = make_config(cand, args.objective, train_ds.dataset_id)
+    out = Path(args.out) / f"{args.tag}-{i:02d}"
+
+    # 1. ms/step in CPU time, then the steps that fit the budget
+    ms, n_params = probe_ms_per_step(cfg, tk, train_ds.images, train_ds.labels, args.seed, args.probe_steps)
+    tc = fit_train_config(tk, ms, args.budget, args.seed)
 
     # 2. train for the steps that fit
-    tc = TrainConfig(steps=steps, seed=args.seed, ckpt_every=10**9, log_every=max(1, steps // 10), **tk)
     if out.exists():
         for f in out.iterdir():
             f.unlink()
@@ -116,11 +163,10 @@ def run_candidate(i: int, cand: dict, args: argparse.Namespace) -> dict:
                        seed=args.seed + 1, batch=250)
     sample_cpu = time.process_time() - c0
     rep = quality_report(samples, labels, train_ds, test_ds, clf, seed=args.seed)
-    rows = torch.cat([samples[labels == c][:10] for c in range(train_ds.num_classes)])  # one row per class
-    save_grid(rows, out / "grid.png", 10)
-    return {"index": i, "candidate": _describe(cand), "objective": objective, "net": cfg.net.to_dict(),
+    save_grid(class_rows(samples, labels, train_ds.num_classes), out / "grid.png", 10)
+    return {"index": i, "candidate": _describe(cand), "objective": cfg.objective, "net": cfg.net.to_dict(),
             "train": tc.to_dict(), "expert": cfg.to_dict(), "params": n_params, "ms_per_step": ms,
-            "steps": steps, "train_cpu_s": train_cpu, "final_loss": summary["final_loss"],
+            "steps": tc.steps, "train_cpu_s": train_cpu, "final_loss": summary["final_loss"],
             "fd": rep.fd, "fd_floor": rep.fd_floor, "class_accuracy": rep.class_accuracy,
             "sample_cpu_s_per_1000": sample_cpu * 1000 / args.n, "checkpoint": str(out / "expert.safetensors"),
             "grid": str(out / "grid.png")}
