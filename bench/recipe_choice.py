@@ -56,6 +56,13 @@ CANDIDATES = [
     dict(name="unet24x3 nomid", net=dict(kind="unet", width=24, depth=3, mid_attn=False)),  # 16
     dict(name="unet16x3 nomid layers2", net=dict(kind="unet", width=16, depth=3, mid_attn=False, layers=2)),  # 17
     dict(name="unet16x3 nomid", net=dict(kind="unet", width=16, depth=3, mid_attn=False), train=dict(batch=128)),  # 18
+    # DDPM options on the same network (run with --objective ddpm; 6 is the plain cosine schedule)
+    dict(name="unet16x3 nomid", net=dict(kind="unet", width=16, depth=3, mid_attn=False),
+         expert=dict(ddpm=dict(loss_weighting="min_snr"))),  # 19
+    dict(name="unet16x3 nomid", net=dict(kind="unet", width=16, depth=3, mid_attn=False),
+         expert=dict(ddpm=dict(schedule=dict(kind="linear")))),  # 20
+    dict(name="unet16x3 nomid", net=dict(kind="unet", width=16, depth=3, mid_attn=False),
+         expert=dict(ddpm=dict(schedule=dict(kind="linear"), loss_weighting="min_snr"))),  # 21
 ]
 
 DEFAULT_NET = dict(channels=1, size=28, num_classes=10)
@@ -187,6 +194,13 @@ def _row(r: dict) -> str:
             f"{100 * r['class_accuracy']:6.1f}% {r['sample_cpu_s_per_1000']:7.1f}")
 
 
+def _table(records: list[dict]) -> None:
+    print(f"\n{'#':>2s} {'candidate':58s} {'obj':>4s} {'params':>7s} {'ms/step':>7s} {'steps':>6s} "
+          f"{'FD':>6s} {'floor':>5s} {'acc':>7s} {'samp s/1k':>9s}")
+    for r in records:
+        print(_row(r))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget", type=float, default=140, help="training CPU-seconds of one thread per candidate")
@@ -203,6 +217,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/recipe_choice")
     ap.add_argument("--tag", default=None, help="name of the JSON and run folders (default: from the options)")
     ap.add_argument("--list", action="store_true", help="print the candidates and exit")
+    ap.add_argument("--show", action="store_true", help="print the table of <out>/<tag>.json and exit")
     args = ap.parse_args()
     if args.list:
         for i, c in enumerate(CANDIDATES):
@@ -211,6 +226,10 @@ def main() -> None:
     jobs = max(1, min(args.jobs, 2))
     idx = [int(i) for i in args.only.split(",")] if args.only else list(range(len(CANDIDATES)))
     args.tag = args.tag or f"{args.objective}-b{args.budget:g}-{args.sampler}{args.sample_steps}-g{args.guidance:g}"
+    if args.show:
+        d = json.loads((Path(args.out) / f"{args.tag}.json").read_text())
+        _table([r for r in d["records"] if not args.only or r["index"] in idx])
+        return
     Path(args.out).mkdir(parents=True, exist_ok=True)
     # the quality classifier is trained once, here, before any job could race to write its cache
     from diffswarm.data import load_dataset
@@ -222,19 +241,23 @@ def main() -> None:
           f"sampling {args.n} images ({args.sampler} {args.sample_steps} steps, CFG {args.guidance:g}), "
           f"{jobs} job(s), {os.cpu_count()} CPUs", flush=True)
     payloads = [(i, CANDIDATES[i], args) for i in idx]
-    if jobs == 1:
-        records = [_job(p) for p in payloads]
-    else:
-        with mp.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
-            records = pool.map(_job, payloads, chunksize=1)
     path = Path(args.out) / f"{args.tag}.json"
     old = {r["index"]: r for r in json.loads(path.read_text())["records"]} if path.exists() else {}
-    old.update({r["index"]: r for r in records})
-    path.write_text(json.dumps({"args": vars(args), "records": [old[k] for k in sorted(old)]}, indent=1))
-    print(f"\n{'#':>2s} {'candidate':58s} {'obj':>4s} {'params':>7s} {'ms/step':>7s} {'steps':>6s} "
-          f"{'FD':>6s} {'floor':>5s} {'acc':>7s} {'samp s/1k':>9s}")
-    for r in records:
-        print(_row(r))
+    records = []
+
+    def keep(rec: dict) -> None:  # the JSON is rewritten after every candidate, so a stopped run keeps its results
+        records.append(rec)
+        old[rec["index"]] = rec
+        path.write_text(json.dumps({"args": vars(args), "records": [old[k] for k in sorted(old)]}, indent=1))
+
+    if jobs == 1:
+        for p in payloads:
+            keep(_job(p))
+    else:
+        with mp.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
+            for rec in pool.imap_unordered(_job, payloads, chunksize=1):
+                keep(rec)
+    _table(sorted(records, key=lambda r: r["index"]))
     print(f"-> {path}")
 
 
