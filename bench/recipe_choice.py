@@ -63,6 +63,11 @@ CANDIDATES = [
          expert=dict(ddpm=dict(schedule=dict(kind="linear")))),  # 20
     dict(name="unet16x3 nomid", net=dict(kind="unet", width=16, depth=3, mid_attn=False),
          expert=dict(ddpm=dict(schedule=dict(kind="linear"), loss_weighting="min_snr"))),  # 21
+    dict(name="unet8x3 nomid", net=dict(kind="unet", width=8, depth=3, mid_attn=False)),  # 22
+    dict(name="unet16x3 nomid", net=dict(kind="unet", width=16, depth=3, mid_attn=False),
+         expert=dict(ddpm=dict(ddpm_time="logit_normal"))),  # 23
+    dict(name="unet16x3 nomid", net=dict(kind="unet", width=16, depth=3, mid_attn=False),
+         expert=dict(ddpm=dict(ddpm_time="logit_normal", loss_weighting="min_snr"))),  # 24
 ]
 
 DEFAULT_NET = dict(channels=1, size=28, num_classes=10)

@@ -67,3 +67,14 @@ def test_min_snr_weighting_lowers_ddpm_loss_and_is_ddpm_only():
         ExpertConfig(objective="fm", net=net, loss_weighting="min_snr")
     with pytest.raises(ValueError):
         ExpertConfig(objective="ddpm", net=net, loss_weighting="bogus")
+
+
+def test_ddpm_logit_normal_steps_are_real_valued_and_finite():
+    net = NetConfig(kind="mlp", size=8, width=32, depth=1, num_classes=3)
+    e = Expert(ExpertConfig(objective="ddpm", net=net, ddpm_time="logit_normal"))
+    x0 = torch.rand(256, 1, 8, 8) * 2 - 1
+    loss, t = expert_loss(e, x0, torch.randint(0, 3, (256,)), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss).all() and ((t > 0) & (t < 1)).all()
+    assert 0.35 < float(t.median()) < 0.65  # logit-normal flow times centre on t = 0.5
+    with pytest.raises(ValueError):
+        ExpertConfig(objective="ddpm", net=net, ddpm_time="bogus")

@@ -4,7 +4,9 @@
 - ``ddpm``: epsilon prediction, ``|| eps_theta(x_tau, tau) - eps ||^2``, tau ~ U{0..T-1}; with
   ``loss_weighting="min_snr"`` each sample's loss is multiplied by ``min(SNR, gamma) / SNR``
   (Min-SNR-gamma, Hang et al. 2023, eps-prediction form; SNR = abar / (1 - abar)), which stops the
-  nearly clean steps (huge SNR, tiny x0 error) from taking most of the gradient.
+  nearly clean steps (huge SNR, tiny x0 error) from taking most of the gradient. With
+  ``ddpm_time="logit_normal"`` the steps are those SNR-matched to logit-normal flow times
+  (real-valued tau), the noise levels the FM objective trains on.
 
 The flow time of a DDPM sample (t = s / (a + s) with a = sqrt(abar), s = sqrt(1 - abar)) is
 returned so that both objectives bin their loss on one axis.
@@ -48,7 +50,10 @@ def expert_loss(expert: Expert, x0: torch.Tensor, labels: torch.Tensor, gen: tor
         target = eps - x0
     else:
         sched = expert.schedule
-        tau = torch.randint(0, sched.steps, (b,), generator=gen, device=x0.device).to(torch.float64)
+        if cfg.ddpm_time == "uniform":
+            tau = torch.randint(0, sched.steps, (b,), generator=gen, device=x0.device).to(torch.float64)
+        else:  # the noise levels of logit-normal flow times, as real-valued (SNR-matched) steps
+            tau = sched.tau_for_flow_time(sample_flow_time(b, "logit_normal", gen, x0.device))
         ab = sched.alpha_bar_at(tau)  # (B,) float64
         a, s = ab.sqrt(), (1 - ab).sqrt()
         t = (s / (a + s)).to(x0.dtype)
