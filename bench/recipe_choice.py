@@ -68,6 +68,8 @@ CANDIDATES = [
          expert=dict(ddpm=dict(ddpm_time="logit_normal"))),  # 23
     dict(name="unet16x3 nomid", net=dict(kind="unet", width=16, depth=3, mid_attn=False),
          expert=dict(ddpm=dict(ddpm_time="logit_normal", loss_weighting="min_snr"))),  # 24
+    dict(name="unet16x3 nomid", net=dict(kind="unet", width=16, depth=3, mid_attn=False),
+         expert=dict(ddpm=dict(ddpm_time="logit_normal", loss_weighting="flow"))),  # 25
 ]
 
 DEFAULT_NET = dict(channels=1, size=28, num_classes=10)

@@ -78,3 +78,18 @@ def test_ddpm_logit_normal_steps_are_real_valued_and_finite():
     assert 0.35 < float(t.median()) < 0.65  # logit-normal flow times centre on t = 0.5
     with pytest.raises(ValueError):
         ExpertConfig(objective="ddpm", net=net, ddpm_time="bogus")
+
+
+def test_flow_weighting_is_the_translated_velocity_loss():
+    from diffswarm.experts.objectives import FLOW_WEIGHT_CAP
+
+    net = NetConfig(kind="mlp", size=8, width=32, depth=1, num_classes=3)
+    torch.manual_seed(0)
+    plain = Expert(ExpertConfig(objective="ddpm", net=net, ddpm_time="logit_normal"))
+    flow = Expert(ExpertConfig(objective="ddpm", net=net, ddpm_time="logit_normal", loss_weighting="flow"))
+    flow.net.load_state_dict(plain.net.state_dict())
+    x0, y = torch.rand(64, 1, 8, 8) * 2 - 1, torch.randint(0, 3, (64,))
+    lp, t = expert_loss(plain, x0, y, torch.Generator().manual_seed(1))
+    lf, _ = expert_loss(flow, x0, y, torch.Generator().manual_seed(1))
+    w = (1 - t).pow(-2).clamp(max=FLOW_WEIGHT_CAP)
+    assert torch.allclose(lf, lp * w, rtol=1e-5) and (lf >= lp).all()

@@ -6,7 +6,12 @@
   (Min-SNR-gamma, Hang et al. 2023, eps-prediction form; SNR = abar / (1 - abar)), which stops the
   nearly clean steps (huge SNR, tiny x0 error) from taking most of the gradient. With
   ``ddpm_time="logit_normal"`` the steps are those SNR-matched to logit-normal flow times
-  (real-valued tau), the noise levels the FM objective trains on.
+  (real-valued tau), the noise levels the FM objective trains on. ``loss_weighting="flow"``
+  multiplies the eps loss by ``1 / (1 - t)^2`` (capped at ``FLOW_WEIGHT_CAP``): the eps error
+  translated to a velocity error is ``(eps_hat - eps) / (1 - t)`` (translator.py), so this is
+  the FM loss of the translated prediction, and with ``ddpm_time="logit_normal"`` the DDPM expert
+  weights noise levels as the FM expert does. Plain eps loss weights the x0 error by SNR, which
+  all but ignores the high-noise steps that decide an image's layout.
 
 The flow time of a DDPM sample (t = s / (a + s) with a = sqrt(abar), s = sqrt(1 - abar)) is
 returned so that both objectives bin their loss on one axis.
@@ -18,6 +23,8 @@ import torch
 
 from .expert import Expert, null_labels
 from .schedules import FM_TIME_SCALE, flow_point
+
+FLOW_WEIGHT_CAP = 100.0  # the "flow" weighting 1 / (1 - t)^2 stops growing at t = 0.9
 
 
 def drop_labels(labels: torch.Tensor, num_classes: int, p: float, gen: torch.Generator | None) -> torch.Tensor:
@@ -63,4 +70,6 @@ def expert_loss(expert: Expert, x0: torch.Tensor, labels: torch.Tensor, gen: tor
     if cfg.objective == "ddpm" and cfg.loss_weighting == "min_snr":
         snr = ab / (1 - ab)  # (B,) float64
         loss = loss * (snr.clamp(max=cfg.min_snr_gamma) / snr).to(loss.dtype)
+    elif cfg.objective == "ddpm" and cfg.loss_weighting == "flow":
+        loss = loss * (1 - t.float()).pow(-2).clamp(max=FLOW_WEIGHT_CAP)
     return loss, t
