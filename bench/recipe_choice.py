@@ -254,6 +254,8 @@ def main() -> None:
 
     def keep(rec: dict) -> None:  # the JSON is rewritten after every candidate, so a stopped run keeps its results
         records.append(rec)
+        if path.exists():  # another run may have added records to this tag meanwhile
+            old.update({r["index"]: r for r in json.loads(path.read_text())["records"]})
         old[rec["index"]] = rec
         path.write_text(json.dumps({"args": vars(args), "records": [old[k] for k in sorted(old)]}, indent=1))
 
