@@ -8,6 +8,9 @@ from ..wire import OBJECTIVES
 from .networks import NetConfig
 from .schedules import ScheduleConfig
 
+LOSS_WEIGHTINGS = ("none", "min_snr", "flow")
+DDPM_TIMES = ("uniform", "logit_normal")
+
 
 @dataclass
 class ExpertConfig:
@@ -23,10 +26,20 @@ class ExpertConfig:
     cond_drop: float = 0.1  # label dropout for classifier-free guidance
     fm_time: str = "logit_normal"  # fm training-time distribution: uniform | logit_normal
     x0_clip: float | None = 1.0  # data range used by the eps->v translator near t = 1
+    ddpm_time: str = "uniform"  # ddpm training steps: uniform (tau ~ U{0..T-1}) | logit_normal (flow time)
+    loss_weighting: str = "none"  # ddpm per-sample loss weight: none | min_snr (Hang et al. 2023) | flow
+    min_snr_gamma: float = 5.0  # gamma of min_snr: weight min(SNR, gamma) / SNR on the eps loss
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.ddpm_time not in DDPM_TIMES:
+            raise ValueError(f"ddpm_time must be one of {DDPM_TIMES}, got {self.ddpm_time!r}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
+        if self.loss_weighting != "none" and self.objective != "ddpm":
+            raise ValueError(f"loss_weighting {self.loss_weighting!r} is defined for the ddpm objective only "
+                             "(flow matching weights time through fm_time)")
 
     @property
     def expert_id(self) -> str:

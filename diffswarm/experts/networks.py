@@ -40,6 +40,10 @@ class NetConfig:
     depth: int = 3  # dit layers / mlp residual blocks / unet levels (<= 3)
     patch: int = 4  # dit patch size
     heads: int = 4  # dit attention heads
+    head: int = 0  # dit: feature channels of a conv head on the unpatchified output (0: none)
+    layers: int = 1  # unet: resnet layers per block
+    attn: bool = False  # unet: self-attention in the lowest-resolution down/up blocks too
+    mid_attn: bool = True  # unet: self-attention in the middle block
     extra: dict = field(default_factory=dict)  # room for kind-specific options
 
     def to_dict(self) -> dict:
@@ -103,8 +107,31 @@ class MLPDenoiser(nn.Module):
         return self.out(h).reshape(x.shape)  # (B, C, H, W)
 
 
+class ConvHead(nn.Module):
+    """Pixel-space refinement after unpatchify, so neighbouring patches can agree at their seams.
+
+    Input: the DiT's unpatchified output (B, C + F, H, W), whose first C channels are its direct
+    prediction and the other F channels features, and the network input x (B, C, H, W). Output
+    (B, C, H, W) = direct + conv3x3(SiLU(conv3x3([features, x]))). The last conv is zero-initialised,
+    so at init the head adds nothing and the network is the plain DiT.
+    """
+
+    def __init__(self, channels: int, features: int):
+        super().__init__()
+        self.channels = channels
+        self.conv1 = nn.Conv2d(features + channels, features, 3, padding=1)
+        self.conv2 = nn.Conv2d(features, channels, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        direct, feats = y[:, : self.channels], y[:, self.channels :]  # (B, C, H, W), (B, F, H, W)
+        h = torch.nn.functional.silu(self.conv1(torch.cat([feats, x], dim=1)))  # (B, F, H, W)
+        return direct + self.conv2(h)
+
+
 class DiTDenoiser(nn.Module):
-    """diffusers ``DiTTransformer2DModel`` behind the common signature."""
+    """diffusers ``DiTTransformer2DModel`` behind the common signature, with an optional conv head."""
 
     def __init__(self, cfg: NetConfig):
         super().__init__()
@@ -115,13 +142,14 @@ class DiTDenoiser(nn.Module):
             num_attention_heads=cfg.heads,
             attention_head_dim=cfg.width // cfg.heads,
             in_channels=cfg.channels,
-            out_channels=cfg.channels,
+            out_channels=cfg.channels + cfg.head,
             num_layers=cfg.depth,
             sample_size=cfg.size,
             patch_size=cfg.patch,
             num_embeds_ada_norm=max(cfg.num_classes, 1),
             norm_num_groups=1,
         )
+        self.head = ConvHead(cfg.channels, cfg.head) if cfg.head > 0 else None
         # diffusers drops labels itself in training mode; we drop them in the objective instead.
         for mod in self.net.modules():
             if hasattr(mod, "dropout_prob") and hasattr(mod, "token_drop"):
@@ -132,7 +160,8 @@ class DiTDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = labels.clamp(max=max(self.cfg.num_classes, 1))
-        return self.net(x, timestep=timestep, class_labels=labels).sample
+        y = self.net(x, timestep=timestep, class_labels=labels).sample  # (B, C + head, H, W)
+        return y if self.head is None else self.head(y, x)
 
 
 class UNetDenoiser(nn.Module):
@@ -150,9 +179,10 @@ class UNetDenoiser(nn.Module):
             in_channels=cfg.channels,
             out_channels=cfg.channels,
             block_out_channels=chans,
-            layers_per_block=1,
-            down_block_types=("DownBlock2D",) * levels,
-            up_block_types=("UpBlock2D",) * levels,
+            layers_per_block=cfg.layers,
+            down_block_types=("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D" if cfg.attn else "DownBlock2D",),
+            up_block_types=("AttnUpBlock2D" if cfg.attn else "UpBlock2D",) + ("UpBlock2D",) * (levels - 1),
+            add_attention=cfg.mid_attn,
             norm_num_groups=min(8, cfg.width),
             num_class_embeds=cfg.num_classes + 1,
         )

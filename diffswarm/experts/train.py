@@ -191,7 +191,7 @@ def init_from_ddpm(expert: Expert, ddpm_path: str | Path) -> None:
 
 
 def _output_layer_names(kind: str) -> tuple[str, ...]:
-    return {"mlp": ("out.",), "dit": ("net.proj_out_2.",), "unet": ("net.conv_out.",)}[kind]
+    return {"mlp": ("out.",), "dit": ("net.proj_out_2.", "head.conv2."), "unet": ("net.conv_out.",)}[kind]
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
