@@ -118,7 +118,7 @@ def probe_ms_per_step(cfg, tk: dict, images: torch.Tensor, labels: torch.Tensor,
         torch.nn.utils.clip_grad_norm_(probe.net.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
-            for pe, pm in zip(probe_ema.net.parameters(), probe.net.parameters()):
+            for pe, pm in zip(probe_ema.net.parameters(), probe.net.parameters(), strict=True):
                 pe.lerp_(pm, 0.001)
     ms = 1000 * (time.process_time() - c0) / timed
     return ms, sum(p.numel() for p in probe.net.parameters())

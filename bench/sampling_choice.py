@@ -78,8 +78,8 @@ def main() -> None:
             settings.append((m, int(s), float(g)))
     labels = torch.arange(args.n) % ds.num_classes
     print(f"{what}; {args.n} samples, seed {args.seed}, one thread")
-    print(f"{'sampler':>7s} {'steps':>5s} {'NFE':>4s} {'CFG':>4s} {'FD':>6s} {'floor':>5s} {'acc':>7s} {'CPU-s/1k':>8s}",
-          flush=True)
+    head = f"{'sampler':>7s} {'steps':>5s} {'NFE':>4s} {'CFG':>4s} {'FD':>6s} {'floor':>5s} {'acc':>7s}"
+    print(f"{head} {'CPU-s/1k':>8s}", flush=True)
     records = []
     for method, steps, g in settings:
         c0 = time.process_time()

@@ -33,7 +33,8 @@ def test_dit_without_head_is_unchanged():
     assert net.head is None and net.net.config.out_channels == 1
 
 
-@pytest.mark.parametrize("opts", [dict(layers=2), dict(attn=True), dict(mid_attn=False), dict(depth=3, attn=True, size=16)])
+@pytest.mark.parametrize("opts", [dict(layers=2), dict(attn=True), dict(mid_attn=False),
+                                  dict(depth=3, attn=True, size=16)])
 def test_unet_options_shape_and_finite(opts):
     cfg = NetConfig(kind="unet", **{**dict(size=8, width=8, depth=2, num_classes=3), **opts})
     net = build_network(cfg)
