@@ -185,8 +185,10 @@ def test_quick_eval_end_to_end(tmp_path, monkeypatch):
     # 2. numbers: all finite; shares sum to 1; floors where they must be
     assert all(math.isfinite(v) for v in _numbers(res))
     rows = res["studies"]["routing"]["rows"]
-    assert len(rows) == 2 * 7 + 3
-    for r in rows:
+    ug = res["studies"]["routing"]["rows_uncond_gen"]
+    assert len(rows) == 2 * 7 + 3 and len(ug) == 7 + 2
+    assert all(r["summary"]["class_accuracy"]["n"] == 0 for r in ug)  # no class was asked for
+    for r in rows + ug:
         s = r["summary"]
         assert abs(sum(s["cluster_share"]) - 1) < 1e-6 and abs(sum(s["target_share"]) - 1) < 1e-6
         assert 0 <= s["share_tv"]["mean"] <= 1
@@ -211,7 +213,7 @@ def test_quick_eval_end_to_end(tmp_path, monkeypatch):
     # 3. the samples each metric was computed on
     index = json.loads((out / "samples" / "index.json").read_text())
     st = res["studies"]
-    scored = {c for r in st["routing"]["rows"] + st["objectives"]["mixes"] + st["objectives"]["translator"]
+    scored = {c for r in st["routing"]["rows"] + ug + st["objectives"]["mixes"] + st["objectives"]["translator"]
               + st["routers"]["quality"] for c in r["cells"]}
     assert set(index) == scored
     key, entry = next(iter(index.items()))

@@ -285,10 +285,15 @@ def section_routing(res: dict, out: Path) -> tuple[str, list[dict]]:
              table(QUALITY_HEADER, _quality_rows(rt["rows"])), "", f"![FD against cost]({plots[0]})", "",
              "Share of samples per cluster (mean over runs) against the target (the share of real images of the "
              "requested classes in each cluster):", ""]
+    ug = rt.get("rows_uncond_gen", [])
     lines.append(table(["setting", "cluster shares", "target", "TV"],
                        [[r["setting"], shares(r["summary"]["cluster_share"]), shares(r["summary"]["target_share"]),
-                         fmt(r["summary"]["share_tv"], 3)] for r in rt["rows"]]))
+                         fmt(r["summary"]["share_tv"], 3)] for r in rt["rows"] + ug]))
     lines += ["", f"![cluster shares]({plots[1]})", ""]
+    if ug:
+        lines += ["Unconditional generation (no class for the experts or the router, no CFG; target = the data's "
+                  "cluster shares): the setting in which argmax routing collapsed onto the largest cluster in the "
+                  "CPU prototype.", "", table(QUALITY_HEADER, _quality_rows(ug)), ""]
     claims = []
     rows = rt["rows"]
     mono = _find(rows, router=None)
@@ -334,12 +339,12 @@ def section_routing(res: dict, out: Path) -> tuple[str, list[dict]]:
             claims.append({"claim": f"DDM: the ensemble beats a monolith of equal compute (FID 10.5 vs 12.8) "
                                     f"[{router} router, its best strategy {best['strategy']}]",
                            "ours": f"FD best - monolith = {diff_text(d)}", "verdict": _verdict(d, lower_is_claim=True)})
-    for router in ("uncond", "cond"):
-        t1, full = _find(rows, router=router, strategy="top-1"), _find(rows, router=router, strategy="full")
+    for router, group, what in (("uncond", ug, "unconditional generation"), ("cond", rows, "class-conditional")):
+        t1, full = _find(group, router=router, strategy="top-1"), _find(group, router=router, strategy="full")
         if t1 and full:
             d = paired(t1["summary"], full["summary"], "share_tv")
             claims.append({"claim": f"Prototype: argmax routing collapses cluster shares with an unconditional router "
-                                    f"and not with a conditional one [{router} router]",
+                                    f"and not with a conditional one [{router} router, {what}]",
                            "ours": f"share TV top-1 {fmt(t1['summary']['share_tv'], 3)} vs full "
                                    f"{fmt(full['summary']['share_tv'], 3)}; difference {diff_text(d, 3)}",
                            "verdict": ("collapse" if d["clear"] and d["mean"] > 0 else "no clear collapse")})

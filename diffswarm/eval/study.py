@@ -179,14 +179,16 @@ class Cell:
     router: str | None = None  # cond | uncond | stats | stats-uncond
     strategy: str | None = None  # a key of strategies()
     method: str = "flow"  # flow (the sampler over velocities) | ddim (native DDPM) | no-translator
+    generation: str = "class"  # class: labels cycling through the classes, with CFG | none: unconditional, no CFG
 
     @property
     def setting(self) -> str:
         """Display name without the seeds."""
+        gen = "uncond gen | " if self.generation == "none" else ""
         if self.router is None:
-            return self.ensemble
+            return gen + self.ensemble
         extra = "" if self.method == "flow" else f", {self.method}"
-        return f"{self.ensemble} | {self.router} router | {self.strategy}{extra}"
+        return f"{gen}{self.ensemble} | {self.router} router | {self.strategy}{extra}"
 
     @property
     def run(self) -> str:
@@ -286,14 +288,14 @@ class Context:
         return RoutedEnsemble(experts, self.router(cell.train_seed, cell.router), self.strategies[cell.strategy],
                               seed=cell.seed, router_sees_labels=cell.router in ("cond", "stats"))
 
-    def flops_of(self, key, make_model, kind: str) -> int:
+    def flops_of(self, key, make_model, kind: str, guidance: float = 1.0) -> int:
+        key = (*key, guidance)
         if key not in self._flops:
             m = make_model()
             if kind == "router":
                 self._flops[key] = router_flops(m, self.shape, self.device)
             else:
-                self._flops[key] = velocity_flops(m, self.shape, self.cfg.sampling.guidance, self.num_classes,
-                                                  self.device)
+                self._flops[key] = velocity_flops(m, self.shape, guidance, self.num_classes, self.device)
         return self._flops[key]
 
     def real_feats(self) -> np.ndarray:
@@ -306,8 +308,13 @@ class Context:
 
     # ------------------------------------------------------------------ cells
 
-    def labels(self) -> torch.Tensor:
-        return make_labels(self.cfg.n, list(range(self.num_classes)) or None, self.num_classes)
+    def labels(self, generation: str = "class") -> torch.Tensor:
+        """(n,) requested labels: cycling through the classes, or -1 (unconditional) for ``generation="none"``."""
+        classes = list(range(self.num_classes)) if generation == "class" else None
+        return make_labels(self.cfg.n, classes or None, self.num_classes)
+
+    def guidance(self, cell: Cell) -> float:
+        return self.cfg.sampling.guidance if cell.generation == "class" and self.num_classes else 1.0
 
     def noise(self, seed: int) -> torch.Tensor:
         gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -315,7 +322,7 @@ class Context:
 
     def target_share(self, labels: torch.Tensor) -> np.ndarray:
         """(K,) the share of real images of the requested classes that fall in each cluster."""
-        if not self.num_classes:
+        if not self.num_classes or bool((labels < 0).all()):
             return self.partition.shares()
         counts = np.bincount(labels.numpy(), minlength=self.num_classes) / len(labels)  # (C,)
         return self.p_cluster_given_class @ counts
@@ -346,9 +353,9 @@ class Context:
         """Sample, score and cost one cell (cached)."""
 
         def compute(key: str) -> dict:
-            labels = self.labels()
+            labels = self.labels(cell.generation)
             noise = self.noise(cell.seed)
-            s = self.cfg.sampling
+            s = replace(self.cfg.sampling, guidance=self.guidance(cell))
             dev = self.device
             # all n samples in one batch: a trajectory's sample-k draw is per row of the batch, so splitting the
             # batch would give rows i and i + batch the same draw
@@ -357,7 +364,8 @@ class Context:
                 model = self.monolith(cell.train_seed, cell.ensemble.removeprefix("monolith-"))
                 x = sample(model, x, y, s.steps, s.sampler, s.guidance).cpu()
                 calls = np.array([self.cfg.n * s.evaluations])
-                fl = self.flops_of(("monolith", cell.train_seed, cell.ensemble), lambda: model, "expert")
+                fl = self.flops_of(("monolith", cell.train_seed, cell.ensemble), lambda: model, "expert",
+                                   s.guidance)
                 flops, router_fl = [fl], 0
                 evaluations = s.evaluations
             else:
@@ -368,13 +376,13 @@ class Context:
                     x = sample(ens, x, y, s.steps, s.sampler, s.guidance).cpu()
                 calls = ens.calls.numpy().astype(np.float64)
                 objs = ensemble_objectives(cell.ensemble, self.k)
-                flops = [self.flops_of(("expert", cell.train_seed, o, c), lambda e=e: e, "expert")
+                flops = [self.flops_of(("expert", cell.train_seed, o, c), lambda e=e: e, "expert", s.guidance)
                          for c, (o, e) in enumerate(zip(objs, ens.experts, strict=True))]
                 router_fl = self.flops_of(("router", cell.router), lambda: ens.router, "router")
                 evaluations = s.steps if cell.method == "ddim" else s.evaluations
             x = x.clamp(-1, 1)
-            rep = metric_report(x, labels, self.train_ds, self.test_ds, self.classifier, self.partition,
-                                seed=cell.seed)
+            rep = metric_report(x, labels if cell.generation == "class" else None, self.train_ds, self.test_ds,
+                                self.classifier, self.partition, seed=cell.seed)
             target = self.target_share(labels)
             share = np.asarray(rep["cluster_share"])
             n = self.cfg.n
@@ -451,13 +459,18 @@ def study_routing(ctx: Context) -> dict:
     settings: list[tuple[str, str | None, str | None]] = [("fm", r, s) for r in ("cond", "uncond")
                                                           for s in ctx.strategies]
     settings += [("fm", "stats", "top-2"), ("fm", "stats-uncond", "top-2"), ("monolith-fm", None, None)]
-    rows = []
-    for ens, router, strat in settings:
-        cells = [ctx.cell(Cell(ts, s, ens, router, strat), ("routing",)) for ts, s in _runs(cfg)]
-        rows.append({"setting": cells[0]["setting"], "ensemble": ens, "router": router, "strategy": strat,
-                     "summary": summarize_cells(cells), "cells": [c["key"] for c in cells]})
-    return {"rows": rows, "data_share": ctx.partition.shares().tolist(),
-            "strategies": {k: asdict(v) for k, v in ctx.strategies.items()}}
+    # unconditional generation (no class anywhere, no CFG): where argmax routing collapsed in the CPU prototype
+    uncond = [("fm", "uncond", s) for s in ctx.strategies] + [("fm", "stats-uncond", "top-2"),
+                                                               ("monolith-fm", None, None)]
+    out: dict = {"data_share": ctx.partition.shares().tolist(),
+                 "strategies": {k: asdict(v) for k, v in ctx.strategies.items()}}
+    for name, gen, group in (("rows", "class", settings), ("rows_uncond_gen", "none", uncond)):
+        out[name] = []
+        for ens, router, strat in group:
+            cells = [ctx.cell(Cell(ts, s, ens, router, strat, generation=gen), ("routing",)) for ts, s in _runs(cfg)]
+            out[name].append({"setting": cells[0]["setting"], "ensemble": ens, "router": router, "strategy": strat,
+                              "generation": gen, "summary": summarize_cells(cells), "cells": [c["key"] for c in cells]})
+    return out
 
 
 def study_objectives(ctx: Context) -> dict:
