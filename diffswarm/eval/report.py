@@ -281,7 +281,9 @@ def section_routing(res: dict, out: Path) -> tuple[str, list[dict]]:
              "real sample scores. FD and KID compare the samples with train images, so a sampler that reproduces "
              "its training images can score below the floor (memorisation, likely when experts see few images); "
              "KID is unbiased and may be negative. Expert calls count guided velocity rows (2 network rows each "
-             "under CFG); GFLOPs add the router's.", "",
+             "under CFG); GFLOPs per image are those calls times each network's forward FLOPs plus the router's "
+             "at every step, counted once per network with torch's FlopCounterMode (matmuls, convolutions and "
+             "attention; elementwise ops not counted).", "",
              table(QUALITY_HEADER, _quality_rows(rt["rows"])), "", f"![FD against cost]({plots[0]})", "",
              "Share of samples per cluster (mean over runs) against the target (the share of real images of the "
              "requested classes in each cluster):", ""]
