@@ -259,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda[:i]")
     p.add_argument("--jobs", type=int, default=1, help="parallel training processes (one per core at most)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each process")
+    p.add_argument("--report-only", action="store_true",
+                   help="only re-render OUT/report.md and its plots from OUT/results.json (and OUT/reading.md)")
     return parser
 
 

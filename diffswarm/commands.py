@@ -397,8 +397,18 @@ def eval_config(quick: bool, out: str, **over):
                        **cfg)
 
 
-def plan_eval(args, given) -> EvalPlan:
+@dataclass(frozen=True)
+class EvalReportPlan:
+    out: str  # re-render OUT/report.md from OUT/results.json
+
+
+def plan_eval(args, given) -> EvalPlan | EvalReportPlan:
     from .eval.study import STUDIES
+
+    if args.report_only:
+        _refuse(given, [a for a in ("quick", "studies", "seeds", "threads", *EVAL_POOL_DESTS) if a in given],
+                "with --report-only (it re-renders OUT/report.md from OUT/results.json)")
+        return EvalReportPlan(args.out)
 
     studies = tuple(s for s in STUDIES if s in (args.studies or STUDIES))
     if set(studies) == {"gmm"}:
@@ -650,7 +660,15 @@ def run_eval(p: EvalPlan) -> int:
     return 0
 
 
-_RUNNERS = {EvalPlan: run_eval, PartitionPlan: run_partition, TrainJob: run_train, RouterPlan: run_train_router,
+def run_eval_report(p: EvalReportPlan) -> int:
+    from .eval.report import rerender
+
+    print(f"report -> {rerender(p.out)}")
+    return 0
+
+
+_RUNNERS = {EvalPlan: run_eval, EvalReportPlan: run_eval_report,
+            PartitionPlan: run_partition, TrainJob: run_train, RouterPlan: run_train_router,
             GeneratePlan: run_generate, DashboardPlan: run_dashboard, PeerPlan: run_peer, SwarmUpPlan: run_swarm_up,
             SwarmDownPlan: run_swarm_down, SwarmStatusPlan: run_swarm_status, QualityPlan: run_quality,
             DemoPlan: run_demo}

@@ -221,7 +221,13 @@ def test_quick_eval_end_to_end(tmp_path, monkeypatch):
     assert npz["samples"].shape[0] == res["config"]["n"] and npz["labels"].shape == (res["config"]["n"],)
     assert str(npz["setting"]) == entry["setting"] and entry["studies"]
 
-    # 4. the pool is cached: asking again trains nothing and leaves the weights untouched
+    # 4. a person's reading is appended on re-rendering, from results.json alone
+    (out / "reading.md").write_text("Toy sizes: nothing to read here.")
+    assert main(["eval", "--out", str(out), "--report-only"]) == 0
+    assert "## 8. Reading\n\nToy sizes: nothing to read here." in (out / "report.md").read_text()
+    assert main(["eval", "--out", str(out), "--report-only", "--budget", "3"]) == 2  # refused: no effect
+
+    # 5. the pool is cached: asking again trains nothing and leaves the weights untouched
     cfg = eval_config(True, str(out))
     pool = ExpertPool(cfg.pool)
     weights = sorted(Path(pool.root).glob("models/*/*.safetensors"))

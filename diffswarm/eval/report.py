@@ -620,6 +620,8 @@ def render(res: dict, out: Path) -> str:
     head += [f"- machine: {m.get('processor')} x{m.get('cpu_count')} ({m.get('platform')}), torch {m.get('torch')}, "
              f"device {m.get('device')}{', ' + m['gpu'] if m.get('gpu') else ''}, {m.get('torch_threads')} "
              f"thread(s)" + (f"; load average at start {load[0]:.1f}" if load else ""),
+             "- reproduce: run the command again (same seeds, step-count training: the same numbers on the same "
+             "kind of device); the pool and OUT/cells are reused, delete them to recompute from scratch",
              f"- run time: {tm.get('total_s', 0):.0f} s ("
              + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in tm.items()
                          if k not in ("total_s", "classifier_s")) + ")", ""]
@@ -641,7 +643,23 @@ def render(res: dict, out: Path) -> str:
                       "machinery works, not as findings." if cfg["quick"] else
                       f"{len(cfg['train_seeds'])} training seeds x {len(cfg['seeds'])} sampling seeds."), "",
             table(["claim", "ours", "verdict"], [[c["claim"], c["ours"], c["verdict"]] for c in claims]), ""]
+    reading = out / "reading.md"
+    if reading.exists():  # a person's reading of these numbers, kept beside the report and appended to it
+        tail += ["## 8. Reading", "", reading.read_text().strip(), ""]
     return "\n".join(head + body + tail)
+
+
+def rerender(out: str | Path) -> Path:
+    """Rewrite OUT/report.md and its plots from OUT/results.json (e.g. after adding OUT/reading.md)."""
+    import json
+
+    out = Path(out)
+    try:
+        res = json.loads((out / "results.json").read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{out / 'results.json'} does not exist: run `diffswarm eval --out {out}` "
+                                "first") from None
+    return write_report(res, out)
 
 
 def write_report(res: dict, out: str | Path) -> Path:
@@ -650,4 +668,4 @@ def write_report(res: dict, out: str | Path) -> Path:
     return atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text))
 
 
-__all__ = ["fmt", "paired", "render", "write_report"]
+__all__ = ["fmt", "paired", "render", "rerender", "write_report"]

@@ -757,37 +757,47 @@ def run_study(cfg: StudyConfig, log=print, command: str | None = None) -> dict:
         # one pass per training seed: train (or reuse) that seed's pool, then every study over the seeds so far
         # (cells of earlier seeds are reused), so a long run has a complete report for its first seed early
         passes = [cfg.train_seeds[: i + 1] for i in range(len(cfg.train_seeds))] if cfg.needs_pool else [()]
-        pool_summary: dict = {"trained": [], "reused": [], "models": {}}
-        for i, seeds_so_far in enumerate(passes):
+        trained: list[str] = []
+
+        def ensure(seed: int, objectives: tuple[str, ...]) -> None:
+            t0 = time.perf_counter()
+            log(f"[pool] {ctx.train_ds.dataset_id}, K={ctx.k}, training seed {seed}, objectives {list(objectives)}")
+            pool = ctx.pool.ensure((seed,), jobs=cfg.jobs, log=log, objectives=objectives)
+            trained.extend(pool["trained"])
+            models = {**results.get("pool", {}).get("models", {}), **pool["models"]}
+            results["pool"] = {"root": pool["root"], "trained": list(trained), "models": models,
+                               "reused": [m for m in models if m not in trained]}
+            results["timings"]["pool_s"] = results["timings"].get("pool_s", 0.0) + time.perf_counter() - t0
+
+        def run(name: str, seeds_so_far, first: bool) -> None:
+            if name == "gmm" and not first:
+                return  # the Gaussian-mixture study does not depend on the expert pool
+            t0 = time.perf_counter()
+            log(f"[{name}]" + (f" training seeds {list(seeds_so_far)}" if ctx is not None else ""))
+            if name == "gmm":
+                results["studies"]["gmm"] = study_gmm(cfg, log)
+            elif name == "alignment":
+                results["studies"]["alignment"] = study_alignment(ctx, results["studies"].get("stability"))
+            else:
+                results["studies"][name] = globals()[f"study_{name}"](ctx)
+            results["timings"][f"{name}_s"] = results["timings"].get(f"{name}_s", 0.0) + time.perf_counter() - t0
             if ctx is not None:
-                t0 = time.perf_counter()
-                ctx.cfg = replace(cfg, train_seeds=seeds_so_far)
-                log(f"[pool] {ctx.train_ds.dataset_id}, K={ctx.k}, training seed {seeds_so_far[-1]}")
-                pool = ctx.pool.ensure(seeds_so_far[-1:], jobs=cfg.jobs, log=log,
-                                       objectives=("fm", "ddpm") if "objectives" in cfg.studies else ("fm",))
-                for key in ("trained", "reused"):
-                    pool_summary[key] += pool[key]
-                pool_summary["models"].update(pool["models"])
-                pool_summary["root"] = pool["root"]
-                results["pool"] = pool_summary
-                results["timings"]["pool_s"] = results["timings"].get("pool_s", 0.0) + time.perf_counter() - t0
+                results["cells"] = {"computed": ctx.cells_computed, "reused": ctx.cells_reused,
+                                    "sampling_s": ctx.cell_seconds}
+            save()
+
+        for i, seeds_so_far in enumerate(passes):
             results["progress"] = {"train_seeds_done": list(seeds_so_far), "complete": i == len(passes) - 1}
-            for name in order:
-                if name == "gmm" and i > 0:
-                    continue  # the Gaussian-mixture study does not depend on the expert pool
-                t0 = time.perf_counter()
-                log(f"[{name}]" + (f" training seeds {list(seeds_so_far)}" if ctx is not None else ""))
-                if name == "gmm":
-                    results["studies"]["gmm"] = study_gmm(cfg, log)
-                elif name == "alignment":
-                    results["studies"]["alignment"] = study_alignment(ctx, results["studies"].get("stability"))
-                else:
-                    results["studies"][name] = globals()[f"study_{name}"](ctx)
-                results["timings"][f"{name}_s"] = results["timings"].get(f"{name}_s", 0.0) + time.perf_counter() - t0
-                if ctx is not None:
-                    results["cells"] = {"computed": ctx.cells_computed, "reused": ctx.cells_reused,
-                                        "sampling_s": ctx.cell_seconds}
-                save()
+            if ctx is not None:
+                # FM experts, monolith and routers first: every study but the objectives one runs on them, so
+                # their results come while the DDPM experts still train
+                ctx.cfg = replace(cfg, train_seeds=seeds_so_far)
+                ensure(seeds_so_far[-1], ("fm",))
+            for name in [n for n in order if n != "objectives"]:
+                run(name, seeds_so_far, i == 0)
+            if "objectives" in order:
+                ensure(seeds_so_far[-1], ("fm", "ddpm"))
+                run("objectives", seeds_so_far, i == 0)
             if ctx is not None:
                 _grids(ctx, results)
         if ctx is not None and cfg.save_samples:
