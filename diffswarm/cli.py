@@ -95,8 +95,9 @@ def _add_swarm_source_args(p: argparse.ArgumentParser) -> None:
                    help="multiaddr(s) of swarm peers (default: those of `diffswarm swarm up` in --run-dir)")
     g.add_argument("--run-dir", default=None,
                    help="local swarm state folder (default runs/swarm; without --initial-peers)")
-    g.add_argument("--swarm", default=None,
-                   help="swarm name (DHT key prefix; default: the local swarm's own name, else diffswarm)")
+    g.add_argument("--swarm", default=None, metavar="NAME@FINGERPRINT",
+                   help="the swarm's full name, as `swarm up` and the founding peer print it (needed with "
+                        "--initial-peers; default: the local swarm's own name)")
 
 
 def _add_network_args(p: argparse.ArgumentParser, client: bool) -> None:
@@ -173,18 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser(sub, "peer", "volunteer: join the swarm, (train and) serve one expert")
     g = p.add_argument_group("what to serve")
     g.add_argument("--checkpoint", default=None, help="expert checkpoint to serve (expert.safetensors)")
-    g.add_argument("--router", default=None, help="also serve this router file and announce it for the swarm")
+    g.add_argument("--router", default=None,
+                   help="also serve this router file; with the owner key, found the swarm and sign its manifest")
+    g.add_argument("--owner-key", default=None, metavar="FILE",
+                   help="the swarm owner's key file (created if missing) that signs the manifest naming --router "
+                        "(default: the peer's identity key); its fingerprint is part of the swarm's name")
     g = p.add_argument_group("training first (instead of --checkpoint); the run resumes from --out")
     _add_train_args(g)
     g.add_argument("--train-job", default=None, help="a training job file (job.json, as `swarm up` writes them)")
     g = p.add_argument_group("serving")
-    g.add_argument("--swarm", default="diffswarm", help="swarm name (DHT key prefix)")
+    g.add_argument("--swarm", default=None, metavar="NAME@FINGERPRINT",
+                   help="the swarm to join (its full name); with --router a bare NAME founds swarm NAME owned by the "
+                        "owner key (default name diffswarm)")
     g.add_argument("--device", default=None, help="device for training and serving (default auto)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     g.add_argument("--max-batch", type=int, default=None, help="rows per forward pass (default 256)")
     g.add_argument("--batch-wait-ms", type=float, default=None,
                    help="wait for other clients' requests (ms, default 2)")
-    g.add_argument("--announce-period", type=float, default=10.0, help="seconds between DHT heartbeats")
+    g.add_argument("--announce-period", type=float, default=10.0,
+                   help="seconds between DHT heartbeats (at most 300: readers call records stale after 600 s)")
     g.add_argument("--info-file", default=None, help="write peer id, multiaddrs and state here (JSON)")
     _add_network_args(p, client=False)
 
@@ -197,7 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--replicas", type=int, default=1, help="peers per expert")
     q.add_argument("--threads", type=int, default=1, help="torch threads per peer")
     q.add_argument("--port", type=int, default=0, help="bootstrap TCP port (0: any)")
-    q.add_argument("--swarm", default="diffswarm", help="swarm name (DHT key prefix)")
+    q.add_argument("--swarm", default="diffswarm",
+                   help="swarm NAME; its full name NAME@FINGERPRINT (the owner key's) is printed and kept in "
+                        "RUN_DIR/swarm.json")
+    q.add_argument("--owner-key", default=None, metavar="FILE",
+                   help="the swarm owner's key file (default RUN_DIR/owner.key; created if missing)")
     q.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for every peer to be online")
     g = q.add_argument_group("training the experts (without --checkpoints)")
     g.add_argument("--experts", type=int, default=None, help="K: number of experts (clusters; default 4)")

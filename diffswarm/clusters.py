@@ -23,6 +23,12 @@ from .fileio import atomic_write
 from .router.train import RouterTrainConfig
 
 JOB_FILE = "job.json"
+STATS_FILE = "cluster_stats.bin"  # the statistics router's summary of this cluster (router/stats.py), beside the expert
+
+
+def stats_path(checkpoint: str | Path) -> Path:
+    """Where the cluster statistics of the expert ``checkpoint`` (OUT/expert.safetensors) live."""
+    return Path(checkpoint).parent / STATS_FILE
 
 
 def dataset_for_partition(part: Partition, split: str = "train") -> ImageDataset:
@@ -104,6 +110,18 @@ class TrainJob:
         return self.expert(part, dataset_for_partition(part))
 
 
+def write_cluster_stats(cfg: ExpertConfig, images: torch.Tensor, labels: torch.Tensor, path: str | Path) -> Path:
+    """Statistics of this cluster's own images (mean, feature covariance, residual variance, class histogram in a
+    fixed DCT feature space): what its peer publishes so clients can route without a trained router."""
+    from .router.stats import DCTBasis, cluster_stats
+
+    shape = (cfg.net.channels, cfg.net.size, cfg.net.size)
+    st = cluster_stats(images, labels, cfg.net.num_classes, DCTBasis(shape), cluster=cfg.cluster,
+                       partition_hash=cfg.partition_hash or "", dataset_id=cfg.dataset_id)
+    blob = st.to_bytes()
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(blob))
+
+
 def run_train_job(job: TrainJob, *, progress: bool = True, position: int = 0, on_step=None,
                   prepared: tuple[ExpertConfig, torch.Tensor, torch.Tensor] | None = None) -> dict:
     """Train ``job`` (writing ``OUT/job.json`` first); returns the checkpoint's summary.
@@ -112,6 +130,7 @@ def run_train_job(job: TrainJob, *, progress: bool = True, position: int = 0, on
 
     cfg, images, labels = prepared or job.load_data()
     job.save(Path(job.out) / JOB_FILE)
+    write_cluster_stats(cfg, images, labels, Path(job.out) / STATS_FILE)
     return train_expert(cfg, job.train, images, labels, job.out, progress=progress, position=position,
                         on_step=on_step)
 

@@ -22,7 +22,6 @@ from .router.sampler import SamplingConfig
 from .router.train import RouterTrainConfig
 
 DEFAULT_RUN_DIR = "runs/swarm"
-DEFAULT_SWARM = "diffswarm"
 
 
 def _refuse(given: dict[str, str], dests, why: str) -> None:
@@ -99,7 +98,8 @@ class PeerPlan:
 @dataclass(frozen=True)
 class SwarmUpPlan:
     run_dir: str
-    swarm: str
+    swarm: str  # NAME, or NAME@FINGERPRINT that must match the owner key
+    owner_key: str | None  # None: RUN_DIR/owner.key
     replicas: int
     threads: int
     port: int
@@ -207,21 +207,35 @@ def _client_network(args, given, local: bool):
                          nat_port_map=not args.no_nat)
 
 
+def _full_swarm_name(text: str, option: str = "--swarm") -> str:
+    """The canonical ``NAME@FINGERPRINT`` of ``text``, or a ValueError naming ``option`` that says how to get it."""
+    from .dht.trust import SwarmNameError, parse_swarm_name
+
+    try:
+        return str(parse_swarm_name(text))
+    except SwarmNameError as e:
+        raise ValueError(f"{option}: {e}") from None
+
+
 def _swarm_source(args, given, **client_kw) -> SwarmSource:
-    """--initial-peers, else the local swarm of --run-dir found by its own name (``swarm.json``)."""
+    """--initial-peers with --swarm NAME@FINGERPRINT, else the local swarm of --run-dir found by its own
+    full name (``swarm.json``)."""
     from .client.client import ClientConfig
+    from .dht.trust import HOW_TO_NAME
 
     if args.initial_peers:
         _refuse(given, ["run_dir"], "with --initial-peers (it names the local swarm to use instead)")
+        if args.swarm is None:
+            raise ValueError(f"--initial-peers needs --swarm NAME@FINGERPRINT: {HOW_TO_NAME}")
         net = _client_network(args, given, local=False)
-        return SwarmSource(tuple(args.initial_peers), ClientConfig(swarm=args.swarm or DEFAULT_SWARM, net=net,
+        return SwarmSource(tuple(args.initial_peers), ClientConfig(swarm=_full_swarm_name(args.swarm), net=net,
                                                                    **client_kw))
     from .localswarm import LocalSwarm
 
     run_dir = args.run_dir or DEFAULT_RUN_DIR
     sw = LocalSwarm.find(run_dir)
-    if args.swarm is not None and args.swarm != sw.swarm:
-        raise ValueError(f"--swarm {args.swarm!r}: the local swarm in {run_dir} is named {sw.swarm!r}; drop --swarm "
+    if args.swarm is not None and _full_swarm_name(args.swarm) != sw.swarm:
+        raise ValueError(f"--swarm {args.swarm!r}: the local swarm in {run_dir} is {sw.swarm!r}; drop --swarm "
                          "or pass --initial-peers to join another swarm")
     net = _client_network(args, given, local=True)
     return SwarmSource(tuple(sw.initial_peers), ClientConfig(swarm=sw.swarm, net=net, **client_kw), str(run_dir))
@@ -289,6 +303,32 @@ def _server_network(args, given):
     return net
 
 
+MAX_ANNOUNCE_PERIOD = 300.0  # seconds; heartbeats expire after min(3 periods, 600 s), records are stale after 600 s
+
+
+def _peer_swarm(args, given, serves: bool) -> str | None:
+    """A peer's --swarm: a full name to join; a bare NAME only with --router (found swarm NAME, owned by the
+    owner key); none: found "diffswarm" with --router, a plain DHT node without anything to serve."""
+    from .dht.trust import HOW_TO_NAME, SwarmNameError, check_bare_name, is_full_name
+
+    if not args.router:
+        _refuse(given, ["owner_key"], "without --router (the owner key signs the manifest naming the swarm's router)")
+    if args.swarm is None:
+        if serves and not args.router:
+            what = next((given[d] for d in ("checkpoint", "train_job", "cluster", "partition") if d in given),
+                        "serving an expert")
+            raise ValueError(f"a peer serving an expert ({what}) needs --swarm NAME@FINGERPRINT: {HOW_TO_NAME}")
+        return None
+    if is_full_name(args.swarm):
+        return _full_swarm_name(args.swarm)
+    if not args.router:
+        return _full_swarm_name(args.swarm)  # raises: a bare NAME only founds a swarm, with --router
+    try:
+        return check_bare_name(args.swarm)
+    except SwarmNameError as e:
+        raise ValueError(f"--swarm: {e}") from None
+
+
 def plan_peer(args, given) -> PeerPlan:
     from .peer.server import PeerConfig
 
@@ -310,9 +350,13 @@ def plan_peer(args, given) -> PeerPlan:
     if not args.checkpoint and train is None:
         _refuse(given, ["device", "threads", "max_batch", "batch_wait_ms"],
                 "without an expert to serve (--checkpoint, --cluster or --train-job)")
+    swarm = _peer_swarm(args, given, serves=bool(args.checkpoint or train))
+    if not 0 < args.announce_period <= MAX_ANNOUNCE_PERIOD:
+        raise ValueError(f"--announce-period {args.announce_period:g} must be in (0, {MAX_ANNOUNCE_PERIOD:g}] seconds "
+                         "(readers call records older than 600 s stale)")
     d = PeerConfig()
-    cfg = PeerConfig(net=_server_network(args, given), swarm=args.swarm, checkpoint=args.checkpoint, train=train,
-                     router=args.router, device=args.device or d.device,
+    cfg = PeerConfig(net=_server_network(args, given), swarm=swarm, owner_key=args.owner_key,
+                     checkpoint=args.checkpoint, train=train, router=args.router, device=args.device or d.device,
                      threads=args.threads if args.threads is not None else d.threads,
                      max_batch=args.max_batch or d.max_batch,
                      batch_wait_ms=args.batch_wait_ms if args.batch_wait_ms is not None else d.batch_wait_ms,
@@ -321,8 +365,14 @@ def plan_peer(args, given) -> PeerPlan:
 
 
 def plan_swarm_up(args, given) -> SwarmUpPlan:
-    common = dict(run_dir=args.run_dir, swarm=args.swarm, replicas=args.replicas, threads=args.threads,
-                  port=args.port, timeout=args.timeout)
+    from .dht.trust import SwarmNameError, check_bare_name, is_full_name
+
+    try:
+        swarm = _full_swarm_name(args.swarm) if is_full_name(args.swarm) else check_bare_name(args.swarm)
+    except SwarmNameError as e:
+        raise ValueError(f"--swarm: {e}") from None
+    common = dict(run_dir=args.run_dir, swarm=swarm, owner_key=args.owner_key, replicas=args.replicas,
+                  threads=args.threads, port=args.port, timeout=args.timeout)
     training = ["experts", "partition", "objectives", "train_steps", "train_minutes", "router_steps", "net", "width",
                 "depth", "seed", *DATASET_DESTS]
     if args.checkpoints:
@@ -534,10 +584,7 @@ def run_dashboard(p: DashboardPlan) -> int:
 def run_peer(p: PeerPlan) -> int:
     from .peer.server import run_peer as serve
 
-    cfg = p.config
-    if cfg.checkpoint is None and cfg.train is None and cfg.router is None and cfg.net.initial_peers:
-        print("no --checkpoint, --cluster, --train-job or --router: running as a DHT node only")
-    return serve(cfg, log=lambda m: print(m, flush=True))
+    return serve(p.config, log=lambda m: print(m, flush=True))  # a peer with nothing to serve says it is a DHT node
 
 
 def run_swarm_up(p: SwarmUpPlan) -> int:
@@ -583,11 +630,13 @@ def run_swarm_up(p: SwarmUpPlan) -> int:
         if p.replicas > 1:
             print("note: replicas of a cluster each train their own expert (same data and seed)")
     print(f"starting a bootstrap node and {len(specs)} peer(s) on 127.0.0.1 (logs in {run_dir / 'logs'})")
-    sw = start_local_swarm(specs, router, run_dir, swarm=p.swarm, threads=p.threads, timeout=p.timeout, port=p.port,
-                           log=print)
-    print(f"swarm {p.swarm!r} is up with {len(specs)} expert peer(s). Multiaddr:\n  {' '.join(sw.initial_peers)}")
-    print(f"generate with: diffswarm generate --run-dir {run_dir} --class all   (or --loopback --initial-peers "
-          f"{sw.initial_peers[0]})")
+    sw = start_local_swarm(specs, router, run_dir, swarm=p.swarm, owner_key=p.owner_key, threads=p.threads,
+                           timeout=p.timeout, port=p.port, log=print)
+    owner = p.owner_key or run_dir / "owner.key"
+    print(f"swarm {sw.swarm} is up with {len(specs)} expert peer(s) (owner key {owner}). Multiaddr:\n"
+          f"  {' '.join(sw.initial_peers)}")
+    print(f"generate with: diffswarm generate --run-dir {run_dir} --class all   (or --loopback --swarm {sw.swarm} "
+          f"--initial-peers {sw.initial_peers[0]})")
     print(f"stop with:     diffswarm swarm down --run-dir {run_dir}")
     return 0
 
@@ -603,24 +652,32 @@ def run_swarm_down(p: SwarmDownPlan) -> int:
 def run_swarm_status(p: SwarmStatusPlan) -> int:
     import asyncio
 
+    from .client.discovery import router_sources
     from .dht.node import SwarmDHT
+    from .dht.trust import choose_manifest, parse_swarm_name
 
     net = replace(p.swarm.config.net, initial_peers=list(p.swarm.initial_peers))
+    name = parse_swarm_name(p.swarm.config.swarm)
 
     async def query():
-        node = await SwarmDHT.create(net, p.swarm.config.swarm)
+        node = await SwarmDHT.create(net, str(name))
         try:
-            return await node.get_experts(), await node.get_swarm()
+            return await node.get_experts(), await node.get_manifests(), await node.get_providers()
         finally:
             await node.shutdown()
 
-    (experts, errs), (swarms, serrs) = asyncio.run(query())
-    for r in swarms:
-        print(f"router {r.router_sha256[:12]} K={r.num_clusters} partition {r.partition_hash[:12]} at {r.peer_id[:12]}")
+    (experts, errs), (manifests, merrs), (providers, perrs) = asyncio.run(query())
+    m, notes = choose_manifest(manifests, name)
+    if m is None:
+        print(f"swarm {name}: no manifest signed by its owner is announced")
+    else:
+        n = len(router_sources(providers, m))
+        print(f"swarm {name}: router {m.router_sha256[:12]} K={m.num_clusters} partition {m.partition_hash[:12]} "
+              f"dataset {m.dataset_id or '?'} (signed by the owner, issued {m.issued:.0f}; {n} peer(s) serve it)")
     for r in sorted(experts, key=lambda r: (r.cluster if r.cluster is not None else -1, r.peer_id)):
         print(f"{r.expert_id:10s} {r.state:8s} {r.peer_id[:12]} {r.throughput:8.0f} rows/s  load {r.load:.0f}"
               + (f"  training {r.progress:.0%}" if r.state == "joining" else ""))
-    for e in errs + serrs:
+    for e in errs + merrs + perrs + notes:
         print(f"invalid record skipped: {e}")
     return 0
 

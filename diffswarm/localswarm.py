@@ -5,7 +5,10 @@ benchmark. Every process runs ``python -m diffswarm peer --loopback ...`` in its
 ``swarm down`` can stop its p2pd with it) and writes an info file (peer id, multiaddrs, pid, p2pd
 sockets). The state of a running swarm lives in ``RUN_DIR/swarm.json``:
 
-    {"swarm": name, "initial_peers": [...], "procs": [{"name", "pid", "log", "info"}...]}
+    {"swarm": "NAME@FINGERPRINT", "initial_peers": [...], "procs": [{"name", "pid", "log", "info"}...]}
+
+The swarm's owner key is ``RUN_DIR/owner.key`` (made on the first ``swarm up`` in that folder, kept
+afterwards, so restarting the swarm keeps its name); the bootstrap node signs the manifest with it.
 
 Stopping: SIGTERM to each peer (it announces offline and stops its daemon), SIGKILL to its
 process group after ``timeout``, then the leftover p2pd sockets are removed.
@@ -27,6 +30,7 @@ from pathlib import Path
 from .clusters import TrainJob
 
 STATE_FILE = "swarm.json"
+OWNER_KEY_FILE = "owner.key"
 
 
 class SwarmLaunchError(RuntimeError):
@@ -120,11 +124,17 @@ class LocalSwarm:
     @classmethod
     def find(cls, run_dir: str | Path) -> LocalSwarm:
         """``load`` for a client with no --initial-peers: ValueError telling the user what to do."""
+        from .dht.trust import is_full_name
+
         try:
-            return cls.load(run_dir)
+            sw = cls.load(run_dir)
         except FileNotFoundError:
             raise ValueError(f"no --initial-peers given and no local swarm in {run_dir}; start one with "
                              "`diffswarm swarm up` or pass the multiaddr a peer printed") from None
+        if not is_full_name(sw.swarm):
+            raise ValueError(f"the local swarm in {run_dir} was started by an older diffswarm (its name {sw.swarm!r} "
+                             "has no owner fingerprint); restart it with `diffswarm swarm down` and `swarm up`")
+        return sw
 
     def info(self, name: str) -> dict | None:
         p = next(p for p in self.procs if p.name == name)
@@ -224,13 +234,35 @@ def _wait_online(procs: list[tuple[PeerProc, subprocess.Popen]], deadline: float
     return infos
 
 
+def owned_swarm_name(swarm: str, owner_key: str | Path) -> str:
+    """The full name ``NAME@FINGERPRINT`` of swarm ``swarm`` (a NAME, or a full name that must match) owned
+    by the key file ``owner_key`` (created if missing)."""
+    from .dht.node import load_or_create_key
+    from .dht.trust import is_full_name, parse_swarm_name, swarm_name_of
+
+    key, _ = load_or_create_key(owner_key)
+    if is_full_name(swarm):
+        want = parse_swarm_name(swarm)
+        mine = swarm_name_of(want.name, key)
+        if mine != want:
+            raise ValueError(f"--swarm {swarm}: the owner key {owner_key} makes {mine}; drop the fingerprint or pass "
+                             "the matching --owner-key")
+        return str(want)
+    return str(swarm_name_of(swarm, key))
+
+
 def start_local_swarm(peers: Sequence[PeerSpec], router_path: str | None, run_dir: str | Path, *,
-                      swarm: str = "diffswarm", threads: int = 1, timeout: float = 300.0, port: int = 0,
-                      announce_period: float = 5.0, extra_args: Sequence[str] = (), log=print) -> LocalSwarm:
-    """Start a bootstrap node (serving the router) and ``peers`` on 127.0.0.1, each as its own process;
-    return once all are online (their records checked in the DHT). Writes RUN_DIR/swarm.json."""
+                      swarm: str = "diffswarm", owner_key: str | Path | None = None, threads: int = 1,
+                      timeout: float = 300.0, port: int = 0, announce_period: float = 5.0,
+                      extra_args: Sequence[str] = (), log=print) -> LocalSwarm:
+    """Start a bootstrap node (serving the router and signing the swarm's manifest with ``owner_key``,
+    default RUN_DIR/owner.key, created if missing) and ``peers`` on 127.0.0.1, each as its own process;
+    return once all are online (their records checked in the DHT). ``swarm``: the NAME (or the full name,
+    which must match the owner key). Writes RUN_DIR/swarm.json with the full name."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    owner_key = Path(owner_key) if owner_key else run_dir / OWNER_KEY_FILE
+    swarm = owned_swarm_name(swarm, owner_key)
     if (run_dir / STATE_FILE).exists():
         old = LocalSwarm.load(run_dir)
         if any(_alive(p.pid) and _is_ours(p.pid) for p in old.procs):
@@ -243,11 +275,14 @@ def start_local_swarm(peers: Sequence[PeerSpec], router_path: str | None, run_di
     started: list[tuple[PeerProc, subprocess.Popen]] = []
     sw = LocalSwarm(run_dir, swarm, [], [], {})
     try:
-        boot_args = [*common, "--port", str(port)] + (["--router", str(router_path)] if router_path else [])
+        signs = ["--router", str(router_path), "--owner-key", str(owner_key)] if router_path else []
+        boot_args = [*common, "--port", str(port), *signs]
         started.append(_spawn("bootstrap", boot_args, run_dir, env))
         sw.procs, sw._popens = [p for p, _ in started], {p.pid: pop for p, pop in started}
         sw.save()
         boot = _wait_online(started[:1], deadline, log)["bootstrap"]
+        if boot.get("swarm") != swarm:
+            raise SwarmLaunchError(f"the bootstrap node runs swarm {boot.get('swarm')!r}, expected {swarm!r}")
         sw.initial_peers = boot["maddrs"]
         for spec in peers:
             args = [*common, "--threads", str(threads), "--initial-peers", *sw.initial_peers, *spec.extra_args]
@@ -259,18 +294,23 @@ def start_local_swarm(peers: Sequence[PeerSpec], router_path: str | None, run_di
             sw.procs, sw._popens = [p for p, _ in started], {p.pid: pop for p, pop in started}
             sw.save()
         infos = _wait_online(started[1:], deadline, log)
-        _confirm_in_dht(sw, [i["peer_id"] for i in infos.values() if i.get("experts")], deadline)
+        _confirm_in_dht(sw, [i["peer_id"] for i in infos.values() if i.get("experts")], deadline,
+                        manifest=router_path is not None)
         return sw
     except BaseException:
         sw.stop(timeout=5)
         raise
 
 
-def _confirm_in_dht(sw: LocalSwarm, peer_ids: list[str], deadline: float) -> None:
-    """Wait until every expert peer's online record can be read from the DHT by a fresh client."""
+def _confirm_in_dht(sw: LocalSwarm, peer_ids: list[str], deadline: float, manifest: bool = False) -> None:
+    """Wait until every expert peer's online record (and, with ``manifest``, the owner's signed manifest)
+    can be read from the DHT by a fresh client."""
     import asyncio
 
     from .dht.node import NetworkConfig, SwarmDHT
+    from .dht.trust import choose_manifest, parse_swarm_name
+
+    name = parse_swarm_name(sw.swarm)
 
     async def check() -> None:
         node = await SwarmDHT.create(NetworkConfig.loopback(sw.initial_peers, client_mode=True), sw.swarm)
@@ -278,10 +318,13 @@ def _confirm_in_dht(sw: LocalSwarm, peer_ids: list[str], deadline: float) -> Non
             while True:
                 recs, _ = await node.get_experts()
                 online = {r.peer_id for r in recs if r.state == "online"}
-                if set(peer_ids) <= online:
+                signed = not manifest or choose_manifest((await node.get_manifests())[0], name)[0] is not None
+                if set(peer_ids) <= online and signed:
                     return
                 if time.monotonic() > deadline:
-                    raise SwarmLaunchError(f"peers {sorted(set(peer_ids) - online)} are up but not online in the DHT")
+                    missing = sorted(set(peer_ids) - online)
+                    raise SwarmLaunchError(f"peers {missing} are up but not online in the DHT" if missing else
+                                           f"the bootstrap node is up but the manifest of {sw.swarm} is not in the DHT")
                 await asyncio.sleep(0.5)
         finally:
             await node.shutdown()

@@ -49,10 +49,12 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
 
 
 def test_resume_continues_exactly_where_a_killed_run_stopped(tmp_path):
-    """A run stopped at step 6 and resumed to 12 ends with the same weights as one run of 12 steps."""
+    """A run stopped at step 6 and resumed to 12 ends with the same weights as one run of 12 steps, bit for bit,
+    and logs each step once (the killed run's line for step 8 is cut from the log on resume)."""
     x, y = _data()
     full = tmp_path / "full"
-    train_expert(_cfg(), TrainConfig(steps=12, batch=16, ckpt_every=6, warmup=2), x, y, full, progress=False)
+    train_expert(_cfg(), TrainConfig(steps=12, batch=16, ckpt_every=6, warmup=2, log_every=4), x, y, full,
+                 progress=False)
     part = tmp_path / "part"
 
     def kill_at_9(step, loss, progress):
@@ -61,17 +63,17 @@ def test_resume_continues_exactly_where_a_killed_run_stopped(tmp_path):
 
     # the 'killed' run: dies at step 9, three steps after its step-6 checkpoint
     with pytest.raises(KeyboardInterrupt):
-        train_expert(_cfg(), TrainConfig(steps=12, batch=16, ckpt_every=6, warmup=2), x, y, part, progress=False,
-                     on_step=kill_at_9)
+        train_expert(_cfg(), TrainConfig(steps=12, batch=16, ckpt_every=6, warmup=2, log_every=4), x, y, part,
+                     progress=False, on_step=kill_at_9)
     assert read_meta(part / "state.safetensors")["step"] == 6
-    resumed = TrainConfig(steps=12, batch=16, ckpt_every=6, warmup=2, resume=True)
+    resumed = TrainConfig(steps=12, batch=16, ckpt_every=6, warmup=2, log_every=4, resume=True)
     train_expert(_cfg(), resumed, x, y, part, progress=False)
     a = load_expert_file(full / "expert.safetensors")[1]
     b = load_expert_file(part / "expert.safetensors")[1]
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6), k
+        assert torch.equal(a[k], b[k]), k  # same RNG state, same ops in the same order: exact
     log = [json.loads(line) for line in (part / "train_log.jsonl").read_text().splitlines()]
-    assert log[-1]["step"] == 12 and len(log[-1]["loss_by_t"]) == 10
+    assert [r["step"] for r in log] == [4, 8, 12] and len(log[-1]["loss_by_t"]) == 10
 
 
 def test_resume_refuses_another_configuration(tmp_path):
@@ -116,3 +118,149 @@ def test_a_time_budget_run_records_its_steps_and_resumes_within_the_budget(tmp_p
     again = train_expert(_cfg(), TrainConfig(steps=None, minutes=0.05, batch=8, resume=True), x, y, tmp_path,
                          progress=False)
     assert again["steps"] == summary["steps"]
+
+
+# -- integrity: every file that fails its hash is refused, naming the file and what to do ----------------
+
+def _corrupt(path, at=-3):
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0x01  # one bit (negative offsets: inside the last tensor)
+    path.write_bytes(bytes(raw))
+
+
+def test_corrupt_or_truncated_state_is_never_trained_on(tmp_path):
+    x, y = _data()
+    train_expert(_cfg(), TrainConfig(steps=4, batch=8, ckpt_every=2), x, y, tmp_path, progress=False)
+    path = tmp_path / "state.safetensors"
+    good = path.read_bytes()
+    again = TrainConfig(steps=8, batch=8, ckpt_every=2, resume=True)
+    for name, damage in [("a flipped bit", lambda: _corrupt(path)),
+                         ("another step in its metadata", lambda: path.write_bytes(  # JSON inside JSON: \\"
+                             good.replace(b'\\"step\\": 4,', b'\\"step\\": 6,'))),
+                         ("truncated", lambda: path.write_bytes(good[: len(good) // 2]))]:
+        path.write_bytes(good)
+        damage()
+        assert path.read_bytes() != good, name
+        with pytest.raises(CheckpointError) as e:
+            train_expert(_cfg(), again, x, y, tmp_path, progress=False)
+        msg = str(e.value)
+        assert "cannot resume training: " in msg and str(path) in msg, (name, msg)
+        assert f"Delete {path} to restart" in msg and "expert.safetensors (step 4) passes its sha256 check" in msg
+        assert read_meta(tmp_path / "expert.safetensors")["summary"]["steps"] == 4, "the expert file was touched"
+    path.write_bytes(good)
+    assert train_expert(_cfg(), again, x, y, tmp_path, progress=False)["steps"] == 8  # the intact state resumes
+
+
+def test_a_state_without_its_hash_is_refused(tmp_path):
+    from diffswarm.experts.checkpoint import atomic_save, load_state, save_state
+
+    t = {"w": torch.ones(3), "opt.0.step": torch.tensor(5.0)}  # 0-dim tensors hash too
+    save_state(tmp_path / "s.safetensors", t, {"format": "f/1", "step": 5})
+    meta, back = load_state(tmp_path / "s.safetensors", "f/1")
+    assert meta["step"] == 5 and torch.equal(back["opt.0.step"], t["opt.0.step"])
+    with pytest.raises(CheckpointError, match="format"):
+        load_state(tmp_path / "s.safetensors", "f/2")
+    atomic_save(t, tmp_path / "old.safetensors", {"format": "f/1", "step": 5})  # an older diffswarm's state
+    with pytest.raises(CheckpointError, match="no state_sha256"):
+        load_state(tmp_path / "old.safetensors", "f/1")
+
+
+def test_a_second_run_in_the_same_folder_is_refused(tmp_path):
+    x, y = _data()
+
+    def second_run(step, loss, progress):
+        if step == 1:
+            with pytest.raises(CheckpointError, match="in use by another process"):
+                train_expert(_cfg(), TrainConfig(steps=2, batch=8), x, y, tmp_path, progress=False)
+
+    train_expert(_cfg(), TrainConfig(steps=2, batch=8), x, y, tmp_path, progress=False, on_step=second_run)
+    train_expert(_cfg(), TrainConfig(steps=3, batch=8, resume=True), x, y, tmp_path, progress=False)  # lock released
+
+
+def test_a_killed_writer_leaves_a_temporary_file_that_the_next_run_removes(tmp_path):
+    from diffswarm.fileio import atomic_write, stale_temps
+
+    x, y = _data()
+    train_expert(_cfg(), TrainConfig(steps=2, batch=8), x, y, tmp_path, progress=False)
+
+    def die(tmp):
+        open(tmp, "wb").write(b"half a checkpoint")
+        raise KeyboardInterrupt  # like a kill, except that atomic_write can still clean up; fake what it cannot:
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "state.safetensors", die)
+    assert stale_temps(tmp_path) == []  # an exception cleans up after itself
+    left = tmp_path / ".state.safetensors.abcd_123.tmp.safetensors"  # what a SIGKILL leaves (tests/test_kill_resume.py)
+    left.write_bytes(b"half a checkpoint")
+    other = tmp_path / ".notes.txt"
+    other.write_text("not ours")
+    assert stale_temps(tmp_path) == [left]
+    train_expert(_cfg(), TrainConfig(steps=3, batch=8, resume=True), x, y, tmp_path, progress=False)
+    assert not left.exists() and other.exists()
+
+
+@pytest.fixture
+def swarm_files(tmp_path):
+    """Two tiny experts of one partition and their router: what `generate --local` needs."""
+    from diffswarm.router.model import Router, RouterConfig
+
+    x, y = _data()
+    for c in (0, 1):
+        cfg = ExpertConfig(objective="fm", net=NetConfig(kind="mlp", size=8, width=16, depth=1, num_classes=3),
+                           cluster=c, num_clusters=2, partition_hash="ab" * 32, dataset_id="test:8")
+        train_expert(cfg, TrainConfig(steps=2, batch=8), x, y, tmp_path / f"c{c}", progress=False)
+    Router(RouterConfig(num_clusters=2, num_classes=3, size=8, width=16, partition_hash="ab" * 32)).save(
+        tmp_path / "router.safetensors")
+    return tmp_path
+
+
+def _generate(d, capsys):
+    from diffswarm.cli import main
+
+    capsys.readouterr()
+    rc = main(["generate", "--local", str(d / "c0" / "expert.safetensors"), str(d / "c1" / "expert.safetensors"),
+               "--router", str(d / "router.safetensors"), "--n", "2", "--steps", "2", "--output", str(d / "g.png")])
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damaged", ["c1/expert.safetensors", "router.safetensors"])
+def test_generate_refuses_a_corrupt_expert_or_router(swarm_files, capsys, damaged):
+    assert _generate(swarm_files, capsys)[0] == 0
+    _corrupt(swarm_files / damaged)
+    rc, err = _generate(swarm_files, capsys)
+    assert rc == 2, err
+    assert err.startswith("diffswarm generate: error: ") and str(swarm_files / damaged) in err
+    assert "sha256" in err and "corrupt" in err and "Traceback" not in err
+
+
+def test_a_peer_refuses_to_serve_a_corrupt_router_or_expert(swarm_files):
+    from diffswarm.peer.server import Peer, PeerConfig, RouterBlob
+
+    path = swarm_files / "router.safetensors"
+    assert RouterBlob(path).weights_sha256 == read_meta(path)["weights_sha256"]
+    _corrupt(path)
+    with pytest.raises(CheckpointError, match="sha256.*corrupt") as e:
+        RouterBlob(path)
+    assert str(path) in str(e.value)
+    peer = Peer(PeerConfig(), log=lambda m: None)
+    expert = swarm_files / "c0" / "expert.safetensors"
+    _corrupt(expert)
+    with pytest.raises(CheckpointError, match="sha256.*corrupt") as e:
+        peer.load_expert(str(expert))
+    assert str(expert) in str(e.value) and not peer.served
+
+
+def test_train_resume_on_a_corrupt_state_exits_2_with_the_message(tmp_path, capsys):
+    from diffswarm.cli import main
+
+    assert main(["partition", "--dataset", "digits", "--k", "2", "--out", str(tmp_path / "p.json")]) == 0
+    argv = ["train", "--partition", str(tmp_path / "p.json"), "--cluster", "0", "--net", "mlp", "--width", "16",
+            "--depth", "1", "--batch", "8", "--ckpt-every", "2", "--steps", "4", "--out", str(tmp_path / "c0")]
+    assert main(argv) == 0
+    state = tmp_path / "c0" / "state.safetensors"
+    _corrupt(state)
+    capsys.readouterr()
+    assert main([*argv, "--steps", "6", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"diffswarm train: error: cannot resume training: {state}: state sha256 ")
+    assert "state sha256" in err and "corrupt" in err and f"Delete {state} to restart" in err

@@ -19,12 +19,14 @@ from diffswarm.cli import build_parser, command_path, given_options, subparsers
 
 MADDR = "/ip4/127.0.0.1/tcp/4001/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
 MADDR2 = "/ip4/127.0.0.1/tcp/4002/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+FOO = "foo@" + "3f9a" * 8  # full swarm names: NAME@FINGERPRINT (32 hex digits)
+BAR = "bar@" + "c0de" * 8
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("opts")
-    for name, swarm in (("run", "foo"), ("run2", "bar")):
+    for name, swarm in (("run", FOO), ("run2", BAR)):
         (d / name).mkdir()
         (d / name / "swarm.json").write_text(json.dumps({"swarm": swarm, "initial_peers": [MADDR], "procs": []}))
     from diffswarm.clusters import TrainJob
@@ -39,20 +41,22 @@ def bases(f) -> dict[str, list[list[str]]]:
     folder = ["--dataset", "folder", "--data-root", str(f / "images")]
     train = ["--partition", p, "--cluster", "0", "--out", str(f / "o")]
     local = ["--local", "a.safetensors"]
+    remote = ["--initial-peers", MADDR, "--swarm", FOO]
+    train0 = ["--partition", p, "--cluster", "0"]
     return {
         "partition": [[], folder],
         "train": [train, [*train, "--objective", "ddpm"]],
         "train-router": [["--partition", p]],
         "generate": [local, [*local, "b.safetensors", "--router", "r.safetensors"], [*local, "--routing", "threshold"],
-                     [*local, "--routing", "sample-k"], [*local, "--routing", "full"], ["--run-dir", run],
-                     ["--initial-peers", MADDR], ["--initial-peers", MADDR, "--loopback"]],
-        "dashboard": [["--run-dir", run], ["--initial-peers", MADDR], ["--initial-peers", MADDR, "--loopback"]],
-        "peer": [[], ["--checkpoint", "c.safetensors"], ["--partition", p, "--cluster", "0"],
-                 ["--partition", p, "--cluster", "0", "--objective", "ddpm"], ["--train-job", str(f / "job.json")],
-                 ["--loopback"], ["--identity", str(f / "id.key")]],
+                     [*local, "--routing", "sample-k"], [*local, "--routing", "full"], ["--run-dir", run], remote,
+                     [*remote, "--loopback"]],
+        "dashboard": [["--run-dir", run], remote, [*remote, "--loopback"]],
+        "peer": [[], ["--checkpoint", "c.safetensors", "--swarm", FOO], [*train0, "--swarm", FOO],
+                 [*train0, "--objective", "ddpm", "--swarm", FOO], ["--train-job", str(f / "job.json"), "--swarm", FOO],
+                 ["--loopback"], ["--identity", str(f / "id.key")], ["--router", "r.safetensors"]],
         "swarm up": [[], ["--checkpoints", "a.safetensors"], ["--partition", p], folder],
         "swarm down": [[]],
-        "swarm status": [["--run-dir", run], ["--initial-peers", MADDR], ["--initial-peers", MADDR, "--loopback"]],
+        "swarm status": [["--run-dir", run], remote, [*remote, "--loopback"]],
         "quality": [["s.npz"], ["s.npz", "--partition", p], ["s.npz", *folder]],
         "demo": [[], folder],
         "eval": [["--out", str(f / "ev")], ["--quick"], ["--studies", "gmm"]],
@@ -62,7 +66,8 @@ def bases(f) -> dict[str, list[list[str]]]:
 def sample_values(f) -> dict[str, list[str]]:
     """Values for options whose generic sample would be meaningless."""
     return {"initial_peers": [MADDR2], "run_dir": [str(f / "run2")], "train_job": [str(f / "job2.json")],
-            "classes": ["3"], "announce_maddrs": ["/ip4/1.2.3.4/tcp/31337"], "dataset": ["digits"], "samples": ["64"]}
+            "classes": ["3"], "announce_maddrs": ["/ip4/1.2.3.4/tcp/31337"], "dataset": ["digits"], "swarm": [BAR],
+            "samples": ["64"]}
 
 
 def option_argv(action: argparse.Action, special: dict[str, list[str]], base: list[str]) -> list[str]:
@@ -166,10 +171,12 @@ def test_a_local_swarm_is_found_by_its_own_name(files, capsys):
         kind, p = plan_of([*cmd, "--run-dir", run], capsys)
         assert kind == "plan"
         src = p.swarm
-        assert src.config.swarm == "foo" and src.initial_peers == (MADDR,)
+        assert src.config.swarm == FOO and src.initial_peers == (MADDR,)
         assert src.config.net.host_maddrs == ["/ip4/127.0.0.1/tcp/0"] and src.config.net.client_mode
-    kind, msg = plan_of(["generate", "--run-dir", run, "--swarm", "diffswarm"], capsys)
-    assert kind == "refused" and "named 'foo'" in msg
+    kind, msg = plan_of(["generate", "--run-dir", run, "--swarm", BAR], capsys)
+    assert kind == "refused" and f"is '{FOO}'" in msg
+    kind, p = plan_of(["generate", "--run-dir", run, "--swarm", FOO.upper().replace("FOO", "foo")], capsys)
+    assert kind == "plan" and p.swarm.config.swarm == FOO  # the fingerprint is case-insensitive
     # planning does not change the parsed options behind the caller's back (it used to flip args.loopback)
     args = build_parser().parse_args(["generate", "--run-dir", run])
     commands.plan(args, {})
@@ -181,9 +188,36 @@ def test_shared_training_options_build_the_same_job(files, capsys):
     common = ["--partition", "p.json", "--cluster", "2", "--objective", "ddpm", "--schedule", "linear",
               "--unconditional", "--ckpt-every", "7", "--minutes", "2.5", "--out", "o"]
     _, train = plan_of(["train", *common, "--resume"], capsys)
-    _, peer = plan_of(["peer", *common], capsys)
+    _, peer = plan_of(["peer", *common, "--swarm", FOO], capsys)
     job = peer.config.train
     assert job.schedule == "linear" and job.unconditional and job.train.ckpt_every == 7 and job.train.minutes == 2.5
     assert job.train.resume and train.train.resume  # a peer always resumes its own folder
     assert (job.partition, job.cluster, job.objective, job.out) == (train.partition, train.cluster, train.objective,
                                                                     train.out)
+
+
+def test_swarm_names_need_the_owner_fingerprint(files, capsys):
+    """Clients and joining peers name a swarm NAME@FINGERPRINT; a bare name is refused with how to get the full
+    one. Only a founding peer (with --router) or `swarm up` takes a bare NAME."""
+    for argv in (["generate", "--initial-peers", MADDR, "--swarm", "foo"],
+                 ["swarm", "status", "--initial-peers", MADDR, "--swarm", "foo@3f9a"],
+                 ["peer", "--checkpoint", "c.safetensors", "--swarm", "foo"]):
+        kind, msg = plan_of(argv, capsys)
+        assert kind == "refused" and "--swarm" in msg and "NAME@FINGERPRINT" in msg, (argv, msg)
+    kind, msg = plan_of(["generate", "--initial-peers", MADDR], capsys)
+    assert kind == "refused" and "needs --swarm NAME@FINGERPRINT" in msg and "swarm up" in msg
+    kind, msg = plan_of(["peer", "--checkpoint", "c.safetensors"], capsys)
+    assert kind == "refused" and "needs --swarm NAME@FINGERPRINT" in msg
+    kind, p = plan_of(["peer", "--router", "r.safetensors", "--swarm", "fashion", "--owner-key", "o.key"], capsys)
+    assert kind == "plan" and (p.config.swarm, p.config.owner_key) == ("fashion", "o.key")
+    kind, msg = plan_of(["peer", "--router", "r.safetensors", "--swarm", "bad name"], capsys)
+    assert kind == "refused" and "--swarm" in msg
+    kind, p = plan_of(["swarm", "up", "--swarm", "fashion"], capsys)
+    assert kind == "plan" and p.swarm == "fashion" and p.owner_key is None
+    kind, msg = plan_of(["peer", "--announce-period", "900"], capsys)
+    assert kind == "refused" and "--announce-period" in msg
+    old = files / "old"
+    old.mkdir(exist_ok=True)
+    (old / "swarm.json").write_text(json.dumps({"swarm": "diffswarm", "initial_peers": [MADDR], "procs": []}))
+    kind, msg = plan_of(["generate", "--run-dir", str(old)], capsys)
+    assert kind == "refused" and "older diffswarm" in msg

@@ -15,15 +15,16 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.timed_storage import get_dht_time
 
-from diffswarm.client.discovery import choose_swarm_record
 from diffswarm.dht.node import NetworkConfig, SwarmDHT, load_identity
 from diffswarm.dht.records import (
     RECORD_VERSION,
     ExpertRecord,
     ExpertRecordModel,
     RecordError,
-    SwarmRecord,
-    SwarmRecordModel,
+    RouterProvider,
+    RouterProviderModel,
+    SwarmManifest,
+    SwarmManifestModel,
     experts_key,
     make_validators,
     parse_entries,
@@ -31,6 +32,7 @@ from diffswarm.dht.records import (
 )
 
 SHA = "ab" * 32
+SWARM = "diffswarm"  # the DHT key prefix of these nodes (a full NAME@FINGERPRINT in real swarms)
 
 
 def expert_record(**kw) -> ExpertRecord:
@@ -42,12 +44,11 @@ def expert_record(**kw) -> ExpertRecord:
     return ExpertRecord(**base)
 
 
-def swarm_record(**kw) -> SwarmRecord:
-    base = dict(version=1, partition_hash="ph", num_clusters=3, dataset_id="toy:8", image_shape=[1, 8, 8],
-                num_classes=4, router_sha256=SHA, router_weights_sha256="cd" * 32, router_bytes=1000,
-                software="0.1.0", protocol=1, peer_id="QmA", addrs=[], updated=1.0)
+def provider_record(**kw) -> RouterProvider:
+    base = dict(version=RECORD_VERSION, router_sha256=SHA, router_bytes=1000, software="0.1.0", peer_id="QmA",
+                addrs=[], updated=1.0)
     base.update(kw)
-    return SwarmRecord(**base)
+    return RouterProvider(**base)
 
 
 def v1_dict(rec: ExpertRecord) -> dict:
@@ -68,7 +69,8 @@ def schema_accepts(value: dict) -> bool:
 
 def test_dataclasses_and_schemas_have_the_same_fields():
     assert [f.name for f in dataclasses.fields(ExpertRecord)] == list(ExpertRecordModel.__fields__)
-    assert [f.name for f in dataclasses.fields(SwarmRecord)] == list(SwarmRecordModel.__fields__)
+    assert [f.name for f in dataclasses.fields(RouterProvider)] == list(RouterProviderModel.__fields__)
+    assert [f.name for f in dataclasses.fields(SwarmManifest)] == [*SwarmManifestModel.__fields__, "extra"]
 
 
 def test_round_trip_and_unknown_fields_ignored():
@@ -78,8 +80,8 @@ def test_round_trip_and_unknown_fields_ignored():
     d["gpu"] = "H100"  # a field a newer peer adds
     d["stats"] = {"p50_ms": 3.0}
     assert ExpertRecord.from_dict(d) == rec
-    s = swarm_record()
-    assert SwarmRecord.from_dict({**s.to_dict(), "mirror": "ipfs://..."}) == s
+    s = provider_record()
+    assert RouterProvider.from_dict({**s.to_dict(), "mirror": "ipfs://..."}) == s
 
 
 @pytest.mark.parametrize("change, message", [
@@ -135,7 +137,7 @@ def test_version_1_records_without_the_summary_are_accepted():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"train_steps": -1}, "negative train_steps"),
+    ({"train_steps": -1}, "train_steps -1 outside"),
     ({"final_loss": float("nan")}, "final_loss nan is not finite"),
     ({"final_loss": float("inf")}, "not finite"),
     ({"final_loss": 1}, "wrong field types"),
@@ -179,16 +181,6 @@ def test_parse_entries_skips_records_not_bound_to_their_signer(tmp_path):
     assert any("signed by" in e for e in errors) and any("owner" in e for e in errors)
 
 
-def test_choose_swarm_record_prefers_consensus_and_respects_pin():
-    a1, a2 = swarm_record(peer_id="QmA"), swarm_record(peer_id="QmB", updated=2.0)
-    b = swarm_record(peer_id="QmC", router_sha256="ef" * 32, updated=3.0)
-    rec, warnings = choose_swarm_record([a1, a2, b])
-    assert rec.router_sha256 == SHA and rec.peer_id == "QmB" and warnings
-    rec, _ = choose_swarm_record([a1, a2, b], pin="efef")
-    assert rec.peer_id == "QmC"
-    assert choose_swarm_record([a1], pin="00")[0] is None
-
-
 # ---------------------------------------------------------------------------------------------
 # signed records in a real DHT on 127.0.0.1
 
@@ -198,14 +190,14 @@ async def _dht_scenario(tmp: str) -> dict:
     nodes = []
     attacker = None
     try:
-        boot = await SwarmDHT.create(NetworkConfig.loopback())
+        boot = await SwarmDHT.create(NetworkConfig.loopback(), SWARM)
         nodes.append(boot)
         maddrs = await boot.visible_maddrs()
-        peer = await SwarmDHT.create(NetworkConfig.loopback(maddrs, identity_path=os.path.join(tmp, "peer.key")))
+        peer = await SwarmDHT.create(NetworkConfig.loopback(maddrs, identity_path=os.path.join(tmp, "peer.key")), SWARM)
         nodes.append(peer)
-        evil = await SwarmDHT.create(NetworkConfig.loopback(maddrs))
+        evil = await SwarmDHT.create(NetworkConfig.loopback(maddrs), SWARM)
         nodes.append(evil)
-        reader = await SwarmDHT.create(NetworkConfig.loopback(maddrs, client_mode=True))
+        reader = await SwarmDHT.create(NetworkConfig.loopback(maddrs, client_mode=True), SWARM)
         nodes.append(reader)
 
         genuine = expert_record(version=RECORD_VERSION, peer_id=peer.peer_id.to_base58(), updated=get_dht_time(),
@@ -214,7 +206,7 @@ async def _dht_scenario(tmp: str) -> dict:
 
         # 1. another key writes the peer's subkey through a validating node: unsigned for that owner
         forged = dataclasses.replace(genuine, throughput=1e9, updated=get_dht_time() + 1)
-        key, sub = experts_key("diffswarm"), peer.owner + genuine.subkey_suffix
+        key, sub = experts_key(SWARM), peer.owner + genuine.subkey_suffix
         out["forged_via_validator"] = await evil.node.store(key, forged.to_dict(), get_dht_time() + 120, subkey=sub)
 
         # 2. a schema-invalid record under the evil node's own subkey (every node here validates)

@@ -64,8 +64,8 @@ def swarm(toy):
                 assert not os.path.exists(sock)
 
 
-def client_config(toy, **kw) -> ClientConfig:
-    return ClientConfig(net=NetworkConfig.loopback(client_mode=True), cache_dir=str(toy[0] / "cache"),
+def client_config(toy, sw: LocalSwarm, **kw) -> ClientConfig:
+    return ClientConfig(swarm=sw.swarm, net=NetworkConfig.loopback(client_mode=True), cache_dir=str(toy[0] / "cache"),
                         call_timeout=5.0, connect_timeout=30.0, **kw)
 
 
@@ -104,7 +104,7 @@ def name_of(sw: LocalSwarm, peer_id: str) -> str:
 def test_swarm_generation_matches_local(swarm, toy):
     routing = RoutingConfig("top-k", 2)
     events = []
-    with swarm.client(routing, seed=3, config=client_config(toy)) as model:
+    with swarm.client(routing, seed=3, config=client_config(toy, swarm)) as model:
         assert model.client.view.coverage() == [1, 2, 1]
         assert model.expert_ids == ["c0-ddpm", "c1-fm", "c2-ddpm"]
         x = generate(model, LABELS, SHAPE, SamplingConfig(steps=8, guidance=2.0, seed=3),
@@ -121,8 +121,9 @@ def test_a_trained_peer_announces_joining_then_online_then_offline(swarm, toy, t
     part = make_partition(load_dataset("digits", "train"), 2, seed=0)
     part.source = {"name": "digits", "root": None, "size": None, "channels": None}
     part.save(tmp_path / "partition.json")
-    args = ["--initial-peers", *swarm.initial_peers, "--threads", "1", "--announce-period", "0.5",
-            "--partition", str(tmp_path / "partition.json"), "--cluster", "1", "--objective", "fm",
+    args = ["--initial-peers", *swarm.initial_peers, "--swarm", swarm.swarm, "--threads", "1",
+            "--announce-period", "0.5", "--partition", str(tmp_path / "partition.json"), "--cluster", "1",
+            "--objective", "fm",
             "--steps", "3000", "--width", "32", "--depth", "1", "--batch", "32", "--out", str(tmp_path / "c1")]
     proc, pop = _spawn("trainer", args, toy[0] / "run", dict(os.environ, PYTHONUNBUFFERED="1"))
     swarm.procs.append(proc)
@@ -130,7 +131,7 @@ def test_a_trained_peer_announces_joining_then_online_then_offline(swarm, toy, t
     seen = []
 
     async def watch():
-        node = await SwarmDHT.create(NetworkConfig.loopback(swarm.initial_peers, client_mode=True))
+        node = await SwarmDHT.create(NetworkConfig.loopback(swarm.initial_peers, client_mode=True), swarm.swarm)
         try:
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline:
@@ -155,7 +156,7 @@ def test_a_trained_peer_announces_joining_then_online_then_offline(swarm, toy, t
 
 def test_malformed_requests_get_errors_and_the_peer_keeps_serving(swarm, toy):
     info = swarm.info("peer0")
-    with SwarmClient(swarm.initial_peers, client_config(toy)) as client:
+    with SwarmClient(swarm.initial_peers, client_config(toy, swarm)) as client:
         stub = ExpertServicer.get_stub(client.dht.p2p, PeerID.from_base58(info["peer_id"]), namespace=NAMESPACE)
         x, t, labels = torch.randn(2, *SHAPE), torch.rand(2), torch.tensor([0, 1])
 
@@ -184,14 +185,14 @@ def test_forged_record_for_a_running_peer_is_rejected(swarm):
     target = swarm.info("peer0")["peer_id"]
 
     async def forge():
-        node = await SwarmDHT.create(NetworkConfig.loopback(swarm.initial_peers))
+        node = await SwarmDHT.create(NetworkConfig.loopback(swarm.initial_peers), swarm.swarm)
         try:
             recs, _ = await node.get_experts()
             genuine = next(r for r in recs if r.peer_id == target)
-            found = await node.node.get(experts_key("diffswarm"), latest=True)
+            found = await node.node.get(experts_key(swarm.swarm), latest=True)
             subkey = next(sk for sk, v in found.value.items() if v.value["peer_id"] == target)
             fake = {**genuine.to_dict(), "throughput": 1e12, "updated": get_dht_time() + 5}
-            stored = await node.node.store(experts_key("diffswarm"), fake, get_dht_time() + 300, subkey=subkey)
+            stored = await node.node.store(experts_key(swarm.swarm), fake, get_dht_time() + 300, subkey=subkey)
             after, _ = await node.get_experts()
             return stored, genuine, next(r for r in after if r.peer_id == target)
         finally:
@@ -206,7 +207,7 @@ def test_swarm_survives_killed_peers_and_fails_clearly_when_none_is_left(swarm, 
     # 1. full routing: every step calls every cluster; kill the c1 replica in use after step 2:
     #    the client retries the same rows on the other replica (same weights: same images)
     events = []
-    with swarm.client(RoutingConfig("full"), seed=5, config=client_config(toy)) as model:
+    with swarm.client(RoutingConfig("full"), seed=5, config=client_config(toy, swarm)) as model:
         def kill_c1(info):
             events.extend(info.events)
             if info.step == 2:
@@ -220,7 +221,7 @@ def test_swarm_survives_killed_peers_and_fails_clearly_when_none_is_left(swarm, 
 
     # 2. top-2: kill c2's only peer after step 2: its rows go to their next-ranked experts
     events = []
-    with swarm.client(RoutingConfig("top-k", 2), seed=7, config=client_config(toy)) as model:
+    with swarm.client(RoutingConfig("top-k", 2), seed=7, config=client_config(toy, swarm)) as model:
         def kill_c2(info):
             events.extend(info.events)
             if info.step == 2:
@@ -250,6 +251,8 @@ def test_swarm_up_generate_down_cli(toy, tmp_path):
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         assert "/ip4/127.0.0.1/tcp/" in up.stdout
+        name = LocalSwarm.load(run).swarm  # NAME@FINGERPRINT of the owner key swarm up made in its run dir
+        assert name.startswith("diffswarm@") and f"swarm {name} is up" in up.stdout and (run / "owner.key").exists()
         gen = subprocess.run([*cli, "generate", "--run-dir", str(run), "--n", "8", "--steps", "8", "--seed", "3",
                               "--class", "0", "--class", "1", "--class", "2", "--class", "3", "--class", "-1",
                               "--output", str(tmp_path / "grid.png"), "--save-samples", str(tmp_path / "s.npz")],

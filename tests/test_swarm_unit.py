@@ -140,11 +140,17 @@ def test_router_only_peer_announces_the_routers_dataset(tmp_path):
 
     path = tmp_path / "router.safetensors"
     Router(RouterConfig(num_clusters=2, num_classes=10, size=8, width=16, dataset_id="fashion:8")).save(path)
+    from diffswarm.dht.trust import SwarmName
+
     peer = Peer(PeerConfig(), log=lambda m: None)
     peer.dht = SimpleNamespace(peer_id=SimpleNamespace(to_base58=lambda: "QmPeer"))
     peer.router = RouterBlob(path)
-    rec = peer.swarm_record()
-    assert rec.dataset_id == "fashion:8" and rec.num_clusters == 2 and not peer.served
+    peer.swarm = SwarmName("fashion", "0" * 32)
+    fields = peer.manifest_fields()
+    assert fields["dataset_id"] == "fashion:8" and fields["num_clusters"] == 2 and not peer.served
+    assert fields["swarm"] == "fashion" and fields["router_bytes"] == path.stat().st_size
+    prov = peer.provider_record()
+    assert (prov.router_sha256, prov.peer_id) == (peer.router.sha256, "QmPeer")
 
 
 # -- request checks ------------------------------------------------------------------------------
@@ -327,7 +333,8 @@ def test_streamed_and_float16_calls_match_the_local_expert(inproc_peer):
     assert payload_bytes(encode_request("c0-ddpm", x, t, labels, 2.0)) > MAX_UNARY_BYTES
     want = expert.velocity(x, t, labels, 2.0)
     r = Replica(peer.peer_id, "c0-ddpm", expert.weights_sha256, 0, 1.0, 0.0, tuple(peer.maddrs))
-    cfg = ClientConfig(net=NetworkConfig.loopback(client_mode=True), cache_dir=str(path.parent.parent / "cache"))
+    cfg = ClientConfig(swarm=str(peer.swarm), net=NetworkConfig.loopback(client_mode=True),
+                       cache_dir=str(path.parent.parent / "cache"))
     with SwarmClient(peer.maddrs, cfg) as client:
         v, meta = client.run(client.call_velocity(r, x, t, labels, 2.0, timeout=60))
         assert meta["rows"] == rows
@@ -336,11 +343,12 @@ def test_streamed_and_float16_calls_match_the_local_expert(inproc_peer):
         v16, _ = client.run(client.call_velocity(r, x[:8], t[:8], labels[:8], 2.0, timeout=30))
         assert torch.allclose(v16, want[:8], atol=0.05) and not torch.equal(v16, want[:8])
         info = client.run(client.info(peer.peer_id, peer.maddrs))
-        assert info["experts"][0]["expert_id"] == "c0-ddpm" and info["router"]["num_clusters"] == 1
+        assert info["experts"][0]["expert_id"] == "c0-ddpm" and info["manifest"]["num_clusters"] == 1
+        assert info["router"]["router_sha256"] == info["manifest"]["router_sha256"] and info["swarm"] == str(peer.swarm)
         assert info["experts"][0]["train_steps"] == expert.summary["steps"] == 2  # the checkpoint's summary
         assert info["experts"][0]["final_loss"] == expert.summary["final_loss"]
-        router, rec = client.fetch_router()
-        assert router.weights_sha256 == rec.router_weights_sha256
+        router, manifest = client.fetch_router()  # the founding peer's own swarm: it signed the manifest
+        assert router.weights_sha256 == manifest.router_weights_sha256
 
 
 # -- SwarmEnsemble failover logic over a fake network ---------------------------------------------
@@ -437,7 +445,7 @@ def test_swarm_ensemble_fails_over_to_replicas_then_reroutes(three_experts):
     assert torch.allclose(x, local, atol=1e-6)
     # the rows come from p11: retried there, or taken from its cross-check answer to the same rows
     assert any(("retrying" in e or "using the answer of" in e) and "p11" in e for e in events)
-    assert client.bans.is_banned("p10", time.monotonic())
+    assert client.bans.strikes.get("p10") and "connection refused" in client.last_error["p10"]  # banned (1 s backoff)
 
     # cluster 2's only peer dies: rows re-routed to their next-ranked experts, weights renormalised
     ens, client = fake_swarm(three_experts, routing)

@@ -187,7 +187,7 @@ def test_client_health_verdicts():
     from diffswarm.client.client import SwarmClient
 
     state = SimpleNamespace(records=recs, bans=bans, verified={"12D3KooWpeerAAAA0001": "ok"}, latency={},
-                            last_error={"12D3KooWpeerBBBB0002": "timed out"},
+                            probe_latency={}, last_error={"12D3KooWpeerBBBB0002": "timed out"},
                             view=SimpleNamespace(skipped={"12D3KooWpeerEEEE0005/c0-fm": "partition differs"}))
     client = SimpleNamespace(health=lambda now: SwarmClient.health(state, now))  # the client's public snapshot
     h = client_health(client, now=100.5)

@@ -6,7 +6,10 @@ client's P2P daemon and DHT node. It
 - refreshes the expert records in the background every ``refresh`` seconds (never a DHT lookup
   per sampling step) and probes each new peer once with ``rpc_info`` (checks that the peer serves
   what its record says, measures a first latency);
-- fetches the router announced in the swarm record and checks its sha256;
+- fetches the router that the swarm's owner chose: the newest manifest signed by the key whose
+  fingerprint is in the swarm's name (``dht.trust``), then the file's bytes from any peer serving
+  them, checked against the manifest's sha256 (so a crowd of fresh peer ids announcing another
+  router changes nothing);
 - calls ``rpc_velocity`` / ``rpc_velocity_stream`` under a deadline.
 
 Synchronous callers (the sampler) use ``run(coro)``; the decisions live in ``selection`` and
@@ -18,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
+import random
 import threading
 import time
 from collections import deque
@@ -32,9 +37,11 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
 from ..dht.node import NetworkConfig, SwarmDHT
-from ..dht.records import ExpertRecord, SwarmRecord
+from ..dht.records import ExpertRecord, RouterProvider, SwarmManifest
+from ..dht.trust import SwarmName, SwarmNameError, choose_manifest, parse_swarm_name
 from ..wire import (
     MAX_UNARY_BYTES,
+    PROTOCOL_VERSION,
     RequestError,
     combine_parts,
     decode_info,
@@ -46,7 +53,7 @@ from ..wire import (
     request_metadata,
     stream_parts,
 )
-from .discovery import SwarmTarget, SwarmView, choose_swarm_record
+from .discovery import SwarmTarget, SwarmView, router_mismatch, router_sources
 from .selection import Blacklist, Replica, update_ema
 from .trust import TrustConfig
 
@@ -57,7 +64,7 @@ logger = logging.getLogger(__name__)
 class ClientConfig:
     """How the client finds, trusts and calls peers (one commented field per knob)."""
 
-    swarm: str = "diffswarm"  # DHT key prefix of the swarm
+    swarm: str = ""  # the swarm's full name NAME@FINGERPRINT (its DHT key prefix; needed to discover it)
     net: NetworkConfig = field(default_factory=lambda: NetworkConfig(client_mode=True))
     refresh: float = 5.0  # seconds between background DHT lookups of expert records
     call_timeout: float = 10.0  # deadline of one velocity call, seconds
@@ -69,7 +76,7 @@ class ClientConfig:
     sessions: bool = True  # one long-lived rpc_velocity_session stream per peer (False: a unary call each time)
     threads: int = 1  # torch threads while a step is evaluated (router + mixing are small; more threads
     #                   busy-wait and steal CPU from peers on the same machine); 0 = leave torch's setting
-    router_sha256: str | None = None  # pin the router (prefix of its file or weights sha256)
+    router_sha256: str | None = None  # use the owner's newest manifest naming this router (file/weights sha256 prefix)
     cache_dir: str | None = None  # fetched routers and experts (default $DIFFSWARM_CACHE or ~/.cache/diffswarm)
     trust: TrustConfig = field(default_factory=TrustConfig)  # how peers' answers are checked (client/trust.py)
     trusted_checkpoints: tuple[str, ...] = ()  # expert files the client holds: arbiters and local fallback
@@ -162,9 +169,41 @@ class PeerSession:
             self.read_task.cancel()
 
 
+MIN_DOWNLOAD_RATE = 1e6  # bytes/s: a router source slower than this (after info_timeout) is given up
+MAX_ROUTER_SOURCES = 16  # router providers tried per lookup round
+
+
+def _cache_root(cfg: ClientConfig) -> Path:
+    return Path(cfg.cache_dir or os.environ.get("DIFFSWARM_CACHE") or Path.home() / ".cache" / "diffswarm")
+
+
 def _cache_dir(cfg: ClientConfig) -> Path:
-    d = cfg.cache_dir or os.environ.get("DIFFSWARM_CACHE") or Path.home() / ".cache" / "diffswarm"
-    return Path(d) / "routers"
+    return _cache_root(cfg) / "routers"
+
+
+def _floor_path(cfg: ClientConfig, name: SwarmName) -> Path:
+    return _cache_root(cfg) / "manifests" / f"{name}.json"
+
+
+def read_manifest_floor(cfg: ClientConfig, name: SwarmName) -> float | None:
+    """The issue time of the newest manifest of ``name`` this client (cache) accepted; None if none."""
+    try:
+        issued = json.loads(_floor_path(cfg, name).read_text())["issued"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(issued) if isinstance(issued, (int, float)) else None
+
+
+def _write_manifest_floor(cfg: ClientConfig, name: SwarmName, m: SwarmManifest) -> None:
+    path = _floor_path(cfg, name)
+    old = read_manifest_floor(cfg, name)
+    if old is not None and old >= m.issued:
+        return
+    with contextlib.suppress(OSError):  # a read-only cache only loses the rollback guard
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"issued": m.issued, "router_sha256": m.router_sha256}))
+        os.replace(tmp, path)
 
 
 class SwarmClient:
@@ -175,6 +214,9 @@ class SwarmClient:
         if not initial_peers:
             raise ValueError("the swarm client needs --initial-peers (the multiaddr a peer or `swarm up` printed)")
         self.cfg.net = replace(self.cfg.net, initial_peers=list(initial_peers))
+        # the DHT key prefix; a name without the owner's fingerprint raises SwarmNameError saying how to get it.
+        # No name: a client that only calls peers it is given (tests, tools), with no discovery
+        prefix = str(parse_swarm_name(self.cfg.swarm)) if self.cfg.swarm else None
         try:
             import uvloop
 
@@ -187,7 +229,8 @@ class SwarmClient:
         self.view: SwarmView | None = None
         self.records: list[ExpertRecord] = []
         self.bans = Blacklist(self.cfg.ban_base, 2.0, self.cfg.ban_max)
-        self.latency: dict[str, float] = {}  # peer -> EMA of velocity round trips (s)
+        self.latency: dict[str, float] = {}  # peer -> EMA of velocity round trips (s): what this client measured
+        self.probe_latency: dict[str, float] = {}  # peer -> round trip of its rpc_info probe (s), until it is called
         self.fresh: dict[str, tuple[float, float]] = {}  # peer -> (load, throughput) from its last answer
         self.verified: dict[str, str] = {}  # peer -> "ok" once its rpc_info probe matched its record
         self.last_error: dict[str, str] = {}  # peer -> last failure
@@ -198,7 +241,7 @@ class SwarmClient:
         self._local: dict[str, object] = {}  # checkpoint sha256 -> Expert (the client's own verified copies)
         self._load_trusted()
         try:
-            self.dht = self.run(SwarmDHT.create(self.cfg.net, self.cfg.swarm), timeout=120)
+            self.dht = self.run(SwarmDHT.create(self.cfg.net, prefix), timeout=120)
         except BaseException:
             self.close()
             raise
@@ -335,8 +378,8 @@ class SwarmClient:
             if info.get("peer_id") != rep.peer_id or (rep.expert_id, rep.checkpoint_sha256) not in served:
                 raise RequestError(f"peer {rep.peer_id[:12]} does not serve {rep.expert_id} "
                                    f"{rep.checkpoint_sha256[:12]} as announced")
-            self.latency.setdefault(rep.peer_id, time.perf_counter() - t0)
-            self.verified[rep.peer_id] = "ok"
+            self.probe_latency[rep.peer_id] = time.perf_counter() - t0  # a hint for observers, not a measurement of
+            self.verified[rep.peer_id] = "ok"                              # its velocity calls (selection ignores it)
         except Exception as e:
             reason = f"probe failed: {e!r}"[:300]
             self.last_error[rep.peer_id] = reason
@@ -370,7 +413,7 @@ class SwarmClient:
         out: dict[str, PeerHealth] = {}
         for r in self.records:
             p = r.peer_id
-            lat = self.latency.get(p)
+            lat = self.latency.get(p, self.probe_latency.get(p))
             if self.bans.is_banned(p, now):
                 out[p] = PeerHealth("banned", self.bans.until[p] - now, self.last_error.get(p, ""), lat)
             elif self.verified.get(p) == "ok":
@@ -399,68 +442,114 @@ class SwarmClient:
 
     # -- router --------------------------------------------------------------------------------
 
-    async def _download_router(self, rec: SwarmRecord) -> bytes:
-        await self._connect(rec.peer_id, rec.addrs)
-        stream = await self._stream(rec.peer_id, "rpc_router", runtime_pb2.ExpertUID(uid=rec.router_sha256),
+    async def _download_router(self, src: RouterProvider, manifest: SwarmManifest) -> bytes:
+        """The router file from ``src``, refused as soon as it grows past the manifest's ``router_bytes``."""
+        await self._connect(src.peer_id, src.addrs)
+        stream = await self._stream(src.peer_id, "rpc_router", runtime_pb2.ExpertUID(uid=manifest.router_sha256),
                                     runtime_pb2.ExpertInfo)
         chunks, size = [], 0
         async for msg in stream:
             size += len(msg.serialized_info)
-            if size > rec.router_bytes:
-                raise RequestError(f"router from {rec.peer_id[:12]} is larger than its announced {rec.router_bytes} B")
+            if size > manifest.router_bytes:
+                raise RequestError(f"router from {src.peer_id[:12]} is larger than the manifest's "
+                                   f"{manifest.router_bytes} B")
             chunks.append(msg.serialized_info)
         return b"".join(chunks)
 
-    def swarm_records(self) -> tuple[list[SwarmRecord], list[str]]:
-        return self.run(self.dht.get_swarm(), timeout=60)
+    def _swarm_name(self) -> SwarmName:
+        try:
+            return parse_swarm_name(self.cfg.swarm)
+        except SwarmNameError as e:
+            raise SwarmClientError(str(e)) from None
+
+    def swarm_manifests(self) -> tuple[list[SwarmManifest], list[str]]:
+        """Well-formed manifests announced in the swarm (signatures not checked yet) and the skipped ones."""
+        return self.run(self.dht.get_manifests(), timeout=60)
+
+    def router_providers(self) -> tuple[list[RouterProvider], list[str]]:
+        return self.run(self.dht.get_providers(), timeout=60)
+
+    def find_manifest(self, wait: float | None = None) -> SwarmManifest:
+        """The owner's newest valid manifest (``trust.choose_manifest``), waiting up to ``wait`` seconds
+        (default ``cfg.connect_timeout``; 0 = look once) for one to appear. Manifests older than the newest
+        this client accepted before (its cache) are refused unless ``cfg.router_sha256`` pins a router."""
+        name = self._swarm_name()
+        pin = self.cfg.router_sha256
+        floor = None if pin else read_manifest_floor(self.cfg, name)
+        deadline = time.monotonic() + (self.cfg.connect_timeout if wait is None else wait)
+        while True:
+            manifests, errors = self.swarm_manifests()
+            for e in errors:
+                logger.info(f"skipped an invalid manifest: {e}")
+            manifest, notes = choose_manifest(manifests, name, pin=pin, floor=floor)
+            for n in notes:
+                logger.info(f"not using a manifest: {n}")
+            if manifest is not None:
+                break
+            if time.monotonic() > deadline:
+                pinned = f" naming router {pin}" if pin else ""
+                why = f" ({len(notes)} announced manifest(s) rejected, e.g. {notes[0]})" if notes else ""
+                raise SwarmClientError(f"no manifest{pinned} signed by the owner of swarm {name} is announced{why}; "
+                                       "the owner starts it with `diffswarm peer --router FILE` (or `swarm up`), or "
+                                       "pass --router to use a local file")
+            time.sleep(1.0)
+        if notes:
+            self.events.append(f"ignored {len(notes)} manifest(s) not validly signed by the owner of {name}")
+        if manifest.protocol != PROTOCOL_VERSION:
+            raise SwarmClientError(f"swarm {name} speaks protocol {manifest.protocol}, this client "
+                                   f"{PROTOCOL_VERSION}: use a matching diffswarm version")
+        return manifest
+
+    def _fetch_router_bytes(self, manifest: SwarmManifest, deadline: float) -> bytes:
+        """The manifest's router file from any provider whose bytes hash to its sha256 (in random order, so a
+        crowd of lying providers cannot always go first; each under a deadline scaled by the file size)."""
+        per_source = self.cfg.info_timeout + manifest.router_bytes / MIN_DOWNLOAD_RATE
+        errs: list[str] = []
+        while True:
+            providers, errors = self.router_providers()
+            for e in errors:
+                logger.info(f"skipped an invalid router provider record: {e}")
+            sources = router_sources(providers, manifest)
+            random.shuffle(sources)
+            for src in sources[:MAX_ROUTER_SOURCES]:
+                try:
+                    data = self.run(asyncio.wait_for(self._download_router(src, manifest), per_source))
+                except Exception as e:
+                    errs.append(f"{src.peer_id[:12]}: {e!r}"[:200])
+                    continue
+                if hashlib.sha256(data).hexdigest() == manifest.router_sha256:
+                    return data
+                errs.append(f"{src.peer_id[:12]}: bytes do not match the manifest's sha256")
+                logger.info(f"router provider {src.peer_id} served bytes that do not match the manifest")
+            if time.monotonic() > deadline:
+                why = "; ".join(errs[-5:]) or "no peer announces it"
+                raise SwarmClientError(f"could not fetch router {manifest.router_sha256[:12]}: {why}")
+            time.sleep(1.0)
 
     def fetch_router(self, device="cpu", wait: float | None = None):
-        """(Router, SwarmRecord): the router the swarm announces, from the cache or a peer, verified.
-        ``wait``: seconds to wait for a swarm record to appear (default ``cfg.connect_timeout``; 0 = look once)."""
+        """(Router, SwarmManifest): the router the swarm's owner chose, from the cache or any peer, verified
+        (file sha256, weights hash, and the router's own config against the manifest).
+        ``wait``: seconds to wait for the manifest and a router source (default ``cfg.connect_timeout``;
+        0 = look once)."""
         from ..experts.checkpoint import file_sha256
         from ..router.model import Router
 
         deadline = time.monotonic() + (self.cfg.connect_timeout if wait is None else wait)
-        while True:
-            recs, errors = self.swarm_records()
-            for e in errors:
-                logger.info(f"skipped an invalid swarm record: {e}")
-            rec, warnings = choose_swarm_record(recs, self.cfg.router_sha256)
-            if rec is not None:
-                break
-            if time.monotonic() > deadline:
-                pin = f" with sha256 {self.cfg.router_sha256}" if self.cfg.router_sha256 else ""
-                raise SwarmClientError(f"no peer announces a router{pin} in swarm {self.cfg.swarm!r}; start one with "
-                                   "`diffswarm peer --router FILE` or pass --router to use a local file")
-            time.sleep(1.0)
-        for w in warnings:
-            self.events.append(w)
-        path = _cache_dir(self.cfg) / f"{rec.router_sha256}.safetensors"
-        if not (path.exists() and file_sha256(path) == rec.router_sha256):
-            sources = [r for r in recs if r.router_sha256 == rec.router_sha256]
-            sources.sort(key=lambda r: r.peer_id != rec.peer_id)
-            data, errs = None, []
-            for src in sources:
-                try:
-                    data = self.run(asyncio.wait_for(self._download_router(src), self.cfg.connect_timeout))
-                except Exception as e:
-                    errs.append(f"{src.peer_id[:12]}: {e!r}")
-                    continue
-                if hashlib.sha256(data).hexdigest() == rec.router_sha256:
-                    break
-                errs.append(f"{src.peer_id[:12]}: bytes do not match the announced sha256")
-                data = None
-            if data is None:
-                raise SwarmClientError("could not fetch the router: " + "; ".join(errs))
+        manifest = self.find_manifest(wait)
+        path = _cache_dir(self.cfg) / f"{manifest.router_sha256}.safetensors"
+        if not (path.exists() and file_sha256(path) == manifest.router_sha256):
+            data = self._fetch_router_bytes(manifest, deadline)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_bytes(data)
             os.replace(tmp, path)
         router = Router.load(path, device)
-        if router.weights_sha256 != rec.router_weights_sha256:
-            raise SwarmClientError(f"router {path} has weights {router.weights_sha256[:12]}, the swarm record "
-                               f"announces {rec.router_weights_sha256[:12]}")
-        return router, rec
+        problem = router_mismatch(manifest, router.cfg, router.weights_sha256)
+        if problem is not None:
+            raise SwarmClientError(f"router {path} does not match the owner's manifest: {problem}")
+        if not self.cfg.router_sha256:
+            _write_manifest_floor(self.cfg, self._swarm_name(), manifest)
+        return router, manifest
 
     # -- velocity calls ------------------------------------------------------------------------
 

@@ -2,14 +2,16 @@
 
 ``SwarmView.update(records)`` keeps, per cluster of the router, the online replicas whose records
 match the router (partition, image shape, classes, protocol); everything else is skipped with a
-reason. ``choose_swarm_record`` picks the router to fetch when several peers announce one.
+reason. The router itself is the one the owner's manifest names (``dht.trust.choose_manifest``):
+``router_sources`` lists the peers serving exactly those bytes, ``router_mismatch`` checks a loaded
+router against the manifest, so the router's config (hence ``SwarmTarget``) is the owner's word.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..dht.records import ExpertRecord, SwarmRecord
+from ..dht.records import ExpertRecord, RouterProvider, SwarmManifest
 from ..wire import PROTOCOL_VERSION
 from .selection import Replica
 
@@ -86,19 +88,31 @@ class SwarmView:
         return [len(r) for r in self.by_cluster]
 
 
-def choose_swarm_record(records: list[SwarmRecord], pin: str | None = None) -> tuple[SwarmRecord | None, list[str]]:
-    """The router to use: the one announced by the most peers (then the most recent), restricted to
-    ``pin`` (a prefix of its file or weights sha256) when given. Returns (record, warnings)."""
-    warnings = []
-    if pin:
-        records = [r for r in records if r.router_sha256.startswith(pin) or r.router_weights_sha256.startswith(pin)]
-    if not records:
-        return None, warnings
-    groups: dict[str, list[SwarmRecord]] = {}
-    for r in records:
-        groups.setdefault(r.router_sha256, []).append(r)
-    best = max(groups.values(), key=lambda g: (len({r.peer_id for r in g}), max(r.updated for r in g)))
-    if len(groups) > 1:
-        warnings.append(f"{len(groups)} different routers are announced; using {best[0].router_sha256[:12]} "
-                        f"(announced by {len(best)} peer(s)); pin one with --router-sha256")
-    return max(best, key=lambda r: r.updated), warnings
+def router_sources(providers: list[RouterProvider], manifest: SwarmManifest) -> list[RouterProvider]:
+    """The providers announcing the manifest's router file (same sha256 and size), one per peer (its
+    newest entry). Who they are does not matter: their bytes are checked against the sha256."""
+    best: dict[str, RouterProvider] = {}
+    for p in providers:
+        if p.router_sha256 == manifest.router_sha256 and p.router_bytes == manifest.router_bytes:
+            if p.peer_id not in best or p.updated > best[p.peer_id].updated:
+                best[p.peer_id] = p
+    return [best[k] for k in sorted(best)]
+
+
+def router_mismatch(manifest: SwarmManifest, router_cfg, weights_sha256: str) -> str | None:
+    """Why a loaded router (its ``RouterConfig`` and weights hash) is not the one ``manifest`` describes;
+    None if it is. The dataset id is compared only when the router records one (older routers do not)."""
+    rc = router_cfg
+    checks = [
+        ("weights sha256", weights_sha256, manifest.router_weights_sha256),
+        ("K", rc.num_clusters, manifest.num_clusters),
+        ("partition", rc.partition_hash or "", manifest.partition_hash),
+        ("image shape", [rc.channels, rc.size, rc.size], list(manifest.image_shape)),
+        ("classes", rc.num_classes, manifest.num_classes),
+    ]
+    if getattr(rc, "dataset_id", ""):
+        checks.append(("dataset", rc.dataset_id, manifest.dataset_id))
+    for what, have, want in checks:
+        if have != want:
+            return f"{what} {have!r}, the manifest says {want!r}"
+    return None

@@ -2,14 +2,24 @@
 
 No network and no clock here: callers pass ``now`` (``time.monotonic()``) and measured latencies,
 so every rule is unit-tested offline (Petals' ``block_selection`` habit).
+
+Trust: a peer's announced ``throughput`` and ``load`` (in its record, or in its answers' metadata) are
+claims. The client ranks replicas by what it measured itself (round trips of its own velocity calls)
+and uses claims only for peers it has not called yet, and then only within plausible bounds
+(``plausible_throughput``, ``plausible_load``) and never above the measured peers (``pick_replica``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 DEFAULT_LATENCY = 0.010  # seconds assumed for a peer never called yet (loopback RPC ~ 6 ms)
+MAX_THROUGHPUT = 1e5  # rows/s; above this an announced figure is implausible (a 28x28 DiT expert does ~1e3 on a CPU
+#                       core and ~5e4 on an H100): it counts as unknown, not as fast
+UNKNOWN_THROUGHPUT = 100.0  # rows/s assumed for a missing, non-finite, zero or implausible figure (slow)
+MAX_LOAD = 1e5  # rows; an announced queue above this is clipped to it, a non-finite one counts as this
 
 
 @dataclass
@@ -61,11 +71,23 @@ class Replica:
     addrs: tuple[str, ...] = ()
 
 
+def plausible_throughput(thr: float) -> float:
+    """An announced throughput (rows/s) as the client uses it: finite values in (0, ``MAX_THROUGHPUT``] as they
+    are; anything else (0, negative, NaN, inf, 1e300) is ``UNKNOWN_THROUGHPUT``, so it can never win."""
+    return thr if math.isfinite(thr) and 0 < thr <= MAX_THROUGHPUT else UNKNOWN_THROUGHPUT
+
+
+def plausible_load(load: float) -> float:
+    """An announced load (rows queued) clipped to [0, ``MAX_LOAD``]; non-finite counts as ``MAX_LOAD``."""
+    return min(max(load, 0.0), MAX_LOAD) if math.isfinite(load) else MAX_LOAD
+
+
 def expected_seconds(rep: Replica, rows: int, latency: float | None) -> float:
-    """Rough time for ``rows`` rows at ``rep``: round-trip latency plus the queue and our rows at its
-    throughput (an unknown throughput counts as slow, an unknown latency as ``DEFAULT_LATENCY``)."""
-    rate = rep.throughput if rep.throughput > 0 else 100.0
-    return (DEFAULT_LATENCY if latency is None else latency) + (max(rep.load, 0.0) + rows) / rate
+    """Rough time for ``rows`` rows at ``rep`` from its announced figures: round-trip latency plus the
+    queue and our rows at its throughput, both made plausible first (an unknown throughput counts as
+    slow, an unknown latency as ``DEFAULT_LATENCY``)."""
+    rate = plausible_throughput(rep.throughput)
+    return (DEFAULT_LATENCY if latency is None else latency) + (plausible_load(rep.load) + rows) / rate
 
 
 def pick_replica(replicas: Sequence[Replica], latency_ema: dict[str, float], bans: Blacklist, now: float,
@@ -73,11 +95,19 @@ def pick_replica(replicas: Sequence[Replica], latency_ema: dict[str, float], ban
                  current: str | None = None, hysteresis: float = 0.25) -> Replica | None:
     """The replica expected to answer ``rows`` rows soonest, among those not banned nor excluded.
 
+    ``latency_ema``: round trips this client measured on its own velocity calls, per peer. A measured
+    peer is ranked by that alone (its announced throughput and load are ignored). A peer not called yet
+    is ranked by ``expected_seconds`` of its plausible announced figures, but never ahead of the best
+    measured peer: its score is at least that peer's and a tie goes to the measured one. So claims only
+    order the peers this client knows nothing about (a new client's first calls, or when every measured
+    replica is banned, excluded or failing), an announced ``inf`` or 1e300 counts as slow, and a crowd
+    of new ids claiming top speed takes no traffic from a measured replica that works.
+
     ``prefer_sha``: a checkpoint to stay with while any replica of it is usable (keeps a trajectory on
     one expert's weights when a cluster has several different experts). ``current``: the peer used
-    last for this cluster; another replica must be expected ``hysteresis`` (25%) faster to replace
-    it, so that latency noise does not make the client flip between replicas. Ties break on peer id,
-    so the choice is deterministic.
+    last for this cluster; another replica must be expected ``hysteresis`` (25%) faster to replace it,
+    so that latency noise does not make the client flip between replicas. Ties break on peer id, so
+    the choice is deterministic.
     """
     excluded = set(exclude)
     usable = [r for r in replicas if r.peer_id not in excluded and not bans.is_banned(r.peer_id, now)]
@@ -85,9 +115,21 @@ def pick_replica(replicas: Sequence[Replica], latency_ema: dict[str, float], ban
         usable = [r for r in usable if r.checkpoint_sha256 == prefer_sha]
     if not usable:
         return None
-    def score(r: Replica) -> tuple[float, str]:
-        s = expected_seconds(r, rows, latency_ema.get(r.peer_id))
-        return (s * (1 - hysteresis) if r.peer_id == current else s), r.peer_id
+
+    def measured_score(r: Replica) -> float:
+        s = latency_ema[r.peer_id]
+        s = s if math.isfinite(s) and s >= 0 else float("inf")
+        return s * (1 - hysteresis) if r.peer_id == current else s
+
+    measured = [measured_score(r) for r in usable if r.peer_id in latency_ema]
+    floor = min(measured, default=0.0)
+
+    def score(r: Replica) -> tuple[float, int, float, str]:
+        if r.peer_id in latency_ema:
+            s = measured_score(r)
+            return s, 0, s, r.peer_id
+        est = expected_seconds(r, rows, None)
+        return max(est, floor), 1, est, r.peer_id  # never ahead of a measured peer; claims order the unmeasured
 
     return min(usable, key=score)
 

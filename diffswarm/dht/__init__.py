@@ -1,7 +1,16 @@
-"""DHT records (:mod:`.records`: strict, signed, versioned) and the node shell (:mod:`.node`)."""
+"""DHT records (:mod:`.records`: strict, signed, versioned, bounded), swarm names and owner-signed
+manifests (:mod:`.trust`) and the node shell (:mod:`.node`)."""
 
 from diffswarm.dht.node import NetworkConfig, SwarmDHT
-from diffswarm.dht.records import RECORD_VERSION, ExpertRecord, RecordError, SwarmRecord, make_validators
+from diffswarm.dht.records import (
+    RECORD_VERSION,
+    ExpertRecord,
+    RecordError,
+    RouterProvider,
+    SwarmManifest,
+    make_validators,
+)
+from diffswarm.dht.trust import SwarmName, SwarmNameError, parse_swarm_name
 
-__all__ = ["NetworkConfig", "SwarmDHT", "RECORD_VERSION", "ExpertRecord", "RecordError", "SwarmRecord",
-           "make_validators"]
+__all__ = ["NetworkConfig", "SwarmDHT", "RECORD_VERSION", "ExpertRecord", "RecordError", "RouterProvider",
+           "SwarmManifest", "SwarmName", "SwarmNameError", "make_validators", "parse_swarm_name"]

@@ -9,7 +9,11 @@ between the sampler and the network.
 Identity: the libp2p identity file is an RSA key (``P2P.generate_identity``); the same key signs
 the peer's DHT records (``RSASignatureValidator``), which is what lets readers check that a
 record's ``peer_id`` belongs to its signer (``records.parse_entries``). Without ``identity_path``
-an ephemeral identity is written to a temporary file and removed at shutdown.
+an ephemeral identity is written to a temporary file and removed at shutdown. A swarm's owner key
+(``trust``) is a key file of the same format, read with ``load_identity``.
+
+The ``swarm`` of a node is the prefix of its DHT keys: a swarm's full name ``NAME@FINGERPRINT``, or
+None for a plain DHT node (it runs no schema validator, only signature checks).
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
 from hivemind.dht.validation import CompositeValidator
 from hivemind.p2p import P2P, PeerID
@@ -27,7 +33,17 @@ from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
-from .records import ExpertRecord, SwarmRecord, experts_key, make_validators, parse_entries, swarm_key
+from .records import (
+    ExpertRecord,
+    RouterProvider,
+    SwarmManifest,
+    experts_key,
+    make_validators,
+    manifest_key,
+    parse_entries,
+    parse_manifests,
+    routers_key,
+)
 
 logger = logging.getLogger(__name__)
 _SOCKETS = "/tmp/hivemind-p2p*.sock"
@@ -93,6 +109,37 @@ def load_identity(path: str | os.PathLike) -> RSAPrivateKey:
     return key
 
 
+def load_or_create_key(path: str | os.PathLike) -> tuple[RSAPrivateKey, bool]:
+    """(key, created): the RSA key of identity file ``path``, written first (mode 0400) if missing."""
+    created = not os.path.isfile(path)
+    if created:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        P2P.generate_identity(str(path))
+    return load_identity(path), created
+
+
+@dataclass
+class Identity:
+    """A node's libp2p identity file and key (``open_identity``)."""
+
+    path: str
+    key: RSAPrivateKey
+    existed: bool  # the file was there before (then an online check may apply)
+    ephemeral: bool  # a temporary file, removed at shutdown
+
+
+def open_identity(path: str | None) -> Identity:
+    """The identity at ``path`` (created if missing), or a fresh ephemeral one in a temporary file."""
+    if path is None:
+        fd, tmp = tempfile.mkstemp(prefix="diffswarm-identity-")
+        os.close(fd)
+        os.unlink(tmp)
+        P2P.generate_identity(tmp)
+        return Identity(tmp, load_identity(tmp), existed=False, ephemeral=True)
+    key, created = load_or_create_key(path)
+    return Identity(str(path), key, existed=not created, ephemeral=False)
+
+
 def identity_peer_id(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         return PeerID.from_identity(f.read()).to_base58()
@@ -101,7 +148,7 @@ def identity_peer_id(path: str | os.PathLike) -> str:
 class SwarmDHT:
     """P2P + DHTNode with diffswarm's validators, and typed announce / lookup of records."""
 
-    def __init__(self, swarm: str, p2p: P2P, node: DHTNode, private_key: RSAPrivateKey, owner: bytes,
+    def __init__(self, swarm: str | None, p2p: P2P, node: DHTNode, private_key: RSAPrivateKey, owner: bytes,
                  ephemeral_identity: str | None):
         self.swarm, self.p2p, self.node = swarm, p2p, node
         self.private_key, self.owner = private_key, owner  # owner: b"[owner:ssh-rsa ...]"
@@ -112,18 +159,13 @@ class SwarmDHT:
         return self.p2p.peer_id
 
     @classmethod
-    async def create(cls, net: NetworkConfig, swarm: str = "diffswarm") -> SwarmDHT:
-        ephemeral = None
-        identity = net.identity_path
-        if identity is None:
-            fd, identity = tempfile.mkstemp(prefix="diffswarm-identity-")
-            os.close(fd)
-            os.unlink(identity)
-            ephemeral = identity
-        existed = os.path.isfile(identity)
-        if not existed:
-            P2P.generate_identity(identity)
-        key = load_identity(identity)
+    async def create(cls, net: NetworkConfig, swarm: str | None = None, identity: Identity | None = None) -> SwarmDHT:
+        """Start the daemon and the DHT node. ``swarm``: key prefix (full swarm name; None: a plain DHT node).
+        ``identity``: from ``open_identity`` (default: ``open_identity(net.identity_path)``); this node owns
+        it from here on (an ephemeral one is removed at shutdown or on failure)."""
+        ident = identity or open_identity(net.identity_path)
+        ephemeral = ident.path if ident.ephemeral else None
+        identity, existed, key = ident.path, ident.existed, ident.key
         validators = make_validators(swarm, key)
         p2p = None
         import glob
@@ -159,7 +201,8 @@ class SwarmDHT:
                 where = " ".join(net.initial_peers) or "(new swarm)"
                 raise SwarmNetworkError(f"could not join the swarm via {where}: {e}") from e
             raise
-        return cls(swarm, p2p, node, key, validators[1].local_public_key, ephemeral)
+        signer = next(v for v in validators if isinstance(v, RSASignatureValidator))
+        return cls(swarm, p2p, node, key, signer.local_public_key, ephemeral)
 
     def socket_paths(self) -> list[str]:
         """The unix sockets of this node's p2pd (left in /tmp if the process is killed)."""
@@ -178,22 +221,36 @@ class SwarmDHT:
         return await self.node.store(experts_key(self.swarm), rec.to_dict(), get_dht_time() + expiration,
                                      subkey=self.owner + rec.subkey_suffix)
 
-    async def announce_swarm(self, rec: SwarmRecord, expiration: float) -> bool:
-        return await self.node.store(swarm_key(self.swarm), rec.to_dict(), get_dht_time() + expiration,
+    async def announce_provider(self, rec: RouterProvider, expiration: float) -> bool:
+        """Say that this peer serves the router bytes of ``rec`` (under this peer's own subkey)."""
+        return await self.node.store(routers_key(self.swarm), rec.to_dict(), get_dht_time() + expiration,
+                                     subkey=self.owner)
+
+    async def announce_manifest(self, manifest: SwarmManifest, expiration: float) -> bool:
+        """Re-announce the owner-signed ``manifest`` unchanged, under this peer's own subkey."""
+        return await self.node.store(manifest_key(self.swarm), manifest.to_dict(), get_dht_time() + expiration,
                                      subkey=self.owner)
 
     async def _get_entries(self, key: str) -> dict:
+        if not self.swarm:
+            raise ValueError("a plain DHT node (no swarm name) has no swarm records")
         found = await self.node.get(key, latest=True)
         if found is None or not isinstance(found.value, dict):
             return {}
         return {sk: v.value for sk, v in found.value.items()}
 
     async def get_experts(self) -> tuple[list[ExpertRecord], list[str]]:
-        """Valid expert records of the swarm, and one error line per skipped invalid record."""
-        return parse_entries(await self._get_entries(experts_key(self.swarm)), ExpertRecord)
+        """Valid expert records of the swarm, and one error line per skipped invalid record (forged,
+        malformed, oversized, from the future or stale)."""
+        return parse_entries(await self._get_entries(experts_key(self.swarm)), ExpertRecord, get_dht_time())
 
-    async def get_swarm(self) -> tuple[list[SwarmRecord], list[str]]:
-        return parse_entries(await self._get_entries(swarm_key(self.swarm)), SwarmRecord)
+    async def get_providers(self) -> tuple[list[RouterProvider], list[str]]:
+        """Peers announcing router bytes (any router: the manifest says which one to use)."""
+        return parse_entries(await self._get_entries(routers_key(self.swarm)), RouterProvider, get_dht_time())
+
+    async def get_manifests(self) -> tuple[list[SwarmManifest], list[str]]:
+        """Well-formed manifests announced by anyone; the owner's signature is checked by ``trust.choose_manifest``."""
+        return parse_manifests(await self._get_entries(manifest_key(self.swarm)), get_dht_time())
 
     async def shutdown(self) -> None:
         try:

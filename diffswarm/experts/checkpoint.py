@@ -1,13 +1,21 @@
-"""Self-describing safetensors checkpoints, written atomically.
+"""Self-describing safetensors checkpoints, written atomically, each verified by a sha256 on load.
 
 A served expert file (``expert.safetensors``) holds the EMA weights plus string metadata:
 
 - ``diffswarm``: JSON with ``format`` (``diffswarm.expert/1``), the full ``ExpertConfig``
   (objective, schedule, network, cluster, partition hash), training summary (steps, final loss)
-  and ``weights_sha256`` (sha256 over the tensors in sorted-name order), verified on load.
+  and ``weights_sha256`` (sha256 over the tensors in sorted-name order), verified on load. The same
+  layout with another format string holds a router.
 
 A training state file (``state.safetensors``) additionally holds raw weights, optimizer moments
-and RNG state so that ``diffswarm train --resume`` continues where a killed run stopped.
+and RNG state so that ``diffswarm train --resume`` continues where a killed run stopped. Its
+``state_sha256`` covers its tensors *and* its metadata (the step it resumes from among them);
+``load_state`` checks it, so a state that bit rot, a bad disk or a careless copy damaged is refused
+with a ``CheckpointError`` instead of being trained on.
+
+Every file here is written by ``fileio.atomic_write`` (temporary file, fsync, ``os.replace``, fsync of
+the folder): a kill at any moment leaves the previous file or the new one, never a part of one. How
+the trainer orders its two files is stated in ``diffswarm.experts.train``.
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # the raw bytes, without a copy (reshape: 0-dim tensors, e.g. AdamW's step, have no last dim)
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -64,7 +73,13 @@ def read_meta(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {e}") from e
     if raw is None:
         raise CheckpointError(f"checkpoint {path} has no diffswarm metadata")
-    return json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path} has unreadable diffswarm metadata: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path} has diffswarm metadata that is not a JSON object")
+    return meta
 
 
 def load_tensors(path: str | os.PathLike, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -100,3 +115,37 @@ def load_expert_file(path: str | os.PathLike, fmt: str = EXPERT_FORMAT) -> tuple
         raise CheckpointError(f"{path}: weights sha256 {digest[:12]} does not match the recorded "
                               f"{str(meta.get('weights_sha256'))[:12]}; the file is corrupt")
     return meta, weights
+
+
+def state_sha256(tensors: dict[str, torch.Tensor], meta: dict) -> str:
+    """sha256 over a training state's metadata (canonical JSON, without ``state_sha256``) and its tensors."""
+    body = {k: v for k, v in meta.items() if k != "state_sha256"}
+    h = hashlib.sha256(json.dumps(body, sort_keys=True).encode())
+    h.update(tensors_sha256(tensors).encode())
+    return h.hexdigest()
+
+
+def save_state(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> str:
+    """Write a training state file with its ``state_sha256`` added to ``meta``; returns the digest."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    digest = state_sha256(tensors, meta)
+    atomic_save(tensors, path, {**meta, "state_sha256": digest})
+    return digest
+
+
+def load_state(path: str | os.PathLike, fmt: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a training state file, with format and ``state_sha256`` checked.
+
+    Raises ``CheckpointError`` saying what is wrong; the caller adds what to do about it.
+    """
+    meta = read_meta(path)
+    if meta.get("format") != fmt:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {fmt!r}")
+    if not isinstance(meta.get("state_sha256"), str):
+        raise CheckpointError(f"{path}: no state_sha256 recorded, so it cannot be verified")
+    tensors = load_tensors(path)
+    digest = state_sha256(tensors, meta)
+    if digest != meta["state_sha256"]:
+        raise CheckpointError(f"{path}: state sha256 {digest[:12]} does not match the recorded "
+                              f"{meta['state_sha256'][:12]}; the file is corrupt")
+    return meta, tensors

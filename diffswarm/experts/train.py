@@ -5,12 +5,44 @@ Output folder layout::
     out/expert.safetensors   EMA weights + ExpertConfig + summary (what a peer serves)
     out/state.safetensors    raw weights, optimizer moments, EMA, RNG, step (what --resume reads)
     out/train_log.jsonl      one JSON line per log interval: step, loss, per-t loss bins, ms/step
+
+No lost work. A checkpoint (every ``ckpt_every`` steps and at the end) writes two files, in this order:
+
+1. ``state.safetensors`` at step N: all that resuming needs, with a ``state_sha256`` over its tensors
+   and metadata, checked on resume (``checkpoint.load_state``);
+2. ``expert.safetensors``: the EMA weights of the same step N, with their ``weights_sha256``.
+
+Each write is atomic (``fileio.atomic_write``: temporary file, fsync, ``os.replace``, fsync of the
+folder), so after a SIGKILL or a power cut each file is whole, an earlier version or the new one; the
+fsync of the folder after the state's rename also keeps the order of the two writes through a power
+cut. The invariant is **step(expert) <= step(state)**: the state is the one source of truth for
+resuming, the expert file is derived from it and never runs ahead of it. A kill with the last
+checkpoint at N lands:
+
+- between checkpoints: both files at N; the resumed run starts at N (fewer than ``ckpt_every``
+  steps are recomputed);
+- inside the state write: both files still at N (a temporary file stays behind; the next run in
+  the folder deletes it);
+- between the two writes, or inside the expert write: state at the new step, expert at N (or none
+  before the first checkpoint); the resumed run starts from the state and rewrites the expert at its
+  next checkpoint, or at once when the state is already at the last step.
+
+The expert file cannot be the resume point (it lacks raw weights, optimizer moments and RNG), and
+writing it first would serve weights of steps that a resumed run then recomputes. Resuming is exact:
+the state holds the RNG, so a run killed any number of times ends with the bit-identical weights of
+an uninterrupted run with the same seed and step count on the same device and thread count
+(``tests/test_kill_resume.py``). ``train_log.jsonl`` is cut back to its length at the checkpoint, so
+the log of a resumed run lists each step once. A state file that fails its check is refused with a
+``CheckpointError`` saying what to do (never trained on); the folder is locked while a run trains, so
+two runs cannot write the same checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,12 +50,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, atomic_save, load_expert_file, load_tensors, read_meta, save_expert
+from ..fileio import FolderBusyError, folder_lock, remove_stale_temps
+from .checkpoint import CheckpointError, load_expert_file, load_state, read_meta, save_expert, save_state
 from .config import ExpertConfig
 from .expert import Expert
 from .objectives import expert_loss
 
-STATE_FORMAT = "diffswarm.train-state/1"
+STATE_FORMAT = "diffswarm.train-state/2"  # /2: state_sha256 recorded and checked
+STATE_FILE, EXPERT_FILE, LOG_FILE = "state.safetensors", "expert.safetensors", "train_log.jsonl"
+LOCK_FILE = ".train.lock"  # held (flock) while a run trains in the folder
 T_BINS = 10  # flow-time bins of width 0.1 for the per-t loss log
 
 
@@ -159,16 +194,67 @@ def _output_layer_names(kind: str) -> tuple[str, ...]:
     return {"mlp": ("out.",), "dit": ("net.proj_out_2.",), "unet": ("net.conv_out.",)}[kind]
 
 
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _restart_advice(state_path: Path) -> str:
+    """What a user whose state file cannot be resumed from can do (and what is not lost)."""
+    expert = state_path.parent / EXPERT_FILE
+    try:
+        steps = load_expert_file(expert)[0].get("summary", {}).get("steps")
+    except CheckpointError:
+        return f"Delete {state_path} to restart training from step 0, or train into another folder"
+    return (f"{expert} (step {steps}) passes its sha256 check and can still be served. Delete {state_path} to "
+            f"restart training from step 0 (the restarted run replaces {expert.name} at its first checkpoint: copy "
+            "it first to keep it), or train into another folder")
+
+
+def load_resume_state(state_path: str | Path, config: ExpertConfig) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a training state to resume ``config`` from, checked; a ``CheckpointError``
+    otherwise that names the file, what is wrong and what to do."""
+    state_path = Path(state_path)
+    try:
+        meta, tensors = load_state(state_path, STATE_FORMAT)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot resume training: {e}. {_restart_advice(state_path)}") from None
+    if meta.get("config") != config.to_dict():
+        raise CheckpointError(f"{state_path} belongs to a different expert configuration; "
+                              "remove it or train into another folder")
+    return meta, tensors
+
+
+def _truncate_log(path: Path, size) -> None:
+    """Cut the training log back to its length at the checkpoint resumed from (drops the killed run's later
+    lines, and a line cut by the kill)."""
+    if isinstance(size, int) and path.exists() and path.stat().st_size > size:
+        with open(path, "r+b") as f:
+            f.truncate(size)
+
+
 def train_expert(config: ExpertConfig, train: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
                  out_dir: str | Path, *, progress: bool = True, position: int = 0, on_step=None) -> dict:
     """Train one expert on ``images`` (N, C, H, W) in [-1, 1] and ``labels`` (N,); returns the summary.
 
     ``on_step(step, loss, progress)`` is called after every step with ``progress`` in [0, 1] (an
     exception raised there stops the run like a kill would, leaving the last checkpoint in place).
-    ``progress``/``position``: the tqdm bar and its line (parallel workers).
+    ``progress``/``position``: the tqdm bar and its line (parallel workers). Holds the folder's lock
+    while it trains and first deletes the temporary files a killed run left (module docstring).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(folder_lock(out, LOCK_FILE))
+        except FolderBusyError as e:
+            raise CheckpointError(f"{e}: another training run writes its checkpoints there; "
+                                  "stop it first or train into another folder") from None
+        remove_stale_temps(out)
+        return _train_expert(config, train, images, labels, out, progress=progress, position=position,
+                             on_step=on_step)
+
+
+def _train_expert(config: ExpertConfig, train: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
+                  out: Path, *, progress: bool, position: int, on_step) -> dict:
     if train.threads:
         torch.set_num_threads(train.threads)
     dev = pick_device(train.device)
@@ -181,18 +267,18 @@ def train_expert(config: ExpertConfig, train: TrainConfig, images: torch.Tensor,
     gen = torch.Generator(device=dev).manual_seed(train.seed)
     step, spent = 0, 0.0  # steps done, wall seconds spent by earlier runs of a resumed budget
     total: int | None = train.steps  # planned steps (budget runs: None until measured)
-    state_path = out / "state.safetensors"
+    state_path = out / STATE_FILE
+    last_loss = float("nan")
     if train.resume and state_path.exists():
-        meta = read_meta(state_path)
-        if meta.get("format") != STATE_FORMAT or meta.get("config") != config.to_dict():
-            raise CheckpointError(f"{state_path} belongs to a different expert configuration; "
-                                  "remove it or train into another folder")
-        expert.net.load_state_dict(load_tensors(state_path, "model."))
-        ema.net.load_state_dict(load_tensors(state_path, "ema."))
-        _load_opt(opt, load_tensors(state_path, "opt."))
-        gen.set_state(load_tensors(state_path, "rng.")["gen"])
+        meta, state = load_resume_state(state_path, config)
+        expert.net.load_state_dict(_prefixed(state, "model."))
+        ema.net.load_state_dict(_prefixed(state, "ema."))
+        _load_opt(opt, _prefixed(state, "opt."))
+        gen.set_state(state["rng.gen"])
         step = int(meta["step"])
         spent = float(meta.get("elapsed_s", 0.0))
+        last_loss = float(meta.get("last_loss", last_loss))
+        _truncate_log(out / LOG_FILE, meta.get("log_bytes"))
         if train.minutes is not None:
             total = meta.get("planned_steps")
     else:
@@ -203,7 +289,7 @@ def train_expert(config: ExpertConfig, train: TrainConfig, images: torch.Tensor,
     ema.requires_grad_(False)
     images = images.to(dev)
     labels = labels.to(dev)
-    log_f = open(out / "train_log.jsonl", "a")
+    log_f = open(out / LOG_FILE, "a")
     bins_sum = torch.zeros(T_BINS, dtype=torch.float64)
     bins_n = torch.zeros(T_BINS, dtype=torch.float64)
     t_start = time.perf_counter()
@@ -211,7 +297,6 @@ def train_expert(config: ExpertConfig, train: TrainConfig, images: torch.Tensor,
     use_amp = dev.type == "cuda"
     bar = tqdm(total=total, initial=step, desc=f"train {config.expert_id}", disable=not progress,
                position=position, leave=True, dynamic_ncols=True)
-    last_loss = float("nan")
 
     def checkpoint() -> None:
         elapsed = spent + time.perf_counter() - t_start
@@ -221,9 +306,12 @@ def train_expert(config: ExpertConfig, train: TrainConfig, images: torch.Tensor,
         tensors.update({f"ema.{k}": v for k, v in ema.net.state_dict().items()})
         tensors.update(_opt_tensors(opt))
         tensors["rng.gen"] = gen.get_state()
-        atomic_save(tensors, state_path, {"format": STATE_FORMAT, "config": config.to_dict(), "step": step,
-                                          "train": train.to_dict(), "elapsed_s": elapsed, "planned_steps": total})
-        save_expert(out / "expert.safetensors", ema.net.state_dict(), config.to_dict(), summary)
+        log_f.flush()
+        # the state first, then the expert file derived from it: step(expert) <= step(state) (module docstring)
+        save_state(state_path, tensors, {"format": STATE_FORMAT, "config": config.to_dict(), "step": step,
+                                         "train": train.to_dict(), "elapsed_s": elapsed, "planned_steps": total,
+                                         "last_loss": last_loss, "log_bytes": os.fstat(log_f.fileno()).st_size})
+        save_expert(out / EXPERT_FILE, ema.net.state_dict(), config.to_dict(), summary)
 
     def done() -> bool:
         if budget is not None and time.perf_counter() - t_start >= budget.seconds:
@@ -281,4 +369,4 @@ def train_expert(config: ExpertConfig, train: TrainConfig, images: torch.Tensor,
     bar.close()
     checkpoint()
     log_f.close()
-    return read_meta(out / "expert.safetensors")["summary"]
+    return read_meta(out / EXPERT_FILE)["summary"]

@@ -2,12 +2,16 @@
 
 Lifecycle (``Peer``), all in one asyncio loop (uvloop where available):
 
-1. ``start``: P2P daemon + DHT node (``SwarmDHT``); prints the multiaddrs others should use.
+1. ``start``: resolves the swarm's full name ``NAME@FINGERPRINT`` (``dht.trust``; a founding peer
+   with ``--router`` and an owner key makes it), P2P daemon + DHT node (``SwarmDHT``); prints the
+   name and the multiaddrs others should use.
 2. ``train`` (only without a checkpoint): trains the expert on its cluster in a worker thread
    while the heartbeat announces ``joining`` with the training progress.
 3. ``serve``: loads the expert, measures its throughput, registers the RPC handlers, announces
    ``online``; re-announces every ``announce_period`` with expiration ``expire_factor`` times
-   that, carrying the current load and throughput.
+   that, carrying the current load and throughput. Every heartbeat also re-announces the owner's
+   newest valid manifest (signed by this peer if it holds the owner key) and, for a peer serving
+   router bytes, its ``RouterProvider`` entry.
 4. ``shutdown`` (SIGTERM / SIGINT / ``stop()``): announces ``offline`` first, then removes the
    handlers and stops the daemon.
 """
@@ -35,8 +39,25 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from .. import __version__
 from ..clusters import TrainJob
-from ..dht.node import NetworkConfig, SwarmDHT
-from ..dht.records import RECORD_VERSION, ExpertRecord, SwarmRecord
+from ..dht.node import Identity, NetworkConfig, SwarmDHT, load_or_create_key, open_identity
+from ..dht.records import (
+    MAX_ADDRS,
+    MAX_RECORD_AGE,
+    MAX_ROUTER_BYTES,
+    RECORD_VERSION,
+    ExpertRecord,
+    RouterProvider,
+    SwarmManifest,
+)
+from ..dht.trust import (
+    DEFAULT_SWARM_NAME,
+    SwarmName,
+    choose_manifest,
+    is_full_name,
+    parse_swarm_name,
+    sign_manifest,
+    swarm_name_of,
+)
 from ..experts.expert import Expert
 from ..wire import (
     NAMESPACE,
@@ -65,10 +86,13 @@ class PeerConfig:
     """Everything one ``diffswarm peer`` process needs; one commented field per knob."""
 
     net: NetworkConfig = field(default_factory=NetworkConfig)
-    swarm: str = "diffswarm"  # DHT key prefix: several swarms can share one DHT
+    # the swarm: its full name NAME@FINGERPRINT to join it; a bare NAME (or None) with `router` and an owner
+    # key founds swarm NAME (default "diffswarm") owned by that key; None without a router: a plain DHT node
+    swarm: str | None = None
+    owner_key: str | None = None  # owner key file signing the manifest (created if missing); None: the identity key
     checkpoint: str | None = None  # expert to serve; None with `train`: train it first; None without: no expert
     train: TrainJob | None = None  # what to train first when there is no checkpoint
-    router: str | None = None  # router file to serve (and announce in the swarm record)
+    router: str | None = None  # router file to serve (the owner also signs the swarm's manifest naming it)
     device: str = "auto"
     threads: int = 0  # torch CPU threads (0: torch default)
     max_batch: int = 256  # request rows per forward pass
@@ -109,12 +133,16 @@ class ServedExpert:
 
 
 class RouterBlob:
-    """The router file as served bytes, with the facts the swarm record names."""
+    """The router file as served bytes, with the facts the swarm's manifest names."""
 
     def __init__(self, path: str | os.PathLike):
         from ..router.model import Router
 
         self.path = Path(path)
+        size = self.path.stat().st_size
+        if size > MAX_ROUTER_BYTES:
+            raise ValueError(f"router {self.path} is {size / 2**20:.1f} MiB; swarm routers are at most "
+                             f"{MAX_ROUTER_BYTES >> 20} MiB (clients refuse larger ones)")
         self.data = self.path.read_bytes()
         self.sha256 = hashlib.sha256(self.data).hexdigest()
         router = Router.load(self.path)  # checks the file's own weights hash
@@ -266,6 +294,38 @@ def make_expert_record(cfg, status: ExpertStatus, peer_id: str, addrs: list[str]
         final_loss=float(loss) if loss is not None else None)
 
 
+def resolve_swarm(swarm: str | None, owner_key: str | None, identity: Identity,
+                  serves_router: bool) -> tuple[SwarmName | None, object, str]:
+    """(full swarm name or None, the RSA key this peer signs the manifest with or None, what that key is).
+
+    - ``swarm`` NAME@FINGERPRINT: join it; this peer signs only if its owner key (``owner_key``, else its
+      identity when it serves a router) has that fingerprint. An explicit ``owner_key`` of another
+      fingerprint is an error; an identity of another one makes a mirror (serves router bytes only).
+    - ``swarm`` a bare NAME or None, with a router: found swarm NAME (default ``diffswarm``) owned by the
+      owner key.
+    - None and no router: a plain DHT node (no swarm)."""
+    key, what = None, ""
+    if owner_key:
+        key, created = load_or_create_key(owner_key)
+        what = f"owner key {owner_key}" + (" (new)" if created else "")
+    elif serves_router:
+        key, what = identity.key, "this peer's identity key" + (" (throw-away: pass --identity or --owner-key to keep "
+                                                                "the swarm's name)" if identity.ephemeral else "")
+    if swarm is not None and is_full_name(swarm):
+        name = parse_swarm_name(swarm)
+        if key is not None and swarm_name_of(name.name, key) == name:
+            return name, key, what
+        if owner_key:
+            raise ValueError(f"--owner-key {owner_key} has fingerprint {swarm_name_of(name.name, key).fingerprint}, "
+                             f"not the one of swarm {name}")
+        return name, None, ""
+    if key is None:
+        if swarm is None:
+            return None, None, ""
+        parse_swarm_name(swarm)  # raises SwarmNameError with how to get the full name
+    return swarm_name_of(swarm or DEFAULT_SWARM_NAME, key), key, what
+
+
 class Peer:
     """One volunteer peer; see the module docstring for the lifecycle."""
 
@@ -283,6 +343,11 @@ class Peer:
         self.train_loss: float | None = None  # latest step's loss while training
         self.training_cfg = None  # ExpertConfig while training
         self.maddrs: list[str] = []
+        self.swarm: SwarmName | None = None  # the swarm's full name (None: a plain DHT node)
+        self.owner_key = None  # RSAPrivateKey signing the manifest, when this peer holds the owner key
+        self.own_manifest: SwarmManifest | None = None  # the manifest this peer signed (owner only)
+        self.manifest: SwarmManifest | None = None  # the owner's newest valid manifest known (re-announced)
+        self._warned: set[tuple[str, float]] = set()  # (expert id, manifest issued) already warned about
         self._heartbeat: asyncio.Task | None = None
 
     def stop(self) -> None:
@@ -295,23 +360,46 @@ class Peer:
     async def start(self) -> None:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
-        self.dht = await SwarmDHT.create(self.cfg.net, self.cfg.swarm)
-        self.maddrs = await self.dht.visible_maddrs()
-        if self.cfg.net.initial_peers:
-            self.log(f"joined swarm {self.cfg.swarm!r} as {self.peer_id}")
-        else:
-            self.log(f"started a new swarm {self.cfg.swarm!r}; others join with:\n  --initial-peers "
-                     + " ".join(self.maddrs))
-        self.write_info()
-        if self.cfg.router:
+        if self.cfg.router:  # a bad router file fails before the daemon starts
             self.router = RouterBlob(self.cfg.router)
-            self.log(f"serving router {self.router.sha256[:12]} (K={self.router.cfg.num_clusters})")
+        ident = open_identity(self.cfg.net.identity_path)
+        try:
+            self.swarm, self.owner_key, key_what = resolve_swarm(self.cfg.swarm, self.cfg.owner_key, ident,
+                                                                 self.router is not None)
+        except BaseException:
+            if ident.ephemeral:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(ident.path)
+            raise
+        self.dht = await SwarmDHT.create(self.cfg.net, str(self.swarm) if self.swarm else None, ident)
+        self.maddrs = await self.dht.visible_maddrs()
+        where = " ".join(self.maddrs)
+        if self.swarm is None:
+            self.log(f"running a plain DHT node (no swarm) as {self.peer_id}; others join with:\n  --initial-peers "
+                     + where)
+        elif self.owner_key is not None:
+            self.log(f"swarm {self.swarm} (owned by {key_what}; this peer signs its manifest). Others join with:\n"
+                     f"  --swarm {self.swarm} --initial-peers {where}")
+        elif self.cfg.net.initial_peers:
+            self.log(f"joined swarm {self.swarm} as {self.peer_id}")
+        else:
+            self.log(f"started swarm {self.swarm} as {self.peer_id} (its owner must announce the manifest); others "
+                     f"join with:\n  --swarm {self.swarm} --initial-peers {where}")
+        self.write_info()
+        if self.router is not None:
+            role = "" if self.owner_key is not None else " (its bytes only: the owner's manifest decides the router)"
+            self.log(f"serving router {self.router.sha256[:12]} (K={self.router.cfg.num_clusters}){role}")
 
     # -- records -------------------------------------------------------------------------------
 
+    @property
+    def announced_addrs(self) -> list[str]:
+        """The multiaddrs put in records (readers refuse more than ``MAX_ADDRS``)."""
+        return self.maddrs[:MAX_ADDRS]
+
     def records(self) -> list[ExpertRecord]:
         out = []
-        addrs = self.maddrs
+        addrs = self.announced_addrs
         for s in self.served.values():
             status = ExpertStatus.serving(self.state, s.expert.weights_sha256, s.expert.summary, s.batcher.throughput,
                                           s.batcher.pending_rows, s.batcher.policy.max_rows)
@@ -322,30 +410,84 @@ class Peer:
             out.append(make_expert_record(self.training_cfg, status, self.peer_id, addrs))
         return out
 
-    def swarm_record(self) -> SwarmRecord | None:
+    def manifest_fields(self) -> dict:
+        """What the owner signs about this peer's router (``SwarmManifest`` fields but the key and signature)."""
+        rc = self.router.cfg
+        # the router's own (routers trained before it was recorded: a served or trained expert's; else "")
+        configs = [s.expert.config for s in self.served.values()] + [c for c in [self.training_cfg] if c is not None]
+        dataset_id = rc.dataset_id or next((c.dataset_id for c in configs if c.dataset_id), "")
+        return dict(version=RECORD_VERSION, swarm=self.swarm.name, partition_hash=rc.partition_hash or "",
+                    num_clusters=rc.num_clusters, dataset_id=dataset_id, image_shape=[rc.channels, rc.size, rc.size],
+                    num_classes=rc.num_classes, router_sha256=self.router.sha256,
+                    router_weights_sha256=self.router.weights_sha256, router_bytes=len(self.router.data),
+                    protocol=PROTOCOL_VERSION, software=__version__, issued=float(get_dht_time()))
+
+    def provider_record(self) -> RouterProvider | None:
         if self.router is None:
             return None
-        rc = self.router.cfg
-        # the router's own (routers trained before it was recorded: a served expert's; a router-only peer: "")
-        dataset_id = rc.dataset_id or next((s.expert.config.dataset_id for s in self.served.values()), "")
-        return SwarmRecord(
-            version=RECORD_VERSION, partition_hash=rc.partition_hash or "", num_clusters=rc.num_clusters,
-            dataset_id=dataset_id, image_shape=[rc.channels, rc.size, rc.size], num_classes=rc.num_classes,
-            router_sha256=self.router.sha256, router_weights_sha256=self.router.weights_sha256,
-            router_bytes=len(self.router.data), software=__version__, protocol=PROTOCOL_VERSION,
-            peer_id=self.peer_id, addrs=self.maddrs, updated=float(get_dht_time()))
+        return RouterProvider(version=RECORD_VERSION, router_sha256=self.router.sha256,
+                              router_bytes=len(self.router.data), software=__version__, peer_id=self.peer_id,
+                              addrs=self.announced_addrs, updated=float(get_dht_time()))
 
     def info(self) -> dict:
-        sw = self.swarm_record()
+        prov = self.provider_record()
         return {"protocol": PROTOCOL_VERSION, "software": __version__, "peer_id": self.peer_id,
-                "experts": [r.to_dict() for r in self.records()], "router": sw.to_dict() if sw else None}
+                "swarm": str(self.swarm) if self.swarm else None, "experts": [r.to_dict() for r in self.records()],
+                "router": prov.to_dict() if prov else None,
+                "manifest": self.manifest.to_dict() if self.manifest else None}
+
+    async def current_manifest(self) -> SwarmManifest | None:
+        """The owner's newest valid manifest among this peer's own (signed on first use, when it holds the
+        owner key), the one it followed so far and those announced in the DHT; warns once per manifest
+        about served experts that do not fit it (clients will skip them)."""
+        if self.owner_key is not None and self.own_manifest is None and self.router is not None:
+            self.own_manifest = sign_manifest(self.owner_key, self.manifest_fields())
+            self.log(f"signed the manifest of swarm {self.swarm}: router {self.router.sha256[:12]}, "
+                     f"partition {self.own_manifest.partition_hash[:12] or '(none)'}")
+        found: list[SwarmManifest] = []
+        try:
+            found, errors = await self.dht.get_manifests()
+            for e in errors:
+                logger.debug(f"skipped an invalid manifest: {e}")
+        except Exception as e:  # the DHT being briefly unreachable: keep the manifest we have
+            logger.debug(f"manifest lookup failed: {e!r}")
+        candidates = found + [m for m in (self.own_manifest, self.manifest) if m is not None]
+        best, _ = choose_manifest(candidates, self.swarm)
+        if best is not None and best != self.manifest:
+            if self.manifest is not None or best != self.own_manifest:
+                self.log(f"following the owner's manifest of {self.swarm} issued at {best.issued:.0f}: router "
+                         f"{best.router_sha256[:12]}")
+            self.manifest = best
+        self._check_experts(self.manifest)
+        return self.manifest
+
+    def _check_experts(self, m: SwarmManifest | None) -> None:
+        if m is None:
+            return
+        for s in self.served.values():
+            c = s.expert.config
+            if (c.expert_id, m.issued) in self._warned:
+                continue
+            shape = [c.net.channels, c.net.size, c.net.size]
+            if ((c.partition_hash or "") != m.partition_hash or (c.num_clusters or 1) != m.num_clusters
+                    or shape != list(m.image_shape) or c.net.num_classes != m.num_classes):
+                self._warned.add((c.expert_id, m.issued))
+                self.log(f"warning: expert {c.expert_id} (partition {(c.partition_hash or '')[:12]}, "
+                         f"K={c.num_clusters}, {shape}, {c.net.num_classes} classes) does not fit the swarm's "
+                         f"manifest (partition {m.partition_hash[:12]}, K={m.num_clusters}, {list(m.image_shape)}, "
+                         f"{m.num_classes} classes): clients will skip it")
 
     async def announce(self) -> None:
-        expiration = self.cfg.announce_period * self.cfg.expire_factor
+        # heartbeats expire after expire_factor periods, and never later than readers call a record stale
+        expiration = min(self.cfg.announce_period * self.cfg.expire_factor, MAX_RECORD_AGE)
         tasks = [self.dht.announce_expert(r, expiration) for r in self.records()]
-        sw = self.swarm_record()
-        if sw is not None and self.state != "offline":
-            tasks.append(self.dht.announce_swarm(sw, expiration))
+        if self.swarm is not None and self.state != "offline":
+            manifest = await self.current_manifest()
+            if manifest is not None:
+                tasks.append(self.dht.announce_manifest(manifest, expiration))
+            prov = self.provider_record()
+            if prov is not None:
+                tasks.append(self.dht.announce_provider(prov, expiration))
         results = await asyncio.gather(*tasks, return_exceptions=True)
         for r in results:
             if r is not True:
@@ -439,6 +581,7 @@ class Peer:
         if not self.cfg.info_file:
             return
         info = {"peer_id": self.peer_id, "maddrs": self.maddrs, "pid": os.getpid(), "state": self.state,
+                "swarm": str(self.swarm) if self.swarm else None,
                 "experts": list(self.served), "router": self.router.sha256 if self.router else None,
                 "sockets": self.dht.socket_paths()}
         path = Path(self.cfg.info_file)

@@ -87,13 +87,14 @@ class LiveSource:
         dataset = ""
         if self.ens is not None:
             k, classes, note = self.ens.num_experts, self.ens.num_classes, ""
-            dataset = self.ens.swarm_record.dataset_id if self.ens.swarm_record is not None else ""
+            dataset = self.ens.swarm_record.dataset_id if self.ens.swarm_record is not None else ""  # the manifest's
         else:
             k = max((r.num_clusters for r in recs), default=0)
             classes = max((r.num_classes for r in recs), default=0)
-            note = "no router announced yet: peers serve it once trained"
-        return Snapshot(recs, dict(client.latency), k, classes, get_dht_time(), client_health(client, time.monotonic()),
-                        note, dataset)
+            note = "no manifest signed by the swarm's owner yet: its founding peer announces it"
+        latency = {**client.probe_latency, **client.latency}  # measured calls, else the first-contact probe
+        return Snapshot(recs, latency, k, classes, get_dht_time(), client_health(client, time.monotonic()), note,
+                        dataset)
 
     def generate(self, req: GenRequest, callback: Callable | None = None) -> torch.Tensor:
         from ..router.local import generate
