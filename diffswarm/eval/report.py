@@ -107,7 +107,7 @@ def _save(fig, path: Path) -> str:
 def plot_routing(routing: dict, out: Path) -> list[str]:
     plt = _plt()
     names = []
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(10.5, 4.8))
     markers = {"cond": "o", "uncond": "s", "stats": "^", "stats-uncond": "v", None: "*"}
     for r in routing["rows"]:
         s = r["summary"]
@@ -124,7 +124,7 @@ def plot_routing(routing: dict, out: Path) -> list[str]:
     ax.set_xlabel("GFLOPs per image (FlopCounterMode)")
     ax.set_ylabel("FD (classifier features)")
     ax.set_title("Routing: quality against cost (mean ± std over runs)")
-    ax.legend(fontsize=6, ncol=2, loc="best")
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     names.append(_save(fig, out / "routing_fd_vs_flops.png"))
 
     rows = [r for r in routing["rows"] if r["router"] in ("cond", "uncond") or r["router"] is None]
