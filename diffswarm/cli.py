@@ -255,6 +255,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-generation", action="store_true",
                    help="generate in this process instead of over a local swarm of peer processes")
     p.add_argument("--seed", type=int, default=0)
+
+    from .eval.study import STUDIES
+
+    p = _parser(sub, "eval", "test the papers' claims on a cached expert pool: routing, objectives, translator, "
+                             "stability, alignment, routers, 2-D Gaussian mixture; writes OUT/report.md")
+    p.add_argument("--out", default="runs/eval", help="report folder: report.md, PNG plots, results.json, cells/")
+    p.add_argument("--quick", action="store_true",
+                   help="toy sizes (digits 8x8, K=4, tiny MLP experts, 1 training seed, 2 sampling seeds): minutes")
+    p.add_argument("--save-samples", action="store_true",
+                   help="write every scored sample set to OUT/samples/<cell>.npz (+ index.json)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="sampling seeds (default 0 1 2; quick 0 1)")
+    p.add_argument("--train-seeds", type=int, nargs="+", default=None,
+                   help="training seeds, one expert pool each (default 0 1; quick 0)")
+    p.add_argument("--budget", type=int, default=None,
+                   help="optimizer steps per expert (default 1000; quick 500); the monolith trains K times as many")
+    p.add_argument("--samples", type=int, default=None, help="samples per sample set (default 400; quick 300)")
+    p.add_argument("--studies", nargs="+", choices=STUDIES, default=None, help="run only these studies")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda[:i]")
+    p.add_argument("--jobs", type=int, default=1, help="parallel training processes (one per core at most)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each process")
+    p.add_argument("--report-only", action="store_true",
+                   help="only re-render OUT/report.md and its plots from OUT/results.json (and OUT/reading.md)")
     return parser
 
 
@@ -302,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     from .router.routing import NoExpertsError
 
     name = command_path(args)
+    args.argv = argv[1:] if name == "eval" else argv
     try:
         plan = commands.plan(args, given_options(parser, name, argv))
         return commands.run(plan) or 0

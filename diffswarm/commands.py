@@ -141,6 +141,12 @@ class DemoPlan:
     config: object  # demo.DemoConfig
 
 
+@dataclass(frozen=True)
+class EvalPlan:
+    config: object  # eval.study.StudyConfig
+    command: str  # the command line, recorded in the report
+
+
 def plan(args, given: dict[str, str]):
     """The plan of the parsed command ``args``; ``given``: {dest: option string} of the typed options."""
     name = args.command + (f"_{args.swarm_command}" if args.command == "swarm" else "")
@@ -415,6 +421,68 @@ def plan_demo(args, given) -> DemoPlan:
                                seed=args.seed))
 
 
+EVAL_POOL_DESTS = ("budget", "train_seeds", "jobs", "device", "samples", "save_samples")
+
+
+def eval_config(quick: bool, out: str, **over):
+    """The ``diffswarm eval`` configuration: the network, batch, router steps and sampling of the demo's
+    ``tiny`` (quick) or ``cpu`` (full) preset, so that changing the preset changes the eval; ``over``
+    replaces StudyConfig fields (``budget``: expert steps; ``samples``: n)."""
+    from .demo import PRESETS
+    from .eval.pool import PoolConfig
+    from .eval.study import QUICK_GMM, GMMSettings, StudyConfig
+
+    pr = PRESETS["tiny" if quick else "cpu"]
+    budget = over.pop("budget", None)
+    pool = PoolConfig(data=DatasetSpec(pr.dataset or "fashion").resolved(), k=4 if quick else 8, net=pr.net,
+                      width=pr.width, depth=pr.depth, batch=pr.batch, lr=pr.lr,
+                      expert_steps=budget or (500 if quick else 1000), router_steps=pr.router_steps)
+    if quick:
+        sizes = dict(train_seeds=(0,), seeds=(0, 1), n=300, stability_n=32, align_n=128, router_eval_n=360,
+                     gmm=QUICK_GMM)
+    else:
+        sizes = dict(train_seeds=(0, 1), seeds=(0, 1, 2), n=400, stability_n=32, gmm=GMMSettings())
+    if over.get("n") is None:
+        over.pop("n", None)
+    for k in [k for k, v in over.items() if v is None]:
+        del over[k]
+    cfg = {**sizes, **over}
+    cfg["stability_n"] = min(cfg.get("stability_n", 48), cfg.get("n", 500))
+    return StudyConfig(out=out, pool=pool, sampling=pr.sampling, quick=quick, classifier_epochs=pr.classifier_epochs,
+                       **cfg)
+
+
+@dataclass(frozen=True)
+class EvalReportPlan:
+    out: str  # re-render OUT/report.md from OUT/results.json
+
+
+def plan_eval(args, given) -> EvalPlan | EvalReportPlan:
+    from .eval.study import STUDIES
+
+    if args.report_only:
+        _refuse(given, [a for a in ("quick", "studies", "seeds", "threads", *EVAL_POOL_DESTS) if a in given],
+                "with --report-only (it re-renders OUT/report.md from OUT/results.json)")
+        return EvalReportPlan(args.out)
+
+    studies = tuple(s for s in STUDIES if s in (args.studies or STUDIES))
+    if set(studies) == {"gmm"}:
+        _refuse(given, EVAL_POOL_DESTS, "with --studies gmm only (the Gaussian-mixture study trains no expert pool, "
+                                        "draws no image samples and runs on the CPU)")
+    if args.samples is not None and args.samples < 10:
+        raise ValueError(f"--samples must be >= 10, got {args.samples}")
+    if args.budget is not None and args.budget < 1:
+        raise ValueError(f"--budget must be >= 1 expert training step, got {args.budget}")
+    for name, vals in (("--seeds", args.seeds), ("--train-seeds", args.train_seeds)):
+        if vals is not None and len(set(vals)) != len(vals):
+            raise ValueError(f"{name} repeats a seed: {vals}")
+    cfg = eval_config(args.quick, args.out, budget=args.budget, n=args.samples, studies=studies,
+                      seeds=tuple(args.seeds) if args.seeds else None,
+                      train_seeds=tuple(args.train_seeds) if args.train_seeds else None,
+                      save_samples=args.save_samples, jobs=args.jobs, threads=args.threads, device=args.device)
+    return EvalPlan(cfg, " ".join(["diffswarm", "eval", *getattr(args, "argv", [])]))
+
+
 # ---------------------------------------------------------------------------------------------
 # runs
 
@@ -647,7 +715,22 @@ def run_demo(p: DemoPlan) -> int:
     return 0
 
 
-_RUNNERS = {PartitionPlan: run_partition, TrainJob: run_train, RouterPlan: run_train_router,
+def run_eval(p: EvalPlan) -> int:
+    from .eval.study import run_study
+
+    run_study(p.config, log=lambda m: print(m, flush=True), command=p.command)
+    return 0
+
+
+def run_eval_report(p: EvalReportPlan) -> int:
+    from .eval.report import rerender
+
+    print(f"report -> {rerender(p.out)}")
+    return 0
+
+
+_RUNNERS = {EvalPlan: run_eval, EvalReportPlan: run_eval_report,
+            PartitionPlan: run_partition, TrainJob: run_train, RouterPlan: run_train_router,
             GeneratePlan: run_generate, DashboardPlan: run_dashboard, PeerPlan: run_peer, SwarmUpPlan: run_swarm_up,
             SwarmDownPlan: run_swarm_down, SwarmStatusPlan: run_swarm_status, QualityPlan: run_quality,
             DemoPlan: run_demo}

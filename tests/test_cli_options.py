@@ -59,13 +59,15 @@ def bases(f) -> dict[str, list[list[str]]]:
         "swarm status": [["--run-dir", run], remote, [*remote, "--loopback"]],
         "quality": [["s.npz"], ["s.npz", "--partition", p], ["s.npz", *folder]],
         "demo": [[], folder],
+        "eval": [["--out", str(f / "ev")], ["--quick"], ["--studies", "gmm"]],
     }
 
 
 def sample_values(f) -> dict[str, list[str]]:
     """Values for options whose generic sample would be meaningless."""
     return {"initial_peers": [MADDR2], "run_dir": [str(f / "run2")], "train_job": [str(f / "job2.json")],
-            "classes": ["3"], "announce_maddrs": ["/ip4/1.2.3.4/tcp/31337"], "dataset": ["digits"], "swarm": [BAR]}
+            "classes": ["3"], "announce_maddrs": ["/ip4/1.2.3.4/tcp/31337"], "dataset": ["digits"], "swarm": [BAR],
+            "samples": ["64"]}
 
 
 def option_argv(action: argparse.Action, special: dict[str, list[str]], base: list[str]) -> list[str]:

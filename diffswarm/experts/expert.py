@@ -76,21 +76,29 @@ class Expert(nn.Module):
         t = t.to(device=x.device, dtype=x.dtype)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        labels = null_labels(labels.to(x.device), self.config.net.num_classes)
         inp, ts = self.network_input(x, t)
+        out = self.network_output(inp, ts, labels, guidance)
+        if self.schedule is None:
+            return out
+        return eps_to_velocity(x, t, out, self.config.x0_clip)
+
+    @torch.no_grad()
+    def network_output(self, inp: torch.Tensor, ts: torch.Tensor, labels: torch.Tensor,
+                       guidance: float = 1.0) -> torch.Tensor:
+        """The network's own prediction (DDPM: eps, FM: v) with CFG, in its own input space and time scale.
+
+        inp: (B, C, H, W) (DDPM: the VP point, FM: x_t); ts: (B,) (DDPM: tau, FM: 999 t); labels: (B,), -1 = none.
+        Native samplers (e.g. DDIM over a DDPM expert) call this instead of ``velocity``.
+        """
+        labels = null_labels(labels.to(inp.device), self.config.net.num_classes)
         null = torch.full_like(labels, self.config.net.num_classes)
-        guided = guidance != 1.0 and self.config.net.num_classes > 0
-        if guided:
+        if guidance != 1.0 and self.config.net.num_classes > 0:
             # one forward pass over [cond; uncond]: (2B, C, H, W)
             out = self._forward(torch.cat([inp, inp]), torch.cat([ts, ts]), torch.cat([labels, null]))
             out_c, out_u = out.chunk(2)
             # rows asked unconditionally get no guidance (out_c == out_u there)
-            out = out_u + guidance * (out_c - out_u)
-        else:
-            out = self._forward(inp, ts, labels)
-        if self.schedule is None:
-            return out
-        return eps_to_velocity(x, t, out, self.config.x0_clip)
+            return out_u + guidance * (out_c - out_u)
+        return self._forward(inp, ts, labels)
 
     def _forward(self, inp: torch.Tensor, ts: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if inp.device.type == "cuda":

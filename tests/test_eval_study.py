@@ -1,0 +1,237 @@
+"""`diffswarm eval`: the pieces offline (native DDIM, no-translator, FLOP counting, pool cache keys, the plan),
+then the quick study end to end (about 3 minutes on a loaded 2-core CPU; marked slow)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from diffswarm.eval.ablations import NoTranslator, forward_flops, sample_native_ddim
+from diffswarm.eval.report import paired
+from diffswarm.eval.study import ddpm_clusters, ensemble_objectives, mixes, strategies
+from diffswarm.experts.config import ExpertConfig
+from diffswarm.experts.expert import Expert
+from diffswarm.experts.networks import NetConfig
+from diffswarm.experts.schedules import FM_TIME_SCALE
+from diffswarm.router.routing import RoutingConfig
+from diffswarm.router.sampler import RoutedEnsemble, sample
+
+# ---------------------------------------------------------------------------------------------- pieces
+
+
+class PointMassEps(nn.Module):
+    """Exact eps of a DDPM network when all data is the one image ``c``: (x - sqrt(abar) c) / sqrt(1 - abar)."""
+
+    def __init__(self, schedule, c: torch.Tensor):
+        super().__init__()
+        self.schedule, self.c = schedule, c
+
+    def forward(self, x, tau, labels):
+        ab = self.schedule.alpha_bar_at(tau.double()).to(x.dtype).reshape(-1, 1, 1, 1)
+        return (x - ab.sqrt() * self.c) / (1 - ab).sqrt().clamp_min(1e-6)
+
+
+def point_mass_expert(c: torch.Tensor, objective="ddpm") -> Expert:
+    cfg = ExpertConfig(objective=objective, net=NetConfig(kind="mlp", channels=1, size=4, num_classes=0, width=8,
+                                                          depth=1))
+    e = Expert(cfg)
+    e.net = PointMassEps(e.schedule, c)
+    return e.eval()
+
+
+def test_native_ddim_and_the_translator_both_land_on_a_point_mass():
+    c = torch.linspace(-0.8, 0.8, 16).reshape(1, 1, 4, 4)
+    experts = [point_mass_expert(c), point_mass_expert(c)]
+    ens = RoutedEnsemble(experts, None, RoutingConfig("full"))
+    noise = torch.randn(5, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    labels = torch.full((5,), -1)
+    x_ddim = sample_native_ddim(ens, noise, labels, steps=12)
+    assert torch.allclose(x_ddim, c.expand_as(x_ddim), atol=1e-3)
+    assert ens.calls.tolist() == [5 * 12, 5 * 12]  # both experts on every row at every step
+    x_flow = sample(ens, noise, labels, steps=12)  # the eps -> v translator and Euler
+    assert torch.allclose(x_flow, c.expand_as(x_flow), atol=1e-3)
+    with pytest.raises(ValueError, match="DDPM experts"):
+        sample_native_ddim(RoutedEnsemble([Expert(ExpertConfig(objective="fm"))], None, RoutingConfig("full")),
+                           torch.zeros(1, 1, 28, 28), torch.zeros(1, dtype=torch.long), 3)
+
+
+def test_no_translator_queries_the_raw_network_at_fm_time():
+    torch.manual_seed(0)
+    cfg = ExpertConfig(objective="ddpm", net=NetConfig(kind="mlp", channels=1, size=4, num_classes=3, width=8, depth=1))
+    e = Expert(cfg).eval()
+    for p in e.net.parameters():  # zero-init output layers would make every answer 0
+        nn.init.normal_(p, std=0.3)
+    x, t, y = torch.randn(3, 1, 4, 4), torch.tensor([0.2, 0.5, 0.9]), torch.tensor([0, 1, -1])
+    raw = NoTranslator(e).velocity(x, t, y, guidance=2.0)
+    assert torch.allclose(raw, e.network_output(x, t * FM_TIME_SCALE, y, 2.0))
+    assert not torch.allclose(raw, e.velocity(x, t, y, 2.0))  # the translated answer differs
+    fm = Expert(replace(cfg, objective="fm")).eval()
+    fm.net.load_state_dict(e.net.state_dict())
+    assert torch.allclose(NoTranslator(fm).velocity(x, t, y, 2.0), fm.velocity(x, t, y, 2.0))  # FM: unchanged
+
+
+def test_flop_counter_counts_matmuls():
+    lin = nn.Linear(10, 20)
+    assert forward_flops(lambda: lin(torch.zeros(3, 10))) == 2 * 3 * 10 * 20
+
+
+def test_settings_helpers():
+    assert ddpm_clusters(8, 2) == [0, 4] and ddpm_clusters(8, 4) == [0, 2, 4, 6] and ddpm_clusters(4, 1) == [0]
+    assert ensemble_objectives("mix-2", 8) == ["ddpm", "fm", "fm", "fm", "ddpm", "fm", "fm", "fm"]
+    assert set(mixes(8).values()) == {"8 FM", "8 DDPM", "2 DDPM + 6 FM", "4 DDPM + 4 FM"}
+    st = strategies(0.1, 0.5)
+    assert st["full>0.5/top-1"].full_above == 0.5 and st["sample-1"].strategy == "sample-k"
+
+
+def test_paired_differences_need_three_clear_runs():
+    a = {"per_run": {f"s0/r{i}": {"fd": 10.0 + 0.1 * i} for i in range(3)}}
+    b = {"per_run": {f"s0/r{i}": {"fd": 12.0 + 0.1 * i + 0.01 * (i % 2)} for i in range(3)}}
+    d = paired(a, b)
+    assert d["n"] == 3 and d["mean"] < -1.9 and d["clear"]
+    two = {"per_run": dict(list(a["per_run"].items())[:2])}
+    assert not paired(two, b)["clear"]  # 2 runs never make a claim
+    noisy = {"per_run": {f"s0/r{i}": {"fd": 12.0 + (3 if i % 2 else -3)} for i in range(3)}}
+    assert not paired(noisy, b)["clear"]
+
+
+def test_pool_cache_keys_retrain_only_what_a_setting_changes(tmp_path):
+    from diffswarm.data import DatasetSpec
+    from diffswarm.eval.pool import ExpertPool, PoolConfig
+
+    base = PoolConfig(data=DatasetSpec("digits"), k=3, net="mlp", width=16, depth=1, batch=8, expert_steps=5,
+                      router_steps=5)
+    p1, p2 = ExpertPool(base, tmp_path), ExpertPool(replace(base, expert_steps=7), tmp_path)
+    assert p1.root == p2.root  # same partition
+    j1, j2 = {j.name: j.dir for j in p1.jobs([0])}, {j.name: j.dir for j in p2.jobs([0])}
+    assert j1["s0-router-cond"] == j2["s0-router-cond"]  # routers do not depend on the expert steps
+    assert j1["s0-c0-fm"] != j2["s0-c0-fm"] and j1["s0-monolith-fm"] != j2["s0-monolith-fm"]
+    assert {j.name: j.dir for j in p1.jobs([1])}["s1-c0-fm"] != j1["s0-c0-fm"]  # another training seed
+    assert ExpertPool(replace(base, k=4), tmp_path).root != p1.root
+    # the monolith trains K x one expert's steps on all data
+    mono = next(j for j in p1.jobs([0]) if j.name == "s0-monolith-fm")
+    assert mono.steps == 3 * 5 and mono.settings["expert"]["cluster"] is None
+
+
+def test_the_plan_takes_the_network_from_the_demo_preset(monkeypatch):
+    from diffswarm import commands, demo
+    from diffswarm.cli import build_parser, given_options
+
+    def plan(argv):
+        parser = build_parser()
+        return commands.plan(parser.parse_args(["eval", *argv]), given_options(parser, "eval", ["eval", *argv]))
+
+    p = plan(["--quick"])
+    tiny = demo.PRESETS["tiny"]
+    assert (p.config.pool.net, p.config.pool.width, p.config.pool.batch) == (tiny.net, tiny.width, tiny.batch)
+    assert p.config.sampling == tiny.sampling and p.config.pool.k == 4
+    monkeypatch.setitem(demo.PRESETS, "tiny", replace(tiny, width=tiny.width * 2))
+    assert plan(["--quick"]).config.pool.width == tiny.width * 2
+    full = plan([]).config
+    assert full.pool.k == 8 and full.pool.net == demo.PRESETS["cpu"].net and len(full.train_seeds) >= 2
+    assert len(full.seeds) >= 3 and full.pool.monolith_steps == 8 * full.pool.expert_steps
+    with pytest.raises(ValueError, match="--budget"):
+        plan(["--studies", "gmm", "--budget", "5"])
+    with pytest.raises(ValueError, match="--samples"):
+        plan(["--samples", "5"])
+    with pytest.raises(ValueError, match="--seeds repeats"):
+        plan(["--seeds", "1", "1"])
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def _numbers(o):
+    if isinstance(o, dict):
+        for v in o.values():
+            yield from _numbers(v)
+    elif isinstance(o, list):
+        for v in o:
+            yield from _numbers(v)
+    elif isinstance(o, float):
+        yield o
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_quick_eval_end_to_end(tmp_path, monkeypatch):
+    """`diffswarm eval --quick --save-samples` writes a sane report; a second look at the pool trains nothing."""
+    from diffswarm.cli import main
+    from diffswarm.commands import eval_config
+    from diffswarm.eval.pool import ExpertPool
+
+    monkeypatch.setenv("DIFFSWARM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "ev"
+    assert main(["eval", "--quick", "--save-samples", "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    res = json.loads((out / "results.json").read_text())
+
+    # 1. structure: every section, every referenced plot exists
+    for head in ("## 1. Routing strategies", "## 2. Objectives and the translator", "## 3. Stability vs quality",
+                 "## 4. Expert-data alignment", "## 5. A router without central data",
+                 "## 6. Exact checks on a 2-D Gaussian mixture", "## 7. Against the papers"):
+        assert head in report
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert len(images) >= 8 and all((out / p).is_file() for p in images)
+    assert "run time:" in report and "machine:" in report and res["command"].startswith("diffswarm eval --quick")
+
+    # 2. numbers: all finite; shares sum to 1; floors where they must be
+    assert all(math.isfinite(v) for v in _numbers(res))
+    rows = res["studies"]["routing"]["rows"]
+    ug = res["studies"]["routing"]["rows_uncond_gen"]
+    assert len(rows) == 2 * 7 + 3 and len(ug) == 7 + 2
+    assert all(r["summary"]["class_accuracy"]["n"] == 0 for r in ug)  # no class was asked for
+    for r in rows + ug:
+        s = r["summary"]
+        assert abs(sum(s["cluster_share"]) - 1) < 1e-6 and abs(sum(s["target_share"]) - 1) < 1e-6
+        assert 0 <= s["share_tv"]["mean"] <= 1
+        assert s["recall"]["mean"] <= s["recall_floor"]["mean"] + 0.05  # nothing covers real data better than real data
+        assert s["fd"]["mean"] > 0 and s["fd_floor"]["mean"] > 0 and s["gflops_per_image"]["mean"] > 0
+    by = {(r["router"], r["strategy"]): r["summary"] for r in rows}
+    k = res["data"]["k"]
+    assert by[("cond", "full")]["calls_per_image"]["mean"] == pytest.approx(k * 10)  # 10 Euler steps x K experts
+    assert by[("cond", "top-1")]["calls_per_image"]["mean"] == pytest.approx(10)
+    assert by[("cond", "top-1")]["gflops_per_image"]["mean"] < by[("cond", "full")]["gflops_per_image"]["mean"]
+    # the unconditional router sends class requests to experts that never saw the class: worse than the floor
+    assert by[("uncond", "top-2")]["fd"]["mean"] > by[("uncond", "top-2")]["fd_floor"]["mean"]
+    assert by[("cond", "top-2")]["fd"]["mean"] < by[("uncond", "top-2")]["fd"]["mean"]
+    gmm = res["studies"]["gmm"]
+    true_full = next(r for r in gmm["sampling"] if r["router"] == "true" and r["strategy"] == "full")
+    true_top1 = next(r for r in gmm["sampling"] if r["router"] == "true" and r["strategy"] == "top-1")
+    assert true_full["parzen_nll"]["mean"] < true_top1["parzen_nll"]["mean"]
+    assert gmm["router_kl"][0]["true"]["mean"] == pytest.approx(0, abs=1e-6)  # exact posterior: KL 0 up to rounding
+    acc = res["studies"]["routers"]["accuracy"]
+    assert acc["stats"][0]["top1"]["mean"] > 0.8 and acc["uncond"][-1]["top1"]["mean"] < 0.5  # t=0 vs t=1
+
+    # 3. the samples each metric was computed on
+    index = json.loads((out / "samples" / "index.json").read_text())
+    st = res["studies"]
+    scored = {c for r in st["routing"]["rows"] + ug + st["objectives"]["mixes"] + st["objectives"]["translator"]
+              + st["routers"]["quality"] for c in r["cells"]}
+    assert set(index) == scored
+    key, entry = next(iter(index.items()))
+    npz = np.load(out / "samples" / entry["file"])
+    assert npz["samples"].shape[0] == res["config"]["n"] and npz["labels"].shape == (res["config"]["n"],)
+    assert str(npz["setting"]) == entry["setting"] and entry["studies"]
+
+    # 4. a person's reading is appended on re-rendering, from results.json alone
+    (out / "reading.md").write_text("Toy sizes: nothing to read here.")
+    assert main(["eval", "--out", str(out), "--report-only"]) == 0
+    assert "## 8. Reading\n\nToy sizes: nothing to read here." in (out / "report.md").read_text()
+    assert main(["eval", "--out", str(out), "--report-only", "--budget", "3"]) == 2  # refused: no effect
+
+    # 5. the pool is cached: asking again trains nothing and leaves the weights untouched
+    cfg = eval_config(True, str(out))
+    pool = ExpertPool(cfg.pool)
+    weights = sorted(Path(pool.root).glob("models/*/*.safetensors"))
+    mtimes = [p.stat().st_mtime_ns for p in weights]
+    again = pool.ensure(cfg.train_seeds, log=lambda m: None)
+    assert again["trained"] == [] and len(again["reused"]) == len(res["pool"]["trained"]) == 2 + 2 * k + 1
+    assert [p.stat().st_mtime_ns for p in weights] == mtimes
