@@ -232,7 +232,9 @@ def test_swarm_survives_killed_peers_and_fails_clearly_when_none_is_left(swarm, 
                 swarm.kill("peer2")
 
         x = generate(model, LABELS, SHAPE, SamplingConfig(steps=8, guidance=2.0, seed=7), callback=kill_c2)
-        assert any("no replica left for cluster 2" in e for e in events), events
+        # noticed by the failed call ("no replica left") or, if its DHT record lapsed first, by the view
+        assert any("no replica left for cluster 2" in e or "clusters [2] have no usable peer" in e
+                   for e in events), "\n".join(events)
         want = local_samples(toy, RoutingConfig("top-k", 2), 7, unavailable_after=2, drop=[2])
         assert torch.allclose(x, want, atol=1e-5), (x - want).abs().max()
 

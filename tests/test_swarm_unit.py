@@ -107,6 +107,16 @@ def test_a_replica_missed_by_one_lookup_stays_for_the_grace_period():
     assert view.update([record("p0", 0)], now=111.0) == ["c1-fm at p1 left"] and view.coverage() == [1, 0]
 
 
+def test_a_missed_replica_leaves_when_its_dht_record_lapses():
+    # p1's record had 3 s left in the DHT when last seen: a lookup 4 s later that misses it means it lapsed
+    # (its peer stopped re-announcing), so the view drops it with every other DHT reader, grace or not
+    view = SwarmView(SwarmTarget(2, "ph", (1, 8, 8), 4), grace=20.0)
+    view.update([record("p0", 0), record("p1", 1)], now=100.0, lifetimes={("p0", "c0-fm"): 30.0, ("p1", "c1-fm"): 3.0})
+    assert view.update([record("p0", 0)], now=102.0) == [] and view.coverage() == [1, 1]  # within its lifetime
+    assert view.update([record("p0", 0)], now=104.0) == ["c1-fm at p1 left"] and view.coverage() == [1, 0]
+    assert view.update([record("p0", 0)], now=119.0) == [] and view.coverage() == [1, 0]  # p0 seen each time
+
+
 def test_peer_records_announce_the_training_summary():
     """Online: the served checkpoint's summary; joining: the current step and loss."""
     from types import SimpleNamespace

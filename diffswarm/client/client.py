@@ -313,13 +313,13 @@ class SwarmClient:
     # -- discovery -----------------------------------------------------------------------------
 
     async def _refresh_once(self) -> None:
-        recs, errors = await self.dht.get_experts()
+        recs, errors, lifetimes = await self.dht.get_experts_expiring()
         for e in errors:
             logger.info(f"skipped an invalid expert record: {e}")
         self.records = recs
         if self.view is None:
             return
-        events = self.view.update(recs)
+        events = self.view.update(recs, lifetimes=lifetimes)
         for key, reason in self.view.skipped.items():
             logger.debug(f"not using {key}: {reason}")
         now = time.monotonic()

@@ -53,14 +53,17 @@ class SwarmView:
         self.by_cluster: list[list[Replica]] = [[] for _ in range(target.num_clusters)]
         self.joining: list[ExpertRecord] = []
         self.skipped: dict[str, str] = {}  # "peer/expert" -> reason
-        self._seen: dict[tuple[str, str], tuple[float, ExpertRecord]] = {}  # online records: when last seen
+        self._seen: dict[tuple[str, str], tuple[float, ExpertRecord]] = {}  # online records: kept until
 
-    def update(self, records: list[ExpertRecord], now: float | None = None) -> list[str]:
+    def update(self, records: list[ExpertRecord], now: float | None = None,
+               lifetimes: dict[tuple[str, str], float] | None = None) -> list[str]:
         """Rebuild the view from ``records``; returns events (replicas that appeared or left).
 
         A DHT lookup on a loaded network can miss a record (a reply past its deadline, a heartbeat a little
         late): an online replica seen within ``grace`` seconds stays in the view until a lookup shows it
-        offline or the grace runs out. A peer that really died is noticed at its first failed call anyway."""
+        offline, the grace runs out, or its DHT record expires (``lifetimes``: seconds each record had left
+        when looked up; a peer that stops re-announcing is gone once its record lapses, as for any other
+        reader of the DHT). A peer that really died is noticed at its first failed call anyway."""
         now = time.monotonic() if now is None else now
         old = {(r.peer_id, r.expert_id) for reps in self.by_cluster for r in reps}
         by_cluster: list[list[Replica]] = [[] for _ in range(self.target.num_clusters)]
@@ -71,11 +74,13 @@ class SwarmView:
                 latest[key] = rec
         for key, rec in latest.items():
             if rec.state == "online":
-                self._seen[key] = (now, rec)
+                left = (lifetimes or {}).get(key)
+                until = now + self.grace if left is None else now + min(self.grace, max(0.0, left))
+                self._seen[key] = (until, rec)
             else:
                 self._seen.pop(key, None)
-        for key, (seen, rec) in list(self._seen.items()):
-            if now - seen > self.grace:
+        for key, (until, rec) in list(self._seen.items()):
+            if now > until:
                 del self._seen[key]
             elif key not in latest:
                 latest[key] = rec  # missed by this lookup: kept for the grace period

@@ -231,18 +231,36 @@ class SwarmDHT:
         return await self.node.store(manifest_key(self.swarm), manifest.to_dict(), get_dht_time() + expiration,
                                      subkey=self.owner)
 
-    async def _get_entries(self, key: str) -> dict:
+    async def _get_entries(self, key: str, expirations: dict | None = None) -> dict:
+        """``{subkey: value}`` of a dictionary key; fills ``expirations`` (if given) with each subkey's DHT
+        expiration time (signed with the value: a storing node cannot extend it)."""
         if not self.swarm:
             raise ValueError("a plain DHT node (no swarm name) has no swarm records")
         found = await self.node.get(key, latest=True)
         if found is None or not isinstance(found.value, dict):
             return {}
+        if expirations is not None:
+            expirations.update({sk: float(v.expiration_time) for sk, v in found.value.items()})
         return {sk: v.value for sk, v in found.value.items()}
 
     async def get_experts(self) -> tuple[list[ExpertRecord], list[str]]:
         """Valid expert records of the swarm, and one error line per skipped invalid record (forged,
         malformed, oversized, from the future or stale)."""
-        return parse_entries(await self._get_entries(experts_key(self.swarm)), ExpertRecord, get_dht_time())
+        recs, errors, _ = await self.get_experts_expiring()
+        return recs, errors
+
+    async def get_experts_expiring(self) -> tuple[list[ExpertRecord], list[str], dict[tuple[str, str], float]]:
+        """``get_experts`` plus how long each record has left in the DHT: ``{(peer_id, expert_id): seconds}``."""
+        expirations: dict = {}
+        entries = await self._get_entries(experts_key(self.swarm), expirations)
+        now = get_dht_time()
+        recs, errors = parse_entries(entries, ExpertRecord, now)
+        left = {}
+        for sk, value in entries.items():  # parse_entries checked each kept record's subkey owns it
+            if isinstance(value, dict) and sk in expirations:
+                key = (value.get("peer_id"), value.get("expert_id"))
+                left[key] = max(left.get(key, 0.0), expirations[sk] - now)
+        return recs, errors, left
 
     async def get_providers(self) -> tuple[list[RouterProvider], list[str]]:
         """Peers announcing router bytes (any router: the manifest says which one to use)."""
