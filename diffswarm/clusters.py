@@ -51,7 +51,7 @@ class TrainJob:
     out: str  # folder of expert.safetensors, state.safetensors, train_log.jsonl, job.json
     objective: str = "fm"  # ddpm | fm
     schedule: str = "cosine"  # DDPM noise schedule: cosine | linear (FM experts have none)
-    net: str = "dit"  # denoiser network kind
+    net: str = "unet"  # denoiser network kind
     width: int | None = None  # None: the network kind's default
     depth: int | None = None
     unconditional: bool = False  # ignore class labels (no CFG)
@@ -94,8 +94,8 @@ class TrainJob:
             raise ValueError(f"--cluster must be in 0..{part.k - 1}")
         idx = torch.from_numpy(part.indices(self.cluster))
         c, h, _ = ds.shape
-        ncfg = NetConfig(kind=self.net, channels=c, size=h, num_classes=0 if self.unconditional else ds.num_classes,
-                         patch=default_patch(h))
+        ncfg = NetConfig.for_kind(self.net, channels=c, size=h,
+                                  num_classes=0 if self.unconditional else ds.num_classes, patch=default_patch(h))
         if self.width:
             ncfg.width = self.width
         if self.depth:

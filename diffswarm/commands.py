@@ -112,7 +112,7 @@ class SwarmUpPlan:
     objectives: str = "mixed"
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300))
     router_train: RouterTrainConfig = field(default_factory=lambda: RouterTrainConfig(steps=300))
-    net: str = "dit"
+    net: str = "unet"
     width: int | None = None
     depth: int | None = None
     seed: int = 0
@@ -395,7 +395,7 @@ def plan_swarm_up(args, given) -> SwarmUpPlan:
                        data=DatasetSpec() if args.partition else _dataset(args),
                        objectives=args.objectives or "mixed", train=TrainConfig(**length, seed=seed),
                        router_train=RouterTrainConfig(steps=args.router_steps or 300, seed=seed),
-                       net=args.net or "dit", width=args.width, depth=args.depth, seed=seed)
+                       net=args.net or "unet", width=args.width, depth=args.depth, seed=seed)
 
 
 def plan_swarm_down(args, given) -> SwarmDownPlan:

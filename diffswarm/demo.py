@@ -60,7 +60,7 @@ class Preset:
 
 
 PRESETS = {
-    "cpu": Preset(None, "dit", 96, 3, 96, minutes=8.5, router_steps=1000, classifier_epochs=2, per_class=10,
+    "cpu": Preset(None, "unet", 16, 3, 96, minutes=8.5, router_steps=1000, classifier_epochs=2, per_class=10,
                   eval_n=1000),
     "gpu": Preset(None, "dit", 256, 6, 256, minutes=30.0, router_steps=6000, classifier_epochs=4, per_class=10,
                   eval_n=5000, sampling=SamplingConfig(steps=50)),

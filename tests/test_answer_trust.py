@@ -321,3 +321,23 @@ def test_without_rerouting_a_step_that_needs_a_missing_cluster_fails_naming_it(t
     client.dead.add("h2")
     with pytest.raises(NoExpertsError, match="cluster 2 is uncovered"):
         run(ens)
+
+
+def test_without_local_fallback_the_clients_own_weights_never_stand_in_for_a_dead_peer(three):
+    """A dead peer's first answer is cross-checked against the client's own copy of its weights; with
+    local_fallback off that copy's answer is not used in the peer's place: the cluster is dropped
+    (re-routed), and with every peer dead the generation fails naming the uncovered clusters."""
+    from diffswarm.router.routing import NoExpertsError
+
+    experts = three[0]
+    peers = {"h0": (0, experts[0]), "h1": (1, experts[1]), "h2": (2, experts[2])}
+    local = {e.weights_sha256: e for e in experts}
+    ens, client = swarm(three, peers, trust=TrustConfig(local_fallback=False), local=local)
+    client.dead.add("h2")
+    x, events = run(ens)
+    assert torch.isfinite(x).all() and ens.local_rows == 0
+    assert any("no replica left for cluster 2" in e for e in events), events
+    client.dead.update({"h0", "h1"})
+    with pytest.raises(NoExpertsError, match="uncovered"):
+        run(ens)
+    assert ens.local_rows == 0

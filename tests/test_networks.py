@@ -49,7 +49,15 @@ def test_old_net_config_dicts_load_with_todays_defaults():
     cfg = NetConfig.from_dict({**old, "some_future_key": 1})
     assert cfg.head == 0 and cfg.layers == 1 and not cfg.attn and cfg.mid_attn
     ecfg = ExpertConfig.from_dict({"objective": "ddpm", "net": old})
-    assert ecfg.loss_weighting == "none"
+    assert ecfg.loss_weighting == "none" and ecfg.ddpm_time == "uniform"  # how checkpoints before them trained
+    # new experts: the recipe of docs/benchmarks.md (UNet 16x3 without middle attention, DDPM on FM's noise levels
+    # with the flow weighting); an explicit size still wins
+    new = NetConfig.for_kind("unet", size=28)
+    assert (new.width, new.depth, new.mid_attn) == (16, 3, False) and NetConfig.for_kind("unet", width=32).width == 32
+    assert NetConfig.for_kind("dit") == NetConfig()
+    fresh = ExpertConfig(objective="ddpm")
+    assert (fresh.ddpm_time, fresh.loss_weighting) == ("logit_normal", "flow")
+    assert ExpertConfig.from_dict(fresh.to_dict()) == fresh
 
 
 def test_min_snr_weighting_lowers_ddpm_loss_and_is_ddpm_only():
@@ -57,7 +65,7 @@ def test_min_snr_weighting_lowers_ddpm_loss_and_is_ddpm_only():
     x0 = torch.rand(64, 1, 8, 8) * 2 - 1
     y = torch.randint(0, 3, (64,))
     torch.manual_seed(0)
-    plain = Expert(ExpertConfig(objective="ddpm", net=net))
+    plain = Expert(ExpertConfig(objective="ddpm", net=net, loss_weighting="none"))
     weighted = Expert(ExpertConfig(objective="ddpm", net=net, loss_weighting="min_snr", min_snr_gamma=5.0))
     weighted.net.load_state_dict(plain.net.state_dict())
     lp, tp = expert_loss(plain, x0, y, torch.Generator().manual_seed(1))
@@ -86,7 +94,7 @@ def test_flow_weighting_is_the_translated_velocity_loss():
 
     net = NetConfig(kind="mlp", size=8, width=32, depth=1, num_classes=3)
     torch.manual_seed(0)
-    plain = Expert(ExpertConfig(objective="ddpm", net=net, ddpm_time="logit_normal"))
+    plain = Expert(ExpertConfig(objective="ddpm", net=net, ddpm_time="logit_normal", loss_weighting="none"))
     flow = Expert(ExpertConfig(objective="ddpm", net=net, ddpm_time="logit_normal", loss_weighting="flow"))
     flow.net.load_state_dict(plain.net.state_dict())
     x0, y = torch.rand(64, 1, 8, 8) * 2 - 1, torch.randint(0, 3, (64,))

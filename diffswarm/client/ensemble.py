@@ -495,8 +495,11 @@ class SwarmEnsemble(RoutedEnsemble):
                     if not agree(va, vb, tol):
                         v, used = self._dispute(k, rows, src, va, partner, vb, call, guidance, events, failed)
                         checked = self._resolved
-                elif va is None and vb is not None:
-                    v, used = vb, partner  # the main source failed or lied; its partner's answer passed the checks
+                elif va is None and vb is not None and (self.trust.local_fallback
+                                                        or not isinstance(partner, LocalSource)):
+                    # the main source failed or lied; its partner's answer passed the checks (the client's own
+                    # copy of the weights stands in for a peer only with local_fallback)
+                    v, used = vb, partner
                     events.append(f"t={t_now:.3f}: using the answer of {partner.peer_id[:12]} for cluster {k}")
                 if v is None:  # recomputed by another source in the next round
                     nxt = self._pick(k, rows.numel(), time.monotonic(), failed)

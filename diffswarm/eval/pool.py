@@ -155,8 +155,8 @@ class ExpertPool:
     def expert_config(self, objective: str, cluster: int | None) -> ExpertConfig:
         """The config of cluster ``cluster``'s expert (None: the monolith) with ``objective``."""
         c, h, _ = self.train_ds.shape
-        net = NetConfig(kind=self.cfg.net, channels=c, size=h, num_classes=self.train_ds.num_classes,
-                        width=self.cfg.width, depth=self.cfg.depth, patch=default_patch(h))
+        net = NetConfig.for_kind(self.cfg.net, channels=c, size=h, num_classes=self.train_ds.num_classes,
+                                 width=self.cfg.width, depth=self.cfg.depth, patch=default_patch(h))
         return ExpertConfig(objective=objective, net=net, schedule=ScheduleConfig(kind=self.cfg.schedule),
                             cluster=cluster, num_clusters=None if cluster is None else self.cfg.k,
                             partition_hash=None if cluster is None else self.partition.partition_hash,

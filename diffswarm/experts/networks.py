@@ -9,11 +9,13 @@ Every network maps ``(x, timestep, labels) -> out`` with
 
 Kinds (``NetConfig.kind``):
 
-- ``dit`` (default): diffusers ``DiTTransformer2DModel`` (adaLN-zero, class-conditional). At
-  28x28 with patch 4, width 96, depth 3 it reaches the lowest held-out loss per CPU-second among
-  the candidates that also sample fast (``bench/network_choice.py``; numbers in docs/benchmarks.md).
-- ``unet``: diffusers ``UNet2DModel`` with class embeddings: as good per training second at
-  width 16, but twice as slow per forward pass, which sampling pays at every step.
+- ``unet`` (the default of new experts, ``KIND_DEFAULTS``): diffusers ``UNet2DModel`` with class
+  embeddings, 16 base channels, 3 levels, no middle attention. The best samples per CPU-second of
+  training among the candidates of ``bench/recipe_choice.py`` (FD 12.9 vs the DiT's 34.4 at 140
+  CPU-s; table in docs/benchmarks.md), though 2.5x slower per forward pass than the DiT.
+- ``dit``: diffusers ``DiTTransformer2DModel`` (adaLN-zero, class-conditional), width 96, depth 3,
+  patch 4 at 28x28 (NetConfig's own defaults, hence what older checkpoints without a kind were);
+  the fastest forward pass, with patch seams after short training.
 - ``mlp``: a residual MLP over flattened pixels with AdaLN modulation from diffusers'
   ``Timesteps``/``TimestepEmbedding``: the fastest step, clearly worse per CPU-second at 28x28;
   handy for tiny tests (8x8 digits).
@@ -50,9 +52,21 @@ class NetConfig:
         return asdict(self)
 
     @classmethod
+    def for_kind(cls, kind: str, **kw) -> NetConfig:
+        """A new network of ``kind`` with that kind's default sizes (``KIND_DEFAULTS``), overridden by ``kw``."""
+        return cls(kind=kind, **{**KIND_DEFAULTS.get(kind, {}), **kw})
+
+    @classmethod
     def from_dict(cls, d: dict) -> NetConfig:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+# Defaults of a new network per kind, where they differ from NetConfig's (which a checkpoint's missing
+# field falls back to, so they describe older checkpoints). The UNet's: 16 base channels, 3 levels, no
+# middle attention: at equal CPU time it beat the 96-wide DiT (Fashion-MNIST FD 12.9 vs 34.4) and the
+# UNet with middle attention (bench/recipe_choice.py, docs/benchmarks.md).
+KIND_DEFAULTS: dict[str, dict] = {"unet": {"width": 16, "depth": 3, "mid_attn": False}}
 
 
 class AdaBlock(nn.Module):
