@@ -121,6 +121,14 @@ def _add_network_args(p: argparse.ArgumentParser, client: bool) -> None:
                        help="behind NAT without port forwarding: become reachable through libp2p relays (slow)")
 
 
+def _add_router_kind_arg(p) -> None:
+    p.add_argument("--router-kind", choices=["auto", "trained", "stats"], default="auto",
+                   help="trained: the router file (the swarm's, or --router); stats: p(cluster | x_t, t, class) in "
+                        "closed form from the statistics each expert's peer publishes (no router peer, no central "
+                        "data); auto (default): trained if the swarm's manifest names a router (locally: if --router "
+                        "is given or there is one expert), else stats")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffswarm", allow_abbrev=False,
@@ -157,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_swarm_source_args(p)
     g = p.add_argument_group("swarm client")
     g.add_argument("--router-sha256", default=None, help="only use an announced router with this sha256 (prefix)")
+    _add_router_kind_arg(p)
     g.add_argument("--timeout", type=float, default=None, help="deadline of one expert call, seconds (default 10)")
     g.add_argument("--compression", choices=["none", "float16"], default=None,
                    help="tensor encoding on the wire (default none)")
@@ -169,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/dashboard", help="folder for the generated PNG grids")
     p.add_argument("--timeout", type=float, default=10.0, help="deadline of one expert call, seconds")
     p.add_argument("--device", default="cpu")
+    _add_router_kind_arg(p)
     _add_network_args(p, client=True)
 
     p = _parser(sub, "peer", "volunteer: join the swarm, (train and) serve one expert")
@@ -178,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also serve this router file; with the owner key, found the swarm and sign its manifest")
     g.add_argument("--owner-key", default=None, metavar="FILE",
                    help="the swarm owner's key file (created if missing) that signs the manifest naming --router "
-                        "(default: the peer's identity key); its fingerprint is part of the swarm's name")
+                        "(default: the peer's identity key), or, without --router, naming no router: clients then "
+                        "route with the statistics the experts' peers publish; its fingerprint is in the swarm's name")
     g = p.add_argument_group("training first (instead of --checkpoint); the run resumes from --out")
     _add_train_args(g)
     g.add_argument("--train-job", default=None, help="a training job file (job.json, as `swarm up` writes them)")
@@ -206,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--run-dir", default="runs/swarm")
     q.add_argument("--checkpoints", nargs="+", default=None, help="serve these experts instead of training new ones")
     q.add_argument("--router", default=None, help="router to serve (with --checkpoints)")
+    q.add_argument("--router-kind", choices=["trained", "stats"], default="trained",
+                   help="trained (default): a router peer serves the router (--router, or one trained here); stats: no "
+                        "router at all, clients route with the statistics each expert's peer publishes")
     q.add_argument("--replicas", type=int, default=1, help="peers per expert")
     q.add_argument("--threads", type=int, default=1, help="torch threads per peer")
     q.add_argument("--port", type=int, default=0, help="bootstrap TCP port (0: any)")

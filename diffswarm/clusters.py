@@ -20,17 +20,10 @@ from .experts.networks import NETWORKS, NetConfig, default_patch
 from .experts.schedules import ScheduleConfig
 from .experts.train import TrainConfig
 from .fileio import atomic_write
+from .router.stats import STATS_FILE, write_cluster_stats
 from .router.train import RouterTrainConfig
 
 JOB_FILE = "job.json"
-STATS_FILE = "cluster_stats.bin"  # the statistics router's summary of this cluster (router/stats.py), beside the expert
-
-
-def stats_path(checkpoint: str | Path) -> Path:
-    """Where the cluster statistics of the expert ``checkpoint`` (OUT/expert.safetensors) live."""
-    return Path(checkpoint).parent / STATS_FILE
-
-
 def dataset_for_partition(part: Partition, split: str = "train") -> ImageDataset:
     """Reload the dataset a partition was made from (its manifest records the source) and check it."""
     src = part.source or {}
@@ -108,18 +101,6 @@ class TrainJob:
     def load_data(self) -> tuple[ExpertConfig, torch.Tensor, torch.Tensor]:
         part = Partition.load(self.partition)
         return self.expert(part, dataset_for_partition(part))
-
-
-def write_cluster_stats(cfg: ExpertConfig, images: torch.Tensor, labels: torch.Tensor, path: str | Path) -> Path:
-    """Statistics of this cluster's own images (mean, feature covariance, residual variance, class histogram in a
-    fixed DCT feature space): what its peer publishes so clients can route without a trained router."""
-    from .router.stats import DCTBasis, cluster_stats
-
-    shape = (cfg.net.channels, cfg.net.size, cfg.net.size)
-    st = cluster_stats(images, labels, cfg.net.num_classes, DCTBasis(shape), cluster=cfg.cluster,
-                       partition_hash=cfg.partition_hash or "", dataset_id=cfg.dataset_id)
-    blob = st.to_bytes()
-    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(blob))
 
 
 def run_train_job(job: TrainJob, *, progress: bool = True, position: int = 0, on_step=None,

@@ -81,6 +81,7 @@ class GeneratePlan:
     local: tuple[str, ...] | None = None  # expert checkpoints (no network)
     router: str | None = None  # router file (local: required for several experts; swarm: instead of fetching)
     swarm: SwarmSource | None = None
+    router_kind: str = "trained"  # local: trained (--router) | stats (from the stats files beside the experts)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class SwarmUpPlan:
     width: int | None = None
     depth: int | None = None
     seed: int = 0
+    router_kind: str = "trained"  # stats: no router peer (clients use the statistics the peers publish)
 
 
 @dataclass(frozen=True)
@@ -261,14 +263,23 @@ def plan_generate(args, given) -> GeneratePlan:
                   save_samples=args.save_samples, nrow=args.nrow, device=args.device)
     swarm_only = ["initial_peers", "run_dir", "swarm", "router_sha256", "timeout", "compression", "loopback",
                   "no_relay", "no_nat"]
+    if args.router_kind == "stats":
+        _refuse(given, ["router", "router_sha256"], "with --router-kind stats (it routes with cluster statistics, "
+                                                    "not a router file)")
+    if args.router_kind == "trained" and args.local and len(args.local) > 1 and not args.router:
+        raise ValueError("several --local experts need their --router with --router-kind trained")
     if args.local:
         _refuse(given, swarm_only, "with --local (it generates from local checkpoints, without a network)")
-        if len(args.local) > 1 and not args.router:
-            raise ValueError("several --local experts need their --router")
-        return GeneratePlan(**common, local=tuple(args.local), router=args.router)
+        kind = "trained" if args.router or len(args.local) == 1 else "stats"
+        if args.router_kind != "auto":
+            kind = args.router_kind
+        return GeneratePlan(**common, local=tuple(args.local), router=args.router, router_kind=kind)
     if args.router:
         _refuse(given, ["router_sha256"], "with --router (it pins an announced router; --router uses a local file)")
+        if args.router_kind != "auto":
+            _refuse(given, ["router_kind"], "with --router (a local router file is a trained router)")
     kw = {"call_timeout": args.timeout} if args.timeout is not None else {}
+    kw["router_kind"] = args.router_kind
     if args.compression is not None:
         kw["compression"] = args.compression
     src = _swarm_source(args, given, router_sha256=args.router_sha256, **kw)
@@ -276,8 +287,8 @@ def plan_generate(args, given) -> GeneratePlan:
 
 
 def plan_dashboard(args, given) -> DashboardPlan:
-    return DashboardPlan(_swarm_source(args, given, call_timeout=args.timeout, connect_timeout=20.0), args.out,
-                         args.device)
+    return DashboardPlan(_swarm_source(args, given, call_timeout=args.timeout, connect_timeout=20.0,
+                                       router_kind=args.router_kind), args.out, args.device)
 
 
 def _server_network(args, given):
@@ -307,22 +318,25 @@ MAX_ANNOUNCE_PERIOD = 300.0  # seconds; heartbeats expire after min(3 periods, 6
 
 
 def _peer_swarm(args, given, serves: bool) -> str | None:
-    """A peer's --swarm: a full name to join; a bare NAME only with --router (found swarm NAME, owned by the
-    owner key); none: found "diffswarm" with --router, a plain DHT node without anything to serve."""
+    """A peer's --swarm: a full name to join; a bare NAME only when founding (with --router, or with --owner-key
+    and an expert: a swarm without a trained router, routed by its peers' statistics), owned by the owner key;
+    none: found "diffswarm" when founding, a plain DHT node without anything to serve."""
     from .dht.trust import HOW_TO_NAME, SwarmNameError, check_bare_name, is_full_name
 
-    if not args.router:
-        _refuse(given, ["owner_key"], "without --router (the owner key signs the manifest naming the swarm's router)")
+    founds = bool(args.router) or (bool(args.owner_key) and serves)
+    if not founds:
+        _refuse(given, ["owner_key"], "without --router or an expert to serve (the owner key signs the manifest of "
+                                      "the swarm, naming its router or, without one, its partition)")
     if args.swarm is None:
-        if serves and not args.router:
+        if serves and not founds:
             what = next((given[d] for d in ("checkpoint", "train_job", "cluster", "partition") if d in given),
                         "serving an expert")
             raise ValueError(f"a peer serving an expert ({what}) needs --swarm NAME@FINGERPRINT: {HOW_TO_NAME}")
         return None
     if is_full_name(args.swarm):
         return _full_swarm_name(args.swarm)
-    if not args.router:
-        return _full_swarm_name(args.swarm)  # raises: a bare NAME only founds a swarm, with --router
+    if not founds:
+        return _full_swarm_name(args.swarm)  # raises: a bare NAME only founds a swarm
     try:
         return check_bare_name(args.swarm)
     except SwarmNameError as e:
@@ -377,13 +391,15 @@ def plan_swarm_up(args, given) -> SwarmUpPlan:
     except SwarmNameError as e:
         raise ValueError(f"--swarm: {e}") from None
     common = dict(run_dir=args.run_dir, swarm=swarm, owner_key=args.owner_key, replicas=args.replicas,
-                  threads=args.threads, port=args.port, timeout=args.timeout)
+                  threads=args.threads, port=args.port, timeout=args.timeout, router_kind=args.router_kind)
+    if args.router_kind == "stats":
+        _refuse(given, ["router", "router_steps"], "with --router-kind stats (the swarm has no router peer)")
     training = ["experts", "partition", "objectives", "train_steps", "train_minutes", "router_steps", "net", "width",
                 "depth", "seed", *DATASET_DESTS]
     if args.checkpoints:
         _refuse(given, training, "with --checkpoints (the peers serve them instead of training new experts)")
-        if len(args.checkpoints) > 1 and not args.router:
-            raise ValueError("serving several --checkpoints needs their --router")
+        if len(args.checkpoints) > 1 and not args.router and args.router_kind == "trained":
+            raise ValueError("serving several --checkpoints needs their --router (or --router-kind stats)")
         return SwarmUpPlan(**common, checkpoints=tuple(args.checkpoints), router=args.router)
     _refuse(given, ["router"], "without --checkpoints (the swarm trains its own router)")
     if args.partition:
@@ -554,7 +570,7 @@ def run_generate(p: GeneratePlan) -> int:
 
     dev = pick_device(p.device)
     if p.local:
-        model = load_local_ensemble(p.local, p.router, p.routing, dev, seed=p.sampling.seed)
+        model = load_local_ensemble(p.local, p.router, p.routing, dev, seed=p.sampling.seed, router_kind=p.router_kind)
         ncfg = model.experts[0].config.net
         shape, num_classes = (ncfg.channels, ncfg.size, ncfg.size), ncfg.num_classes
         where = "locally"
@@ -620,9 +636,11 @@ def run_swarm_up(p: SwarmUpPlan) -> int:
             print(f"partitioned {ds.dataset_id} into K={k} clusters -> {part_path}")
         if part.k != k:
             raise ValueError(f"--experts {k} but the partition has K={part.k}")
-        router = str(run_dir / "router.safetensors")
-        print(f"training the router ({p.router_train.steps} steps)")
-        run_router_job(RouterJob(part_path, router, train=p.router_train), progress=False, evaluate=False)
+        router = None
+        if p.router_kind == "trained":
+            router = str(run_dir / "router.safetensors")
+            print(f"training the router ({p.router_train.steps} steps)")
+            run_router_job(RouterJob(part_path, router, train=p.router_train), progress=False, evaluate=False)
         objectives = {"mixed": ["ddpm" if i % 2 == 0 else "fm" for i in range(k)], "ddpm": ["ddpm"] * k,
                       "fm": ["fm"] * k}[p.objectives]
         specs = []

@@ -17,6 +17,7 @@ process group after ``timeout``, then the leftover p2pd sockets are removed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -307,6 +308,8 @@ def start_local_swarm(peers: Sequence[PeerSpec], router_path: str | None, run_di
                       extra_args: Sequence[str] = (), log=print) -> LocalSwarm:
     """Start a bootstrap node (serving the router and signing the swarm's manifest with ``owner_key``,
     default RUN_DIR/owner.key, created if missing) and ``peers`` on 127.0.0.1, each as its own process;
+    with ``router_path`` None there is no router peer: the first peer signs a manifest naming no router
+    (clients route with the statistics the peers publish);
     return once all are online (their records checked in the DHT). ``swarm``: the NAME (or the full name,
     which must match the owner key). Writes RUN_DIR/swarm.json with the full name."""
     run_dir = Path(run_dir)
@@ -336,11 +339,12 @@ def start_local_swarm(peers: Sequence[PeerSpec], router_path: str | None, run_di
         sw.initial_peers = boot["maddrs"]
         sw.peer_args = [*common, "--threads", str(threads), "--initial-peers", *sw.initial_peers]
         sw.env = env
-        for spec in peers:
+        for i, spec in enumerate(peers):
+            if router_path is None and i == 0:  # no router peer: the first expert's peer signs the manifest
+                spec = dataclasses.replace(spec, extra_args=[*spec.extra_args, "--owner-key", str(owner_key)])
             started.append(sw._spawn_peer(spec))
         infos = _wait_online(started[1:], deadline, log)
-        _confirm_in_dht(sw, [i["peer_id"] for i in infos.values() if i.get("experts")], deadline,
-                        manifest=router_path is not None)
+        _confirm_in_dht(sw, [i["peer_id"] for i in infos.values() if i.get("experts")], deadline, manifest=True)
         return sw
     except BaseException:
         sw.stop(timeout=5)

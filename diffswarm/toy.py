@@ -38,6 +38,7 @@ def make_toy_swarm(out_dir: str | Path, spec: ToySwarmSpec) -> tuple[list[Path],
     from .experts.networks import NetConfig, default_patch
     from .experts.train import TrainConfig, train_expert
     from .router.model import Router, RouterConfig
+    from .router.stats import STATS_FILE, write_cluster_stats
 
     out = Path(out_dir)
     k = len(spec.objectives)
@@ -54,6 +55,7 @@ def make_toy_swarm(out_dir: str | Path, spec: ToySwarmSpec) -> tuple[list[Path],
         d = out / f"c{c}-{obj}"
         train_expert(cfg, TrainConfig(steps=spec.steps, batch=16, warmup=1, ckpt_every=10**9, log_every=10**9,
                                       seed=spec.seed + c, device="cpu"), images, labels, d, progress=False)
+        write_cluster_stats(cfg, images, labels, d / STATS_FILE)  # what its peer publishes for the stats router
         paths.append(d / "expert.safetensors")
     torch.manual_seed(spec.seed)
     router = Router(RouterConfig(num_clusters=k, num_classes=spec.num_classes, channels=spec.channels, size=spec.size,

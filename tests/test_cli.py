@@ -127,3 +127,23 @@ def test_clear_errors(run, capsys):
     # an FM checkpoint is not a valid --init-from source
     assert main(["train", "--partition", str(run / "p.json"), "--cluster", "1", "--objective", "fm", "--steps", "2",
                  "--init-from", str(run / "c1" / "expert.safetensors"), "--out", str(run / "y"), *TINY]) == 2
+
+
+def test_generate_with_the_statistics_router_needs_no_router_file(run, capsys):
+    """`train` wrote each cluster's statistics beside its expert: `generate --local` without --router routes with
+    them (auto), the same as --router-kind stats, and differently from the trained router."""
+    experts = [str(run / "c0" / "expert.safetensors"), str(run / "c1" / "expert.safetensors")]
+    common = [*experts, "--n", "6", "--steps", "5", "--class", "3", "--class", "7", "--seed", "5", "--routing",
+              "top-k", "--k", "1"]
+    assert main(["generate", "--local", *common, "--output", str(run / "s.png"), "--save-samples",
+                 str(run / "s.npz")]) == 0
+    assert main(["generate", "--local", *common, "--router-kind", "stats", "--output", str(run / "s2.png"),
+                 "--save-samples", str(run / "s2.npz")]) == 0
+    auto, stats = np.load(run / "s.npz")["samples"], np.load(run / "s2.npz")["samples"]
+    trained = _generate(run, "t", "--seed", "5", "--routing", "top-k", "--k", "1")["samples"]
+    np.testing.assert_array_equal(auto, stats)
+    assert not np.array_equal(stats, trained)
+    capsys.readouterr()
+    assert main(["generate", "--local", *common, "--router-kind", "stats", "--router", str(run / "router.safetensors"),
+                 "--output", str(run / "x.png")]) == 2
+    assert "--router has no effect with --router-kind stats" in capsys.readouterr().err

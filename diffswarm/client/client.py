@@ -55,11 +55,13 @@ from ..wire import (
     request_metadata,
     stream_parts,
 )
-from .discovery import SwarmTarget, SwarmView, router_mismatch, router_sources
+from .discovery import SwarmTarget, SwarmView, choose_stats, router_mismatch, router_sources
 from .selection import Blacklist, Replica, update_ema
 from .trust import TrustConfig
 
 logger = logging.getLogger(__name__)
+
+ROUTER_KINDS = ("auto", "trained", "stats")
 
 
 @dataclass
@@ -79,6 +81,8 @@ class ClientConfig:
     threads: int = 1  # torch threads while a step is evaluated (router + mixing are small; more threads
     #                   busy-wait and steal CPU from peers on the same machine); 0 = leave torch's setting
     router_sha256: str | None = None  # use the owner's newest manifest naming this router (file/weights sha256 prefix)
+    router_kind: str = "auto"  # trained (the router file the manifest names) | stats (closed form from the statistics
+    #                            peers publish: no router peer needed) | auto (trained if the manifest names one)
     cache_dir: str | None = None  # fetched routers and experts (default $DIFFSWARM_CACHE or ~/.cache/diffswarm)
     trust: TrustConfig = field(default_factory=TrustConfig)  # how peers' answers are checked (client/trust.py)
     trusted_checkpoints: tuple[str, ...] = ()  # expert files the client holds: arbiters and local fallback
@@ -576,8 +580,10 @@ class SwarmClient:
             time.sleep(1.0)
 
     def fetch_router(self, device="cpu", wait: float | None = None):
-        """(Router, SwarmManifest): the router the swarm's owner chose, from the cache or any peer, verified
-        (file sha256, weights hash, and the router's own config against the manifest).
+        """(router, SwarmManifest): with ``cfg.router_kind`` trained, the router the swarm's owner chose, from
+        the cache or any peer, verified (file sha256, weights hash, and the router's own config against the
+        manifest); with stats, a ``StatsRouter`` from the statistics the peers publish (``fetch_stats_router``);
+        auto: trained when the manifest names a router file, else stats.
         ``wait``: seconds to wait for the manifest and a router source (default ``cfg.connect_timeout``;
         0 = look once)."""
         from ..experts.checkpoint import file_sha256
@@ -585,6 +591,14 @@ class SwarmClient:
 
         deadline = time.monotonic() + (self.cfg.connect_timeout if wait is None else wait)
         manifest = self.find_manifest(wait)
+        kind = self.cfg.router_kind
+        if kind not in ROUTER_KINDS:
+            raise SwarmClientError(f"router kind must be one of {ROUTER_KINDS}, got {kind!r}")
+        if kind == "stats" or (kind == "auto" and not manifest.has_router):
+            return self.fetch_stats_router(manifest, device, deadline), manifest
+        if not manifest.has_router:
+            raise SwarmClientError(f"swarm {self._swarm_name()} has no trained router (its owner's manifest names "
+                                   "none): route with the statistics its peers publish (--router-kind stats or auto)")
         path = _cache_dir(self.cfg) / f"{manifest.router_sha256}.safetensors"
         if not (path.exists() and file_sha256(path) == manifest.router_sha256):
             data = self._fetch_router_bytes(manifest, deadline)
@@ -599,6 +613,59 @@ class SwarmClient:
         if not self.cfg.router_sha256:
             _write_manifest_floor(self.cfg, self._swarm_name(), manifest)
         return router, manifest
+
+    def stats_records(self):
+        return self.run(self.dht.get_stats(), timeout=60)
+
+    def fetch_stats_router(self, manifest: SwarmManifest, device="cpu", deadline: float | None = None):
+        """A ``StatsRouter`` from the cluster statistics the swarm's peers publish, waiting until ``deadline``
+        (monotonic; default now + ``cfg.connect_timeout``) for every cluster of ``manifest`` to have a blob
+        that parses within bounds and fits the manifest (cluster, partition, image shape, classes, dataset)."""
+        from ..router.stats import ClusterStats, StatsFormatError, StatsRouter
+
+        deadline = time.monotonic() + self.cfg.connect_timeout if deadline is None else deadline
+        bad: set[str] = set()
+        shape = tuple(manifest.image_shape)
+        while True:
+            recs, errors = self.stats_records()
+            for e in errors:
+                logger.info(f"skipped an invalid stats record: {e}")
+            experts, _ = self.run(self.dht.get_experts(), timeout=60)
+            serving = {(r.peer_id, r.cluster) for r in experts if r.state == "online" and r.cluster is not None}
+            cands, notes = choose_stats(recs, manifest, serving)
+            for n in notes:
+                logger.debug(f"not using {n}")
+            chosen: list[ClusterStats | None] = []
+            for k, options in enumerate(cands):
+                pick = None
+                for r in options:
+                    if r.stats_sha256 in bad:
+                        continue
+                    try:
+                        st = ClusterStats.from_bytes(r.blob)
+                        got = (st.cluster, st.partition_hash or "", tuple(st.image_shape), st.num_classes)
+                        if got != (k, manifest.partition_hash, shape, manifest.num_classes):
+                            raise StatsFormatError(f"describes {got}, the manifest wants "
+                                                   f"{(k, manifest.partition_hash, shape, manifest.num_classes)}")
+                        if st.dataset_id and manifest.dataset_id and st.dataset_id != manifest.dataset_id:
+                            raise StatsFormatError(f"dataset {st.dataset_id!r}, not {manifest.dataset_id!r}")
+                    except StatsFormatError as e:
+                        bad.add(r.stats_sha256)
+                        self.events.append(f"ignored cluster {k} statistics from {r.peer_id[:12]}: {e}"[:300])
+                        continue
+                    pick = st
+                    break
+                chosen.append(pick)
+            missing = [k for k, st in enumerate(chosen) if st is None]
+            if not missing:
+                router = StatsRouter(chosen, partition_hash=manifest.partition_hash,
+                                     dataset_id=manifest.dataset_id or None)
+                return router.to(device)
+            if time.monotonic() > deadline:
+                raise SwarmClientError(f"no usable statistics for cluster(s) {', '.join(map(str, missing))} of swarm "
+                                       f"{self._swarm_name()}: the statistics router needs every cluster's (their "
+                                       "peers publish cluster_stats.bin from beside their checkpoints)")
+            time.sleep(1.0)
 
     # -- velocity calls ------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ..dht.records import ExpertRecord, RouterProvider, SwarmManifest
+from ..dht.records import ClusterStatsRecord, ExpertRecord, RouterProvider, SwarmManifest
 from ..wire import PROTOCOL_VERSION
 from .selection import Replica
 
@@ -141,3 +141,36 @@ def router_mismatch(manifest: SwarmManifest, router_cfg, weights_sha256: str) ->
         if have != want:
             return f"{what} {have!r}, the manifest says {want!r}"
     return None
+
+
+def choose_stats(records: list[ClusterStatsRecord], manifest: SwarmManifest,
+                 serving: set[tuple[str, int]] | None = None) -> tuple[list[list[ClusterStatsRecord]], list[str]]:
+    """Candidate statistics per cluster of ``manifest`` (best first), and why records were passed over.
+
+    A record counts only if it is for a cluster 0..K-1 of the manifest's partition and (``serving``: the
+    (peer id, cluster) pairs of online expert records) its peer serves an expert of that cluster. If the
+    owner signed per-cluster hashes (manifest extra ``cluster_stats_sha256``), only those are accepted;
+    otherwise candidates are ranked by how many distinct peers announce the same blob (ties: by sha256),
+    so one peer cannot outvote a cluster's replicas. Each candidate list holds one record per distinct blob."""
+    k = manifest.num_clusters
+    signed = manifest.extra.get("cluster_stats_sha256")
+    signed = signed if isinstance(signed, list) and len(signed) == k else None
+    notes: list[str] = []
+    by_sha: list[dict[str, dict[str, ClusterStatsRecord]]] = [{} for _ in range(k)]
+    for r in records:
+        who = f"stats of {r.peer_id[:12]} for cluster {r.cluster}"
+        if r.num_clusters != k or not 0 <= r.cluster < k:
+            notes.append(f"{who}: K={r.num_clusters}, the manifest's is {k}")
+        elif r.partition_hash != manifest.partition_hash:
+            notes.append(f"{who}: partition {r.partition_hash[:12]}, not the manifest's")
+        elif serving is not None and (r.peer_id, r.cluster) not in serving:
+            notes.append(f"{who}: the peer serves no online expert of that cluster")
+        elif signed is not None and signed[r.cluster] and r.stats_sha256 != signed[r.cluster]:
+            notes.append(f"{who}: not the statistics the owner signed")
+        else:
+            by_sha[r.cluster].setdefault(r.stats_sha256, {})[r.peer_id] = r
+    out = []
+    for cands in by_sha:
+        ranked = sorted(cands.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+        out.append([next(iter(peers.values())) for _, peers in ranked])
+    return out, notes

@@ -34,6 +34,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
 from .records import (
+    ClusterStatsRecord,
     ExpertRecord,
     RouterProvider,
     SwarmManifest,
@@ -43,6 +44,7 @@ from .records import (
     parse_entries,
     parse_manifests,
     routers_key,
+    stats_key,
 )
 
 logger = logging.getLogger(__name__)
@@ -226,6 +228,11 @@ class SwarmDHT:
         return await self.node.store(routers_key(self.swarm), rec.to_dict(), get_dht_time() + expiration,
                                      subkey=self.owner)
 
+    async def announce_stats(self, rec: ClusterStatsRecord, expiration: float) -> bool:
+        """Publish this peer's cluster statistics (under this peer's subkey for that cluster)."""
+        return await self.node.store(stats_key(self.swarm), rec.to_dict(), get_dht_time() + expiration,
+                                     subkey=self.owner + rec.subkey_suffix)
+
     async def announce_manifest(self, manifest: SwarmManifest, expiration: float) -> bool:
         """Re-announce the owner-signed ``manifest`` unchanged, under this peer's own subkey."""
         return await self.node.store(manifest_key(self.swarm), manifest.to_dict(), get_dht_time() + expiration,
@@ -265,6 +272,11 @@ class SwarmDHT:
     async def get_providers(self) -> tuple[list[RouterProvider], list[str]]:
         """Peers announcing router bytes (any router: the manifest says which one to use)."""
         return parse_entries(await self._get_entries(routers_key(self.swarm)), RouterProvider, get_dht_time())
+
+    async def get_stats(self) -> tuple[list[ClusterStatsRecord], list[str]]:
+        """Cluster statistics announced by peers (whose blobs hash right); which to use is the client's choice
+        (``client.discovery.choose_stats``)."""
+        return parse_entries(await self._get_entries(stats_key(self.swarm)), ClusterStatsRecord, get_dht_time())
 
     async def get_manifests(self) -> tuple[list[SwarmManifest], list[str]]:
         """Well-formed manifests announced by anyone; the owner's signature is checked by ``trust.choose_manifest``."""

@@ -73,6 +73,7 @@ MAX_CLUSTERS = 1024  # K
 MAX_BATCH_ROWS = 65_536  # an ExpertRecord's max_batch
 MAX_TRAIN_STEPS = 10**12
 MAX_ROUTER_BYTES = 64 << 20  # the router file a client will download
+MAX_STATS_RECORD_BYTES = 64 << 10  # a cluster-statistics blob in a stats record (router.stats.MAX_STATS_BYTES)
 MAX_KEY_BYTES = 1024  # owner public key (DER; RSA-4096 is 550 bytes)
 MAX_SIGNATURE_BYTES = 1024  # base64 of an RSA-4096 signature is 684 bytes
 MAX_MANIFEST_BYTES = 16 << 10  # canonical signed encoding of a manifest, unknown fields included
@@ -99,6 +100,7 @@ Addrs = conlist(AddrStr, max_items=MAX_ADDRS)
 Shape = conlist(StrictInt, max_items=3)
 KeyBytes = conbytes(strict=True, max_length=MAX_KEY_BYTES)
 SigBytes = conbytes(strict=True, max_length=MAX_SIGNATURE_BYTES)
+StatsBytes = conbytes(strict=True, max_length=MAX_STATS_RECORD_BYTES)
 
 
 class _RecordModel(pydantic.BaseModel):
@@ -153,6 +155,21 @@ class RouterProviderModel(_RecordModel):
         extra = pydantic.Extra.allow
 
 
+class ClusterStatsRecordModel(_RecordModel):
+    version: StrictInt
+    cluster: StrictInt
+    num_clusters: StrictInt
+    partition_hash: TextStr
+    stats_sha256: TextStr
+    blob: StatsBytes
+    software: TextStr
+    peer_id: IdStr
+    updated: StrictFloat
+
+    class Config:
+        extra = pydantic.Extra.allow
+
+
 class SwarmManifestModel(_RecordModel):
     version: StrictInt
     swarm: IdStr
@@ -180,6 +197,7 @@ class SwarmSchema(pydantic.BaseModel):
     experts: dict[BytesWithPublicKey, ExpertRecordModel]
     manifest: dict[BytesWithPublicKey, SwarmManifestModel]
     routers: dict[BytesWithPublicKey, RouterProviderModel]
+    stats: dict[BytesWithPublicKey, ClusterStatsRecordModel]
 
 
 def make_validators(swarm: str | None, private_key=None) -> list:
@@ -202,6 +220,10 @@ def manifest_key(swarm: str) -> str:
 
 def routers_key(swarm: str) -> str:
     return f"{swarm}_routers"
+
+
+def stats_key(swarm: str) -> str:
+    return f"{swarm}_stats"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,6 +442,47 @@ class RouterProvider:
         return r
 
 
+@dataclass(frozen=True)
+class ClusterStatsRecord:
+    """A peer publishing the statistics of its own cluster's images (``router.stats.ClusterStats`` bytes),
+    from which clients build the statistics router (no router peer, no central data). A claim like any
+    other: readers check the blob's hash, parse it with bounds and match it against the manifest."""
+
+    version: int
+    cluster: int  # the cluster the statistics describe
+    num_clusters: int  # K of the partition
+    partition_hash: str
+    stats_sha256: str  # sha256 of blob
+    blob: bytes  # ClusterStats.to_bytes() (<= MAX_STATS_RECORD_BYTES)
+    software: str
+    peer_id: str  # the announcing peer (must be the announcing key's peer id)
+    updated: float  # DHT time of this announcement
+
+    @property
+    def subkey_suffix(self) -> bytes:
+        return f"/stats{self.cluster}".encode()
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["updated"] = float(d["updated"])
+        d["blob"] = bytes(d["blob"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ClusterStatsRecord:
+        r = cls(**_strict(ClusterStatsRecordModel, d, "cluster stats record"))
+        what = f"cluster stats of {r.peer_id[:12]}"
+        _check_peer(r, what)
+        if r.version < 1:
+            raise RecordError(f"{what}: version {r.version} < 1")
+        if not 1 <= r.num_clusters <= MAX_CLUSTERS or not 0 <= r.cluster < r.num_clusters:
+            raise RecordError(f"{what}: cluster {r.cluster} of K={r.num_clusters} is out of range")
+        if not _SHA256.match(r.stats_sha256) or hashlib.sha256(r.blob).hexdigest() != r.stats_sha256:
+            raise RecordError(f"{what}: the blob does not hash to stats_sha256")
+        check_time(r.updated, None, what)
+        return r
+
+
 _MANIFEST_FIELDS = ("version", "swarm", "partition_hash", "num_clusters", "dataset_id", "image_shape", "num_classes",
                     "router_sha256", "router_weights_sha256", "router_bytes", "protocol", "software", "issued",
                     "owner_key", "signature")
@@ -455,6 +518,12 @@ class SwarmManifest:
         d["image_shape"] = [int(s) for s in d["image_shape"]]
         return {**self.extra, **d}
 
+    @property
+    def has_router(self) -> bool:
+        """False for a swarm without a trained router (router fields empty): clients route with the
+        statistics its peers publish (``ClusterStatsRecord``)."""
+        return bool(self.router_sha256)
+
     def signed_bytes(self) -> bytes:
         """The bytes the signature covers: every field but ``signature``, unknown ones included."""
         d = self.to_dict()
@@ -469,9 +538,12 @@ class SwarmManifest:
         r = cls(**known, extra=extra)
         what = f"manifest of swarm {r.swarm!r}"
         _check_common(r, what)
-        if not (_SHA256.match(r.router_sha256) and _SHA256.match(r.router_weights_sha256)):
-            raise RecordError(f"{what}: router hashes are not sha256 hex digests")
-        _check_router_bytes(r.router_bytes, what)
+        if r.has_router:
+            if not (_SHA256.match(r.router_sha256) and _SHA256.match(r.router_weights_sha256)):
+                raise RecordError(f"{what}: router hashes are not sha256 hex digests")
+            _check_router_bytes(r.router_bytes, what)
+        elif r.router_weights_sha256 or r.router_bytes:
+            raise RecordError(f"{what}: names no router file but a router weights hash or size")
         if not r.owner_key or not r.signature:
             raise RecordError(f"{what}: no owner key or signature")
         check_time(r.issued, None, what)

@@ -47,6 +47,7 @@ from ..dht.records import (
     MAX_RECORD_AGE,
     MAX_ROUTER_BYTES,
     RECORD_VERSION,
+    ClusterStatsRecord,
     ExpertRecord,
     RouterProvider,
     SwarmManifest,
@@ -133,6 +134,27 @@ class ServedExpert:
         self.spec = ExpertSpec(expert.expert_id, (cfg.net.channels, cfg.net.size, cfg.net.size), cfg.net.num_classes)
         self.device = next(expert.parameters()).device
         self.batcher = Batcher(self._velocity, policy)
+        self.stats_blob: bytes | None = None  # the cluster's statistics beside the checkpoint (load_stats)
+
+    def load_stats(self) -> str | None:
+        """Read ``cluster_stats.bin`` beside the checkpoint, if there is one, for publishing; returns why it is
+        not published (None: published, or no file)."""
+        from ..router.stats import StatsFormatError, read_cluster_stats, stats_path
+
+        cfg = self.expert.config
+        if self.path is None or cfg.cluster is None or not stats_path(self.path).exists():
+            return None
+        try:
+            blob, st = read_cluster_stats(stats_path(self.path))
+        except (OSError, StatsFormatError) as e:
+            return f"not publishing {stats_path(self.path)}: {e}"
+        shape = (cfg.net.channels, cfg.net.size, cfg.net.size)
+        if (st.cluster, st.partition_hash or "", tuple(st.image_shape), st.num_classes) != (
+                cfg.cluster, cfg.partition_hash or "", shape, cfg.net.num_classes):
+            return (f"not publishing {stats_path(self.path)}: it describes cluster {st.cluster} of partition "
+                    f"{(st.partition_hash or '')[:12]}, not this expert's")
+        self.stats_blob = blob
+        return None
 
     @torch.inference_mode()  # answers leave the process as bytes: no autograd bookkeeping at all
     def _velocity(self, x, t, labels, guidance):
@@ -654,8 +676,28 @@ class Peer:
             out.append(make_expert_record(self.training_cfg, status, self.peer_id, addrs))
         return out
 
+    def stats_records(self) -> list[ClusterStatsRecord]:
+        out = []
+        for s in self.served.values():
+            c = s.expert.config
+            if s.stats_blob is not None:
+                out.append(ClusterStatsRecord(version=RECORD_VERSION, cluster=c.cluster, num_clusters=c.num_clusters,
+                                              partition_hash=c.partition_hash or "",
+                                              stats_sha256=hashlib.sha256(s.stats_blob).hexdigest(),
+                                              blob=s.stats_blob, software=__version__, peer_id=self.peer_id,
+                                              updated=float(get_dht_time())))
+        return out
+
     def manifest_fields(self) -> dict:
-        """What the owner signs about this peer's router (``SwarmManifest`` fields but the key and signature)."""
+        """What the owner signs (``SwarmManifest`` fields but the key and signature): about this peer's router,
+        or, with no router, about its expert's partition (a swarm routed by its peers' published statistics)."""
+        if self.router is None:
+            c = next(s.expert.config for s in self.served.values())
+            return dict(version=RECORD_VERSION, swarm=self.swarm.name, partition_hash=c.partition_hash or "",
+                        num_clusters=c.num_clusters or 1, dataset_id=c.dataset_id,
+                        image_shape=[c.net.channels, c.net.size, c.net.size], num_classes=c.net.num_classes,
+                        router_sha256="", router_weights_sha256="", router_bytes=0, protocol=PROTOCOL_VERSION,
+                        software=__version__, issued=float(get_dht_time()))
         rc = self.router.cfg
         # the router's own (routers trained before it was recorded: a served or trained expert's; else "")
         configs = [s.expert.config for s in self.served.values()] + [c for c in [self.training_cfg] if c is not None]
@@ -684,9 +726,12 @@ class Peer:
         """The owner's newest valid manifest among this peer's own (signed on first use, when it holds the
         owner key), the one it followed so far and those announced in the DHT; warns once per manifest
         about served experts that do not fit it (clients will skip them)."""
-        if self.owner_key is not None and self.own_manifest is None and self.router is not None:
+        founds = self.router is not None or any(s.expert.config.cluster is not None for s in self.served.values())
+        if self.owner_key is not None and self.own_manifest is None and founds:
             self.own_manifest = sign_manifest(self.owner_key, self.manifest_fields())
-            self.log(f"signed the manifest of swarm {self.swarm}: router {self.router.sha256[:12]}, "
+            what = (f"router {self.router.sha256[:12]}" if self.router is not None
+                    else "no trained router (clients route with the statistics peers publish)")
+            self.log(f"signed the manifest of swarm {self.swarm}: {what}, "
                      f"partition {self.own_manifest.partition_hash[:12] or '(none)'}")
         found: list[SwarmManifest] = []
         try:
@@ -725,6 +770,8 @@ class Peer:
         # heartbeats expire after expire_factor periods, and never later than readers call a record stale
         expiration = min(self.cfg.announce_period * self.cfg.expire_factor, MAX_RECORD_AGE)
         tasks = [self.dht.announce_expert(r, expiration) for r in self.records()]
+        if self.swarm is not None and self.state == "online":
+            tasks += [self.dht.announce_stats(r, expiration) for r in self.stats_records()]
         if self.swarm is not None and self.state != "offline":
             manifest = await self.current_manifest()
             if manifest is not None:
@@ -794,6 +841,9 @@ class Peer:
                                                   max_wait=self.cfg.batch_wait_ms / 1000,
                                                   inline_s=self.cfg.inline_ms / 1000), path)
         served.batcher.throughput = served.warm_up(min(16, self.cfg.max_batch))
+        why = served.load_stats()
+        if why:
+            self.log(f"warning: {why}")
         self.served[expert.expert_id] = served
         return served
 

@@ -33,9 +33,32 @@ def order_by_cluster(experts: Sequence[Expert], num_clusters: int, partition_has
     return slots  # type: ignore[return-value]
 
 
+def local_stats_router(expert_paths: Sequence[str | Path], device="cpu"):
+    """A ``StatsRouter`` from the ``cluster_stats.bin`` beside each expert checkpoint (one per cluster)."""
+    from .stats import StatsRouter, read_cluster_stats, stats_path
+
+    stats = []
+    for p in expert_paths:
+        if not stats_path(p).exists():
+            raise ValueError(f"{p} has no {stats_path(p).name} beside it: the statistics router needs every "
+                             "cluster's statistics (`diffswarm train` writes them)")
+        stats.append(read_cluster_stats(stats_path(p))[1])
+    if any(s.cluster is None for s in stats) or sorted(s.cluster for s in stats) != list(range(len(stats))):
+        raise ValueError(f"the experts' statistics are for clusters {[s.cluster for s in stats]}; the statistics "
+                         f"router needs exactly clusters 0..{len(stats) - 1}")
+    return StatsRouter(sorted(stats, key=lambda s: s.cluster)).to(device)
+
+
 def load_local_ensemble(expert_paths: Sequence[str | Path], router_path: str | Path | None,
-                        routing: RoutingConfig, device="cpu", seed: int = 0) -> RoutedEnsemble:
+                        routing: RoutingConfig, device="cpu", seed: int = 0,
+                        router_kind: str = "trained") -> RoutedEnsemble:
+    """The experts of ``expert_paths`` with the router file ``router_path`` (``router_kind`` trained), or with
+    the statistics router built from the stats files beside them (stats)."""
     experts = [Expert.from_checkpoint(p, device) for p in expert_paths]
+    if router_kind == "stats":
+        router = local_stats_router(expert_paths, device)
+        ordered = order_by_cluster(experts, router.cfg.num_clusters, router.cfg.partition_hash)
+        return RoutedEnsemble(ordered, router, routing, seed=seed)
     if router_path is None:
         if len(experts) != 1:
             raise ValueError("several experts need a router (--router)")

@@ -83,6 +83,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import msgpack
@@ -90,6 +91,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..fileio import atomic_write
 from .model import RouterConfig
 
 STATS_FORMAT = "diffswarm.cluster_stats"
@@ -393,6 +395,33 @@ def _check_psd(m: np.ndarray, key: str) -> None:
     lam = np.linalg.eigvalsh(m)
     if lam.size and lam[0] < -PSD_TOL * max(1.0, lam[-1]):
         raise StatsFormatError(f"{key} is not positive semi-definite (eigenvalue {lam[0]:.3g})")
+
+
+STATS_FILE = "cluster_stats.bin"  # a cluster's statistics, written beside its expert's checkpoint
+
+
+def stats_path(checkpoint) -> Path:
+    """Where the cluster statistics of the expert ``checkpoint`` (OUT/expert.safetensors) live."""
+    return Path(checkpoint).parent / STATS_FILE
+
+
+def write_cluster_stats(cfg, images: torch.Tensor, labels: torch.Tensor, path) -> Path:
+    """Statistics of this cluster's own images (an expert's ``ExpertConfig`` says the shape, classes, cluster and
+    partition) in the default DCT feature space, written atomically to ``path``: what its peer publishes."""
+    shape = (cfg.net.channels, cfg.net.size, cfg.net.size)
+    st = cluster_stats(images, labels, cfg.net.num_classes, DCTBasis(shape), cluster=cfg.cluster,
+                       partition_hash=cfg.partition_hash or "", dataset_id=cfg.dataset_id)
+    blob = st.to_bytes()
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(blob))
+
+
+def read_cluster_stats(path) -> tuple[bytes, ClusterStats]:
+    """(blob, parsed statistics) of a stats file; ``StatsFormatError`` if it is not one."""
+    p = Path(path)
+    if p.stat().st_size > MAX_STATS_BYTES:
+        raise StatsFormatError(f"{p} is {p.stat().st_size} bytes, over the {MAX_STATS_BYTES}-byte bound")
+    blob = p.read_bytes()
+    return blob, ClusterStats.from_bytes(blob)
 
 
 def cluster_stats(
