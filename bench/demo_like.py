@@ -95,6 +95,7 @@ def main() -> None:
     from diffswarm.images import save_grid
     from diffswarm.router.local import generate, load_local_ensemble
     from diffswarm.router.routing import RoutingConfig
+    from diffswarm.router.sampler import SamplingConfig
 
     ddpm_recipe = args.recipe if args.ddpm_recipe is None else args.ddpm_recipe
     tag = args.tag or f"r{args.recipe}-d{ddpm_recipe}-b{args.budget:g}-{args.objectives}"
@@ -133,8 +134,8 @@ def main() -> None:
     model = load_local_ensemble(paths, router_path, RoutingConfig("top-k", 2), "cpu", seed=args.seed)
     labels = torch.arange(args.n) % ds.num_classes
     c0 = time.process_time()
-    samples = generate(model, labels, ds.shape, args.sample_steps, args.sampler, args.guidance, args.seed + 1,
-                       "cpu", batch=250)
+    samples = generate(model, labels, ds.shape, SamplingConfig(steps=args.sample_steps, sampler=args.sampler,
+                                                               guidance=args.guidance, seed=args.seed + 1, batch=250))
     sample_cpu = time.process_time() - c0
     rep = quality_report(samples, labels, ds, test, clf, part, seed=args.seed)
     s_tag = f"{args.sampler}{args.sample_steps}-g{args.guidance:g}"

@@ -7,7 +7,7 @@ the expert from a client in this process: batches of 1, 16 and 64 rows with clas
 each batch size, the peer's own compute time for it (from the answer's metadata), and the resident
 memory (VmRSS) of the peer process and of its p2pd after the calls.
 
-    .venv/bin/python bench/peer_footprint.py [--net dit|unet] [--calls 30]
+    .venv/bin/python bench/peer_footprint.py [--net unet|dit] [--calls 30]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def children(pid: int) -> list[int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--net", default="dit", choices=["dit", "unet"])
+    ap.add_argument("--net", default="unet", choices=["dit", "unet"])
     ap.add_argument("--width", type=int, default=None)
     ap.add_argument("--depth", type=int, default=None)
     ap.add_argument("--calls", type=int, default=30, help="calls per batch size")
@@ -65,7 +65,7 @@ def main() -> None:
             info = sw.info("peer0")
             pid = next(p.pid for p in sw.procs if p.name == "peer0")
             rss_start = rss_mb(pid)
-            cfg = ClientConfig(net=NetworkConfig.loopback(client_mode=True))
+            cfg = ClientConfig(swarm=sw.swarm, net=NetworkConfig.loopback(client_mode=True))
             with SwarmClient(sw.initial_peers, cfg) as client:
                 client.refresh()
                 rec = next(r for r in client.records if r.peer_id == info["peer_id"])

@@ -151,6 +151,7 @@ def run_candidate(i: int, cand: dict, args: argparse.Namespace) -> dict:
     from diffswarm.experts.train import train_expert
     from diffswarm.images import save_grid
     from diffswarm.router.local import generate
+    from diffswarm.router.sampler import SamplingConfig
 
     train_ds, test_ds = load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test")
     clf = get_classifier(train_ds, test_ds=test_ds, progress=False)
@@ -173,8 +174,9 @@ def run_candidate(i: int, cand: dict, args: argparse.Namespace) -> dict:
     expert = Expert.from_checkpoint(out / "expert.safetensors")
     labels = torch.arange(args.n) % train_ds.num_classes
     c0 = time.process_time()
-    samples = generate(expert, labels, train_ds.shape, args.sample_steps, args.sampler, args.guidance,
-                       seed=args.seed + 1, batch=250)
+    samples = generate(expert, labels, train_ds.shape, SamplingConfig(steps=args.sample_steps, sampler=args.sampler,
+                                                                      guidance=args.guidance, seed=args.seed + 1,
+                                                                      batch=250))
     sample_cpu = time.process_time() - c0
     rep = quality_report(samples, labels, train_ds, test_ds, clf, seed=args.seed)
     save_grid(class_rows(samples, labels, train_ds.num_classes), out / "grid.png", 10)

@@ -54,6 +54,7 @@ def main() -> None:
     from diffswarm.images import save_grid
     from diffswarm.router.local import generate, load_local_ensemble
     from diffswarm.router.routing import RoutingConfig
+    from diffswarm.router.sampler import SamplingConfig
 
     ds, test = load_dataset("fashion", "train"), load_dataset("fashion", "test")
     clf = get_classifier(ds, test_ds=test, progress=False)
@@ -83,7 +84,8 @@ def main() -> None:
     records = []
     for method, steps, g in settings:
         c0 = time.process_time()
-        samples = generate(model, labels, ds.shape, steps, method, g, seed=args.seed + 1, batch=250)
+        samples = generate(model, labels, ds.shape, SamplingConfig(steps=steps, sampler=method, guidance=g,
+                                                                   seed=args.seed + 1, batch=250))
         cpu = (time.process_time() - c0) * 1000 / args.n
         rep = quality_report(samples, labels, ds, test, clf, seed=args.seed)
         rows = torch.cat([samples[labels == c][:10] for c in range(ds.num_classes)])

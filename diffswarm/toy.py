@@ -48,8 +48,8 @@ def make_toy_swarm(out_dir: str | Path, spec: ToySwarmSpec) -> tuple[list[Path],
     for c, obj in enumerate(spec.objectives):
         images = torch.rand(64, spec.channels, spec.size, spec.size, generator=gen) * 2 - 1
         labels = torch.randint(0, max(1, spec.num_classes), (64,), generator=gen)
-        ncfg = NetConfig(kind=spec.net, channels=spec.channels, size=spec.size, num_classes=spec.num_classes,
-                         width=spec.width, depth=spec.depth, patch=default_patch(spec.size))
+        ncfg = NetConfig.for_kind(spec.net, channels=spec.channels, size=spec.size, num_classes=spec.num_classes,
+                                  width=spec.width, depth=spec.depth, patch=default_patch(spec.size))
         cfg = ExpertConfig(objective=obj, net=ncfg, cluster=c, num_clusters=k, partition_hash=ph,
                            dataset_id=f"toy:{spec.size}")
         d = out / f"c{c}-{obj}"
