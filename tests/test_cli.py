@@ -55,14 +55,14 @@ def test_routing_options_change_the_samples(run):
     out = {name: _generate(run, name, "--seed", "5", *opts)["samples"] for name, opts in {
         "full": ["--routing", "full"], "top1": ["--k", "1"], "sample1": ["--routing", "sample-k", "--k", "1"],
         "thr_all": ["--routing", "threshold", "--threshold", "0.0"],
-        "thr_argmax": ["--routing", "threshold", "--threshold", "0.99"], "heun": ["--sampler", "heun"],
+        "thr_argmax": ["--routing", "threshold", "--threshold", "0.99"], "euler": ["--sampler", "euler"],
         "guided": ["--guidance", "4"]}.items()}
     for x in out.values():
         assert np.isfinite(x).all()
     np.testing.assert_allclose(out["full"], base, atol=1e-6)  # top-2 of 2 experts is the full ensemble
     np.testing.assert_allclose(out["thr_all"], base, atol=1e-6)  # a zero threshold keeps everyone
     np.testing.assert_allclose(out["thr_argmax"], out["top1"], atol=1e-6)  # a high one keeps the argmax only
-    for name in ("top1", "sample1", "heun", "guided"):
+    for name in ("top1", "sample1", "euler", "guided"):
         assert np.abs(out[name] - base).max() > 1e-3, name
 
 

@@ -132,13 +132,13 @@ def test_fit_grid_uses_the_panel():
 
 def test_parse_request():
     req = parse_request("1, 3", "4", "10", "2", "1.5", "7", num_classes=4)
-    assert req.classes == (1, 3) and req.guidance == 1.5 and (req.strategy, req.sampler) == ("top-k", "euler")
+    assert req.classes == (1, 3) and req.guidance == 1.5 and (req.strategy, req.sampler) == ("top-k", "heun")
     assert labels_for(req).tolist() == [1, 3, 1, 3]
     assert labels_for(parse_request("", "2", "1", "1", "1", "0")).tolist() == [-1, -1]  # unconditional experts
     assert labels_for(parse_request("", "5", "1", "1", "1", "0"), num_classes=3).tolist() == [0, 1, 2, 0, 1]  # all
     assert labels_for(parse_request("-1", "2", "1", "1", "1", "0"), num_classes=3).tolist() == [-1, -1]
-    req = parse_request("", "2", "1", "3", "1", "0", strategy="sample-k", sampler="heun")
-    assert (req.strategy, req.sampler, req.routing_label) == ("sample-k", "heun", "sample-3")
+    req = parse_request("", "2", "1", "3", "1", "0", strategy="sample-k", sampler="euler")
+    assert (req.strategy, req.sampler, req.routing_label) == ("sample-k", "euler", "sample-3")
     assert parse_request("", "2", "1", "3", "1", "0", strategy="full").routing_label == "full"
     for bad in [("x", "1", "1", "1", "1", "0"), ("", "0", "1", "1", "1", "0"), ("9", "1", "1", "1", "1", "0"),
                 ("", "1", "1", "1", "1", "0", "best-k"), ("", "1", "1", "1", "1", "0", "top-k", "ddim"),
@@ -209,7 +209,7 @@ def test_class_hint_names_the_classes():
 
 
 def test_history_entry_cells():
-    e = HistoryEntry(2, GenRequest((), 4, 10, 2, 1.5, 7), 1.234, "/tmp/x.png")
+    e = HistoryEntry(2, GenRequest((), 4, 10, 2, 1.5, 7, sampler="euler"), 1.234, "/tmp/x.png")
     assert e.cells() == ("2", "all", "4", "10", "top-2", "euler", "1.5", "7", "1.23", "/tmp/x.png")
 
 

@@ -45,8 +45,11 @@ SAMPLERS = ("euler", "heun")
 class SamplingConfig:
     """How to integrate from noise to data: the one set of defaults the CLI, the demo and the dashboard share."""
 
-    steps: int = 30  # integration steps (Heun: two velocity evaluations per step but the last)
-    sampler: str = "euler"  # euler | heun
+    # Heun, 6 steps (11 velocity evaluations): on the CPU demo's experts it beat Euler with 30 steps at both
+    # seeds tried (FD 21.6 vs 25.7 and 23.9 vs 27.4) for a third of the compute (bench/sampling_choice.py,
+    # docs/benchmarks.md); the gpu preset sets its own
+    steps: int = 6  # integration steps (Heun: two velocity evaluations per step but the last)
+    sampler: str = "heun"  # euler | heun
     guidance: float = 2.0  # classifier-free guidance scale (1 = none), applied per expert
     seed: int = 0  # noise seed (one CPU generator: the same images on any device and batch split)
     batch: int = 256  # samples integrated at once

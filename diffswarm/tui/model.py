@@ -221,7 +221,7 @@ class GenRequest:
     guidance: float
     seed: int
     strategy: str = "top-k"  # diffswarm.router.routing.STRATEGIES
-    sampler: str = "euler"  # SAMPLERS
+    sampler: str = SamplingConfig.sampler  # SAMPLERS (the CLI's default)
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(steps=self.steps, sampler=self.sampler, guidance=self.guidance, seed=self.seed)
@@ -239,7 +239,7 @@ class GenRequest:
 
 
 def parse_request(classes: str, n: str, steps: str, k: str, guidance: str, seed: str, strategy: str = "top-k",
-                  sampler: str = "euler", num_classes: int | None = None) -> GenRequest:
+                  sampler: str = SamplingConfig.sampler, num_classes: int | None = None) -> GenRequest:
     """The generate panel's fields -> a request; ValueError with a readable message on bad input."""
     from ..router.routing import STRATEGIES
 

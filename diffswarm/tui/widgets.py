@@ -128,7 +128,8 @@ class GeneratePanel(Vertical):
             for name, label, options in self.CHOICES:
                 with Vertical(classes="field choice", id=f"choice-{name}"):
                     yield Label(label)
-                    yield Select([(o, o) for o in options], value=options[0], allow_blank=False, id=f"gen-{name}")
+                    default = {"strategy": RoutingConfig().strategy, "sampler": SamplingConfig().sampler}[name]
+                    yield Select([(o, o) for o in options], value=default, allow_blank=False, id=f"gen-{name}")
             yield Button("Generate", id="gen-button", variant="primary")
         yield Label("", id="gen-hint")  # what the class ids mean, once the swarm is known
         with Horizontal(id="gen-status-row"):
