@@ -115,6 +115,11 @@ def test_a_missed_replica_leaves_when_its_dht_record_lapses():
     assert view.update([record("p0", 0)], now=102.0) == [] and view.coverage() == [1, 1]  # within its lifetime
     assert view.update([record("p0", 0)], now=104.0) == ["c1-fm at p1 left"] and view.coverage() == [1, 0]
     assert view.update([record("p0", 0)], now=119.0) == [] and view.coverage() == [1, 0]  # p0 seen each time
+    # a lookup that finds nothing at all failed: what was seen stays for the grace, lifetimes aside
+    view.update([record("p0", 0), record("p1", 1)], now=200.0, lifetimes={("p0", "c0-fm"): 3.0, ("p1", "c1-fm"): 3.0})
+    assert view.update([], now=210.0) == [] and view.coverage() == [1, 1]
+    assert view.update([record("p0", 0)], now=211.0) == ["c1-fm at p1 left"]  # a real lookup: p1's record lapsed
+    assert view.update([], now=232.0) == ["c0-fm at p0 left"] and view.coverage() == [0, 0]  # past the grace
 
 
 def test_peer_records_announce_the_training_summary():

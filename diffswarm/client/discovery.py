@@ -53,7 +53,7 @@ class SwarmView:
         self.by_cluster: list[list[Replica]] = [[] for _ in range(target.num_clusters)]
         self.joining: list[ExpertRecord] = []
         self.skipped: dict[str, str] = {}  # "peer/expert" -> reason
-        self._seen: dict[tuple[str, str], tuple[float, ExpertRecord]] = {}  # online records: kept until
+        self._seen: dict[tuple[str, str], tuple[float, float, ExpertRecord]] = {}  # online: seen, kept until, record
 
     def update(self, records: list[ExpertRecord], now: float | None = None,
                lifetimes: dict[tuple[str, str], float] | None = None) -> list[str]:
@@ -63,7 +63,9 @@ class SwarmView:
         late): an online replica seen within ``grace`` seconds stays in the view until a lookup shows it
         offline, the grace runs out, or its DHT record expires (``lifetimes``: seconds each record had left
         when looked up; a peer that stops re-announcing is gone once its record lapses, as for any other
-        reader of the DHT). A peer that really died is noticed at its first failed call anyway."""
+        reader of the DHT). A lookup that finds no record at all is taken for a failed lookup (an overloaded
+        or unreachable DHT node answers nothing), not for every peer's death: it keeps what was seen for the
+        grace period, lifetimes aside. A peer that really died is noticed at its first failed call anyway."""
         now = time.monotonic() if now is None else now
         old = {(r.peer_id, r.expert_id) for reps in self.by_cluster for r in reps}
         by_cluster: list[list[Replica]] = [[] for _ in range(self.target.num_clusters)]
@@ -76,11 +78,12 @@ class SwarmView:
             if rec.state == "online":
                 left = (lifetimes or {}).get(key)
                 until = now + self.grace if left is None else now + min(self.grace, max(0.0, left))
-                self._seen[key] = (until, rec)
+                self._seen[key] = (now, until, rec)
             else:
                 self._seen.pop(key, None)
-        for key, (until, rec) in list(self._seen.items()):
-            if now > until:
+        empty = not records
+        for key, (seen, until, rec) in list(self._seen.items()):
+            if now > (seen + self.grace if empty else until):
                 del self._seen[key]
             elif key not in latest:
                 latest[key] = rec  # missed by this lookup: kept for the grace period
