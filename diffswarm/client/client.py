@@ -440,17 +440,21 @@ class SwarmClient:
         logger.info(f"could not fetch expert {sha256[:12]}: {'; '.join(errs)}")
         return None
 
-    async def _download_checkpoint(self, src: Replica) -> bytes:
+    async def _download(self, src, rpc: str, uid: str, limit: int, too_large: str) -> bytes:
+        """The bytes a peer streams for ``rpc(uid)``, refused (``too_large``) as soon as they exceed ``limit``."""
         await self._connect(src.peer_id, src.addrs)
-        stream = await self._stream(src.peer_id, "rpc_checkpoint", runtime_pb2.ExpertUID(uid=src.checkpoint_sha256),
-                                    runtime_pb2.ExpertInfo)
+        stream = await self._stream(src.peer_id, rpc, runtime_pb2.ExpertUID(uid=uid), runtime_pb2.ExpertInfo)
         chunks, size = [], 0
         async for msg in stream:
             size += len(msg.serialized_info)
-            if size > MAX_CHECKPOINT_BYTES:
-                raise RequestError(f"checkpoint from {src.peer_id[:12]} exceeds {MAX_CHECKPOINT_BYTES >> 20} MiB")
+            if size > limit:
+                raise RequestError(too_large)
             chunks.append(msg.serialized_info)
         return b"".join(chunks)
+
+    async def _download_checkpoint(self, src: Replica) -> bytes:
+        return await self._download(src, "rpc_checkpoint", src.checkpoint_sha256, MAX_CHECKPOINT_BYTES,
+                                    f"checkpoint from {src.peer_id[:12]} exceeds {MAX_CHECKPOINT_BYTES >> 20} MiB")
 
     def set_target(self, target: SwarmTarget) -> SwarmView:
         """Route for ``target`` (the router's clusters, partition, shapes): keep a view of the replicas that fit it."""
@@ -497,17 +501,9 @@ class SwarmClient:
 
     async def _download_router(self, src: RouterProvider, manifest: SwarmManifest) -> bytes:
         """The router file from ``src``, refused as soon as it grows past the manifest's ``router_bytes``."""
-        await self._connect(src.peer_id, src.addrs)
-        stream = await self._stream(src.peer_id, "rpc_router", runtime_pb2.ExpertUID(uid=manifest.router_sha256),
-                                    runtime_pb2.ExpertInfo)
-        chunks, size = [], 0
-        async for msg in stream:
-            size += len(msg.serialized_info)
-            if size > manifest.router_bytes:
-                raise RequestError(f"router from {src.peer_id[:12]} is larger than the manifest's "
-                                   f"{manifest.router_bytes} B")
-            chunks.append(msg.serialized_info)
-        return b"".join(chunks)
+        return await self._download(src, "rpc_router", manifest.router_sha256, manifest.router_bytes,
+                                    f"router from {src.peer_id[:12]} is larger than the manifest's "
+                                    f"{manifest.router_bytes} B")
 
     def _swarm_name(self) -> SwarmName:
         try:
