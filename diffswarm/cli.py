@@ -287,8 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=None, help="samples per sample set (default 400; quick 300)")
     p.add_argument("--studies", nargs="+", choices=STUDIES, default=None, help="run only these studies")
     p.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda[:i]")
-    p.add_argument("--jobs", type=int, default=1, help="parallel training processes (one per core at most)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of each process")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="parallel training processes (default: one per core)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the sampling process and of each training process (default: every "
+                        "core for sampling, the cores shared out among the training processes)")
     p.add_argument("--report-only", action="store_true",
                    help="only re-render OUT/report.md and its plots from OUT/results.json (and OUT/reading.md)")
     return parser

@@ -230,3 +230,55 @@ def quiet_hivemind() -> None:
 
 
 os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_system")
+
+
+class FakeSwarmClient:
+    """SwarmClient's surface for SwarmEnsemble, with no network (tests/test_swarm_unit.py, test_answer_trust.py).
+
+    ``peers`` maps a peer id to a local velocity model (an Expert, or a wrapper that lies); peers in ``dead``
+    refuse every call; ``local`` maps a checkpoint sha256 to the client's own hash-checked copy of those
+    weights (none by default). ``calls`` records (peer id, rows) of every call made.
+    """
+
+    def __init__(self, peers: dict, trust=None, local: dict | None = None):
+        from collections import deque
+
+        from diffswarm.client.client import ClientConfig
+        from diffswarm.client.selection import Blacklist
+
+        self.cfg = ClientConfig(call_timeout=0.3, threads=0, **({} if trust is None else {"trust": trust}))
+        self.peers, self.dead, self.local = peers, set(), dict(local or {})
+        self.view, self.bans = None, Blacklist()
+        self.latency, self.fresh, self.last_error, self.events = {}, {}, {}, deque()
+        self.calls: list[tuple[str, int]] = []
+
+    def usable(self, rep, now):
+        return not self.bans.is_banned(rep.peer_id, now)
+
+    def set_target(self, target):
+        from diffswarm.client.discovery import SwarmView
+
+        self.view = SwarmView(target)
+        return self.view
+
+    def with_fresh_load(self, reps):
+        return reps
+
+    def drain_events(self):
+        out = list(self.events)
+        self.events.clear()
+        return out
+
+    def run(self, coro, timeout=None):
+        return asyncio.run(coro)
+
+    def local_expert(self, sha, replicas=(), fetch=False):
+        return self.local.get(sha)
+
+    async def call_velocity(self, rep, x, t, labels, guidance, timeout):
+        from diffswarm.client.client import PeerCallError
+
+        self.calls.append((rep.peer_id, x.shape[0]))
+        if rep.peer_id in self.dead:
+            raise PeerCallError("connection refused")
+        return self.peers[rep.peer_id].velocity(x, t, labels, guidance), {"precision": "fp32"}

@@ -8,15 +8,13 @@ and no honest peer may ever be banned because of a liar.
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
-from collections import deque
 
 import pytest
 import torch
+from peer_harness import FakeSwarmClient
 
-from diffswarm.client.selection import Blacklist
 from diffswarm.client.trust import (
     Suspicion,
     TrustConfig,
@@ -120,50 +118,6 @@ class Liar:
         raise ValueError(m)
 
 
-class FakeClient:
-    """SwarmClient's surface for SwarmEnsemble: peers are local velocity models, ``dead`` peers fail."""
-
-    def __init__(self, peers: dict, trust: TrustConfig, local: dict | None = None):
-        from diffswarm.client.client import ClientConfig
-
-        self.cfg = ClientConfig(call_timeout=0.3, threads=0, trust=trust)
-        self.peers, self.dead, self.local = peers, set(), dict(local or {})
-        self.view, self.bans = None, Blacklist()
-        self.latency, self.fresh, self.last_error, self.events = {}, {}, {}, deque()
-        self.calls: list[str] = []
-
-    def usable(self, rep, now):
-        return not self.bans.is_banned(rep.peer_id, now)
-
-    def set_target(self, target):
-        from diffswarm.client.discovery import SwarmView
-
-        self.view = SwarmView(target)
-        return self.view
-
-    def with_fresh_load(self, reps):
-        return reps
-
-    def drain_events(self):
-        out = list(self.events)
-        self.events.clear()
-        return out
-
-    def run(self, coro, timeout=None):
-        return asyncio.run(coro)
-
-    def local_expert(self, sha, replicas=(), fetch=False):
-        return self.local.get(sha)
-
-    async def call_velocity(self, rep, x, t, labels, guidance, timeout):
-        from diffswarm.client.client import PeerCallError
-
-        self.calls.append(rep.peer_id)
-        if rep.peer_id in self.dead:
-            raise PeerCallError("connection refused")
-        return self.peers[rep.peer_id].velocity(x, t, labels, guidance), {"precision": "fp32"}
-
-
 @pytest.fixture(scope="module")
 def three(tmp_path_factory):
     from diffswarm.experts.expert import Expert
@@ -190,7 +144,7 @@ def swarm(three, peers: dict, trust: TrustConfig | None = None, local: dict | No
     from diffswarm.router.routing import RoutingConfig
 
     experts, router, _, _ = three
-    client = FakeClient({p: m for p, (_, m) in peers.items()}, trust or TrustConfig(), local)
+    client = FakeSwarmClient({p: m for p, (_, m) in peers.items()}, trust or TrustConfig(), local)
     ens = SwarmEnsemble(client, router, RoutingConfig("top-k", 2), seed=1)
     ph = router.cfg.partition_hash
     recs = []
@@ -307,7 +261,7 @@ def test_honest_replicas_cost_a_few_checks_and_ban_nobody(three, clean):
     assert torch.allclose(x, clean, atol=1e-5)
     assert ens.liars == set() and honest_bans(client) == [] and ens.unverified == 0
     # each peer used is checked once in the trajectory, plus ~5% of the other calls
-    used = {p for p in client.calls}
+    used = {p for p, _ in client.calls}
     assert len(used) <= 6 and 1 <= ens.checks <= len(used) + 3
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -118,6 +119,10 @@ def test_pool_cache_keys_retrain_only_what_a_setting_changes(tmp_path):
     # the monolith trains K x one expert's steps on all data
     mono = next(j for j in p1.jobs([0]) if j.name == "s0-monolith-fm")
     assert mono.steps == 3 * 5 and mono.settings["expert"]["cluster"] is None
+    # longest first, seed by seed: parallel workers never leave the monolith to run alone at the end
+    order = [j.name for j in p1.jobs([0, 1])]
+    assert order[0] == "s0-monolith-fm" and order.index("s0-router-cond") > order.index("s0-c2-fm")
+    assert max(i for i, n in enumerate(order) if n.startswith("s0-")) < order.index("s1-monolith-fm")
 
 
 def test_the_plan_takes_the_network_from_the_demo_preset(monkeypatch):
@@ -137,6 +142,13 @@ def test_the_plan_takes_the_network_from_the_demo_preset(monkeypatch):
     full = plan([]).config
     assert full.pool.k == 8 and full.pool.net == demo.PRESETS["cpu"].net and len(full.train_seeds) >= 2
     assert len(full.seeds) >= 3 and full.pool.monolith_steps == 8 * full.pool.expert_steps
+    # the machine's cores by default: one training process each, and all of them for sampling
+    cores = os.cpu_count() or 1
+    assert (full.jobs, full.threads) == (None, None)
+    assert (full.training_jobs, full.training_threads, full.sampling_threads) == (cores, 1, cores)
+    two = plan(["--jobs", "2", "--threads", "3"]).config
+    assert (two.training_jobs, two.training_threads, two.sampling_threads) == (2, 3, 3)
+    assert plan(["--jobs", "1"]).config.training_threads == cores  # one process gets every core
     with pytest.raises(ValueError, match="--budget"):
         plan(["--studies", "gmm", "--budget", "5"])
     with pytest.raises(ValueError, match="--samples"):

@@ -9,6 +9,7 @@ import msgpack
 import pytest
 import torch
 from hivemind.compression import serialize_torch_tensor
+from peer_harness import FakeSwarmClient
 
 from diffswarm.client.discovery import SwarmTarget, SwarmView
 from diffswarm.client.selection import Blacklist, Replica, expected_seconds, pick_replica
@@ -376,52 +377,6 @@ def test_streamed_and_float16_calls_match_the_local_expert(inproc_peer):
 # -- SwarmEnsemble failover logic over a fake network ---------------------------------------------
 
 
-class FakeClient:
-    """Stands in for SwarmClient: peers are local experts, ``dead`` peers refuse every call."""
-
-    def __init__(self, experts: dict):
-        from collections import deque
-
-        from diffswarm.client.client import ClientConfig
-
-        self.cfg = ClientConfig(call_timeout=0.3, threads=0)
-        self.experts, self.dead = experts, set()
-        self.view, self.bans = None, Blacklist()
-        self.latency, self.fresh, self.last_error, self.events = {}, {}, {}, deque()
-        self.calls = []
-
-    def usable(self, rep, now):
-        return not self.bans.is_banned(rep.peer_id, now)
-
-    def set_target(self, target):
-        from diffswarm.client.discovery import SwarmView
-
-        self.view = SwarmView(target)
-        return self.view
-
-    def with_fresh_load(self, reps):
-        return reps
-
-    def local_expert(self, sha, replicas=(), fetch=False):
-        return None  # the client holds no weights of its own here
-
-    def drain_events(self):
-        out = list(self.events)
-        self.events.clear()
-        return out
-
-    def run(self, coro, timeout=None):
-        return asyncio.run(coro)
-
-    async def call_velocity(self, rep, x, t, labels, guidance, timeout):
-        from diffswarm.client.client import PeerCallError
-
-        self.calls.append((rep.peer_id, x.shape[0]))
-        if rep.peer_id in self.dead:
-            raise PeerCallError("connection refused")
-        return self.experts[rep.peer_id].velocity(x, t, labels, guidance), {}
-
-
 @pytest.fixture(scope="module")
 def three_experts(tmp_path_factory):
     from diffswarm.experts.expert import Expert
@@ -437,7 +392,7 @@ def fake_swarm(three_experts, routing, replicas=(1, 2, 1)):
 
     experts, router, _, _ = three_experts
     peers = {f"p{k}{r}": experts[k] for k in range(3) for r in range(replicas[k])}
-    client = FakeClient(peers)
+    client = FakeSwarmClient(peers)
     ens = SwarmEnsemble(client, router, routing, seed=1)
     ph = router.cfg.partition_hash
     client.view.update([record(p, int(p[1]), num_clusters=3, partition_hash=ph, expert_id=e.expert_id,
@@ -479,7 +434,7 @@ def test_swarm_ensemble_fails_over_to_replicas_then_reroutes(three_experts):
     assert ens.last.weights[:, 2].eq(0).all() and torch.allclose(ens.last.weights.sum(1), torch.ones(6))
 
     # everyone dead: a clear error naming the clusters
-    client.dead.update(client.experts)
+    client.dead.update(client.peers)
     with pytest.raises(NoExpertsError, match="clusters 0, 1, 2 are uncovered"):
         generate(ens, labels, (1, 8, 8), SamplingConfig(steps=2, guidance=2.0, seed=1))
 

@@ -195,12 +195,13 @@ class ExpertPool:
         return self._job(f"s{train_seed}-router-{kind}", "router", settings)
 
     def jobs(self, train_seeds, objectives=OBJECTIVES, monolith_objectives=("fm",)) -> list[ModelJob]:
-        """Every model the studies need, routers first (cheap), then experts, then the monoliths."""
+        """Every model the studies need, seed by seed, longest first: the monoliths (K experts' steps), the
+        experts, then the routers, so parallel workers finish together (the monolith last would run alone)."""
         out = []
         for s in train_seeds:
-            out += [self.router_job(s, kind) for kind in ROUTER_KINDS]
-            out += [self.expert_job(s, o, k) for o in objectives for k in range(self.cfg.k)]
             out += [self.expert_job(s, o, None) for o in monolith_objectives]
+            out += [self.expert_job(s, o, k) for o in objectives for k in range(self.cfg.k)]
+            out += [self.router_job(s, kind) for kind in ROUTER_KINDS]
         return out
 
     # ------------------------------------------------------------------ training
@@ -292,7 +293,7 @@ def _train_job(arg: tuple[PoolConfig, ModelJob, dict]) -> dict:
         return read_meta(job.weights)["summary"]
     ecfg = ExpertConfig.from_dict(job.settings["expert"])
     tcfg = TrainConfig(**job.settings["train"], threads=cfg.threads, device=cfg.device, resume=True,
-                       ckpt_every=max(100, job.steps // 4), log_every=100)
+                       ckpt_every=min(500, max(100, job.steps // 4)), log_every=100)
     if ecfg.cluster is None:
         images, labels = ds.images, ds.labels
     else:

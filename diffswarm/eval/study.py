@@ -107,8 +107,9 @@ class StudyConfig:
     router_eval_n: int = 2000  # test images for routing accuracy against t
     gmm: GMMSettings = field(default_factory=GMMSettings)
     save_samples: bool = False
-    jobs: int = 1  # training processes
-    threads: int = 1  # torch threads of this process
+    jobs: int | None = None  # training processes (None: one per core)
+    threads: int | None = None  # torch threads of this process (None: every core) and of each training
+    #                            process (None: the cores shared out among the jobs)
     device: str = "auto"
     cache_dir: str | None = None  # None: $DIFFSWARM_CACHE or ~/.cache/diffswarm
 
@@ -121,8 +122,26 @@ class StudyConfig:
         if self.n < 10 or self.stability_n < 2 or self.stability_n > self.n:
             raise ValueError(f"need n >= 10 samples per cell and 2 <= stability_n <= n, got {self.n}, "
                              f"{self.stability_n}")
-        if self.jobs < 1 or self.threads < 1:
+        if (self.jobs is not None and self.jobs < 1) or (self.threads is not None and self.threads < 1):
             raise ValueError("jobs and threads must be >= 1")
+
+    @property
+    def cores(self) -> int:
+        return os.cpu_count() or 1
+
+    @property
+    def sampling_threads(self) -> int:
+        """Torch threads of the process that samples and scores."""
+        return self.threads or self.cores
+
+    @property
+    def training_jobs(self) -> int:
+        return self.jobs or self.cores
+
+    @property
+    def training_threads(self) -> int:
+        """Torch threads of each training process."""
+        return self.threads or max(1, self.cores // self.training_jobs)
 
     @property
     def needs_pool(self) -> bool:
@@ -234,7 +253,7 @@ class Context:
         self.cfg, self.log = cfg, log
         self.out = Path(cfg.out)
         self.device = pick_device(cfg.device)
-        self.pool = ExpertPool(replace(cfg.pool, device=cfg.device, threads=cfg.threads), cfg.cache_dir)
+        self.pool = ExpertPool(replace(cfg.pool, device=cfg.device, threads=cfg.training_threads), cfg.cache_dir)
         self.train_ds, self.test_ds, self.partition = self.pool.train_ds, self.pool.test_ds, self.pool.partition
         self.k = cfg.pool.k
         self.num_classes = self.train_ds.num_classes
@@ -726,7 +745,7 @@ def run_study(cfg: StudyConfig, log=print, command: str | None = None) -> dict:
 
     t_start = time.perf_counter()
     prev_threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.sampling_threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"command": command, "config": _clean(asdict(cfg)), "studies": {}, "timings": {}}
@@ -762,7 +781,7 @@ def run_study(cfg: StudyConfig, log=print, command: str | None = None) -> dict:
         def ensure(seed: int, objectives: tuple[str, ...]) -> None:
             t0 = time.perf_counter()
             log(f"[pool] {ctx.train_ds.dataset_id}, K={ctx.k}, training seed {seed}, objectives {list(objectives)}")
-            pool = ctx.pool.ensure((seed,), jobs=cfg.jobs, log=log, objectives=objectives)
+            pool = ctx.pool.ensure((seed,), jobs=cfg.training_jobs, log=log, objectives=objectives)
             trained.extend(pool["trained"])
             models = {**results.get("pool", {}).get("models", {}), **pool["models"]}
             results["pool"] = {"root": pool["root"], "trained": list(trained), "models": models,
