@@ -760,6 +760,8 @@ def run_study(cfg: StudyConfig, log=print, command: str | None = None) -> dict:
                 pass
             (out / "results.json").write_text(json.dumps(_clean(results), indent=1))
             write_report(_clean(results), out)
+            if ctx is not None and cfg.save_samples:
+                ctx.write_sample_index()  # after every study, so a stopped run's samples are indexed too
 
         ctx = None
         order = [s for s in STUDIES if s in cfg.studies]
@@ -819,8 +821,6 @@ def run_study(cfg: StudyConfig, log=print, command: str | None = None) -> dict:
                 run("objectives", seeds_so_far, i == 0)
             if ctx is not None:
                 _grids(ctx, results)
-        if ctx is not None and cfg.save_samples:
-            ctx.write_sample_index()
         save()
     finally:
         torch.set_num_threads(prev_threads)
