@@ -35,8 +35,12 @@ from diffswarm.wire import encode_request, request_metadata
 
 pytestmark = pytest.mark.slow
 
-# Euler: one evaluation per step, so "after step 2" means the same evaluation to the swarm run and to its
-# local replay (the failover tests count evaluations)
+
+def euler(steps: int, seed: int) -> SamplingConfig:
+    """Euler: one evaluation per step, so "after step 2" means the same evaluation to the swarm run and to its
+    local replay (the failover tests count evaluations)."""
+    return SamplingConfig(steps=steps, sampler="euler", guidance=2.0, seed=seed)
+
 
 OBJECTIVES = ["ddpm", "fm", "ddpm"]
 SHAPE = (1, 8, 8)
@@ -91,7 +95,7 @@ def local_samples(toy, routing, seed, steps=8, unavailable_after=None, drop=()):
             return avail
 
         model.available = available
-    return generate(model, LABELS, SHAPE, SamplingConfig(steps=steps, sampler="euler", guidance=2.0, seed=seed))
+    return generate(model, LABELS, SHAPE, euler(steps, seed))
 
 
 def name_of(sw: LocalSwarm, peer_id: str) -> str:
@@ -111,8 +115,7 @@ def test_swarm_generation_matches_local(swarm, toy):
     with swarm.client(routing, seed=3, config=client_config(toy, swarm)) as model:
         assert model.client.view.coverage() == [1, 2, 1]
         assert model.expert_ids == ["c0-ddpm", "c1-fm", "c2-ddpm"]
-        x = generate(model, LABELS, SHAPE, SamplingConfig(steps=8, sampler="euler", guidance=2.0, seed=3),
-                     callback=lambda i: events.extend(i.events))
+        x = generate(model, LABELS, SHAPE, euler(8, 3), callback=lambda i: events.extend(i.events))
         assert model.calls.sum() == 8 * 8 * 2  # every row evaluated by its top-2 experts, every (Euler) step
     want = local_samples(toy, routing, 3)
     assert torch.allclose(x, want, atol=1e-5), (x - want).abs().max()
@@ -220,8 +223,7 @@ def test_swarm_survives_killed_peers_and_fails_clearly_when_none_is_left(swarm, 
                 swarm.kill(name_of(swarm, dead))
                 model.client.latency[dead] = 0.0  # the client still thinks it is the fastest replica
 
-        x = generate(model, LABELS, SHAPE, SamplingConfig(steps=8, sampler="euler", guidance=2.0, seed=5),
-                     callback=kill_c1)
+        x = generate(model, LABELS, SHAPE, euler(8, 5), callback=kill_c1)
     assert any("retrying" in e for e in events), "\n".join(events)
     assert torch.allclose(x, local_samples(toy, RoutingConfig("full"), 5), atol=1e-5)
 
@@ -235,8 +237,7 @@ def test_swarm_survives_killed_peers_and_fails_clearly_when_none_is_left(swarm, 
             if info.step == 2:
                 swarm.kill("peer2")
 
-        x = generate(model, LABELS, SHAPE, SamplingConfig(steps=8, sampler="euler", guidance=2.0, seed=7),
-                     callback=kill_c2)
+        x = generate(model, LABELS, SHAPE, euler(8, 7), callback=kill_c2)
         # noticed by the failed call ("no replica left") or, if its DHT record lapsed first, by the view
         assert any("no replica left for cluster 2" in e or "clusters [2] have no usable peer" in e
                    for e in events), "\n".join(events)
@@ -247,7 +248,7 @@ def test_swarm_survives_killed_peers_and_fails_clearly_when_none_is_left(swarm, 
         for name in ("peer0", "peer1", "peer1b"):
             swarm.kill(name)
         with pytest.raises(NoExpertsError, match=r"clusters 0, 1, 2 are uncovered"):
-            generate(model, LABELS, SHAPE, SamplingConfig(steps=4, sampler="euler", guidance=2.0, seed=7))
+            generate(model, LABELS, SHAPE, euler(4, 7))
 
 
 def test_swarm_up_generate_down_cli(toy, tmp_path):
