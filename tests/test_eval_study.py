@@ -125,6 +125,29 @@ def test_pool_cache_keys_retrain_only_what_a_setting_changes(tmp_path):
     assert max(i for i, n in enumerate(order) if n.startswith("s0-")) < order.index("s1-monolith-fm")
 
 
+def test_a_lone_remaining_model_trains_on_every_workers_threads(tmp_path, monkeypatch):
+    from diffswarm.data import DatasetSpec
+    from diffswarm.eval import pool as pool_mod
+
+    cfg = pool_mod.PoolConfig(data=DatasetSpec("digits"), k=2, net="mlp", width=8, depth=1, batch=4, expert_steps=2,
+                              router_steps=2, threads=1)
+    p = pool_mod.ExpertPool(cfg, tmp_path)
+    seen = []
+
+    def fake_train(arg):
+        seen.append((arg[1].name, arg[0].threads))
+        return {"steps": 0, "seconds": 0.0}
+
+    monkeypatch.setattr(pool_mod, "_train_job", fake_train)
+    monkeypatch.setattr(pool_mod, "read_meta", lambda path: {"summary": {}})
+    lone = [j for j in p.jobs([0]) if j.name == "s0-router-uncond"]
+    monkeypatch.setattr(p, "jobs", lambda *a, **k: lone)
+    p.ensure([0], jobs=2, log=lambda m: None)
+    assert seen == [("s0-router-uncond", 2)]  # not 1 thread with the other core idle
+    p.ensure([0], jobs=1, log=lambda m: None)
+    assert seen[-1] == ("s0-router-uncond", 1)
+
+
 def test_the_plan_takes_the_network_from_the_demo_preset(monkeypatch):
     from diffswarm import commands, demo
     from diffswarm.cli import build_parser, given_options

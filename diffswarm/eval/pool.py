@@ -218,7 +218,9 @@ class ExpertPool:
         if todo:
             log(f"pool {self.root}: training {len(todo)} model(s) in {min(jobs, len(todo))} process(es): "
                 + ", ".join(j.name for j in todo))
-        args = [(self.cfg, j, self.partition.to_dict()) for j in todo]
+        # one model left: it trains in this process on every thread the workers would have had
+        cfg = self.cfg if len(todo) > 1 else replace(self.cfg, threads=self.cfg.threads * max(1, jobs))
+        args = [(cfg, j, self.partition.to_dict()) for j in todo]
         if jobs > 1 and len(todo) > 1:
             with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context("spawn")) as ex:
                 for j, summ in zip(todo, ex.map(_train_job, args), strict=True):
