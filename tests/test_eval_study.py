@@ -261,6 +261,16 @@ def test_quick_eval_end_to_end(tmp_path, monkeypatch):
     assert main(["eval", "--out", str(out), "--report-only"]) == 0
     assert "## 8. Reading\n\nToy sizes: nothing to read here." in (out / "report.md").read_text()
     assert main(["eval", "--out", str(out), "--report-only", "--budget", "3"]) == 2  # refused: no effect
+    # a stopped run's report says how far it got, and that its verdicts are provisional
+    part = tmp_path / "part"
+    part.mkdir()
+    stopped = {**res, "config": {**res["config"], "train_seeds": [0, 1], "quick": False},
+               "progress": {"train_seeds_done": [0], "complete": False}}
+    (part / "results.json").write_text(json.dumps(stopped))
+    assert main(["eval", "--out", str(part), "--report-only"]) == 0
+    text = (part / "report.md").read_text()
+    assert "Partial report: training seeds [0] of [0, 1] done" in text
+    assert "1 training seed(s) x 2 sampling seeds (partial: 1 of 2 training seeds done" in text
 
     # 5. the pool is cached: asking again trains nothing and leaves the weights untouched
     cfg = eval_config(True, str(out))

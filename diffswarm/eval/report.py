@@ -631,6 +631,7 @@ def render(res: dict, out: Path) -> str:
         head += ["Samples (first run; 4 per class):", ""]
         head += [f"- {name}: ![{name}]({path})" for name, path in res["grids"].items()]
         head.append("")
+    seeds_done = prog.get("train_seeds_done", cfg["train_seeds"]) if partial else cfg["train_seeds"]
     body, claims = [], []
     for name, fn in SECTIONS:
         if name in res["studies"]:
@@ -641,7 +642,10 @@ def render(res: dict, out: Path) -> str:
             "Each claim of the papers (science sheet numbers) next to ours; verdicts by the rule: " + NOISE_RULE
             + ". " + ("This is a quick run: toy sizes, one training seed; read the verdicts as a check that the "
                       "machinery works, not as findings." if cfg["quick"] else
-                      f"{len(cfg['train_seeds'])} training seeds x {len(cfg['seeds'])} sampling seeds."), "",
+                      f"{len(seeds_done)} training seed(s) x {len(cfg['seeds'])} sampling seeds"
+                      + (f" (partial: {len(seeds_done)} of {len(cfg['train_seeds'])} training seeds done, so these "
+                         "verdicts are provisional: an ordering is claimed only over 2 training seeds)."
+                         if partial else ".")), "",
             table(["claim", "ours", "verdict"], [[c["claim"], c["ours"], c["verdict"]] for c in claims]), ""]
     reading = out / "reading.md"
     if reading.exists():  # a person's reading of these numbers, kept beside the report and appended to it
