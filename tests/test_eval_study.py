@@ -216,6 +216,8 @@ def test_quick_eval_end_to_end(tmp_path, monkeypatch):
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert len(images) >= 8 and all((out / p).is_file() for p in images)
     assert "run time:" in report and "machine:" in report and res["command"].startswith("diffswarm eval --quick")
+    cost = re.search(r"training (\d+) s summed over (\d+) pool models.*scoring (\d+) s over (\d+) cells", report)
+    assert cost and int(cost[2]) == len(res["pool"]["models"]) and int(cost[4]) == res["cells"]["distinct"] > 0
 
     # 2. numbers: all finite; shares sum to 1; floors where they must be
     assert all(math.isfinite(v) for v in _numbers(res))

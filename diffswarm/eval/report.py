@@ -635,6 +635,12 @@ def render(res: dict, out: Path) -> str:
         c = res["cells"]
         head.append(f"- cells (sample sets, traces): {c['computed']} computed this run ({c['sampling_s']:.0f} s), "
                     f"{c['reused']} served from OUT/cells (shared between studies or cached by an earlier run)")
+    if pool and "all_cells_s" in res.get("cells", {}):
+        # what the numbers cost, whichever invocation of a resumed run computed each piece
+        secs = [v.get("seconds") or 0.0 for v in pool["models"].values()]
+        head.append(f"- compute behind these numbers, over every invocation: training {sum(secs):.0f} s summed over "
+                    f"{len(secs)} pool models (run {cfg.get('jobs') or 'one per core'} at a time), sampling and "
+                    f"scoring {res['cells']['all_cells_s']:.0f} s over {res['cells']['distinct']} cells")
     load = m.get("load_average_at_start")
     head += [f"- machine: {m.get('processor')} x{m.get('cpu_count')} ({m.get('platform')}), torch {m.get('torch')}, "
              f"device {m.get('device')}{', ' + m['gpu'] if m.get('gpu') else ''}, {m.get('torch_threads')} "

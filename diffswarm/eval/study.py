@@ -269,6 +269,7 @@ class Context:
         self.cell_seconds = 0.0
         self.cells_computed = 0
         self.cells_reused = 0
+        self.cell_cost: dict[str, float] = {}  # seconds each cell used took when it was computed, by any run
         self.cell_studies: dict[str, dict] = {}  # cell key -> setting, cell and the studies that used it
         pool_key = {k: v for k, v in cfg.pool.to_dict().items() if k not in ("device", "threads")}
         self.cell_base = {"version": CELL_VERSION, "pool": pool_key, "n": cfg.n, "threshold": cfg.threshold,
@@ -356,13 +357,16 @@ class Context:
         want_samples = kind == "cell" and self.cfg.save_samples
         if path.exists() and (not want_samples or (self.out / "samples" / f"{key}.npz").exists()):
             self.cells_reused += 1
-            return json.loads(path.read_text())
+            res = json.loads(path.read_text())
+            self.cell_cost[path.name] = float(res.get("seconds") or 0.0)
+            return res
         t0 = time.perf_counter()
         res = compute(key)
         res = _clean({**res, "key": key, "cell": asdict(cell), "setting": cell.setting, "run": cell.run,
                       "seconds": time.perf_counter() - t0})
         self.cell_seconds += res["seconds"]
         self.cells_computed += 1
+        self.cell_cost[path.name] = res["seconds"]
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(res))
@@ -809,7 +813,8 @@ def run_study(cfg: StudyConfig, log=print, command: str | None = None) -> dict:
             results["timings"][f"{name}_s"] = results["timings"].get(f"{name}_s", 0.0) + time.perf_counter() - t0
             if ctx is not None:
                 results["cells"] = {"computed": ctx.cells_computed, "reused": ctx.cells_reused,
-                                    "sampling_s": ctx.cell_seconds}
+                                    "sampling_s": ctx.cell_seconds, "distinct": len(ctx.cell_cost),
+                                    "all_cells_s": sum(ctx.cell_cost.values())}
             save()
 
         for i, seeds_so_far in enumerate(passes):
