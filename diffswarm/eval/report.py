@@ -298,48 +298,51 @@ def section_routing(res: dict, out: Path) -> tuple[str, list[dict]]:
                   "CPU prototype.", "", table(QUALITY_HEADER, _quality_rows(ug)), ""]
     claims = []
     rows = rt["rows"]
-    mono = _find(rows, router=None)
+    # (router, the rows, label): class-conditional samples with each router, and unconditional generation
+    # (no class anywhere), the setting of the papers' class-blind routers
+    groups = [("cond", rows, "cond"), ("uncond", rows, "uncond")] + ([("uncond", ug, "uncond gen")] if ug else [])
     lines += ["Paired FD differences (" + NOISE_RULE + "):", ""]
     diffs = []
-    for router in ("cond", "uncond"):
-        full = _find(rows, router=router, strategy="full")
+    for router, group, label in groups:
+        full, mono = _find(group, router=router, strategy="full"), _find(group, router=None)
         for st in [k for k in rt["strategies"] if k != "full"]:
-            r = _find(rows, router=router, strategy=st)
+            r = _find(group, router=router, strategy=st)
             if r and full:
-                d = paired(r["summary"], full["summary"])
-                diffs.append([f"{router}: {st} - full", diff_text(d)])
-        best = min((r for r in rows if r["router"] == router), key=lambda r: mean(r["summary"]["fd"]) or 1e9)
+                diffs.append([f"{label}: {st} - full", diff_text(paired(r["summary"], full["summary"]))])
+        best = min((r for r in group if r["router"] == router), key=lambda r: mean(r["summary"]["fd"]) or 1e9)
         if mono:
-            diffs.append([f"{router}: best ({best['strategy']}) - monolith",
+            diffs.append([f"{label}: best ({best['strategy']}) - monolith",
                           diff_text(paired(best["summary"], mono["summary"]))])
     lines += [table(["comparison", "FD difference"], diffs), ""]
 
     # claims for the last section
-    def fdd(router, a, b):
-        ra, rb = _find(rows, router=router, strategy=a), _find(rows, router=router, strategy=b)
-        return paired(ra["summary"], rb["summary"]) if ra and rb else None
+    for router, group, _label in [groups[1], groups[0], *groups[2:]]:
+        tag = f"{router} router" + (", unconditional generation" if group is ug else "")
 
-    for router in ("uncond", "cond"):
-        d = fdd(router, "top-1", "full")
+        def fdd(a, b, group=group, router=router):
+            ra, rb = _find(group, router=router, strategy=a), _find(group, router=router, strategy=b)
+            return paired(ra["summary"], rb["summary"]) if ra and rb else None
+
+        d = fdd("top-1", "full")
         if d:
-            claims.append({"claim": f"DDM: top-1 routing beats the full ensemble (FID 9.84 vs 10.52) [{router} router]",
+            claims.append({"claim": f"DDM: top-1 routing beats the full ensemble (FID 9.84 vs 10.52) [{tag}]",
                            "ours": f"FD top-1 - full = {diff_text(d)}", "verdict": _verdict(d, lower_is_claim=True)})
-        d = fdd(router, "top-2", "full")
+        d = fdd("top-2", "full")
         if d:
-            claims.append({"claim": f"Paris: top-2 beats the full ensemble (FID 22.60 vs 47.89) [{router} router]",
+            claims.append({"claim": f"Paris: top-2 beats the full ensemble (FID 22.60 vs 47.89) [{tag}]",
                            "ours": f"FD top-2 - full = {diff_text(d)}", "verdict": _verdict(d, lower_is_claim=True)})
-        d = fdd(router, "sample-1", "full")
+        d = fdd("sample-1", "full")
         if d:
-            claims.append({"claim": f"DDM: Sample-1 is catastrophic (FID 157) [{router} router; ours draws the expert "
+            claims.append({"claim": f"DDM: Sample-1 is catastrophic (FID 157) [{tag}; ours draws the expert "
                                     "once per trajectory]",
                            "ours": f"FD sample-1 - full = {diff_text(d)}",
                            "verdict": _verdict(d, lower_is_claim=False)})
-    if mono:
-        for router in ("uncond", "cond"):
-            best = min((r for r in rows if r["router"] == router), key=lambda r: mean(r["summary"]["fd"]) or 1e9)
+        mono = _find(group, router=None)
+        if mono:
+            best = min((r for r in group if r["router"] == router), key=lambda r: mean(r["summary"]["fd"]) or 1e9)
             d = paired(best["summary"], mono["summary"])
             claims.append({"claim": f"DDM: the ensemble beats a monolith of equal compute (FID 10.5 vs 12.8) "
-                                    f"[{router} router, its best strategy {best['strategy']}]",
+                                    f"[{tag}, its best strategy {best['strategy']}]",
                            "ours": f"FD best - monolith = {diff_text(d)}", "verdict": _verdict(d, lower_is_claim=True)})
     for router, group, what in (("uncond", ug, "unconditional generation"), ("cond", rows, "class-conditional")):
         t1, full = _find(group, router=router, strategy="top-1"), _find(group, router=router, strategy="full")
