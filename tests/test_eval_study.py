@@ -282,3 +282,24 @@ def test_quick_eval_end_to_end(tmp_path, monkeypatch):
     again = pool.ensure(cfg.train_seeds, log=lambda m: None)
     assert again["trained"] == [] and len(again["reused"]) == len(res["pool"]["trained"]) == 2 + 2 * k + 1
     assert [p.stat().st_mtime_ns for p in weights] == mtimes
+
+
+@pytest.mark.parametrize("sampler, steps, ddim_rows",
+                         [("heun", 6, {"ddim": 6, "ddim-nfe": 11}), ("euler", 10, {"ddim": 10})])
+def test_native_ddim_is_also_compared_at_the_flow_samplers_cost(monkeypatch, sampler, steps, ddim_rows):
+    """With a 2nd-order sampler the translator meets DDIM at equal steps and at equal network evaluations."""
+    from types import SimpleNamespace
+
+    from diffswarm.eval import study
+    from diffswarm.router.sampler import SamplingConfig
+
+    cfg = SimpleNamespace(sampling=SamplingConfig(steps=steps, sampler=sampler), train_seeds=(0,), seeds=(0, 1))
+    asked = []
+    ctx = SimpleNamespace(cfg=cfg, k=4, cell=lambda c, studies=(): asked.append(c) or {"key": str(len(asked))})
+    monkeypatch.setattr(study, "summarize_cells", lambda cells: {})
+    out = study.study_objectives(ctx)
+    methods = [r["method"] for r in out["translator"] if r["ensemble"] == "ddpm"]
+    assert [m for m in methods if m.startswith("ddim")] == list(ddim_rows)
+    for m, n in ddim_rows.items():
+        row = next(r for r in out["translator"] if r["method"] == m)
+        assert f"{n} steps" in row["setting"] and len(row["cells"]) == 2  # one cell per run
