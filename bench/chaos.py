@@ -1,7 +1,7 @@
 """Chaos: concurrent generations over a loopback swarm while peers are killed, restarted, slowed and corrupted.
 
 A bootstrap and K experts x R replicas run as processes on 127.0.0.1 (every peer is a
-``diffswarm.hostile`` process, honest until the chaos loop writes a mode into its mode file). G clients
+``diffswarm.testing.hostile`` process, honest until the chaos loop writes a mode into its mode file). G clients
 (threads of this process, one SwarmEnsemble and p2p daemon each) generate at once, each under a
 deadline, with re-routing off (``ClientConfig.reroute=False``): a generation must either **equal a clean
 local run** of the same experts within tolerance, or **fail fast** with a ``NoExpertsError`` naming the
@@ -38,11 +38,11 @@ import torch
 
 from diffswarm.client.client import ClientConfig
 from diffswarm.dht.node import NetworkConfig
-from diffswarm.localswarm import PeerSpec, _alive, start_local_swarm
 from diffswarm.router.local import generate, load_local_ensemble
 from diffswarm.router.routing import NoExpertsError, RoutingConfig
 from diffswarm.router.sampler import SamplingConfig
-from diffswarm.toy import ToySwarmSpec, make_toy_swarm
+from diffswarm.swarm.local import PeerSpec, _alive, start_local_swarm
+from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 
 LIES = ["nan", "scale:1.5", "negate", "zero", "random", "row0", "noise:0.3", "other"]
 SOCKETS = "/tmp/hivemind-p2p*.sock"
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
                 modes[name] = tmp / "modes" / name
                 modes[name].parent.mkdir(parents=True, exist_ok=True)
                 modes[name].write_text("honest")
-                specs.append(PeerSpec(name, str(experts[c]), program=["diffswarm.hostile", "--mode-file",
+                specs.append(PeerSpec(name, str(experts[c]), program=["diffswarm.testing.hostile", "--mode-file",
                                                                       str(modes[name]), "--"]))
         print(f"starting a swarm of {k} experts x {args.replicas} replicas on 127.0.0.1 ...", flush=True)
         sw = start_local_swarm(specs, str(router), tmp / "run", threads=1, timeout=300, announce_period=1.0,

@@ -30,10 +30,10 @@ import torch
 
 from diffswarm.client.client import ClientConfig
 from diffswarm.dht.node import NetworkConfig
-from diffswarm.localswarm import local_swarm
 from diffswarm.router.local import generate
 from diffswarm.router.routing import RoutingConfig
-from diffswarm.toy import ToySwarmSpec, make_toy_swarm
+from diffswarm.swarm.local import local_swarm
+from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 from diffswarm.tui.app import make_app
 from diffswarm.tui.model import GenRequest, labels_for
 

@@ -31,9 +31,9 @@ from recipe_choice import CANDIDATES, class_rows, fit_train_config, make_config,
 def _expert_job(payload) -> dict:
     part_path, k, objective, cand, budget, out, seed = payload
     torch.set_num_threads(1)
-    from diffswarm.clusters import dataset_for_partition
     from diffswarm.data import Partition
     from diffswarm.experts.train import train_expert
+    from diffswarm.training.jobs import dataset_for_partition
 
     part = Partition.load(part_path)
     ds = dataset_for_partition(part)
@@ -55,10 +55,10 @@ def _expert_job(payload) -> dict:
 def _router_job(payload) -> dict:
     part_path, out, steps, seed = payload
     torch.set_num_threads(1)
-    from diffswarm.clusters import dataset_for_partition
     from diffswarm.data import Partition
     from diffswarm.router.model import RouterConfig
     from diffswarm.router.train import RouterTrainConfig, train_router
+    from diffswarm.training.jobs import dataset_for_partition
 
     part = Partition.load(part_path)
     ds = dataset_for_partition(part)
@@ -92,10 +92,10 @@ def main() -> None:
     torch.set_num_threads(1)
     from diffswarm.data import load_dataset, make_partition
     from diffswarm.eval import get_classifier, quality_report
-    from diffswarm.images import save_grid
     from diffswarm.router.local import generate, load_local_ensemble
     from diffswarm.router.routing import RoutingConfig
     from diffswarm.router.sampler import SamplingConfig
+    from diffswarm.utils.images import save_grid
 
     ddpm_recipe = args.recipe if args.ddpm_recipe is None else args.ddpm_recipe
     tag = args.tag or f"r{args.recipe}-d{ddpm_recipe}-b{args.budget:g}-{args.objectives}"

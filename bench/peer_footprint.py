@@ -23,8 +23,8 @@ import torch
 from diffswarm.client.client import ClientConfig, SwarmClient
 from diffswarm.client.selection import Replica
 from diffswarm.dht.node import NetworkConfig
-from diffswarm.localswarm import local_swarm
-from diffswarm.toy import ToySwarmSpec, make_toy_swarm
+from diffswarm.swarm.local import local_swarm
+from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 
 
 def rss_mb(pid: int) -> float:

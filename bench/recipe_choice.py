@@ -149,9 +149,9 @@ def run_candidate(i: int, cand: dict, args: argparse.Namespace) -> dict:
     from diffswarm.eval import get_classifier, quality_report
     from diffswarm.experts.expert import Expert
     from diffswarm.experts.train import train_expert
-    from diffswarm.images import save_grid
     from diffswarm.router.local import generate
     from diffswarm.router.sampler import SamplingConfig
+    from diffswarm.utils.images import save_grid
 
     train_ds, test_ds = load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test")
     clf = get_classifier(train_ds, test_ds=test_ds, progress=False)

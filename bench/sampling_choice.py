@@ -51,10 +51,10 @@ def main() -> None:
     from diffswarm.data import load_dataset
     from diffswarm.eval import get_classifier, quality_report
     from diffswarm.experts.expert import Expert
-    from diffswarm.images import save_grid
     from diffswarm.router.local import generate, load_local_ensemble
     from diffswarm.router.routing import RoutingConfig
     from diffswarm.router.sampler import SamplingConfig
+    from diffswarm.utils.images import save_grid
 
     ds, test = load_dataset("fashion", "train"), load_dataset("fashion", "test")
     clf = get_classifier(ds, test_ds=test, progress=False)

@@ -30,11 +30,11 @@ import torch
 
 from diffswarm.client.client import ClientConfig
 from diffswarm.dht.node import NetworkConfig
-from diffswarm.localswarm import local_swarm
 from diffswarm.router.local import generate, load_local_ensemble
 from diffswarm.router.routing import RoutingConfig
 from diffswarm.router.sampler import SamplingConfig
-from diffswarm.toy import ToySwarmSpec, make_toy_swarm
+from diffswarm.swarm.local import local_swarm
+from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 
 
 def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:

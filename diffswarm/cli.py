@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__
+from diffswarm import __version__
 
 
 def _parser(sub, name: str, help: str) -> argparse.ArgumentParser:
@@ -19,7 +19,7 @@ def _parser(sub, name: str, help: str) -> argparse.ArgumentParser:
 
 
 def _add_dataset_args(p: argparse.ArgumentParser) -> None:
-    from .data.datasets import DATASET_NAMES
+    from diffswarm.data.datasets import DATASET_NAMES
 
     g = p.add_argument_group("dataset")
     g.add_argument("--dataset", default=None, choices=DATASET_NAMES,
@@ -31,9 +31,9 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
 
 def _add_train_args(g, minutes_default: float | None = None) -> None:
     """What one volunteer trains and how: shared by `train` and `peer` (-> ``clusters.TrainJob``)."""
-    from .experts.networks import NETWORKS
-    from .experts.train import TrainConfig
-    from .wire import OBJECTIVES
+    from diffswarm.experts.config import OBJECTIVES
+    from diffswarm.experts.networks import NETWORKS
+    from diffswarm.experts.train import TrainConfig
 
     d = TrainConfig()
     g.add_argument("--partition", default=None, help="partition manifest (from `diffswarm partition`)")
@@ -58,7 +58,7 @@ def _add_train_args(g, minutes_default: float | None = None) -> None:
 
 
 def _add_routing_args(p: argparse.ArgumentParser) -> None:
-    from .router.routing import STRATEGIES, RoutingConfig
+    from diffswarm.router.routing import STRATEGIES, RoutingConfig
 
     d = RoutingConfig()
     g = p.add_argument_group("routing")
@@ -70,7 +70,7 @@ def _add_routing_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    from .router.sampler import SAMPLERS, SamplingConfig
+    from diffswarm.router.sampler import SAMPLERS, SamplingConfig
 
     d = SamplingConfig()
     g = p.add_argument_group("sampling")
@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generate in this process instead of over a local swarm of peer processes")
     p.add_argument("--seed", type=int, default=0)
 
-    from .eval.study import STUDIES
+    from diffswarm.eval.study import STUDIES
 
     p = _parser(sub, "eval", "test the papers' claims on a cached expert pool: routing, objectives, translator, "
                              "stability, alignment, routers, 2-D Gaussian mixture; writes OUT/report.md")
@@ -334,11 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    from . import commands
-    from .client.client import SwarmClientError
-    from .dht.node import SwarmNetworkError
-    from .localswarm import SwarmLaunchError
-    from .router.routing import NoExpertsError
+    from diffswarm import commands
+    from diffswarm.client.client import SwarmClientError
+    from diffswarm.dht.node import SwarmNetworkError
+    from diffswarm.router.routing import NoExpertsError
+    from diffswarm.swarm.local import SwarmLaunchError
 
     name = command_path(args)
     args.argv = argv[1:] if name == "eval" else argv

@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .clusters import RouterJob, TrainJob
-from .data import DatasetSpec
-from .experts.train import TrainConfig
-from .router.routing import RoutingConfig
-from .router.sampler import SamplingConfig
-from .router.train import RouterTrainConfig
+from diffswarm.data import DatasetSpec
+from diffswarm.experts.train import TrainConfig
+from diffswarm.router.routing import RoutingConfig
+from diffswarm.router.sampler import SamplingConfig
+from diffswarm.router.train import RouterTrainConfig
+from diffswarm.training.jobs import RouterJob, TrainJob
 
 DEFAULT_RUN_DIR = "runs/swarm"
 
@@ -196,7 +196,7 @@ def plan_train_router(args, given) -> RouterPlan:
 
 def _client_network(args, given, local: bool):
     """The client's ``NetworkConfig`` from --loopback/--no-relay/--no-nat (a local swarm is loopback)."""
-    from .dht.node import NetworkConfig
+    from diffswarm.dht.node import NetworkConfig
 
     if local:
         _refuse(given, ["loopback", "no_relay", "no_nat"],
@@ -211,7 +211,7 @@ def _client_network(args, given, local: bool):
 
 def _full_swarm_name(text: str, option: str = "--swarm") -> str:
     """The canonical ``NAME@FINGERPRINT`` of ``text``, or a ValueError naming ``option`` that says how to get it."""
-    from .dht.trust import SwarmNameError, parse_swarm_name
+    from diffswarm.dht.names import SwarmNameError, parse_swarm_name
 
     try:
         return str(parse_swarm_name(text))
@@ -222,8 +222,8 @@ def _full_swarm_name(text: str, option: str = "--swarm") -> str:
 def _swarm_source(args, given, **client_kw) -> SwarmSource:
     """--initial-peers with --swarm NAME@FINGERPRINT, else the local swarm of --run-dir found by its own
     full name (``swarm.json``)."""
-    from .client.client import ClientConfig
-    from .dht.trust import HOW_TO_NAME
+    from diffswarm.client.client import ClientConfig
+    from diffswarm.dht.names import HOW_TO_NAME
 
     if args.initial_peers:
         _refuse(given, ["run_dir"], "with --initial-peers (it names the local swarm to use instead)")
@@ -232,7 +232,7 @@ def _swarm_source(args, given, **client_kw) -> SwarmSource:
         net = _client_network(args, given, local=False)
         return SwarmSource(tuple(args.initial_peers), ClientConfig(swarm=_full_swarm_name(args.swarm), net=net,
                                                                    **client_kw))
-    from .localswarm import LocalSwarm
+    from diffswarm.swarm.local import LocalSwarm
 
     run_dir = args.run_dir or DEFAULT_RUN_DIR
     sw = LocalSwarm.find(run_dir)
@@ -293,7 +293,7 @@ def plan_dashboard(args, given) -> DashboardPlan:
 
 def _server_network(args, given):
     """A peer's ``NetworkConfig`` from the server network options."""
-    from .dht.node import NetworkConfig
+    from diffswarm.dht.node import NetworkConfig
 
     if not args.identity:
         _refuse(given, ["no_identity_check"], "without --identity (an ephemeral identity is never online elsewhere)")
@@ -321,7 +321,7 @@ def _peer_swarm(args, given, serves: bool) -> str | None:
     """A peer's --swarm: a full name to join; a bare NAME only when founding (with --router, or with --owner-key
     and an expert: a swarm without a trained router, routed by its peers' statistics), owned by the owner key;
     none: found "diffswarm" when founding, a plain DHT node without anything to serve."""
-    from .dht.trust import HOW_TO_NAME, SwarmNameError, check_bare_name, is_full_name
+    from diffswarm.dht.names import HOW_TO_NAME, SwarmNameError, check_bare_name, is_full_name
 
     founds = bool(args.router) or (bool(args.owner_key) and serves)
     if not founds:
@@ -344,7 +344,7 @@ def _peer_swarm(args, given, serves: bool) -> str | None:
 
 
 def plan_peer(args, given) -> PeerPlan:
-    from .peer.server import PeerConfig
+    from diffswarm.peer.server import PeerConfig
 
     train = None
     training = [d for d in TRAIN_DESTS if d in given]
@@ -384,7 +384,7 @@ def plan_peer(args, given) -> PeerPlan:
 
 
 def plan_swarm_up(args, given) -> SwarmUpPlan:
-    from .dht.trust import SwarmNameError, check_bare_name, is_full_name
+    from diffswarm.dht.names import SwarmNameError, check_bare_name, is_full_name
 
     try:
         swarm = _full_swarm_name(args.swarm) if is_full_name(args.swarm) else check_bare_name(args.swarm)
@@ -430,7 +430,7 @@ def plan_quality(args, given) -> QualityPlan:
 
 
 def plan_demo(args, given) -> DemoPlan:
-    from .demo import DemoConfig
+    from diffswarm.demo import DemoConfig
 
     return DemoPlan(DemoConfig(out=args.out, data=_dataset(args), k=args.k, preset=args.preset, minutes=args.minutes,
                                steps=args.steps, workers=args.workers, local_generation=args.local_generation,
@@ -444,9 +444,9 @@ def eval_config(quick: bool, out: str, **over):
     """The ``diffswarm eval`` configuration: the network, batch, router steps and sampling of the demo's
     ``tiny`` (quick) or ``cpu`` (full) preset, so that changing the preset changes the eval; ``over``
     replaces StudyConfig fields (``budget``: expert steps; ``samples``: n)."""
-    from .demo import PRESETS
-    from .eval.pool import PoolConfig
-    from .eval.study import QUICK_GMM, GMMSettings, StudyConfig
+    from diffswarm.demo import PRESETS
+    from diffswarm.eval.pool import PoolConfig
+    from diffswarm.eval.study import QUICK_GMM, GMMSettings, StudyConfig
 
     pr = PRESETS["tiny" if quick else "cpu"]
     budget = over.pop("budget", None)
@@ -474,7 +474,7 @@ class EvalReportPlan:
 
 
 def plan_eval(args, given) -> EvalPlan | EvalReportPlan:
-    from .eval.study import STUDIES
+    from diffswarm.eval.study import STUDIES
 
     if args.report_only:
         _refuse(given, [a for a in ("quick", "studies", "seeds", "threads", *EVAL_POOL_DESTS) if a in given],
@@ -504,7 +504,7 @@ def plan_eval(args, given) -> EvalPlan | EvalReportPlan:
 
 
 def run_partition(p: PartitionPlan) -> int:
-    from .data import make_partition
+    from diffswarm.data import make_partition
 
     ds = p.data.load("train")
     t0 = time.perf_counter()
@@ -518,7 +518,7 @@ def run_partition(p: PartitionPlan) -> int:
 
 
 def run_train(job: TrainJob) -> int:
-    from .clusters import run_train_job
+    from diffswarm.training.jobs import run_train_job
 
     cfg, images, labels = job.load_data()
     length = f"{job.train.steps} steps" if job.train.steps else f"{job.train.minutes:g} minutes"
@@ -530,8 +530,8 @@ def run_train(job: TrainJob) -> int:
 
 
 def run_train_router(p: RouterPlan) -> int:
-    from .clusters import run_router_job
-    from .router.train import format_router_accuracy
+    from diffswarm.router.train import format_router_accuracy
+    from diffswarm.training.jobs import run_router_job
 
     router = run_router_job(p.job)
     print(format_router_accuracy(router.summary))
@@ -556,7 +556,7 @@ def parse_classes(classes, ds_names: list[str]) -> list[int] | None:
 
 
 def _connect(src: SwarmSource, routing=None, *, router_path=None, device="cpu", seed=0, log=print):
-    from .client.ensemble import SwarmEnsemble
+    from diffswarm.client.ensemble import SwarmEnsemble
 
     log(f"joining swarm {src.config.swarm!r} via {src.initial_peers[0]}")
     return SwarmEnsemble.connect(list(src.initial_peers), routing, seed=seed, router_path=router_path,
@@ -564,9 +564,9 @@ def _connect(src: SwarmSource, routing=None, *, router_path=None, device="cpu", 
 
 
 def run_generate(p: GeneratePlan) -> int:
-    from .experts.train import pick_device
-    from .images import save_grid, save_samples
-    from .router.local import ProgressCallback, generate, load_local_ensemble, make_labels
+    from diffswarm.experts.train import pick_device
+    from diffswarm.router.local import ProgressCallback, generate, load_local_ensemble, make_labels
+    from diffswarm.utils.images import save_grid, save_samples
 
     dev = pick_device(p.device)
     if p.local:
@@ -596,21 +596,21 @@ def run_generate(p: GeneratePlan) -> int:
 
 
 def run_dashboard(p: DashboardPlan) -> int:
-    from .tui.app import make_app
+    from diffswarm.tui.app import make_app
 
     make_app(initial_peers=list(p.swarm.initial_peers), out_dir=p.out, config=p.swarm.config, device=p.device).run()
     return 0
 
 
 def run_peer(p: PeerPlan) -> int:
-    from .peer.server import run_peer as serve
+    from diffswarm.peer.server import run_peer as serve
 
     return serve(p.config, log=lambda m: print(m, flush=True))  # a peer with nothing to serve says it is a DHT node
 
 
 def run_swarm_up(p: SwarmUpPlan) -> int:
-    from .data import Partition, make_partition
-    from .localswarm import PeerSpec, start_local_swarm
+    from diffswarm.data import Partition, make_partition
+    from diffswarm.swarm.local import PeerSpec, start_local_swarm
 
     run_dir = Path(p.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -621,7 +621,7 @@ def run_swarm_up(p: SwarmUpPlan) -> int:
         specs = [PeerSpec(n, checkpoint=c) for n, c in zip(names, paths, strict=True)]
         router = p.router
     else:
-        from .clusters import run_router_job
+        from diffswarm.training.jobs import run_router_job
 
         k = p.experts
         if p.partition:
@@ -665,7 +665,7 @@ def run_swarm_up(p: SwarmUpPlan) -> int:
 
 
 def run_swarm_down(p: SwarmDownPlan) -> int:
-    from .localswarm import stop_local_swarm
+    from diffswarm.swarm.local import stop_local_swarm
 
     n = stop_local_swarm(p.run_dir, p.timeout)
     print(f"stopped {n} process(es) of the swarm in {p.run_dir}")
@@ -675,9 +675,9 @@ def run_swarm_down(p: SwarmDownPlan) -> int:
 def run_swarm_status(p: SwarmStatusPlan) -> int:
     import asyncio
 
-    from .client.discovery import router_sources
-    from .dht.node import SwarmDHT
-    from .dht.trust import choose_manifest, parse_swarm_name
+    from diffswarm.client.discovery import router_sources
+    from diffswarm.dht.names import choose_manifest, parse_swarm_name
+    from diffswarm.dht.node import SwarmDHT
 
     net = replace(p.swarm.config.net, initial_peers=list(p.swarm.initial_peers))
     name = parse_swarm_name(p.swarm.config.swarm)
@@ -709,9 +709,9 @@ def run_quality(p: QualityPlan) -> int:
     import numpy as np
     import torch
 
-    from .clusters import dataset_for_partition
-    from .data import Partition
-    from .eval import get_classifier, quality_report
+    from diffswarm.data import Partition
+    from diffswarm.eval import get_classifier, quality_report
+    from diffswarm.training.jobs import dataset_for_partition
 
     data = np.load(p.samples)
     samples, labels = torch.from_numpy(data["samples"]), torch.from_numpy(data["labels"])
@@ -727,21 +727,21 @@ def run_quality(p: QualityPlan) -> int:
 
 
 def run_demo(p: DemoPlan) -> int:
-    from .demo import run_demo as demo
+    from diffswarm.demo import run_demo as demo
 
     demo(p.config)
     return 0
 
 
 def run_eval(p: EvalPlan) -> int:
-    from .eval.study import run_study
+    from diffswarm.eval.study import run_study
 
     run_study(p.config, log=lambda m: print(m, flush=True), command=p.command)
     return 0
 
 
 def run_eval_report(p: EvalReportPlan) -> int:
-    from .eval.report import rerender
+    from diffswarm.eval.report import rerender
 
     print(f"report -> {rerender(p.out)}")
     return 0

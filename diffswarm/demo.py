@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 
-from .clusters import RouterJob, TrainJob
-from .data import DatasetSpec
-from .experts.train import TrainConfig
-from .router.routing import RoutingConfig
-from .router.sampler import SamplingConfig
-from .router.train import RouterTrainConfig
+from diffswarm.data import DatasetSpec
+from diffswarm.experts.train import TrainConfig
+from diffswarm.router.routing import RoutingConfig
+from diffswarm.router.sampler import SamplingConfig
+from diffswarm.router.train import RouterTrainConfig
+from diffswarm.training.jobs import RouterJob, TrainJob
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class DemoConfig:
 def _expert_job(job: TrainJob, deadline: float | None, position: int) -> dict:
     """One volunteer in its own process: train until ``deadline`` (time.time()), or job.train.steps."""
     torch.set_num_threads(max(1, job.train.threads))
-    from .clusters import run_train_job
+    from diffswarm.training.jobs import run_train_job
 
     t0 = time.perf_counter()
     if deadline is not None:
@@ -99,14 +99,14 @@ def _expert_job(job: TrainJob, deadline: float | None, position: int) -> dict:
 
 def _router_job(job: RouterJob) -> dict:
     torch.set_num_threads(max(1, job.train.threads))
-    from .clusters import run_router_job
+    from diffswarm.training.jobs import run_router_job
 
     return run_router_job(job, progress=False).summary
 
 
 def _classifier_job(data: DatasetSpec, epochs: int, threads: int) -> dict:
     torch.set_num_threads(threads)
-    from .eval import get_classifier
+    from diffswarm.eval import get_classifier
 
     ds, test = data.load("train"), data.load("test")
     t0 = time.perf_counter()
@@ -117,7 +117,7 @@ def _classifier_job(data: DatasetSpec, epochs: int, threads: int) -> dict:
 def sampling_seconds_per_row(job: TrainJob, part, ds, guidance: float) -> float:
     """Wall seconds of one velocity row (CFG included) of this job's network on this machine, one thread:
     the best of a few timed forward passes of an untrained expert at batch 64."""
-    from .experts.expert import Expert
+    from diffswarm.experts.expert import Expert
 
     cfg, _, _ = job.expert(part, ds)
     prev = torch.get_num_threads()
@@ -138,12 +138,12 @@ def sampling_seconds_per_row(job: TrainJob, part, ds, guidance: float) -> float:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from .data import make_partition
-    from .eval import get_classifier, quality_report
-    from .experts.train import pick_device
-    from .images import save_grid, save_samples
-    from .router.local import ProgressCallback, generate, load_local_ensemble
-    from .router.train import format_router_accuracy
+    from diffswarm.data import make_partition
+    from diffswarm.eval import get_classifier, quality_report
+    from diffswarm.experts.train import pick_device
+    from diffswarm.router.local import ProgressCallback, generate, load_local_ensemble
+    from diffswarm.router.train import format_router_accuracy
+    from diffswarm.utils.images import save_grid, save_samples
 
     t_start = time.perf_counter()
     dev = pick_device("auto")
@@ -219,7 +219,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             model = load_local_ensemble(expert_paths, router_path, preset.routing, dev, seed=cfg.seed)
             where = "in this process"
         else:
-            from .localswarm import local_swarm
+            from diffswarm.swarm.local import local_swarm
 
             t0 = time.perf_counter()
             print(f"[3/4] starting a local swarm: bootstrap (router) + {cfg.k} expert peers on 127.0.0.1 "

@@ -25,7 +25,7 @@ from hivemind.proto.p2pd_pb2 import RPCError
 
 from diffswarm.dht.node import NetworkConfig
 from diffswarm.peer.limits import PeerLimits
-from diffswarm.wire import encode_request, handle_name, request_metadata
+from diffswarm.protocol.wire import encode_request, handle_name, request_metadata
 
 SHAPE = (1, 8, 8)  # the toy expert's (C, H, W)
 
@@ -53,7 +53,7 @@ class InprocPeer:
 
     def __init__(self, tmp_dir, limits: PeerLimits | None = None, router: bool = False):
         from diffswarm.peer.server import Peer, PeerConfig
-        from diffswarm.toy import ToySwarmSpec, make_toy_swarm
+        from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 
         experts, router_path = make_toy_swarm(tmp_dir, ToySwarmSpec(["fm"], size=SHAPE[1], channels=SHAPE[0],
                                                                     steps=2))

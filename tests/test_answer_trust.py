@@ -15,7 +15,7 @@ import pytest
 import torch
 from peer_harness import FakeSwarmClient
 
-from diffswarm.client.trust import (
+from diffswarm.client.answer_checks import (
     Suspicion,
     TrustConfig,
     arbitrate,
@@ -122,7 +122,7 @@ class Liar:
 def three(tmp_path_factory):
     from diffswarm.experts.expert import Expert
     from diffswarm.router.model import Router
-    from diffswarm.toy import ToySwarmSpec, make_toy_swarm
+    from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 
     paths, router = make_toy_swarm(tmp_path_factory.mktemp("three"), ToySwarmSpec(["ddpm", "fm", "ddpm"], steps=3))
     return [Expert.from_checkpoint(p) for p in paths], Router.load(router), paths, router

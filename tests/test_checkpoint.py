@@ -178,7 +178,7 @@ def test_a_second_run_in_the_same_folder_is_refused(tmp_path):
 
 
 def test_a_killed_writer_leaves_a_temporary_file_that_the_next_run_removes(tmp_path):
-    from diffswarm.fileio import atomic_write, stale_temps
+    from diffswarm.utils.fileio import atomic_write, stale_temps
 
     x, y = _data()
     train_expert(_cfg(), TrainConfig(steps=2, batch=8), x, y, tmp_path, progress=False)

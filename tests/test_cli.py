@@ -71,9 +71,9 @@ def test_quality_command(run, capsys, tmp_cache):
 
     import torch
 
-    from diffswarm.clusters import dataset_for_partition
     from diffswarm.data import Partition
     from diffswarm.eval import get_classifier, quality_report
+    from diffswarm.training.jobs import dataset_for_partition
 
     q = _generate(run, "q")
     capsys.readouterr()

@@ -29,7 +29,7 @@ def files(tmp_path_factory):
     for name, swarm in (("run", FOO), ("run2", BAR)):
         (d / name).mkdir()
         (d / name / "swarm.json").write_text(json.dumps({"swarm": swarm, "initial_peers": [MADDR], "procs": []}))
-    from diffswarm.clusters import TrainJob
+    from diffswarm.training.jobs import TrainJob
 
     TrainJob(str(d / "p.json"), 1, str(d / "out")).save(d / "job.json")
     TrainJob(str(d / "p.json"), 2, str(d / "out2"), objective="ddpm").save(d / "job2.json")

@@ -51,6 +51,7 @@ from peer_harness import (
     valid_request,
 )
 
+from diffswarm.dht.names import sign_manifest, swarm_name_of, verify_manifest
 from diffswarm.dht.records import (
     RECORD_VERSION,
     ExpertRecord,
@@ -61,9 +62,8 @@ from diffswarm.dht.records import (
     parse_manifests,
     peer_id_of_public_key,
 )
-from diffswarm.dht.trust import sign_manifest, swarm_name_of, verify_manifest
 from diffswarm.peer.limits import PeerLimits
-from diffswarm.wire import (
+from diffswarm.protocol.wire import (
     MAX_SESSION_MESSAGE_BYTES,
     MAX_STREAM_PART_BYTES,
     PROTOCOL_VERSION,

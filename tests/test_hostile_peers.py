@@ -1,7 +1,7 @@
 """Hostile peers as real processes on 127.0.0.1: generations with a liar in the swarm equal clean runs.
 
 The swarm: bootstrap (router) + one honest peer per cluster of three toy experts + one hostile peer
-(``python -m diffswarm.hostile``) serving cluster 1's real checkpoint, same sha256, whose lying mode
+(``python -m diffswarm.testing.hostile``) serving cluster 1's real checkpoint, same sha256, whose lying mode
 is switched between generations through its mode file. Every generation is compared with a local run of
 the same experts. The client holds no weights of its own: it fetches the checkpoint it needs to
 arbitrate over ``rpc_checkpoint`` and checks its hash.
@@ -16,11 +16,11 @@ import torch
 
 from diffswarm.client.client import ClientConfig
 from diffswarm.dht.node import NetworkConfig
-from diffswarm.localswarm import PeerSpec, start_local_swarm
 from diffswarm.router.local import generate, load_local_ensemble
 from diffswarm.router.routing import RoutingConfig
 from diffswarm.router.sampler import SamplingConfig
-from diffswarm.toy import ToySwarmSpec, make_toy_swarm
+from diffswarm.swarm.local import PeerSpec, start_local_swarm
+from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def hostile_swarm(tmp_path_factory):
     mode_file.write_text("honest")
     specs = [PeerSpec(f"peer{k}", str(p)) for k, p in enumerate(experts)]
     specs.append(PeerSpec("liar", str(experts[1]),
-                          program=["diffswarm.hostile", "--mode-file", str(mode_file), "--"]))
+                          program=["diffswarm.testing.hostile", "--mode-file", str(mode_file), "--"]))
     sw = start_local_swarm(specs, str(router), d / "run", threads=1, timeout=150, announce_period=2.0,
                            log=lambda m: None)
     try:

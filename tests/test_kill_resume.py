@@ -34,11 +34,11 @@ import torch
 from diffswarm.cli import main
 from diffswarm.experts.checkpoint import load_expert_file
 from diffswarm.experts.train import STATE_FILE, load_resume_state
-from diffswarm.fileio import is_temp_file, stale_temps
+from diffswarm.utils.fileio import is_temp_file, stale_temps
 
 STEPS, EVERY, KILLS = 200, 5, 10
-PRELOAD = ["diffswarm.cli", "diffswarm.commands", "diffswarm.clusters", "diffswarm.experts.train", "diffswarm.data",
-           "diffswarm.client.client", "diffswarm.dht.node", "diffswarm.localswarm", "diffswarm.router.routing"]
+PRELOAD = ["diffswarm.cli", "diffswarm.commands", "diffswarm.training.jobs", "diffswarm.experts.train",
+           "diffswarm.data", "diffswarm.client.client", "diffswarm.dht.node", "diffswarm.swarm.local", "diffswarm.router.routing"]
 
 
 def _child(argv: list[str], counter: str, log: str) -> None:
@@ -50,7 +50,7 @@ def _child(argv: list[str], counter: str, log: str) -> None:
 
     from tqdm import tqdm
 
-    import diffswarm.clusters as clusters
+    import diffswarm.training.jobs as clusters
 
     tqdm.set_lock(threading.RLock())  # tqdm's default lock is a semaphore that a SIGKILLed process leaks
 
@@ -110,7 +110,7 @@ def _state(out):
 
 
 def _config(out):
-    from diffswarm.clusters import TrainJob
+    from diffswarm.training.jobs import TrainJob
 
     return TrainJob.load(out / "job.json").load_data()[0]
 

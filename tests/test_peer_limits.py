@@ -23,7 +23,7 @@ from peer_harness import END_OF_STREAM, InprocPeer, RawCaller, frame, quiet_hive
 
 from diffswarm.peer.batching import Batcher, BatchPolicy
 from diffswarm.peer.limits import ByteBudget, Lease, PeerLimits, RateLimiter, StreamSlots
-from diffswarm.wire import (
+from diffswarm.protocol.wire import (
     MAX_RETRY_AFTER,
     MAX_SESSION_MESSAGE_BYTES,
     MAX_STREAM_PART_BYTES,
@@ -185,7 +185,7 @@ def tensors(b=3):
     (lambda ts: ts[0].size.__setitem__(0, 0), "rows outside"),
 ])
 def test_declared_tensors_are_checked_before_anything_is_decoded(monkeypatch, mutate, message):
-    import diffswarm.wire as wire
+    import diffswarm.protocol.wire as wire
 
     def must_not_decode(t):
         raise AssertionError("decoded before the declared dtype/shape/buffer were checked")

@@ -10,12 +10,12 @@ from diffswarm.client.client import ClientConfig, SwarmClientError
 from diffswarm.client.discovery import choose_stats
 from diffswarm.dht.node import NetworkConfig
 from diffswarm.dht.records import ClusterStatsRecord, RecordError, SwarmManifest
-from diffswarm.localswarm import PeerSpec, start_local_swarm
 from diffswarm.router.local import generate, load_local_ensemble
 from diffswarm.router.routing import RoutingConfig
 from diffswarm.router.sampler import SamplingConfig
 from diffswarm.router.stats import StatsRouter, read_cluster_stats, stats_path
-from diffswarm.toy import ToySwarmSpec, make_toy_swarm
+from diffswarm.swarm.local import PeerSpec, start_local_swarm
+from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 
 SHAPE = (1, 8, 8)
 LABELS = torch.tensor([0, 1, 2, 3, -1, 0, 1, 2])

@@ -21,17 +21,17 @@ from hivemind.p2p import P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils.timed_storage import get_dht_time
 
+from diffswarm.client.answer_checks import TrustConfig
 from diffswarm.client.client import ClientConfig, SwarmClient
-from diffswarm.client.trust import TrustConfig
 from diffswarm.dht.node import NetworkConfig, SwarmDHT
 from diffswarm.dht.records import experts_key
-from diffswarm.localswarm import LocalSwarm, PeerSpec, _alive, _spawn, start_local_swarm
 from diffswarm.peer.server import NAMESPACE, ExpertServicer
+from diffswarm.protocol.wire import encode_request, request_metadata
 from diffswarm.router.local import generate, load_local_ensemble
 from diffswarm.router.routing import NoExpertsError, RoutingConfig
 from diffswarm.router.sampler import SamplingConfig
-from diffswarm.toy import ToySwarmSpec, make_toy_swarm
-from diffswarm.wire import encode_request, request_metadata
+from diffswarm.swarm.local import LocalSwarm, PeerSpec, _alive, _spawn, start_local_swarm
+from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 
 pytestmark = pytest.mark.slow
 

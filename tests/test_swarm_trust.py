@@ -33,6 +33,19 @@ from diffswarm.client.selection import (
     plausible_load,
     plausible_throughput,
 )
+from diffswarm.dht.names import (
+    FINGERPRINT_HEX,
+    SwarmName,
+    SwarmNameError,
+    choose_manifest,
+    key_fingerprint,
+    load_owner_key,
+    parse_swarm_name,
+    public_key_der,
+    sign_manifest,
+    swarm_name_of,
+    verify_manifest,
+)
 from diffswarm.dht.records import (
     MAX_CLOCK_SKEW,
     MAX_RECORD_AGE,
@@ -48,19 +61,6 @@ from diffswarm.dht.records import (
     parse_manifests,
     peer_id_of_public_key,
     routers_key,
-)
-from diffswarm.dht.trust import (
-    FINGERPRINT_HEX,
-    SwarmName,
-    SwarmNameError,
-    choose_manifest,
-    key_fingerprint,
-    load_owner_key,
-    parse_swarm_name,
-    public_key_der,
-    sign_manifest,
-    swarm_name_of,
-    verify_manifest,
 )
 
 SHA_A, SHA_B, WSHA = "aa" * 32, "bb" * 32, "cc" * 32

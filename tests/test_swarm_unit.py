@@ -15,8 +15,7 @@ from diffswarm.client.discovery import SwarmTarget, SwarmView
 from diffswarm.client.selection import Blacklist, Replica, expected_seconds, pick_replica
 from diffswarm.dht.records import ExpertRecord
 from diffswarm.peer.batching import Batcher, BatchPolicy, compute_batch, should_wait, take_batch
-from diffswarm.router.sampler import SamplingConfig
-from diffswarm.wire import (
+from diffswarm.protocol.wire import (
     MAX_UNARY_BYTES,
     ExpertSpec,
     RequestError,
@@ -25,6 +24,7 @@ from diffswarm.wire import (
     payload_bytes,
     request_metadata,
 )
+from diffswarm.router.sampler import SamplingConfig
 
 
 def rep(peer, thr=100.0, load=0.0, sha="a", cluster=0):
@@ -163,7 +163,7 @@ def test_router_only_peer_announces_the_routers_dataset(tmp_path):
 
     path = tmp_path / "router.safetensors"
     Router(RouterConfig(num_clusters=2, num_classes=10, size=8, width=16, dataset_id="fashion:8")).save(path)
-    from diffswarm.dht.trust import SwarmName
+    from diffswarm.dht.names import SwarmName
 
     peer = Peer(PeerConfig(), log=lambda m: None)
     peer.dht = SimpleNamespace(peer_id=SimpleNamespace(to_base58=lambda: "QmPeer"))
@@ -311,7 +311,7 @@ def test_batcher_failure_fails_requests_not_the_worker():
 def inproc_peer(tmp_path_factory):
     from diffswarm.dht.node import NetworkConfig
     from diffswarm.peer.server import Peer, PeerConfig
-    from diffswarm.toy import ToySwarmSpec, make_toy_swarm
+    from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 
     d = tmp_path_factory.mktemp("inproc")
     experts, router = make_toy_swarm(d, ToySwarmSpec(["ddpm"], size=32, channels=3, width=16, steps=2))
@@ -381,7 +381,7 @@ def test_streamed_and_float16_calls_match_the_local_expert(inproc_peer):
 def three_experts(tmp_path_factory):
     from diffswarm.experts.expert import Expert
     from diffswarm.router.model import Router
-    from diffswarm.toy import ToySwarmSpec, make_toy_swarm
+    from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 
     paths, router = make_toy_swarm(tmp_path_factory.mktemp("three"), ToySwarmSpec(["ddpm", "fm", "ddpm"], steps=2))
     return [Expert.from_checkpoint(p) for p in paths], Router.load(router), paths, router
@@ -461,7 +461,7 @@ def test_requests_of_two_clients_share_one_forward_pass(inproc_peer):
 def test_a_refused_request_does_not_end_the_session(inproc_peer):
     from diffswarm.client.client import ClientConfig, PeerSession, SwarmClient
     from diffswarm.dht.node import NetworkConfig
-    from diffswarm.wire import decode_response
+    from diffswarm.protocol.wire import decode_response
 
     peer, _ = inproc_peer
     x, t, labels = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([0, 1])

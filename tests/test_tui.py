@@ -509,11 +509,11 @@ def test_health_column_and_enter_opens_the_expert_tab(tmp_path):
 def test_dashboard_on_a_loopback_swarm(tmp_path):
     """Two peers and a bootstrap on 127.0.0.1: the table fills, a generation's images appear, a killed
     (SIGKILL, no goodbye) peer's row turns offline once its record expires, and generation goes on."""
+    from diffswarm.client.answer_checks import TrustConfig
     from diffswarm.client.client import ClientConfig
-    from diffswarm.client.trust import TrustConfig
     from diffswarm.dht.node import NetworkConfig
-    from diffswarm.localswarm import local_swarm
-    from diffswarm.toy import ToySwarmSpec, make_toy_swarm
+    from diffswarm.swarm.local import local_swarm
+    from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 
     experts, router = make_toy_swarm(tmp_path / "toy", ToySwarmSpec(["ddpm", "fm"], size=8, width=16, depth=1, steps=2))
     with local_swarm(experts, router, run_dir=tmp_path / "run", timeout=120, announce_period=1.0,

@@ -36,11 +36,13 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
-from ..dht.node import NetworkConfig, SwarmDHT
-from ..dht.records import ExpertRecord, RouterProvider, SwarmManifest
-from ..dht.trust import SwarmName, SwarmNameError, choose_manifest, parse_swarm_name
-from ..fileio import atomic_write
-from ..wire import (
+from diffswarm.client.answer_checks import TrustConfig
+from diffswarm.client.discovery import SwarmTarget, SwarmView, choose_stats, router_mismatch, router_sources
+from diffswarm.client.selection import Blacklist, Replica, update_ema
+from diffswarm.dht.names import SwarmName, SwarmNameError, choose_manifest, parse_swarm_name
+from diffswarm.dht.node import NetworkConfig, SwarmDHT
+from diffswarm.dht.records import ExpertRecord, RouterProvider, SwarmManifest
+from diffswarm.protocol.wire import (
     MAX_CHECKPOINT_BYTES,
     MAX_UNARY_BYTES,
     PROTOCOL_VERSION,
@@ -55,9 +57,7 @@ from ..wire import (
     request_metadata,
     stream_parts,
 )
-from .discovery import SwarmTarget, SwarmView, choose_stats, router_mismatch, router_sources
-from .selection import Blacklist, Replica, update_ema
-from .trust import TrustConfig
+from diffswarm.utils.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -401,7 +401,7 @@ class SwarmClient:
             self.verified.pop(rep.peer_id, None)  # probed again once the ban is over
 
     def _load_trusted(self) -> None:
-        from ..experts.expert import Expert
+        from diffswarm.experts.expert import Expert
 
         for path in self.cfg.trusted_checkpoints:
             e = Expert.from_checkpoint(path, "cpu")  # raises CheckpointError on a hash mismatch
@@ -415,8 +415,8 @@ class SwarmClient:
             return self._local.get(sha256)
         if time.monotonic() < self._fetch_failed.get(sha256, float("-inf")):
             return None
-        from ..experts.checkpoint import CheckpointError
-        from ..experts.expert import Expert
+        from diffswarm.experts.checkpoint import CheckpointError
+        from diffswarm.experts.expert import Expert
 
         path = _cache_root(self.cfg) / "experts" / f"{sha256}.safetensors"
         sources = [r for r in replicas if r.checkpoint_sha256 == sha256]
@@ -582,8 +582,8 @@ class SwarmClient:
         auto: trained when the manifest names a router file, else stats.
         ``wait``: seconds to wait for the manifest and a router source (default ``cfg.connect_timeout``;
         0 = look once)."""
-        from ..experts.checkpoint import file_sha256
-        from ..router.model import Router
+        from diffswarm.experts.checkpoint import file_sha256
+        from diffswarm.router.model import Router
 
         deadline = time.monotonic() + (self.cfg.connect_timeout if wait is None else wait)
         manifest = self.find_manifest(wait)
@@ -617,7 +617,7 @@ class SwarmClient:
         """A ``StatsRouter`` from the cluster statistics the swarm's peers publish, waiting until ``deadline``
         (monotonic; default now + ``cfg.connect_timeout``) for every cluster of ``manifest`` to have a blob
         that parses within bounds and fits the manifest (cluster, partition, image shape, classes, dataset)."""
-        from ..router.stats import ClusterStats, StatsFormatError, StatsRouter
+        from diffswarm.router.stats import ClusterStats, StatsFormatError, StatsRouter
 
         deadline = time.monotonic() + self.cfg.connect_timeout if deadline is None else deadline
         bad: set[str] = set()

@@ -12,9 +12,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ..dht.records import ClusterStatsRecord, ExpertRecord, RouterProvider, SwarmManifest
-from ..wire import PROTOCOL_VERSION
-from .selection import Replica
+from diffswarm.client.selection import Replica
+from diffswarm.dht.records import ClusterStatsRecord, ExpertRecord, RouterProvider, SwarmManifest
+from diffswarm.protocol.wire import PROTOCOL_VERSION
 
 
 @dataclass(frozen=True)

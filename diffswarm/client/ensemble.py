@@ -25,13 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..router.routing import NoExpertsError, RoutingConfig, choose_experts
-from ..router.sampler import RoutedEnsemble, StepRollback
-from ..wire import classify_error
-from .client import ClientConfig, PeerCallError, SwarmClient
-from .discovery import SwarmTarget
-from .selection import Replica, pick_replica
-from .trust import (
+from diffswarm.client.answer_checks import (
     CAUGHT_LYING,
     DISPUTED,
     INVALID_ANSWER,
@@ -44,6 +38,12 @@ from .trust import (
     should_verify,
     tolerance,
 )
+from diffswarm.client.client import ClientConfig, PeerCallError, SwarmClient
+from diffswarm.client.discovery import SwarmTarget
+from diffswarm.client.selection import Replica, pick_replica
+from diffswarm.protocol.wire import classify_error
+from diffswarm.router.routing import NoExpertsError, RoutingConfig, choose_experts
+from diffswarm.router.sampler import RoutedEnsemble, StepRollback, mix
 
 
 class RemoteSlot:
@@ -103,7 +103,7 @@ class SwarmEnsemble(RoutedEnsemble):
                 log=None) -> SwarmEnsemble:
         """Join the swarm as a client, fetch and verify its router (or load ``router_path``), and wait
         up to ``config.connect_timeout`` for every cluster to have a verified peer."""
-        from ..router.model import Router
+        from diffswarm.router.model import Router
 
         client = SwarmClient(list(initial_peers), config)
         try:
@@ -530,16 +530,7 @@ class SwarmEnsemble(RoutedEnsemble):
                 if probs is None or not avail.any():
                     raise NoExpertsError("no expert left for this step")
                 weights = choose_experts(probs, avail, self.routing, t_now, self.gumbel)
-        # mix in the local ensemble's order (k = 0..K-1) so swarm == local up to float tolerance
-        v = torch.zeros_like(x)
-        for k in range(kk):
-            rows = (weights[:, k] > 0).nonzero(as_tuple=True)[0]
-            if rows.numel() == 0:
-                continue
-            w = weights[rows, k].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-            v.index_add_(0, rows, w * vk_full[k][rows])
-            self.calls[k] += rows.numel()
-        return v, weights, events
+        return mix(x, weights, lambda k, rows: vk_full[k][rows], self.calls), weights, events
 
 
 class LocalSource:

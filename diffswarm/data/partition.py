@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from diffswarm.data.datasets import ImageDataset
-from diffswarm.fileio import atomic_write
+from diffswarm.utils.fileio import atomic_write
 
 PARTITION_FORMAT = "diffswarm.partition/1"
 MAX_FIT_EXAMPLES = 20_000  # PCA and k-means see at most this many examples; all are assigned

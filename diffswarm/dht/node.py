@@ -33,7 +33,7 @@ from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
-from .records import (
+from diffswarm.dht.records import (
     ClusterStatsRecord,
     ExpertRecord,
     RouterProvider,

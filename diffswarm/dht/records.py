@@ -34,7 +34,7 @@ unknown fields, ``from_dict``); a change of meaning gets new DHT keys. Version 2
 them. Version 3 replaced the unsigned per-peer ``SwarmRecord`` (key ``{swarm}_swarm``) by the signed
 ``SwarmManifest`` and the ``RouterProvider`` entries, under the new keys above; ``ExpertRecord`` keeps
 its layout (version 3 only adds the bounds). ``protocol`` is the RPC protocol version
-(``diffswarm.wire``); clients skip peers speaking another major protocol.
+(``diffswarm.protocol.wire``); clients skip peers speaking another major protocol.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from pydantic.v1 import StrictFloat, StrictInt, conbytes, conlist, constr
 
-from ..wire import OBJECTIVES
+from diffswarm.experts.config import OBJECTIVES
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffswarm.data.datasets import ImageDataset
-from diffswarm.fileio import atomic_write
+from diffswarm.utils.fileio import atomic_write
 
 FEATURE_DIM = 128
 POOL = 7  # adaptive pooling grid; identity for 28x28 inputs

@@ -48,9 +48,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..router.model import RouterConfig
-from ..router.routing import RoutingConfig
-from ..router.sampler import RoutedEnsemble, sample
+from diffswarm.router.model import RouterConfig
+from diffswarm.router.routing import RoutingConfig
+from diffswarm.router.sampler import RoutedEnsemble, sample
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -309,7 +309,7 @@ def fit_stats_router(points: torch.Tensor, clusters: torch.Tensor, num_clusters:
     """The statistics router of ``router/stats.py`` from samples, one Gaussian per cluster, each
     cluster's statistics from its own points only. points: (N, 2); clusters: (N,). Exact options
     (no regularising floor: in 2-D the Gaussian model has nothing to over-trust)."""
-    from ..router.stats import DCTBasis, StatsRouter, StatsRouterOptions, partition_cluster_stats
+    from diffswarm.router.stats import DCTBasis, StatsRouter, StatsRouterOptions, partition_cluster_stats
 
     basis = DCTBasis((2, 1, 1), 2)
     imgs = points.float().reshape(-1, 2, 1, 1)

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from diffswarm.eval.metrics import summarize
-from diffswarm.fileio import atomic_write
+from diffswarm.utils.fileio import atomic_write
 
 NOISE_RULE = ("a difference counts only when the mean paired difference over the runs (same training seed, "
               "same sampling seed, so the same pool and the same noise) exceeds two standard errors with at least "

@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..fileio import atomic_write
+from diffswarm.utils.fileio import atomic_write
 
 EXPERT_FORMAT = "diffswarm.expert/1"
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from ..wire import OBJECTIVES
-from .networks import NetConfig
-from .schedules import ScheduleConfig
+from diffswarm.experts.networks import NetConfig
+from diffswarm.experts.schedules import ScheduleConfig
+
+OBJECTIVES = ("ddpm", "fm")  # training objectives: epsilon prediction (DDPM) or velocity prediction (flow matching)
 
 LOSS_WEIGHTINGS = ("none", "min_snr", "flow")
 DDPM_TIMES = ("uniform", "logit_normal")

@@ -19,11 +19,11 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .checkpoint import load_expert_file
-from .config import ExpertConfig
-from .networks import build_network
-from .schedules import FM_TIME_SCALE, VPSchedule, bcast
-from .translator import eps_to_velocity, flow_to_vp_scale
+from diffswarm.experts.checkpoint import load_expert_file
+from diffswarm.experts.config import ExpertConfig
+from diffswarm.experts.networks import build_network
+from diffswarm.experts.schedules import FM_TIME_SCALE, VPSchedule, bcast
+from diffswarm.experts.translator import eps_to_velocity, flow_to_vp_scale
 
 
 class VelocityModel(Protocol):

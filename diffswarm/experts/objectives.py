@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .expert import Expert, null_labels
-from .schedules import FM_TIME_SCALE, flow_point
+from diffswarm.experts.expert import Expert, null_labels
+from diffswarm.experts.schedules import FM_TIME_SCALE, flow_point
 
 FLOW_WEIGHT_CAP = 100.0  # the "flow" weighting 1 / (1 - t)^2 stops growing at t = 0.9
 

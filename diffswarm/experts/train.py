@@ -50,11 +50,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..fileio import FolderBusyError, folder_lock, remove_stale_temps
-from .checkpoint import CheckpointError, load_expert_file, load_state, read_meta, save_expert, save_state
-from .config import ExpertConfig
-from .expert import Expert
-from .objectives import expert_loss
+from diffswarm.experts.checkpoint import (
+    CheckpointError,
+    load_expert_file,
+    load_state,
+    read_meta,
+    save_expert,
+    save_state,
+)
+from diffswarm.experts.config import ExpertConfig
+from diffswarm.experts.expert import Expert
+from diffswarm.experts.objectives import expert_loss
+from diffswarm.utils.fileio import FolderBusyError, folder_lock, remove_stale_temps
 
 STATE_FORMAT = "diffswarm.train-state/2"  # /2: state_sha256 recorded and checked
 STATE_FILE, EXPERT_FILE, LOG_FILE = "state.safetensors", "expert.safetensors", "train_log.jsonl"

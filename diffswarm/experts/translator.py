@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .schedules import bcast
+from diffswarm.experts.schedules import bcast
 
 T_SWITCH = 0.5
 DENOM_FLOOR = 1e-4

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..wire import MAX_REQUEST_ROWS, PeerBusy, VelocityRequest
+from diffswarm.protocol.wire import MAX_REQUEST_ROWS, PeerBusy, VelocityRequest
 
 logger = logging.getLogger(__name__)
 MAX_CLIENTS_SEEN = 1024  # clients remembered for the wait policy (the most recent are kept)

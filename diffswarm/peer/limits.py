@@ -2,7 +2,7 @@
 
 Pure (no I/O; times are passed in), used by ``server.ExpertServicer``. Every limit is a field of
 ``PeerLimits`` with its default and why; docs/protocol.md (Limits) lists them with the wire-level bounds
-of ``diffswarm.wire``. A caller is a libp2p peer id. New ids are free, so per-caller limits stop one
+of ``diffswarm.protocol.wire``. A caller is a libp2p peer id. New ids are free, so per-caller limits stop one
 careless or greedy client, not a Sybil crowd; the peer-wide limits (queue rows, memory budget, open
 streams) are what bound the peer whatever the number of callers.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..wire import MAX_REQUEST_ROWS, PeerBusy
+from diffswarm.protocol.wire import MAX_REQUEST_ROWS, PeerBusy
 
 BUSY_RETRY_S = 0.5  # retry_after of busy answers whose end cannot be predicted (memory, streams)
 

@@ -39,10 +39,18 @@ from hivemind.p2p import P2P, P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils.timed_storage import get_dht_time
 
-from .. import __version__
-from ..clusters import TrainJob
-from ..dht.node import Identity, NetworkConfig, SwarmDHT, load_or_create_key, open_identity
-from ..dht.records import (
+from diffswarm import __version__
+from diffswarm.dht.names import (
+    DEFAULT_SWARM_NAME,
+    SwarmName,
+    choose_manifest,
+    is_full_name,
+    parse_swarm_name,
+    sign_manifest,
+    swarm_name_of,
+)
+from diffswarm.dht.node import Identity, NetworkConfig, SwarmDHT, load_or_create_key, open_identity
+from diffswarm.dht.records import (
     MAX_ADDRS,
     MAX_RECORD_AGE,
     MAX_ROUTER_BYTES,
@@ -52,17 +60,19 @@ from ..dht.records import (
     RouterProvider,
     SwarmManifest,
 )
-from ..dht.trust import (
-    DEFAULT_SWARM_NAME,
-    SwarmName,
-    choose_manifest,
-    is_full_name,
-    parse_swarm_name,
-    sign_manifest,
-    swarm_name_of,
+from diffswarm.experts.expert import Expert
+from diffswarm.peer.batching import Batcher, BatchPolicy
+from diffswarm.peer.limits import ByteBudget, Lease, PeerLimits, RateLimiter, StreamSlots
+from diffswarm.peer.streams import (
+    IdleStream,
+    StreamClosed,
+    StuckReader,
+    linger,
+    read_messages,
+    write_error,
+    write_message,
 )
-from ..experts.expert import Expert
-from ..wire import (
+from diffswarm.protocol.wire import (
     MAX_CHECKPOINT_BYTES,
     MAX_SESSION_MESSAGE_BYTES,
     MAX_SMALL_MESSAGE_BYTES,
@@ -84,17 +94,7 @@ from ..wire import (
     session_request_id,
     stream_parts,
 )
-from .batching import Batcher, BatchPolicy
-from .limits import ByteBudget, Lease, PeerLimits, RateLimiter, StreamSlots
-from .streams import (
-    IdleStream,
-    StreamClosed,
-    StuckReader,
-    linger,
-    read_messages,
-    write_error,
-    write_message,
-)
+from diffswarm.training.jobs import TrainJob
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class ServedExpert:
     def load_stats(self) -> str | None:
         """Read ``cluster_stats.bin`` beside the checkpoint, if there is one, for publishing; returns why it is
         not published (None: published, or no file)."""
-        from ..router.stats import StatsFormatError, read_cluster_stats, stats_path
+        from diffswarm.router.stats import StatsFormatError, read_cluster_stats, stats_path
 
         cfg = self.expert.config
         if self.path is None or cfg.cluster is None or not stats_path(self.path).exists():
@@ -179,7 +179,7 @@ class RouterBlob:
     """The router file as served bytes, with the facts the swarm's manifest names."""
 
     def __init__(self, path: str | os.PathLike):
-        from ..router.model import Router
+        from diffswarm.router.model import Router
 
         self.path = Path(path)
         size = self.path.stat().st_size
@@ -217,7 +217,7 @@ class _RawRequest:
 
 
 class ExpertServicer(ServicerBase):
-    """RPC handlers (see ``diffswarm.wire`` for the message layout); registered under ``wire.handle_name``.
+    """RPC handlers (see ``diffswarm.protocol.wire`` for the message layout); registered under ``wire.handle_name``.
 
     Nothing a caller sends is trusted: unary requests are capped by p2pd (4 MiB), stream messages by this
     servicer's own framing (``streams``), whole requests by the expert's spec, and what all requests hold
@@ -801,7 +801,7 @@ class Peer:
 
     async def train(self) -> str | None:
         """Train the expert (announcing ``joining``); returns the checkpoint path, None if stopped."""
-        from ..clusters import run_train_job
+        from diffswarm.training.jobs import run_train_job
 
         job = self.cfg.train
         prepared = job.load_data()
@@ -834,7 +834,7 @@ class Peer:
     # -- serving -------------------------------------------------------------------------------
 
     def load_expert(self, path: str) -> ServedExpert:
-        from ..experts.train import pick_device
+        from diffswarm.experts.train import pick_device
 
         expert = Expert.from_checkpoint(path, pick_device(self.cfg.device))
         served = ServedExpert(expert, BatchPolicy(max_rows=self.cfg.max_batch,

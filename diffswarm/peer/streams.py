@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from hivemind.p2p import P2P
 from hivemind.proto.p2pd_pb2 import RPCError
 
-from ..wire import MAX_SMALL_MESSAGE_BYTES, RequestError
+from diffswarm.protocol.wire import MAX_SMALL_MESSAGE_BYTES, RequestError
 
 ERROR_WRITE_TIMEOUT = 2.0  # seconds an error answer may take to leave before the stream is closed anyway
 LINGER_S = 2.0  # seconds a closing stream keeps discarding the caller's input (see ``close_stream``)

@@ -8,10 +8,10 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..experts.expert import Expert
-from .model import Router
-from .routing import RoutingConfig
-from .sampler import RoutedEnsemble, SamplingConfig, StepCallback, StepInfo, sample
+from diffswarm.experts.expert import Expert
+from diffswarm.router.model import Router
+from diffswarm.router.routing import RoutingConfig
+from diffswarm.router.sampler import RoutedEnsemble, SamplingConfig, StepCallback, StepInfo, sample
 
 
 def order_by_cluster(experts: Sequence[Expert], num_clusters: int, partition_hash: str | None) -> list[Expert]:
@@ -35,7 +35,7 @@ def order_by_cluster(experts: Sequence[Expert], num_clusters: int, partition_has
 
 def local_stats_router(expert_paths: Sequence[str | Path], device="cpu"):
     """A ``StatsRouter`` from the ``cluster_stats.bin`` beside each expert checkpoint (one per cluster)."""
-    from .stats import StatsRouter, read_cluster_stats, stats_path
+    from diffswarm.router.stats import StatsRouter, read_cluster_stats, stats_path
 
     stats = []
     for p in expert_paths:

@@ -16,10 +16,10 @@ import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
-from ..experts.checkpoint import load_expert_file, save_expert
-from ..experts.expert import null_labels
-from ..experts.networks import AdaBlock
-from ..experts.schedules import FM_TIME_SCALE
+from diffswarm.experts.checkpoint import load_expert_file, save_expert
+from diffswarm.experts.expert import null_labels
+from diffswarm.experts.networks import AdaBlock
+from diffswarm.experts.schedules import FM_TIME_SCALE
 
 ROUTER_FORMAT = "diffswarm.router/1"
 

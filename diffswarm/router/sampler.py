@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..experts.expert import VelocityModel
-from .routing import NoExpertsError, RoutingConfig, choose_experts, sample_gumbel
+from diffswarm.experts.expert import VelocityModel
+from diffswarm.router.routing import NoExpertsError, RoutingConfig, choose_experts, sample_gumbel
 
 
 @dataclass
@@ -133,16 +133,29 @@ class RoutedEnsemble:
 
     def evaluate(self, x, t, labels, guidance, weights, probs):
         """Call each chosen expert on the rows that chose it and mix. Returns (v, weights, events)."""
-        v = torch.zeros_like(x)
-        for k, expert in enumerate(self.experts):
-            rows = (weights[:, k] > 0).nonzero(as_tuple=True)[0]
-            if rows.numel() == 0:
-                continue
-            vk = expert.velocity(x[rows], t[rows], labels[rows], guidance)  # (b, C, H, W)
-            w = weights[rows, k].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-            v.index_add_(0, rows, w * vk)
-            self.calls[k] += rows.numel()
-        return v, weights, []
+        def answer(k: int, rows: torch.Tensor) -> torch.Tensor:
+            return self.experts[k].velocity(x[rows], t[rows], labels[rows], guidance)  # (b, C, H, W)
+
+        return mix(x, weights, answer, self.calls), weights, []
+
+
+def mix(x: torch.Tensor, weights: torch.Tensor, answer: Callable[[int, torch.Tensor], torch.Tensor],
+        calls: torch.Tensor) -> torch.Tensor:
+    """u = sum_k w_k v_k, each expert on only the rows that chose it, in expert order k = 0..K-1 (so that a
+    swarm mixes exactly as local sampling does, up to float tolerance).
+
+    ``answer(k, rows)`` gives expert k's velocities (b, C, H, W) on those rows of ``x`` (B, C, H, W);
+    ``weights`` is (B, K); ``calls[k]`` counts the rows expert k was evaluated on.
+    """
+    v = torch.zeros_like(x)
+    for k in range(weights.shape[1]):
+        rows = (weights[:, k] > 0).nonzero(as_tuple=True)[0]
+        if rows.numel() == 0:
+            continue
+        w = weights[rows, k].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))  # (b, 1, 1, 1)
+        v.index_add_(0, rows, w * answer(k, rows))
+        calls[k] += rows.numel()
+    return v
 
 
 def time_grid(steps: int, device=None, dtype=torch.float32) -> torch.Tensor:

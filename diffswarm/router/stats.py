@@ -91,8 +91,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..fileio import atomic_write
-from .model import RouterConfig
+from diffswarm.router.model import RouterConfig
+from diffswarm.utils.fileio import atomic_write
 
 STATS_FORMAT = "diffswarm.cluster_stats"
 STATS_VERSION = 1

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..experts.objectives import drop_labels
-from ..experts.schedules import flow_point
-from ..experts.train import pick_device
-from .model import Router, RouterConfig
+from diffswarm.experts.objectives import drop_labels
+from diffswarm.experts.schedules import flow_point
+from diffswarm.experts.train import pick_device
+from diffswarm.router.model import Router, RouterConfig
 
 EVAL_TIMES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 

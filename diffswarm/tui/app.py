@@ -18,7 +18,7 @@ from textual.message import Message
 from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, TabbedContent, TabPane
 from textual.worker import get_current_worker
 
-from .model import (
+from diffswarm.tui.model import (
     ExpertRow,
     GenRequest,
     HistoryEntry,
@@ -31,8 +31,8 @@ from .model import (
     summarize,
     swarm_rows,
 )
-from .source import Snapshot
-from .widgets import (
+from diffswarm.tui.source import Snapshot
+from diffswarm.tui.widgets import (
     ExpertDetail,
     GeneratePanel,
     HelpScreen,
@@ -255,7 +255,7 @@ class DashboardApp(App):
 
     @work(thread=True, exclusive=True, group="generate")
     def generate(self, req: GenRequest) -> None:
-        from ..images import save_grid
+        from diffswarm.utils.images import save_grid
 
         worker = get_current_worker()
 
@@ -371,8 +371,8 @@ def make_app(initial_peers=None, source=None, out_dir: str | Path | None = None,
     if source is None:
         from dataclasses import replace
 
-        from ..client.client import ClientConfig
-        from .source import LiveSource
+        from diffswarm.client.client import ClientConfig
+        from diffswarm.tui.source import LiveSource
 
         if not initial_peers:
             raise ValueError("the dashboard needs the swarm's --initial-peers (or a local swarm from `swarm up`)")

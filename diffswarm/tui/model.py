@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 import torch
 from rich.text import Text
 
-from ..router.sampler import SAMPLERS, SamplingConfig  # the dashboard shares the CLI's sampling defaults
+from diffswarm.router.sampler import SAMPLERS, SamplingConfig  # the dashboard shares the CLI's sampling defaults
 
 UPPER_HALF = "\u2580"
 BARS = " \u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"
@@ -227,7 +227,7 @@ class GenRequest:
         return SamplingConfig(steps=self.steps, sampler=self.sampler, guidance=self.guidance, seed=self.seed)
 
     def routing(self, num_experts: int):
-        from ..router.routing import RoutingConfig
+        from diffswarm.router.routing import RoutingConfig
 
         return RoutingConfig(self.strategy, min(self.k, num_experts))
 
@@ -241,7 +241,7 @@ class GenRequest:
 def parse_request(classes: str, n: str, steps: str, k: str, guidance: str, seed: str, strategy: str = "top-k",
                   sampler: str = SamplingConfig.sampler, num_classes: int | None = None) -> GenRequest:
     """The generate panel's fields -> a request; ValueError with a readable message on bad input."""
-    from ..router.routing import STRATEGIES
+    from diffswarm.router.routing import STRATEGIES
 
     try:
         cls = tuple(int(c) for c in classes.replace(",", " ").split())
@@ -263,7 +263,7 @@ def parse_request(classes: str, n: str, steps: str, k: str, guidance: str, seed:
 def class_hint(dataset_id: str, num_classes: int) -> str:
     """The generate panel's reminder of what the class ids mean: names for the built-in datasets
     (``fashion:28`` -> ``0 T-shirt/top  1 Trouser ...``), else the id range."""
-    from ..data.datasets import FASHION_CLASSES
+    from diffswarm.data.datasets import FASHION_CLASSES
 
     if num_classes <= 0:
         return "the swarm's experts take no class: leave class blank"

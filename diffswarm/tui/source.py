@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import GenRequest, labels_for
+from diffswarm.tui.model import GenRequest, labels_for
 
 
 @dataclass
@@ -56,7 +56,7 @@ class LiveSource:
     def _client(self):
         with self._lock:
             if self.client is None:
-                from ..client.client import SwarmClient
+                from diffswarm.client.client import SwarmClient
 
                 if self.closed:
                     raise RuntimeError("the dashboard is closing")
@@ -69,8 +69,8 @@ class LiveSource:
         client = self._client()
         with self._lock:
             if self.ens is None:
-                from ..client.ensemble import SwarmEnsemble
-                from ..router.routing import RoutingConfig
+                from diffswarm.client.ensemble import SwarmEnsemble
+                from diffswarm.router.routing import RoutingConfig
 
                 router, rec = client.fetch_router(self.device, wait=wait)
                 self.ens = SwarmEnsemble(client, router, RoutingConfig(), swarm_record=rec)
@@ -97,7 +97,7 @@ class LiveSource:
                         dataset)
 
     def generate(self, req: GenRequest, callback: Callable | None = None) -> torch.Tensor:
-        from ..router.local import generate
+        from diffswarm.router.local import generate
 
         ens = self._ensemble()
         ens.update_expert_ids()  # names from the records the background refresh keeps fresh (no lookup here)
@@ -180,8 +180,8 @@ class FakeSource:
                         dict(self.health), dataset_id=self.dataset_id)
 
     def generate(self, req: GenRequest, callback: Callable | None = None) -> torch.Tensor:
-        from ..router.local import generate
-        from ..router.sampler import RoutedEnsemble
+        from diffswarm.router.local import generate
+        from diffswarm.router.sampler import RoutedEnsemble
 
         if self.fail == "generate":
             raise RuntimeError("no expert can serve this step")

@@ -12,8 +12,8 @@ from textual.reactive import reactive
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Input, Label, ProgressBar, RichLog, Select, Sparkline, Static
 
-from ..router.routing import RoutingConfig
-from .model import (
+from diffswarm.router.routing import RoutingConfig
+from diffswarm.tui.model import (
     COLUMNS,
     HEALTH_COLUMN,
     HISTORY_COLUMNS,

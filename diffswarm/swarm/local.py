@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .clusters import TrainJob
+from diffswarm.training.jobs import TrainJob
 
 STATE_FILE = "swarm.json"
 OWNER_KEY_FILE = "owner.key"
@@ -57,7 +57,7 @@ class PeerSpec:
     train: TrainJob | None = None
     extra_args: list[str] = field(default_factory=list)  # more `diffswarm peer` options
     program: list[str] = field(default_factory=lambda: ["diffswarm", "peer"])  # `python -m` module and its
-    #   leading arguments: e.g. ["diffswarm.hostile", "--mode", "nan", "--"] for a lying peer (tests)
+    #   leading arguments: e.g. ["diffswarm.testing.hostile", "--mode", "nan", "--"] for a lying peer (tests)
 
 
 def _alive(pid: int) -> bool:
@@ -132,7 +132,7 @@ class LocalSwarm:
     @classmethod
     def find(cls, run_dir: str | Path) -> LocalSwarm:
         """``load`` for a client with no --initial-peers: ValueError telling the user what to do."""
-        from .dht.trust import is_full_name
+        from diffswarm.dht.names import is_full_name
 
         try:
             sw = cls.load(run_dir)
@@ -190,9 +190,9 @@ class LocalSwarm:
 
     def client(self, routing=None, seed: int = 0, config=None, **kw):
         """A ``SwarmEnsemble`` connected to this swarm (loopback network settings)."""
-        from .client.client import ClientConfig
-        from .client.ensemble import SwarmEnsemble
-        from .dht.node import NetworkConfig
+        from diffswarm.client.client import ClientConfig
+        from diffswarm.client.ensemble import SwarmEnsemble
+        from diffswarm.dht.node import NetworkConfig
 
         config = config or ClientConfig(swarm=self.swarm, net=NetworkConfig.loopback(client_mode=True))
         return SwarmEnsemble.connect(self.initial_peers, routing, seed=seed, config=config, **kw)
@@ -288,8 +288,8 @@ def _wait_online(procs: list[tuple[PeerProc, subprocess.Popen]], deadline: float
 def owned_swarm_name(swarm: str, owner_key: str | Path) -> str:
     """The full name ``NAME@FINGERPRINT`` of swarm ``swarm`` (a NAME, or a full name that must match) owned
     by the key file ``owner_key`` (created if missing)."""
-    from .dht.node import load_or_create_key
-    from .dht.trust import is_full_name, parse_swarm_name, swarm_name_of
+    from diffswarm.dht.names import is_full_name, parse_swarm_name, swarm_name_of
+    from diffswarm.dht.node import load_or_create_key
 
     key, _ = load_or_create_key(owner_key)
     if is_full_name(swarm):
@@ -356,8 +356,8 @@ def _confirm_in_dht(sw: LocalSwarm, peer_ids: list[str], deadline: float, manife
     can be read from the DHT by a fresh client."""
     import asyncio
 
-    from .dht.node import NetworkConfig, SwarmDHT
-    from .dht.trust import choose_manifest, parse_swarm_name
+    from diffswarm.dht.names import choose_manifest, parse_swarm_name
+    from diffswarm.dht.node import NetworkConfig, SwarmDHT
 
     name = parse_swarm_name(sw.swarm)
 

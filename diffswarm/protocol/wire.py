@@ -62,7 +62,6 @@ from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 PROTOCOL_VERSION = 1  # RPC protocol; clients skip peers that speak another one
 NAMESPACE = "diffswarm"  # handle-name prefix of every RPC
 SERVICER = "ExpertServicer"  # the servicer class name in handle names (hivemind's ServicerBase convention)
-OBJECTIVES = ("ddpm", "fm")  # training objectives an expert may announce
 RPCS = ("rpc_velocity", "rpc_velocity_session", "rpc_velocity_stream", "rpc_info", "rpc_router", "rpc_checkpoint")
 MAX_CHECKPOINT_BYTES = 256 << 20  # the largest expert file a peer serves and a client downloads over rpc_checkpoint
 

@@ -34,11 +34,11 @@ class ToySwarmSpec:
 
 def make_toy_swarm(out_dir: str | Path, spec: ToySwarmSpec) -> tuple[list[Path], Path]:
     """Write the experts and router of ``spec`` under ``out_dir``; returns (expert paths, router path)."""
-    from .experts.config import ExpertConfig
-    from .experts.networks import NetConfig, default_patch
-    from .experts.train import TrainConfig, train_expert
-    from .router.model import Router, RouterConfig
-    from .router.stats import STATS_FILE, write_cluster_stats
+    from diffswarm.experts.config import ExpertConfig
+    from diffswarm.experts.networks import NetConfig, default_patch
+    from diffswarm.experts.train import TrainConfig, train_expert
+    from diffswarm.router.model import Router, RouterConfig
+    from diffswarm.router.stats import STATS_FILE, write_cluster_stats
 
     out = Path(out_dir)
     k = len(spec.objectives)

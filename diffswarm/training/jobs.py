@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from .data import ImageDataset, Partition, load_dataset
-from .experts.config import OBJECTIVES, ExpertConfig
-from .experts.networks import NETWORKS, NetConfig, default_patch
-from .experts.schedules import ScheduleConfig
-from .experts.train import TrainConfig
-from .fileio import atomic_write
-from .router.stats import STATS_FILE, write_cluster_stats
-from .router.train import RouterTrainConfig
+from diffswarm.data import ImageDataset, Partition, load_dataset
+from diffswarm.experts.config import OBJECTIVES, ExpertConfig
+from diffswarm.experts.networks import NETWORKS, NetConfig, default_patch
+from diffswarm.experts.schedules import ScheduleConfig
+from diffswarm.experts.train import TrainConfig
+from diffswarm.router.stats import STATS_FILE, write_cluster_stats
+from diffswarm.router.train import RouterTrainConfig
+from diffswarm.utils.fileio import atomic_write
 
 JOB_FILE = "job.json"
 def dataset_for_partition(part: Partition, split: str = "train") -> ImageDataset:
@@ -107,7 +107,7 @@ def run_train_job(job: TrainJob, *, progress: bool = True, position: int = 0, on
                   prepared: tuple[ExpertConfig, torch.Tensor, torch.Tensor] | None = None) -> dict:
     """Train ``job`` (writing ``OUT/job.json`` first); returns the checkpoint's summary.
     ``prepared``: the (config, images, labels) of ``job.load_data()`` when the caller has them already."""
-    from .experts.train import train_expert
+    from diffswarm.experts.train import train_expert
 
     cfg, images, labels = prepared or job.load_data()
     job.save(Path(job.out) / JOB_FILE)
@@ -129,8 +129,8 @@ class RouterJob:
 
 def run_router_job(job: RouterJob, *, progress: bool = True, evaluate: bool = True):
     """Train the router of ``job`` (with its accuracy against t on the test split when ``evaluate``); returns it."""
-    from .router.model import RouterConfig
-    from .router.train import train_router
+    from diffswarm.router.model import RouterConfig
+    from diffswarm.router.train import train_router
 
     part = Partition.load(job.partition)
     ds = dataset_for_partition(part)

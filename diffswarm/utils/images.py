@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .fileio import atomic_write
+from diffswarm.utils.fileio import atomic_write
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -3,7 +3,7 @@
 It is a normal ``diffswarm peer`` (same options, same records, the real checkpoint and its sha256) whose
 answers are corrupted after the honest forward pass:
 
-    python -m diffswarm.hostile --mode scale:1.5 [--after N] [--mode-file FILE] -- <diffswarm peer options>
+    python -m diffswarm.testing.hostile --mode scale:1.5 [--after N] [--mode-file FILE] -- <diffswarm peer options>
 
 Modes: ``honest``, ``nan``, ``inf``, ``huge`` (x 1e6), ``scale:S``, ``negate``, ``zero``, ``random`` (random
 directions with the honest norm per row), ``noise:SIGMA`` (honest + N(0, SIGMA^2) relative noise),
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .peer.server import Peer
+from diffswarm.peer.server import Peer
 
 MODES = ("honest", "nan", "inf", "huge", "scale", "negate", "zero", "random", "noise", "row0", "other", "slow",
          "shape", "refuse")
@@ -42,7 +42,7 @@ class Corruptor:
         if name not in MODES:
             raise ValueError(f"unknown hostile mode {name!r}; modes: {MODES}")
         if name == "other" and (self.other is None or arg != self.arg):
-            from .experts.expert import Expert
+            from diffswarm.experts.expert import Expert
 
             self.other = Expert.from_checkpoint(arg, self.device)
         self.mode, self.arg = name, arg
@@ -91,7 +91,7 @@ class Corruptor:
         if m == "shape":
             return v[:-1]
         if m == "refuse":
-            from .wire import RequestError
+            from diffswarm.protocol.wire import RequestError
 
             raise RequestError("this peer refuses every request")
         raise AssertionError(m)
@@ -114,14 +114,14 @@ class HostilePeer(Peer):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="python -m diffswarm.hostile", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m diffswarm.testing.hostile", description=__doc__.split("\n\n")[0])
     ap.add_argument("--mode", default="honest", help=f"one of {MODES} (with :ARG where it takes one)")
     ap.add_argument("--after", type=int, default=0, help="honest forward passes before lying")
     ap.add_argument("--mode-file", default=None, help="read the mode from this file before every pass")
     own, rest = ap.parse_known_args(argv)
     rest = [a for a in rest if a != "--"]
-    from . import commands
-    from .cli import build_parser, given_options
+    from diffswarm import commands
+    from diffswarm.cli import build_parser, given_options
 
     parser = build_parser()
     args = parser.parse_args(["peer", *rest])

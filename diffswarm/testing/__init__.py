@@ -1,0 +1,1 @@
+"""Tools for tests, benchmarks and red-team runs: tiny real experts (toy), hostile peers (hostile); not for production."""

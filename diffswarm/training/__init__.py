@@ -1,0 +1,1 @@
+"""Training orchestration: what one volunteer trains (jobs)."""

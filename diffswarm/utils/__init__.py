@@ -1,0 +1,1 @@
+"""Utilities: atomic file writes (fileio) and image grids and sample files (images)."""
