@@ -33,6 +33,7 @@ from diffswarm.data.datasets import ImageDataset
 from diffswarm.data.partition import Partition
 from diffswarm.eval.classifier import Classifier
 from diffswarm.eval.fd import frechet_distance
+from diffswarm.eval.quality import real_and_sample_features
 
 BLOCK_ENTRIES = 4_000_000  # entries of one block of a distance matrix (float64: 32 MB)
 
@@ -346,16 +347,8 @@ def metric_report(
         if ((req < -1) | (req >= train_ds.num_classes)).any():
             raise ValueError(f"requested_labels must lie in [-1, {train_ds.num_classes - 1}]")
 
-    # 1. Real subsets, in quality_report's order.
-    rng = np.random.default_rng(seed)
-    train_idx = torch.from_numpy(rng.choice(len(train_ds), n, replace=False))
-    n_floor = min(n, len(test_ds))
-    test_idx = torch.from_numpy(rng.choice(len(test_ds), n_floor, replace=False))
-
-    # 2. Classifier features and predictions.
-    f_samples = classifier.features(samples).cpu().double().numpy()  # (N, 128)
-    f_train = classifier.features(train_ds.images[train_idx]).cpu().double().numpy()  # (N, 128)
-    f_test = classifier.features(test_ds.images[test_idx]).cpu().double().numpy()  # (n_floor, 128)
+    # 1-2. Real subsets (as quality_report draws them), classifier features and predictions.
+    f_samples, f_train, f_test, train_idx = real_and_sample_features(classifier, samples, train_ds, test_ds, seed)
     probs = classifier.logits(samples).cpu().double().softmax(1)  # (N, num_classes)
     pred = probs.argmax(1)  # (N,)
     group = pred if req is None else torch.where(req >= 0, req, pred)  # (N,) class for the diversity

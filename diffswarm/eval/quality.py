@@ -58,6 +58,24 @@ class QualityReport:
         return "\n".join(lines)
 
 
+def real_and_sample_features(classifier: Classifier, samples: torch.Tensor, train_ds: ImageDataset,
+                             test_ds: ImageDataset, seed: int):
+    """The classifier features every quality score compares: the N samples, N seeded real train images and
+    min(N, len(test)) seeded real test images (the floor's side). Returns (f_samples (N, F), f_train (N, F),
+    f_test (n_floor, F), train_idx (N,)) as float64 numpy arrays and the chosen train rows."""
+    n = samples.shape[0]
+    # 1. Real subsets: n from train; the floor uses min(n, len(test)) of each.
+    rng = np.random.default_rng(seed)
+    train_idx = torch.from_numpy(rng.choice(len(train_ds), n, replace=False))
+    n_floor = min(n, len(test_ds))
+    test_idx = torch.from_numpy(rng.choice(len(test_ds), n_floor, replace=False))
+    # 2. Classifier features.
+    f_samples = classifier.features(samples).cpu().double().numpy()  # (N, 128)
+    f_train = classifier.features(train_ds.images[train_idx]).cpu().double().numpy()  # (N, 128)
+    f_test = classifier.features(test_ds.images[test_idx]).cpu().double().numpy()  # (n_floor, 128)
+    return f_samples, f_train, f_test, train_idx
+
+
 def quality_report(
     samples: torch.Tensor,
     requested_labels: torch.Tensor | None,
@@ -96,16 +114,9 @@ def quality_report(
         raise ValueError("samples contain NaN or inf")
     samples = samples.detach().float()
 
-    # 1. Real subsets: n from train; the floor uses min(n, len(test)) of each.
-    rng = np.random.default_rng(seed)
-    train_idx = torch.from_numpy(rng.choice(len(train_ds), n, replace=False))
-    n_floor = min(n, len(test_ds))
-    test_idx = torch.from_numpy(rng.choice(len(test_ds), n_floor, replace=False))
-
-    # 2. Features and distances.
-    f_samples = classifier.features(samples).cpu().double().numpy()  # (N, 128)
-    f_train = classifier.features(train_ds.images[train_idx]).cpu().double().numpy()  # (N, 128)
-    f_test = classifier.features(test_ds.images[test_idx]).cpu().double().numpy()  # (n_floor, 128)
+    # 1-2. Real subsets and features; distances.
+    f_samples, f_train, f_test, _ = real_and_sample_features(classifier, samples, train_ds, test_ds, seed)
+    n_floor = len(f_test)
     fd = frechet_distance(f_samples, f_train)
     fd_floor = frechet_distance(f_train[:n_floor], f_test) if n_floor >= 2 else float("nan")
 
