@@ -9,7 +9,8 @@ import torch
 from diffswarm.client.client import ClientConfig, SwarmClientError
 from diffswarm.client.discovery import choose_stats
 from diffswarm.dht.node import NetworkConfig
-from diffswarm.dht.records import ClusterStatsRecord, RecordError, SwarmManifest
+from diffswarm.dht.records import ClusterStatsRecord, SwarmManifest
+from diffswarm.dht.schema import RecordError
 from diffswarm.router.local import generate, load_local_ensemble
 from diffswarm.router.routing import RoutingConfig
 from diffswarm.router.sampler import SamplingConfig

@@ -50,16 +50,8 @@ from diffswarm.dht.names import (
     swarm_name_of,
 )
 from diffswarm.dht.node import Identity, NetworkConfig, SwarmDHT, load_or_create_key, open_identity
-from diffswarm.dht.records import (
-    MAX_ADDRS,
-    MAX_RECORD_AGE,
-    MAX_ROUTER_BYTES,
-    RECORD_VERSION,
-    ClusterStatsRecord,
-    ExpertRecord,
-    RouterProvider,
-    SwarmManifest,
-)
+from diffswarm.dht.records import RECORD_VERSION, ClusterStatsRecord, ExpertRecord, RouterProvider, SwarmManifest
+from diffswarm.dht.schema import MAX_ADDRS, MAX_RECORD_AGE, MAX_ROUTER_BYTES
 from diffswarm.experts.expert import Expert
 from diffswarm.peer.batching import Batcher, BatchPolicy
 from diffswarm.peer.limits import ByteBudget, Lease, PeerLimits, RateLimiter, StreamSlots
