@@ -131,7 +131,8 @@ class ServedExpert:
     def load_stats(self) -> str | None:
         """Read ``cluster_stats.bin`` beside the checkpoint, if there is one, for publishing; returns why it is
         not published (None: published, or no file)."""
-        from diffswarm.router.stats import StatsFormatError, read_cluster_stats, stats_path
+        from diffswarm.router.stats.blob import StatsFormatError
+        from diffswarm.router.stats.publish import read_cluster_stats, stats_path
 
         cfg = self.expert.config
         if self.path is None or cfg.cluster is None or not stats_path(self.path).exists():
