@@ -164,8 +164,8 @@ def test_identity_files_load_through_the_pickle_path(tmp_path):
     """``load_identity`` builds hivemind's RSAPrivateKey via ``__setstate__`` (its unpickling path)."""
     from hivemind.p2p import P2P
 
+    from diffswarm.dht.entries import peer_id_of_public_key
     from diffswarm.dht.node import identity_peer_id, load_identity
-    from diffswarm.dht.records import peer_id_of_public_key
 
     path = tmp_path / "id.key"
     P2P.generate_identity(str(path))

@@ -198,7 +198,7 @@ def _partition():
     return Partition(
         dataset_id="toy", content_hash="0" * 64, k=2, seed=0, assignments=np.array([0, 1]),
         centroids=np.array([[0.5] * p, [-0.5] * p]), pca_mean=np.zeros(p), pca_components=np.eye(p),
-        pca_scale=np.ones(p), cluster_stats=[{}, {}], num_classes=0, image_shape=SHAPE, partition_hash="",
+        pca_scale=np.ones(p), cluster_summary=[{}, {}], num_classes=0, image_shape=SHAPE, partition_hash="",
     )
 
 

@@ -51,17 +51,10 @@ from peer_harness import (
     valid_request,
 )
 
+from diffswarm.dht.entries import parse_entries, parse_manifests, peer_id_of_public_key
 from diffswarm.dht.names import sign_manifest, swarm_name_of, verify_manifest
-from diffswarm.dht.records import (
-    RECORD_VERSION,
-    ExpertRecord,
-    RecordError,
-    RouterProvider,
-    SwarmManifest,
-    parse_entries,
-    parse_manifests,
-    peer_id_of_public_key,
-)
+from diffswarm.dht.records import RECORD_VERSION, ExpertRecord, RouterProvider, SwarmManifest
+from diffswarm.dht.schema import RecordError
 from diffswarm.peer.limits import PeerLimits
 from diffswarm.protocol.wire import (
     MAX_SESSION_MESSAGE_BYTES,

@@ -30,7 +30,7 @@ def test_partition_fields(digits, part):
     assert part.image_shape == (1, 8, 8) and part.num_classes == 10
     assert np.isclose(part.shares().sum(), 1.0) and (part.shares() > 0.02).all()
     assert sum(len(part.indices(c)) for c in range(4)) == len(digits)
-    for c, s in enumerate(part.cluster_stats):
+    for c, s in enumerate(part.cluster_summary):
         assert s["count"] == len(part.indices(c)) and sum(s["class_hist"]) == s["count"]
     with pytest.raises(ValueError):
         part.indices(4)
@@ -52,7 +52,7 @@ def test_save_load_round_trip(tmp_path, digits, part):
     assert loaded.partition_hash == part.partition_hash
     assert np.array_equal(loaded.assignments, part.assignments)
     assert np.array_equal(loaded.assign(digits.images), part.assign(digits.images))
-    assert loaded.cluster_stats == part.cluster_stats and loaded.image_shape == part.image_shape
+    assert loaded.cluster_summary == part.cluster_summary and loaded.image_shape == part.image_shape
     loaded.check_dataset(digits)
     with pytest.raises(ValueError, match="rebuild"):
         loaded.check_dataset(load_dataset("digits", "test"))

@@ -15,21 +15,18 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.timed_storage import get_dht_time
 
+from diffswarm.dht.entries import experts_key, make_validators, parse_entries, peer_id_of_public_key
 from diffswarm.dht.node import NetworkConfig, SwarmDHT, load_identity
 from diffswarm.dht.records import (
     RECORD_VERSION,
     ExpertRecord,
     ExpertRecordModel,
-    RecordError,
     RouterProvider,
     RouterProviderModel,
     SwarmManifest,
     SwarmManifestModel,
-    experts_key,
-    make_validators,
-    parse_entries,
-    peer_id_of_public_key,
 )
+from diffswarm.dht.schema import RecordError
 
 SHA = "ab" * 32
 SWARM = "diffswarm"  # the DHT key prefix of these nodes (a full NAME@FINGERPRINT in real swarms)

@@ -12,17 +12,10 @@ import torch
 from diffswarm.experts.schedules import flow_point
 from diffswarm.router.routing import RoutingConfig
 from diffswarm.router.sampler import RoutedEnsemble, sample
-from diffswarm.router.stats import (
-    MAX_STATS_BYTES,
-    ClusterStats,
-    DCTBasis,
-    StatsFormatError,
-    StatsRouter,
-    StatsRouterOptions,
-    cluster_stats,
-    frequency_order,
-    partition_cluster_stats,
-)
+from diffswarm.router.stats.basis import DCTBasis, frequency_order
+from diffswarm.router.stats.blob import MAX_STATS_BYTES, ClusterStats, StatsFormatError
+from diffswarm.router.stats.publish import cluster_stats, partition_cluster_stats
+from diffswarm.router.stats.router import StatsRouter, StatsRouterOptions
 
 EXACT = StatsRouterOptions(var_floor=1e-12, var_floor_rel=0.0, class_shrinkage=0.0)
 SHAPE = (1, 8, 8)

@@ -23,8 +23,8 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from diffswarm.client.answer_checks import TrustConfig
 from diffswarm.client.client import ClientConfig, SwarmClient
+from diffswarm.dht.entries import experts_key
 from diffswarm.dht.node import NetworkConfig, SwarmDHT
-from diffswarm.dht.records import experts_key
 from diffswarm.peer.server import NAMESPACE, ExpertServicer
 from diffswarm.protocol.wire import encode_request, request_metadata
 from diffswarm.router.local import generate, load_local_ensemble

@@ -33,6 +33,14 @@ from diffswarm.client.selection import (
     plausible_load,
     plausible_throughput,
 )
+from diffswarm.dht.entries import (
+    make_validators,
+    manifest_key,
+    parse_entries,
+    parse_manifests,
+    peer_id_of_public_key,
+    routers_key,
+)
 from diffswarm.dht.names import (
     FINGERPRINT_HEX,
     SwarmName,
@@ -46,22 +54,8 @@ from diffswarm.dht.names import (
     swarm_name_of,
     verify_manifest,
 )
-from diffswarm.dht.records import (
-    MAX_CLOCK_SKEW,
-    MAX_RECORD_AGE,
-    MAX_ROUTER_BYTES,
-    RECORD_VERSION,
-    ExpertRecord,
-    RecordError,
-    RouterProvider,
-    SwarmManifest,
-    make_validators,
-    manifest_key,
-    parse_entries,
-    parse_manifests,
-    peer_id_of_public_key,
-    routers_key,
-)
+from diffswarm.dht.records import RECORD_VERSION, ExpertRecord, RouterProvider, SwarmManifest
+from diffswarm.dht.schema import MAX_CLOCK_SKEW, MAX_RECORD_AGE, MAX_ROUTER_BYTES, RecordError
 
 SHA_A, SHA_B, WSHA = "aa" * 32, "bb" * 32, "cc" * 32
 

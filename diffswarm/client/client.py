@@ -617,7 +617,8 @@ class SwarmClient:
         """A ``StatsRouter`` from the cluster statistics the swarm's peers publish, waiting until ``deadline``
         (monotonic; default now + ``cfg.connect_timeout``) for every cluster of ``manifest`` to have a blob
         that parses within bounds and fits the manifest (cluster, partition, image shape, classes, dataset)."""
-        from diffswarm.router.stats import ClusterStats, StatsFormatError, StatsRouter
+        from diffswarm.router.stats.blob import ClusterStats, StatsFormatError
+        from diffswarm.router.stats.router import StatsRouter
 
         deadline = time.monotonic() + self.cfg.connect_timeout if deadline is None else deadline
         bad: set[str] = set()

@@ -18,7 +18,7 @@ Representation: whitened PCA of raw pixels, then k-means (Lloyd, k-means++ init)
   same assignments and the same ``partition_hash``. Fashion-MNIST (60,000 x 784), K=4 takes a few
   seconds on one core.
 
-Labels are never used to form clusters; ``cluster_stats[k]["class_hist"]`` records them only to
+Labels are never used to form clusters; ``cluster_summary[k]["class_hist"]`` records them only to
 report how semantic the clusters turned out.
 
 The partition is saved as one JSON manifest (``"format": "diffswarm.partition/1"``) holding the
@@ -81,7 +81,7 @@ class Partition:
     pca_mean: np.ndarray  # (P,) float64 mean flattened image, P = C*H*W
     pca_components: np.ndarray  # (D, P) float64 principal axes
     pca_scale: np.ndarray  # (D,) float64 sqrt of the explained variance (whitening)
-    cluster_stats: list[dict]  # per cluster: count, share, pixel_mean, pixel_std, class_hist
+    cluster_summary: list[dict]  # per cluster: count, share, pixel_mean, pixel_std, class_hist (JSON "cluster_stats")
     num_classes: int  # of the dataset (0 if unlabeled); class_hist has this length
     image_shape: tuple[int, int, int]  # (C, H, W)
     partition_hash: str  # see _partition_hash
@@ -114,7 +114,7 @@ class Partition:
     def describe(self, class_names: list[str] | None = None) -> str:
         """One line per cluster: size, share and its three most frequent classes."""
         lines, names = [], class_names or []
-        for k, st in enumerate(self.cluster_stats):
+        for k, st in enumerate(self.cluster_summary):
             hist = st.get("class_hist") or []
             top = sorted(range(len(hist)), key=lambda c: -hist[c])[:3]
             desc = ", ".join(f"{names[c] if c < len(names) else c} {hist[c] / max(1, st['count']):.0%}"
@@ -152,7 +152,7 @@ class Partition:
             "num_classes": int(self.num_classes),
             "image_shape": [int(s) for s in self.image_shape],
             "partition_hash": self.partition_hash,
-            "cluster_stats": self.cluster_stats,
+            "cluster_stats": self.cluster_summary,
             "assignments": self.assignments.astype(np.int64).tolist(),
             "centroids": self.centroids.tolist(),
             "pca_mean": self.pca_mean.tolist(),
@@ -189,7 +189,7 @@ class Partition:
                 pca_mean=np.asarray(d["pca_mean"], dtype=np.float64),
                 pca_components=np.asarray(d["pca_components"], dtype=np.float64),
                 pca_scale=np.asarray(d["pca_scale"], dtype=np.float64),
-                cluster_stats=list(d["cluster_stats"]),
+                cluster_summary=list(d["cluster_stats"]),
                 num_classes=num_classes,
                 image_shape=(c, h, w),
                 partition_hash=str(d["partition_hash"]),
@@ -212,8 +212,8 @@ class Partition:
             problems.append(f"pca_scale shape {part.pca_scale.shape} != ({n_comp},)")
         if part.centroids.shape != (k, n_comp):
             problems.append(f"centroids shape {part.centroids.shape} != ({k}, {n_comp})")
-        if len(part.cluster_stats) != k:
-            problems.append(f"{len(part.cluster_stats)} cluster_stats for K={k}")
+        if len(part.cluster_summary) != k:
+            problems.append(f"{len(part.cluster_summary)} cluster_stats for K={k}")
         if not problems:
             want = _partition_hash(part.dataset_id, part.content_hash, k, seed, part.assignments)
             if want != part.partition_hash:
@@ -269,7 +269,7 @@ def make_partition(ds: ImageDataset, k: int, seed: int = 0) -> Partition:
         pca_mean=pca.mean_.astype(np.float64),
         pca_components=pca.components_.astype(np.float64),
         pca_scale=scale.astype(np.float64),
-        cluster_stats=[],
+        cluster_summary=[],
         num_classes=int(ds.num_classes),
         image_shape=ds.shape,
         partition_hash="",
@@ -282,15 +282,15 @@ def make_partition(ds: ImageDataset, k: int, seed: int = 0) -> Partition:
     part.centroids = km.cluster_centers_.astype(np.float64)  # (K, D)
     part.assignments = part.assign(ds.images)  # (N,)
 
-    # 4. Per-cluster statistics (labels only for reporting).
+    # 4. Per-cluster summary (labels only for reporting).
     labels = ds.labels.numpy()
-    stats = []
+    summary = []
     for c in range(k):
         members = part.assignments == c
         count = int(members.sum())
         px = x[members]
         hist = np.bincount(labels[members], minlength=ds.num_classes).tolist() if ds.num_classes else []
-        stats.append(
+        summary.append(
             {
                 "count": count,
                 "share": count / n,
@@ -299,6 +299,6 @@ def make_partition(ds: ImageDataset, k: int, seed: int = 0) -> Partition:
                 "class_hist": [int(v) for v in hist],
             }
         )
-    part.cluster_stats = stats
+    part.cluster_summary = summary
     part.partition_hash = _partition_hash(part.dataset_id, part.content_hash, k, seed, part.assignments)
     return part

@@ -39,7 +39,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from diffswarm.dht.records import MAX_MANIFEST_BYTES, RecordError, SwarmManifest
+from diffswarm.dht.records import SwarmManifest
+from diffswarm.dht.schema import MAX_MANIFEST_BYTES, RecordError
 
 DEFAULT_SWARM_NAME = "diffswarm"  # NAME of a swarm founded without one
 FINGERPRINT_HEX = 32  # hex digits of sha256(owner public key DER) in a swarm's name (128 bits)

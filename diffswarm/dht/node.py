@@ -8,9 +8,9 @@ between the sampler and the network.
 
 Identity: the libp2p identity file is an RSA key (``P2P.generate_identity``); the same key signs
 the peer's DHT records (``RSASignatureValidator``), which is what lets readers check that a
-record's ``peer_id`` belongs to its signer (``records.parse_entries``). Without ``identity_path``
+record's ``peer_id`` belongs to its signer (``entries.parse_entries``). Without ``identity_path``
 an ephemeral identity is written to a temporary file and removed at shutdown. A swarm's owner key
-(``trust``) is a key file of the same format, read with ``load_identity``.
+(``names``) is a key file of the same format, read with ``load_identity``.
 
 The ``swarm`` of a node is the prefix of its DHT keys: a swarm's full name ``NAME@FINGERPRINT``, or
 None for a plain DHT node (it runs no schema validator, only signature checks).
@@ -33,11 +33,7 @@ from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
-from diffswarm.dht.records import (
-    ClusterStatsRecord,
-    ExpertRecord,
-    RouterProvider,
-    SwarmManifest,
+from diffswarm.dht.entries import (
     experts_key,
     make_validators,
     manifest_key,
@@ -46,6 +42,7 @@ from diffswarm.dht.records import (
     routers_key,
     stats_key,
 )
+from diffswarm.dht.records import ClusterStatsRecord, ExpertRecord, RouterProvider, SwarmManifest
 
 logger = logging.getLogger(__name__)
 _SOCKETS = "/tmp/hivemind-p2p*.sock"
@@ -279,7 +276,7 @@ class SwarmDHT:
         return parse_entries(await self._get_entries(stats_key(self.swarm)), ClusterStatsRecord, get_dht_time())
 
     async def get_manifests(self) -> tuple[list[SwarmManifest], list[str]]:
-        """Well-formed manifests announced by anyone; the owner's signature is checked by ``trust.choose_manifest``."""
+        """Well-formed manifests announced by anyone; the owner's signature is checked by ``names.choose_manifest``."""
         return parse_manifests(await self._get_entries(manifest_key(self.swarm)), get_dht_time())
 
     async def shutdown(self) -> None:

@@ -1,272 +1,64 @@
-"""What peers announce in the DHT: strict, versioned, forward-compatible, bounded records.
+"""What peers announce in the DHT: the record types, each declared once (strict, versioned, bounded).
 
-Three DHT keys per swarm; ``swarm`` is the swarm's full name ``NAME@FINGERPRINT`` (``trust``), so
-swarms of different owners never share keys. Each key is a dictionary whose subkeys are owned by the
-announcing peer (hivemind's ``RSASignatureValidator``):
+Each record is one frozen dataclass whose fields carry their wire types (:mod:`diffswarm.dht.schema`);
+its pydantic model (``ExpertRecordModel``, ...), which DHT nodes validate stored values with, is derived
+from it by ``wire_model``. ``from_dict`` parses a record from the network: exact types, the schema's
+sizes, then each record's own checks (``RecordError`` on anything wrong); ``to_dict`` is what is
+announced. Where records live in the DHT and how a DHT dictionary is read: :mod:`diffswarm.dht.entries`.
 
-- ``{swarm}_experts``: one ``ExpertRecord`` per served expert.
-  subkey = ``[owner:<peer RSA public key>]`` + ``"/" + expert_id`` (a joining record is replaced by the online one).
-- ``{swarm}_manifest``: the owner-signed ``SwarmManifest`` (partition, router hashes, dataset, shapes),
-  re-announced unchanged by every peer of the swarm under its own subkey ``[owner:<peer key>]``. Who
-  announces it does not matter: its validity comes from the owner's signature inside (``trust``).
-- ``{swarm}_routers``: one ``RouterProvider`` per peer that serves router bytes ("I serve the file with
-  this sha256 at these addresses"); subkey = ``[owner:<peer key>]``. Anyone may serve bytes; the client
-  checks them against the manifest.
-
-Only the owner of the key named in a subkey can write it (the record is signed; every DHT node
-running ``make_validators`` rejects other writes), and ``SchemaValidator`` rejects values that are
-not exactly of the schema's types or exceed its sizes. On top of that, the subkey's key is the peer's
-libp2p identity key, so its peer id must equal the record's ``peer_id`` (``parse_entries``): a peer
-cannot announce an expert or a router at another peer's address.
-
-Bounds (every size a record carries; ``from_dict`` raises ``RecordError`` before anything is
-allocated for an oversized value, and DHT nodes refuse to store oversized strings, lists and bytes):
-ids and peer ids <= 64 characters, other strings <= 128, <= 16 addresses of <= 256 characters, image
-shape (C, H, W) with C <= 16, H, W <= 4096 and C*H*W <= 2**24, num_classes <= 100,000, K <= 1024,
-max_batch <= 65,536, router file <= 64 MiB, owner key and signature <= 1 KiB each, a manifest's signed
-encoding <= 16 KiB. Times: a record ``updated`` (or a manifest ``issued``) more than
-``MAX_CLOCK_SKEW`` (30 s) in the future is rejected; expert and provider records ``updated`` more than
-``MAX_RECORD_AGE`` (600 s) ago are stale. Throughput, load, progress and losses must be finite.
+- ``ExpertRecord``: one per served expert.
+- ``RouterProvider``: a peer that serves router bytes.
+- ``ClusterStatsRecord``: a peer's published cluster statistics (the statistics router's input).
+- ``SwarmManifest``: what the swarm's owner decides, signed by the owner (``canonical_bytes`` is what
+  is signed; signing, verifying and choosing among manifests: :mod:`diffswarm.dht.names`).
 
 Versioning: ``version`` is the record schema version. Versions only add fields (readers ignore
 unknown fields, ``from_dict``); a change of meaning gets new DHT keys. Version 2 added the optional
 ``ExpertRecord`` fields ``train_steps`` and ``final_loss``; readers accept version-1 records that lack
 them. Version 3 replaced the unsigned per-peer ``SwarmRecord`` (key ``{swarm}_swarm``) by the signed
-``SwarmManifest`` and the ``RouterProvider`` entries, under the new keys above; ``ExpertRecord`` keeps
-its layout (version 3 only adds the bounds). ``protocol`` is the RPC protocol version
+``SwarmManifest`` and the ``RouterProvider`` entries, under new keys (:mod:`diffswarm.dht.entries`);
+``ExpertRecord`` keeps its layout (version 3 only adds the bounds). ``protocol`` is the RPC protocol version
 (``diffswarm.protocol.wire``); clients skip peers speaking another major protocol.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import pydantic.v1 as pydantic
-from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
-from pydantic.v1 import StrictFloat, StrictInt, conbytes, conlist, constr
-
+from diffswarm.dht.schema import (
+    MAX_BATCH_ROWS,
+    MAX_CHANNELS,
+    MAX_CLASSES,
+    MAX_CLUSTERS,
+    MAX_IMAGE_ELEMENTS,
+    MAX_IMAGE_SIDE,
+    MAX_ROUTER_BYTES,
+    MAX_TRAIN_STEPS,
+    Addrs,
+    Float,
+    Id,
+    Int,
+    OptFloat,
+    OptInt,
+    OwnerKey,
+    RecordError,
+    Shape,
+    Signature,
+    StatsBlob,
+    Text,
+    check_time,
+    strict_fields,
+    wire_model,
+)
 from diffswarm.experts.config import OBJECTIVES
-
-logger = logging.getLogger(__name__)
 
 RECORD_VERSION = 3  # 2: optional ExpertRecord.train_steps / final_loss; 3: signed SwarmManifest + RouterProvider
 STATES = ("joining", "online", "offline")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_OWNER_RE = re.compile(rb"\[owner:(.+?)\]")
-
-# -- bounds ----------------------------------------------------------------------------------
-MAX_ID_CHARS = 64  # expert_id, peer_id, swarm NAME
-MAX_TEXT_CHARS = 128  # software, schedule, dataset_id, partition_hash, objective, state
-MAX_ADDRS = 16  # multiaddrs per record
-MAX_ADDR_CHARS = 256
-MAX_CHANNELS = 16
-MAX_IMAGE_SIDE = 4096
-MAX_IMAGE_ELEMENTS = 1 << 24  # C * H * W
-MAX_CLASSES = 100_000
-MAX_CLUSTERS = 1024  # K
-MAX_BATCH_ROWS = 65_536  # an ExpertRecord's max_batch
-MAX_TRAIN_STEPS = 10**12
-MAX_ROUTER_BYTES = 64 << 20  # the router file a client will download
-MAX_STATS_RECORD_BYTES = 64 << 10  # a cluster-statistics blob in a stats record (router.stats.MAX_STATS_BYTES)
-MAX_KEY_BYTES = 1024  # owner public key (DER; RSA-4096 is 550 bytes)
-MAX_SIGNATURE_BYTES = 1024  # base64 of an RSA-4096 signature is 684 bytes
-MAX_MANIFEST_BYTES = 16 << 10  # canonical signed encoding of a manifest, unknown fields included
-MAX_CLOCK_SKEW = 30.0  # seconds a record's time may be ahead of ours
-MAX_RECORD_AGE = 600.0  # seconds after which an expert or provider record is stale (heartbeats are every ~10 s)
-
-
-class RecordError(ValueError):
-    """A DHT record that does not follow the schema; the caller skips it and logs why."""
-
-
-# ---------------------------------------------------------------------------------------------
-# pydantic v1 schemas for hivemind's SchemaValidator (strict types, no conversions allowed).
-# Extra fields are allowed inside a record so that older nodes keep storing newer peers' records.
-# Fields with a default are optional (added by later versions); ``= ...`` marks a nullable field
-# that is still required (pydantic v1 makes ``X | None`` optional otherwise). The constrained types
-# carry the size bounds; ``_check_sizes`` reads them from here, so the DHT's check and the reader's
-# clear error message share one table.
-
-IdStr = constr(strict=True, max_length=MAX_ID_CHARS)
-TextStr = constr(strict=True, max_length=MAX_TEXT_CHARS)
-AddrStr = constr(strict=True, max_length=MAX_ADDR_CHARS)
-Addrs = conlist(AddrStr, max_items=MAX_ADDRS)
-Shape = conlist(StrictInt, max_items=3)
-KeyBytes = conbytes(strict=True, max_length=MAX_KEY_BYTES)
-SigBytes = conbytes(strict=True, max_length=MAX_SIGNATURE_BYTES)
-StatsBytes = conbytes(strict=True, max_length=MAX_STATS_RECORD_BYTES)
-
-
-class _RecordModel(pydantic.BaseModel):
-    def dict(self, **kwargs) -> dict:
-        """Leave out optional fields the record did not carry: ``SchemaValidator`` compares this with
-        the stored value, so a version-1 record (without version-2 fields) must come back unchanged."""
-        d = super().dict(**kwargs)
-        for name, f in self.__fields__.items():
-            if not f.required and name not in self.__fields_set__:
-                d.pop(f.alias if kwargs.get("by_alias") else name, None)
-        return d
-
-
-class ExpertRecordModel(_RecordModel):
-    version: StrictInt
-    expert_id: IdStr
-    cluster: StrictInt | None = ...
-    num_clusters: StrictInt
-    partition_hash: TextStr
-    objective: TextStr
-    schedule: TextStr
-    image_shape: Shape
-    num_classes: StrictInt
-    checkpoint_sha256: TextStr
-    software: TextStr
-    protocol: StrictInt
-    state: TextStr
-    progress: StrictFloat
-    throughput: StrictFloat
-    load: StrictFloat
-    max_batch: StrictInt
-    peer_id: IdStr
-    addrs: Addrs
-    updated: StrictFloat
-    train_steps: StrictInt | None = None  # version 2
-    final_loss: StrictFloat | None = None  # version 2
-
-    class Config:
-        extra = pydantic.Extra.allow
-
-
-class RouterProviderModel(_RecordModel):
-    version: StrictInt
-    router_sha256: TextStr
-    router_bytes: StrictInt
-    software: TextStr
-    peer_id: IdStr
-    addrs: Addrs
-    updated: StrictFloat
-
-    class Config:
-        extra = pydantic.Extra.allow
-
-
-class ClusterStatsRecordModel(_RecordModel):
-    version: StrictInt
-    cluster: StrictInt
-    num_clusters: StrictInt
-    partition_hash: TextStr
-    stats_sha256: TextStr
-    blob: StatsBytes
-    software: TextStr
-    peer_id: IdStr
-    updated: StrictFloat
-
-    class Config:
-        extra = pydantic.Extra.allow
-
-
-class SwarmManifestModel(_RecordModel):
-    version: StrictInt
-    swarm: IdStr
-    partition_hash: TextStr
-    num_clusters: StrictInt
-    dataset_id: TextStr
-    image_shape: Shape
-    num_classes: StrictInt
-    router_sha256: TextStr
-    router_weights_sha256: TextStr
-    router_bytes: StrictInt
-    protocol: StrictInt
-    software: TextStr
-    issued: StrictFloat
-    owner_key: KeyBytes
-    signature: SigBytes
-
-    class Config:
-        extra = pydantic.Extra.allow
-
-
-class SwarmSchema(pydantic.BaseModel):
-    """The DHT keys of one swarm (prefixed with the swarm's full name by ``SchemaValidator``)."""
-
-    experts: dict[BytesWithPublicKey, ExpertRecordModel]
-    manifest: dict[BytesWithPublicKey, SwarmManifestModel]
-    routers: dict[BytesWithPublicKey, RouterProviderModel]
-    stats: dict[BytesWithPublicKey, ClusterStatsRecordModel]
-
-
-def make_validators(swarm: str | None, private_key=None) -> list:
-    """Record validators every diffswarm DHT node runs: schema for ``swarm``'s keys (none for a plain DHT
-    node, ``swarm`` None), signatures for all owner-protected keys. ``private_key``: the node's
-    ``hivemind.utils.crypto.RSAPrivateKey``."""
-    out = [RSASignatureValidator(private_key)]
-    if swarm:
-        out.insert(0, SchemaValidator(SwarmSchema, allow_extra_keys=True, prefix=swarm))
-    return out
-
-
-def experts_key(swarm: str) -> str:
-    return f"{swarm}_experts"
-
-
-def manifest_key(swarm: str) -> str:
-    return f"{swarm}_manifest"
-
-
-def routers_key(swarm: str) -> str:
-    return f"{swarm}_routers"
-
-
-def stats_key(swarm: str) -> str:
-    return f"{swarm}_stats"
-
-
-# ---------------------------------------------------------------------------------------------
-# records as plain dataclasses (what the code passes around)
-
-
-def _check_sizes(model: type[_RecordModel], d: dict, what: str) -> None:
-    """``RecordError`` for a string, bytes or list field longer than the schema allows (checked on the
-    raw value, before any parsing or copying)."""
-    for name, f in model.__fields__.items():
-        v = d.get(name)
-        if isinstance(v, (str, bytes)):
-            limit = getattr(f.outer_type_, "max_length", None)
-            if limit is not None and len(v) > limit:
-                raise RecordError(f"{what}: {name} is {len(v)} {'bytes' if isinstance(v, bytes) else 'characters'}, "
-                                  f"at most {limit}")
-        elif isinstance(v, (list, tuple)):
-            limit = getattr(f.outer_type_, "max_items", None)
-            if limit is not None and len(v) > limit:
-                raise RecordError(f"{what}: {name} has {len(v)} entries, at most {limit}")
-            item_limit = getattr(f.type_, "max_length", None)
-            for i, item in enumerate(v):
-                if item_limit is not None and isinstance(item, (str, bytes)) and len(item) > item_limit:
-                    raise RecordError(f"{what}: {name}[{i}] is {len(item)} characters, at most {item_limit}")
-
-
-def _strict(model: type[_RecordModel], d: Any, what: str) -> dict:
-    """The schema's fields of ``d``, exactly typed and within the schema's sizes; optional fields that
-    ``d`` lacks (records of an older version) read as None."""
-    if not isinstance(d, dict):
-        raise RecordError(f"{what} must be a dict, got {type(d).__name__}")
-    known = {k: v for k, v in d.items() if k in model.__fields__}
-    missing = sorted(name for name, f in model.__fields__.items() if f.required and name not in known)
-    if missing:
-        raise RecordError(f"{what} lacks fields {missing}")
-    _check_sizes(model, known, what)
-    try:
-        parsed = model.parse_obj(known).dict()  # only the fields present (_RecordModel.dict)
-    except pydantic.ValidationError as e:
-        raise RecordError(f"{what} has wrong field types: {e.errors()}") from None
-    if parsed != known:  # strict types should make this impossible; guard against silent coercion
-        raise RecordError(f"{what} needed type conversions")
-    return {name: parsed.get(name) for name in model.__fields__}
 
 
 def _check_shape(r, what: str) -> None:
@@ -299,20 +91,6 @@ def _check_router_bytes(n: int, what: str) -> None:
         raise RecordError(f"{what}: router_bytes {n} outside 1..{MAX_ROUTER_BYTES} ({MAX_ROUTER_BYTES >> 20} MiB)")
 
 
-def check_time(t: float, now: float | None, what: str, max_age: float | None = MAX_RECORD_AGE) -> None:
-    """``RecordError`` if time ``t`` (DHT time) is not finite, more than ``MAX_CLOCK_SKEW`` ahead of
-    ``now``, or (with ``max_age``) older than ``max_age`` seconds. ``now`` None: only finiteness."""
-    if not math.isfinite(t):
-        raise RecordError(f"{what}: time {t} is not finite")
-    if now is None:
-        return
-    if t > now + MAX_CLOCK_SKEW:
-        raise RecordError(f"{what}: from the future ({t - now:.0f} s ahead; clocks may differ by at most "
-                          f"{MAX_CLOCK_SKEW:.0f} s)")
-    if max_age is not None and t < now - max_age:
-        raise RecordError(f"{what}: stale (announced {now - t:.0f} s ago, more than {max_age:.0f} s)")
-
-
 def canonical_bytes(fields: dict) -> bytes:
     """What a swarm owner signs: a context string and msgpack of ``fields`` with every dict's items sorted
     by key (recursively), so the same fields always give the same bytes whatever their order on the wire.
@@ -341,28 +119,28 @@ _SIGNED_CONTEXT = b"diffswarm swarm manifest\x00"  # domain separation: this sig
 class ExpertRecord:
     """What a peer announces about one expert it serves (or trains, while ``state == "joining"``)."""
 
-    version: int  # record schema version (RECORD_VERSION)
-    expert_id: str  # e.g. "c3-ddpm"
-    cluster: int | None  # partition cluster (None: trained on all data)
-    num_clusters: int  # K of the partition
-    partition_hash: str  # partition manifest the expert was trained on ("" if none)
-    objective: str  # ddpm | fm
-    schedule: str  # "vp-cosine-1000" (ddpm) | "flow" (fm)
-    image_shape: list[int]  # [C, H, W] of x
-    num_classes: int  # class conditioning: labels in -1..num_classes-1 (-1 = none); 0 = unconditional
-    checkpoint_sha256: str  # expert weights sha256 ("" while joining)
-    software: str  # diffswarm version of the peer
-    protocol: int  # RPC protocol version
-    state: str  # joining | online | offline
-    progress: float  # training progress in [0, 1] (1 when online)
-    throughput: float  # measured rows per second of one forward pass (CFG rows count twice); a claim
-    load: float  # rows queued or being computed when announced; a claim
-    max_batch: int  # most rows the peer runs in one forward pass
-    peer_id: str  # base58 libp2p peer id serving the RPCs
-    addrs: list[str]  # multiaddrs to reach the peer
-    updated: float  # DHT time of this announcement
-    train_steps: int | None = None  # training steps done (checkpoint's when online, current while joining); v2
-    final_loss: float | None = None  # last training loss (checkpoint's when online, latest step's while joining); v2
+    version: Int  # record schema version (RECORD_VERSION)
+    expert_id: Id  # e.g. "c3-ddpm"
+    cluster: OptInt  # partition cluster (None: trained on all data)
+    num_clusters: Int  # K of the partition
+    partition_hash: Text  # partition manifest the expert was trained on ("" if none)
+    objective: Text  # ddpm | fm
+    schedule: Text  # "vp-cosine-1000" (ddpm) | "flow" (fm)
+    image_shape: Shape  # [C, H, W] of x
+    num_classes: Int  # class conditioning: labels in -1..num_classes-1 (-1 = none); 0 = unconditional
+    checkpoint_sha256: Text  # expert weights sha256 ("" while joining)
+    software: Text  # diffswarm version of the peer
+    protocol: Int  # RPC protocol version
+    state: Text  # joining | online | offline
+    progress: Float  # training progress in [0, 1] (1 when online)
+    throughput: Float  # measured rows per second of one forward pass (CFG rows count twice); a claim
+    load: Float  # rows queued or being computed when announced; a claim
+    max_batch: Int  # most rows the peer runs in one forward pass
+    peer_id: Id  # base58 libp2p peer id serving the RPCs
+    addrs: Addrs  # multiaddrs to reach the peer
+    updated: Float  # DHT time of this announcement
+    train_steps: OptInt = None  # training steps done (checkpoint's when online, current while joining); v2
+    final_loss: OptFloat = None  # last training loss (checkpoint's when online, latest step's while joining); v2
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -380,7 +158,7 @@ class ExpertRecord:
     def from_dict(cls, d: Any) -> ExpertRecord:
         """Parse and check a record from the network; unknown fields are ignored, anything else wrong
         raises ``RecordError``."""
-        r = cls(**_strict(ExpertRecordModel, d, "expert record"))
+        r = cls(**strict_fields(ExpertRecordModel, d, "expert record"))
         what = f"expert record {r.expert_id!r}"
         _check_common(r, what)
         _check_peer(r, what)
@@ -414,13 +192,13 @@ class RouterProvider:
     """A peer saying "I serve the router file with this sha256 at these addresses" (``rpc_router``). Not a
     statement about which router the swarm uses: that is the owner's manifest."""
 
-    version: int
-    router_sha256: str  # sha256 of the file bytes it serves
-    router_bytes: int  # their size
-    software: str
-    peer_id: str  # where to fetch it (must be the announcing key's peer id)
-    addrs: list[str]
-    updated: float  # DHT time of this announcement
+    version: Int
+    router_sha256: Text  # sha256 of the file bytes it serves
+    router_bytes: Int  # their size
+    software: Text
+    peer_id: Id  # where to fetch it (must be the announcing key's peer id)
+    addrs: Addrs
+    updated: Float  # DHT time of this announcement
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -430,7 +208,7 @@ class RouterProvider:
 
     @classmethod
     def from_dict(cls, d: Any) -> RouterProvider:
-        r = cls(**_strict(RouterProviderModel, d, "router provider record"))
+        r = cls(**strict_fields(RouterProviderModel, d, "router provider record"))
         what = f"router provider {r.peer_id[:12]}"
         _check_peer(r, what)
         if r.version < 1:
@@ -444,19 +222,19 @@ class RouterProvider:
 
 @dataclass(frozen=True)
 class ClusterStatsRecord:
-    """A peer publishing the statistics of its own cluster's images (``router.stats.ClusterStats`` bytes),
+    """A peer publishing the statistics of its own cluster's images (``router.stats.blob.ClusterStats`` bytes),
     from which clients build the statistics router (no router peer, no central data). A claim like any
     other: readers check the blob's hash, parse it with bounds and match it against the manifest."""
 
-    version: int
-    cluster: int  # the cluster the statistics describe
-    num_clusters: int  # K of the partition
-    partition_hash: str
-    stats_sha256: str  # sha256 of blob
-    blob: bytes  # ClusterStats.to_bytes() (<= MAX_STATS_RECORD_BYTES)
-    software: str
-    peer_id: str  # the announcing peer (must be the announcing key's peer id)
-    updated: float  # DHT time of this announcement
+    version: Int
+    cluster: Int  # the cluster the statistics describe
+    num_clusters: Int  # K of the partition
+    partition_hash: Text
+    stats_sha256: Text  # sha256 of blob
+    blob: StatsBlob  # ClusterStats.to_bytes() (<= MAX_STATS_RECORD_BYTES)
+    software: Text
+    peer_id: Id  # the announcing peer (must be the announcing key's peer id)
+    updated: Float  # DHT time of this announcement
 
     @property
     def subkey_suffix(self) -> bytes:
@@ -470,7 +248,7 @@ class ClusterStatsRecord:
 
     @classmethod
     def from_dict(cls, d: Any) -> ClusterStatsRecord:
-        r = cls(**_strict(ClusterStatsRecordModel, d, "cluster stats record"))
+        r = cls(**strict_fields(ClusterStatsRecordModel, d, "cluster stats record"))
         what = f"cluster stats of {r.peer_id[:12]}"
         _check_peer(r, what)
         if r.version < 1:
@@ -483,37 +261,32 @@ class ClusterStatsRecord:
         return r
 
 
-_MANIFEST_FIELDS = ("version", "swarm", "partition_hash", "num_clusters", "dataset_id", "image_shape", "num_classes",
-                    "router_sha256", "router_weights_sha256", "router_bytes", "protocol", "software", "issued",
-                    "owner_key", "signature")
-
-
 @dataclass(frozen=True)
 class SwarmManifest:
-    """What the swarm's owner decides, signed by the owner key (see ``trust`` for naming and checks).
+    """What the swarm's owner decides, signed by the owner key (see ``names`` for naming and checks).
 
     ``extra`` keeps the fields of a newer version this reader does not know: they are signed too, so a
     re-announcing peer stores them unchanged and the signature still verifies."""
 
-    version: int
-    swarm: str  # NAME (the part before '@' of the swarm's full name)
-    partition_hash: str  # partition the router and the swarm's experts were trained on ("" if none)
-    num_clusters: int  # K
-    dataset_id: str  # e.g. "fashion:28" (what class ids mean)
-    image_shape: list[int]  # [C, H, W]
-    num_classes: int
-    router_sha256: str  # sha256 of the router file bytes (served by anyone over rpc_router)
-    router_weights_sha256: str  # Router.weights_sha256 (checked again after loading)
-    router_bytes: int  # file size (<= MAX_ROUTER_BYTES): the most a client downloads
-    protocol: int  # RPC protocol of the swarm
-    software: str  # diffswarm version that signed it
-    issued: float  # DHT time of signing: the newest valid manifest wins
-    owner_key: bytes  # owner's RSA public key, DER (SubjectPublicKeyInfo); its fingerprint is in the name
-    signature: bytes  # owner's signature (RSA-PSS, SHA-256, base64) over canonical_bytes of every other field
+    version: Int
+    swarm: Id  # NAME (the part before '@' of the swarm's full name)
+    partition_hash: Text  # partition the router and the swarm's experts were trained on ("" if none)
+    num_clusters: Int  # K
+    dataset_id: Text  # e.g. "fashion:28" (what class ids mean)
+    image_shape: Shape  # [C, H, W]
+    num_classes: Int
+    router_sha256: Text  # sha256 of the router file bytes (served by anyone over rpc_router)
+    router_weights_sha256: Text  # Router.weights_sha256 (checked again after loading)
+    router_bytes: Int  # file size (<= MAX_ROUTER_BYTES): the most a client downloads
+    protocol: Int  # RPC protocol of the swarm
+    software: Text  # diffswarm version that signed it
+    issued: Float  # DHT time of signing: the newest valid manifest wins
+    owner_key: OwnerKey  # owner's RSA public key, DER (SubjectPublicKeyInfo); its fingerprint is in the name
+    signature: Signature  # owner's signature (RSA-PSS, SHA-256, base64) over canonical_bytes of every other field
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict:
-        d = {name: getattr(self, name) for name in _MANIFEST_FIELDS}
+        d = {name: getattr(self, name) for name in SwarmManifestModel.__fields__}
         d["issued"] = float(d["issued"])
         d["image_shape"] = [int(s) for s in d["image_shape"]]
         return {**self.extra, **d}
@@ -532,8 +305,8 @@ class SwarmManifest:
 
     @classmethod
     def from_dict(cls, d: Any) -> SwarmManifest:
-        """Parse and check the fields (not the signature: ``trust.verify_manifest``)."""
-        known = _strict(SwarmManifestModel, d, "swarm manifest")
+        """Parse and check the fields (not the signature: ``names.verify_manifest``)."""
+        known = strict_fields(SwarmManifestModel, d, "swarm manifest")
         extra = {k: v for k, v in d.items() if k not in SwarmManifestModel.__fields__}
         r = cls(**known, extra=extra)
         what = f"manifest of swarm {r.swarm!r}"
@@ -550,70 +323,8 @@ class SwarmManifest:
         return r
 
 
-# ---------------------------------------------------------------------------------------------
-# owner key <-> peer id binding
-
-
-def owner_public_key(subkey: bytes) -> bytes | None:
-    """The ssh-format RSA public key inside ``[owner:...]`` of a subkey, or None."""
-    if not isinstance(subkey, bytes):
-        return None
-    found = _OWNER_RE.findall(subkey)
-    return found[0] if len(found) == 1 else None
-
-
-def peer_id_of_public_key(ssh_public_key: bytes) -> str:
-    """Base58 libp2p peer id of an RSA public key (sha2-256 multihash of the protobuf-encoded key,
-    libp2p peer-id spec); equals ``PeerID.from_identity`` of the matching private key."""
-    import multihash
-    from cryptography.hazmat.primitives import serialization
-    from hivemind.p2p import PeerID
-    from hivemind.proto import crypto_pb2
-
-    key = serialization.load_ssh_public_key(ssh_public_key)
-    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
-    digest = multihash.encode(hashlib.sha256(encoded).digest(), multihash.coerce_code("sha2-256"))
-    return PeerID(digest).to_base58()
-
-
-def parse_entries(entries: dict, kind: type, now: float | None = None) -> tuple[list, list[str]]:
-    """Peer records (``ExpertRecord`` or ``RouterProvider``) from one DHT dictionary value ``{subkey:
-    value}`` (values already unwrapped from ``ValueWithExpiration``). Returns (records, errors): each
-    invalid entry is skipped with a one-line reason, including records whose ``peer_id`` is not the
-    owner key's peer id, and (given ``now``, DHT time) records from the future or stale ones."""
-    out, errors = [], []
-    for subkey, value in (entries or {}).items():
-        try:
-            pub = owner_public_key(subkey)
-            if pub is None:
-                raise RecordError("subkey carries no single [owner:...] public key")
-            rec = kind.from_dict(value)
-            check_time(rec.updated, now, f"record of {rec.peer_id[:12]}")
-            try:
-                owner = peer_id_of_public_key(pub)
-            except Exception as e:  # malformed key material from the network
-                raise RecordError(f"owner key is not an RSA public key: {e}") from None
-            if owner != rec.peer_id:
-                raise RecordError(f"record names peer {rec.peer_id[:16]} but is signed by {owner[:16]}")
-            out.append(rec)
-        except RecordError as e:
-            errors.append(str(e))
-    return out, errors
-
-
-def parse_manifests(entries: dict, now: float | None = None) -> tuple[list[SwarmManifest], list[str]]:
-    """Manifests from the ``{swarm}_manifest`` dictionary, any announcer (the owner's signature inside is
-    checked later, by ``trust.choose_manifest``); those issued more than ``MAX_CLOCK_SKEW`` ahead of ``now``
-    are rejected. Returns (manifests, errors)."""
-    out, errors = [], []
-    for subkey, value in (entries or {}).items():
-        try:
-            if owner_public_key(subkey) is None:
-                raise RecordError("subkey carries no single [owner:...] public key")
-            m = SwarmManifest.from_dict(value)
-            check_time(m.issued, now, f"manifest of swarm {m.swarm!r}", max_age=None)
-            out.append(m)
-        except RecordError as e:
-            errors.append(str(e))
-    return out, errors
+# the pydantic models hivemind's SchemaValidator checks stored values with (see diffswarm.dht.entries)
+ExpertRecordModel = wire_model(ExpertRecord)
+RouterProviderModel = wire_model(RouterProvider)
+ClusterStatsRecordModel = wire_model(ClusterStatsRecord)
+SwarmManifestModel = wire_model(SwarmManifest)

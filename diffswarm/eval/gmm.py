@@ -19,7 +19,7 @@ t = 0 data, t = 1 noise; v = eps - x0; the conventions of ``experts/schedules.py
    Equivalently u = -b s - (x + b^2 s) / a with s = grad log p_t(x) (Tweedie; tested).
 
 Experts (``ExactExpert``) and routers (``TruePosteriorRouter``, a trained ``MLPRouter``, and the
-statistics router of ``router/stats.py`` fitted from samples, one Gaussian per cluster) answer the
+statistics router of ``router/stats/`` fitted from samples, one Gaussian per cluster) answer the
 project's contracts, so the real ``RoutedEnsemble``, ``choose_experts`` strategies and ``sample``
 integrator run unchanged: points are (B, 2) tensors, which those functions handle as they only
 broadcast over trailing dimensions. The statistics router, written for images, sees the points as
@@ -306,10 +306,12 @@ def train_mlp_router(gmm: GaussianMixture2D, steps: int = 1500, batch: int = 512
 
 
 def fit_stats_router(points: torch.Tensor, clusters: torch.Tensor, num_clusters: int):
-    """The statistics router of ``router/stats.py`` from samples, one Gaussian per cluster, each
+    """The statistics router of ``router/stats/`` from samples, one Gaussian per cluster, each
     cluster's statistics from its own points only. points: (N, 2); clusters: (N,). Exact options
     (no regularising floor: in 2-D the Gaussian model has nothing to over-trust)."""
-    from diffswarm.router.stats import DCTBasis, StatsRouter, StatsRouterOptions, partition_cluster_stats
+    from diffswarm.router.stats.basis import DCTBasis
+    from diffswarm.router.stats.publish import partition_cluster_stats
+    from diffswarm.router.stats.router import StatsRouter, StatsRouterOptions
 
     basis = DCTBasis((2, 1, 1), 2)
     imgs = points.float().reshape(-1, 2, 1, 1)

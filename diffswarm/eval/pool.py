@@ -49,7 +49,10 @@ from diffswarm.experts.networks import NetConfig, default_patch
 from diffswarm.experts.schedules import ScheduleConfig
 from diffswarm.experts.train import TrainConfig, train_expert
 from diffswarm.router.model import Router, RouterConfig
-from diffswarm.router.stats import DEFAULT_FEATURES, ClusterStats, DCTBasis, StatsRouter, cluster_stats
+from diffswarm.router.stats.basis import DEFAULT_FEATURES, DCTBasis
+from diffswarm.router.stats.blob import ClusterStats
+from diffswarm.router.stats.publish import cluster_stats
+from diffswarm.router.stats.router import StatsRouter
 from diffswarm.router.train import RouterTrainConfig, train_router
 
 POOL_FORMAT = "diffswarm.eval-pool/1"

@@ -276,7 +276,7 @@ class Context:
                           "switch_t": cfg.switch_t, "classifier_epochs": cfg.classifier_epochs,
                           "sampling": {k: v for k, v in asdict(cfg.sampling).items() if k not in ("seed", "batch")}}
         # class histogram per cluster (train split): the share a sampler should give each cluster for given labels
-        hist = np.array([st["class_hist"] for st in self.partition.cluster_stats], dtype=np.float64)  # (K, C)
+        hist = np.array([st["class_hist"] for st in self.partition.cluster_summary], dtype=np.float64)  # (K, C)
         self.p_cluster_given_class = hist / hist.sum(0, keepdims=True).clip(min=1)  # (K, C)
         self._real_feats = None
 

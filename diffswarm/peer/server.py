@@ -50,16 +50,8 @@ from diffswarm.dht.names import (
     swarm_name_of,
 )
 from diffswarm.dht.node import Identity, NetworkConfig, SwarmDHT, load_or_create_key, open_identity
-from diffswarm.dht.records import (
-    MAX_ADDRS,
-    MAX_RECORD_AGE,
-    MAX_ROUTER_BYTES,
-    RECORD_VERSION,
-    ClusterStatsRecord,
-    ExpertRecord,
-    RouterProvider,
-    SwarmManifest,
-)
+from diffswarm.dht.records import RECORD_VERSION, ClusterStatsRecord, ExpertRecord, RouterProvider, SwarmManifest
+from diffswarm.dht.schema import MAX_ADDRS, MAX_RECORD_AGE, MAX_ROUTER_BYTES
 from diffswarm.experts.expert import Expert
 from diffswarm.peer.batching import Batcher, BatchPolicy
 from diffswarm.peer.limits import ByteBudget, Lease, PeerLimits, RateLimiter, StreamSlots
@@ -139,7 +131,8 @@ class ServedExpert:
     def load_stats(self) -> str | None:
         """Read ``cluster_stats.bin`` beside the checkpoint, if there is one, for publishing; returns why it is
         not published (None: published, or no file)."""
-        from diffswarm.router.stats import StatsFormatError, read_cluster_stats, stats_path
+        from diffswarm.router.stats.blob import StatsFormatError
+        from diffswarm.router.stats.publish import read_cluster_stats, stats_path
 
         cfg = self.expert.config
         if self.path is None or cfg.cluster is None or not stats_path(self.path).exists():

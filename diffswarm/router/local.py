@@ -35,7 +35,8 @@ def order_by_cluster(experts: Sequence[Expert], num_clusters: int, partition_has
 
 def local_stats_router(expert_paths: Sequence[str | Path], device="cpu"):
     """A ``StatsRouter`` from the ``cluster_stats.bin`` beside each expert checkpoint (one per cluster)."""
-    from diffswarm.router.stats import StatsRouter, read_cluster_stats, stats_path
+    from diffswarm.router.stats.publish import read_cluster_stats, stats_path
+    from diffswarm.router.stats.router import StatsRouter
 
     stats = []
     for p in expert_paths:

@@ -38,7 +38,7 @@ def make_toy_swarm(out_dir: str | Path, spec: ToySwarmSpec) -> tuple[list[Path],
     from diffswarm.experts.networks import NetConfig, default_patch
     from diffswarm.experts.train import TrainConfig, train_expert
     from diffswarm.router.model import Router, RouterConfig
-    from diffswarm.router.stats import STATS_FILE, write_cluster_stats
+    from diffswarm.router.stats.publish import STATS_FILE, write_cluster_stats
 
     out = Path(out_dir)
     k = len(spec.objectives)

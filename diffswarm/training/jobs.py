@@ -19,7 +19,7 @@ from diffswarm.experts.config import OBJECTIVES, ExpertConfig
 from diffswarm.experts.networks import NETWORKS, NetConfig, default_patch
 from diffswarm.experts.schedules import ScheduleConfig
 from diffswarm.experts.train import TrainConfig
-from diffswarm.router.stats import STATS_FILE, write_cluster_stats
+from diffswarm.router.stats.publish import STATS_FILE, write_cluster_stats
 from diffswarm.router.train import RouterTrainConfig
 from diffswarm.utils.fileio import atomic_write
 
