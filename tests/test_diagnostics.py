@@ -21,8 +21,9 @@ from diffswarm.eval.diagnostics import (
     split_by_selection,
     trace_sampling,
 )
+from diffswarm.router.ensemble import RoutedEnsemble
 from diffswarm.router.routing import RoutingConfig
-from diffswarm.router.sampler import RoutedEnsemble, sample
+from diffswarm.sampling.loop import sample
 
 SHAPE = (1, 2, 2)  # (C, H, W), D = 4
 NONE = torch.full((6,), -1)

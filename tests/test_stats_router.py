@@ -10,8 +10,8 @@ import scipy.fft
 import torch
 
 from diffswarm.experts.schedules import flow_point
+from diffswarm.router.ensemble import RoutedEnsemble
 from diffswarm.router.routing import RoutingConfig
-from diffswarm.router.sampler import RoutedEnsemble, sample
 from diffswarm.router.stats import (
     MAX_STATS_BYTES,
     ClusterStats,
@@ -23,6 +23,7 @@ from diffswarm.router.stats import (
     frequency_order,
     partition_cluster_stats,
 )
+from diffswarm.sampling.loop import sample
 
 EXACT = StatsRouterOptions(var_floor=1e-12, var_floor_rel=0.0, class_shrinkage=0.0)
 SHAPE = (1, 8, 8)

@@ -12,8 +12,8 @@ from diffswarm.dht.node import NetworkConfig
 from diffswarm.dht.records import ClusterStatsRecord, RecordError, SwarmManifest
 from diffswarm.router.local import generate, load_local_ensemble
 from diffswarm.router.routing import RoutingConfig
-from diffswarm.router.sampler import SamplingConfig
 from diffswarm.router.stats import StatsRouter, read_cluster_stats, stats_path
+from diffswarm.sampling.config import SamplingConfig
 from diffswarm.swarm.local import PeerSpec, start_local_swarm
 from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 

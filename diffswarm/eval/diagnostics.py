@@ -2,7 +2,7 @@
 
 Pure functions over anything with ``velocity(x, t, labels, guidance) -> v`` (x: (B, C, H, W),
 t: (B,) flow time, labels: (B,) with -1 = none), including a
-:class:`~diffswarm.router.sampler.RoutedEnsemble` under any routing strategy. Conventions are
+:class:`~diffswarm.router.ensemble.RoutedEnsemble` under any routing strategy. Conventions are
 those of :mod:`diffswarm.experts.schedules`: t = 0 data, x_t = (1 - t) x0 + t eps, v = eps - x0,
 sampling integrates dx/dt = v from t = 1 to 0. D = C * H * W below.
 
@@ -35,7 +35,7 @@ Alignment (per step, on generated or on real noised data)
   experts mixed for each sample.
 - :func:`split_by_selection`: any (B, K) per-expert value split into experts routing selects
   (weight > 0) and those it does not.
-- :func:`trace_sampling`: the sampler loop of :func:`diffswarm.router.sampler.sample` (same
+- :func:`trace_sampling`: the sampler loop of :func:`diffswarm.sampling.loop.sample` (same
   output, same expert call counts) that records all of the above at every step.
 
 Diagnostic calls never change what the sampler does: they restore a ``RoutedEnsemble``'s
@@ -56,7 +56,9 @@ from diffswarm.data.partition import Partition
 from diffswarm.experts.expert import VelocityModel
 from diffswarm.experts.schedules import flow_point
 from diffswarm.experts.translator import velocity_to_x0
-from diffswarm.router.sampler import RoutedEnsemble, StepCallback, StepInfo, sample, time_grid
+from diffswarm.router.ensemble import RoutedEnsemble
+from diffswarm.sampling.loop import StepCallback, StepInfo, sample
+from diffswarm.sampling.steps import time_grid
 
 METHODS = ("euler", "heun")
 
@@ -82,7 +84,7 @@ def sampler_step(
     method: str = "euler",
     v: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One step of :func:`~diffswarm.router.sampler.sample` from t to t_next: (B, C, H, W) -> (B, C, H, W).
+    """One step of :func:`~diffswarm.sampling.loop.sample` from t to t_next: (B, C, H, W) -> (B, C, H, W).
 
     Euler: x + (t_next - t) v(x, t). Heun: x + (t_next - t) (v(x, t) + v(x_euler, t_next)) / 2,
     plain Euler on a step ending at t_next = 0 (as the sampler). ``v``: v(x, t) if already known.
@@ -203,7 +205,7 @@ def refinement_gap(
 ) -> dict:
     """Delta_refine of the sampler at ``steps``: how far the sample still moves when the grid is halved.
 
-    Runs :func:`~diffswarm.router.sampler.sample` from the same (B, C, H, W) noise with N and 2N
+    Runs :func:`~diffswarm.sampling.loop.sample` from the same (B, C, H, W) noise with N and 2N
     steps and returns ``{"per_sample": (B,) ||x0_N - x0_2N|| / sqrt(D), "mean": float, "steps": N,
     "x0": x0_N, "x0_refined": x0_2N}``. Units: RMS per coordinate, in data units (pixels in
     [-1, 1]). ``sample`` resets a ``RoutedEnsemble``'s Gumbel noise from its seed, so both runs
@@ -474,7 +476,7 @@ def trace_sampling(
     disagreement: bool = True,
     callback: StepCallback | None = None,
 ) -> Trace:
-    """Sample like :func:`~diffswarm.router.sampler.sample` and record the diagnostics at every step.
+    """Sample like :func:`~diffswarm.sampling.loop.sample` and record the diagnostics at every step.
 
     The trajectory, the final sample and a ``RoutedEnsemble``'s ``calls`` are those of ``sample``
     with the same arguments; diagnostic evaluations are extra and side-effect free. At step i,
