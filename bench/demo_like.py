@@ -94,7 +94,7 @@ def main() -> None:
     from diffswarm.eval import get_classifier, quality_report
     from diffswarm.router.local import generate, load_local_ensemble
     from diffswarm.router.routing import RoutingConfig
-    from diffswarm.router.sampler import SamplingConfig
+    from diffswarm.sampling.config import SamplingConfig
     from diffswarm.utils.images import save_grid
 
     ddpm_recipe = args.recipe if args.ddpm_recipe is None else args.ddpm_recipe

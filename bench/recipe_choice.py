@@ -150,7 +150,7 @@ def run_candidate(i: int, cand: dict, args: argparse.Namespace) -> dict:
     from diffswarm.experts.expert import Expert
     from diffswarm.experts.train import train_expert
     from diffswarm.router.local import generate
-    from diffswarm.router.sampler import SamplingConfig
+    from diffswarm.sampling.config import SamplingConfig
     from diffswarm.utils.images import save_grid
 
     train_ds, test_ds = load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test")

@@ -53,7 +53,7 @@ def main() -> None:
     from diffswarm.experts.expert import Expert
     from diffswarm.router.local import generate, load_local_ensemble
     from diffswarm.router.routing import RoutingConfig
-    from diffswarm.router.sampler import SamplingConfig
+    from diffswarm.sampling.config import SamplingConfig
     from diffswarm.utils.images import save_grid
 
     ds, test = load_dataset("fashion", "train"), load_dataset("fashion", "test")

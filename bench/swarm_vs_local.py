@@ -32,7 +32,7 @@ from diffswarm.client.client import ClientConfig
 from diffswarm.dht.node import NetworkConfig
 from diffswarm.router.local import generate, load_local_ensemble
 from diffswarm.router.routing import RoutingConfig
-from diffswarm.router.sampler import SamplingConfig
+from diffswarm.sampling.config import SamplingConfig
 from diffswarm.swarm.local import local_swarm
 from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 

@@ -70,7 +70,8 @@ def _add_routing_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    from diffswarm.router.sampler import SAMPLERS, SamplingConfig
+    from diffswarm.sampling.config import SamplingConfig
+    from diffswarm.sampling.steps import SAMPLERS
 
     d = SamplingConfig()
     g = p.add_argument_group("sampling")

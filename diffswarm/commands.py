@@ -17,8 +17,8 @@ from pathlib import Path
 from diffswarm.data import DatasetSpec
 from diffswarm.experts.train import TrainConfig
 from diffswarm.router.routing import RoutingConfig
-from diffswarm.router.sampler import SamplingConfig
 from diffswarm.router.train import RouterTrainConfig
+from diffswarm.sampling.config import SamplingConfig
 from diffswarm.training.jobs import RouterJob, TrainJob
 
 DEFAULT_RUN_DIR = "runs/swarm"

@@ -34,8 +34,8 @@ import torch
 from diffswarm.data import DatasetSpec
 from diffswarm.experts.train import TrainConfig
 from diffswarm.router.routing import RoutingConfig
-from diffswarm.router.sampler import SamplingConfig
 from diffswarm.router.train import RouterTrainConfig
+from diffswarm.sampling.config import SamplingConfig
 from diffswarm.training.jobs import RouterJob, TrainJob
 
 

@@ -24,7 +24,7 @@ from diffswarm.client.answer_checks import (
     should_verify,
     velocity_bound,
 )
-from diffswarm.router.sampler import SamplingConfig
+from diffswarm.sampling.config import SamplingConfig
 
 SHAPE = (1, 8, 8)
 LABELS = torch.tensor([0, 1, 2, 3, -1, 0, 1, 2])

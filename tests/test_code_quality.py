@@ -20,6 +20,7 @@ RANKS = [
     {"diffswarm", "diffswarm.utils"},
     {"diffswarm.data"},
     {"diffswarm.experts"},
+    {"diffswarm.sampling"},
     {"diffswarm.router"},
     {"diffswarm.eval"},
     {"diffswarm.training"},

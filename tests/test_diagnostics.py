@@ -17,12 +17,13 @@ from diffswarm.eval.diagnostics import (
     local_lipschitz,
     real_data_alignment,
     refinement_gap,
-    sampler_step,
     split_by_selection,
     trace_sampling,
 )
+from diffswarm.router.ensemble import RoutedEnsemble
 from diffswarm.router.routing import RoutingConfig
-from diffswarm.router.sampler import RoutedEnsemble, sample
+from diffswarm.sampling.loop import sample
+from diffswarm.sampling.steps import sampler_step
 
 SHAPE = (1, 2, 2)  # (C, H, W), D = 4
 NONE = torch.full((6,), -1)

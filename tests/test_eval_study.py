@@ -22,10 +22,11 @@ from diffswarm.experts.config import ExpertConfig
 from diffswarm.experts.expert import Expert
 from diffswarm.experts.networks import NetConfig
 from diffswarm.experts.schedules import FM_TIME_SCALE
+from diffswarm.router.ensemble import RoutedEnsemble
 from diffswarm.router.routing import RoutingConfig
-from diffswarm.router.sampler import RoutedEnsemble, sample
 
 # ---------------------------------------------------------------------------------------------- pieces
+from diffswarm.sampling.loop import sample
 
 
 class PointMassEps(nn.Module):
@@ -291,7 +292,7 @@ def test_native_ddim_is_also_compared_at_the_flow_samplers_cost(monkeypatch, sam
     from types import SimpleNamespace
 
     from diffswarm.eval import study
-    from diffswarm.router.sampler import SamplingConfig
+    from diffswarm.sampling.config import SamplingConfig
 
     cfg = SimpleNamespace(sampling=SamplingConfig(steps=steps, sampler=sampler), train_seeds=(0,), seeds=(0, 1))
     asked = []

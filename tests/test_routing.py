@@ -71,7 +71,8 @@ class _Router:
 
 def _sample_k_choices(drift: float, seed: int, n: int = 400, steps: int = 12) -> torch.Tensor:
     """(steps, n) expert chosen by sample-1 at every step of one trajectory batch."""
-    from diffswarm.router.sampler import RoutedEnsemble, sample
+    from diffswarm.router.ensemble import RoutedEnsemble
+    from diffswarm.sampling.loop import sample
 
     ens = RoutedEnsemble([_Field(float(k)) for k in range(4)], _Router(drift), RoutingConfig("sample-k", 1),
                          seed=seed)

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from diffswarm.router.ensemble import RoutedEnsemble
 from diffswarm.router.routing import RoutingConfig
-from diffswarm.router.sampler import RoutedEnsemble, StepInfo, sample
+from diffswarm.sampling.loop import StepInfo, sample
 
 
 class ConstantField:

@@ -10,12 +10,13 @@ import scipy.fft
 import torch
 
 from diffswarm.experts.schedules import flow_point
+from diffswarm.router.ensemble import RoutedEnsemble
 from diffswarm.router.routing import RoutingConfig
-from diffswarm.router.sampler import RoutedEnsemble, sample
 from diffswarm.router.stats.basis import DCTBasis, frequency_order
 from diffswarm.router.stats.blob import MAX_STATS_BYTES, ClusterStats, StatsFormatError
 from diffswarm.router.stats.publish import cluster_stats, partition_cluster_stats
 from diffswarm.router.stats.router import StatsRouter, StatsRouterOptions
+from diffswarm.sampling.loop import sample
 
 EXACT = StatsRouterOptions(var_floor=1e-12, var_floor_rel=0.0, class_shrinkage=0.0)
 SHAPE = (1, 8, 8)

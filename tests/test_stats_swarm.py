@@ -13,9 +13,9 @@ from diffswarm.dht.records import ClusterStatsRecord, SwarmManifest
 from diffswarm.dht.schema import RecordError
 from diffswarm.router.local import generate, load_local_ensemble
 from diffswarm.router.routing import RoutingConfig
-from diffswarm.router.sampler import SamplingConfig
 from diffswarm.router.stats.publish import read_cluster_stats, stats_path
 from diffswarm.router.stats.router import StatsRouter
+from diffswarm.sampling.config import SamplingConfig
 from diffswarm.swarm.local import PeerSpec, start_local_swarm
 from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 

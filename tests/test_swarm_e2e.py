@@ -29,7 +29,7 @@ from diffswarm.peer.server import NAMESPACE, ExpertServicer
 from diffswarm.protocol.wire import encode_request, request_metadata
 from diffswarm.router.local import generate, load_local_ensemble
 from diffswarm.router.routing import NoExpertsError, RoutingConfig
-from diffswarm.router.sampler import SamplingConfig
+from diffswarm.sampling.config import SamplingConfig
 from diffswarm.swarm.local import LocalSwarm, PeerSpec, _alive, _spawn, start_local_swarm
 from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 

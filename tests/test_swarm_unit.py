@@ -24,7 +24,7 @@ from diffswarm.protocol.wire import (
     payload_bytes,
     request_metadata,
 )
-from diffswarm.router.sampler import SamplingConfig
+from diffswarm.sampling.config import SamplingConfig
 
 
 def rep(peer, thr=100.0, load=0.0, sha="a", cluster=0):

@@ -42,8 +42,9 @@ from diffswarm.client.client import ClientConfig, PeerCallError, SwarmClient
 from diffswarm.client.discovery import SwarmTarget
 from diffswarm.client.selection import Replica, pick_replica
 from diffswarm.protocol.wire import classify_error
+from diffswarm.router.ensemble import RoutedEnsemble, mix
 from diffswarm.router.routing import NoExpertsError, RoutingConfig, choose_experts
-from diffswarm.router.sampler import RoutedEnsemble, StepRollback, mix
+from diffswarm.sampling.hooks import StepRollback
 
 
 class RemoteSlot:

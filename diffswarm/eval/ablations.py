@@ -33,8 +33,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from diffswarm.experts.expert import Expert
 from diffswarm.experts.schedules import FM_TIME_SCALE
+from diffswarm.router.ensemble import RoutedEnsemble
 from diffswarm.router.routing import choose_experts
-from diffswarm.router.sampler import RoutedEnsemble, RouteRecord
+from diffswarm.sampling.hooks import RouteRecord
 
 
 class NoTranslator:

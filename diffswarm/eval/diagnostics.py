@@ -2,7 +2,7 @@
 
 Pure functions over anything with ``velocity(x, t, labels, guidance) -> v`` (x: (B, C, H, W),
 t: (B,) flow time, labels: (B,) with -1 = none), including a
-:class:`~diffswarm.router.sampler.RoutedEnsemble` under any routing strategy. Conventions are
+:class:`~diffswarm.router.ensemble.RoutedEnsemble` under any routing strategy. Conventions are
 those of :mod:`diffswarm.experts.schedules`: t = 0 data, x_t = (1 - t) x0 + t eps, v = eps - x0,
 sampling integrates dx/dt = v from t = 1 to 0. D = C * H * W below.
 
@@ -35,8 +35,8 @@ Alignment (per step, on generated or on real noised data)
   experts mixed for each sample.
 - :func:`split_by_selection`: any (B, K) per-expert value split into experts routing selects
   (weight > 0) and those it does not.
-- :func:`trace_sampling`: the sampler loop of :func:`diffswarm.router.sampler.sample` (same
-  output, same expert call counts) that records all of the above at every step.
+- :func:`trace_sampling`: :func:`diffswarm.sampling.loop.sample` itself (same output, same expert
+  call counts) with a step callback that records all of the above at every step.
 
 Diagnostic calls never change what the sampler does: they restore a ``RoutedEnsemble``'s
 ``last`` record, ``calls`` counters and ``gumbel`` noise afterwards.
@@ -56,48 +56,11 @@ from diffswarm.data.partition import Partition
 from diffswarm.experts.expert import VelocityModel
 from diffswarm.experts.schedules import flow_point
 from diffswarm.experts.translator import velocity_to_x0
-from diffswarm.router.sampler import RoutedEnsemble, StepCallback, StepInfo, sample, time_grid
+from diffswarm.router.ensemble import RoutedEnsemble
+from diffswarm.sampling.loop import StepCallback, StepInfo, sample
+from diffswarm.sampling.steps import sampler_step, time_grid
 
-METHODS = ("euler", "heun")
-
-
-# ------------------------------------------------------------------------------------ sampler steps
-
-
-def _time(t: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A scalar flow time as a 0-d tensor of like's dtype and device."""
-    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
-    if t.dim() != 0:
-        raise ValueError(f"flow time must be a scalar (the sampler uses one t per step), got shape {tuple(t.shape)}")
-    return t
-
-
-def sampler_step(
-    model: VelocityModel,
-    x: torch.Tensor,
-    t: float | torch.Tensor,
-    t_next: float | torch.Tensor,
-    labels: torch.Tensor,
-    guidance: float = 1.0,
-    method: str = "euler",
-    v: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """One step of :func:`~diffswarm.router.sampler.sample` from t to t_next: (B, C, H, W) -> (B, C, H, W).
-
-    Euler: x + (t_next - t) v(x, t). Heun: x + (t_next - t) (v(x, t) + v(x_euler, t_next)) / 2,
-    plain Euler on a step ending at t_next = 0 (as the sampler). ``v``: v(x, t) if already known.
-    """
-    if method not in METHODS:
-        raise ValueError(f"sampler method must be one of {METHODS}, got {method!r}")
-    t, t_next = _time(t, x), _time(t_next, x)
-    b = x.shape[0]
-    if v is None:
-        v = model.velocity(x, t.expand(b), labels, guidance)
-    x_euler = x + (t_next - t) * v
-    if method == "heun" and t_next > 0:
-        v2 = model.velocity(x_euler, t_next.expand(b), labels, guidance)
-        return x + (t_next - t) * 0.5 * (v + v2)
-    return x_euler
+# ------------------------------------------------------------------------------------ side effects
 
 
 @contextmanager
@@ -164,7 +127,8 @@ def local_lipschitz(
     Estimator (science sheet): L(x) = (1/n) sum_j ||Phi(x + h d_j) - Phi(x)|| / h with n =
     ``directions`` independent directions d_j, each uniform on the unit sphere of R^D (a Gaussian
     normalised per sample, from a CPU generator seeded with ``seed``, so it is reproducible on
-    any device), and Phi = :func:`sampler_step` (Euler: Phi(x) = x + (t_next - t) u(x, t)).
+    any device), and Phi = :func:`~diffswarm.sampling.steps.sampler_step` (Euler: Phi(x) = x + (t_next - t)
+    u(x, t)).
     ``h`` is the norm of the perturbation over the flattened C*H*W coordinates; None means
     0.01 sqrt(D). Dimensionless; for the linear field u = a x it is exactly |1 + (t_next - t) a|.
 
@@ -203,7 +167,7 @@ def refinement_gap(
 ) -> dict:
     """Delta_refine of the sampler at ``steps``: how far the sample still moves when the grid is halved.
 
-    Runs :func:`~diffswarm.router.sampler.sample` from the same (B, C, H, W) noise with N and 2N
+    Runs :func:`~diffswarm.sampling.loop.sample` from the same (B, C, H, W) noise with N and 2N
     steps and returns ``{"per_sample": (B,) ||x0_N - x0_2N|| / sqrt(D), "mean": float, "steps": N,
     "x0": x0_N, "x0_refined": x0_2N}``. Units: RMS per coordinate, in data units (pixels in
     [-1, 1]). ``sample`` resets a ``RoutedEnsemble``'s Gumbel noise from its seed, so both runs
@@ -461,6 +425,61 @@ class Trace:
         return out
 
 
+class _Tracer:
+    """The step callback of :func:`trace_sampling`: records the diagnostics of each step from its ``StepInfo``."""
+
+    def __init__(self, model: VelocityModel, labels: torch.Tensor, guidance: float, method: str,
+                 partition: Partition | None, lipschitz: LipschitzConfig | None, disagreement: bool,
+                 callback: StepCallback | None):
+        self.model, self.labels, self.guidance, self.method = model, labels, guidance, method
+        self.partition, self.lipschitz, self.disagreement, self.callback = partition, lipschitz, disagreement, callback
+        self.weights: list[torch.Tensor] = []
+        self.change: list[torch.Tensor] = []
+        self.lip: list[torch.Tensor] = []
+        self.cdist: list[torch.Tensor] = []
+        self.dis: list[torch.Tensor] = []
+
+    def __call__(self, info: StepInfo) -> None:
+        i, x, v, w = info.step, info.x_start, info.v, info.weights  # x_i, u_i (B, C, H, W); w (B, K)
+        for rows in (self.weights, self.change, self.lip, self.cdist, self.dis):
+            del rows[i:]  # a step recomputed after a rollback replaces what was recorded from it on
+        b, dim = x.shape[0], x[0].numel()
+        tb = torch.tensor(info.t, dtype=x.dtype, device=x.device).expand(b)
+        # 1. Probes at x_i (each restores the ensemble's state).
+        if self.partition is not None:
+            self.cdist.append(centroid_distances(self.partition, velocity_to_x0(x, tb, v)).cpu())
+        if self.disagreement:
+            vel = expert_velocities(self.model, x, tb, self.labels, self.guidance, w)  # (K, B, C, H, W)
+            self.dis.append(angular_disagreement(vel, w).cpu())
+        # 2. The sampler's step Phi(x_i) = x_{i+1}, probed around x_i.
+        if self.lipschitz is not None:
+            if i % self.lipschitz.every == 0:
+                est = local_lipschitz(
+                    self.model, x, info.t, info.t_next, self.labels, self.guidance, self.method, self.lipschitz.h,
+                    self.lipschitz.directions, self.lipschitz.seed + i, phi_x=info.x,
+                )
+                self.lip.append(est.per_sample.cpu())
+            else:
+                self.lip.append(torch.full((b,), float("nan")))
+        self.change.append((_flat_norm(info.x - x) / math.sqrt(dim)).cpu())
+        self.weights.append(w.detach().cpu().float())
+        if self.callback is not None:
+            self.callback(info)
+
+    def trace(self, x0: torch.Tensor, ts: torch.Tensor) -> Trace:
+        """The recorded diagnostics of a trajectory that ended at x0, over the time grid ts (S + 1,)."""
+        return Trace(
+            x0=x0,
+            t=ts[:-1].cpu(),
+            t_next=ts[1:].cpu(),
+            weights=torch.stack(self.weights),
+            step_change=torch.stack(self.change),
+            lipschitz=torch.stack(self.lip) if self.lipschitz is not None else None,
+            centroid_dist=torch.stack(self.cdist) if self.partition is not None else None,
+            disagreement=torch.stack(self.dis) if self.disagreement else None,
+        )
+
+
 @torch.no_grad()
 def trace_sampling(
     model: VelocityModel,
@@ -474,11 +493,12 @@ def trace_sampling(
     disagreement: bool = True,
     callback: StepCallback | None = None,
 ) -> Trace:
-    """Sample like :func:`~diffswarm.router.sampler.sample` and record the diagnostics at every step.
+    """Sample with :func:`~diffswarm.sampling.loop.sample` and record the diagnostics at every step.
 
     The trajectory, the final sample and a ``RoutedEnsemble``'s ``calls`` are those of ``sample``
-    with the same arguments; diagnostic evaluations are extra and side-effect free. At step i,
-    with state x_i at time t_i and the sampler's first velocity u_i = model.velocity(x_i, t_i):
+    with the same arguments (it is ``sample``, with a step callback); diagnostic evaluations are extra
+    and side-effect free. At step i, with state x_i at time t_i and the sampler's first velocity
+    u_i = model.velocity(x_i, t_i):
 
     - ``weights``: the routing of that evaluation (StepInfo's), (B, K);
     - ``step_change``: ||x_{i+1} - x_i|| / sqrt(D);
@@ -490,64 +510,12 @@ def trace_sampling(
 
     ``callback`` receives the sampler's StepInfo after each step.
     """
-    if method not in METHODS:
-        raise ValueError(f"sampler method must be one of {METHODS}, got {method!r}")
-    if steps < 1:
-        raise ValueError("steps must be >= 1")
     if lipschitz is not None and lipschitz.every < 1:
         raise ValueError(f"lipschitz.every must be >= 1, got {lipschitz.every}")
-    x = noise
-    b, dim = x.shape[0], x[0].numel()
-    ts = time_grid(steps, x.device, x.dtype)
-    routed = isinstance(model, RoutedEnsemble)
-    if routed:
-        model.reset(b, x.device)
-    weights, change, lip, cdist, dis = [], [], [], [], []
-    for i in range(steps):
-        t, t_next = ts[i], ts[i + 1]
-        tb = t.expand(b)
-        v = model.velocity(x, tb, labels, guidance)
-        record = getattr(model, "last", None)
-        w = record.weights if record is not None else torch.ones(b, 1)  # (B, K)
-        events = list(record.events) if record is not None else []
-        # 1. Probes at x_i, before the step (each restores the ensemble's state).
-        if partition is not None:
-            cdist.append(centroid_distances(partition, velocity_to_x0(x, tb, v)).cpu())
-        if disagreement and routed:
-            vel = expert_velocities(model, x, tb, labels, guidance, w)  # (K, B, C, H, W)
-            dis.append(angular_disagreement(vel, w).cpu())
-        # 2. The sampler's step (Heun's second evaluation counted as in `sample`).
-        x_next = sampler_step(model, x, t, t_next, labels, guidance, method, v=v)
-        if method == "heun" and t_next > 0 and getattr(model, "last", None) is not None:
-            events += model.last.events
-        if lipschitz is not None:
-            if i % lipschitz.every == 0:
-                est = local_lipschitz(
-                    model, x, t, t_next, labels, guidance, method, lipschitz.h, lipschitz.directions,
-                    lipschitz.seed + i, phi_x=x_next,
-                )
-                lip.append(est.per_sample.cpu())
-            else:
-                lip.append(torch.full((b,), float("nan")))
-        change.append((_flat_norm(x_next - x) / math.sqrt(dim)).cpu())
-        weights.append(w.detach().cpu().float())
-        x = x_next
-        if callback is not None:
-            if record is not None:
-                ids, chosen = list(model.expert_ids), list(record.chosen)
-            else:
-                ids = chosen = [getattr(model, "expert_id", "model")]
-            callback(StepInfo(i, steps, float(t), float(t_next), x, ids, w, chosen, events))
-    return Trace(
-        x0=x,
-        t=ts[:-1].cpu(),
-        t_next=ts[1:].cpu(),
-        weights=torch.stack(weights),
-        step_change=torch.stack(change),
-        lipschitz=torch.stack(lip) if lipschitz is not None else None,
-        centroid_dist=torch.stack(cdist) if partition is not None else None,
-        disagreement=torch.stack(dis) if (disagreement and routed) else None,
-    )
+    tracer = _Tracer(model, labels, guidance, method, partition, lipschitz,
+                     disagreement and isinstance(model, RoutedEnsemble), callback)
+    x0 = sample(model, noise, labels, steps, method, guidance, tracer)
+    return tracer.trace(x0, time_grid(steps, noise.device, noise.dtype))
 
 
 __all__ = [
@@ -561,7 +529,6 @@ __all__ = [
     "local_lipschitz",
     "real_data_alignment",
     "refinement_gap",
-    "sampler_step",
     "side_effect_free",
     "split_by_selection",
     "trace_sampling",

@@ -48,9 +48,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffswarm.router.ensemble import RoutedEnsemble
 from diffswarm.router.model import RouterConfig
 from diffswarm.router.routing import RoutingConfig
-from diffswarm.router.sampler import RoutedEnsemble, sample
+from diffswarm.sampling.loop import sample
 
 LOG_2PI = math.log(2 * math.pi)
 

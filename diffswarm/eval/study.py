@@ -57,10 +57,12 @@ from diffswarm.eval.metrics import metric_report, per_sample_quality, summarize
 from diffswarm.eval.pool import ExpertPool, PoolConfig, settings_sha
 from diffswarm.experts.schedules import flow_point
 from diffswarm.experts.train import pick_device
+from diffswarm.router.ensemble import RoutedEnsemble
 from diffswarm.router.local import make_labels
 from diffswarm.router.routing import RoutingConfig, choose_experts
-from diffswarm.router.sampler import RoutedEnsemble, SamplingConfig, sample
 from diffswarm.router.train import EVAL_TIMES, router_accuracy_by_t
+from diffswarm.sampling.config import SamplingConfig
+from diffswarm.sampling.loop import sample
 from diffswarm.utils.images import save_grid, save_samples
 
 STUDIES = ("routing", "objectives", "stability", "alignment", "routers", "gmm")

@@ -1,3 +1,3 @@
-"""The router and sampling: the router model and its training (:mod:`.model`, :mod:`.train`), pure routing
-strategies (:mod:`.routing`), samplers and the routed ensemble (:mod:`.sampler`), and local ensembles of
-checkpoints (:mod:`.local`)."""
+"""The router: the router model and its training (:mod:`.model`, :mod:`.train`), pure routing strategies
+(:mod:`.routing`), the statistics router (:mod:`.stats`), the routed ensemble of experts (:mod:`.ensemble`), and
+local ensembles of checkpoints (:mod:`.local`)."""

@@ -9,9 +9,11 @@ import torch
 from tqdm.auto import tqdm
 
 from diffswarm.experts.expert import Expert
+from diffswarm.router.ensemble import RoutedEnsemble
 from diffswarm.router.model import Router
 from diffswarm.router.routing import RoutingConfig
-from diffswarm.router.sampler import RoutedEnsemble, SamplingConfig, StepCallback, StepInfo, sample
+from diffswarm.sampling.config import SamplingConfig
+from diffswarm.sampling.loop import StepCallback, StepInfo, sample
 
 
 def order_by_cluster(experts: Sequence[Expert], num_clusters: int, partition_hash: str | None) -> list[Expert]:

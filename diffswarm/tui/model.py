@@ -12,7 +12,8 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 import torch
 from rich.text import Text
 
-from diffswarm.router.sampler import SAMPLERS, SamplingConfig  # the dashboard shares the CLI's sampling defaults
+from diffswarm.sampling.config import SamplingConfig  # the dashboard shares the CLI's sampling defaults
+from diffswarm.sampling.steps import SAMPLERS
 
 UPPER_HALF = "\u2580"
 BARS = " \u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"

@@ -180,8 +180,8 @@ class FakeSource:
                         dict(self.health), dataset_id=self.dataset_id)
 
     def generate(self, req: GenRequest, callback: Callable | None = None) -> torch.Tensor:
+        from diffswarm.router.ensemble import RoutedEnsemble
         from diffswarm.router.local import generate
-        from diffswarm.router.sampler import RoutedEnsemble
 
         if self.fail == "generate":
             raise RuntimeError("no expert can serve this step")
