@@ -344,7 +344,7 @@ def _peer_swarm(args, given, serves: bool) -> str | None:
 
 
 def plan_peer(args, given) -> PeerPlan:
-    from diffswarm.peer.server import PeerConfig
+    from diffswarm.peer.config import PeerConfig
 
     train = None
     training = [d for d in TRAIN_DESTS if d in given]

@@ -52,7 +52,8 @@ class InprocPeer:
     thread; ``stop()`` ends it."""
 
     def __init__(self, tmp_dir, limits: PeerLimits | None = None, router: bool = False):
-        from diffswarm.peer.server import Peer, PeerConfig
+        from diffswarm.peer.config import PeerConfig
+        from diffswarm.peer.server import Peer
         from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 
         experts, router_path = make_toy_swarm(tmp_dir, ToySwarmSpec(["fm"], size=SHAPE[1], channels=SHAPE[0],

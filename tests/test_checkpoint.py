@@ -234,7 +234,9 @@ def test_generate_refuses_a_corrupt_expert_or_router(swarm_files, capsys, damage
 
 
 def test_a_peer_refuses_to_serve_a_corrupt_router_or_expert(swarm_files):
-    from diffswarm.peer.server import Peer, PeerConfig, RouterBlob
+    from diffswarm.peer.config import PeerConfig
+    from diffswarm.peer.hosted import RouterBlob
+    from diffswarm.peer.server import Peer
 
     path = swarm_files / "router.safetensors"
     assert RouterBlob(path).weights_sha256 == read_meta(path)["weights_sha256"]

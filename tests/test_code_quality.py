@@ -144,7 +144,7 @@ def test_ruff_is_clean():
 
 
 def test_hivemind_handle_names_match_the_wire_contract():
-    from diffswarm.peer.server import ExpertServicer
+    from diffswarm.peer.servicer import ExpertServicer
     from diffswarm.protocol.wire import NAMESPACE, RPCS, SERVICER, handle_name
 
     assert ExpertServicer.__name__ == SERVICER

@@ -596,7 +596,7 @@ def test_internal_errors_carry_only_an_id_that_the_peer_logs(fresh, caller, capl
         raise RuntimeError("secret: /home/volunteer/.ssh/id_rsa")
 
     fresh.served.batcher.velocity = broken
-    caplog.set_level(logging.ERROR, logger="diffswarm.peer.server")
+    caplog.set_level(logging.ERROR, logger="diffswarm.peer.rpc")
     msg = valid_request(3, request_id=1)[0]
     with pytest.raises(P2PHandlerError) as e:
         caller.run(caller.unary("rpc_velocity", msg))

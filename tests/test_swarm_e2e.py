@@ -25,8 +25,8 @@ from diffswarm.client.answer_checks import TrustConfig
 from diffswarm.client.client import ClientConfig, SwarmClient
 from diffswarm.dht.entries import experts_key
 from diffswarm.dht.node import NetworkConfig, SwarmDHT
-from diffswarm.peer.server import NAMESPACE, ExpertServicer
-from diffswarm.protocol.wire import encode_request, request_metadata
+from diffswarm.peer.servicer import ExpertServicer
+from diffswarm.protocol.wire import NAMESPACE, encode_request, request_metadata
 from diffswarm.router.local import generate, load_local_ensemble
 from diffswarm.router.routing import NoExpertsError, RoutingConfig
 from diffswarm.sampling.config import SamplingConfig

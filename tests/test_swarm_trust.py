@@ -424,7 +424,8 @@ def test_a_sybil_crowd_cannot_change_the_router_of_a_named_swarm(tmp_path, monke
     from diffswarm.client import client as client_mod
     from diffswarm.client.client import ClientConfig, SwarmClient
     from diffswarm.dht.node import NetworkConfig, load_or_create_key
-    from diffswarm.peer.server import Peer, PeerConfig
+    from diffswarm.peer.config import PeerConfig
+    from diffswarm.peer.server import Peer
 
     caplog.set_level(logging.INFO, logger="diffswarm.client.client")
     router_a, router_b = _router(tmp_path / "a.safetensors", "ph-a"), _router(tmp_path / "b.safetensors", "ph-b")
@@ -516,7 +517,7 @@ def test_the_owner_key_decides_who_signs(tmp_path):
     """`resolve_swarm`: a founding peer signs, a joining peer with another key only mirrors, and an explicit
     owner key of another fingerprint is an error."""
     from diffswarm.dht.node import load_or_create_key, open_identity
-    from diffswarm.peer.server import resolve_swarm
+    from diffswarm.peer.announce import resolve_swarm
 
     owner_path = str(tmp_path / "owner.key")
     owner, created = load_or_create_key(owner_path)

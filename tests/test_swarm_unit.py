@@ -129,7 +129,10 @@ def test_peer_records_announce_the_training_summary():
 
     from diffswarm.experts.config import ExpertConfig, NetConfig
     from diffswarm.experts.expert import Expert
-    from diffswarm.peer.server import ExpertStatus, Peer, PeerConfig, ServedExpert, make_expert_record
+    from diffswarm.peer.announce import ExpertStatus, make_expert_record
+    from diffswarm.peer.config import PeerConfig
+    from diffswarm.peer.hosted import ServedExpert
+    from diffswarm.peer.server import Peer
 
     cfg = ExpertConfig(objective="fm", net=NetConfig(kind="mlp", size=8, width=8, depth=1, num_classes=3),
                        cluster=0, num_clusters=2, partition_hash="ph")
@@ -158,7 +161,9 @@ def test_router_only_peer_announces_the_routers_dataset(tmp_path):
     """The bootstrap of a local swarm serves the router and no expert: the dataset id comes from the router."""
     from types import SimpleNamespace
 
-    from diffswarm.peer.server import Peer, PeerConfig, RouterBlob
+    from diffswarm.peer.config import PeerConfig
+    from diffswarm.peer.hosted import RouterBlob
+    from diffswarm.peer.server import Peer
     from diffswarm.router.model import Router, RouterConfig
 
     path = tmp_path / "router.safetensors"
@@ -310,7 +315,8 @@ def test_batcher_failure_fails_requests_not_the_worker():
 @pytest.fixture(scope="module")
 def inproc_peer(tmp_path_factory):
     from diffswarm.dht.node import NetworkConfig
-    from diffswarm.peer.server import Peer, PeerConfig
+    from diffswarm.peer.config import PeerConfig
+    from diffswarm.peer.server import Peer
     from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 
     d = tmp_path_factory.mktemp("inproc")

@@ -1,10 +1,10 @@
 """What one caller, or all callers together, can make a serving peer hold: the limits and their bookkeeping.
 
-Pure (no I/O; times are passed in), used by ``server.ExpertServicer``. Every limit is a field of
-``PeerLimits`` with its default and why; docs/protocol.md (Limits) lists them with the wire-level bounds
-of ``diffswarm.protocol.wire``. A caller is a libp2p peer id. New ids are free, so per-caller limits stop one
-careless or greedy client, not a Sybil crowd; the peer-wide limits (queue rows, memory budget, open
-streams) are what bound the peer whatever the number of callers.
+Pure (no I/O; times are passed in), used by the RPC plumbing (``rpc``) and ``servicer.ExpertServicer``. Every
+limit is a field of ``PeerLimits`` with its default and why; docs/protocol.md (Limits) lists them with the
+wire-level bounds of ``diffswarm.protocol.wire``. A caller is a libp2p peer id. New ids are free, so per-caller
+limits stop one careless or greedy client, not a Sybil crowd; the peer-wide limits (queue rows, memory budget,
+open streams) are what bound the peer whatever the number of callers.
 """
 
 from __future__ import annotations

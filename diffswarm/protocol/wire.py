@@ -1,7 +1,7 @@
 """The wire contract between peers and clients: RPC names, versions, message layout, limits, checks.
 
 Both sides import this module and nothing of each other: the peer's servicer
-(``diffswarm.peer.server.ExpertServicer``) registers handlers under ``handle_name(rpc)`` and the
+(``diffswarm.peer.servicer.ExpertServicer``) registers handlers under ``handle_name(rpc)`` and the
 client calls those names through hivemind's public ``P2P.call_protobuf_handler`` /
 ``iterate_protobuf_handler`` / ``call_binary_stream_handler``. Protobufs are hivemind's
 ``runtime_pb2``; metadata is msgpack.

@@ -1,0 +1,267 @@
+"""What a peer announces, and how: its records (``ExpertStatus``, ``make_expert_record``, statistics, router
+provider entry, the manifest fields its owner signs), the owner's manifest it follows, the swarm it belongs to
+(``resolve_swarm``) and the heartbeat that re-announces all of it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+from hivemind.utils.timed_storage import get_dht_time
+
+from diffswarm import __version__
+from diffswarm.dht.names import (
+    DEFAULT_SWARM_NAME,
+    SwarmName,
+    choose_manifest,
+    is_full_name,
+    parse_swarm_name,
+    sign_manifest,
+    swarm_name_of,
+)
+from diffswarm.dht.node import Identity, SwarmDHT, load_or_create_key
+from diffswarm.dht.records import (
+    RECORD_VERSION,
+    ClusterStatsRecord,
+    ExpertRecord,
+    RouterProvider,
+    SwarmManifest,
+)
+from diffswarm.peer.hosted import RouterBlob, ServedExpert
+from diffswarm.protocol.wire import PROTOCOL_VERSION
+
+logger = logging.getLogger(__name__)
+
+
+def schedule_name(expert_cfg) -> str:
+    if expert_cfg.objective == "fm":
+        return "flow"
+    return f"vp-{expert_cfg.schedule.kind}-{expert_cfg.schedule.steps}"
+
+
+@dataclass(frozen=True)
+class ExpertStatus:
+    """What a peer announces about an expert beyond its ``ExpertConfig``: its state and serving figures."""
+
+    state: str  # joining | online | offline
+    sha256: str = ""  # checkpoint weights sha256 ("" while joining)
+    progress: float = 1.0  # training progress in [0, 1]
+    throughput: float = 0.0  # measured rows per second
+    load: float = 0.0  # rows queued or computing
+    max_batch: int = 256  # rows per forward pass
+    train_steps: int | None = None  # training steps done
+    final_loss: float | None = None  # last training loss (non-finite: announced as None)
+
+    @classmethod
+    def serving(cls, state: str, sha256: str, summary: dict, throughput: float, load: float,
+                max_batch: int) -> ExpertStatus:
+        """The status of a loaded checkpoint; ``summary`` is its training summary (keys ``steps``, ``final_loss``)."""
+        steps, loss = summary.get("steps"), summary.get("final_loss")
+        return cls(state, sha256, 1.0, float(throughput), float(load), int(max_batch),
+                   int(steps) if steps is not None else None, float(loss) if loss is not None else None)
+
+
+def make_expert_record(cfg, status: ExpertStatus, peer_id: str, addrs: list[str]) -> ExpertRecord:
+    """The record announcing an expert of ``ExpertConfig`` cfg in ``status``. A non-finite ``final_loss``
+    (no step done yet, or a diverged run) is announced as None: readers reject non-finite losses."""
+    loss = status.final_loss
+    if loss is not None and not math.isfinite(float(loss)):
+        loss = None
+    return ExpertRecord(
+        version=RECORD_VERSION, expert_id=cfg.expert_id, cluster=cfg.cluster, num_clusters=cfg.num_clusters or 1,
+        partition_hash=cfg.partition_hash or "", objective=cfg.objective, schedule=schedule_name(cfg),
+        image_shape=[cfg.net.channels, cfg.net.size, cfg.net.size], num_classes=cfg.net.num_classes,
+        checkpoint_sha256=status.sha256, software=__version__, protocol=PROTOCOL_VERSION, state=status.state,
+        progress=float(status.progress), throughput=float(status.throughput), load=float(status.load),
+        max_batch=int(status.max_batch), peer_id=peer_id, addrs=list(addrs), updated=float(get_dht_time()),
+        train_steps=int(status.train_steps) if status.train_steps is not None else None,
+        final_loss=float(loss) if loss is not None else None)
+
+
+def resolve_swarm(swarm: str | None, owner_key: str | None, identity: Identity,
+                  serves_router: bool) -> tuple[SwarmName | None, object, str]:
+    """(full swarm name or None, the RSA key this peer signs the manifest with or None, what that key is).
+
+    - ``swarm`` NAME@FINGERPRINT: join it; this peer signs only if its owner key (``owner_key``, else its
+      identity when it serves a router) has that fingerprint. An explicit ``owner_key`` of another
+      fingerprint is an error; an identity of another one makes a mirror (serves router bytes only).
+    - ``swarm`` a bare NAME or None, with a router: found swarm NAME (default ``diffswarm``) owned by the
+      owner key.
+    - None and no router: a plain DHT node (no swarm)."""
+    key, what = None, ""
+    if owner_key:
+        key, created = load_or_create_key(owner_key)
+        what = f"owner key {owner_key}" + (" (new)" if created else "")
+    elif serves_router:
+        key, what = identity.key, "this peer's identity key" + (" (throw-away: pass --identity or --owner-key to keep "
+                                                                "the swarm's name)" if identity.ephemeral else "")
+    if swarm is not None and is_full_name(swarm):
+        name = parse_swarm_name(swarm)
+        if key is not None and swarm_name_of(name.name, key) == name:
+            return name, key, what
+        if owner_key:
+            raise ValueError(f"--owner-key {owner_key} has fingerprint {swarm_name_of(name.name, key).fingerprint}, "
+                             f"not the one of swarm {name}")
+        return name, None, ""
+    if key is None:
+        if swarm is None:
+            return None, None, ""
+        parse_swarm_name(swarm)  # raises SwarmNameError with how to get the full name
+    return swarm_name_of(swarm or DEFAULT_SWARM_NAME, key), key, what
+
+
+def swarm_greeting(swarm: SwarmName | None, owner: str | None, peer_id: str, maddrs: list[str], joined: bool) -> str:
+    """What a starting peer says about its swarm: its name and how others join it. ``owner``: what the owner key
+    this peer signs with is (None: it holds no owner key); ``joined``: it was given peers to join."""
+    where = " ".join(maddrs)
+    if swarm is None:
+        return f"running a plain DHT node (no swarm) as {peer_id}; others join with:\n  --initial-peers " + where
+    if owner is not None:
+        return (f"swarm {swarm} (owned by {owner}; this peer signs its manifest). Others join with:\n"
+                f"  --swarm {swarm} --initial-peers {where}")
+    if joined:
+        return f"joined swarm {swarm} as {peer_id}"
+    return (f"started swarm {swarm} as {peer_id} (its owner must announce the manifest); others "
+            f"join with:\n  --swarm {swarm} --initial-peers {where}")
+
+
+# -- records -----------------------------------------------------------------------------------
+
+
+def served_record(s: ServedExpert, state: str, peer_id: str, addrs: list[str]) -> ExpertRecord:
+    """The record of a loaded expert in ``state``: its checkpoint's summary, its batcher's throughput and load."""
+    status = ExpertStatus.serving(state, s.expert.weights_sha256, s.expert.summary, s.batcher.throughput,
+                                  s.batcher.pending_rows, s.batcher.policy.max_rows)
+    return make_expert_record(s.expert.config, status, peer_id, addrs)
+
+
+def stats_records(served: Iterable[ServedExpert], peer_id: str) -> list[ClusterStatsRecord]:
+    """The cluster statistics published beside the served experts (those whose ``load_stats`` found a file)."""
+    out = []
+    for s in served:
+        c = s.expert.config
+        if s.stats_blob is not None:
+            out.append(ClusterStatsRecord(version=RECORD_VERSION, cluster=c.cluster, num_clusters=c.num_clusters,
+                                          partition_hash=c.partition_hash or "",
+                                          stats_sha256=hashlib.sha256(s.stats_blob).hexdigest(),
+                                          blob=s.stats_blob, software=__version__, peer_id=peer_id,
+                                          updated=float(get_dht_time())))
+    return out
+
+
+def manifest_fields_for(swarm: SwarmName, router: RouterBlob | None, served: dict[str, ServedExpert],
+                        training_cfg=None) -> dict:
+    """What the owner signs (``SwarmManifest`` fields but the key and signature): about this peer's router,
+    or, with no router, about its expert's partition (a swarm routed by its peers' published statistics).
+    ``training_cfg``: the ``ExpertConfig`` in training, if any."""
+    if router is None:
+        c = next(s.expert.config for s in served.values())
+        return dict(version=RECORD_VERSION, swarm=swarm.name, partition_hash=c.partition_hash or "",
+                    num_clusters=c.num_clusters or 1, dataset_id=c.dataset_id,
+                    image_shape=[c.net.channels, c.net.size, c.net.size], num_classes=c.net.num_classes,
+                    router_sha256="", router_weights_sha256="", router_bytes=0, protocol=PROTOCOL_VERSION,
+                    software=__version__, issued=float(get_dht_time()))
+    rc = router.cfg
+    # the router's own (routers trained before it was recorded: a served or trained expert's; else "")
+    configs = [s.expert.config for s in served.values()] + [c for c in [training_cfg] if c is not None]
+    dataset_id = rc.dataset_id or next((c.dataset_id for c in configs if c.dataset_id), "")
+    return dict(version=RECORD_VERSION, swarm=swarm.name, partition_hash=rc.partition_hash or "",
+                num_clusters=rc.num_clusters, dataset_id=dataset_id, image_shape=[rc.channels, rc.size, rc.size],
+                num_classes=rc.num_classes, router_sha256=router.sha256,
+                router_weights_sha256=router.weights_sha256, router_bytes=len(router.data),
+                protocol=PROTOCOL_VERSION, software=__version__, issued=float(get_dht_time()))
+
+
+def provider_record_for(router: RouterBlob | None, peer_id: str, addrs: list[str]) -> RouterProvider | None:
+    """The entry saying that this peer serves ``router``'s bytes (None: it serves no router)."""
+    if router is None:
+        return None
+    return RouterProvider(version=RECORD_VERSION, router_sha256=router.sha256, router_bytes=len(router.data),
+                          software=__version__, peer_id=peer_id, addrs=addrs, updated=float(get_dht_time()))
+
+
+# -- the owner's manifest ----------------------------------------------------------------------
+
+
+def sign_own_manifest(owner_key, fields: dict, swarm: SwarmName, router: RouterBlob | None, log) -> SwarmManifest:
+    """The manifest the owner's key signs over ``fields``, said in the log."""
+    manifest = sign_manifest(owner_key, fields)
+    what = (f"router {router.sha256[:12]}" if router is not None
+            else "no trained router (clients route with the statistics peers publish)")
+    log(f"signed the manifest of swarm {swarm}: {what}, partition {manifest.partition_hash[:12] or '(none)'}")
+    return manifest
+
+
+async def follow_manifest(dht: SwarmDHT, swarm: SwarmName, current: SwarmManifest | None,
+                          own: SwarmManifest | None, log) -> SwarmManifest | None:
+    """The owner's newest valid manifest among this peer's own, the one it followed so far (``current``) and
+    those announced in the DHT; says so when it follows a new one."""
+    found: list[SwarmManifest] = []
+    try:
+        found, errors = await dht.get_manifests()
+        for e in errors:
+            logger.debug(f"skipped an invalid manifest: {e}")
+    except Exception as e:  # the DHT being briefly unreachable: keep the manifest we have
+        logger.debug(f"manifest lookup failed: {e!r}")
+    candidates = found + [m for m in (own, current) if m is not None]
+    best, _ = choose_manifest(candidates, swarm)
+    if best is None or best == current:
+        return current
+    if current is not None or best != own:
+        log(f"following the owner's manifest of {swarm} issued at {best.issued:.0f}: router {best.router_sha256[:12]}")
+    return best
+
+
+def warn_misfits(served: Iterable[ServedExpert], m: SwarmManifest | None, warned: set[tuple[str, float]],
+                 log) -> None:
+    """Warn about served experts that do not fit manifest ``m`` (clients will skip them), once per expert and
+    manifest: ``warned`` holds the (expert id, manifest issued) already warned about."""
+    if m is None:
+        return
+    for s in served:
+        c = s.expert.config
+        if (c.expert_id, m.issued) in warned:
+            continue
+        shape = [c.net.channels, c.net.size, c.net.size]
+        if ((c.partition_hash or "") != m.partition_hash or (c.num_clusters or 1) != m.num_clusters
+                or shape != list(m.image_shape) or c.net.num_classes != m.num_classes):
+            warned.add((c.expert_id, m.issued))
+            log(f"warning: expert {c.expert_id} (partition {(c.partition_hash or '')[:12]}, "
+                f"K={c.num_clusters}, {shape}, {c.net.num_classes} classes) does not fit the swarm's "
+                f"manifest (partition {m.partition_hash[:12]}, K={m.num_clusters}, {list(m.image_shape)}, "
+                f"{m.num_classes} classes): clients will skip it")
+
+
+# -- announcing --------------------------------------------------------------------------------
+
+
+async def announce_records(dht: SwarmDHT, expiration: float, experts: list[ExpertRecord],
+                           stats: list[ClusterStatsRecord], manifest: SwarmManifest | None,
+                           provider: RouterProvider | None) -> None:
+    """Store one heartbeat's records in the DHT, all at once; one that is not stored is logged."""
+    tasks = [dht.announce_expert(r, expiration) for r in experts]
+    tasks += [dht.announce_stats(r, expiration) for r in stats]
+    if manifest is not None:
+        tasks.append(dht.announce_manifest(manifest, expiration))
+    if provider is not None:
+        tasks.append(dht.announce_provider(provider, expiration))
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for r in results:
+        if r is not True:
+            logger.warning(f"announcement not stored: {r!r}")
+
+
+async def heartbeat(announce: Callable[[], Awaitable[None]], stop: asyncio.Event, period: float) -> None:
+    """Call ``announce`` every ``period`` seconds until ``stop`` is set."""
+    while not stop.is_set():
+        try:
+            await announce()
+        except Exception as e:  # the DHT being briefly unreachable must not kill the peer
+            logger.warning(f"heartbeat failed: {e!r}")
+        with contextlib.suppress(TimeoutError):  # the period passed: announce again
+            await asyncio.wait_for(stop.wait(), period)

@@ -1,0 +1,32 @@
+"""The configuration of one ``diffswarm peer`` process: ``PeerConfig``, one commented field per knob."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from diffswarm.dht.node import NetworkConfig
+from diffswarm.peer.limits import PeerLimits
+from diffswarm.training.jobs import TrainJob
+
+
+@dataclass
+class PeerConfig:
+    """Everything one ``diffswarm peer`` process needs; one commented field per knob."""
+
+    net: NetworkConfig = field(default_factory=NetworkConfig)
+    # the swarm: its full name NAME@FINGERPRINT to join it; a bare NAME (or None) with `router` and an owner
+    # key founds swarm NAME (default "diffswarm") owned by that key; None without a router: a plain DHT node
+    swarm: str | None = None
+    owner_key: str | None = None  # owner key file signing the manifest (created if missing); None: the identity key
+    checkpoint: str | None = None  # expert to serve; None with `train`: train it first; None without: no expert
+    train: TrainJob | None = None  # what to train first when there is no checkpoint
+    router: str | None = None  # router file to serve (the owner also signs the swarm's manifest naming it)
+    device: str = "auto"
+    threads: int = 0  # torch CPU threads (0: torch default)
+    max_batch: int = 256  # request rows per forward pass
+    batch_wait_ms: float = 2.0  # wait for more requests when several clients are active
+    inline_ms: float = 20.0  # forward passes expected to be shorter run on the event loop (no thread hop)
+    announce_period: float = 10.0  # seconds between heartbeats
+    expire_factor: float = 3.0  # records expire after this many periods without a heartbeat
+    info_file: str | None = None  # write {peer_id, maddrs, pid, ...} here once online (swarm up, tests)
+    limits: PeerLimits = field(default_factory=PeerLimits)  # what callers can make the peer hold (peer/limits.py)
