@@ -2,7 +2,7 @@
 
 The walk is mechanical: for each subcommand, a few base command lines (its modes: local vs swarm,
 training vs serving, each routing strategy, ...); for each option of the subcommand, the base plus that
-option with a non-default value is planned (``commands.plan``: options -> config objects, no I/O but
+option with a non-default value is planned (``diffswarm.cli.dispatch.plan``: options -> config objects, no I/O but
 a local swarm's swarm.json). The option must change the plan or be refused (argparse error or
 ``ValueError``) with a message that names it, in every base; and change the plan in at least one.
 """
@@ -14,8 +14,8 @@ import json
 
 import pytest
 
-from diffswarm import commands
-from diffswarm.cli import build_parser, command_path, given_options, subparsers
+from diffswarm.cli import dispatch
+from diffswarm.cli.parser import build_parser, command_path, given_options, subparsers
 
 MADDR = "/ip4/127.0.0.1/tcp/4001/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
 MADDR2 = "/ip4/127.0.0.1/tcp/4002/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
@@ -108,7 +108,7 @@ def plan_of(argv: list[str], capsys):
     except SystemExit:
         return "refused", capsys.readouterr().err
     try:
-        return "plan", commands.plan(args, given_options(parser, command_path(args), argv))
+        return "plan", dispatch.plan(args, given_options(parser, command_path(args), argv))
     except ValueError as e:
         return "refused", str(e)
 
@@ -179,7 +179,7 @@ def test_a_local_swarm_is_found_by_its_own_name(files, capsys):
     assert kind == "plan" and p.swarm.config.swarm == FOO  # the fingerprint is case-insensitive
     # planning does not change the parsed options behind the caller's back (it used to flip args.loopback)
     args = build_parser().parse_args(["generate", "--run-dir", run])
-    commands.plan(args, {})
+    dispatch.plan(args, {})
     assert args.loopback is False
 
 

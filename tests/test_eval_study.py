@@ -150,12 +150,13 @@ def test_a_lone_remaining_model_trains_on_every_workers_threads(tmp_path, monkey
 
 
 def test_the_plan_takes_the_network_from_the_demo_preset(monkeypatch):
-    from diffswarm import commands, demo
-    from diffswarm.cli import build_parser, given_options
+    from diffswarm import demo
+    from diffswarm.cli import dispatch
+    from diffswarm.cli.parser import build_parser, given_options
 
     def plan(argv):
         parser = build_parser()
-        return commands.plan(parser.parse_args(["eval", *argv]), given_options(parser, "eval", ["eval", *argv]))
+        return dispatch.plan(parser.parse_args(["eval", *argv]), given_options(parser, "eval", ["eval", *argv]))
 
     p = plan(["--quick"])
     tiny = demo.PRESETS["tiny"]
@@ -200,7 +201,7 @@ def _numbers(o):
 def test_quick_eval_end_to_end(tmp_path, monkeypatch):
     """`diffswarm eval --quick --save-samples` writes a sane report; a second look at the pool trains nothing."""
     from diffswarm.cli import main
-    from diffswarm.commands import eval_config
+    from diffswarm.cli.eval_plans import eval_config
     from diffswarm.eval.pool import ExpertPool
 
     monkeypatch.setenv("DIFFSWARM_CACHE", str(tmp_path / "cache"))

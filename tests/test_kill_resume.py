@@ -37,7 +37,7 @@ from diffswarm.experts.train import STATE_FILE, load_resume_state
 from diffswarm.utils.fileio import is_temp_file, stale_temps
 
 STEPS, EVERY, KILLS = 200, 5, 10
-PRELOAD = ["diffswarm.cli", "diffswarm.commands", "diffswarm.training.jobs", "diffswarm.experts.train",
+PRELOAD = ["diffswarm.cli", "diffswarm.cli.dispatch", "diffswarm.training.jobs", "diffswarm.experts.train",
            "diffswarm.data", "diffswarm.client.client", "diffswarm.dht.node", "diffswarm.swarm.local",
            "diffswarm.router.routing"]
 
@@ -68,7 +68,7 @@ def _child(argv: list[str], counter: str, log: str) -> None:
 
         return inner(job, on_step=on_step, **kw)
 
-    clusters.run_train_job = counted  # commands.run_train imports it from there at call time
+    clusters.run_train_job = counted  # cli.train_runs.run_train imports it from there at call time
     sys.exit(main(argv))
 
 

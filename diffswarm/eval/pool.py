@@ -63,7 +63,7 @@ ROUTER_KINDS = ("cond", "uncond")
 @dataclass(frozen=True)
 class PoolConfig:
     """What the pool is made of. The network and training recipe come from one place (the demo's presets,
-    via ``commands.plan_eval``), so changing the preset changes the eval."""
+    via ``cli.eval_plans.plan_eval``), so changing the preset changes the eval."""
 
     data: DatasetSpec = field(default_factory=DatasetSpec)  # resolved: a name is set
     k: int = 8  # clusters = experts per ensemble

@@ -88,7 +88,7 @@ QUICK_GMM = GMMSettings(n_samples=500, steps=20, router_steps=300, stats_fit_sam
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """One ``diffswarm eval`` run (built by ``commands.plan_eval`` from a preset and the options)."""
+    """One ``diffswarm eval`` run (built by ``diffswarm.cli.eval_plans.plan_eval`` from a preset and the options)."""
 
     out: str
     pool: PoolConfig

@@ -120,12 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode-file", default=None, help="read the mode from this file before every pass")
     own, rest = ap.parse_known_args(argv)
     rest = [a for a in rest if a != "--"]
-    from diffswarm import commands
-    from diffswarm.cli import build_parser, given_options
+    from diffswarm.cli.dispatch import plan as plan_command
+    from diffswarm.cli.parser import build_parser, given_options
 
     parser = build_parser()
     args = parser.parse_args(["peer", *rest])
-    plan = commands.plan(args, given_options(parser, "peer", ["peer", *rest]))
+    plan = plan_command(args, given_options(parser, "peer", ["peer", *rest]))
     import asyncio
 
     try:

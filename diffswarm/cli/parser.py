@@ -1,133 +1,28 @@
-"""The ``diffswarm`` command line: one subcommand per step of the path a user walks.
+"""The ``diffswarm`` argparse parser: one function per subcommand group, and what the user typed.
 
-Parsing is only the first half: ``commands.plan(args, given)`` turns the options into config objects
-and refuses, with a message naming the option, every combination in which an option would have no
-effect (``given`` holds the options the user actually typed). ``tests/test_cli_options.py`` walks
-every option of every subcommand and checks that it either changes the plan or is refused.
+``build_parser`` composes the groups (training, clients, peer, local swarm, evaluation) from the shared
+option groups of ``diffswarm.cli.options``; ``given_options`` tells which options the user actually typed,
+so that planning can refuse the ones without effect.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from diffswarm import __version__
+from diffswarm.cli.options import (
+    add_dataset_args,
+    add_network_args,
+    add_router_kind_arg,
+    add_routing_args,
+    add_sampling_args,
+    add_swarm_source_args,
+    add_train_args,
+)
 
 
 def _parser(sub, name: str, help: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=help, allow_abbrev=False)
-
-
-def _add_dataset_args(p: argparse.ArgumentParser) -> None:
-    from diffswarm.data.datasets import DATASET_NAMES
-
-    g = p.add_argument_group("dataset")
-    g.add_argument("--dataset", default=None, choices=DATASET_NAMES,
-                   help="default: fashion if installed (Debian's dataset-fashion-mnist), else digits")
-    g.add_argument("--data-root", default=None, help="fashion: IDX folder; folder: your image directory")
-    g.add_argument("--size", type=int, default=None, help="resize images to SIZE x SIZE")
-    g.add_argument("--channels", type=int, default=None, help="folder datasets: 1 (grayscale) or 3 (RGB)")
-
-
-def _add_train_args(g, minutes_default: float | None = None) -> None:
-    """What one volunteer trains and how: shared by `train` and `peer` (-> ``clusters.TrainJob``)."""
-    from diffswarm.experts.config import OBJECTIVES
-    from diffswarm.experts.networks import NETWORKS
-    from diffswarm.experts.train import TrainConfig
-
-    d = TrainConfig()
-    g.add_argument("--partition", default=None, help="partition manifest (from `diffswarm partition`)")
-    g.add_argument("--cluster", type=int, default=None, help="the cluster whose images the expert trains on")
-    g.add_argument("--objective", choices=OBJECTIVES, default="fm", help="fm (velocity) or ddpm (epsilon)")
-    g.add_argument("--schedule", choices=["cosine", "linear"], default="cosine", help="DDPM noise schedule")
-    g.add_argument("--net", choices=sorted(NETWORKS), default="unet", help="denoiser network (default unet)")
-    g.add_argument("--width", type=int, default=None, help="network width (default: the network's)")
-    g.add_argument("--depth", type=int, default=None, help="network depth (default: the network's)")
-    g.add_argument("--unconditional", action="store_true", help="ignore class labels (no classifier-free guidance)")
-    length = g.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {d.steps})")
-    length.add_argument("--minutes", type=float, default=minutes_default,
-                        help="wall-clock training budget instead of a step count: steps follow from the measured speed")
-    g.add_argument("--batch", type=int, default=d.batch)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="steps between checkpoints")
-    g.add_argument("--init-from", default=None, help="DDPM expert checkpoint whose trunk initialises this FM expert")
-    g.add_argument("--out", default=None, help="output folder (expert.safetensors, state.safetensors, train_log.jsonl, "
-                                               "job.json)")
-
-
-def _add_routing_args(p: argparse.ArgumentParser) -> None:
-    from diffswarm.router.routing import STRATEGIES, RoutingConfig
-
-    d = RoutingConfig()
-    g = p.add_argument_group("routing")
-    g.add_argument("--routing", default=d.strategy, choices=STRATEGIES)
-    g.add_argument("--k", type=int, default=None, help=f"experts per step for top-k / sample-k (default {d.k})")
-    g.add_argument("--threshold", type=float, default=None,
-                   help=f"minimum router probability for --routing threshold (default {d.threshold})")
-    g.add_argument("--full-above", type=float, default=None, help="use the full ensemble while t > this value")
-
-
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    from diffswarm.sampling.config import SamplingConfig
-    from diffswarm.sampling.steps import SAMPLERS
-
-    d = SamplingConfig()
-    g = p.add_argument_group("sampling")
-    g.add_argument("--n", type=int, default=16, help="number of images")
-    g.add_argument("--class", dest="classes", action="append", default=None,
-                   help="class id or name to generate (repeatable; 'all' cycles through every class); "
-                        "default unconditional")
-    g.add_argument("--steps", type=int, default=d.steps)
-    g.add_argument("--sampler", default=d.sampler, choices=SAMPLERS)
-    g.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale (1 = none)")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--output", default="grid.png", help="PNG grid to write")
-    g.add_argument("--save-samples", default=None, help="also write the raw samples (npz: samples, labels)")
-    g.add_argument("--nrow", type=int, default=None, help="images per grid row")
-    g.add_argument("--device", default="auto")
-
-
-def _add_swarm_source_args(p: argparse.ArgumentParser) -> None:
-    """How a client finds a swarm: --initial-peers, or the local swarm of `swarm up` in --run-dir."""
-    g = p.add_argument_group("which swarm")
-    g.add_argument("--initial-peers", nargs="+", default=None, metavar="MADDR",
-                   help="multiaddr(s) of swarm peers (default: those of `diffswarm swarm up` in --run-dir)")
-    g.add_argument("--run-dir", default=None,
-                   help="local swarm state folder (default runs/swarm; without --initial-peers)")
-    g.add_argument("--swarm", default=None, metavar="NAME@FINGERPRINT",
-                   help="the swarm's full name, as `swarm up` and the founding peer print it (needed with "
-                        "--initial-peers; default: the local swarm's own name)")
-
-
-def _add_network_args(p: argparse.ArgumentParser, client: bool) -> None:
-    g = p.add_argument_group("network")
-    if not client:
-        g.add_argument("--initial-peers", nargs="+", default=None, metavar="MADDR",
-                       help="multiaddrs of running peers; none: start a new swarm and print its multiaddr")
-        g.add_argument("--host", default=None,
-                       help="listen address (default all interfaces; 127.0.0.1 with --loopback)")
-        g.add_argument("--port", type=int, default=0, help="listen TCP port (0: any free port)")
-        g.add_argument("--announce-maddrs", nargs="+", default=None, metavar="MADDR",
-                       help="public multiaddrs to announce (behind NAT/port forwarding), e.g. /ip4/1.2.3.4/tcp/31337")
-        g.add_argument("--identity", default=None, help="identity key file (created if missing): keeps the peer id")
-        g.add_argument("--no-identity-check", action="store_true",
-                       help="skip checking that --identity is not already online (faster start)")
-    g.add_argument("--loopback", action="store_true", help="127.0.0.1 only, no NAT traversal or relays (local swarms)")
-    g.add_argument("--no-relay", action="store_true", help="do not use libp2p circuit relays")
-    g.add_argument("--no-nat", action="store_true", help="no AutoNAT probing or UPnP port mapping")
-    if not client:
-        g.add_argument("--use-auto-relay", action="store_true",
-                       help="behind NAT without port forwarding: become reachable through libp2p relays (slow)")
-
-
-def _add_router_kind_arg(p) -> None:
-    p.add_argument("--router-kind", choices=["auto", "trained", "stats"], default="auto",
-                   help="trained: the router file (the swarm's, or --router); stats: p(cluster | x_t, t, class) in "
-                        "closed form from the statistics each expert's peer publishes (no router peer, no central "
-                        "data); auto (default): trained if the swarm's manifest names a router (locally: if --router "
-                        "is given or there is one expert), else stats")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,15 +31,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="Decentralized diffusion: train experts alone, generate with the swarm.")
     parser.add_argument("--version", action="version", version=f"diffswarm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_training_commands(sub)
+    _add_client_commands(sub)
+    _add_peer_command(sub)
+    _add_swarm_commands(sub)
+    _add_evaluation_commands(sub)
+    return parser
 
+
+def _add_training_commands(sub) -> None:
+    """`partition`, `train`, `train-router`."""
     p = _parser(sub, "partition", "split a dataset into K semantic clusters (k-means, no labels)")
-    _add_dataset_args(p)
+    add_dataset_args(p)
     p.add_argument("--k", type=int, default=4, help="number of clusters / experts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/partition.json", help="partition manifest to write")
 
     p = _parser(sub, "train", "train one expert on its cluster (DDPM or flow matching)")
-    _add_train_args(p)
+    add_train_args(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT/state.safetensors")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -159,29 +63,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
 
+
+def _add_client_commands(sub) -> None:
+    """`generate` and `dashboard`: the swarm's clients."""
     p = _parser(sub, "generate", "generate images over the swarm (default) or from local checkpoints (--local)")
     p.add_argument("--local", nargs="+", metavar="EXPERT", help="expert checkpoints (one per cluster): no network")
     p.add_argument("--router", default=None,
                    help="router checkpoint (swarm: default is the router the swarm announces)")
-    _add_swarm_source_args(p)
+    add_swarm_source_args(p)
     g = p.add_argument_group("swarm client")
     g.add_argument("--router-sha256", default=None, help="only use an announced router with this sha256 (prefix)")
-    _add_router_kind_arg(p)
+    add_router_kind_arg(p)
     g.add_argument("--timeout", type=float, default=None, help="deadline of one expert call, seconds (default 10)")
     g.add_argument("--compression", choices=["none", "float16"], default=None,
                    help="tensor encoding on the wire (default none)")
-    _add_network_args(p, client=True)
-    _add_sampling_args(p)
-    _add_routing_args(p)
+    add_network_args(p, client=True)
+    add_sampling_args(p)
+    add_routing_args(p)
 
     p = _parser(sub, "dashboard", "terminal dashboard: watch the swarm's experts and generate from it")
-    _add_swarm_source_args(p)
+    add_swarm_source_args(p)
     p.add_argument("--out", default="runs/dashboard", help="folder for the generated PNG grids")
     p.add_argument("--timeout", type=float, default=10.0, help="deadline of one expert call, seconds")
     p.add_argument("--device", default="cpu")
-    _add_router_kind_arg(p)
-    _add_network_args(p, client=True)
+    add_router_kind_arg(p)
+    add_network_args(p, client=True)
 
+
+def _add_peer_command(sub) -> None:
+    """`peer`: a volunteer that (trains and) serves one expert, or a router, or only a DHT node."""
     p = _parser(sub, "peer", "volunteer: join the swarm, (train and) serve one expert")
     g = p.add_argument_group("what to serve")
     g.add_argument("--checkpoint", default=None, help="expert checkpoint to serve (expert.safetensors)")
@@ -192,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the peer's identity key), or, without --router, naming no router: clients then "
                         "route with the statistics the experts' peers publish; its fingerprint is in the swarm's name")
     g = p.add_argument_group("training first (instead of --checkpoint); the run resumes from --out")
-    _add_train_args(g)
+    add_train_args(g)
     g.add_argument("--train-job", default=None, help="a training job file (job.json, as `swarm up` writes them)")
     g = p.add_argument_group("serving")
     g.add_argument("--swarm", default=None, metavar="NAME@FINGERPRINT",
@@ -210,8 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="request rows per second one caller may send; more is answered busy (default 10000; 0 = off)")
     g.add_argument("--burst-rows", type=int, default=None,
                    help="rows one caller may send at once after idling (default 16384)")
-    _add_network_args(p, client=False)
+    add_network_args(p, client=False)
 
+
+def _add_swarm_commands(sub) -> None:
+    """`swarm up`, `swarm down`, `swarm status`."""
     p = _parser(sub, "swarm", "a local swarm on 127.0.0.1: `swarm up` / `swarm down` / `swarm status`")
     ssub = p.add_subparsers(dest="swarm_command", required=True, metavar="ACTION")
     q = _parser(ssub, "up", "start a bootstrap node and K peers as separate processes, wait until online")
@@ -243,22 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=None, help="expert network width")
     g.add_argument("--depth", type=int, default=None, help="expert network depth")
     g.add_argument("--seed", type=int, default=None, help="partition and training seed (default 0)")
-    _add_dataset_args(q)
+    add_dataset_args(q)
     q = _parser(ssub, "down", "stop the local swarm started from --run-dir")
     q.add_argument("--run-dir", default="runs/swarm")
     q.add_argument("--timeout", type=float, default=20.0, help="seconds before SIGKILL")
     q = _parser(ssub, "status", "list the experts a swarm announces")
-    _add_swarm_source_args(q)
-    _add_network_args(q, client=True)
+    add_swarm_source_args(q)
+    add_network_args(q, client=True)
 
+
+def _add_evaluation_commands(sub) -> None:
+    """`quality`, `demo`, `eval`."""
     p = _parser(sub, "quality", "Frechet distance and class accuracy of saved samples")
     p.add_argument("samples", help="npz written by --save-samples")
     p.add_argument("--partition", default=None, help="manifest: its dataset, and cluster shares to compare")
-    _add_dataset_args(p)
+    add_dataset_args(p)
 
     p = _parser(sub, "demo", "partition, train mixed DDPM/FM experts in parallel, route, generate, evaluate")
     p.add_argument("--out", default="runs/demo")
-    _add_dataset_args(p)
+    add_dataset_args(p)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--preset", choices=["cpu", "gpu", "tiny"], default=None,
                    help="sizes (default: gpu if CUDA, else cpu)")
@@ -295,7 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "core for sampling, the cores shared out among the training processes)")
     p.add_argument("--report-only", action="store_true",
                    help="only re-render OUT/report.md and its plots from OUT/results.json (and OUT/reading.md)")
-    return parser
 
 
 def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -329,31 +244,3 @@ def given_options(parser: argparse.ArgumentParser, path: str, argv: list[str]) -
             if any(tok == s or tok.startswith(s + "=") for tok in tokens):
                 out[a.dest] = s
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from diffswarm import commands
-    from diffswarm.client.client import SwarmClientError
-    from diffswarm.dht.node import SwarmNetworkError
-    from diffswarm.router.routing import NoExpertsError
-    from diffswarm.swarm.local import SwarmLaunchError
-
-    name = command_path(args)
-    args.argv = argv[1:] if name == "eval" else argv
-    try:
-        plan = commands.plan(args, given_options(parser, name, argv))
-        return commands.run(plan) or 0
-    except (ValueError, FileNotFoundError, NoExpertsError, SwarmClientError, SwarmLaunchError,
-            SwarmNetworkError) as e:
-        print(f"diffswarm {name}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

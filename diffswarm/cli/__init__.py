@@ -1,0 +1,38 @@
+"""The ``diffswarm`` command line: one subcommand per step of the path a user walks.
+
+Parsing is only the first half (``diffswarm.cli.parser``): ``dispatch.plan(args, given)`` turns the options
+into config objects and refuses, with a message naming the option, every combination in which an option
+would have no effect (``given`` holds the options the user actually typed); ``dispatch.run`` executes the
+plan. ``tests/test_cli_options.py`` walks every option of every subcommand and checks that it either
+changes the plan or is refused.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from diffswarm.cli.parser import build_parser, command_path, given_options
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from diffswarm.cli import dispatch
+    from diffswarm.client.client import SwarmClientError
+    from diffswarm.dht.node import SwarmNetworkError
+    from diffswarm.router.routing import NoExpertsError
+    from diffswarm.swarm.local import SwarmLaunchError
+
+    name = command_path(args)
+    args.argv = argv[1:] if name == "eval" else argv
+    try:
+        plan = dispatch.plan(args, given_options(parser, name, argv))
+        return dispatch.run(name, plan) or 0
+    except (ValueError, FileNotFoundError, NoExpertsError, SwarmClientError, SwarmLaunchError,
+            SwarmNetworkError) as e:
+        print(f"diffswarm {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

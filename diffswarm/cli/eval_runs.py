@@ -1,0 +1,49 @@
+"""Runners of the evaluating subcommands: `quality`, `demo`, `eval` (the I/O halves of ``eval_plans``)."""
+
+from __future__ import annotations
+
+from diffswarm.cli.eval_plans import DemoPlan, EvalPlan, EvalReportPlan, QualityPlan
+
+
+def run_quality(p: QualityPlan) -> int:
+    import numpy as np
+    import torch
+
+    from diffswarm.data import Partition
+    from diffswarm.eval import get_classifier, quality_report
+    from diffswarm.training.jobs import dataset_for_partition
+
+    data = np.load(p.samples)
+    samples, labels = torch.from_numpy(data["samples"]), torch.from_numpy(data["labels"])
+    part = Partition.load(p.partition) if p.partition else None
+    if part is not None:
+        train, test = dataset_for_partition(part), dataset_for_partition(part, "test")
+    else:
+        train, test = p.data.load("train"), p.data.load("test")
+    clf = get_classifier(train)
+    rep = quality_report(samples, labels if (labels >= 0).any() else None, train, test, clf, part)
+    print(rep.format())
+    return 0
+
+
+def run_demo(p: DemoPlan) -> int:
+    from diffswarm.demo import run_demo as demo
+
+    demo(p.config)
+    return 0
+
+
+def run_eval(p: EvalPlan | EvalReportPlan) -> int:
+    if isinstance(p, EvalReportPlan):
+        return run_eval_report(p)
+    from diffswarm.eval.study import run_study
+
+    run_study(p.config, log=lambda m: print(m, flush=True), command=p.command)
+    return 0
+
+
+def run_eval_report(p: EvalReportPlan) -> int:
+    from diffswarm.eval.report import rerender
+
+    print(f"report -> {rerender(p.out)}")
+    return 0

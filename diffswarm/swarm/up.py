@@ -1,0 +1,101 @@
+"""`swarm up`: start a local swarm from checkpoints, or partition a dataset and train its experts (and router) first.
+
+``swarm_up`` lays out the run dir (partition.json, router.safetensors, experts/c{i}-{objective}/), turns every
+expert into a peer process of ``diffswarm.swarm.local`` and waits until each is online.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from diffswarm.data import DatasetSpec, Partition, make_partition
+from diffswarm.experts.train import TrainConfig
+from diffswarm.router.train import RouterTrainConfig
+from diffswarm.swarm.local import LocalSwarm, PeerSpec, start_local_swarm
+from diffswarm.training.jobs import RouterJob, TrainJob
+
+
+@dataclass(frozen=True)
+class SwarmUpConfig:
+    """A local swarm to start: serve ``checkpoints``, or partition, train ``experts`` experts (and a router)
+    in ``run_dir`` first."""
+
+    run_dir: str
+    swarm: str  # NAME, or NAME@FINGERPRINT that must match the owner key
+    owner_key: str | None  # None: RUN_DIR/owner.key
+    replicas: int
+    threads: int
+    port: int
+    timeout: float
+    checkpoints: tuple[str, ...] | None = None  # serve these (no training)
+    router: str | None = None
+    experts: int = 4  # K (training mode)
+    partition: str | None = None  # existing manifest; None: partition `data` in the run dir
+    data: DatasetSpec = field(default_factory=DatasetSpec)
+    objectives: str = "mixed"
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300))
+    router_train: RouterTrainConfig = field(default_factory=lambda: RouterTrainConfig(steps=300))
+    net: str = "unet"
+    width: int | None = None
+    depth: int | None = None
+    seed: int = 0
+    router_kind: str = "trained"  # stats: no router peer (clients use the statistics the peers publish)
+
+def swarm_up(p: SwarmUpConfig, log=print) -> LocalSwarm:
+    """Start the local swarm ``p`` (training its experts and router first unless it serves checkpoints) and wait
+    until every peer is online."""
+    run_dir = Path(p.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    names = [f"peer{i}-r{r}" if p.replicas > 1 else f"peer{i}"
+             for i in range(len(p.checkpoints) if p.checkpoints else p.experts) for r in range(p.replicas)]
+    if p.checkpoints:
+        paths = [c for c in p.checkpoints for _ in range(p.replicas)]
+        specs = [PeerSpec(n, checkpoint=c) for n, c in zip(names, paths, strict=True)]
+        router = p.router
+    else:
+        specs, router = _train_first(p, run_dir, names, log)
+    log(f"starting a bootstrap node and {len(specs)} peer(s) on 127.0.0.1 (logs in {run_dir / 'logs'})")
+    sw = start_local_swarm(specs, router, run_dir, swarm=p.swarm, owner_key=p.owner_key, threads=p.threads,
+                           timeout=p.timeout, port=p.port, log=log)
+    owner = p.owner_key or run_dir / "owner.key"
+    log(f"swarm {sw.swarm} is up with {len(specs)} expert peer(s) (owner key {owner}). Multiaddr:\n"
+        f"  {' '.join(sw.initial_peers)}")
+    return sw
+
+
+def _train_first(p: SwarmUpConfig, run_dir: Path, names: list[str], log) -> tuple[list[PeerSpec], str | None]:
+    """The partition (made in ``run_dir`` unless given), the router trained now (unless ``router_kind`` is stats),
+    and one peer per expert and replica that trains its expert before serving it: (peer specs, router path)."""
+    from diffswarm.training.jobs import run_router_job
+
+    k = p.experts
+    if p.partition:
+        part_path = p.partition
+        part = Partition.load(part_path)
+    else:
+        ds = p.data.load("train")
+        part = make_partition(ds, k, seed=p.seed)
+        part.source = p.data.resolved().to_dict()
+        part_path = str(run_dir / "partition.json")
+        part.save(part_path)
+        log(f"partitioned {ds.dataset_id} into K={k} clusters -> {part_path}")
+    if part.k != k:
+        raise ValueError(f"--experts {k} but the partition has K={part.k}")
+    router = None
+    if p.router_kind == "trained":
+        router = str(run_dir / "router.safetensors")
+        log(f"training the router ({p.router_train.steps} steps)")
+        run_router_job(RouterJob(part_path, router, train=p.router_train), progress=False, evaluate=False)
+    objectives = {"mixed": ["ddpm" if i % 2 == 0 else "fm" for i in range(k)], "ddpm": ["ddpm"] * k,
+                  "fm": ["fm"] * k}[p.objectives]
+    specs = []
+    for i, obj in enumerate(objectives):
+        for r in range(p.replicas):
+            out = run_dir / "experts" / (f"c{i}-{obj}" + (f"-r{r}" if p.replicas > 1 else ""))
+            job = TrainJob(part_path, i, str(out), objective=obj, net=p.net, width=p.width, depth=p.depth,
+                           train=replace(p.train, seed=p.seed + i, resume=True, threads=p.threads))
+            specs.append(PeerSpec(names[i * p.replicas + r], train=job))
+    if p.replicas > 1:
+        log("note: replicas of a cluster each train their own expert (same data and seed)")
+    return specs, router
