@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from diffswarm.training.jobs import TrainJob
+from diffswarm.utils.fileio import atomic_write
 
 STATE_FILE = "swarm.json"
 OWNER_KEY_FILE = "owner.key"
@@ -114,9 +115,7 @@ class LocalSwarm:
     def save(self) -> None:
         state = {"swarm": self.swarm, "initial_peers": self.initial_peers, "peer_args": self.peer_args,
                  "procs": [asdict(p) for p in self.procs]}
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, self.state_path)
+        atomic_write(self.state_path, lambda tmp: Path(tmp).write_text(json.dumps(state, indent=2)), durable=False)
 
     @classmethod
     def load(cls, run_dir: str | Path) -> LocalSwarm:
