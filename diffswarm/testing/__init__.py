@@ -1,1 +1,2 @@
-"""Tools for tests, benchmarks and red-team runs: tiny real experts (toy), hostile peers (hostile); not for production."""
+"""Tools for tests, benchmarks and red-team runs: tiny real experts (toy), hostile peers (hostile); not for
+production."""
