@@ -4,6 +4,7 @@ in-process peer + client for the streamed and float16 paths."""
 import asyncio
 import threading
 import time
+from dataclasses import replace
 
 import msgpack
 import pytest
@@ -454,12 +455,20 @@ def test_requests_of_two_clients_share_one_forward_pass(inproc_peer):
     r = Replica(peer.peer_id, "c0-ddpm", sha, 0, 1.0, 0.0, tuple(peer.maddrs))
     cfg = ClientConfig(net=NetworkConfig.loopback(client_mode=True))
     x, t, labels = torch.randn(3, 3, 32, 32), torch.rand(3), torch.tensor([0, 1, -1])
-    with SwarmClient(peer.maddrs, cfg) as a, SwarmClient(peer.maddrs, cfg) as b:
-        for c in (a, b):  # both clients become "active" at the peer
-            c.run(c.call_velocity(r, x, t, labels, 2.0, timeout=30))
-        fa = asyncio.run_coroutine_threadsafe(a.call_velocity(r, x, t, labels, 2.0, 30), a.loop)
-        fb = asyncio.run_coroutine_threadsafe(b.call_velocity(r, x[:2], t[:2], labels[:2], 2.0, 30), b.loop)
-        (va, ma), (vb, mb) = fa.result(60), fb.result(60)
+    batcher = peer.served["c0-ddpm"].batcher
+    policy = batcher.policy
+    # the peer waits for the other client's rows if that client called within `window` and they come within
+    # `max_wait`: both wide enough for a slow machine (the defaults are 1 s and the fixture's 0.2 s)
+    batcher.policy = replace(policy, window=30.0, max_wait=1.0)
+    try:
+        with SwarmClient(peer.maddrs, cfg) as a, SwarmClient(peer.maddrs, cfg) as b:
+            for c in (a, b):  # both clients become "active" at the peer
+                c.run(c.call_velocity(r, x, t, labels, 2.0, timeout=30))
+            fa = asyncio.run_coroutine_threadsafe(a.call_velocity(r, x, t, labels, 2.0, 30), a.loop)
+            fb = asyncio.run_coroutine_threadsafe(b.call_velocity(r, x[:2], t[:2], labels[:2], 2.0, 30), b.loop)
+            (va, ma), (vb, mb) = fa.result(60), fb.result(60)
+    finally:
+        batcher.policy = policy
     assert ma["batch_rows"] == mb["batch_rows"] == 5  # 3 + 2 rows in one pass
     assert torch.allclose(va[:2], vb, atol=1e-5)
 

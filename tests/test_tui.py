@@ -418,9 +418,9 @@ def test_help_screen_opens_and_closes(tmp_path):
 
 def test_cancel_and_one_generation_at_a_time(tmp_path):
     async def go():
-        app = fake_app(tmp_path, step_delay=0.05)
+        app = fake_app(tmp_path, step_delay=0.2)
         async with app.run_test(size=(120, 40)) as pilot:
-            app.query_one("#gen-steps").value = "400"
+            app.query_one("#gen-steps").value = "400"  # 80 s if it were not cancelled
             await pilot.press("g")
             bar = app.query_one("#gen-progress")
             await wait_for(pilot, lambda: (bar.progress or 0) >= 3)
@@ -443,9 +443,9 @@ def test_cancel_and_one_generation_at_a_time(tmp_path):
 
 def test_quit_during_a_generation_stops_it(tmp_path):
     async def go():
-        app = fake_app(tmp_path, step_delay=0.05)
+        app = fake_app(tmp_path, step_delay=0.2)
         async with app.run_test(size=(120, 40)) as pilot:
-            app.query_one("#gen-steps").value = "900"  # 45 s if it were not stopped
+            app.query_one("#gen-steps").value = "900"  # 180 s if it were not stopped
             await pilot.press("g")
             await wait_for(pilot, lambda: (app.query_one("#gen-progress").progress or 0) >= 2)
             t0 = time.monotonic()

@@ -260,6 +260,133 @@ def train_expert(config: ExpertConfig, train: TrainConfig, images: torch.Tensor,
                              on_step=on_step)
 
 
+@dataclass
+class _Run:
+    """The moving parts of one training run: the model, its EMA copy, the optimizer, the data RNG and the counters
+    (all of them saved in the training state)."""
+
+    expert: Expert
+    ema: Expert
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    total: int | None  # planned steps (budget runs: None until measured)
+    step: int = 0  # steps done
+    spent: float = 0.0  # wall seconds spent by earlier runs of a resumed budget
+    last_loss: float = float("nan")
+
+
+def _start_run(config: ExpertConfig, train: TrainConfig, dev: torch.device, out: Path) -> _Run:
+    """A fresh run (seeded weights, or a DDPM trunk with ``init_from``), or the one resumed from ``out``'s state."""
+    torch.manual_seed(train.seed)  # same seed, same initial weights
+    expert = Expert(config).to(dev)
+    ema = Expert(config).to(dev)
+    opt = torch.optim.AdamW(expert.net.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    gen = torch.Generator(device=dev).manual_seed(train.seed)
+    run = _Run(expert, ema, opt, gen, total=train.steps)
+    state_path = out / STATE_FILE
+    if train.resume and state_path.exists():
+        meta, state = load_resume_state(state_path, config)
+        expert.net.load_state_dict(_prefixed(state, "model."))
+        ema.net.load_state_dict(_prefixed(state, "ema."))
+        _load_opt(opt, _prefixed(state, "opt."))
+        gen.set_state(state["rng.gen"])
+        run.step = int(meta["step"])
+        run.spent = float(meta.get("elapsed_s", 0.0))
+        run.last_loss = float(meta.get("last_loss", run.last_loss))
+        _truncate_log(out / LOG_FILE, meta.get("log_bytes"))
+        if train.minutes is not None:
+            run.total = meta.get("planned_steps")
+    else:
+        if train.init_from:
+            init_from_ddpm(expert, train.init_from)
+        ema.net.load_state_dict(expert.net.state_dict())
+    ema.requires_grad_(False)
+    return run
+
+
+def _optimizer_step(run: _Run, train: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
+                    use_amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One AdamW step on a random batch, then the EMA update; returns the batch's per-sample losses and flow
+    times, both (B,)."""
+    expert, ema, opt, gen = run.expert, run.ema, run.opt, run.gen
+    for g in opt.param_groups:
+        g["lr"] = lr_at(run.step, train, run.total)
+    idx = torch.randint(0, images.shape[0], (train.batch,), generator=gen, device=images.device)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+        loss_b, t_b = expert_loss(expert, images[idx], labels[idx], gen)
+    loss = loss_b.mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(expert.net.parameters(), 1.0)
+    opt.step()
+    run.step += 1
+    decay = min(train.ema_decay, (1 + run.step) / (10 + run.step))
+    with torch.no_grad():
+        for pe, pm in zip(ema.net.parameters(), expert.net.parameters(), strict=True):
+            pe.lerp_(pm, 1 - decay)
+        for be, bm in zip(ema.net.buffers(), expert.net.buffers(), strict=True):
+            be.copy_(bm)
+    run.last_loss = loss.item()
+    return loss_b.detach(), t_b.detach()
+
+
+class _TrainLog:
+    """``train_log.jsonl``: one line per log interval with the mean loss, the loss by flow-time bin and the speed."""
+
+    def __init__(self, path: Path):
+        self.f = open(path, "a")
+        self.bins_sum = torch.zeros(T_BINS, dtype=torch.float64)
+        self.bins_n = torch.zeros(T_BINS, dtype=torch.float64)
+        self.loss, self.n, self.t_last = 0.0, 0, time.perf_counter()
+
+    def add(self, loss_b: torch.Tensor, t_b: torch.Tensor, loss: float) -> None:
+        """One step: its per-sample losses and flow times (B,) and its mean loss."""
+        b = (t_b.float().clamp(0, 1 - 1e-6) * T_BINS).long().cpu()
+        self.bins_sum.index_add_(0, b, loss_b.double().cpu())
+        self.bins_n.index_add_(0, b, torch.ones_like(b, dtype=torch.float64))
+        self.loss += loss
+        self.n += 1
+
+    def write(self, step: int, lr: float, total: int | None) -> float:
+        """Write the interval's line and start the next interval; returns the interval's mean loss."""
+        now = time.perf_counter()
+        rec = {"step": step, "loss": self.loss / self.n, "lr": lr,
+               "ms_per_step": 1000 * (now - self.t_last) / self.n, "planned_steps": total,
+               "loss_by_t": [round(s / n, 5) if n else None
+                             for s, n in zip(self.bins_sum.tolist(), self.bins_n.tolist(), strict=True)]}
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+        self.loss, self.n, self.t_last = 0.0, 0, now
+        self.bins_sum.zero_()
+        self.bins_n.zero_()
+        return rec["loss"]
+
+    def size(self) -> int:
+        """Bytes written so far (a checkpoint records it: a resumed run cuts the log back to it)."""
+        self.f.flush()
+        return os.fstat(self.f.fileno()).st_size
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _save_checkpoint(run: _Run, config: ExpertConfig, train: TrainConfig, out: Path, log: _TrainLog, n_train: int,
+                     elapsed: float) -> None:
+    summary = {"steps": run.step, "final_loss": run.last_loss, "n_train": n_train, "train": train.to_dict(),
+               "seconds": elapsed, "planned_steps": run.total}
+    tensors = {f"model.{k}": v for k, v in run.expert.net.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in run.ema.net.state_dict().items()})
+    tensors.update(_opt_tensors(run.opt))
+    tensors["rng.gen"] = run.gen.get_state()
+    log_bytes = log.size()
+    # the state first, then the expert file derived from it: step(expert) <= step(state) (module docstring)
+    save_state(out / STATE_FILE, tensors, {"format": STATE_FORMAT, "config": config.to_dict(), "step": run.step,
+                                           "train": train.to_dict(), "elapsed_s": elapsed,
+                                           "planned_steps": run.total, "last_loss": run.last_loss,
+                                           "log_bytes": log_bytes})
+    save_expert(out / EXPERT_FILE, run.ema.net.state_dict(), config.to_dict(), summary)
+
+
 def _train_expert(config: ExpertConfig, train: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
                   out: Path, *, progress: bool, position: int, on_step) -> dict:
     if train.threads:
@@ -267,113 +394,43 @@ def _train_expert(config: ExpertConfig, train: TrainConfig, images: torch.Tensor
     dev = pick_device(train.device)
     if images.shape[0] == 0:
         raise ValueError("no training images for this expert (empty cluster?)")
-    torch.manual_seed(train.seed)  # same seed, same initial weights
-    expert = Expert(config).to(dev)
-    ema = Expert(config).to(dev)
-    opt = torch.optim.AdamW(expert.net.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    gen = torch.Generator(device=dev).manual_seed(train.seed)
-    step, spent = 0, 0.0  # steps done, wall seconds spent by earlier runs of a resumed budget
-    total: int | None = train.steps  # planned steps (budget runs: None until measured)
-    state_path = out / STATE_FILE
-    last_loss = float("nan")
-    if train.resume and state_path.exists():
-        meta, state = load_resume_state(state_path, config)
-        expert.net.load_state_dict(_prefixed(state, "model."))
-        ema.net.load_state_dict(_prefixed(state, "ema."))
-        _load_opt(opt, _prefixed(state, "opt."))
-        gen.set_state(state["rng.gen"])
-        step = int(meta["step"])
-        spent = float(meta.get("elapsed_s", 0.0))
-        last_loss = float(meta.get("last_loss", last_loss))
-        _truncate_log(out / LOG_FILE, meta.get("log_bytes"))
-        if train.minutes is not None:
-            total = meta.get("planned_steps")
-    else:
-        if train.init_from:
-            init_from_ddpm(expert, train.init_from)
-        ema.net.load_state_dict(expert.net.state_dict())
-    budget = StepBudget(train.minutes * 60 - spent) if train.minutes is not None else None
-    ema.requires_grad_(False)
+    run = _start_run(config, train, dev, out)
+    budget = StepBudget(train.minutes * 60 - run.spent) if train.minutes is not None else None
     images = images.to(dev)
     labels = labels.to(dev)
-    log_f = open(out / LOG_FILE, "a")
-    bins_sum = torch.zeros(T_BINS, dtype=torch.float64)
-    bins_n = torch.zeros(T_BINS, dtype=torch.float64)
+    log = _TrainLog(out / LOG_FILE)
     t_start = time.perf_counter()
-    run_loss, run_n, t_last = 0.0, 0, t_start
     use_amp = dev.type == "cuda"
-    bar = tqdm(total=total, initial=step, desc=f"train {config.expert_id}", disable=not progress,
+    bar = tqdm(total=run.total, initial=run.step, desc=f"train {config.expert_id}", disable=not progress,
                position=position, leave=True, dynamic_ncols=True)
 
     def checkpoint() -> None:
-        elapsed = spent + time.perf_counter() - t_start
-        summary = {"steps": step, "final_loss": last_loss, "n_train": int(images.shape[0]), "train": train.to_dict(),
-                   "seconds": elapsed, "planned_steps": total}
-        tensors = {f"model.{k}": v for k, v in expert.net.state_dict().items()}
-        tensors.update({f"ema.{k}": v for k, v in ema.net.state_dict().items()})
-        tensors.update(_opt_tensors(opt))
-        tensors["rng.gen"] = gen.get_state()
-        log_f.flush()
-        # the state first, then the expert file derived from it: step(expert) <= step(state) (module docstring)
-        save_state(state_path, tensors, {"format": STATE_FORMAT, "config": config.to_dict(), "step": step,
-                                         "train": train.to_dict(), "elapsed_s": elapsed, "planned_steps": total,
-                                         "last_loss": last_loss, "log_bytes": os.fstat(log_f.fileno()).st_size})
-        save_expert(out / EXPERT_FILE, ema.net.state_dict(), config.to_dict(), summary)
+        _save_checkpoint(run, config, train, out, log, int(images.shape[0]), run.spent + time.perf_counter() - t_start)
 
     def done() -> bool:
         if budget is not None and time.perf_counter() - t_start >= budget.seconds:
             return True  # out of time, whatever the plan said
-        return total is not None and step >= total
+        return run.total is not None and run.step >= run.total
 
-    expert.train()
+    run.expert.train()
     while not done():
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, train, total)
-        idx = torch.randint(0, images.shape[0], (train.batch,), generator=gen, device=dev)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            loss_b, t_b = expert_loss(expert, images[idx], labels[idx], gen)
-        loss = loss_b.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(expert.net.parameters(), 1.0)
-        opt.step()
-        step += 1
-        decay = min(train.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.net.parameters(), expert.net.parameters(), strict=True):
-                pe.lerp_(pm, 1 - decay)
-            for be, bm in zip(ema.net.buffers(), expert.net.buffers(), strict=True):
-                be.copy_(bm)
-            b = (t_b.detach().float().clamp(0, 1 - 1e-6) * T_BINS).long().cpu()
-            bins_sum.index_add_(0, b, loss_b.detach().double().cpu())
-            bins_n.index_add_(0, b, torch.ones_like(b, dtype=torch.float64))
-        last_loss = loss.item()
-        run_loss += last_loss
-        run_n += 1
+        loss_b, t_b = _optimizer_step(run, train, images, labels, use_amp)
+        log.add(loss_b, t_b, run.last_loss)
         bar.update(1)
-        if budget is not None and (total is None or step % train.log_every == 0):
-            planned = budget.plan(step, time.perf_counter() - t_start)
-            if planned is not None and planned != total:
-                total = planned
-                bar.total = total
+        if budget is not None and (run.total is None or run.step % train.log_every == 0):
+            planned = budget.plan(run.step, time.perf_counter() - t_start)
+            if planned is not None and planned != run.total:
+                run.total = planned
+                bar.total = run.total
                 bar.refresh()
-        if step % train.log_every == 0 or step == total:
-            now = time.perf_counter()
-            rec = {"step": step, "loss": run_loss / run_n, "lr": lr_at(step - 1, train, total),
-                   "ms_per_step": 1000 * (now - t_last) / run_n, "planned_steps": total,
-                   "loss_by_t": [round(s / n, 5) if n else None
-                                 for s, n in zip(bins_sum.tolist(), bins_n.tolist(), strict=True)]}
-            log_f.write(json.dumps(rec) + "\n")
-            log_f.flush()
-            bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            run_loss, run_n, t_last = 0.0, 0, now
-            bins_sum.zero_()
-            bins_n.zero_()
-        if step % train.ckpt_every == 0 and not done():
+        if run.step % train.log_every == 0 or run.step == run.total:
+            mean = log.write(run.step, lr_at(run.step - 1, train, run.total), run.total)
+            bar.set_postfix(loss=f"{mean:.4f}")
+        if run.step % train.ckpt_every == 0 and not done():
             checkpoint()
         if on_step is not None:
-            on_step(step, last_loss, min(1.0, step / total) if total else 0.0)
+            on_step(run.step, run.last_loss, min(1.0, run.step / run.total) if run.total else 0.0)
     bar.close()
     checkpoint()
-    log_f.close()
+    log.close()
     return read_meta(out / EXPERT_FILE)["summary"]

@@ -5,29 +5,24 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import ClassVar
 
-from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.css.query import NoMatches
-from textual.message import Message
 from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, TabbedContent, TabPane
-from textual.worker import get_current_worker
 
+from diffswarm.tui.generation import GenerationEnded, GenerationFinished, GenerationSteps, run_generation
 from diffswarm.tui.model import (
     ExpertRow,
     GenRequest,
     HistoryEntry,
     LatencyHistory,
     class_hint,
-    event_line,
     latest_records,
     routing_legend,
-    routing_strip,
     summarize,
     swarm_rows,
 )
@@ -69,7 +64,6 @@ class DashboardApp(App):
         self._polling = False  # a poll worker is running
         self.clock = time.perf_counter  # wall time of generations (tests make it deterministic)
         self.generating: GenRequest | None = None  # the request being generated
-        self._pending_log: list = []  # routing-log lines not drawn yet (flush_log)
         self._gen_idle = threading.Event()  # set while no generation thread runs (quit waits for it)
         self._gen_idle.set()
         self._quitting = False  # exit() was called or the app unmounted: workers stop touching widgets
@@ -103,7 +97,6 @@ class DashboardApp(App):
         self._q(SwarmTable).focus()
         self.action_refresh()
         self.set_interval(self.poll_seconds, self.action_refresh)
-        self.set_interval(0.4, self.flush_log)
 
     def on_unmount(self) -> None:
         self._quitting = True
@@ -214,8 +207,7 @@ class DashboardApp(App):
             return
         self.generating = msg.request
         self._gen_idle.clear()
-        self._q(RoutingLog).clear()
-        self._pending_log = []
+        self._q(RoutingLog).start()
         self._q(TabbedContent).active = "tab-routing"
         self._q(ProgressBar).update(total=msg.request.steps, progress=0)
         self._q("#gen-status", Label).update(f"generating {msg.request.n} image(s)...  x cancels")
@@ -255,45 +247,7 @@ class DashboardApp(App):
 
     @work(thread=True, exclusive=True, group="generate")
     def generate(self, req: GenRequest) -> None:
-        from diffswarm.utils.images import save_grid
-
-        worker = get_current_worker()
-
-        class Cancelled(Exception):
-            pass
-
-        t0 = self.clock()
-        batch: list = []  # steps not posted yet
-        posted = [0.0]  # monotonic time of the last post
-
-        def on_step(info) -> None:
-            if worker.is_cancelled:
-                raise Cancelled
-            # what the strip needs, copied; posted without waiting for the UI (post_message is thread-safe)
-            # and at most ~10 times a second, so drawing never holds the sampler up
-            step = SimpleNamespace(step=info.step, num_steps=info.num_steps, t=info.t, expert_ids=list(info.expert_ids),
-                                   weights=info.weights.detach().float().cpu().clone(), chosen=list(info.chosen),
-                                   elapsed=self.clock() - t0)
-            batch.append((step, [event_line(e) for e in info.events]))
-            now = time.monotonic()
-            if info.step + 1 == info.num_steps or now - posted[0] >= 0.1:
-                self.post_message(self.Steps(batch.copy()))
-                batch.clear()
-                posted[0] = now
-
-        try:
-            x = self.source.generate(req, callback=on_step)
-            path = save_grid(x, self.png_path(req), min(req.n, 8))
-        except Cancelled:
-            self.post_message(self.Ended("cancelled", "warning"))
-            return
-        except Exception as e:  # noqa: BLE001 - the UI reports any failure instead of crashing
-            self.post_message(self.Ended(f"generation failed: {e}", "error"))
-            return
-        finally:
-            self._gen_idle.set()
-        # through the same queue as the steps, so the UI sees every step before the end
-        self.post_message(self.Finished(x, path, req, self.clock() - t0))
+        run_generation(self.source, req, self.post_message, self.clock, self.png_path, self._gen_idle)
 
     def end_generation(self, message: str, severity: str | None = None) -> None:
         """The generation is over: the status line says how, and failures are also notified."""
@@ -302,35 +256,16 @@ class DashboardApp(App):
         if severity is not None:
             self.notify(message, severity=severity, timeout=10)
 
-    class Steps(Message):
-        """Sampling steps of the running generation, (step, events) pairs (posted from its worker thread)."""
-
-        def __init__(self, steps: list) -> None:
-            super().__init__()
-            self.steps = steps
-
-    class Finished(Message):
-        def __init__(self, x, path: Path, req: GenRequest, wall_s: float) -> None:
-            super().__init__()
-            self.x, self.path, self.req, self.wall_s = x, path, req, wall_s
-
-    class Ended(Message):
-        """The generation stopped without images (cancelled, failed)."""
-
-        def __init__(self, message: str, severity: str) -> None:
-            super().__init__()
-            self.message, self.severity = message, severity
-
-    def on_dashboard_app_steps(self, msg: Steps) -> None:
+    def on_generation_steps(self, msg: GenerationSteps) -> None:
         for step, events in msg.steps:
             self.show_step(step, events)
 
-    def on_dashboard_app_finished(self, msg: Finished) -> None:
-        self.flush_log()
+    def on_generation_finished(self, msg: GenerationFinished) -> None:
+        self._q(RoutingLog).flush()
         self.show_images(msg.x, msg.path, msg.req, msg.wall_s)
 
-    def on_dashboard_app_ended(self, msg: Ended) -> None:
-        self.flush_log()
+    def on_generation_ended(self, msg: GenerationEnded) -> None:
+        self._q(RoutingLog).flush()
         self.end_generation(msg.message, msg.severity)
 
     def show_step(self, step, events: list) -> None:
@@ -341,18 +276,7 @@ class DashboardApp(App):
         self._q("#gen-status", Label).update(f"step {done}/{step.num_steps}  {rate}x cancels", layout=False)
         if step.step == 0:
             self._q("#routing-legend", Label).update(routing_legend(step.expert_ids))
-        # the log is written in batches (flush_log, a few times a second): each write of a RichLog
-        # lays the whole screen out again, which would compete with the sampler for the CPU
-        self._pending_log += [*events, step]  # what happened before/while this step ran, then the step
-
-    def flush_log(self) -> None:
-        if not self._pending_log:
-            return
-        log = self._q(RoutingLog)
-        width = max(20, log.scrollable_content_region.width - 1)
-        for item in self._pending_log:
-            log.write(item if isinstance(item, Text) else routing_strip(item, width))
-        self._pending_log = []
+        self._q(RoutingLog).add([*events, step])  # what happened before/while this step ran, then the step
 
     def show_images(self, x, path: Path, req: GenRequest, wall_s: float) -> None:
         self.last_png = path

@@ -26,6 +26,7 @@ from diffswarm.tui.model import (
     detail_table,
     fit_images,
     parse_request,
+    routing_strip,
 )
 
 STATE_STYLES = {"online": "green", "joining": "yellow", "offline": "red dim"}
@@ -154,7 +155,33 @@ class GeneratePanel(Vertical):
 
 
 class RoutingLog(RichLog):
-    """Per-step routing strips and failover events of the current generation."""
+    """Per-step routing strips and failover events of the current generation.
+
+    Written in batches (``flush``, a few times a second): each write of a RichLog lays the whole screen out
+    again, which would compete with the sampler for the CPU."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pending: list = []  # event lines and steps not drawn yet
+
+    def on_mount(self) -> None:
+        self.set_interval(0.4, self.flush)
+
+    def start(self) -> None:
+        """A new generation: an empty log."""
+        self.clear()
+        self.pending = []
+
+    def add(self, items: list) -> None:
+        self.pending += items
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        width = max(20, self.scrollable_content_region.width - 1)
+        for item in self.pending:
+            self.write(item if isinstance(item, Text) else routing_strip(item, width))
+        self.pending = []
 
 
 class ImageView(Static):
