@@ -38,7 +38,8 @@ from diffswarm.utils.fileio import is_temp_file, stale_temps
 
 STEPS, EVERY, KILLS = 200, 5, 10
 PRELOAD = ["diffswarm.cli", "diffswarm.commands", "diffswarm.training.jobs", "diffswarm.experts.train",
-           "diffswarm.data", "diffswarm.client.client", "diffswarm.dht.node", "diffswarm.swarm.local", "diffswarm.router.routing"]
+           "diffswarm.data", "diffswarm.client.client", "diffswarm.dht.node", "diffswarm.swarm.local",
+           "diffswarm.router.routing"]
 
 
 def _child(argv: list[str], counter: str, log: str) -> None:

@@ -1,1 +1,3 @@
-"""Tools for tests, benchmarks and red-team runs: tiny real experts (toy), hostile peers (hostile); not for production."""
+"""Tools for tests, benchmarks and red-team runs: tiny real experts (toy), hostile peers (hostile).
+
+Not for production."""
