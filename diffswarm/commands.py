@@ -441,12 +441,12 @@ EVAL_POOL_DESTS = ("budget", "train_seeds", "jobs", "device", "samples", "save_s
 
 
 def eval_config(quick: bool, out: str, **over):
-    """The ``diffswarm eval`` configuration: the network, batch, router steps and sampling of the demo's
-    ``tiny`` (quick) or ``cpu`` (full) preset, so that changing the preset changes the eval; ``over``
+    """The ``diffswarm eval`` configuration: the network, batch, router steps and sampling of the
+    ``tiny`` (quick) or ``cpu`` (full) preset the demo runs too, so that changing the preset changes the eval; ``over``
     replaces StudyConfig fields (``budget``: expert steps; ``samples``: n)."""
-    from diffswarm.demo import PRESETS
     from diffswarm.eval.pool import PoolConfig
     from diffswarm.eval.study import QUICK_GMM, GMMSettings, StudyConfig
+    from diffswarm.training.presets import PRESETS
 
     pr = PRESETS["tiny" if quick else "cpu"]
     budget = over.pop("budget", None)
@@ -504,13 +504,11 @@ def plan_eval(args, given) -> EvalPlan | EvalReportPlan:
 
 
 def run_partition(p: PartitionPlan) -> int:
-    from diffswarm.data import make_partition
+    from diffswarm.training.jobs import write_partition
 
     ds = p.data.load("train")
     t0 = time.perf_counter()
-    part = make_partition(ds, p.k, seed=p.seed)
-    part.source = p.data.resolved().to_dict()
-    part.save(p.out)
+    part = write_partition(ds, p.data, p.k, p.seed, p.out)
     print(f"partitioned {ds.dataset_id} ({len(ds)} images) into K={p.k} clusters in {time.perf_counter() - t0:.1f}s")
     print(part.describe(ds.class_names))
     print(f"manifest: {p.out}  partition hash: {part.partition_hash[:16]}")
@@ -609,7 +607,7 @@ def run_peer(p: PeerPlan) -> int:
 
 
 def run_swarm_up(p: SwarmUpPlan) -> int:
-    from diffswarm.data import Partition, make_partition
+    from diffswarm.data import Partition
     from diffswarm.swarm.local import PeerSpec, start_local_swarm
 
     run_dir = Path(p.run_dir)
@@ -621,7 +619,7 @@ def run_swarm_up(p: SwarmUpPlan) -> int:
         specs = [PeerSpec(n, checkpoint=c) for n, c in zip(names, paths, strict=True)]
         router = p.router
     else:
-        from diffswarm.training.jobs import run_router_job
+        from diffswarm.training.jobs import run_router_job, write_partition
 
         k = p.experts
         if p.partition:
@@ -629,10 +627,8 @@ def run_swarm_up(p: SwarmUpPlan) -> int:
             part = Partition.load(part_path)
         else:
             ds = p.data.load("train")
-            part = make_partition(ds, k, seed=p.seed)
-            part.source = p.data.resolved().to_dict()
             part_path = str(run_dir / "partition.json")
-            part.save(part_path)
+            part = write_partition(ds, p.data, k, p.seed, part_path)
             print(f"partitioned {ds.dataset_id} into K={k} clusters -> {part_path}")
         if part.k != k:
             raise ValueError(f"--experts {k} but the partition has K={part.k}")
