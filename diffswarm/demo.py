@@ -15,58 +15,27 @@ experts' training what is left (``TrainConfig.minutes``: the steps follow from t
 A slower machine trains fewer steps instead of running late. ``--steps`` trains a fixed number of
 steps instead. Every stage's time is printed and written to ``report.json``.
 
-Presets: ``cpu`` fits a 2-core CPU, ``gpu`` is larger, ``tiny`` (digits) is what the tests run.
+Presets (``training/presets.py``): ``cpu`` fits a 2-core CPU, ``gpu`` is larger, ``tiny`` (digits) is what
+the tests run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import multiprocessing as mp
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from diffswarm.data import DatasetSpec
+from diffswarm.data import DatasetSpec, ImageDataset, Partition
 from diffswarm.experts.train import TrainConfig
-from diffswarm.router.routing import RoutingConfig
 from diffswarm.router.train import RouterTrainConfig
-from diffswarm.sampling.config import SamplingConfig
 from diffswarm.training.jobs import RouterJob, TrainJob
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Sizes of one demo configuration (frozen: a run derives its own copy, never edits these)."""
-
-    dataset: str | None  # None: the default dataset
-    net: str
-    width: int
-    depth: int
-    batch: int
-    minutes: float  # wall-clock budget of the whole demo
-    router_steps: int
-    classifier_epochs: int
-    per_class: int  # grid columns
-    eval_n: int  # samples scored for FD
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    routing: RoutingConfig = field(default_factory=RoutingConfig)
-    lr: float = 1e-3
-    min_train_minutes: float = 1.0  # never train for less than this, whatever the estimate says
-
-
-PRESETS = {
-    "cpu": Preset(None, "unet", 16, 3, 96, minutes=8.5, router_steps=1000, classifier_epochs=2, per_class=10,
-                  eval_n=1000),
-    "gpu": Preset(None, "dit", 256, 6, 256, minutes=30.0, router_steps=6000, classifier_epochs=4, per_class=10,
-                  eval_n=5000, sampling=SamplingConfig(steps=50, sampler="euler")),
-    "tiny": Preset("digits", "mlp", 128, 2, 64, minutes=1.0, router_steps=150, classifier_epochs=1, per_class=4,
-                   eval_n=100, sampling=SamplingConfig(steps=10, sampler="euler"), min_train_minutes=0.05),
-}
+from diffswarm.training.pool import WorkerPool
+from diffswarm.training.presets import PRESETS, Preset
 
 
 @dataclass(frozen=True)
@@ -137,13 +106,37 @@ def sampling_seconds_per_row(job: TrainJob, part, ds, guidance: float) -> float:
     return best / 64
 
 
-def run_demo(cfg: DemoConfig) -> dict:
-    from diffswarm.data import make_partition
-    from diffswarm.eval import get_classifier, quality_report
+@dataclass
+class _Run:
+    """What every stage of one demo run reads: its config and preset, where it writes, and its clock."""
+
+    cfg: DemoConfig
+    preset: Preset
+    dev: torch.device
+    out: Path
+    data: DatasetSpec  # resolved
+    budget_s: float  # wall-clock budget of the whole run
+    t_start: float  # time.perf_counter() at the start
+    cores: int = field(default_factory=lambda: os.cpu_count() or 1)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, in the order they ran
+
+
+@dataclass
+class _Training:
+    """The training stage's plan: the experts' jobs, the router's, and the processes they run in."""
+
+    objectives: list[str]
+    jobs: list[TrainJob]
+    router: RouterJob
+    processes: int
+    threads: int  # torch threads per process
+    deadline: float | None  # time.time() the experts stop at (None: a fixed number of steps)
+    est_generate: float  # estimated seconds of generating (grid + scored samples) on this machine
+    train_s: float  # seconds left to training by the budget
+
+
+def _start(cfg: DemoConfig) -> _Run:
     from diffswarm.experts.train import pick_device
-    from diffswarm.router.local import ProgressCallback, generate, load_local_ensemble
-    from diffswarm.router.train import format_router_accuracy
-    from diffswarm.utils.images import save_grid, save_samples
 
     t_start = time.perf_counter()
     dev = pick_device("auto")
@@ -152,66 +145,91 @@ def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data = DatasetSpec(cfg.data.name or preset.dataset, cfg.data.root, cfg.data.size, cfg.data.channels).resolved()
-    timings: dict[str, float] = {}
-    cores = os.cpu_count() or 1
+    return _Run(cfg, preset, dev, out, data, budget_s, t_start)
 
-    # 1. partition
+
+def _partition(run: _Run) -> tuple[ImageDataset, ImageDataset, Partition, Path]:
+    """1. partition: (train split, test split, partition, its manifest's path)."""
+    from diffswarm.training.jobs import write_partition
+
     t0 = time.perf_counter()
-    ds, test = data.load("train"), data.load("test")
-    part = make_partition(ds, cfg.k, seed=cfg.seed)
-    part.source = data.to_dict()
-    part_path = out / "partition.json"
-    part.save(part_path)
-    timings["partition_s"] = time.perf_counter() - t0
-    print(f"[1/4] partitioned {ds.dataset_id} ({len(ds)} images) into K={cfg.k} clusters "
-          f"in {timings['partition_s']:.1f}s")
+    ds, test = run.data.load("train"), run.data.load("test")
+    part_path = run.out / "partition.json"
+    part = write_partition(ds, run.data, run.cfg.k, run.cfg.seed, part_path)
+    run.timings["partition_s"] = time.perf_counter() - t0
+    print(f"[1/4] partitioned {ds.dataset_id} ({len(ds)} images) into K={run.cfg.k} clusters "
+          f"in {run.timings['partition_s']:.1f}s")
     print(part.describe(ds.class_names))
+    return ds, test, part, part_path
 
-    # 2. experts (alternating DDPM / FM), router and classifier, in parallel processes, in what the budget leaves
+
+def _plan_training(run: _Run, ds: ImageDataset, part: Partition, part_path: Path) -> _Training:
+    """2. experts (alternating DDPM / FM), router and classifier, in parallel processes, in what the budget leaves."""
+    cfg, preset = run.cfg, run.preset
     objectives = ["ddpm" if k % 2 == 0 else "fm" for k in range(cfg.k)]
     n_jobs = cfg.k + 2
     workers = cfg.workers or n_jobs
-    threads = max(1, cores // min(workers, n_jobs))
-    length = {"steps": cfg.steps} if cfg.steps else {"steps": None, "minutes": 1.0}  # minutes: set per job below
-    jobs = [TrainJob(str(part_path), k, str(out / "experts" / f"c{k}-{obj}"), objective=obj, net=preset.net,
+    threads = max(1, run.cores // min(workers, n_jobs))
+    length = {"steps": cfg.steps} if cfg.steps else {"steps": None, "minutes": 1.0}  # minutes: set per job later
+    jobs = [TrainJob(str(part_path), k, str(run.out / "experts" / f"c{k}-{obj}"), objective=obj, net=preset.net,
                      width=preset.width, depth=preset.depth,
                      train=TrainConfig(**length, batch=preset.batch, lr=preset.lr, seed=cfg.seed + k, threads=threads,
                                        resume=True, ckpt_every=max(100, (cfg.steps or 400) // 4)))
             for k, obj in enumerate(objectives)]
-    router_path = out / "router.safetensors"
-    rjob = RouterJob(str(part_path), str(router_path),
+    rjob = RouterJob(str(part_path), str(run.out / "router.safetensors"),
                      train=RouterTrainConfig(steps=preset.router_steps, seed=cfg.seed, threads=threads))
     grid_n = max(1, ds.num_classes) * preset.per_class
     s = preset.sampling
     rows = (grid_n + preset.eval_n) * s.evaluations * min(preset.routing.k, cfg.k)
     row_s = sampling_seconds_per_row(jobs[0], part, ds, s.guidance)
     # peers compute in parallel on the cores; the client, the RPCs and the swarm's start cost about as much again
-    est_generate = 2.0 * rows * row_s / max(1, min(cores, preset.routing.k)) + (0 if cfg.local_generation else 25)
-    elapsed = time.perf_counter() - t_start
-    train_s = max(60 * preset.min_train_minutes, budget_s - elapsed - est_generate - 15)
+    est_generate = 2.0 * rows * row_s / max(1, min(run.cores, preset.routing.k)) + (0 if cfg.local_generation else 25)
+    elapsed = time.perf_counter() - run.t_start
+    train_s = max(60 * preset.min_train_minutes, run.budget_s - elapsed - est_generate - 15)
     deadline = None if cfg.steps else time.time() + train_s
-    timings.update(budget_s=budget_s, estimated_generate_s=est_generate, training_budget_s=train_s)
-    what = f"{cfg.steps} steps each" if cfg.steps else f"{train_s:.0f} s wall-clock each"
+    run.timings.update(budget_s=run.budget_s, estimated_generate_s=est_generate, training_budget_s=train_s)
+    return _Training(objectives, jobs, rjob, min(workers, n_jobs), threads, deadline, est_generate, train_s)
+
+
+def _train(run: _Run, plan: _Training) -> tuple[list[dict], dict, dict]:
+    """Run the plan's jobs side by side; returns (expert summaries, router summary, classifier info)."""
+    from diffswarm.router.train import format_router_accuracy
+
+    cfg, preset, objectives = run.cfg, run.preset, plan.objectives
+    what = f"{cfg.steps} steps each" if cfg.steps else f"{plan.train_s:.0f} s wall-clock each"
     print(f"[2/4] training {cfg.k} experts ({objectives.count('ddpm')} DDPM + {objectives.count('fm')} FM, "
-          f"{preset.net} {preset.width}x{preset.depth}, {what}) + router + classifier in {min(workers, n_jobs)} "
-          f"processes ({threads} thread(s) each); generating is estimated at {est_generate:.0f} s here")
+          f"{preset.net} {preset.width}x{preset.depth}, {what}) + router + classifier in {plan.processes} "
+          f"processes ({plan.threads} thread(s) each); generating is estimated at {plan.est_generate:.0f} s here")
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=min(workers, n_jobs), mp_context=mp.get_context("spawn")) as pool:
-        f_router = pool.submit(_router_job, rjob)
-        f_clf = pool.submit(_classifier_job, data, preset.classifier_epochs, threads)
-        futs = [pool.submit(_expert_job, j, deadline, k) for k, j in enumerate(jobs)]
+    with WorkerPool(plan.processes) as pool:
+        f_router = pool.submit(_router_job, plan.router)
+        f_clf = pool.submit(_classifier_job, run.data, preset.classifier_epochs, plan.threads)
+        futs = [pool.submit(_expert_job, j, plan.deadline, k) for k, j in enumerate(plan.jobs)]
         expert_summaries = [f.result() for f in futs]
         router_summary = f_router.result()
         clf_info = f_clf.result()
-    timings["train_s"] = time.perf_counter() - t0
+    run.timings["train_s"] = time.perf_counter() - t0
     for e in expert_summaries:
         print(f"  {e['expert']}: {e['steps']} steps, final loss {e['final_loss']:.4f}, {e['seconds']:.0f}s")
     print(format_router_accuracy(router_summary))
+    return expert_summaries, router_summary, clf_info
 
-    # 3. generate over a local swarm (bootstrap + K peer processes on 127.0.0.1): a per-class grid,
-    #    then class-conditional samples for scoring (local_generation: in this process instead)
-    torch.set_num_threads(cores)
-    expert_paths = [Path(j.out) / "expert.safetensors" for j in jobs]
+
+@dataclass
+class _Generated:
+    grid_path: Path
+    samples: torch.Tensor  # (eval_n, C, H, W) scored samples
+    labels: torch.Tensor  # (eval_n,) their classes
+    calls: torch.Tensor  # (K,) rows each expert evaluated for the scored samples
+
+
+def _generate(run: _Run, ds: ImageDataset, expert_paths: list[Path], router_path: Path) -> _Generated:
+    """3. generate over a local swarm (bootstrap + K peer processes on 127.0.0.1): a per-class grid,
+    then class-conditional samples for scoring (local_generation: in this process instead)."""
+    from diffswarm.router.local import ProgressCallback, generate, load_local_ensemble
+    from diffswarm.utils.images import save_grid, save_samples
+
+    cfg, preset, dev, s, timings = run.cfg, run.preset, run.dev, run.preset.sampling, run.timings
     classes = list(range(ds.num_classes)) or [-1]
     t_gen = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -223,8 +241,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
             t0 = time.perf_counter()
             print(f"[3/4] starting a local swarm: bootstrap (router) + {cfg.k} expert peers on 127.0.0.1 "
-                  f"(logs in {out / 'swarm' / 'logs'})")
-            swarm = stack.enter_context(local_swarm(expert_paths, router_path, run_dir=out / "swarm", log=print))
+                  f"(logs in {run.out / 'swarm' / 'logs'})")
+            swarm = stack.enter_context(local_swarm(expert_paths, router_path, run_dir=run.out / "swarm", log=print))
             model = stack.enter_context(swarm.client(preset.routing, seed=cfg.seed, device=dev))
             timings["swarm_up_s"] = time.perf_counter() - t0
             where = f"over the swarm ({' '.join(swarm.initial_peers)})"
@@ -233,36 +251,54 @@ def run_demo(cfg: DemoConfig) -> dict:
         print(f"[3/4] sampling a {len(classes)}x{preset.per_class} grid {where} ({s.steps} {s.sampler} steps, "
               f"{preset.routing.strategy} k={preset.routing.k}, CFG {s.guidance:g})")
         grid = generate(model, grid_labels, ds.shape, replace(s, seed=cfg.seed), dev, callback=ProgressCallback("grid"))
-        grid_path = save_grid(grid, out / "grid.png", preset.per_class)
+        grid_path = save_grid(grid, run.out / "grid.png", preset.per_class)
         timings["grid_s"] = time.perf_counter() - t0
         eval_labels = torch.tensor([classes[i % len(classes)] for i in range(preset.eval_n)])
         t0 = time.perf_counter()
         model.calls.zero_()
         samples = generate(model, eval_labels, ds.shape, replace(s, seed=cfg.seed + 1), dev,
                            callback=ProgressCallback("eval samples"))
-        save_samples(out / "samples.npz", samples, eval_labels)
+        save_samples(run.out / "samples.npz", samples, eval_labels)
         timings["eval_sampling_s"] = time.perf_counter() - t0
         model_calls = model.calls.clone()
     timings["generate_s"] = time.perf_counter() - t_gen
+    return _Generated(grid_path, samples, eval_labels, model_calls)
 
-    # 4. quality
+
+def _score(run: _Run, ds: ImageDataset, test: ImageDataset, part: Partition, plan: _Training,
+           trained: tuple[list[dict], dict, dict], gen: _Generated) -> dict:
+    """4. quality: score the samples, write ``report.json`` and print the summary; returns the report."""
+    from diffswarm.eval import get_classifier, quality_report
+
+    cfg, preset, timings, out = run.cfg, run.preset, run.timings, run.out
+    expert_summaries, router_summary, clf_info = trained
     t0 = time.perf_counter()
     clf = get_classifier(ds, epochs=preset.classifier_epochs, progress=False, test_ds=test)
-    rep = quality_report(samples, eval_labels if ds.num_classes else None, ds, test, clf, part, seed=cfg.seed)
+    rep = quality_report(gen.samples, gen.labels if ds.num_classes else None, ds, test, clf, part, seed=cfg.seed)
     timings["score_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t_start
-    calls = (model_calls.float() / model_calls.sum().clamp_min(1)).tolist()
-    report = {"dataset": ds.dataset_id, "k": cfg.k, "preset": asdict(preset), "objectives": objectives,
+    timings["total_s"] = time.perf_counter() - run.t_start
+    calls = (gen.calls.float() / gen.calls.sum().clamp_min(1)).tolist()
+    report = {"dataset": ds.dataset_id, "k": cfg.k, "preset": asdict(preset), "objectives": plan.objectives,
               "experts": expert_summaries, "router": router_summary, "classifier": clf_info,
-              "quality": rep.to_dict(), "routing": asdict(preset.routing), "sampling": asdict(s),
-              "expert_call_share": calls, "timings": timings, "cpu_count": cores,
-              "generation": "local" if cfg.local_generation else "swarm", "grid": str(grid_path)}
+              "quality": rep.to_dict(), "routing": asdict(preset.routing), "sampling": asdict(preset.sampling),
+              "expert_call_share": calls, "timings": timings, "cpu_count": run.cores,
+              "generation": "local" if cfg.local_generation else "swarm", "grid": str(gen.grid_path)}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     print(f"[4/4] quality (classifier features, {preset.routing.strategy} k={preset.routing.k}):")
     print(rep.format())
     print("  expert call share (rows evaluated): " + ", ".join(f"c{k} {v:.2f}" for k, v in enumerate(calls)))
     print("  time per stage: " + ", ".join(f"{k.removesuffix('_s')} {v:.0f}s" for k, v in timings.items()
                                            if k not in ("budget_s", "estimated_generate_s", "training_budget_s")))
-    print(f"grid -> {grid_path}\nreport -> {out / 'report.json'}\ntotal {timings['total_s']:.0f}s "
-          f"(budget {budget_s:.0f}s)")
+    print(f"grid -> {gen.grid_path}\nreport -> {out / 'report.json'}\ntotal {timings['total_s']:.0f}s "
+          f"(budget {run.budget_s:.0f}s)")
     return report
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    run = _start(cfg)
+    ds, test, part, part_path = _partition(run)
+    plan = _plan_training(run, ds, part, part_path)
+    trained = _train(run, plan)
+    torch.set_num_threads(run.cores)
+    gen = _generate(run, ds, [Path(j.out) / "expert.safetensors" for j in plan.jobs], Path(plan.router.out))
+    return _score(run, ds, test, part, plan, trained, gen)

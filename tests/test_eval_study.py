@@ -150,22 +150,22 @@ def test_a_lone_remaining_model_trains_on_every_workers_threads(tmp_path, monkey
 
 
 def test_the_plan_takes_the_network_from_the_demo_preset(monkeypatch):
-    from diffswarm import demo
     from diffswarm.cli import dispatch
     from diffswarm.cli.parser import build_parser, given_options
+    from diffswarm.training import presets
 
     def plan(argv):
         parser = build_parser()
         return dispatch.plan(parser.parse_args(["eval", *argv]), given_options(parser, "eval", ["eval", *argv]))
 
     p = plan(["--quick"])
-    tiny = demo.PRESETS["tiny"]
+    tiny = presets.PRESETS["tiny"]
     assert (p.config.pool.net, p.config.pool.width, p.config.pool.batch) == (tiny.net, tiny.width, tiny.batch)
     assert p.config.sampling == tiny.sampling and p.config.pool.k == 4
-    monkeypatch.setitem(demo.PRESETS, "tiny", replace(tiny, width=tiny.width * 2))
+    monkeypatch.setitem(presets.PRESETS, "tiny", replace(tiny, width=tiny.width * 2))
     assert plan(["--quick"]).config.pool.width == tiny.width * 2
     full = plan([]).config
-    assert full.pool.k == 8 and full.pool.net == demo.PRESETS["cpu"].net and len(full.train_seeds) >= 2
+    assert full.pool.k == 8 and full.pool.net == presets.PRESETS["cpu"].net and len(full.train_seeds) >= 2
     assert len(full.seeds) >= 3 and full.pool.monolith_steps == 8 * full.pool.expert_steps
     # the machine's cores by default: one training process each, and all of them for sampling
     cores = os.cpu_count() or 1

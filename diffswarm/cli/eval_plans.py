@@ -56,12 +56,12 @@ EVAL_POOL_DESTS = ("budget", "train_seeds", "jobs", "device", "samples", "save_s
 
 
 def eval_config(quick: bool, out: str, **over):
-    """The ``diffswarm eval`` configuration: the network, batch, router steps and sampling of the demo's
-    ``tiny`` (quick) or ``cpu`` (full) preset, so that changing the preset changes the eval; ``over``
-    replaces StudyConfig fields (``budget``: expert steps; ``samples``: n)."""
-    from diffswarm.demo import PRESETS
+    """The ``diffswarm eval`` configuration: the network, batch, router steps and sampling of the
+    ``tiny`` (quick) or ``cpu`` (full) preset the demo runs too, so that changing the preset changes the eval;
+    ``over`` replaces StudyConfig fields (``budget``: expert steps; ``samples``: n)."""
     from diffswarm.eval.pool import PoolConfig
     from diffswarm.eval.study import QUICK_GMM, GMMSettings, StudyConfig
+    from diffswarm.training.presets import PRESETS
 
     pr = PRESETS["tiny" if quick else "cpu"]
     budget = over.pop("budget", None)

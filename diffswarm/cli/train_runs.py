@@ -10,13 +10,11 @@ from diffswarm.training.jobs import RouterJob, TrainJob
 
 
 def run_partition(p: PartitionPlan) -> int:
-    from diffswarm.data import make_partition
+    from diffswarm.training.jobs import write_partition
 
     ds = p.data.load("train")
     t0 = time.perf_counter()
-    part = make_partition(ds, p.k, seed=p.seed)
-    part.source = p.data.resolved().to_dict()
-    part.save(p.out)
+    part = write_partition(ds, p.data, p.k, p.seed, p.out)
     print(f"partitioned {ds.dataset_id} ({len(ds)} images) into K={p.k} clusters in {time.perf_counter() - t0:.1f}s")
     print(part.describe(ds.class_names))
     print(f"manifest: {p.out}  partition hash: {part.partition_hash[:16]}")

@@ -31,22 +31,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from diffswarm.data import DatasetSpec, ImageDataset, Partition, make_partition
+from diffswarm.data import DatasetSpec, ImageDataset, Partition
 from diffswarm.eval.classifier import default_cache_dir
 from diffswarm.experts.checkpoint import CheckpointError, read_meta
 from diffswarm.experts.config import ExpertConfig
 from diffswarm.experts.expert import Expert
-from diffswarm.experts.networks import NetConfig, default_patch
-from diffswarm.experts.schedules import ScheduleConfig
 from diffswarm.experts.train import TrainConfig, train_expert
 from diffswarm.router.model import Router, RouterConfig
 from diffswarm.router.stats.basis import DEFAULT_FEATURES, DCTBasis
@@ -54,16 +50,20 @@ from diffswarm.router.stats.blob import ClusterStats
 from diffswarm.router.stats.publish import cluster_stats
 from diffswarm.router.stats.router import StatsRouter
 from diffswarm.router.train import RouterTrainConfig, train_router
+from diffswarm.training.jobs import ClusterData, expert_config, router_config, write_partition
+from diffswarm.training.pool import WorkerPool
 
 POOL_FORMAT = "diffswarm.eval-pool/1"
-OBJECTIVES = ("fm", "ddpm")
-ROUTER_KINDS = ("cond", "uncond")
+# the objectives of the pool's experts; the order numbers their seeds (``ExpertPool.expert_seed``), keep it
+POOL_OBJECTIVES = ("fm", "ddpm")
+# the pool's two trained routers: with the class as input, and without (the papers' kind)
+ROUTER_CONDITIONINGS = ("cond", "uncond")
 
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """What the pool is made of. The network and training recipe come from one place (the demo's presets,
-    via ``cli.eval_plans.plan_eval``), so changing the preset changes the eval."""
+    """What the pool is made of. The network and training recipe come from one place (the presets of
+    ``training/presets.py`` the demo runs too, via ``cli.eval_plans``), so changing the preset changes the eval."""
 
     data: DatasetSpec = field(default_factory=DatasetSpec)  # resolved: a name is set
     k: int = 8  # clusters = experts per ensemble
@@ -147,9 +147,7 @@ class ExpertPool:
             self.partition = Partition.load(part_path)
             self.partition.check_dataset(self.train_ds)
         else:
-            self.partition = make_partition(self.train_ds, cfg.k, seed=cfg.partition_seed)
-            self.partition.source = cfg.data.to_dict()
-            self.partition.save(part_path)
+            self.partition = write_partition(self.train_ds, cfg.data, cfg.k, cfg.partition_seed, part_path)
             (self.root / "pool.json").write_text(json.dumps(psettings, indent=2))
         self._stats_router: StatsRouter | None = None
 
@@ -157,24 +155,18 @@ class ExpertPool:
 
     def expert_config(self, objective: str, cluster: int | None) -> ExpertConfig:
         """The config of cluster ``cluster``'s expert (None: the monolith) with ``objective``."""
-        c, h, _ = self.train_ds.shape
-        net = NetConfig.for_kind(self.cfg.net, channels=c, size=h, num_classes=self.train_ds.num_classes,
-                                 width=self.cfg.width, depth=self.cfg.depth, patch=default_patch(h))
-        return ExpertConfig(objective=objective, net=net, schedule=ScheduleConfig(kind=self.cfg.schedule),
-                            cluster=cluster, num_clusters=None if cluster is None else self.cfg.k,
-                            partition_hash=None if cluster is None else self.partition.partition_hash,
-                            dataset_id=self.train_ds.dataset_id)
+        return expert_config(ClusterData.of(self.partition, self.train_ds), objective, cluster, net=self.cfg.net,
+                             width=self.cfg.width, depth=self.cfg.depth, schedule=self.cfg.schedule)
 
     def router_config(self, kind: str) -> RouterConfig:
-        c, h, _ = self.train_ds.shape
-        return RouterConfig(num_clusters=self.cfg.k, num_classes=self.train_ds.num_classes if kind == "cond" else 0,
-                            channels=c, size=h, width=self.cfg.router_width,
-                            partition_hash=self.partition.partition_hash, dataset_id=self.train_ds.dataset_id)
+        """The config of the router of conditioning ``kind`` (one of ``ROUTER_CONDITIONINGS``)."""
+        return router_config(ClusterData.of(self.partition, self.train_ds), width=self.cfg.router_width,
+                             unconditional=kind != "cond")
 
     @staticmethod
     def expert_seed(train_seed: int, cluster: int | None, objective: str) -> int:
         """Distinct seeds per model: 1000 s + 10 k + objective index (the monolith has k = 99)."""
-        return 1000 * train_seed + 10 * (99 if cluster is None else cluster) + OBJECTIVES.index(objective)
+        return 1000 * train_seed + 10 * (99 if cluster is None else cluster) + POOL_OBJECTIVES.index(objective)
 
     def _job(self, name: str, kind: str, settings: dict) -> ModelJob:
         sha = settings_sha(settings)[:12]
@@ -197,14 +189,14 @@ class ExpertPool:
                     "content_hash": self.train_ds.content_hash}
         return self._job(f"s{train_seed}-router-{kind}", "router", settings)
 
-    def jobs(self, train_seeds, objectives=OBJECTIVES, monolith_objectives=("fm",)) -> list[ModelJob]:
+    def jobs(self, train_seeds, objectives=POOL_OBJECTIVES, monolith_objectives=("fm",)) -> list[ModelJob]:
         """Every model the studies need, seed by seed, longest first: the monoliths (K experts' steps), the
         experts, then the routers, so parallel workers finish together (the monolith last would run alone)."""
         out = []
         for s in train_seeds:
             out += [self.expert_job(s, o, None) for o in monolith_objectives]
             out += [self.expert_job(s, o, k) for o in objectives for k in range(self.cfg.k)]
-            out += [self.router_job(s, kind) for kind in ROUTER_KINDS]
+            out += [self.router_job(s, kind) for kind in ROUTER_CONDITIONINGS]
         return out
 
     # ------------------------------------------------------------------ training
@@ -224,13 +216,8 @@ class ExpertPool:
         # one model left: it trains in this process on every thread the workers would have had
         cfg = self.cfg if len(todo) > 1 else replace(self.cfg, threads=self.cfg.threads * max(1, jobs))
         args = [(cfg, j, self.partition.to_dict()) for j in todo]
-        if jobs > 1 and len(todo) > 1:
-            with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context("spawn")) as ex:
-                for j, summ in zip(todo, ex.map(_train_job, args), strict=True):
-                    log(f"  trained {j.name}: {summ['steps']} steps in {summ['seconds']:.0f}s")
-        else:
-            for j, a in zip(todo, args, strict=True):
-                summ = _train_job(a)
+        with WorkerPool(min(jobs, len(todo)) if jobs > 1 and len(todo) > 1 else 0) as workers:
+            for j, summ in zip(todo, workers.map(_train_job, args), strict=True):
                 log(f"  trained {j.name}: {summ['steps']} steps in {summ['seconds']:.0f}s")
         models = {j.name: read_meta(j.weights)["summary"] for j in all_jobs}
         return {"trained": [j.name for j in todo], "reused": reused, "seconds": time.perf_counter() - t0,
@@ -314,4 +301,4 @@ def _train_job(arg: tuple[PoolConfig, ModelJob, dict]) -> dict:
     return read_meta(job.weights)["summary"]
 
 
-__all__ = ["OBJECTIVES", "ROUTER_KINDS", "ExpertPool", "ModelJob", "PoolConfig", "settings_sha"]
+__all__ = ["POOL_OBJECTIVES", "ROUTER_CONDITIONINGS", "ExpertPool", "ModelJob", "PoolConfig", "settings_sha"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from diffswarm.data import DatasetSpec, Partition, make_partition
+from diffswarm.data import DatasetSpec, Partition
 from diffswarm.experts.train import TrainConfig
 from diffswarm.router.train import RouterTrainConfig
 from diffswarm.swarm.local import LocalSwarm, PeerSpec, start_local_swarm
@@ -67,7 +67,7 @@ def swarm_up(p: SwarmUpConfig, log=print) -> LocalSwarm:
 def _train_first(p: SwarmUpConfig, run_dir: Path, names: list[str], log) -> tuple[list[PeerSpec], str | None]:
     """The partition (made in ``run_dir`` unless given), the router trained now (unless ``router_kind`` is stats),
     and one peer per expert and replica that trains its expert before serving it: (peer specs, router path)."""
-    from diffswarm.training.jobs import run_router_job
+    from diffswarm.training.jobs import run_router_job, write_partition
 
     k = p.experts
     if p.partition:
@@ -75,10 +75,8 @@ def _train_first(p: SwarmUpConfig, run_dir: Path, names: list[str], log) -> tupl
         part = Partition.load(part_path)
     else:
         ds = p.data.load("train")
-        part = make_partition(ds, k, seed=p.seed)
-        part.source = p.data.resolved().to_dict()
         part_path = str(run_dir / "partition.json")
-        part.save(part_path)
+        part = write_partition(ds, p.data, k, p.seed, part_path)
         log(f"partitioned {ds.dataset_id} into K={k} clusters -> {part_path}")
     if part.k != k:
         raise ValueError(f"--experts {k} but the partition has K={part.k}")

@@ -9,7 +9,7 @@ untrained ``Router`` with the same partition hash. Their images are noise, but e
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,32 +34,29 @@ class ToySwarmSpec:
 
 def make_toy_swarm(out_dir: str | Path, spec: ToySwarmSpec) -> tuple[list[Path], Path]:
     """Write the experts and router of ``spec`` under ``out_dir``; returns (expert paths, router path)."""
-    from diffswarm.experts.config import ExpertConfig
-    from diffswarm.experts.networks import NetConfig, default_patch
     from diffswarm.experts.train import TrainConfig, train_expert
-    from diffswarm.router.model import Router, RouterConfig
+    from diffswarm.router.model import Router
     from diffswarm.router.stats.publish import STATS_FILE, write_cluster_stats
+    from diffswarm.training.jobs import ClusterData, expert_config, router_config
 
     out = Path(out_dir)
     k = len(spec.objectives)
     ph = spec.partition_hash or f"toy-{k}-{spec.size}-{spec.seed}"
+    data = ClusterData((spec.channels, spec.size, spec.size), spec.num_classes, k, ph, f"toy:{spec.size}")
     gen = torch.Generator().manual_seed(spec.seed)
     paths = []
     for c, obj in enumerate(spec.objectives):
         images = torch.rand(64, spec.channels, spec.size, spec.size, generator=gen) * 2 - 1
         labels = torch.randint(0, max(1, spec.num_classes), (64,), generator=gen)
-        ncfg = NetConfig.for_kind(spec.net, channels=spec.channels, size=spec.size, num_classes=spec.num_classes,
-                                  width=spec.width, depth=spec.depth, patch=default_patch(spec.size))
-        cfg = ExpertConfig(objective=obj, net=ncfg, cluster=c, num_clusters=k, partition_hash=ph,
-                           dataset_id=f"toy:{spec.size}")
+        cfg = expert_config(data, obj, c, net=spec.net, width=spec.width, depth=spec.depth)
         d = out / f"c{c}-{obj}"
         train_expert(cfg, TrainConfig(steps=spec.steps, batch=16, warmup=1, ckpt_every=10**9, log_every=10**9,
                                       seed=spec.seed + c, device="cpu"), images, labels, d, progress=False)
         write_cluster_stats(cfg, images, labels, d / STATS_FILE)  # what its peer publishes for the stats router
         paths.append(d / "expert.safetensors")
     torch.manual_seed(spec.seed)
-    router = Router(RouterConfig(num_clusters=k, num_classes=spec.num_classes, channels=spec.channels, size=spec.size,
-                                 width=spec.router_width, depth=1, partition_hash=ph))
+    # the toy router records no dataset id (its experts do)
+    router = Router(router_config(replace(data, dataset_id=""), width=spec.router_width, depth=1))
     # the AdaLN gates start at zero; randomise the head so routing is not uniform
     with torch.no_grad():
         router.head.weight.normal_(0, 1.0, generator=gen)

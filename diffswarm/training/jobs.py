@@ -4,26 +4,42 @@
 the run directory) and the demo's worker processes all describe a volunteer's run as one
 ``TrainJob`` and run it with ``run_train_job``, so all four build the same expert from the same
 settings. The job is written to ``OUT/job.json`` beside the checkpoint it produces.
+
+Every expert and router config the package builds from a partition (these jobs, the eval's expert
+pool, the toy swarm) comes from ``expert_config`` / ``router_config`` over one ``ClusterData``, and
+every new partition manifest is written by ``write_partition`` (it records the dataset it came from).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from diffswarm.data import ImageDataset, Partition, load_dataset
+from diffswarm.data import DatasetSpec, ImageDataset, Partition, load_dataset, make_partition
 from diffswarm.experts.config import OBJECTIVES, ExpertConfig
 from diffswarm.experts.networks import NETWORKS, NetConfig, default_patch
 from diffswarm.experts.schedules import ScheduleConfig
 from diffswarm.experts.train import TrainConfig
+from diffswarm.router.model import RouterConfig
 from diffswarm.router.stats.publish import STATS_FILE, write_cluster_stats
 from diffswarm.router.train import RouterTrainConfig
 from diffswarm.utils.fileio import atomic_write
 
 JOB_FILE = "job.json"
+
+
+def write_partition(ds: ImageDataset, data: DatasetSpec, k: int, seed: int, path: str | Path) -> Partition:
+    """Partition ``ds`` (loaded from ``data``) into ``k`` clusters, record ``data`` as the manifest's source
+    (what ``dataset_for_partition`` reloads) and save the manifest to ``path``."""
+    part = make_partition(ds, k, seed=seed)
+    part.source = data.resolved().to_dict()
+    part.save(path)
+    return part
+
+
 def dataset_for_partition(part: Partition, split: str = "train") -> ImageDataset:
     """Reload the dataset a partition was made from (its manifest records the source) and check it."""
     src = part.source or {}
@@ -33,6 +49,47 @@ def dataset_for_partition(part: Partition, split: str = "train") -> ImageDataset
     if split == part.split:
         part.check_dataset(ds)
     return ds
+
+
+@dataclass(frozen=True)
+class ClusterData:
+    """What an expert's or a router's config records of the partition and the dataset it trains on."""
+
+    shape: tuple[int, int, int]  # (C, H, W) of the images
+    num_classes: int
+    k: int  # clusters of the partition
+    partition_hash: str | None
+    dataset_id: str = ""
+
+    @classmethod
+    def of(cls, part: Partition, ds: ImageDataset) -> ClusterData:
+        return cls(tuple(ds.shape), ds.num_classes, part.k, part.partition_hash, ds.dataset_id)
+
+
+def expert_config(data: ClusterData, objective: str, cluster: int | None, *, net: str, width: int | None = None,
+                  depth: int | None = None, schedule: str = "cosine", unconditional: bool = False) -> ExpertConfig:
+    """The config of cluster ``cluster``'s expert (None: a monolith on all data, with no cluster, K or partition
+    hash): network ``net`` at its kind's default sizes unless ``width`` / ``depth`` are given."""
+    c, h, _ = data.shape
+    ncfg = NetConfig.for_kind(net, channels=c, size=h, num_classes=0 if unconditional else data.num_classes,
+                              patch=default_patch(h))
+    if width:
+        ncfg.width = width
+    if depth:
+        ncfg.depth = depth
+    whole = cluster is None
+    return ExpertConfig(objective=objective, net=ncfg, schedule=ScheduleConfig(kind=schedule), cluster=cluster,
+                        num_clusters=None if whole else data.k, partition_hash=None if whole else data.partition_hash,
+                        dataset_id=data.dataset_id)
+
+
+def router_config(data: ClusterData, *, width: int, unconditional: bool = False, depth: int | None = None
+                  ) -> RouterConfig:
+    """The config of a router over ``data``'s K clusters (``unconditional``: no class input, the papers' kind)."""
+    c, h, _ = data.shape
+    cfg = RouterConfig(num_clusters=data.k, num_classes=0 if unconditional else data.num_classes, channels=c,
+                       size=h, width=width, partition_hash=data.partition_hash, dataset_id=data.dataset_id)
+    return replace(cfg, depth=depth) if depth else cfg
 
 
 @dataclass
@@ -86,16 +143,8 @@ class TrainJob:
         if not 0 <= self.cluster < part.k:
             raise ValueError(f"--cluster must be in 0..{part.k - 1}")
         idx = torch.from_numpy(part.indices(self.cluster))
-        c, h, _ = ds.shape
-        ncfg = NetConfig.for_kind(self.net, channels=c, size=h,
-                                  num_classes=0 if self.unconditional else ds.num_classes, patch=default_patch(h))
-        if self.width:
-            ncfg.width = self.width
-        if self.depth:
-            ncfg.depth = self.depth
-        cfg = ExpertConfig(objective=self.objective, net=ncfg, schedule=ScheduleConfig(kind=self.schedule),
-                           cluster=self.cluster, num_clusters=part.k, partition_hash=part.partition_hash,
-                           dataset_id=ds.dataset_id)
+        cfg = expert_config(ClusterData.of(part, ds), self.objective, self.cluster, net=self.net, width=self.width,
+                            depth=self.depth, schedule=self.schedule, unconditional=self.unconditional)
         return cfg, ds.images[idx], ds.labels[idx]
 
     def load_data(self) -> tuple[ExpertConfig, torch.Tensor, torch.Tensor]:
@@ -129,14 +178,11 @@ class RouterJob:
 
 def run_router_job(job: RouterJob, *, progress: bool = True, evaluate: bool = True):
     """Train the router of ``job`` (with its accuracy against t on the test split when ``evaluate``); returns it."""
-    from diffswarm.router.model import RouterConfig
     from diffswarm.router.train import train_router
 
     part = Partition.load(job.partition)
     ds = dataset_for_partition(part)
-    c, h, _ = ds.shape
-    cfg = RouterConfig(num_clusters=part.k, num_classes=0 if job.unconditional else ds.num_classes, channels=c,
-                       size=h, width=job.width, partition_hash=part.partition_hash, dataset_id=ds.dataset_id)
+    cfg = router_config(ClusterData.of(part, ds), width=job.width, unconditional=job.unconditional)
     eval_set = None
     if evaluate:
         test = dataset_for_partition(part, "test")

@@ -1,0 +1,43 @@
+"""Named training sizes (``cpu``, ``gpu``, ``tiny``): the demo runs them, ``diffswarm eval`` builds its pool from them.
+
+``cpu`` fits a 2-core CPU, ``gpu`` is larger, ``tiny`` (digits) is what the tests run. The eval takes the
+network, batch, learning rate, router steps and sampling of ``tiny`` (quick) or ``cpu`` (full), so that
+changing a preset changes the eval too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from diffswarm.router.routing import RoutingConfig
+from diffswarm.sampling.config import SamplingConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of one demo configuration (frozen: a run derives its own copy, never edits these)."""
+
+    dataset: str | None  # None: the default dataset
+    net: str
+    width: int
+    depth: int
+    batch: int
+    minutes: float  # wall-clock budget of the whole demo
+    router_steps: int
+    classifier_epochs: int
+    per_class: int  # grid columns
+    eval_n: int  # samples scored for FD
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    lr: float = 1e-3
+    min_train_minutes: float = 1.0  # never train for less than this, whatever the estimate says
+
+
+PRESETS = {
+    "cpu": Preset(None, "unet", 16, 3, 96, minutes=8.5, router_steps=1000, classifier_epochs=2, per_class=10,
+                  eval_n=1000),
+    "gpu": Preset(None, "dit", 256, 6, 256, minutes=30.0, router_steps=6000, classifier_epochs=4, per_class=10,
+                  eval_n=5000, sampling=SamplingConfig(steps=50, sampler="euler")),
+    "tiny": Preset("digits", "mlp", 128, 2, 64, minutes=1.0, router_steps=150, classifier_epochs=1, per_class=4,
+                   eval_n=100, sampling=SamplingConfig(steps=10, sampler="euler"), min_train_minutes=0.05),
+}
