@@ -86,8 +86,7 @@ def main(argv=None) -> int:
                 specs.append(PeerSpec(name, str(experts[c]), program=["diffswarm.testing.hostile", "--mode-file",
                                                                       str(modes[name]), "--"]))
         print(f"starting a swarm of {k} experts x {args.replicas} replicas on 127.0.0.1 ...", flush=True)
-        sw = start_local_swarm(specs, str(router), tmp / "run", threads=1, timeout=300, announce_period=1.0,
-                               log=lambda m: None)
+        sw = start_local_swarm(specs, str(router), tmp / "run", threads=1, timeout=300, announce_period=1.0)
         print(f"  up in {time.perf_counter() - t_start:.0f}s: {sw.swarm}", flush=True)
         labels = torch.arange(8) % 4
         routing = RoutingConfig("top-k", 2)

@@ -82,8 +82,7 @@ def main() -> None:
         experts, router = make_toy_swarm(tmp, ToySwarmSpec(objectives, size=28, num_classes=10, net="dit", width=96,
                                                            depth=3,
                                          steps=2, router_width=256, seed=args.seed))
-        with local_swarm(experts, router, run_dir=os.path.join(tmp, "swarm"), threads=1, announce_period=30.0,
-                         log=lambda m: None) as sw:
+        with local_swarm(experts, router, run_dir=os.path.join(tmp, "swarm"), threads=1, announce_period=30.0) as sw:
             config = ClientConfig(swarm=sw.swarm, net=NetworkConfig.loopback(client_mode=True), refresh=30.0,
                                   cache_dir=os.path.join(tmp, "cache"))
             with sw.client(RoutingConfig("top-k", req.k), seed=args.seed, config=config) as model:

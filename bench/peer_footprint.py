@@ -61,7 +61,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="footprint-") as tmp:
         experts, router = make_toy_swarm(tmp, ToySwarmSpec(["fm"], size=28, num_classes=10, net=args.net, width=width,
                                                            depth=depth, steps=2))
-        with local_swarm(experts, router, run_dir=os.path.join(tmp, "swarm"), threads=1, log=lambda m: None) as sw:
+        with local_swarm(experts, router, run_dir=os.path.join(tmp, "swarm"), threads=1) as sw:
             info = sw.info("peer0")
             pid = next(p.pid for p in sw.procs if p.name == "peer0")
             rss_start = rss_mb(pid)

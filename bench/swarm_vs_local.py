@@ -79,7 +79,7 @@ def main() -> None:
         t0 = time.perf_counter()
         # heartbeats and record refreshes every 30 s: the idle swarm stays out of the local timings
         with local_swarm(experts, router, run_dir=os.path.join(tmp, "swarm"), threads=args.peer_threads,
-                         announce_period=30.0, log=lambda m: None) as sw:
+                         announce_period=30.0) as sw:
             print(f"swarm up: bootstrap + {args.k} peers in {time.perf_counter() - t0:.0f}s")
             config = ClientConfig(swarm=sw.swarm, net=NetworkConfig.loopback(client_mode=True), refresh=30.0,
                                   cache_dir=os.path.join(tmp, "cache"))

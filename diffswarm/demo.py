@@ -242,7 +242,7 @@ def _generate(run: _Run, ds: ImageDataset, expert_paths: list[Path], router_path
             t0 = time.perf_counter()
             print(f"[3/4] starting a local swarm: bootstrap (router) + {cfg.k} expert peers on 127.0.0.1 "
                   f"(logs in {run.out / 'swarm' / 'logs'})")
-            swarm = stack.enter_context(local_swarm(expert_paths, router_path, run_dir=run.out / "swarm", log=print))
+            swarm = stack.enter_context(local_swarm(expert_paths, router_path, run_dir=run.out / "swarm"))
             model = stack.enter_context(swarm.client(preset.routing, seed=cfg.seed, device=dev))
             timings["swarm_up_s"] = time.perf_counter() - t0
             where = f"over the swarm ({' '.join(swarm.initial_peers)})"

@@ -71,7 +71,7 @@ class InprocPeer:
             async def main():
                 loop = asyncio.get_running_loop()
                 loop.set_exception_handler(lambda lp, ctx: self.unhandled.append(ctx))
-                peer = Peer(self.cfg, log=lambda m: None)
+                peer = Peer(self.cfg)
                 holder["peer"], holder["loop"] = peer, loop
                 await peer.start()
                 await peer.serve()

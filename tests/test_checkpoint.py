@@ -244,7 +244,7 @@ def test_a_peer_refuses_to_serve_a_corrupt_router_or_expert(swarm_files):
     with pytest.raises(CheckpointError, match="sha256.*corrupt") as e:
         RouterBlob(path)
     assert str(path) in str(e.value)
-    peer = Peer(PeerConfig(), log=lambda m: None)
+    peer = Peer(PeerConfig())
     expert = swarm_files / "c0" / "expert.safetensors"
     _corrupt(expert)
     with pytest.raises(CheckpointError, match="sha256.*corrupt") as e:

@@ -38,8 +38,7 @@ def hostile_swarm(tmp_path_factory):
     specs = [PeerSpec(f"peer{k}", str(p)) for k, p in enumerate(experts)]
     specs.append(PeerSpec("liar", str(experts[1]),
                           program=["diffswarm.testing.hostile", "--mode-file", str(mode_file), "--"]))
-    sw = start_local_swarm(specs, str(router), d / "run", threads=1, timeout=150, announce_period=2.0,
-                           log=lambda m: None)
+    sw = start_local_swarm(specs, str(router), d / "run", threads=1, timeout=150, announce_period=2.0)
     try:
         yield sw, d, experts, router, mode_file
     finally:

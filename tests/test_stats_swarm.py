@@ -76,8 +76,7 @@ def test_a_swarm_without_a_router_peer_routes_by_the_statistics_its_peers_publis
                                                                steps=5))
     assert all(stats_path(p).exists() for p in experts)
     specs = [PeerSpec(f"peer{i}", checkpoint=str(p)) for i, p in enumerate(experts)]
-    sw = start_local_swarm(specs, None, tmp_path / "run", threads=1, timeout=150, announce_period=2.0,
-                           log=lambda m: None)
+    sw = start_local_swarm(specs, None, tmp_path / "run", threads=1, timeout=150, announce_period=2.0)
     try:
         def config(**kw):
             return ClientConfig(swarm=sw.swarm, net=NetworkConfig.loopback(client_mode=True), connect_timeout=30.0,

@@ -59,8 +59,7 @@ def swarm(toy):
     d, experts, router = toy
     specs = [PeerSpec("peer0", str(experts[0])), PeerSpec("peer1", str(experts[1])),
              PeerSpec("peer1b", str(experts[1])), PeerSpec("peer2", str(experts[2]))]
-    sw = start_local_swarm(specs, str(router), d / "run", threads=1, timeout=150, announce_period=2.0,
-                           log=lambda m: None)
+    sw = start_local_swarm(specs, str(router), d / "run", threads=1, timeout=150, announce_period=2.0)
     try:
         yield sw
     finally:

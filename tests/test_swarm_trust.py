@@ -437,7 +437,7 @@ def test_a_sybil_crowd_cannot_change_the_router_of_a_named_swarm(tmp_path, monke
     try:
         # 1. the owner founds swarm "toy": its peer serves router A and signs the manifest naming it
         owner = Peer(PeerConfig(net=NetworkConfig.loopback(), swarm="toy", router=str(router_a), owner_key=owner_path,
-                                announce_period=60), log=lambda m: None)
+                                announce_period=60))
         peers.append(owner)
         lt.run(owner.start())
         lt.run(owner.serve())
@@ -477,7 +477,7 @@ def test_a_sybil_crowd_cannot_change_the_router_of_a_named_swarm(tmp_path, monke
 
         # 3. a lying mirror: a real peer serving zeros under router A's sha256 (same size)
         liar = Peer(PeerConfig(net=NetworkConfig.loopback(maddrs), swarm=str(name), router=str(router_a),
-                               announce_period=60), log=lambda m: None)
+                               announce_period=60))
         peers.append(liar)
         lt.run(liar.start())
         liar.router.data = bytes(len(liar.router.data))

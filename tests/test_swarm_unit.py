@@ -137,7 +137,7 @@ def test_peer_records_announce_the_training_summary():
 
     cfg = ExpertConfig(objective="fm", net=NetConfig(kind="mlp", size=8, width=8, depth=1, num_classes=3),
                        cluster=0, num_clusters=2, partition_hash="ph")
-    peer = Peer(PeerConfig(), log=lambda m: None)
+    peer = Peer(PeerConfig())
     peer.dht = SimpleNamespace(peer_id=SimpleNamespace(to_base58=lambda: "QmPeer"))  # records() only needs the id
     peer.training_cfg, peer.progress, peer.train_step, peer.train_loss = cfg, 0.3, 30, 0.5
     [joining] = peer.records()
@@ -171,7 +171,7 @@ def test_router_only_peer_announces_the_routers_dataset(tmp_path):
     Router(RouterConfig(num_clusters=2, num_classes=10, size=8, width=16, dataset_id="fashion:8")).save(path)
     from diffswarm.dht.names import SwarmName
 
-    peer = Peer(PeerConfig(), log=lambda m: None)
+    peer = Peer(PeerConfig())
     peer.dht = SimpleNamespace(peer_id=SimpleNamespace(to_base58=lambda: "QmPeer"))
     peer.router = RouterBlob(path)
     peer.swarm = SwarmName("fashion", "0" * 32)
@@ -329,7 +329,7 @@ def inproc_peer(tmp_path_factory):
 
     def run():
         async def main():
-            peer = Peer(cfg, log=lambda m: None)
+            peer = Peer(cfg)
             holder["peer"], holder["loop"] = peer, asyncio.get_running_loop()
             await peer.start()
             await peer.serve()

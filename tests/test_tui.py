@@ -516,8 +516,7 @@ def test_dashboard_on_a_loopback_swarm(tmp_path):
     from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 
     experts, router = make_toy_swarm(tmp_path / "toy", ToySwarmSpec(["ddpm", "fm"], size=8, width=16, depth=1, steps=2))
-    with local_swarm(experts, router, run_dir=tmp_path / "run", timeout=120, announce_period=1.0,
-                     log=lambda m: None) as sw:
+    with local_swarm(experts, router, run_dir=tmp_path / "run", timeout=120, announce_period=1.0) as sw:
         # no local fallback: a dead expert's rows go to the survivor (the client would otherwise compute the
         # cluster itself with the weights it fetched to check that peer's first answers)
         cfg = ClientConfig(swarm=sw.swarm, net=NetworkConfig.loopback(client_mode=True), connect_timeout=30.0,

@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     from diffswarm.dht.node import SwarmNetworkError
     from diffswarm.router.routing import NoExpertsError
     from diffswarm.swarm.local import SwarmLaunchError
+    from diffswarm.utils.log import console
 
+    console()  # the package's log on the terminal, as plain lines (utils/log.py)
     name = command_path(args)
     args.argv = argv[1:] if name == "eval" else argv
     try:

@@ -12,11 +12,11 @@ from diffswarm.swarm.up import SwarmUpConfig, swarm_up
 def run_peer(p: PeerPlan) -> int:
     from diffswarm.peer.server import run_peer as serve
 
-    return serve(p.config, log=lambda m: print(m, flush=True))  # a peer with nothing to serve says it is a DHT node
+    return serve(p.config)  # a peer with nothing to serve says it is a DHT node
 
 
 def run_swarm_up(p: SwarmUpConfig) -> int:
-    sw = swarm_up(p, log=print)
+    sw = swarm_up(p)
     run_dir = Path(p.run_dir)
     print(f"generate with: diffswarm generate --run-dir {run_dir} --class all   (or --loopback --swarm {sw.swarm} "
           f"--initial-peers {sw.initial_peers[0]})")

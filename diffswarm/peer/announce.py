@@ -188,17 +188,17 @@ def provider_record_for(router: RouterBlob | None, peer_id: str, addrs: list[str
 # -- the owner's manifest ----------------------------------------------------------------------
 
 
-def sign_own_manifest(owner_key, fields: dict, swarm: SwarmName, router: RouterBlob | None, log) -> SwarmManifest:
+def sign_own_manifest(owner_key, fields: dict, swarm: SwarmName, router: RouterBlob | None) -> SwarmManifest:
     """The manifest the owner's key signs over ``fields``, said in the log."""
     manifest = sign_manifest(owner_key, fields)
     what = (f"router {router.sha256[:12]}" if router is not None
             else "no trained router (clients route with the statistics peers publish)")
-    log(f"signed the manifest of swarm {swarm}: {what}, partition {manifest.partition_hash[:12] or '(none)'}")
+    logger.info(f"signed the manifest of swarm {swarm}: {what}, partition {manifest.partition_hash[:12] or '(none)'}")
     return manifest
 
 
 async def follow_manifest(dht: SwarmDHT, swarm: SwarmName, current: SwarmManifest | None,
-                          own: SwarmManifest | None, log) -> SwarmManifest | None:
+                          own: SwarmManifest | None) -> SwarmManifest | None:
     """The owner's newest valid manifest among this peer's own, the one it followed so far (``current``) and
     those announced in the DHT; says so when it follows a new one."""
     found: list[SwarmManifest] = []
@@ -213,12 +213,12 @@ async def follow_manifest(dht: SwarmDHT, swarm: SwarmName, current: SwarmManifes
     if best is None or best == current:
         return current
     if current is not None or best != own:
-        log(f"following the owner's manifest of {swarm} issued at {best.issued:.0f}: router {best.router_sha256[:12]}")
+        logger.info(f"following the owner's manifest of {swarm} issued at {best.issued:.0f}: "
+                    f"router {best.router_sha256[:12]}")
     return best
 
 
-def warn_misfits(served: Iterable[ServedExpert], m: SwarmManifest | None, warned: set[tuple[str, float]],
-                 log) -> None:
+def warn_misfits(served: Iterable[ServedExpert], m: SwarmManifest | None, warned: set[tuple[str, float]]) -> None:
     """Warn about served experts that do not fit manifest ``m`` (clients will skip them), once per expert and
     manifest: ``warned`` holds the (expert id, manifest issued) already warned about."""
     if m is None:
@@ -231,7 +231,7 @@ def warn_misfits(served: Iterable[ServedExpert], m: SwarmManifest | None, warned
         if ((c.partition_hash or "") != m.partition_hash or (c.num_clusters or 1) != m.num_clusters
                 or shape != list(m.image_shape) or c.net.num_classes != m.num_classes):
             warned.add((c.expert_id, m.issued))
-            log(f"warning: expert {c.expert_id} (partition {(c.partition_hash or '')[:12]}, "
+            logger.info(f"warning: expert {c.expert_id} (partition {(c.partition_hash or '')[:12]}, "
                 f"K={c.num_clusters}, {shape}, {c.net.num_classes} classes) does not fit the swarm's "
                 f"manifest (partition {m.partition_hash[:12]}, K={m.num_clusters}, {list(m.image_shape)}, "
                 f"{m.num_classes} classes): clients will skip it")

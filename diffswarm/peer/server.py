@@ -65,9 +65,9 @@ logger = logging.getLogger(__name__)
 class Peer:
     """One volunteer peer; see the module docstring for the lifecycle."""
 
-    def __init__(self, cfg: PeerConfig, log=print):
+    def __init__(self, cfg: PeerConfig):
         self.cfg = cfg
-        self.log = log
+        self.log = logger.info  # what the peer says to its operator (stdout under the CLI: utils.log.console)
         self.dht: SwarmDHT | None = None
         self.served: dict[str, ServedExpert] = {}
         self.router: RouterBlob | None = None
@@ -154,10 +154,9 @@ class Peer:
         about served experts that do not fit it (clients will skip them)."""
         founds = self.router is not None or any(s.expert.config.cluster is not None for s in self.served.values())
         if self.owner_key is not None and self.own_manifest is None and founds:
-            self.own_manifest = sign_own_manifest(self.owner_key, self.manifest_fields(), self.swarm, self.router,
-                                                  self.log)
-        self.manifest = await follow_manifest(self.dht, self.swarm, self.manifest, self.own_manifest, self.log)
-        warn_misfits(self.served.values(), self.manifest, self._warned, self.log)
+            self.own_manifest = sign_own_manifest(self.owner_key, self.manifest_fields(), self.swarm, self.router)
+        self.manifest = await follow_manifest(self.dht, self.swarm, self.manifest, self.own_manifest)
+        warn_misfits(self.served.values(), self.manifest, self._warned)
         return self.manifest
 
     async def announce(self) -> None:
@@ -187,7 +186,7 @@ class Peer:
         def on_step(step: int, loss: float, progress: float) -> None:
             self.progress, self.train_step, self.train_loss = progress, step, loss
 
-        return await train_while_joining(self.cfg.train, self.stop_event, joining, on_step, self.log)
+        return await train_while_joining(self.cfg.train, self.stop_event, joining, on_step)
 
     # -- serving -------------------------------------------------------------------------------
 
@@ -287,7 +286,7 @@ class Peer:
             await self.shutdown()
 
 
-def run_peer(cfg: PeerConfig, log=print) -> int:
+def run_peer(cfg: PeerConfig) -> int:
     """Run a peer until SIGINT/SIGTERM, in a fresh event loop (uvloop where available)."""
     try:
         import uvloop
@@ -295,4 +294,4 @@ def run_peer(cfg: PeerConfig, log=print) -> int:
         runner = uvloop.run
     except ImportError:  # pragma: no cover
         runner = asyncio.run
-    return runner(Peer(cfg, log).run())
+    return runner(Peer(cfg).run())

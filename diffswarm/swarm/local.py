@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -30,6 +31,8 @@ from pathlib import Path
 
 from diffswarm.training.jobs import TrainJob
 from diffswarm.utils.fileio import atomic_write
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "swarm.json"
 OWNER_KEY_FILE = "owner.key"
@@ -156,17 +159,17 @@ class LocalSwarm:
         self.save()
         return proc, pop
 
-    def add_peer(self, spec: PeerSpec, timeout: float = 120.0, log=None) -> dict:
+    def add_peer(self, spec: PeerSpec, timeout: float = 120.0) -> dict:
         """Start one more peer of this swarm (a replica, a hostile peer in tests) and wait until it is online
         and its records can be read from the DHT; returns its info file."""
         started = self._spawn_peer(spec)
         deadline = time.monotonic() + timeout
-        info = _wait_online([started], deadline, log)[spec.name]
+        info = _wait_online([started], deadline)[spec.name]
         if info.get("experts"):
             _confirm_in_dht(self, [info["peer_id"]], deadline, manifest=False)
         return info
 
-    def restart(self, name: str, timeout: float = 120.0, log=None) -> dict:
+    def restart(self, name: str, timeout: float = 120.0) -> dict:
         """Start a killed peer again with the same command line (same identity only if it has one)."""
         p = next(p for p in self.procs if p.name == name)
         if _alive(p.pid):
@@ -180,7 +183,7 @@ class LocalSwarm:
         self.procs = [q for q in self.procs if q.name != name] + [proc]
         self._popens[pop.pid] = pop
         self.save()
-        info = _wait_online([(proc, pop)], time.monotonic() + timeout, log)[name]
+        info = _wait_online([(proc, pop)], time.monotonic() + timeout)[name]
         return info
 
     def info(self, name: str) -> dict | None:
@@ -217,7 +220,7 @@ class LocalSwarm:
             time.sleep(0.1)
         return False
 
-    def stop(self, timeout: float = 20.0, log=None) -> None:
+    def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM every peer (experts first, the bootstrap last), SIGKILL what is left after ``timeout``."""
         order = [p for p in self.procs if p.name != "bootstrap"] + [p for p in self.procs if p.name == "bootstrap"]
         live = [p for p in order if _alive(p.pid) and _is_ours(p.pid)]
@@ -226,8 +229,8 @@ class LocalSwarm:
                 os.kill(p.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for p in live:
-            if not self._reap(p.pid, max(0.1, deadline - time.monotonic())) and log:
-                log(f"{p.name} (pid {p.pid}) did not stop in {timeout:.0f}s: killing it")
+            if not self._reap(p.pid, max(0.1, deadline - time.monotonic())):
+                logger.info(f"{p.name} (pid {p.pid}) did not stop in {timeout:.0f}s: killing it")
             # p2pd and any other child of the peer live in its process group
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.pid, signal.SIGKILL)
@@ -261,7 +264,7 @@ def _spawn(name: str, args: list[str], run_dir: Path, env: dict,
     return PeerProc(name, pop.pid, str(log), str(info), cmd[1:]), pop
 
 
-def _wait_online(procs: list[tuple[PeerProc, subprocess.Popen]], deadline: float, log=None) -> dict[str, dict]:
+def _wait_online(procs: list[tuple[PeerProc, subprocess.Popen]], deadline: float) -> dict[str, dict]:
     infos: dict[str, dict] = {}
     while len(infos) < len(procs):
         for p, pop in procs:
@@ -270,8 +273,7 @@ def _wait_online(procs: list[tuple[PeerProc, subprocess.Popen]], deadline: float
             info = _read_info(p.info)
             if info and info.get("state") == "online":
                 infos[p.name] = info
-                if log:
-                    log(f"  {p.name} online ({info['peer_id'][:12]})")
+                logger.info(f"  {p.name} online ({info['peer_id'][:12]})")
             elif pop.poll() is not None:
                 raise SwarmLaunchError(f"{p.name} exited with code {pop.returncode}; its log {p.log} ends:\n"
                                        + _tail(p.log))
@@ -304,7 +306,7 @@ def owned_swarm_name(swarm: str, owner_key: str | Path) -> str:
 def start_local_swarm(peers: Sequence[PeerSpec], router_path: str | None, run_dir: str | Path, *,
                       swarm: str = "diffswarm", owner_key: str | Path | None = None, threads: int = 1,
                       timeout: float = 300.0, port: int = 0, announce_period: float = 5.0,
-                      extra_args: Sequence[str] = (), log=print) -> LocalSwarm:
+                      extra_args: Sequence[str] = ()) -> LocalSwarm:
     """Start a bootstrap node (serving the router and signing the swarm's manifest with ``owner_key``,
     default RUN_DIR/owner.key, created if missing) and ``peers`` on 127.0.0.1, each as its own process;
     with ``router_path`` None there is no router peer: the first peer signs a manifest naming no router
@@ -332,7 +334,7 @@ def start_local_swarm(peers: Sequence[PeerSpec], router_path: str | None, run_di
         started.append(_spawn("bootstrap", boot_args, run_dir, env))
         sw.procs, sw._popens = [p for p, _ in started], {p.pid: pop for p, pop in started}
         sw.save()
-        boot = _wait_online(started[:1], deadline, log)["bootstrap"]
+        boot = _wait_online(started[:1], deadline)["bootstrap"]
         if boot.get("swarm") != swarm:
             raise SwarmLaunchError(f"the bootstrap node runs swarm {boot.get('swarm')!r}, expected {swarm!r}")
         sw.initial_peers = boot["maddrs"]
@@ -342,7 +344,7 @@ def start_local_swarm(peers: Sequence[PeerSpec], router_path: str | None, run_di
             if router_path is None and i == 0:  # no router peer: the first expert's peer signs the manifest
                 spec = dataclasses.replace(spec, extra_args=[*spec.extra_args, "--owner-key", str(owner_key)])
             started.append(sw._spawn_peer(spec))
-        infos = _wait_online(started[1:], deadline, log)
+        infos = _wait_online(started[1:], deadline)
         _confirm_in_dht(sw, [i["peer_id"] for i in infos.values() if i.get("experts")], deadline, manifest=True)
         return sw
     except BaseException:
@@ -380,25 +382,25 @@ def _confirm_in_dht(sw: LocalSwarm, peer_ids: list[str], deadline: float, manife
     asyncio.run(check())
 
 
-def stop_local_swarm(run_dir: str | Path, timeout: float = 20.0, log=print) -> int:
+def stop_local_swarm(run_dir: str | Path, timeout: float = 20.0) -> int:
     """Stop the swarm recorded in RUN_DIR/swarm.json; returns how many processes were running."""
     sw = LocalSwarm.load(run_dir)
     n = sum(_alive(p.pid) and _is_ours(p.pid) for p in sw.procs)
-    sw.stop(timeout, log)
+    sw.stop(timeout)
     return n
 
 
 @contextlib.contextmanager
 def local_swarm(expert_paths: Sequence[str | Path], router_path: str | Path | None, *, run_dir: str | Path,
                 replicas: int = 1, swarm: str = "diffswarm", threads: int = 1, timeout: float = 300.0,
-                announce_period: float = 5.0, log=print) -> Iterator[LocalSwarm]:
+                announce_period: float = 5.0) -> Iterator[LocalSwarm]:
     """Serve ``expert_paths`` (each ``replicas`` times) and the router from a local swarm for the
     duration of the ``with`` block; stops every process (and cleans its sockets) on exit."""
     specs = [PeerSpec(f"peer{i}-r{r}" if replicas > 1 else f"peer{i}", checkpoint=str(p))
              for i, p in enumerate(expert_paths) for r in range(replicas)]
     sw = start_local_swarm(specs, str(router_path) if router_path else None, run_dir, swarm=swarm, threads=threads,
-                           timeout=timeout, announce_period=announce_period, log=log)
+                           timeout=timeout, announce_period=announce_period)
     try:
         yield sw
     finally:
-        sw.stop(log=log)
+        sw.stop()

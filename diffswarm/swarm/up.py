@@ -6,6 +6,7 @@ expert into a peer process of ``diffswarm.swarm.local`` and waits until each is 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from diffswarm.experts.train import TrainConfig
 from diffswarm.router.train import RouterTrainConfig
 from diffswarm.swarm.local import LocalSwarm, PeerSpec, start_local_swarm
 from diffswarm.training.jobs import RouterJob, TrainJob
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class SwarmUpConfig:
     seed: int = 0
     router_kind: str = "trained"  # stats: no router peer (clients use the statistics the peers publish)
 
-def swarm_up(p: SwarmUpConfig, log=print) -> LocalSwarm:
+def swarm_up(p: SwarmUpConfig) -> LocalSwarm:
     """Start the local swarm ``p`` (training its experts and router first unless it serves checkpoints) and wait
     until every peer is online."""
     run_dir = Path(p.run_dir)
@@ -54,17 +57,17 @@ def swarm_up(p: SwarmUpConfig, log=print) -> LocalSwarm:
         specs = [PeerSpec(n, checkpoint=c) for n, c in zip(names, paths, strict=True)]
         router = p.router
     else:
-        specs, router = _train_first(p, run_dir, names, log)
-    log(f"starting a bootstrap node and {len(specs)} peer(s) on 127.0.0.1 (logs in {run_dir / 'logs'})")
+        specs, router = _train_first(p, run_dir, names)
+    logger.info(f"starting a bootstrap node and {len(specs)} peer(s) on 127.0.0.1 (logs in {run_dir / 'logs'})")
     sw = start_local_swarm(specs, router, run_dir, swarm=p.swarm, owner_key=p.owner_key, threads=p.threads,
-                           timeout=p.timeout, port=p.port, log=log)
+                           timeout=p.timeout, port=p.port)
     owner = p.owner_key or run_dir / "owner.key"
-    log(f"swarm {sw.swarm} is up with {len(specs)} expert peer(s) (owner key {owner}). Multiaddr:\n"
+    logger.info(f"swarm {sw.swarm} is up with {len(specs)} expert peer(s) (owner key {owner}). Multiaddr:\n"
         f"  {' '.join(sw.initial_peers)}")
     return sw
 
 
-def _train_first(p: SwarmUpConfig, run_dir: Path, names: list[str], log) -> tuple[list[PeerSpec], str | None]:
+def _train_first(p: SwarmUpConfig, run_dir: Path, names: list[str]) -> tuple[list[PeerSpec], str | None]:
     """The partition (made in ``run_dir`` unless given), the router trained now (unless ``router_kind`` is stats),
     and one peer per expert and replica that trains its expert before serving it: (peer specs, router path)."""
     from diffswarm.training.jobs import run_router_job, write_partition
@@ -77,13 +80,13 @@ def _train_first(p: SwarmUpConfig, run_dir: Path, names: list[str], log) -> tupl
         ds = p.data.load("train")
         part_path = str(run_dir / "partition.json")
         part = write_partition(ds, p.data, k, p.seed, part_path)
-        log(f"partitioned {ds.dataset_id} into K={k} clusters -> {part_path}")
+        logger.info(f"partitioned {ds.dataset_id} into K={k} clusters -> {part_path}")
     if part.k != k:
         raise ValueError(f"--experts {k} but the partition has K={part.k}")
     router = None
     if p.router_kind == "trained":
         router = str(run_dir / "router.safetensors")
-        log(f"training the router ({p.router_train.steps} steps)")
+        logger.info(f"training the router ({p.router_train.steps} steps)")
         run_router_job(RouterJob(part_path, router, train=p.router_train), progress=False, evaluate=False)
     objectives = {"mixed": ["ddpm" if i % 2 == 0 else "fm" for i in range(k)], "ddpm": ["ddpm"] * k,
                   "fm": ["fm"] * k}[p.objectives]
@@ -95,5 +98,5 @@ def _train_first(p: SwarmUpConfig, run_dir: Path, names: list[str], log) -> tupl
                            train=replace(p.train, seed=p.seed + i, resume=True, threads=p.threads))
             specs.append(PeerSpec(names[i * p.replicas + r], train=job))
     if p.replicas > 1:
-        log("note: replicas of a cluster each train their own expert (same data and seed)")
+        logger.info("note: replicas of a cluster each train their own expert (same data and seed)")
     return specs, router

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from diffswarm.peer.server import Peer
+from diffswarm.utils.log import console
 
 MODES = ("honest", "nan", "inf", "huge", "scale", "negate", "zero", "random", "noise", "row0", "other", "slow",
          "shape", "refuse")
@@ -100,8 +101,8 @@ class Corruptor:
 class HostilePeer(Peer):
     """A ``Peer`` whose served experts answer through a ``Corruptor``."""
 
-    def __init__(self, cfg, mode: str, after: int = 0, mode_file: str | None = None, log=print):
-        super().__init__(cfg, log)
+    def __init__(self, cfg, mode: str, after: int = 0, mode_file: str | None = None):
+        super().__init__(cfg)
         self.hostile = (mode, after, mode_file)
 
     def load_expert(self, path: str):
@@ -134,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         runner = uvloop.run
     except ImportError:  # pragma: no cover
         runner = asyncio.run
-    return runner(HostilePeer(plan.config, own.mode, own.after, own.mode_file,
-                              log=lambda m: print(m, flush=True)).run())
+    console()
+    return runner(HostilePeer(plan.config, own.mode, own.after, own.mode_file).run())
 
 
 if __name__ == "__main__":
