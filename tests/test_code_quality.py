@@ -187,3 +187,13 @@ def test_p2p_private_attributes_exist():
             await p2p.shutdown()
 
     asyncio.run(go())
+
+
+def test_the_math_core_imports_without_hivemind():
+    """Experts, sampling and the router are usable offline, in a notebook, without the networking stack."""
+    code = ("import sys, diffswarm.experts.train, diffswarm.experts.checkpoint, diffswarm.sampling.loop, "
+            "diffswarm.router.ensemble, diffswarm.router.local, diffswarm.router.stats.router; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'hivemind'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout

@@ -1,1 +1,3 @@
-"""Terminal dashboard (Textual): watch the swarm and generate from it. Built on the swarm client."""
+"""Terminal dashboard (Textual), built on the swarm client: pure view models (:mod:`.model`), the data source
+(:mod:`.source`: a live swarm or a deterministic fake), small widgets (:mod:`.widgets`), the generation
+worker (:mod:`.generation`) and the app shell (:mod:`.app`)."""
