@@ -445,8 +445,8 @@ def eval_config(quick: bool, out: str, **over):
     ``tiny`` (quick) or ``cpu`` (full) preset, so that changing the preset changes the eval; ``over``
     replaces StudyConfig fields (``budget``: expert steps; ``samples``: n)."""
     from diffswarm.demo import PRESETS
+    from diffswarm.eval.config import QUICK_GMM, GMMSettings, StudyConfig
     from diffswarm.eval.pool import PoolConfig
-    from diffswarm.eval.study import QUICK_GMM, GMMSettings, StudyConfig
 
     pr = PRESETS["tiny" if quick else "cpu"]
     budget = over.pop("budget", None)
@@ -474,7 +474,7 @@ class EvalReportPlan:
 
 
 def plan_eval(args, given) -> EvalPlan | EvalReportPlan:
-    from diffswarm.eval.study import STUDIES
+    from diffswarm.eval.studies import STUDIES
 
     if args.report_only:
         _refuse(given, [a for a in ("quick", "studies", "seeds", "threads", *EVAL_POOL_DESTS) if a in given],
@@ -734,7 +734,7 @@ def run_demo(p: DemoPlan) -> int:
 
 
 def run_eval(p: EvalPlan) -> int:
-    from diffswarm.eval.study import run_study
+    from diffswarm.eval.run import run_study
 
     run_study(p.config, log=lambda m: print(m, flush=True), command=p.command)
     return 0

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from diffswarm.eval.ablations import NoTranslator, forward_flops, sample_native_ddim
-from diffswarm.eval.report import paired
-from diffswarm.eval.study import ddpm_clusters, ensemble_objectives, mixes, strategies
+from diffswarm.eval.report_common import paired
+from diffswarm.eval.settings import ddpm_clusters, ensemble_objectives, mixes, strategies
 from diffswarm.experts.config import ExpertConfig
 from diffswarm.experts.expert import Expert
 from diffswarm.experts.networks import NetConfig
@@ -290,7 +290,7 @@ def test_native_ddim_is_also_compared_at_the_flow_samplers_cost(monkeypatch, sam
     """With a 2nd-order sampler the translator meets DDIM at equal steps and at equal network evaluations."""
     from types import SimpleNamespace
 
-    from diffswarm.eval import study
+    from diffswarm.eval.studies import objectives as study
     from diffswarm.router.sampler import SamplingConfig
 
     cfg = SimpleNamespace(sampling=SamplingConfig(steps=steps, sampler=sampler), train_seeds=(0,), seeds=(0, 1))
