@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from diffswarm.eval.ablations import NoTranslator, forward_flops, sample_native_ddim
-from diffswarm.eval.report import paired
-from diffswarm.eval.study import ddpm_clusters, ensemble_objectives, mixes, strategies
+from diffswarm.eval.report_common import paired
+from diffswarm.eval.settings import ddpm_clusters, ensemble_objectives, mixes, strategies
 from diffswarm.experts.config import ExpertConfig
 from diffswarm.experts.expert import Expert
 from diffswarm.experts.networks import NetConfig
@@ -143,9 +143,9 @@ def test_a_lone_remaining_model_trains_on_every_workers_threads(tmp_path, monkey
     monkeypatch.setattr(pool_mod, "read_meta", lambda path: {"summary": {}})
     lone = [j for j in p.jobs([0]) if j.name == "s0-router-uncond"]
     monkeypatch.setattr(p, "jobs", lambda *a, **k: lone)
-    p.ensure([0], jobs=2, log=lambda m: None)
+    p.ensure([0], jobs=2)
     assert seen == [("s0-router-uncond", 2)]  # not 1 thread with the other core idle
-    p.ensure([0], jobs=1, log=lambda m: None)
+    p.ensure([0], jobs=1)
     assert seen[-1] == ("s0-router-uncond", 1)
 
 
@@ -281,7 +281,7 @@ def test_quick_eval_end_to_end(tmp_path, monkeypatch):
     pool = ExpertPool(cfg.pool)
     weights = sorted(Path(pool.root).glob("models/*/*.safetensors"))
     mtimes = [p.stat().st_mtime_ns for p in weights]
-    again = pool.ensure(cfg.train_seeds, log=lambda m: None)
+    again = pool.ensure(cfg.train_seeds)
     assert again["trained"] == [] and len(again["reused"]) == len(res["pool"]["trained"]) == 2 + 2 * k + 1
     assert [p.stat().st_mtime_ns for p in weights] == mtimes
 
@@ -292,7 +292,7 @@ def test_native_ddim_is_also_compared_at_the_flow_samplers_cost(monkeypatch, sam
     """With a 2nd-order sampler the translator meets DDIM at equal steps and at equal network evaluations."""
     from types import SimpleNamespace
 
-    from diffswarm.eval import study
+    from diffswarm.eval.studies import objectives as study
     from diffswarm.sampling.config import SamplingConfig
 
     cfg = SimpleNamespace(sampling=SamplingConfig(steps=steps, sampler=sampler), train_seeds=(0,), seeds=(0, 1))

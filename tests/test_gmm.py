@@ -15,15 +15,11 @@ from diffswarm.eval.gmm import (
     cluster_velocities,
     default_mixture,
     fit_stats_router,
-    generate,
-    kl_to_router,
     log_density,
     marginal_velocity,
-    router_kl_by_t,
-    run_gmm_study,
     sample_data,
-    sample_metrics,
 )
+from diffswarm.eval.studies.gmm import generate, kl_to_router, router_kl_by_t, run_gmm_study, sample_metrics
 from diffswarm.router.routing import RoutingConfig
 
 G = default_mixture()

@@ -11,7 +11,7 @@ from diffswarm.data import DatasetSpec
 
 if TYPE_CHECKING:
     from diffswarm.demo import DemoConfig
-    from diffswarm.eval.study import StudyConfig
+    from diffswarm.eval.config import StudyConfig
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,8 @@ def eval_config(quick: bool, out: str, **over):
     """The ``diffswarm eval`` configuration: the network, batch, router steps and sampling of the
     ``tiny`` (quick) or ``cpu`` (full) preset the demo runs too, so that changing the preset changes the eval;
     ``over`` replaces StudyConfig fields (``budget``: expert steps; ``samples``: n)."""
+    from diffswarm.eval.config import QUICK_GMM, GMMSettings, StudyConfig
     from diffswarm.eval.pool import PoolConfig
-    from diffswarm.eval.study import QUICK_GMM, GMMSettings, StudyConfig
     from diffswarm.training.presets import PRESETS
 
     pr = PRESETS["tiny" if quick else "cpu"]
@@ -84,7 +84,7 @@ def eval_config(quick: bool, out: str, **over):
 
 
 def plan_eval(args, given) -> EvalPlan | EvalReportPlan:
-    from diffswarm.eval.study import STUDIES
+    from diffswarm.eval.studies import STUDIES
 
     if args.report_only:
         refuse(given, [a for a in ("quick", "studies", "seeds", "threads", *EVAL_POOL_DESTS) if a in given],

@@ -36,9 +36,9 @@ def run_demo(p: DemoPlan) -> int:
 def run_eval(p: EvalPlan | EvalReportPlan) -> int:
     if isinstance(p, EvalReportPlan):
         return run_eval_report(p)
-    from diffswarm.eval.study import run_study
+    from diffswarm.eval.run import run_study
 
-    run_study(p.config, log=lambda m: print(m, flush=True), command=p.command)
+    run_study(p.config, command=p.command)
     return 0
 
 

@@ -187,7 +187,7 @@ def _add_evaluation_commands(sub) -> None:
                    help="generate in this process instead of over a local swarm of peer processes")
     p.add_argument("--seed", type=int, default=0)
 
-    from diffswarm.eval.study import STUDIES
+    from diffswarm.eval.studies import STUDIES
 
     p = _parser(sub, "eval", "test the papers' claims on a cached expert pool: routing, objectives, translator, "
                              "stability, alignment, routers, 2-D Gaussian mixture; writes OUT/report.md")

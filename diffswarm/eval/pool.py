@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
@@ -52,6 +53,8 @@ from diffswarm.router.stats.router import StatsRouter
 from diffswarm.router.train import RouterTrainConfig, train_router
 from diffswarm.training.jobs import ClusterData, expert_config, router_config, write_partition
 from diffswarm.training.pool import WorkerPool
+
+logger = logging.getLogger(__name__)
 
 POOL_FORMAT = "diffswarm.eval-pool/1"
 # the objectives of the pool's experts; the order numbers their seeds (``ExpertPool.expert_seed``), keep it
@@ -201,7 +204,7 @@ class ExpertPool:
 
     # ------------------------------------------------------------------ training
 
-    def ensure(self, train_seeds, jobs: int = 1, log=print, **which) -> dict:
+    def ensure(self, train_seeds, jobs: int = 1, **which) -> dict:
         """Train whatever of ``self.jobs(train_seeds, **which)`` is not done yet; returns
         ``{"trained": [names], "reused": [names], "seconds": float, "models": {name: summary}}``."""
         t0 = time.perf_counter()
@@ -209,16 +212,16 @@ class ExpertPool:
         todo = [j for j in all_jobs if not j.done()]
         reused = [j.name for j in all_jobs if j not in todo]
         if reused:
-            log(f"pool {self.root}: reusing {len(reused)} trained model(s)")
+            logger.info(f"pool {self.root}: reusing {len(reused)} trained model(s)")
         if todo:
-            log(f"pool {self.root}: training {len(todo)} model(s) in {min(jobs, len(todo))} process(es): "
+            logger.info(f"pool {self.root}: training {len(todo)} model(s) in {min(jobs, len(todo))} process(es): "
                 + ", ".join(j.name for j in todo))
         # one model left: it trains in this process on every thread the workers would have had
         cfg = self.cfg if len(todo) > 1 else replace(self.cfg, threads=self.cfg.threads * max(1, jobs))
         args = [(cfg, j, self.partition.to_dict()) for j in todo]
         with WorkerPool(min(jobs, len(todo)) if jobs > 1 and len(todo) > 1 else 0) as workers:
             for j, summ in zip(todo, workers.map(_train_job, args), strict=True):
-                log(f"  trained {j.name}: {summ['steps']} steps in {summ['seconds']:.0f}s")
+                logger.info(f"  trained {j.name}: {summ['steps']} steps in {summ['seconds']:.0f}s")
         models = {j.name: read_meta(j.weights)["summary"] for j in all_jobs}
         return {"trained": [j.name for j in todo], "reused": reused, "seconds": time.perf_counter() - t0,
                 "models": models, "root": str(self.root)}

@@ -1,0 +1,81 @@
+"""What a cell of ``diffswarm eval`` is made of: the routing strategies, the ensembles (objective per
+cluster) and :class:`Cell`, the key of one sample set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diffswarm.router.routing import RoutingConfig
+
+ROUTERS = ("cond", "uncond", "stats", "stats-uncond")
+
+
+def strategies(threshold: float = 0.1, switch_t: float = 0.5) -> dict[str, RoutingConfig]:
+    """The routing strategies of the routing study, by display name."""
+    return {
+        "full": RoutingConfig("full"),
+        "top-1": RoutingConfig("top-k", k=1),
+        "top-2": RoutingConfig("top-k", k=2),
+        "top-3": RoutingConfig("top-k", k=3),
+        f"threshold-{threshold:g}": RoutingConfig("threshold", threshold=threshold),
+        "sample-1": RoutingConfig("sample-k", k=1),
+        f"full>{switch_t:g}/top-1": RoutingConfig("top-k", k=1, full_above=switch_t),
+    }
+
+
+def ddpm_clusters(k: int, n_ddpm: int) -> list[int]:
+    """Evenly spaced clusters that get DDPM experts in a mix: K = 8, 2 -> [0, 4]; 4 -> [0, 2, 4, 6]."""
+    return sorted({round(i * k / n_ddpm) for i in range(n_ddpm)}) if n_ddpm else []
+
+
+def ensemble_objectives(name: str, k: int) -> list[str]:
+    """Objective per cluster for an ensemble name: ``fm``, ``ddpm`` or ``mix-<n DDPM>``."""
+    if name in ("fm", "ddpm"):
+        return [name] * k
+    if name.startswith("mix-"):
+        dd = set(ddpm_clusters(k, int(name[4:])))
+        return ["ddpm" if c in dd else "fm" for c in range(k)]
+    raise ValueError(f"unknown ensemble {name!r}")
+
+
+def mixes(k: int) -> dict[str, str]:
+    """{ensemble name: display name} of the objectives study: all FM, all DDPM, ~1/4 DDPM, 1/2 DDPM."""
+    q, h = max(1, k // 4), max(1, k // 2)
+    out = {"fm": f"{k} FM", "ddpm": f"{k} DDPM", f"mix-{q}": f"{q} DDPM + {k - q} FM"}
+    out.setdefault(f"mix-{h}", f"{h} DDPM + {k - h} FM")
+    return out
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One sample set (:mod:`diffswarm.eval.run`'s docstring). ``router``/``strategy`` are None for the monolith."""
+
+    train_seed: int
+    seed: int
+    ensemble: str  # fm | ddpm | mix-<n> | monolith-fm
+    router: str | None = None  # cond | uncond | stats | stats-uncond
+    strategy: str | None = None  # a key of strategies()
+    method: str = "flow"  # flow (the sampler over velocities) | ddim (native DDPM, as many steps) | ddim-nfe
+    # (native DDPM, as many network evaluations as the flow sampler) | no-translator
+    generation: str = "class"  # class: labels cycling through the classes, with CFG | none: unconditional, no CFG
+
+    @property
+    def setting(self) -> str:
+        """Display name without the seeds."""
+        gen = "uncond gen | " if self.generation == "none" else ""
+        if self.router is None:
+            return gen + self.ensemble
+        extra = "" if self.method == "flow" else f", {self.method}"
+        return f"{gen}{self.ensemble} | {self.router} router | {self.strategy}{extra}"
+
+    @property
+    def run(self) -> str:
+        return f"s{self.train_seed}/r{self.seed}"
+
+
+def runs(cfg) -> list[tuple[int, int]]:
+    """(training seed, sampling seed) of every run of a StudyConfig."""
+    return [(ts, s) for ts in cfg.train_seeds for s in cfg.seeds]
+
+
+__all__ = ["ROUTERS", "Cell", "ddpm_clusters", "ensemble_objectives", "mixes", "runs", "strategies"]
