@@ -8,18 +8,16 @@ import pytest
 import torch
 
 from diffswarm.data.partition import Partition
-from diffswarm.eval.diagnostics import (
-    LipschitzConfig,
+from diffswarm.eval.diagnostics.alignment import (
     angular_disagreement,
     centroid_distances,
     expert_errors,
     expert_velocities,
-    local_lipschitz,
     real_data_alignment,
-    refinement_gap,
     split_by_selection,
-    trace_sampling,
 )
+from diffswarm.eval.diagnostics.stability import local_lipschitz, refinement_gap
+from diffswarm.eval.diagnostics.tracing import LipschitzConfig, trace_sampling
 from diffswarm.router.ensemble import RoutedEnsemble
 from diffswarm.router.routing import RoutingConfig
 from diffswarm.sampling.loop import sample

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from diffswarm.eval.context import Context
-from diffswarm.eval.diagnostics import expert_errors, split_by_selection
+from diffswarm.eval.diagnostics.alignment import expert_errors, split_by_selection
 from diffswarm.eval.metrics import summarize
 from diffswarm.eval.report_common import finite, fmt, mean, pyplot, save_plot, table
 from diffswarm.eval.settings import Cell, runs

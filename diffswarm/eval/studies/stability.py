@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from diffswarm.eval.context import Context
-from diffswarm.eval.diagnostics import LipschitzConfig, trace_sampling
+from diffswarm.eval.diagnostics.tracing import LipschitzConfig, trace_sampling
 from diffswarm.eval.metrics import per_sample_quality, summarize
 from diffswarm.eval.report_common import (
     NOISE_RULE,
