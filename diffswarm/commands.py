@@ -222,7 +222,7 @@ def _full_swarm_name(text: str, option: str = "--swarm") -> str:
 def _swarm_source(args, given, **client_kw) -> SwarmSource:
     """--initial-peers with --swarm NAME@FINGERPRINT, else the local swarm of --run-dir found by its own
     full name (``swarm.json``)."""
-    from diffswarm.client.client import ClientConfig
+    from diffswarm.client.config import ClientConfig
     from diffswarm.dht.names import HOW_TO_NAME
 
     if args.initial_peers:

@@ -38,7 +38,8 @@ from diffswarm.client.answer_checks import (
     should_verify,
     tolerance,
 )
-from diffswarm.client.client import ClientConfig, PeerCallError, SwarmClient
+from diffswarm.client.client import SwarmClient
+from diffswarm.client.config import ClientConfig, PeerCallError
 from diffswarm.client.discovery import SwarmTarget
 from diffswarm.client.selection import Replica, pick_replica
 from diffswarm.protocol.wire import classify_error
