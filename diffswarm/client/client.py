@@ -38,7 +38,7 @@ from diffswarm.client.selection import Blacklist, Replica, update_ema
 from diffswarm.client.transport import PeerTransport
 from diffswarm.dht.names import parse_swarm_name
 from diffswarm.dht.node import SwarmDHT
-from diffswarm.dht.records import ExpertRecord
+from diffswarm.dht.records import ClusterStatsRecord, ExpertRecord, RouterProvider, SwarmManifest
 from diffswarm.protocol.wire import MAX_CHECKPOINT_BYTES
 
 logger = logging.getLogger(__name__)
@@ -182,17 +182,17 @@ class SwarmClient:
 
     # -- router and manifest (bootstrap.Bootstrap) -------------------------------------------------
 
-    def swarm_manifests(self):
+    def swarm_manifests(self) -> tuple[list[SwarmManifest], list[str]]:
         """Well-formed manifests announced in the swarm (signatures not checked yet) and the skipped ones."""
         return self.bootstrap.swarm_manifests()
 
-    def router_providers(self):
+    def router_providers(self) -> tuple[list[RouterProvider], list[str]]:
         return self.bootstrap.router_providers()
 
-    def stats_records(self):
+    def stats_records(self) -> tuple[list[ClusterStatsRecord], list[str]]:
         return self.bootstrap.stats_records()
 
-    def find_manifest(self, wait: float | None = None):
+    def find_manifest(self, wait: float | None = None) -> SwarmManifest:
         """The owner's newest valid manifest (``Bootstrap.find_manifest``)."""
         return self.bootstrap.find_manifest(wait)
 
@@ -200,7 +200,7 @@ class SwarmClient:
         """(router, SwarmManifest) as ``cfg.router_kind`` says (``Bootstrap.fetch_router``)."""
         return self.bootstrap.fetch_router(device, wait)
 
-    def fetch_stats_router(self, manifest, device="cpu", deadline: float | None = None):
+    def fetch_stats_router(self, manifest: SwarmManifest, device="cpu", deadline: float | None = None):
         """A ``StatsRouter`` from the statistics the swarm's peers publish (``Bootstrap.fetch_stats_router``)."""
         return self.bootstrap.fetch_stats_router(manifest, device, deadline)
 
