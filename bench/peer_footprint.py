@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from diffswarm.client.client import ClientConfig, SwarmClient
+from diffswarm.client.client import SwarmClient
+from diffswarm.client.config import ClientConfig
 from diffswarm.client.selection import Replica
 from diffswarm.dht.node import NetworkConfig
 from diffswarm.swarm.local import local_swarm

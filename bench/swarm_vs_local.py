@@ -28,7 +28,7 @@ from functools import partial
 
 import torch
 
-from diffswarm.client.client import ClientConfig
+from diffswarm.client.config import ClientConfig
 from diffswarm.dht.node import NetworkConfig
 from diffswarm.router.local import generate, load_local_ensemble
 from diffswarm.router.routing import RoutingConfig

@@ -244,7 +244,7 @@ class FakeSwarmClient:
     def __init__(self, peers: dict, trust=None, local: dict | None = None):
         from collections import deque
 
-        from diffswarm.client.client import ClientConfig
+        from diffswarm.client.config import ClientConfig
         from diffswarm.client.selection import Blacklist
 
         self.cfg = ClientConfig(call_timeout=0.3, threads=0, **({} if trust is None else {"trust": trust}))
@@ -277,7 +277,7 @@ class FakeSwarmClient:
         return self.local.get(sha)
 
     async def call_velocity(self, rep, x, t, labels, guidance, timeout):
-        from diffswarm.client.client import PeerCallError
+        from diffswarm.client.config import PeerCallError
 
         self.calls.append((rep.peer_id, x.shape[0]))
         if rep.peer_id in self.dead:

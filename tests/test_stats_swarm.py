@@ -6,7 +6,7 @@ import hashlib
 import pytest
 import torch
 
-from diffswarm.client.client import ClientConfig, SwarmClientError
+from diffswarm.client.config import ClientConfig, SwarmClientError
 from diffswarm.client.discovery import choose_stats
 from diffswarm.dht.node import NetworkConfig
 from diffswarm.dht.records import ClusterStatsRecord, SwarmManifest

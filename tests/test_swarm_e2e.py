@@ -22,7 +22,8 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.timed_storage import get_dht_time
 
 from diffswarm.client.answer_checks import TrustConfig
-from diffswarm.client.client import ClientConfig, SwarmClient
+from diffswarm.client.client import SwarmClient
+from diffswarm.client.config import ClientConfig
 from diffswarm.dht.entries import experts_key
 from diffswarm.dht.node import NetworkConfig, SwarmDHT
 from diffswarm.peer.servicer import ExpertServicer

@@ -108,7 +108,8 @@ def test_bad_swarm_names_are_refused_with_how_to_get_the_full_name(text, message
 
 
 def test_a_client_refuses_a_swarm_named_without_its_fingerprint():
-    from diffswarm.client.client import ClientConfig, SwarmClient
+    from diffswarm.client.client import SwarmClient
+    from diffswarm.client.config import ClientConfig
 
     with pytest.raises(SwarmNameError, match="no owner fingerprint"):  # before any daemon starts
         SwarmClient(["/ip4/127.0.0.1/tcp/1/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"],
@@ -421,13 +422,14 @@ def _router(path, partition):
 
 
 def test_a_sybil_crowd_cannot_change_the_router_of_a_named_swarm(tmp_path, monkeypatch, caplog):
-    from diffswarm.client import client as client_mod
-    from diffswarm.client.client import ClientConfig, SwarmClient
+    from diffswarm.client import bootstrap as bootstrap_mod
+    from diffswarm.client.client import SwarmClient
+    from diffswarm.client.config import ClientConfig
     from diffswarm.dht.node import NetworkConfig, load_or_create_key
     from diffswarm.peer.config import PeerConfig
     from diffswarm.peer.server import Peer
 
-    caplog.set_level(logging.INFO, logger="diffswarm.client.client")
+    caplog.set_level(logging.INFO, logger="diffswarm.client.bootstrap")
     router_a, router_b = _router(tmp_path / "a.safetensors", "ph-a"), _router(tmp_path / "b.safetensors", "ph-b")
     owner_path = str(tmp_path / "owner.key")
     owner_key, _ = load_or_create_key(owner_path)
@@ -486,7 +488,8 @@ def test_a_sybil_crowd_cannot_change_the_router_of_a_named_swarm(tmp_path, monke
         assert liar.manifest == owner.own_manifest
 
         # 4. a client naming the swarm NAME@FINGERPRINT takes the owner's router; the liar's bytes are tried first
-        monkeypatch.setattr(client_mod.random, "shuffle", lambda xs: xs.sort(key=lambda p: p.peer_id != liar.peer_id))
+        monkeypatch.setattr(bootstrap_mod.random, "shuffle",
+                            lambda xs: xs.sort(key=lambda p: p.peer_id != liar.peer_id))
         cfg = ClientConfig(swarm=str(name), net=NetworkConfig.loopback(client_mode=True),
                            cache_dir=str(tmp_path / "cache"), connect_timeout=20.0)
         with SwarmClient(maddrs, cfg) as client:

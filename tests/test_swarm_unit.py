@@ -350,7 +350,8 @@ def inproc_peer(tmp_path_factory):
 
 
 def test_streamed_and_float16_calls_match_the_local_expert(inproc_peer):
-    from diffswarm.client.client import ClientConfig, SwarmClient
+    from diffswarm.client.client import SwarmClient
+    from diffswarm.client.config import ClientConfig
     from diffswarm.dht.node import NetworkConfig
     from diffswarm.experts.expert import Expert
 
@@ -447,7 +448,8 @@ def test_swarm_ensemble_fails_over_to_replicas_then_reroutes(three_experts):
 
 
 def test_requests_of_two_clients_share_one_forward_pass(inproc_peer):
-    from diffswarm.client.client import ClientConfig, SwarmClient
+    from diffswarm.client.client import SwarmClient
+    from diffswarm.client.config import ClientConfig
     from diffswarm.dht.node import NetworkConfig
 
     peer, path = inproc_peer
@@ -474,7 +476,9 @@ def test_requests_of_two_clients_share_one_forward_pass(inproc_peer):
 
 
 def test_a_refused_request_does_not_end_the_session(inproc_peer):
-    from diffswarm.client.client import ClientConfig, PeerSession, SwarmClient
+    from diffswarm.client.client import SwarmClient
+    from diffswarm.client.config import ClientConfig
+    from diffswarm.client.transport import PeerSession
     from diffswarm.dht.node import NetworkConfig
     from diffswarm.protocol.wire import decode_response
 
@@ -482,7 +486,7 @@ def test_a_refused_request_does_not_end_the_session(inproc_peer):
     x, t, labels = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([0, 1])
     with SwarmClient(peer.maddrs, ClientConfig(net=NetworkConfig.loopback(client_mode=True))) as client:
         async def scenario():
-            await client._connect(peer.peer_id, peer.maddrs)
+            await client.transport.connect(peer.peer_id, peer.maddrs)
             s = PeerSession(client.dht.p2p, peer.peer_id)
             await s.open()
             bad = await s.call("c0-ddpm", encode_request("c0-ddpm", torch.randn(2, 3, 32, 31), t, labels, 2.0), 2.0, 30)

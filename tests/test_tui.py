@@ -510,7 +510,7 @@ def test_dashboard_on_a_loopback_swarm(tmp_path):
     """Two peers and a bootstrap on 127.0.0.1: the table fills, a generation's images appear, a killed
     (SIGKILL, no goodbye) peer's row turns offline once its record expires, and generation goes on."""
     from diffswarm.client.answer_checks import TrustConfig
-    from diffswarm.client.client import ClientConfig
+    from diffswarm.client.config import ClientConfig
     from diffswarm.dht.node import NetworkConfig
     from diffswarm.swarm.local import local_swarm
     from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm

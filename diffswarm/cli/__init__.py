@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from diffswarm.cli import dispatch
-    from diffswarm.client.client import SwarmClientError
+    from diffswarm.client.config import SwarmClientError
     from diffswarm.dht.node import SwarmNetworkError
     from diffswarm.router.routing import NoExpertsError
     from diffswarm.swarm.local import SwarmLaunchError

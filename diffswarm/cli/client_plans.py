@@ -14,7 +14,7 @@ from diffswarm.router.routing import RoutingConfig
 from diffswarm.sampling.config import SamplingConfig
 
 if TYPE_CHECKING:
-    from diffswarm.client.client import ClientConfig
+    from diffswarm.client.config import ClientConfig
 
 DEFAULT_RUN_DIR = "runs/swarm"
 
@@ -73,7 +73,7 @@ def _client_network(args, given, local: bool):
 def _swarm_source(args, given, **client_kw) -> SwarmSource:
     """--initial-peers with --swarm NAME@FINGERPRINT, else the local swarm of --run-dir found by its own
     full name (``swarm.json``)."""
-    from diffswarm.client.client import ClientConfig
+    from diffswarm.client.config import ClientConfig
     from diffswarm.dht.names import HOW_TO_NAME
 
     if args.initial_peers:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 
 from diffswarm.cli.client_plans import DashboardPlan, GeneratePlan, SwarmSource, SwarmStatusPlan
+
+logger = logging.getLogger(__name__)
 
 
 def parse_classes(classes, ds_names: list[str]) -> list[int] | None:
@@ -24,12 +27,12 @@ def parse_classes(classes, ds_names: list[str]) -> list[int] | None:
     return out
 
 
-def _connect(src: SwarmSource, routing=None, *, router_path=None, device="cpu", seed=0, log=print):
+def _connect(src: SwarmSource, routing=None, *, router_path=None, device="cpu", seed=0):
     from diffswarm.client.ensemble import SwarmEnsemble
 
-    log(f"joining swarm {src.config.swarm!r} via {src.initial_peers[0]}")
+    logger.info(f"joining swarm {src.config.swarm!r} via {src.initial_peers[0]}")
     return SwarmEnsemble.connect(list(src.initial_peers), routing, seed=seed, router_path=router_path,
-                                 config=src.config, device=device, log=log)
+                                 config=src.config, device=device)
 
 
 def run_generate(p: GeneratePlan) -> int:

@@ -1,3 +1,5 @@
-"""The swarm client: pure replica selection and bans (:mod:`.selection`), the swarm view
-(:mod:`.discovery`), the network shell (:mod:`.client`) and the routed ensemble over peers
-(:mod:`.ensemble`, ``SwarmEnsemble``)."""
+"""The swarm client: its settings and errors (:mod:`.config`), pure replica selection and bans
+(:mod:`.selection`), the swarm view (:mod:`.discovery`), the network shell (:mod:`.client`) and its parts
+(:mod:`.transport`, :mod:`.refresh`, :mod:`.bootstrap`, :mod:`.downloads`, :mod:`.health`), and the routed
+ensemble over peers (:mod:`.ensemble`, ``SwarmEnsemble``) with its sources (:mod:`.sources`) and the checks
+on peers' answers (:mod:`.verifier` over the pure :mod:`.answer_checks`)."""

@@ -192,7 +192,7 @@ class LocalSwarm:
 
     def client(self, routing=None, seed: int = 0, config=None, **kw):
         """A ``SwarmEnsemble`` connected to this swarm (loopback network settings)."""
-        from diffswarm.client.client import ClientConfig
+        from diffswarm.client.config import ClientConfig
         from diffswarm.client.ensemble import SwarmEnsemble
         from diffswarm.dht.node import NetworkConfig
 

@@ -295,7 +295,7 @@ def make_app(initial_peers=None, source=None, out_dir: str | Path | None = None,
     if source is None:
         from dataclasses import replace
 
-        from diffswarm.client.client import ClientConfig
+        from diffswarm.client.config import ClientConfig
         from diffswarm.tui.source import LiveSource
 
         if not initial_peers:

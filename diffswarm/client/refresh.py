@@ -1,0 +1,84 @@
+"""The client's picture of the swarm's experts, refreshed from the DHT in the background (never a lookup per
+sampling step); each new peer is probed once with ``rpc_info`` before it is used."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+
+from diffswarm.client.discovery import SwarmTarget, SwarmView
+from diffswarm.client.selection import Blacklist, Replica
+from diffswarm.client.transport import PeerTransport
+from diffswarm.dht.node import SwarmDHT
+from diffswarm.dht.records import ExpertRecord
+from diffswarm.protocol.wire import RequestError
+
+logger = logging.getLogger(__name__)
+
+
+class PeerDiscovery:
+    """Expert records, the view of the replicas that fit the client's target, and which peers passed their probe.
+
+    ``bans``, ``last_error`` and ``events`` are the client's own (a failed probe bans its peer like a failed call).
+    """
+
+    def __init__(self, dht: SwarmDHT, transport: PeerTransport, bans: Blacklist, last_error: dict[str, str],
+                 events: deque[str]):
+        self.dht, self.transport = dht, transport
+        self.bans, self.last_error, self.events = bans, last_error, events
+        self.records: list[ExpertRecord] = []
+        self.view: SwarmView | None = None
+        self.verified: dict[str, str] = {}  # peer -> "ok" once its rpc_info probe matched its record
+        self.probe_latency: dict[str, float] = {}  # peer -> round trip of its rpc_info probe (s), until it is called
+
+    def set_target(self, target: SwarmTarget) -> SwarmView:
+        """Route for ``target`` (the router's clusters, partition, shapes): keep a view of the replicas that fit it."""
+        self.view = SwarmView(target)
+        self.view.update(self.records)
+        return self.view
+
+    async def refresh_once(self) -> None:
+        recs, errors, lifetimes = await self.dht.get_experts_expiring()
+        for e in errors:
+            logger.info(f"skipped an invalid expert record: {e}")
+        self.records = recs
+        if self.view is None:
+            return
+        events = self.view.update(recs, lifetimes=lifetimes)
+        for key, reason in self.view.skipped.items():
+            logger.debug(f"not using {key}: {reason}")
+        now = time.monotonic()
+        new = [r for r in self.view.all_replicas()
+               if r.peer_id not in self.verified and not self.bans.is_banned(r.peer_id, now)]
+        if new:
+            await asyncio.gather(*(self.probe(r) for r in {r.peer_id: r for r in new}.values()))
+        self.events.extend(events)
+
+    async def refresh_loop(self, period: float) -> None:
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.refresh_once()
+            except Exception as e:  # a failed lookup keeps the previous view
+                logger.warning(f"swarm refresh failed: {e!r}")
+
+    async def probe(self, rep: Replica) -> None:
+        """First contact: the peer must serve the announced expert with the announced weights."""
+        t0 = time.perf_counter()
+        try:
+            info = await self.transport.info(rep.peer_id, rep.addrs)
+            served = {(e.get("expert_id"), e.get("checkpoint_sha256")) for e in info.get("experts", [])
+                      if isinstance(e, dict)}
+            if info.get("peer_id") != rep.peer_id or (rep.expert_id, rep.checkpoint_sha256) not in served:
+                raise RequestError(f"peer {rep.peer_id[:12]} does not serve {rep.expert_id} "
+                                   f"{rep.checkpoint_sha256[:12]} as announced")
+            self.probe_latency[rep.peer_id] = time.perf_counter() - t0  # a hint for observers, not a measurement of
+            self.verified[rep.peer_id] = "ok"                              # its velocity calls (selection ignores it)
+        except Exception as e:
+            reason = f"probe failed: {e!r}"[:300]
+            self.last_error[rep.peer_id] = reason
+            length = self.bans.ban(rep.peer_id, time.monotonic())
+            self.events.append(f"{rep.expert_id} at {rep.peer_id[:12]}: {reason}; banned {length:.0f}s")
+            self.verified.pop(rep.peer_id, None)  # probed again once the ban is over

@@ -1,0 +1,140 @@
+"""Where a cluster's rows are computed: a peer's replica or the client's own verified copy of the weights
+(``LocalSource``), picked and paired for cross-checks by ``Sources``; ``RemoteSlot`` is one cluster of the
+swarm usable alone as a velocity model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import torch
+
+from diffswarm.client.answer_checks import TrustConfig
+from diffswarm.client.selection import Replica, pick_replica
+from diffswarm.router.ensemble import RoutedEnsemble
+
+
+class RemoteSlot:
+    """Cluster k of the swarm, usable alone as a velocity model (with failover among its replicas)."""
+
+    def __init__(self, ensemble: RoutedEnsemble, cluster: int):
+        self.ensemble, self.cluster = ensemble, cluster
+
+    @property
+    def expert_id(self) -> str:
+        return self.ensemble.expert_ids[self.cluster]
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance: float = 1.0) -> torch.Tensor:
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        k, b = self.cluster, x.shape[0]
+        w = torch.zeros(b, self.ensemble.num_experts)
+        w[:, k] = 1.0
+        v, _, _ = self.ensemble.evaluate(x, t, labels, guidance, w, None)
+        return v
+
+
+class LocalSource:
+    """The client's own copy of an expert's weights (sha256-verified), used as a source like a replica."""
+
+    PREFIX = "local:"
+
+    def __init__(self, expert, sha256: str, cluster: int):
+        self.expert, self.checkpoint_sha256, self.cluster = expert, sha256, cluster
+        self.peer_id = self.name(sha256)
+        self.expert_id = expert.expert_id
+
+    @classmethod
+    def name(cls, sha256: str) -> str:
+        return cls.PREFIX + sha256[:12]
+
+    def velocity(self, x, t, labels, guidance):
+        dev = next(self.expert.parameters()).device
+        return self.expert.velocity(x.to(dev), t.to(dev), labels.to(dev), guidance).to(x.device)
+
+
+class Sources:
+    """The sources of each cluster for one ``SwarmEnsemble``: remote replicas, or the client's own verified copy
+    of an expert's weights. ``failed``: names of sources that failed in the current evaluation (skipped)."""
+
+    def __init__(self, client, trust: TrustConfig):
+        self.client, self.trust = client, trust  # client: a SwarmClient (or its surface, tests/peer_harness.py)
+        self.sticky: dict[int, str] = {}  # cluster -> checkpoint sha256 in use (stay on one expert's weights)
+        self.in_use: dict[int, str] = {}  # cluster -> peer id that answered last
+
+    def usable(self, k: int, now: float) -> list[Replica]:
+        return [r for r in self.client.view.replicas(k) if self.client.usable(r, now)]
+
+    def pick(self, k: int, rows: int, now: float, failed: set[str]):
+        """The source for cluster k's rows: the best usable replica, else (``local_fallback``) the client's own
+        verified copy of the cluster's weights; None if neither exists."""
+        reps = self.client.with_fresh_load(self.usable(k, now))
+        rep = pick_replica(reps, self.client.latency, self.client.bans, now, rows, failed, self.sticky.get(k),
+                           current=self.in_use.get(k))
+        if rep is None and self.trust.local_fallback:
+            return self.local(k, failed)
+        return rep
+
+    def local(self, k: int, failed: set[str], sha: str | None = None):
+        """The client's own copy of cluster k's weights (``sha``, else the one in use, else any announced one)."""
+        announced = sorted({r.checkpoint_sha256 for r in self.client.view.replicas(k)})
+        shas = [sha] if sha else [self.sticky.get(k), *announced]
+        for h in shas:
+            if h and LocalSource.name(h) not in failed:
+                expert = self.client.local_expert(h, self.client.view.replicas(k), fetch=self.trust.fetch_checkpoints)
+                if expert is not None:
+                    return LocalSource(expert, h, k)
+        return None
+
+    def partner(self, k: int, src, now: float, failed: set[str], suspicion: Callable[[str, float], float]):
+        """A second source for cross-checking ``src``: another usable replica with the same weights (the least
+        suspected by ``suspicion(peer, now)``), else the client's own copy; None if there is none."""
+        others = [r for r in self.usable(k, now) if r.checkpoint_sha256 == src.checkpoint_sha256
+                  and r.peer_id != src.peer_id and r.peer_id not in failed]
+        if others:
+            return min(others, key=lambda r: (suspicion(r.peer_id, now), r.peer_id))
+        if isinstance(src, LocalSource):
+            return None
+        return self.local(k, failed, src.checkpoint_sha256)
+
+    def answer_all(self, calls, guidance: float) -> list:
+        """Answers (or exceptions) of [(source, x, t, labels)]: remote calls concurrently on the client loop,
+        then local ones here."""
+        timeout = self.client.cfg.call_timeout
+        remote = [i for i, c in enumerate(calls) if not isinstance(c[0], LocalSource)]
+
+        async def gather():
+            return await asyncio.gather(*(self.client.call_velocity(calls[i][0], *calls[i][1:], guidance, timeout)
+                                          for i in remote), return_exceptions=True)
+
+        out: list = [None] * len(calls)
+        for i, r in zip(remote, self.client.run(gather()) if remote else [], strict=True):
+            out[i] = r
+        for i, (src, xk, tk, lk) in enumerate(calls):
+            if isinstance(src, LocalSource):
+                out[i] = (src.velocity(xk, tk, lk, guidance), {"precision": "fp32"})
+        return out
+
+    def uncovered_message(self, clusters: list[int], prefix: str) -> str:
+        """Why each of ``clusters`` (the uncovered ones) has no usable source, and what to do about it."""
+        now = time.monotonic()
+        parts = []
+        for k in clusters:
+            reps = self.client.view.replicas(k)
+            if not reps:
+                parts.append(f"cluster {k}: no online peer announces it")
+                continue
+            why = []
+            for r in reps:
+                if self.client.bans.is_banned(r.peer_id, now):
+                    left = self.client.bans.until[r.peer_id] - now
+                    last = self.client.last_error.get(r.peer_id, "?")
+                    why.append(f"{r.peer_id[:12]} banned {left:.0f}s more ({last})")
+                else:
+                    why.append(f"{r.peer_id[:12]} not verified yet")
+            parts.append(f"cluster {k}: {len(reps)} replica(s), none usable: " + "; ".join(why))
+        which = (f"cluster {clusters[0]} is" if len(clusters) == 1
+                 else f"clusters {', '.join(str(k) for k in clusters)} are")
+        return (f"{prefix}: {which} uncovered ({' | '.join(parts)}). Start peers for them "
+                f"(`diffswarm peer --cluster K ...`) or wait for banned peers to recover.")
