@@ -257,6 +257,9 @@ def test_honest_replicas_cost_a_few_checks_and_ban_nobody(three, clean):
     peers = {"h0a": (0, experts[0]), "h0b": (0, experts[0]), "h1a": (1, experts[1]), "h1b": (1, experts[1]),
              "h2a": (2, experts[2]), "h2b": (2, experts[2])}
     ens, client = swarm(three, peers)
+    # the random share of checks comes from an OS-seeded generator (peers must not predict it); seeded here so
+    # that the bound below is checked on one fixed draw instead of failing for ~1 draw in 20 (binomial tail)
+    ens.verifier.rng.seed(0)
     x, _ = run(ens)
     assert torch.allclose(x, clean, atol=1e-5)
     assert ens.liars == set() and honest_bans(client) == [] and ens.unverified == 0
