@@ -26,6 +26,7 @@ from diffswarm.client.answer_checks import (
     tolerance,
 )
 from diffswarm.client.config import PeerCallError
+from diffswarm.client.selection import Replica
 from diffswarm.client.sources import LocalSource, Sources
 from diffswarm.protocol.wire import classify_error
 
@@ -35,8 +36,8 @@ class Job(NamedTuple):
 
     k: int
     rows: torch.Tensor  # (n,) row indices into the batch
-    src: object  # a Replica or a LocalSource
-    partner: object | None
+    src: Replica | LocalSource
+    partner: Replica | LocalSource | None
     call: tuple  # (x, t, labels) of those rows
     i: int  # index of src's answer among the round's answers (the partner's is i + 1)
 

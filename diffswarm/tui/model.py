@@ -386,7 +386,7 @@ class HistoryEntry:
     request: GenRequest
     wall_s: float
     path: str
-    images: object = field(default=None, compare=False, repr=False)  # the samples, to show them again
+    images: torch.Tensor | None = field(default=None, compare=False, repr=False)  # the samples, to show them again
 
     def cells(self) -> tuple[str, ...]:
         r = self.request

@@ -6,17 +6,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from diffswarm.eval.studies import alignment, gmm, objectives, routers, routing, stability
+
+if TYPE_CHECKING:
+    from diffswarm.eval.config import StudyConfig
+    from diffswarm.eval.context import Context
 
 
 class StudyRun(NamedTuple):
     """What a study's computation may use: the StudyConfig, the Context (None when no study of
     the run needs the pool) and the results of the studies run before it, by name."""
 
-    cfg: object
-    ctx: object
+    cfg: StudyConfig
+    ctx: Context | None
     done: dict
 
 
