@@ -2,7 +2,7 @@
 
 ``SwarmView.update(records)`` keeps, per cluster of the router, the online replicas whose records
 match the router (partition, image shape, classes, protocol); everything else is skipped with a
-reason. The router itself is the one the owner's manifest names (``dht.trust.choose_manifest``):
+reason. The router itself is the one the owner's manifest names (``dht.names.choose_manifest``):
 ``router_sources`` lists the peers serving exactly those bytes, ``router_mismatch`` checks a loaded
 router against the manifest, so the router's config (hence ``SwarmTarget``) is the owner's word.
 """

@@ -9,7 +9,7 @@ cluster's expert has, never in data, network or training length:
   same batch: the compute of one ensemble's K experts together;
 - the trained router p(k | x_t, t, class) and the unconditional one (same network, no class input),
   trained on every cluster's images (the one component that needs central data);
-- the statistics router (``router/stats.py``), built from K per-cluster statistics blobs, each
+- the statistics router (``router/stats/``), built from K per-cluster statistics blobs, each
   computed from its own cluster's images only and passed through the wire format
   (``ClusterStats.to_bytes`` / ``from_bytes``), exactly what peers would publish.
 

@@ -21,7 +21,7 @@ from hivemind.proto.p2pd_pb2 import RPCError
 from diffswarm.protocol.wire import MAX_SMALL_MESSAGE_BYTES, RequestError
 
 ERROR_WRITE_TIMEOUT = 2.0  # seconds an error answer may take to leave before the stream is closed anyway
-LINGER_S = 2.0  # seconds a closing stream keeps discarding the caller's input (see ``close_stream``)
+LINGER_S = 2.0  # seconds a closing stream keeps discarding the caller's input (see ``linger``)
 
 
 class StreamClosed(Exception):

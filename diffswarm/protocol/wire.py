@@ -18,10 +18,10 @@ RPCs (handle names ``diffswarm::ExpertServicer.<rpc>``):
   request, the session goes on). One session per client and peer saves the per-call stream setup
   of unary calls (4x less daemon CPU per call on loopback); the client uses it for payloads up to
   ``MAX_UNARY_BYTES``.
-- ``rpc_velocity_stream``: the same as ``rpc_velocity``, as a stream of parts (``split_for_streaming``)
+- ``rpc_velocity_stream``: the same as ``rpc_velocity``, as a stream of parts (``stream_parts``)
   for payloads above ``MAX_UNARY_BYTES``; the first message carries uid and metadata.
-- ``rpc_info``: ``ExpertUID -> ExpertInfo``; msgpack of {"protocol", "software", "experts":
-  [ExpertRecord dicts], "router": SwarmRecord dict or None}.
+- ``rpc_info``: ``ExpertUID -> ExpertInfo``; msgpack of {"protocol", "software", "peer_id", "swarm", "experts":
+  [ExpertRecord dicts], "router": RouterProvider dict or None, "manifest": SwarmManifest dict or None}.
 - ``rpc_checkpoint``: ``ExpertUID(uid=checkpoint weights sha256) -> stream of ExpertInfo`` chunks
   (``ROUTER_CHUNK`` bytes) of the served expert's safetensors file, at most ``MAX_CHECKPOINT_BYTES``;
   a client fetches it to check answers against its own evaluation of the same weights (it verifies

@@ -43,7 +43,7 @@ class LipschitzConfig:
 class Trace:
     """Everything :func:`trace_sampling` recorded; S steps, B samples, K experts (K = 1 for a plain model)."""
 
-    x0: torch.Tensor  # (B, C, H, W) final sample, equal to sampler.sample's output
+    x0: torch.Tensor  # (B, C, H, W) final sample, equal to sampling.loop.sample's output
     t: torch.Tensor  # (S,) flow time at the start of each step
     t_next: torch.Tensor  # (S,)
     weights: torch.Tensor  # (S, B, K) mixing weights at the step's first evaluation (as StepInfo)
