@@ -146,3 +146,36 @@ def test_the_cli_flags(owner, tmp_path):
     assert p.config.sign_stats == ("a.bin", "b/expert.safetensors")
     with pytest.raises(ValueError, match="--sign-stats has no effect without --owner-key"):
         plan(["peer", "--checkpoint", str(ckpt), "--swarm", name, "--sign-stats", "a.bin"])
+
+
+def test_the_owner_signs_again_when_a_statistics_file_appears(tmp_path, owner):
+    """A cluster still training writes its statistics later: the owner's next heartbeat signs a newer manifest
+    naming them (and signs nothing new while nothing changes)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from diffswarm.dht.names import SwarmName
+    from diffswarm.peer.config import PeerConfig
+    from diffswarm.peer.hosted import RouterBlob
+    from diffswarm.peer.server import Peer
+    from diffswarm.router.model import Router, RouterConfig
+
+    path = tmp_path / "router.safetensors"
+    Router(RouterConfig(num_clusters=2, num_classes=4, size=8, width=16)).save(path)
+    later = tmp_path / "c1" / STATS_FILE
+
+    async def unreachable():
+        raise ConnectionError("no DHT in this test")
+
+    peer = Peer(PeerConfig(sign_stats=(str(later),)))
+    peer.dht = SimpleNamespace(peer_id=SimpleNamespace(to_base58=lambda: "QmPeer"), get_manifests=unreachable)
+    peer.router, peer.owner_key = RouterBlob(path), owner
+    peer.swarm = SwarmName("s", swarm_name_of("s", owner).fingerprint)
+    first = asyncio.run(peer.current_manifest())
+    assert first.signed_stats == ["", ""]
+    later.parent.mkdir()
+    later.write_bytes(blob_of(1, ph=""))
+    second = asyncio.run(peer.current_manifest())
+    assert second.signed_stats == ["", sha(blob_of(1, ph=""))] and second.issued >= first.issued
+    verify_manifest(second, peer.swarm)
+    assert asyncio.run(peer.current_manifest()) is second
