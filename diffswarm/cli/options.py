@@ -118,3 +118,7 @@ def add_router_kind_arg(p) -> None:
                         "closed form from the statistics each expert's peer publishes (no router peer, no central "
                         "data); auto (default): trained if the swarm's manifest names a router (locally: if --router "
                         "is given or there is one expert), else stats")
+    p.add_argument("--allow-unsigned-stats", action="store_true",
+                   help="stats router: for clusters whose statistics the swarm's owner did not sign, use those most "
+                        "of their serving peers announce (RISK: a few peers serving a cluster's real checkpoint can "
+                        "forge them and pull rows to their cluster); default: refuse unsigned statistics")

@@ -101,6 +101,10 @@ def _add_peer_command(sub) -> None:
                    help="the swarm owner's key file (created if missing) that signs the manifest naming --router "
                         "(default: the peer's identity key), or, without --router, naming no router: clients then "
                         "route with the statistics the experts' peers publish; its fingerprint is in the swarm's name")
+    g.add_argument("--sign-stats", nargs="+", default=None, metavar="FILE",
+                   help="with the owner key: also sign the sha256 of these clusters' statistics (cluster_stats.bin "
+                        "files, or checkpoints with one beside them) in the manifest, besides this peer's own; "
+                        "clients route by owner-signed statistics only (a missing file is signed once it appears)")
     g = p.add_argument_group("training first (instead of --checkpoint); the run resumes from --out")
     add_train_args(g)
     g.add_argument("--train-job", default=None, help="a training job file (job.json, as `swarm up` writes them)")

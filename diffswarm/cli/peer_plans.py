@@ -92,6 +92,8 @@ def plan_peer(args, given) -> PeerPlan:
         refuse(given, ["device", "threads", "max_batch", "batch_wait_ms", "rate_rows", "burst_rows"],
                 "without an expert to serve (--checkpoint, --cluster or --train-job)")
     swarm = _peer_swarm(args, given, serves=bool(args.checkpoint or train))
+    if not (args.router or args.owner_key):
+        refuse(given, ["sign_stats"], "without --owner-key or --router (only the swarm's owner signs statistics)")
     if not 0 < args.announce_period <= MAX_ANNOUNCE_PERIOD:
         raise ValueError(f"--announce-period {args.announce_period:g} must be in (0, {MAX_ANNOUNCE_PERIOD:g}] seconds "
                          "(readers call records older than 600 s stale)")
@@ -103,6 +105,7 @@ def plan_peer(args, given) -> PeerPlan:
         raise ValueError(f"--rate-rows / --burst-rows: {e}") from None
     cfg = PeerConfig(net=_server_network(args, given), swarm=swarm, owner_key=args.owner_key,
                      checkpoint=args.checkpoint, train=train, router=args.router, device=args.device or d.device,
+                     sign_stats=tuple(args.sign_stats or ()),
                      threads=args.threads if args.threads is not None else d.threads,
                      max_batch=args.max_batch or d.max_batch,
                      batch_wait_ms=args.batch_wait_ms if args.batch_wait_ms is not None else d.batch_wait_ms,

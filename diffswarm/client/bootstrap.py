@@ -184,9 +184,13 @@ class Bootstrap:
     def fetch_stats_router(self, manifest: SwarmManifest, device="cpu", deadline: float | None = None):
         """A ``StatsRouter`` from the cluster statistics the swarm's peers publish, waiting until ``deadline``
         (monotonic; default now + ``cfg.connect_timeout``) for every cluster of ``manifest`` to have a blob
-        that parses within bounds and fits the manifest (cluster, partition, image shape, classes, dataset)."""
+        that parses within bounds and fits the manifest (cluster, partition, image shape, classes, dataset).
+        Only blobs whose sha256 the owner signed in the manifest are used; clusters it signed none for are
+        refused (``SwarmClientError`` naming the remedy) unless ``cfg.allow_unsigned_stats``, which takes the
+        majority of their serving peers and warns of the risk."""
         from diffswarm.router.stats.router import StatsRouter
 
+        self._check_unsigned(manifest)
         deadline = self.deadline(None) if deadline is None else deadline
         bad: set[str] = set()  # sha256 of blobs that failed their checks (not parsed again)
         missing: list[int] = []  # clusters the last lookup found no usable statistics for
@@ -207,6 +211,27 @@ class Bootstrap:
 
         return poll_until(deadline, attempt, give_up)
 
+    def _check_unsigned(self, manifest: SwarmManifest) -> None:
+        """Refuse (default) or warn about (``cfg.allow_unsigned_stats``) the clusters whose statistics the owner's
+        manifest signs no sha256 of."""
+        unsigned = [k for k, h in enumerate(manifest.signed_stats) if not h]
+        if not unsigned:
+            return
+        which = ", ".join(map(str, unsigned))
+        if not self.cfg.allow_unsigned_stats:
+            raise SwarmClientError(
+                f"the owner of swarm {self.swarm_name()} signed no statistics for cluster(s) {which} (manifest issued "
+                f"at {manifest.issued:.0f}): the statistics router uses only statistics whose sha256 the owner signed. "
+                "The owner signs them with `diffswarm swarm up --router-kind stats`, or a founding `diffswarm peer "
+                "--owner-key KEY --sign-stats FILE...`; or pass --allow-unsigned-stats to take, for those clusters, "
+                "the statistics most of their serving peers announce (peers serving a cluster's real checkpoint can "
+                "forge them and pull rows to their cluster)")
+        msg = (f"warning: using UNSIGNED statistics for cluster(s) {which} of swarm {self.swarm_name()} "
+               "(--allow-unsigned-stats): the blob most of their serving peers announce is taken; a few Sybil peers "
+               "serving a cluster's real checkpoint can forge it and pull every row to their cluster")
+        logger.warning(msg)
+        self.events.append(msg)
+
     def _choose_stats(self, manifest: SwarmManifest, bad: set[str]) -> list:
         """Per cluster of ``manifest``, the first candidate statistics (``choose_stats``) that parse and fit it
         (a ``ClusterStats``), or None; blobs that fail are added to ``bad`` and reported as events."""
@@ -215,9 +240,12 @@ class Bootstrap:
             logger.info(f"skipped an invalid stats record: {e}")
         experts, _ = self.run(self.dht.get_experts(), timeout=60)
         serving = {(r.peer_id, r.cluster) for r in experts if r.state == "online" and r.cluster is not None}
-        cands, notes = choose_stats(recs, manifest, serving)
+        cands, notes = choose_stats(recs, manifest, serving, allow_unsigned=self.cfg.allow_unsigned_stats)
         for n in notes:
             logger.debug(f"not using {n}")
+        forged = sum("not the statistics the owner signed" in n for n in notes)
+        if forged:
+            self.events.append(f"ignored {forged} statistics record(s) that are not the ones the owner signed")
         return [self._pick_stats(k, options, manifest, bad) for k, options in enumerate(cands)]
 
     def _pick_stats(self, k: int, options: list[ClusterStatsRecord], manifest: SwarmManifest, bad: set[str]):

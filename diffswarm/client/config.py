@@ -29,6 +29,8 @@ class ClientConfig:
     router_sha256: str | None = None  # use the owner's newest manifest naming this router (file/weights sha256 prefix)
     router_kind: str = "auto"  # trained (the router file the manifest names) | stats (closed form from the statistics
     #                            peers publish: no router peer needed) | auto (trained if the manifest names one)
+    allow_unsigned_stats: bool = False  # stats router: for clusters whose statistics the owner signed no sha256 of,
+    #   take the blob most serving peers announce (a crowd of Sybils serving the cluster's checkpoint can forge it)
     cache_dir: str | None = None  # fetched routers and experts (default $DIFFSWARM_CACHE or ~/.cache/diffswarm)
     trust: TrustConfig = field(default_factory=TrustConfig)  # how peers' answers are checked (client/answer_checks.py)
     trusted_checkpoints: tuple[str, ...] = ()  # expert files the client holds: arbiters and local fallback

@@ -147,17 +147,19 @@ def router_mismatch(manifest: SwarmManifest, router_cfg, weights_sha256: str) ->
 
 
 def choose_stats(records: list[ClusterStatsRecord], manifest: SwarmManifest,
-                 serving: set[tuple[str, int]] | None = None) -> tuple[list[list[ClusterStatsRecord]], list[str]]:
+                 serving: set[tuple[str, int]] | None = None,
+                 allow_unsigned: bool = True) -> tuple[list[list[ClusterStatsRecord]], list[str]]:
     """Candidate statistics per cluster of ``manifest`` (best first), and why records were passed over.
 
-    A record counts only if it is for a cluster 0..K-1 of the manifest's partition and (``serving``: the
-    (peer id, cluster) pairs of online expert records) its peer serves an expert of that cluster. If the
-    owner signed per-cluster hashes (manifest extra ``cluster_stats_sha256``), only those are accepted;
-    otherwise candidates are ranked by how many distinct peers announce the same blob (ties: by sha256),
-    so one peer cannot outvote a cluster's replicas. Each candidate list holds one record per distinct blob."""
+    A record counts only if it is for a cluster 0..K-1 of the manifest's partition. Where the owner signed the
+    cluster's hash (``SwarmManifest.signed_stats``), only that blob is accepted, from any announcer (its hash is
+    what is trusted, as for router bytes). Elsewhere, only with ``allow_unsigned`` (the client passes its
+    ``ClientConfig.allow_unsigned_stats``): records of peers serving an expert of that cluster (``serving``: the
+    (peer id, cluster) pairs of online expert records), ranked by how many distinct peers announce the same blob
+    (ties: by sha256), so one peer cannot outvote a cluster's replicas, but a crowd of Sybils serving the
+    cluster's checkpoint can. Each candidate list holds one record per distinct blob."""
     k = manifest.num_clusters
-    signed = manifest.extra.get("cluster_stats_sha256")
-    signed = signed if isinstance(signed, list) and len(signed) == k else None
+    signed = manifest.signed_stats
     notes: list[str] = []
     by_sha: list[dict[str, dict[str, ClusterStatsRecord]]] = [{} for _ in range(k)]
     for r in records:
@@ -166,10 +168,12 @@ def choose_stats(records: list[ClusterStatsRecord], manifest: SwarmManifest,
             notes.append(f"{who}: K={r.num_clusters}, the manifest's is {k}")
         elif r.partition_hash != manifest.partition_hash:
             notes.append(f"{who}: partition {r.partition_hash[:12]}, not the manifest's")
-        elif serving is not None and (r.peer_id, r.cluster) not in serving:
-            notes.append(f"{who}: the peer serves no online expert of that cluster")
-        elif signed is not None and signed[r.cluster] and r.stats_sha256 != signed[r.cluster]:
+        elif signed[r.cluster] and r.stats_sha256 != signed[r.cluster]:
             notes.append(f"{who}: not the statistics the owner signed")
+        elif not signed[r.cluster] and not allow_unsigned:
+            notes.append(f"{who}: the owner signed no statistics for that cluster (unsigned ones not allowed)")
+        elif not signed[r.cluster] and serving is not None and (r.peer_id, r.cluster) not in serving:
+            notes.append(f"{who}: the peer serves no online expert of that cluster")
         else:
             by_sha[r.cluster].setdefault(r.stats_sha256, {})[r.peer_id] = r
     out = []

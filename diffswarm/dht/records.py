@@ -17,7 +17,10 @@ unknown fields, ``from_dict``); a change of meaning gets new DHT keys. Version 2
 ``ExpertRecord`` fields ``train_steps`` and ``final_loss``; readers accept version-1 records that lack
 them. Version 3 replaced the unsigned per-peer ``SwarmRecord`` (key ``{swarm}_swarm``) by the signed
 ``SwarmManifest`` and the ``RouterProvider`` entries, under new keys (:mod:`diffswarm.dht.entries`);
-``ExpertRecord`` keeps its layout (version 3 only adds the bounds). ``protocol`` is the RPC protocol version
+``ExpertRecord`` keeps its layout (version 3 only adds the bounds). Version 4 declares the manifest's
+optional ``cluster_stats_sha256`` (K sha256 hex digests or "", one per cluster: the statistics the owner
+vouches for; a version-3 reader keeps it in ``extra``, verifies it with the signature and already prefers
+it); manifests without it still parse (no statistics signed). ``protocol`` is the RPC protocol version
 (``diffswarm.protocol.wire``); clients skip peers speaking another major protocol.
 """
 
@@ -56,7 +59,9 @@ from diffswarm.dht.schema import (
 )
 from diffswarm.experts.config import OBJECTIVES
 
-RECORD_VERSION = 3  # 2: optional ExpertRecord.train_steps / final_loss; 3: signed SwarmManifest + RouterProvider
+RECORD_VERSION = 4  # 2: optional ExpertRecord.train_steps / final_loss; 3: signed SwarmManifest + RouterProvider;
+#                    4: SwarmManifest.cluster_stats_sha256 (owner-signed statistics, in ``extra``)
+STATS_HASHES_FIELD = "cluster_stats_sha256"  # manifest field: the owner-signed sha256 of each cluster's statistics
 STATES = ("joining", "online", "offline")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -292,6 +297,12 @@ class SwarmManifest:
         return {**self.extra, **d}
 
     @property
+    def signed_stats(self) -> list[str]:
+        """Per cluster, the sha256 of the statistics blob the owner signed ("" for a cluster it signed none for;
+        all "" when the manifest names none). Checked by ``from_dict``."""
+        return list(self.extra.get(STATS_HASHES_FIELD) or [""] * self.num_clusters)
+
+    @property
     def has_router(self) -> bool:
         """False for a swarm without a trained router (router fields empty): clients route with the
         statistics its peers publish (``ClusterStatsRecord``)."""
@@ -319,6 +330,10 @@ class SwarmManifest:
             raise RecordError(f"{what}: names no router file but a router weights hash or size")
         if not r.owner_key or not r.signature:
             raise RecordError(f"{what}: no owner key or signature")
+        hashes = extra.get(STATS_HASHES_FIELD)
+        if hashes is not None and not (isinstance(hashes, list) and len(hashes) == r.num_clusters and all(
+                isinstance(h, str) and (h == "" or _SHA256.match(h)) for h in hashes)):
+            raise RecordError(f"{what}: {STATS_HASHES_FIELD} must be {r.num_clusters} sha256 hex digests (or \"\")")
         check_time(r.issued, None, what)
         return r
 

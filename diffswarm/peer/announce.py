@@ -11,6 +11,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from hivemind.utils.timed_storage import get_dht_time
 
@@ -27,6 +28,7 @@ from diffswarm.dht.names import (
 from diffswarm.dht.node import Identity, SwarmDHT, load_or_create_key
 from diffswarm.dht.records import (
     RECORD_VERSION,
+    STATS_HASHES_FIELD,
     ClusterStatsRecord,
     ExpertRecord,
     RouterProvider,
@@ -154,11 +156,62 @@ def stats_records(served: Iterable[ServedExpert], peer_id: str) -> list[ClusterS
     return out
 
 
+MAX_SIGNED_STATS_CLUSTERS = 200  # K whose statistics hashes fit the manifest's size bound (schema.MAX_MANIFEST_BYTES)
+
+
+def owner_stats_hashes(paths: Iterable[str], served: Iterable[ServedExpert], num_clusters: int,
+                       partition_hash: str) -> tuple[list[str], list[str]]:
+    """(per cluster 0..K-1, the sha256 of the statistics the owner signs, "" for none; one line per file not signed).
+
+    From the served experts' own statistics (``ServedExpert.load_stats``) and the files ``paths``
+    (``cluster_stats.bin`` files, or checkpoints with one beside them). A missing file is skipped silently (a peer
+    still training writes it later: the owner signs again when it appears); a file that does not parse within
+    bounds, is of another partition or names another cluster's hash than one already taken is not signed."""
+    from diffswarm.router.stats.blob import ClusterStats, StatsFormatError
+    from diffswarm.router.stats.publish import STATS_FILE, stats_path
+
+    hashes, notes = [""] * num_clusters, []
+    if num_clusters > MAX_SIGNED_STATS_CLUSTERS:
+        return hashes, [f"K={num_clusters}: too many clusters to sign their statistics in the manifest "
+                        f"(at most {MAX_SIGNED_STATS_CLUSTERS})"]
+    blobs = [(f"the statistics of {s.expert.expert_id}", s.stats_blob) for s in served if s.stats_blob is not None]
+    for p in paths:
+        f = Path(p) if Path(p).name == STATS_FILE or Path(p).suffix == ".bin" else stats_path(p)
+        with contextlib.suppress(FileNotFoundError):
+            blobs.append((str(f), f.read_bytes()))
+    for what, blob in blobs:
+        try:
+            st = ClusterStats.from_bytes(blob)
+        except StatsFormatError as e:
+            notes.append(f"not signing {what}: {e}")
+            continue
+        sha = hashlib.sha256(blob).hexdigest()
+        k = st.cluster
+        if k is None or not 0 <= k < num_clusters or (st.partition_hash or "") != partition_hash:
+            notes.append(f"not signing {what}: cluster {k} of partition {(st.partition_hash or '')[:12]}, not one "
+                         f"of the swarm's {num_clusters} of partition {partition_hash[:12]}")
+        elif hashes[k] and hashes[k] != sha:
+            notes.append(f"not signing {what}: cluster {k}'s statistics {hashes[k][:12]} are signed already")
+        else:
+            hashes[k] = sha
+    return hashes, notes
+
+
 def manifest_fields_for(swarm: SwarmName, router: RouterBlob | None, served: dict[str, ServedExpert],
-                        training_cfg=None) -> dict:
+                        training_cfg=None, stats_paths: Iterable[str] = ()) -> tuple[dict, list[str]]:
     """What the owner signs (``SwarmManifest`` fields but the key and signature): about this peer's router,
-    or, with no router, about its expert's partition (a swarm routed by its peers' published statistics).
-    ``training_cfg``: the ``ExpertConfig`` in training, if any."""
+    or, with no router, about its expert's partition (a swarm routed by its peers' published statistics); with
+    the sha256 of every cluster's statistics it can read (``owner_stats_hashes``: its own and ``stats_paths``).
+    ``training_cfg``: the ``ExpertConfig`` in training, if any. Returns (fields, why some statistics are not signed)."""
+    fields = _router_fields(swarm, router, served, training_cfg)
+    hashes, notes = owner_stats_hashes(stats_paths, served.values(), fields["num_clusters"], fields["partition_hash"])
+    if any(hashes):
+        fields[STATS_HASHES_FIELD] = hashes
+    return fields, notes
+
+
+def _router_fields(swarm: SwarmName, router: RouterBlob | None, served: dict[str, ServedExpert],
+                   training_cfg=None) -> dict:
     if router is None:
         c = next(s.expert.config for s in served.values())
         return dict(version=RECORD_VERSION, swarm=swarm.name, partition_hash=c.partition_hash or "",
@@ -193,6 +246,8 @@ def sign_own_manifest(owner_key, fields: dict, swarm: SwarmName, router: RouterB
     manifest = sign_manifest(owner_key, fields)
     what = (f"router {router.sha256[:12]}" if router is not None
             else "no trained router (clients route with the statistics peers publish)")
+    signed = sum(bool(h) for h in manifest.signed_stats)
+    what += f", the statistics of {signed} of {manifest.num_clusters} cluster(s)"
     logger.info(f"signed the manifest of swarm {swarm}: {what}, partition {manifest.partition_hash[:12] or '(none)'}")
     return manifest
 

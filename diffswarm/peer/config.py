@@ -21,6 +21,8 @@ class PeerConfig:
     checkpoint: str | None = None  # expert to serve; None with `train`: train it first; None without: no expert
     train: TrainJob | None = None  # what to train first when there is no checkpoint
     router: str | None = None  # router file to serve (the owner also signs the swarm's manifest naming it)
+    sign_stats: tuple[str, ...] = ()  # owner: cluster_stats.bin files (or checkpoints beside them) whose sha256 it
+    #                                   signs in the manifest, with its own expert's (clients route only by those)
     device: str = "auto"
     threads: int = 0  # torch CPU threads (0: torch default)
     max_batch: int = 256  # request rows per forward pass

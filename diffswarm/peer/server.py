@@ -33,7 +33,7 @@ import torch
 from diffswarm import __version__
 from diffswarm.dht.names import SwarmName
 from diffswarm.dht.node import SwarmDHT, open_identity
-from diffswarm.dht.records import ExpertRecord, RouterProvider, SwarmManifest
+from diffswarm.dht.records import STATS_HASHES_FIELD, ExpertRecord, RouterProvider, SwarmManifest
 from diffswarm.dht.schema import MAX_ADDRS, MAX_RECORD_AGE
 from diffswarm.experts.expert import Expert
 from diffswarm.peer.announce import (
@@ -84,6 +84,7 @@ class Peer:
         self.own_manifest: SwarmManifest | None = None  # the manifest this peer signed (owner only)
         self.manifest: SwarmManifest | None = None  # the owner's newest valid manifest known (re-announced)
         self._warned: set[tuple[str, float]] = set()  # (expert id, manifest issued) already warned about
+        self._stats_notes: set[str] = set()  # statistics files the owner said it does not sign
         self._heartbeat: asyncio.Task | None = None
 
     def stop(self) -> None:
@@ -133,8 +134,15 @@ class Peer:
         return out
 
     def manifest_fields(self) -> dict:
-        """What the owner signs about this peer's router or expert (``announce.manifest_fields_for``)."""
-        return manifest_fields_for(self.swarm, self.router, self.served, self.training_cfg)
+        """What the owner signs about this peer's router or expert and the clusters' statistics
+        (``announce.manifest_fields_for``); says once why a statistics file is not signed."""
+        fields, notes = manifest_fields_for(self.swarm, self.router, self.served, self.training_cfg,
+                                            self.cfg.sign_stats)
+        for n in notes:
+            if n not in self._stats_notes:
+                self._stats_notes.add(n)
+                self.log(f"warning: {n}")
+        return fields
 
     def provider_record(self) -> RouterProvider | None:
         return provider_record_for(self.router, self.peer_id, self.announced_addrs)
@@ -150,11 +158,15 @@ class Peer:
 
     async def current_manifest(self) -> SwarmManifest | None:
         """The owner's newest valid manifest among this peer's own (signed on first use, when it holds the
-        owner key), the one it followed so far and those announced in the DHT; warns once per manifest
+        owner key, and again whenever the statistics it can sign change: a cluster's file written after its
+        training), the one it followed so far and those announced in the DHT; warns once per manifest
         about served experts that do not fit it (clients will skip them)."""
         founds = self.router is not None or any(s.expert.config.cluster is not None for s in self.served.values())
-        if self.owner_key is not None and self.own_manifest is None and founds:
-            self.own_manifest = sign_own_manifest(self.owner_key, self.manifest_fields(), self.swarm, self.router)
+        if self.owner_key is not None and founds:
+            fields = self.manifest_fields()
+            if self.own_manifest is None or self.own_manifest.signed_stats != fields.get(
+                    STATS_HASHES_FIELD, [""] * fields["num_clusters"]):
+                self.own_manifest = sign_own_manifest(self.owner_key, fields, self.swarm, self.router)
         self.manifest = await follow_manifest(self.dht, self.swarm, self.manifest, self.own_manifest)
         warn_misfits(self.served.values(), self.manifest, self._warned)
         return self.manifest

@@ -8,7 +8,8 @@ sockets). The state of a running swarm lives in ``RUN_DIR/swarm.json``:
     {"swarm": "NAME@FINGERPRINT", "initial_peers": [...], "procs": [{"name", "pid", "log", "info"}...]}
 
 The swarm's owner key is ``RUN_DIR/owner.key`` (made on the first ``swarm up`` in that folder, kept
-afterwards, so restarting the swarm keeps its name); the bootstrap node signs the manifest with it.
+afterwards, so restarting the swarm keeps its name); the bootstrap node signs the manifest with it (with no
+router: the first expert peer), naming the sha256 of every peer's cluster_stats.bin (clients route by no others).
 
 Stopping: SIGTERM to each peer (it announces offline and stops its daemon), SIGKILL to its
 process group after ``timeout``, then the leftover p2pd sockets are removed.
@@ -328,8 +329,10 @@ def start_local_swarm(peers: Sequence[PeerSpec], router_path: str | None, run_di
     common = ["--swarm", swarm, "--announce-period", str(announce_period), *extra_args]
     started: list[tuple[PeerProc, subprocess.Popen]] = []
     sw = LocalSwarm(run_dir, swarm, [], [], {})
+    stats = [str(p) for p in _stats_files(peers)]  # the owner signs their sha256 in the manifest
+    sign_stats = ["--sign-stats", *stats] if stats else []
     try:
-        signs = ["--router", str(router_path), "--owner-key", str(owner_key)] if router_path else []
+        signs = ["--router", str(router_path), "--owner-key", str(owner_key), *sign_stats] if router_path else []
         boot_args = [*common, "--port", str(port), *signs]
         started.append(_spawn("bootstrap", boot_args, run_dir, env))
         sw.procs, sw._popens = [p for p, _ in started], {p.pid: pop for p, pop in started}
@@ -342,19 +345,45 @@ def start_local_swarm(peers: Sequence[PeerSpec], router_path: str | None, run_di
         sw.env = env
         for i, spec in enumerate(peers):
             if router_path is None and i == 0:  # no router peer: the first expert's peer signs the manifest
-                spec = dataclasses.replace(spec, extra_args=[*spec.extra_args, "--owner-key", str(owner_key)])
+                spec = dataclasses.replace(spec, extra_args=[*spec.extra_args, "--owner-key", str(owner_key),
+                                                             *sign_stats])
             started.append(sw._spawn_peer(spec))
         infos = _wait_online(started[1:], deadline)
-        _confirm_in_dht(sw, [i["peer_id"] for i in infos.values() if i.get("experts")], deadline, manifest=True)
+        _confirm_in_dht(sw, [i["peer_id"] for i in infos.values() if i.get("experts")], deadline, manifest=True,
+                        stats=_stats_hashes(stats) if router_path is None else set())  # stats: what clients need
         return sw
     except BaseException:
         sw.stop(timeout=5)
         raise
 
 
-def _confirm_in_dht(sw: LocalSwarm, peer_ids: list[str], deadline: float, manifest: bool = False) -> None:
-    """Wait until every expert peer's online record (and, with ``manifest``, the owner's signed manifest)
-    can be read from the DHT by a fresh client."""
+def _stats_files(peers: Sequence[PeerSpec]) -> list[Path]:
+    """Where each peer's cluster statistics are (or will be, once it trained): beside its checkpoint."""
+    from diffswarm.router.stats.publish import STATS_FILE, stats_path
+
+    return [stats_path(p.checkpoint) if p.checkpoint else Path(p.train.out) / STATS_FILE
+            for p in peers if p.checkpoint or p.train is not None]
+
+
+def _stats_hashes(paths: Sequence[str]) -> set[str]:
+    """sha256 of the statistics files in ``paths`` that exist and parse (those the owner signs)."""
+    import hashlib
+
+    from diffswarm.router.stats.blob import ClusterStats, StatsFormatError
+
+    out = set()
+    for p in paths:
+        with contextlib.suppress(OSError, StatsFormatError):
+            blob = Path(p).read_bytes()
+            ClusterStats.from_bytes(blob)
+            out.add(hashlib.sha256(blob).hexdigest())
+    return out
+
+
+def _confirm_in_dht(sw: LocalSwarm, peer_ids: list[str], deadline: float, manifest: bool = False,
+                    stats: set[str] = frozenset()) -> None:
+    """Wait until every expert peer's online record (and, with ``manifest``, the owner's signed manifest, signing
+    the sha256 of every statistics file in ``stats``) can be read from the DHT by a fresh client."""
     import asyncio
 
     from diffswarm.dht.names import choose_manifest, parse_swarm_name
@@ -368,13 +397,15 @@ def _confirm_in_dht(sw: LocalSwarm, peer_ids: list[str], deadline: float, manife
             while True:
                 recs, _ = await node.get_experts()
                 online = {r.peer_id for r in recs if r.state == "online"}
-                signed = not manifest or choose_manifest((await node.get_manifests())[0], name)[0] is not None
+                m = choose_manifest((await node.get_manifests())[0], name)[0] if manifest else None
+                signed = not manifest or (m is not None and stats <= set(m.signed_stats))
                 if set(peer_ids) <= online and signed:
                     return
                 if time.monotonic() > deadline:
                     missing = sorted(set(peer_ids) - online)
                     raise SwarmLaunchError(f"peers {missing} are up but not online in the DHT" if missing else
-                                           f"the bootstrap node is up but the manifest of {sw.swarm} is not in the DHT")
+                                           f"the bootstrap node is up but the manifest of {sw.swarm} (signing every "
+                                           f"cluster's statistics) is not in the DHT")
                 await asyncio.sleep(0.5)
         finally:
             await node.shutdown()

@@ -3,7 +3,8 @@
 It is a normal ``diffswarm peer`` (same options, same records, the real checkpoint and its sha256) whose
 answers are corrupted after the honest forward pass:
 
-    python -m diffswarm.testing.hostile --mode scale:1.5 [--after N] [--mode-file FILE] -- <diffswarm peer options>
+    python -m diffswarm.testing.hostile --mode scale:1.5 [--after N] [--mode-file FILE] [--stats-file FILE] \
+        -- <diffswarm peer options>
 
 Modes: ``honest``, ``nan``, ``inf``, ``huge`` (x 1e6), ``scale:S``, ``negate``, ``zero``, ``random`` (random
 directions with the honest norm per row), ``noise:SIGMA`` (honest + N(0, SIGMA^2) relative noise),
@@ -11,6 +12,8 @@ directions with the honest norm per row), ``noise:SIGMA`` (honest + N(0, SIGMA^2
 (answers after a delay, e.g. past the client's deadline), ``shape`` (one row short), ``refuse`` (every
 request refused). ``--after N``: honest for the first N forward passes, then the mode (a sleeper).
 ``--mode-file FILE``: read the mode from FILE before every pass (a chaos driver switches it at run time).
+``--stats-file FILE``: publish FILE's bytes as the served expert's cluster statistics, whatever they say (forged
+statistics for the statistics router, e.g. a cluster claiming a billion images); answers follow ``--mode``.
 """
 
 from __future__ import annotations
@@ -101,15 +104,19 @@ class Corruptor:
 class HostilePeer(Peer):
     """A ``Peer`` whose served experts answer through a ``Corruptor``."""
 
-    def __init__(self, cfg, mode: str, after: int = 0, mode_file: str | None = None):
+    def __init__(self, cfg, mode: str, after: int = 0, mode_file: str | None = None, stats_file: str | None = None):
         super().__init__(cfg)
         self.hostile = (mode, after, mode_file)
+        self.stats_file = stats_file
 
     def load_expert(self, path: str):
         served = super().load_expert(path)
         mode, after, mode_file = self.hostile
         served.batcher.velocity = Corruptor(served.batcher.velocity, mode, after, mode_file, served.device)
         self.log(f"HOSTILE peer: answers of {served.expert.expert_id} are corrupted ({mode}, after {after} passes)")
+        if self.stats_file:
+            served.stats_blob = Path(self.stats_file).read_bytes()
+            self.log(f"HOSTILE peer: publishes {self.stats_file} as the statistics of {served.expert.expert_id}")
         return served
 
 
@@ -119,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", default="honest", help=f"one of {MODES} (with :ARG where it takes one)")
     ap.add_argument("--after", type=int, default=0, help="honest forward passes before lying")
     ap.add_argument("--mode-file", default=None, help="read the mode from this file before every pass")
+    ap.add_argument("--stats-file", default=None, help="publish this file as the expert's cluster statistics")
     own, rest = ap.parse_known_args(argv)
     rest = [a for a in rest if a != "--"]
     from diffswarm.cli.dispatch import plan as plan_command
@@ -136,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     console()
-    return runner(HostilePeer(plan.config, own.mode, own.after, own.mode_file).run())
+    return runner(HostilePeer(plan.config, own.mode, own.after, own.mode_file, own.stats_file).run())
 
 
 if __name__ == "__main__":

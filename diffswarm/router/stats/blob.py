@@ -10,6 +10,22 @@ covariances (upper triangle) in float32. ``ClusterStats.from_bytes`` refuses blo
 non-finite, negative-variance or non-PSD values, with ``StatsFormatError`` (a ``ValueError``).
 Slightly negative covariance eigenvalues (float rounding, >= -1e-3 max(1, lam_max)) are accepted
 and clamped to the variance floor by the router; clearly negative ones are refused.
+
+Bounds of a real cluster (``_check_cluster_scale``): images lie in [-1, 1] (``DATA_RANGE``), so
+a blob must describe something a set of such images can produce, else it is refused:
+
+- ``count`` in 1..``MAX_COUNT``; the class histogram sums to it (the priors p(k), p(k | c) the
+  router derives from counts and histograms then lie in [0, 1] and sum to 1 by construction);
+- every pixel mean in [-1, 1]; every class mean (a DCT feature vector) of norm <= sqrt(D);
+- total variance: the DCT is orthonormal, so trace(feat_cov) + sum(resid_var) is the sum of the
+  pixel variances, and a value in [-1, 1] with mean mu has variance <= (1 - mu)(1 + mu)
+  (Bhatia-Davis): the total is at most sum_j (1 - mu_j^2), times n / (n - 1) (unbiased), so every
+  covariance eigenvalue and variance is too; the pooled within-class covariance has the same bound;
+  a cluster of one image has zero variances.
+Tolerances cover the float16 / float32 wire rounding (``SCALE_TOL``). These bounds stop absurd
+forgeries (a cluster claiming a billion images or a variance covering everything); a forgery within
+them still moves routing, which is why clients use only statistics whose sha256 the swarm's owner
+signed (``client.discovery.choose_stats``).
 Sizes at d = 48 (the default): 1x28x28 8.0 KB (13.7 KB with per-class statistics), 3x32x32
 17.2 KB (22.9 KB); d = 64: 11.6 KB and 20.8 KB. Every blob is bounded by ``MAX_STATS_BYTES``,
 and the declared shape by ``MAX_PIXELS`` = 4096 values and ``MAX_FEATURES`` = 128.
@@ -33,6 +49,9 @@ MAX_CLASSES = 1000
 MAX_ID_CHARS = 256  # partition_hash, dataset_id
 MAX_ABS_VALUE = 1e4  # pixel / class means
 MAX_VARIANCE = 1e8
+MAX_COUNT = 10**9  # images one cluster may claim (ImageNet-21k is 1.4e7; LAION-sized sets would need more)
+DATA_RANGE = 1.0  # images lie in [-DATA_RANGE, DATA_RANGE] (datasets.ImageDataset)
+SCALE_TOL = 2e-3  # absolute slack per value for the wire's float16 rounding of means and variances
 PSD_TOL = 1e-3  # eigenvalues >= -PSD_TOL * max(1, lam_max) are accepted (the router floors them)
 _DTYPES = {"<f2": np.dtype("<f2"), "<f4": np.dtype("<f4")}
 
@@ -138,7 +157,7 @@ class ClusterStats:
             raise StatsFormatError(f"basis has d={basis.d} features, over the bound {MAX_FEATURES}")
         big_d, small_d = basis.dim, basis.d
         num_classes = _int(d, "num_classes", 0, MAX_CLASSES)
-        count = _int(d, "count", 0, 2**53)
+        count = _int(d, "count", 1, MAX_COUNT)
         hist = d.get("class_hist")
         hist_ok = isinstance(hist, list) and len(hist) == num_classes
         if not (hist_ok and all(_is_int(v) and 0 <= v <= count for v in hist)):
@@ -158,6 +177,7 @@ class ClusterStats:
             class_means = _unpack(d, "class_means", num_classes * small_d, MAX_ABS_VALUE).reshape(num_classes, small_d)
             within_cov = _untriu(_unpack(d, "within_cov", small_d * (small_d + 1) // 2, MAX_VARIANCE), small_d)
             _check_psd(within_cov, "within_cov")
+        _check_cluster_scale(count, hist, mean, feat_cov, resid_var, class_means, within_cov)
         cluster = d.get("cluster")
         if cluster is not None and not (_is_int(cluster) and 0 <= cluster < 2**31):
             raise StatsFormatError(f"cluster must be a non-negative int, got {cluster!r}")
@@ -175,6 +195,38 @@ class ClusterStats:
             class_hist=np.asarray(hist, dtype=np.int64), mean=mean, feat_cov=feat_cov, resid_var=resid_var,
             class_means=class_means, within_cov=within_cov, cluster=cluster, extra=extra, **ids,
         )
+
+
+def _check_cluster_scale(count: int, hist: list, mean: np.ndarray, feat_cov: np.ndarray, resid_var: np.ndarray,
+                         class_means: np.ndarray | None, within_cov: np.ndarray | None) -> None:
+    """``StatsFormatError`` unless the moments are ones that ``count`` images in [-1, 1] (``hist`` per class) can
+    have (module docstring: means within the data range, total variance within the Bhatia-Davis bound)."""
+    big_d = mean.shape[0]
+    rng = f"[-{DATA_RANGE:g}, {DATA_RANGE:g}]"
+    if (np.abs(mean) > DATA_RANGE + SCALE_TOL).any():
+        j = int(np.abs(mean).argmax())
+        raise StatsFormatError(f"mean has pixel {j} at {mean[j]:.4g}, outside the data range {rng}")
+    # 1. the scatter about the mean: sum_i ||x_i - mu||^2 <= n sum_j (R - mu_j)(R + mu_j) (Bhatia-Davis per pixel)
+    scatter = count * (float(np.clip(DATA_RANGE**2 - mean**2, 0, None).sum()) + SCALE_TOL * big_d)
+    # 2. the covariances divide it by their degrees of freedom (n - 1; n - #classes present for within_cov)
+    present = sum(1 for v in hist if v > 0)
+    for key, cov, resid, dof in (("feat_cov", feat_cov, resid_var, count - 1), ("within_cov", within_cov, None,
+                                                                                 count - present)):
+        if cov is None:
+            continue
+        total = float(np.trace(cov)) + (float(resid.sum()) if resid is not None else 0.0)
+        bound = scatter / dof * (1 + SCALE_TOL) if dof > 0 else SCALE_TOL * big_d  # no dof: zeros
+        if total > bound:
+            what = "trace(feat_cov) + sum(resid_var)" if resid is not None else "trace(within_cov)"
+            raise StatsFormatError(f"{key}: total variance {what} = {total:.4g} exceeds {bound:.4g}, the most "
+                                   f"{count} image(s) in {rng} with this mean can have")
+    if class_means is not None:
+        norms = np.linalg.norm(class_means, axis=1)  # (num_classes,)
+        lim = DATA_RANGE * big_d**0.5 * (1 + SCALE_TOL)
+        if (norms > lim).any():
+            c = int(norms.argmax())
+            raise StatsFormatError(f"class_means: class {c} has a feature mean of norm {norms[c]:.4g}, more than "
+                                   f"sqrt(D) = {lim:.4g} (images in {rng})")
 
 
 def _is_int(v) -> bool:
