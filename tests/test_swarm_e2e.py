@@ -216,6 +216,10 @@ def test_swarm_survives_killed_peers_and_fails_clearly_when_none_is_left(swarm, 
     #    the client retries the same rows on the other replica (same weights: same images)
     events = []
     with swarm.client(RoutingConfig("full"), seed=5, config=client_config(toy, swarm)) as model:
+        # the random share of cross-checks is drawn from an OS-seeded generator; a check of the dead replica's
+        # call would answer from its partner instead of "retrying": one fixed draw keeps this test about failover
+        model.verifier.rng.seed(0)
+
         def kill_c1(info):
             events.extend(info.events)
             if info.step == 2:
