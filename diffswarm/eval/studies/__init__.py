@@ -6,21 +6,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from diffswarm.eval.studies import alignment, gmm, objectives, routers, routing, stability
-
-if TYPE_CHECKING:
-    from diffswarm.eval.config import StudyConfig
-    from diffswarm.eval.context import Context
 
 
 class StudyRun(NamedTuple):
     """What a study's computation may use: the StudyConfig, the Context (None when no study of
     the run needs the pool) and the results of the studies run before it, by name."""
 
-    cfg: StudyConfig
-    ctx: Context | None
+    cfg: object  # the run's StudyConfig (eval.config imports this table: no import back)
+    ctx: object  # the run's eval.context.Context, or None
     done: dict
 
 
