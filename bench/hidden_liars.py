@@ -10,7 +10,8 @@ the cost):
 - ``colluders``: cluster 1 is served only by two Sybils with the same real checkpoint returning the same lie
   (x1.5 on every call): they agree with each other whenever one is the other's partner.
 - ``honest``: the picky swarm with the liar honest, one client for all generations: checks per image as the
-  peers' verified answers accumulate (the cost at each point of the decay of ``check_rate``).
+  peers' verified answers accumulate (the cost at each point of the decay of ``check_rate``); then the same
+  warm client (its rates at the floor) against the liar picking its noise levels again, until it is caught.
 
 Prints, per scenario, the share of generations in which the liar(s) were caught, the share of images equal to a
 clean local run, and the extra calls per image (cross-checks, audits and re-checks) next to the main calls, with
@@ -106,6 +107,15 @@ def main(argv=None) -> int:
                     n = sorted(model.verifier.verified.values())
                     print(f"  honest image {g + 1}: {c} checks for {m} main calls (+{c / max(m, 1):.0%}); verified "
                           f"answers per peer {n}, check rates {[round(check_rate(cfg, v), 3) for v in n]}", flush=True)
+                mode.write_text("scale:1.5")  # the same client, now with a history: the liar starts picking
+                picky_id, warm = sw.info("picky")["peer_id"], None
+                for g in range(args.generations):
+                    _, caught, c, m, _ = run_one(sw, d, "honest", ["picky"], model)
+                    print(f"  warm picky generation {g + 1}: caught {caught or 'none'}, {c} checks for {m} main calls",
+                          flush=True)
+                    if picky_id in model.liars:
+                        warm = g + 1
+                        break
         finally:
             sw.stop(timeout=15)
         sw = start(d / "b", experts, router, [
@@ -120,6 +130,8 @@ def main(argv=None) -> int:
             print(f"{name:10s} caught in {r['caught']:.0%} of generations (stated >= {stated:.0%} per generation), "
                   f"images equal to a clean run {r['equal']:.0%}, {r['checks']:.1f} extra calls per image for "
                   f"{r['main']:.1f} main calls")
+    print(f"warm client (rates at the floor after {args.honest_generations} honest images): the picky liar caught "
+          f"in generation {warm} (stated >= {1 - escape_probability(cfg, 4, 10):.0%} per generation)")
     return 0
 
 

@@ -74,9 +74,9 @@ class Verifier:
 
     def reset(self) -> None:
         self.step, self.evaluation = 0, 0
-        # peer -> (step, evaluation) of its first answer used since its last answer verified by the client's own
-        # copy of the weights: where its lies can have started once it is caught (a remote partner that agreed
-        # may be an accomplice, and an intermittent liar may have lied before a checked honest answer)
+        # peer -> (step, evaluation) of its first answer used in this trajectory that the client's own copy of the
+        # weights did not verify: where its lies can have started once it is caught (a remote partner that agreed
+        # may be an accomplice, and an intermittent liar's checked honest answer says nothing of its earlier ones)
         self.unverified_since: dict[str, tuple[int, int]] = {}
         self.last_call: dict[str, Used] = {}  # peer -> its last unverified answer used (audited at the end)
         self.samples: dict[str, tuple[int, list[Used]]] = {}  # peer -> (seen, reservoir of its unchecked answers)
@@ -102,9 +102,7 @@ class Verifier:
         """The answer ``v`` of the remote source ``used`` went into x: checked, or audited at the end (its last
         unchecked answer, and ``audit_samples`` drawn uniformly among all of them by reservoir sampling)."""
         p = used.peer_id
-        if checked and isinstance(job.partner, LocalSource):
-            self.unverified_since.pop(p, None)
-        else:
+        if not (checked and isinstance(job.partner, LocalSource)):
             self.unverified_since.setdefault(p, (self.step, self.evaluation))
         if checked:
             self.last_call.pop(p, None)
@@ -122,8 +120,8 @@ class Verifier:
     def audit(self) -> list[str]:
         """Before the sampler returns: each peer's last unverified answer used in this trajectory, and
         ``audit_samples`` random earlier ones, are recomputed by a second source; a peer caught lying there is
-        punished and ``rollback_to`` names the step of its first answer since its last one verified by the
-        client's own copy. Returns the events."""
+        punished and ``rollback_to`` names the step of its first answer in x that the client's own copy did not
+        verify. Returns the events."""
         events, failed = [], set()
         self.begin_evaluation()  # every answer audited here is in x already
         todo = {}
@@ -164,7 +162,6 @@ class Verifier:
         p = u.src.peer_id
         self.verified[p] = self.verified.get(p, 0) + 1
         if isinstance(partner, LocalSource):
-            self.unverified_since.pop(p, None)
             return
         self.vouches.setdefault(p, {})[partner.peer_id] = u._replace(v=vb, src=partner)
         self.vouches.setdefault(partner.peer_id, {})[p] = u
@@ -294,8 +291,8 @@ class Verifier:
         return answers[best], sources[best], False
 
     def roll_back(self, p: str) -> None:
-        """Peer p was caught lying: recompute from its first answer in x since its last one the client's own copy
-        verified (nothing if all its answers in x were verified so)."""
+        """Peer p was caught lying: recompute from its first answer in x that the client's own copy did not verify
+        (nothing if the client's copy verified all its answers in x)."""
         since = self.unverified_since.get(p)
         if since is not None and since[1] < self.evaluation:  # earlier unchecked answers of it are in x already
             self.rollback_to = since[0] if self.rollback_to is None else min(self.rollback_to, since[0])
