@@ -87,7 +87,7 @@ def _replica(peer: str, addr: str, sha: str = "s" * 64) -> Replica:
     return Replica(peer, "e", sha, 1, 100.0, 0.0, (f"/ip4/{addr}/tcp/1",))
 
 
-def test_partners_are_drawn_at_random_preferring_independent_blocks_and_the_local_copy_for_its_share():
+def test_partners_are_drawn_at_random_preferring_independent_peers_and_the_local_copy_for_its_share():
     assert address_blocks(["/ip4/10.1.2.3/tcp/5", "/ip6/::1/tcp/5"]) == {"10.1"}
     a, same, other = _replica("a", "10.1.0.1"), _replica("b", "10.1.9.9"), _replica("c", "172.16.0.1")
     assert independent(a, other) and not independent(a, same) and not independent(a, _replica("d", "10.1.0.2"))
@@ -101,10 +101,11 @@ def test_partners_are_drawn_at_random_preferring_independent_blocks_and_the_loca
         def replicas(self, k):
             return self.reps
 
-    def draws(reps, trust, n=4000):
+    def draws(reps, trust, n=4000, seen=None):
         client = FakeSwarmClient({}, trust, local={"s" * 64: SimpleNamespace(expert_id="e")})
         client.view = View(reps)
         src, rng = Sources(client, trust), random.Random(3)
+        src.first_seen.update(seen or {})
         return [src.partner(1, reps[0], 0.0, set(), lambda p, now: 0.0, rng).peer_id for _ in range(n)]
 
     trust = TrustConfig(local_check_share=0.25)
@@ -113,6 +114,9 @@ def test_partners_are_drawn_at_random_preferring_independent_blocks_and_the_loca
     assert set(picks) == {"c", LocalSource.name("s" * 64)}  # the independent replica, never its /16 neighbour
     picks = draws(loop, replace(trust, local_check_share=0.0))  # loopback: no block differs, all are drawn
     assert picks.count("b") / len(picks) == pytest.approx(0.5, abs=0.04) and "a" not in picks
+    # one address block, but "c" appeared long after "a" and "b" (which showed up together): it is preferred
+    picks = draws(loop, replace(trust, local_check_share=0.0), seen={"a": 0.0, "b": 5.0, "c": 500.0})
+    assert set(picks) == {"c"}
 
 
 # -- the simulated swarm -----------------------------------------------------------------------------------

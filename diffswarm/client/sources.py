@@ -31,6 +31,9 @@ def independent(a, b) -> bool:
     return bool(ba and bb and not ba & bb)
 
 
+SAME_HISTORY = 60.0  # seconds: peers this client first saw within this of each other may have been started together
+
+
 class RemoteSlot:
     """Cluster k of the swarm, usable alone as a velocity model (with failover among its replicas)."""
 
@@ -78,9 +81,19 @@ class Sources:
         self.client, self.trust = client, trust  # client: a SwarmClient (or its surface, tests/peer_harness.py)
         self.sticky: dict[int, str] = {}  # cluster -> checkpoint sha256 in use (stay on one expert's weights)
         self.in_use: dict[int, str] = {}  # cluster -> peer id that answered last
+        self.first_seen: dict[str, float] = {}  # peer id -> when this client first saw it announced (monotonic)
 
     def usable(self, k: int, now: float) -> list[Replica]:
-        return [r for r in self.client.view.replicas(k) if self.client.usable(r, now)]
+        reps = [r for r in self.client.view.replicas(k) if self.client.usable(r, now)]
+        for r in reps:
+            self.first_seen.setdefault(r.peer_id, now)
+        return reps
+
+    def other_history(self, a, b) -> bool:
+        """Whether this client first saw a and b announced more than ``SAME_HISTORY`` apart (Sybils started together
+        show up together; peers present when the client joined all share its join time)."""
+        fa, fb = self.first_seen.get(a.peer_id), self.first_seen.get(b.peer_id)
+        return fa is not None and fb is not None and abs(fa - fb) > SAME_HISTORY
 
     def pick(self, k: int, rows: int, now: float, failed: set[str]):
         """The source for cluster k's rows: the best usable replica, else (``local_fallback``) the client's own
@@ -104,12 +117,12 @@ class Sources:
         return None
 
     def partner(self, k: int, src, now: float, failed: set[str], suspicion: Callable[[str, float], float],
-                rng: random.Random | None = None, history: Callable[[str], int] | None = None):
+                rng: random.Random | None = None):
         """A second source for cross-checking ``src``, drawn with the client's own generator ``rng`` (so a Sybil
         cannot choose its checker by grinding peer ids): for a ``local_check_share`` of checks (and whenever no
         other replica is left) the client's own copy of the weights, if it can get it; else a random usable
         replica with the same sha256, preferring (in turn) unsuspected ones, ones independent of ``src``
-        (``independent``: another /16 block) and ones with a verified history (``history(peer)`` > 0).
+        (``independent``: another /16 block) and ones with another identity history (``other_history``).
         Without ``rng``: the least suspected replica (deterministic). None if there is no second source."""
         others = [r for r in self.usable(k, now) if r.checkpoint_sha256 == src.checkpoint_sha256
                   and r.peer_id != src.peer_id and r.peer_id not in failed]
@@ -125,7 +138,7 @@ class Sources:
                 return own
         for keep in (lambda r: suspicion(r.peer_id, now) < self.trust.suspect_score,
                      lambda r: independent(src, r),
-                     lambda r: history is not None and history(r.peer_id) > 0):
+                     lambda r: self.other_history(src, r)):
             preferred = [r for r in others if keep(r)]
             others = preferred or others  # a preference nobody meets (all on loopback) is dropped
         return rng.choice(sorted(others, key=lambda r: r.peer_id))

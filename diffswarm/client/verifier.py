@@ -133,7 +133,7 @@ class Verifier:
             if p in failed or p in self.liars:
                 continue
             now = time.monotonic()
-            partner = self.sources.partner(u.k, u.src, now, failed, self.suspicion.score, self.rng, self.history)
+            partner = self.sources.partner(u.k, u.src, now, failed, self.suspicion.score, self.rng)
             if partner is None:
                 continue
             out = self.sources.answer_all([(partner, *u.call)], u.guidance)[0]
@@ -175,7 +175,7 @@ class Verifier:
         if not should_verify(self.trust, self.rng, src.peer_id not in self.checked,
                              self.suspicion.score(src.peer_id, now), self.history(src.peer_id)):
             return None
-        return self.sources.partner(k, src, now, failed, self.suspicion.score, self.rng, self.history)
+        return self.sources.partner(k, src, now, failed, self.suspicion.score, self.rng)
 
     def judge(self, job: Job, outs: list, guidance: float, t_now: float, events: list[str], failed: set[str]):
         """(v, source it came from, cross-checked) for the job's rows from the round's answers ``outs``; v is None
