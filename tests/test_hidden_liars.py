@@ -171,3 +171,23 @@ def test_a_liar_lying_at_noise_levels_of_its_choosing_is_caught_within_the_bound
             assert honest_bans(client, time.monotonic()) == [] and liar.lies * 4 >= liar.calls
             return
     pytest.fail("the picky liar escaped 15 generations")
+
+
+def test_hostile_peers_pick_their_noise_levels_and_their_share_of_lies():
+    """``python -m diffswarm.testing.hostile --lie-t LO:HI --lie-share F`` (what the real-process tests run)."""
+    from diffswarm.testing.hostile import Corruptor
+
+    x = torch.ones(2, 1, 2, 2)
+
+    def honest(x, t, labels, guidance):
+        return x
+
+    picky = Corruptor(honest, "scale:2", lie_t=(0.45, 0.7))
+    assert torch.equal(picky(x, torch.full((2,), 0.5), None, 1.0), 2 * x)
+    assert torch.equal(picky(x, torch.full((2,), 1.0), None, 1.0), x)
+    assert torch.equal(picky(x, torch.tensor([0.5, 0.9]), None, 1.0), x)  # a row outside the band: honest
+    never = Corruptor(honest, "scale:2", lie_share=0.0)
+    assert torch.equal(never(x, torch.full((2,), 0.5), None, 1.0), x)
+    some = Corruptor(honest, "scale:2", lie_share=0.25)
+    share = sum(not torch.equal(some(x, torch.full((2,), 0.5), None, 1.0), x) for _ in range(4000)) / 4000
+    assert share == pytest.approx(0.25, abs=0.03)
