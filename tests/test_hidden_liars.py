@@ -133,6 +133,8 @@ def test_colluding_replicas_are_both_caught_with_a_local_share_of_one(three, cle
     x, events = run(ens)
     assert torch.allclose(x, clean, atol=1e-5)
     assert {"liar1a", "liar1b"} <= ens.liars and honest_bans(client) == []
+    # a failed check resets the count of verified answers (the check rate starts high again)
+    assert ens.verifier.verified == {"liar1a": 0, "liar1b": 0}  # h0, h2: no second source, nothing verified
 
 
 def test_a_colluder_that_vouched_for_a_caught_liar_is_unmasked(three, clean):

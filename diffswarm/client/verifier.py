@@ -130,7 +130,7 @@ class Verifier:
                 if u is not None:
                     todo[(p, u.step, id(u.v))] = u
         for (p, _, _), u in todo.items():
-            if p in failed or p in self.liars:
+            if p in failed:  # caught (or failed) on an earlier answer of this audit
                 continue
             now = time.monotonic()
             partner = self.sources.partner(u.k, u.src, now, failed, self.suspicion.score, self.rng)
@@ -273,9 +273,8 @@ class Verifier:
             events.append(f"t={float(tk[0]):.3f}: cluster {k} peer {p[:12]} caught lying on {rows.numel()} row(s) "
                           f"(relative difference {diff:.3g} from {judge}); banned {self.trust.lie_ban:.0f}s")
             self.roll_back(p)
-        for p in answers:
-            self.verified[p] = 0  # a failed check: the peer's check rate starts high again
         for p in sorted(liars):
+            self.verified[p] = 0  # a failed check: the peer's check rate starts high again
             self.unmask_accomplices(p, events, failed)
         if honest:
             best = min(honest, key=lambda p: (p.startswith(LocalSource.PREFIX), p))  # prefer a remote honest side
@@ -284,6 +283,7 @@ class Verifier:
             return reference, arbiter, True
         for p in answers:  # nobody can be named: both stay usable but are cross-checked from now on
             self.suspicion.add(p, DISPUTED, now)
+            self.verified[p] = 0
         self.unverified += rows.numel()
         events.append(f"t={float(tk[0]):.3f}: replicas {a.peer_id[:12]} and {b.peer_id[:12]} of cluster {k} "
                       "disagree and no third source can arbitrate; using the less suspected answer (unverified)")
