@@ -9,10 +9,11 @@ Every velocity a peer returns is untrusted input. Three layers, cheapest first:
    (1 + 2g) times that. We allow that bound (with t floored at ``T_FLOOR``) times ``BOUND_SLACK``:
    it never rejects an honest answer and catches garbage (inf, 1e30, overflowed halves).
 2. **Cross-checks** (``should_verify`` + ``relative_difference``): a share of calls (every peer's
-   first answer in each trajectory, a random ``verify_share`` of the rest, and every call of a
-   suspected peer) is also computed by a second source with the same checkpoint sha256: another
-   replica, or the client's own copy of the weights. Answers must agree per row within a relative
-   L2 tolerance measured for honest replicas (``TrustConfig.tolerance``; bf16 peers get
+   first answer in each trajectory, a random ``check_rate`` of the rest, and every call of a
+   suspected peer) is also computed by a second source with the same checkpoint sha256, drawn at random
+   by the client (``Sources.partner``): another replica (preferring one in another /16 address block), or
+   for a ``local_check_share`` of checks the client's own copy of the weights. Answers must agree per row
+   within a relative L2 tolerance measured for honest replicas (``TrustConfig.tolerance``; bf16 peers get
    ``tolerance_bf16``). A disagreement is arbitrated by a third source (the client's own copy of
    the weights, fetched and hash-checked when needed, else a third replica): whoever deviates from it
    is caught lying.
@@ -21,11 +22,26 @@ Every velocity a peer returns is untrusted input. Three layers, cheapest first:
    Disputes that cannot be arbitrated raise both peers' scores (never a ban: one of them is honest),
    and suspected peers are then cross-checked on every call.
 
+Escape probabilities (``escape_probability``, ``collusion_escape``; measured by ``bench/hidden_liars.py``):
+
+- A peer with n verified answers is checked at rate ``check_rate`` = max(verify_share, new_peer_rate *
+  rate_decay^n) (a failed check resets n to 0): a fresh identity pays for its anonymity in checks.
+- Before the sampler returns, the audit checks each peer's last unchecked answer and ``audit_samples``
+  answers drawn uniformly among its unchecked answers of the trajectory (reservoir sampling). A liar that
+  lies on a share f of its m unchecked calls of a trajectory, at steps of its choosing, escapes it with
+  probability at most (1 - f)^a * prod over its lies of (1 - r_i) <= (1 - f)^a (1 - verify_share)^(f m),
+  with r_i the check rate at its i-th lie and a = ``audit_samples``; over G generations that is raised to
+  the power G (each trajectory draws anew from the client's OS-seeded generator).
+- Colluding replicas (the same wrong answer from two peers with the same sha256): each check of one of them
+  goes to the client's own copy with probability l = ``local_check_share`` (when it can get the weights),
+  else to a random usable replica of the same sha256, honest with probability h (the honest share of the
+  other replicas). A lying call that is checked escapes with probability (1 - l)(1 - h); once one colluder
+  is caught, every peer that agreed with it in the trajectory is re-checked on that agreed call against the
+  client's copy, so its partner is banned too, and their steps are recomputed.
+
 What this cannot catch: a lie smaller than the tolerance (at most ``tolerance`` of the answer's
-norm, per row); a lie in a call that is not cross-checked (a peer lying in a share q of its calls
-escapes a trajectory with probability about (1 - verify_share)^(q n) after its first answer); lies
-when no second source exists (a cluster served by one peer whose weights cannot be fetched); and
-colluding replicas that return the same lie (a local copy of the weights still catches them).
+norm, per row); lies in unchecked calls with the probability above; lies when no second source exists
+(a cluster served by one peer whose weights cannot be fetched); colluders whose agreed calls were honest.
 """
 
 from __future__ import annotations
@@ -51,6 +67,10 @@ class TrustConfig:
     tolerance_bf16: float = 5e-2  # ... when either source computes in bf16 (CUDA autocast)
     fetch_checkpoints: bool = True  # fetch (and hash-check) an expert's weights to arbitrate or fill in
     local_fallback: bool = True  # compute a cluster with its verified weights when no honest peer is left
+    new_peer_rate: float = 0.5  # check rate of a peer with no verified answer yet (see check_rate)
+    rate_decay: float = 0.75  # ... multiplied by this per verified answer, down to verify_share
+    local_check_share: float = 0.25  # share of checks whose partner is the client's own copy of the weights
+    audit_samples: int = 1  # random earlier unchecked answers of each peer audited at a trajectory's end
     suspect_score: float = 2.0  # from this score on, every call of the peer is cross-checked
     lie_ban: float = 3600.0  # seconds a peer caught lying (or returning invalid answers) is banned
     half_life: float = 600.0  # seconds for a suspicion score to halve
@@ -58,6 +78,11 @@ class TrustConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.verify_share <= 1:
             raise ValueError(f"verify_share must be in [0, 1], got {self.verify_share}")
+        for name in ("new_peer_rate", "rate_decay", "local_check_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.audit_samples < 0:
+            raise ValueError(f"audit_samples must be >= 0, got {self.audit_samples}")
         if not (self.tolerance > 0 and self.tolerance_bf16 > 0):
             raise ValueError("tolerances must be > 0")
 
@@ -155,12 +180,41 @@ CAUGHT_LYING = 100.0  # ... for an answer that disagrees with the arbiter
 DISPUTED = 1.0  # ... to both sides of a disagreement nobody could arbitrate
 
 
-def should_verify(cfg: TrustConfig, rng: random.Random, first_in_trajectory: bool, suspicion: float) -> bool:
+def check_rate(cfg: TrustConfig, verified: int) -> float:
+    """Share of a peer's calls cross-checked once it has ``verified`` verified answers with this client:
+    max(verify_share, new_peer_rate * rate_decay^verified). A new identity (any Sybil) starts high."""
+    return max(cfg.verify_share, cfg.new_peer_rate * cfg.rate_decay ** max(verified, 0))
+
+
+def should_verify(cfg: TrustConfig, rng: random.Random, first_in_trajectory: bool, suspicion: float,
+                  verified: int | None = None) -> bool:
     """Cross-check this call? Every first answer of a peer in a trajectory (``verify_first``), every call of a
-    suspected peer, and a random ``verify_share`` of the rest (``rng`` is the client's own: peers cannot
-    predict which calls are checked)."""
+    suspected peer, and a random share of the rest: ``check_rate(cfg, verified)``, or ``verify_share`` when
+    ``verified`` is None (``rng`` is the client's own: peers cannot predict which calls are checked)."""
     if cfg.verify_first and first_in_trajectory:
         return True
     if suspicion >= cfg.suspect_score:
         return True
-    return rng.random() < cfg.verify_share
+    rate = cfg.verify_share if verified is None else check_rate(cfg, verified)
+    return rng.random() < rate
+
+
+def escape_probability(cfg: TrustConfig, lies: int, unchecked: int, verified: int = 10**6) -> float:
+    """Upper bound on the probability that a peer lying in ``lies`` of its calls of one trajectory, none of them
+    its first or last, is caught neither by the random checks nor by the audit. ``unchecked``: its answers used
+    unchecked in the trajectory (the audit's population); ``verified``: its verified answers before the first
+    lie (the check rate only falls while it tells the truth). Bound: prod_i (1 - r_i) * (1 - f)^a with r_i the
+    rate at the i-th lie (no lie raises n), f = lies / unchecked, a = ``audit_samples``."""
+    if lies <= 0:
+        return 1.0
+    miss_checks = (1.0 - check_rate(cfg, verified)) ** lies
+    f = min(1.0, lies / max(unchecked, 1))
+    return miss_checks * (1.0 - f) ** cfg.audit_samples
+
+
+def collusion_escape(cfg: TrustConfig, checks: int, honest_share: float = 0.0) -> float:
+    """Probability that ``checks`` cross-checks of a colluder's lying calls all go to its accomplice: each
+    check's partner is the client's own copy with probability ``local_check_share``, else a random replica of
+    the same sha256, honest with probability ``honest_share``."""
+    miss = (1.0 - cfg.local_check_share) * (1.0 - honest_share)
+    return miss ** max(checks, 0)

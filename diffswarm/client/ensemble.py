@@ -233,10 +233,11 @@ class SwarmEnsemble(RoutedEnsemble):
         self.verifier.begin_step(i)
 
     def end_trajectory(self) -> None:
-        """Audit before the sampler returns: each peer's last unverified answer used in this trajectory is
-        recomputed by a second source; a peer caught lying there is punished and the steps since its last
-        checked answer are recomputed (``StepRollback``). With every peer's first answer checked too, a liar
-        that lies from some call on and keeps lying is always caught (``client/answer_checks.py``)."""
+        """Audit before the sampler returns: each peer's last unverified answer used in this trajectory, and random
+        earlier ones, are recomputed by a second source; a peer caught lying there is punished and the steps since
+        its first answer the client's own copy did not verify are recomputed (``StepRollback``). With every peer's
+        first answer checked too, a liar that lies from some call on and keeps lying is always caught; one that
+        picks its calls escapes with the probability stated in ``client/answer_checks.py``."""
         self.client.events.extend(self.verifier.audit())
         if self.verifier.rollback_to is not None:
             raise StepRollback(self.verifier.rollback_to, "the end-of-trajectory audit caught a peer lying")

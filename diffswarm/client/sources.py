@@ -5,6 +5,8 @@ swarm usable alone as a velocity model."""
 from __future__ import annotations
 
 import asyncio
+import random
+import re
 import time
 from collections.abc import Callable
 
@@ -13,6 +15,23 @@ import torch
 from diffswarm.client.answer_checks import TrustConfig
 from diffswarm.client.selection import Replica, pick_replica
 from diffswarm.router.ensemble import RoutedEnsemble
+
+_IPV4 = re.compile(r"/ip4/(\d+)\.(\d+)\.\d+\.\d+")
+
+
+def address_blocks(addrs) -> frozenset[str]:
+    """The /16 blocks ("a.b") of the IPv4 addresses in a peer's announced multiaddrs (empty if none)."""
+    return frozenset(f"{m.group(1)}.{m.group(2)}" for a in addrs for m in [_IPV4.search(str(a))] if m)
+
+
+def independent(a, b) -> bool:
+    """Whether sources a and b look run by different people: both announce IPv4 addresses and share no /16 block.
+    Unknown or shared blocks (loopback, one NAT) count as not independent."""
+    ba, bb = address_blocks(getattr(a, "addrs", ())), address_blocks(getattr(b, "addrs", ()))
+    return bool(ba and bb and not ba & bb)
+
+
+SAME_HISTORY = 60.0  # seconds: peers this client first saw within this of each other may have been started together
 
 
 class RemoteSlot:
@@ -62,9 +81,19 @@ class Sources:
         self.client, self.trust = client, trust  # client: a SwarmClient (or its surface, tests/peer_harness.py)
         self.sticky: dict[int, str] = {}  # cluster -> checkpoint sha256 in use (stay on one expert's weights)
         self.in_use: dict[int, str] = {}  # cluster -> peer id that answered last
+        self.first_seen: dict[str, float] = {}  # peer id -> when this client first saw it announced (monotonic)
 
     def usable(self, k: int, now: float) -> list[Replica]:
-        return [r for r in self.client.view.replicas(k) if self.client.usable(r, now)]
+        reps = [r for r in self.client.view.replicas(k) if self.client.usable(r, now)]
+        for r in reps:
+            self.first_seen.setdefault(r.peer_id, now)
+        return reps
+
+    def other_history(self, a, b) -> bool:
+        """Whether this client first saw a and b announced more than ``SAME_HISTORY`` apart (Sybils started together
+        show up together; peers present when the client joined all share its join time)."""
+        fa, fb = self.first_seen.get(a.peer_id), self.first_seen.get(b.peer_id)
+        return fa is not None and fb is not None and abs(fa - fb) > SAME_HISTORY
 
     def pick(self, k: int, rows: int, now: float, failed: set[str]):
         """The source for cluster k's rows: the best usable replica, else (``local_fallback``) the client's own
@@ -87,16 +116,32 @@ class Sources:
                     return LocalSource(expert, h, k)
         return None
 
-    def partner(self, k: int, src, now: float, failed: set[str], suspicion: Callable[[str, float], float]):
-        """A second source for cross-checking ``src``: another usable replica with the same weights (the least
-        suspected by ``suspicion(peer, now)``), else the client's own copy; None if there is none."""
+    def partner(self, k: int, src, now: float, failed: set[str], suspicion: Callable[[str, float], float],
+                rng: random.Random | None = None):
+        """A second source for cross-checking ``src``, drawn with the client's own generator ``rng`` (so a Sybil
+        cannot choose its checker by grinding peer ids): for a ``local_check_share`` of checks (and whenever no
+        other replica is left) the client's own copy of the weights, if it can get it; else a random usable
+        replica with the same sha256, preferring (in turn) unsuspected ones, ones independent of ``src``
+        (``independent``: another /16 block) and ones with another identity history (``other_history``).
+        Without ``rng``: the least suspected replica (deterministic). None if there is no second source."""
         others = [r for r in self.usable(k, now) if r.checkpoint_sha256 == src.checkpoint_sha256
                   and r.peer_id != src.peer_id and r.peer_id not in failed]
-        if others:
-            return min(others, key=lambda r: (suspicion(r.peer_id, now), r.peer_id))
         if isinstance(src, LocalSource):
-            return None
-        return self.local(k, failed, src.checkpoint_sha256)
+            return min(others, key=lambda r: (suspicion(r.peer_id, now), r.peer_id)) if others else None
+        if rng is None:
+            if others:
+                return min(others, key=lambda r: (suspicion(r.peer_id, now), r.peer_id))
+            return self.local(k, failed, src.checkpoint_sha256)
+        if not others or rng.random() < self.trust.local_check_share:
+            own = self.local(k, failed, src.checkpoint_sha256)
+            if own is not None or not others:
+                return own
+        for keep in (lambda r: suspicion(r.peer_id, now) < self.trust.suspect_score,
+                     lambda r: independent(src, r),
+                     lambda r: self.other_history(src, r)):
+            preferred = [r for r in others if keep(r)]
+            others = preferred or others  # a preference nobody meets (all on loopback) is dropped
+        return rng.choice(sorted(others, key=lambda r: r.peer_id))
 
     def answer_all(self, calls, guidance: float) -> list:
         """Answers (or exceptions) of [(source, x, t, labels)]: remote calls concurrently on the client loop,

@@ -1,6 +1,6 @@
-"""``Verifier``: the state of a ``SwarmEnsemble``'s checks on peers' answers (suspicion, liars, cross-checks,
-disputes, the end-of-trajectory audit and the rollback it can order). The decisions themselves are the pure
-functions of ``answer_checks``."""
+"""``Verifier``: the state of a ``SwarmEnsemble``'s checks on peers' answers (suspicion, verified counts, liars,
+cross-checks, disputes, accomplices, the end-of-trajectory audit and the rollback it can order). The decisions
+themselves are the pure functions of ``answer_checks``; escape probabilities are stated there."""
 
 from __future__ import annotations
 
@@ -42,6 +42,19 @@ class Job(NamedTuple):
     i: int  # index of src's answer among the round's answers (the partner's is i + 1)
 
 
+class Used(NamedTuple):
+    """An answer of a peer that went into x unchecked (audited later) or checked by a partner (a vouch)."""
+
+    k: int
+    rows: torch.Tensor  # (n,)
+    call: tuple  # (x, t, labels)
+    guidance: float
+    v: torch.Tensor  # the peer's answer
+    src: Replica
+    step: int
+    evaluation: int
+
+
 class Verifier:
     """Checks on the answers one ``SwarmEnsemble`` uses, and what they found (``client`` bans the culprits)."""
 
@@ -54,64 +67,104 @@ class Verifier:
         self.unverified = 0  # rows whose replicas disagreed with no arbiter
         self.precision_of: dict[str, str] = {}  # source -> precision of its last answer (fp32 | bf16)
         self.rollback_to: int | None = None  # the step to recompute from, once a liar's answers are found in x
+        self.verified: dict[str, int] = {}  # peer -> answers verified since its last failed check (check_rate)
         self.reset()
 
     # -- trajectory bookkeeping (for cross-check policy and rollbacks) ----------------------------
 
     def reset(self) -> None:
         self.step, self.evaluation = 0, 0
-        # peer -> (step, evaluation) of its first answer used since its last cross-checked one: where a lie found
-        # later can have started (a liar is assumed to keep lying once it starts; see client/answer_checks.py)
+        # peer -> (step, evaluation) of its first answer used in this trajectory that the client's own copy of the
+        # weights did not verify: where its lies can have started once it is caught (a remote partner that agreed
+        # may be an accomplice, and an intermittent liar's checked honest answer says nothing of its earlier ones)
         self.unverified_since: dict[str, tuple[int, int]] = {}
-        self.last_call: dict[str, tuple] = {}  # peer -> its last unverified answer used (audited at the end)
+        self.last_call: dict[str, Used] = {}  # peer -> its last unverified answer used (audited at the end)
+        self.samples: dict[str, tuple[int, list[Used]]] = {}  # peer -> (seen, reservoir of its unchecked answers)
+        self.vouches: dict[str, dict[str, Used]] = {}  # peer -> {partner: partner's answer that agreed with it}
         self.checked: set[str] = set()  # peers cross-checked in this trajectory
 
     def begin_step(self, i: int) -> None:
         self.step = i
         for p in [p for p, (s, _) in self.unverified_since.items() if s >= i]:  # a recomputed step forgets later
             del self.unverified_since[p]
-            self.last_call.pop(p, None)
-        for p in [p for p, c in self.last_call.items() if c[-1] >= i]:
+        for p in [p for p, c in self.last_call.items() if c.step >= i]:
             del self.last_call[p]
+        for p, (seen, kept) in list(self.samples.items()):
+            self.samples[p] = (seen, [u for u in kept if u.step < i])
+        for p, vs in self.vouches.items():
+            self.vouches[p] = {q: u for q, u in vs.items() if u.step < i}
 
     def begin_evaluation(self) -> None:
         self.rollback_to = None
         self.evaluation += 1
 
     def note_used(self, job: Job, guidance: float, v: torch.Tensor, used, checked: bool) -> None:
-        """The answer ``v`` of the remote source ``used`` went into x: checked, or audited at the end unless a
-        later check of that peer comes first."""
+        """The answer ``v`` of the remote source ``used`` went into x: checked, or audited at the end (its last
+        unchecked answer, and ``audit_samples`` drawn uniformly among all of them by reservoir sampling)."""
+        p = used.peer_id
+        if not (checked and isinstance(job.partner, LocalSource)):
+            self.unverified_since.setdefault(p, (self.step, self.evaluation))
         if checked:
-            self.unverified_since.pop(used.peer_id, None)
-            self.last_call.pop(used.peer_id, None)
-        else:
-            self.unverified_since.setdefault(used.peer_id, (self.step, self.evaluation))
-            self.last_call[used.peer_id] = (job.k, job.rows, job.call, guidance, v, used, self.step)
+            self.last_call.pop(p, None)
+            return
+        u = Used(job.k, job.rows, job.call, guidance, v, used, self.step, self.evaluation)
+        self.last_call[p] = u
+        seen, kept = self.samples.get(p, (0, []))
+        seen += 1
+        if len(kept) < self.trust.audit_samples:
+            kept.append(u)
+        elif kept and self.rng.random() < self.trust.audit_samples / seen:
+            kept[self.rng.randrange(len(kept))] = u
+        self.samples[p] = (seen, kept)
 
     def audit(self) -> list[str]:
-        """Before the sampler returns: each peer's last unverified answer used in this trajectory is recomputed by
-        a second source; a peer caught lying there is punished and ``rollback_to`` names the first step since its
-        last checked answer. Returns the events."""
+        """Before the sampler returns: each peer's last unverified answer used in this trajectory, and
+        ``audit_samples`` random earlier ones, are recomputed by a second source; a peer caught lying there is
+        punished and ``rollback_to`` names the step of its first answer in x that the client's own copy did not
+        verify. Returns the events."""
         events, failed = [], set()
         self.begin_evaluation()  # every answer audited here is in x already
-        for p, (k, rows, call, guidance, v, src, _) in sorted(self.last_call.items()):
+        todo = {}
+        for p in sorted(set(self.last_call) | set(self.samples)):
+            for u in [self.last_call.get(p), *self.samples.get(p, (0, []))[1]]:
+                if u is not None:
+                    todo[(p, u.step, id(u.v))] = u
+        for (p, _, _), u in todo.items():
+            if p in failed:  # caught (or failed) on an earlier answer of this audit
+                continue
             now = time.monotonic()
-            partner = self.sources.partner(k, src, now, failed, self.suspicion.score)
+            partner = self.sources.partner(u.k, u.src, now, failed, self.suspicion.score, self.rng)
             if partner is None:
                 continue
-            out = self.sources.answer_all([(partner, *call)], guidance)[0]
-            vb = self.valid(partner, out, call[0], call[1], guidance, events, failed)
+            out = self.sources.answer_all([(partner, *u.call)], u.guidance)[0]
+            vb = self.valid(partner, out, u.call[0], u.call[1], u.guidance, events, failed)
             self.checks += 1
             if vb is None:
                 continue
             self.precision_of[partner.peer_id] = self.precision(out)
             tol = tolerance(self.trust, self.precision_of.get(p, "fp32"), self.precision_of[partner.peer_id])
-            if agree(v, vb, tol):
-                self.unverified_since.pop(p, None)
+            if agree(u.v, vb, tol):
+                self.vouch(u, partner, vb)
             else:
-                self.dispute(k, rows, src, v, partner, vb, call, guidance, events, failed)
+                self.unverified_since[p] = min(self.unverified_since.get(p, (u.step, u.evaluation)),
+                                               (u.step, u.evaluation))
+                self.dispute(u.k, u.rows, u.src, u.v, partner, vb, u.call, u.guidance, events, failed)
         self.last_call.clear()
+        self.samples.clear()
         return events
+
+    def history(self, peer: str) -> int:
+        return self.verified.get(peer, 0)
+
+    def vouch(self, u: Used, partner, vb: torch.Tensor) -> None:
+        """``u``'s answer agreed with ``partner``'s ``vb``: one more verified answer of u's peer; a remote partner's
+        answer is kept, so that if either is caught lying later the other's agreement is re-checked."""
+        p = u.src.peer_id
+        self.verified[p] = self.verified.get(p, 0) + 1
+        if isinstance(partner, LocalSource):
+            return
+        self.vouches.setdefault(p, {})[partner.peer_id] = u._replace(v=vb, src=partner)
+        self.vouches.setdefault(partner.peer_id, {})[p] = u
 
     # -- one answer ------------------------------------------------------------------------------
 
@@ -120,9 +173,9 @@ class Verifier:
         if isinstance(src, LocalSource):
             return None
         if not should_verify(self.trust, self.rng, src.peer_id not in self.checked,
-                             self.suspicion.score(src.peer_id, now)):
+                             self.suspicion.score(src.peer_id, now), self.history(src.peer_id)):
             return None
-        return self.sources.partner(k, src, now, failed, self.suspicion.score)
+        return self.sources.partner(k, src, now, failed, self.suspicion.score, self.rng)
 
     def judge(self, job: Job, outs: list, guidance: float, t_now: float, events: list[str], failed: set[str]):
         """(v, source it came from, cross-checked) for the job's rows from the round's answers ``outs``; v is None
@@ -143,6 +196,8 @@ class Verifier:
             tol = tolerance(self.trust, self.precision_of[src.peer_id], self.precision_of[partner.peer_id])
             if not agree(va, vb, tol):
                 return self.dispute(k, rows, src, va, partner, vb, call, guidance, events, failed)
+            if not isinstance(src, LocalSource):
+                self.vouch(Used(k, rows, call, guidance, va, src, self.step, self.evaluation), partner, vb)
             return va, src, True
         if va is None and vb is not None and (self.trust.local_fallback or not isinstance(partner, LocalSource)):
             # the main source failed or lied; its partner's answer passed the checks (the client's own
@@ -217,9 +272,10 @@ class Verifier:
             failed.add(p)
             events.append(f"t={float(tk[0]):.3f}: cluster {k} peer {p[:12]} caught lying on {rows.numel()} row(s) "
                           f"(relative difference {diff:.3g} from {judge}); banned {self.trust.lie_ban:.0f}s")
-            since = self.unverified_since.get(p)
-            if since is not None and since[1] < self.evaluation:  # earlier unchecked answers of it are in x already
-                self.rollback_to = since[0] if self.rollback_to is None else min(self.rollback_to, since[0])
+            self.roll_back(p)
+        for p in sorted(liars):
+            self.verified[p] = 0  # a failed check: the peer's check rate starts high again
+            self.unmask_accomplices(p, events, failed)
         if honest:
             best = min(honest, key=lambda p: (p.startswith(LocalSource.PREFIX), p))  # prefer a remote honest side
             return answers[best], sources[best], True
@@ -227,11 +283,50 @@ class Verifier:
             return reference, arbiter, True
         for p in answers:  # nobody can be named: both stay usable but are cross-checked from now on
             self.suspicion.add(p, DISPUTED, now)
+            self.verified[p] = 0
         self.unverified += rows.numel()
         events.append(f"t={float(tk[0]):.3f}: replicas {a.peer_id[:12]} and {b.peer_id[:12]} of cluster {k} "
                       "disagree and no third source can arbitrate; using the less suspected answer (unverified)")
         best = min(answers, key=lambda p: (self.suspicion.score(p, now), p))
         return answers[best], sources[best], False
+
+    def roll_back(self, p: str) -> None:
+        """Peer p was caught lying: recompute from its first answer in x that the client's own copy did not verify
+        (nothing if the client's copy verified all its answers in x)."""
+        since = self.unverified_since.get(p)
+        if since is not None and since[1] < self.evaluation:  # earlier unchecked answers of it are in x already
+            self.rollback_to = since[0] if self.rollback_to is None else min(self.rollback_to, since[0])
+
+    def unmask_accomplices(self, p: str, events: list[str], failed: set[str]) -> None:
+        """Peer p was caught lying: every remote peer whose answer agreed with p's in this trajectory is re-checked
+        on that answer against the client's own copy of the weights (colluding replicas vouch for each other);
+        one that deviates is punished as a liar, and the steps since its first unverified answer recomputed."""
+        for q, u in sorted(self.vouches.pop(p, {}).items()):
+            if q in self.liars and self.client.bans.is_banned(q, time.monotonic()):
+                continue
+            own = self.sources.local(u.k, failed, u.src.checkpoint_sha256)
+            if own is None:
+                events.append(f"cluster {u.k}: {q[:12]} agreed with the liar {p[:12]}, and no verified copy of the "
+                              "weights can tell whether it lied too")
+                self.suspicion.add(q, DISPUTED, time.monotonic())
+                continue
+            self.checks += 1
+            xk, tk, lk = u.call
+            ref = own.velocity(xk, tk, lk, u.guidance)
+            if agree(u.v, ref, tolerance(self.trust, self.precision_of.get(q, "fp32"))):
+                continue
+            diff = float(relative_difference(u.v, ref).max())
+            self.punish(q, f"caught colluding: it agreed with the liar {p[:12]} on an answer that differs from the "
+                           f"verified weights by {diff:.3g}", CAUGHT_LYING, time.monotonic())
+            self.verified[q] = 0
+            failed.add(q)
+            events.append(f"t={float(tk[0]):.3f}: cluster {u.k} peer {q[:12]} caught colluding with {p[:12]} "
+                          f"(their agreed answer differs from the verified weights by {diff:.3g}); "
+                          f"banned {self.trust.lie_ban:.0f}s")
+            self.unverified_since[q] = min(self.unverified_since.get(q, (u.step, u.evaluation)),
+                                           (u.step, u.evaluation))
+            self.roll_back(q)
+            self.unmask_accomplices(q, events, failed)
 
     def _arbiter(self, k, a, va, b, vb, call, guidance, answers, sources, events, failed, now):
         """(reference answer, arbiter) for a dispute between a and b: the answer of the client's own copy of the

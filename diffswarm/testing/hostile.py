@@ -3,8 +3,8 @@
 It is a normal ``diffswarm peer`` (same options, same records, the real checkpoint and its sha256) whose
 answers are corrupted after the honest forward pass:
 
-    python -m diffswarm.testing.hostile --mode scale:1.5 [--after N] [--mode-file FILE] [--stats-file FILE] \
-        -- <diffswarm peer options>
+    python -m diffswarm.testing.hostile --mode scale:1.5 [--after N] [--mode-file FILE] [--lie-t LO:HI]
+        [--lie-share F] [--stats-file FILE] -- <diffswarm peer options>
 
 Modes: ``honest``, ``nan``, ``inf``, ``huge`` (x 1e6), ``scale:S``, ``negate``, ``zero``, ``random`` (random
 directions with the honest norm per row), ``noise:SIGMA`` (honest + N(0, SIGMA^2) relative noise),
@@ -12,6 +12,9 @@ directions with the honest norm per row), ``noise:SIGMA`` (honest + N(0, SIGMA^2
 (answers after a delay, e.g. past the client's deadline), ``shape`` (one row short), ``refuse`` (every
 request refused). ``--after N``: honest for the first N forward passes, then the mode (a sleeper).
 ``--mode-file FILE``: read the mode from FILE before every pass (a chaos driver switches it at run time).
+``--lie-t LO:HI``: lie only on requests whose flow times all lie in (LO, HI) (a liar picking its noise levels,
+e.g. never at a trajectory's first evaluation, t = 1, nor its last). ``--lie-share F``: lie on a random share F
+of the passes it would lie on (an intermittent liar; its own generator).
 ``--stats-file FILE``: publish FILE's bytes as the served expert's cluster statistics, whatever they say (forged
 statistics for the statistics router, e.g. a cluster claiming a billion images); answers follow ``--mode``.
 """
@@ -19,6 +22,7 @@ statistics for the statistics router, e.g. a cluster claiming a billion images);
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time
 from pathlib import Path
@@ -35,8 +39,10 @@ MODES = ("honest", "nan", "inf", "huge", "scale", "negate", "zero", "random", "n
 class Corruptor:
     """Wraps a peer's honest ``velocity(x, t, labels, guidance)`` and corrupts what it returns."""
 
-    def __init__(self, honest, mode: str, after: int = 0, mode_file: str | None = None, device="cpu"):
+    def __init__(self, honest, mode: str, after: int = 0, mode_file: str | None = None, device="cpu",
+                 lie_t: tuple[float, float] = (float("-inf"), float("inf")), lie_share: float = 1.0):
         self.honest, self.after, self.mode_file, self.device = honest, after, mode_file, device
+        self.lie_t, self.lie_share, self.rng = lie_t, lie_share, random.Random()
         self.passes = 0
         self.mode, self.arg, self.other = "honest", "", None
         self.set_mode(mode)
@@ -51,6 +57,14 @@ class Corruptor:
             self.other = Expert.from_checkpoint(arg, self.device)
         self.mode, self.arg = name, arg
 
+    def picks(self, t) -> bool:
+        """Whether this pass is one it lies on (``lie_t``, ``lie_share``)."""
+        lo, hi = self.lie_t
+        tf = t.detach().float().flatten() if torch.is_tensor(t) else torch.tensor([float(t)])
+        if not bool(((tf > lo) & (tf < hi)).all()):
+            return False
+        return self.lie_share >= 1.0 or self.rng.random() < self.lie_share
+
     def __call__(self, x, t, labels, guidance):
         if self.mode_file:
             try:
@@ -61,7 +75,7 @@ class Corruptor:
                 pass
         v = self.honest(x, t, labels, guidance)
         self.passes += 1
-        m = "honest" if self.passes <= self.after else self.mode
+        m = "honest" if self.passes <= self.after or not self.picks(t) else self.mode
         if m == "honest":
             return v
         if m == "nan":
@@ -104,15 +118,18 @@ class Corruptor:
 class HostilePeer(Peer):
     """A ``Peer`` whose served experts answer through a ``Corruptor``."""
 
-    def __init__(self, cfg, mode: str, after: int = 0, mode_file: str | None = None, stats_file: str | None = None):
+    def __init__(self, cfg, mode: str, after: int = 0, mode_file: str | None = None,
+                 lie_t: tuple[float, float] = (float("-inf"), float("inf")), lie_share: float = 1.0,
+                 stats_file: str | None = None):
         super().__init__(cfg)
-        self.hostile = (mode, after, mode_file)
+        self.hostile = (mode, after, mode_file, lie_t, lie_share)
         self.stats_file = stats_file
 
     def load_expert(self, path: str):
         served = super().load_expert(path)
-        mode, after, mode_file = self.hostile
-        served.batcher.velocity = Corruptor(served.batcher.velocity, mode, after, mode_file, served.device)
+        mode, after, mode_file, lie_t, lie_share = self.hostile
+        served.batcher.velocity = Corruptor(served.batcher.velocity, mode, after, mode_file, served.device, lie_t,
+                                            lie_share)
         self.log(f"HOSTILE peer: answers of {served.expert.expert_id} are corrupted ({mode}, after {after} passes)")
         if self.stats_file:
             served.stats_blob = Path(self.stats_file).read_bytes()
@@ -126,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", default="honest", help=f"one of {MODES} (with :ARG where it takes one)")
     ap.add_argument("--after", type=int, default=0, help="honest forward passes before lying")
     ap.add_argument("--mode-file", default=None, help="read the mode from this file before every pass")
+    ap.add_argument("--lie-t", default=None, help="LO:HI: lie only when every row's flow time is in (LO, HI)")
+    ap.add_argument("--lie-share", type=float, default=1.0, help="lie on this random share of those passes")
     ap.add_argument("--stats-file", default=None, help="publish this file as the expert's cluster statistics")
     own, rest = ap.parse_known_args(argv)
+    lie_t = tuple(float(v) for v in own.lie_t.split(":")) if own.lie_t else (float("-inf"), float("inf"))
     rest = [a for a in rest if a != "--"]
     from diffswarm.cli.dispatch import plan as plan_command
     from diffswarm.cli.parser import build_parser, given_options
@@ -144,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     console()
-    return runner(HostilePeer(plan.config, own.mode, own.after, own.mode_file, own.stats_file).run())
+    return runner(HostilePeer(plan.config, own.mode, own.after, own.mode_file, lie_t, own.lie_share,
+                              own.stats_file).run())
 
 
 if __name__ == "__main__":
