@@ -41,13 +41,23 @@ def _descendants(pid: int) -> set[int]:
 class Run:
     """One ``diffswarm`` command under observation: its process tree and its run dir's recorded processes."""
 
-    def __init__(self, argv: list[str], tmp: Path, run_dir: Path | None = None):
+    def __init__(self, argv: list[str], tmp: Path, run_dir: Path | None = None, tty: bool = False):
         self.log = tmp / "command.log"
         self.run_dir = run_dir
         env = dict(os.environ, DIFFSWARM_CACHE=str(tmp / "cache"), PYTHONUNBUFFERED="1")
+        self.master = None
         with open(self.log, "wb") as f:
-            self.pop = subprocess.Popen([sys.executable, "-m", "diffswarm", *argv], stdout=f, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+            if tty:  # a terminal of its own (the dashboard): what the test reads is the command's stderr only
+                import pty
+
+                self.master, slave = pty.openpty()
+                io = dict(stdin=slave, stdout=slave, stderr=f)
+            else:
+                io = dict(stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+            self.pop = subprocess.Popen([sys.executable, "-m", "diffswarm", *argv], start_new_session=True, env=env,
+                                        **io)
+            if tty:
+                os.close(slave)
         self.seen: dict[int, list[str]] = {}  # pid -> command line, of every process seen in this run
         self.sockets: set[str] = set()
 
@@ -83,8 +93,14 @@ class Run:
             time.sleep(0.1)
         self.observe()
 
-    def stop(self, sig: int) -> int:
-        os.kill(self.pop.pid, sig)
+    def stop(self, sig: int, group: bool = False) -> int:
+        """Send ``sig`` to the command (``group``: to its process group, as a closing terminal or `timeout` do)."""
+        if group:
+            os.killpg(self.pop.pid, sig)
+        else:
+            os.kill(self.pop.pid, sig)
+        if self.master is not None:  # the terminal goes away too
+            os.close(self.master)
         try:
             rc = self.pop.wait(HANG)
         except subprocess.TimeoutExpired:
@@ -107,8 +123,8 @@ class Run:
     def assert_clean(self, sig: int, rc: int) -> None:
         procs, socks = self.leftovers()
         self.kill_all()
-        assert rc == 128 + sig, f"exit code {rc}:\n{self.text()[-3000:]}"
         assert (procs, socks) == ([], []), f"left after {signal.Signals(sig).name}:\n{self.text()[-3000:]}"
+        assert rc == 128 + sig, f"exit code {rc}:\n{self.text()[-3000:]}"
         assert self.run_dir is None or not (self.run_dir / "swarm.json").exists()
 
 
@@ -172,6 +188,40 @@ def test_eval_stopped_while_its_pool_trains(tmp_path):
     run = Run(["eval", "--quick", "--out", str(tmp_path / "ev"), "--jobs", "2", "--budget", "100000"], tmp_path)
     run.wait_for("training workers", lambda: sum("multiprocessing" in " ".join(c) for c in run.seen.values()) >= 2)
     run.assert_clean(signal.SIGTERM, run.stop(signal.SIGTERM))
+
+
+@pytest.fixture(scope="module")
+def toy_swarm(tmp_path_factory):
+    """A running local swarm of two toy experts (checkpoints, no training) for the clients' tests."""
+    from diffswarm.swarm.local import PeerSpec, start_local_swarm
+    from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
+
+    d = tmp_path_factory.mktemp("toy")
+    experts, router = make_toy_swarm(d, ToySwarmSpec(("ddpm", "fm"), size=8, width=32, depth=1, steps=5))
+    sw = start_local_swarm([PeerSpec(f"peer{i}", str(e)) for i, e in enumerate(experts)], str(router), d / "run",
+                           threads=1, timeout=HANG)
+    try:
+        yield sw
+    finally:
+        sw.stop(timeout=15)
+
+
+def test_generate_stopped_while_it_samples(toy_swarm, tmp_path):
+    run = Run(["generate", "--run-dir", str(toy_swarm.run_dir), "--n", "64", "--steps", "100000",
+               "--output", str(tmp_path / "grid.png")], tmp_path)
+    run.wait_for("sampling", lambda: "experts:" in run.text() and any("p2pd" in c[0] for c in run.seen.values()))
+    run.assert_clean(signal.SIGTERM, run.stop(signal.SIGTERM))
+
+
+def test_dashboard_in_a_closed_terminal(toy_swarm, tmp_path):
+    """A closed terminal (tmux pane): SIGHUP to the dashboard's process group, and its terminal gone."""
+    run = Run(["dashboard", "--run-dir", str(toy_swarm.run_dir), "--out", str(tmp_path / "out")], tmp_path, tty=True)
+    run.wait_for("the dashboard's daemon", lambda: any("p2pd" in c[0] for c in run.seen.values()))
+    rc = run.stop(signal.SIGHUP, group=True)
+    procs, socks = run.leftovers()
+    run.kill_all()
+    assert (procs, socks) == ([], []), run.text()[-3000:]
+    assert rc != 0
 
 
 def test_sigkilled_swarm_up_leaves_what_the_next_command_names(tmp_path, capsys):
