@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -58,8 +59,17 @@ class Run:
                                         **io)
             if tty:
                 os.close(slave)
+                threading.Thread(target=self._drain, daemon=True).start()  # a full terminal would block the app
         self.seen: dict[int, list[str]] = {}  # pid -> command line, of every process seen in this run
         self.sockets: set[str] = set()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                if not os.read(self.master, 65536):
+                    return
+            except (OSError, TypeError):  # closed (the test closed its end, or the command exited)
+                return
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -100,7 +110,8 @@ class Run:
         else:
             os.kill(self.pop.pid, sig)
         if self.master is not None:  # the terminal goes away too
-            os.close(self.master)
+            master, self.master = self.master, None
+            os.close(master)
         try:
             rc = self.pop.wait(HANG)
         except subprocess.TimeoutExpired:
@@ -142,6 +153,16 @@ def _peers_training(run: Run, k: int):
     return cond
 
 
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """Two toy experts and a router (checkpoints: a `swarm up --checkpoints` starts its peers at once)."""
+    from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
+
+    d = tmp_path_factory.mktemp("toy")
+    experts, router = make_toy_swarm(d, ToySwarmSpec(("ddpm", "fm"), size=8, width=32, depth=1, steps=5))
+    return ["--checkpoints", *map(str, experts), "--router", str(router), "--timeout", "600"]
+
+
 SWARM_UP = ["--experts", "2", "--dataset", "digits", "--net", "mlp", "--width", "16", "--depth", "1",
             "--router-steps", "20", "--train-minutes", "30", "--timeout", "600"]
 
@@ -158,10 +179,10 @@ def test_swarm_up_stopped_while_its_peers_train(tmp_path):
 
 
 @ALL
-def test_swarm_up_stopped_while_its_peers_start(tmp_path, sig):
+def test_swarm_up_stopped_while_its_peers_start(tmp_path, toy, sig):
     """The signal lands right after the bootstrap node was spawned (it is not online yet)."""
     run_dir = tmp_path / "run"
-    run = Run(["swarm", "up", "--run-dir", str(run_dir), *SWARM_UP], tmp_path, run_dir)
+    run = Run(["swarm", "up", "--run-dir", str(run_dir), *toy], tmp_path, run_dir)
     run.wait_for("a recorded bootstrap node", lambda: bool(run.state().get("procs")))
     run.assert_clean(sig, run.stop(sig))
 
@@ -191,15 +212,13 @@ def test_eval_stopped_while_its_pool_trains(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def toy_swarm(tmp_path_factory):
-    """A running local swarm of two toy experts (checkpoints, no training) for the clients' tests."""
+def toy_swarm(toy, tmp_path_factory):
+    """A running local swarm of the two toy experts for the clients' tests."""
     from diffswarm.swarm.local import PeerSpec, start_local_swarm
-    from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 
-    d = tmp_path_factory.mktemp("toy")
-    experts, router = make_toy_swarm(d, ToySwarmSpec(("ddpm", "fm"), size=8, width=32, depth=1, steps=5))
-    sw = start_local_swarm([PeerSpec(f"peer{i}", str(e)) for i, e in enumerate(experts)], str(router), d / "run",
-                           threads=1, timeout=HANG)
+    experts, router = toy[1:3], toy[4]
+    sw = start_local_swarm([PeerSpec(f"peer{i}", e) for i, e in enumerate(experts)], router,
+                           tmp_path_factory.mktemp("swarm"), threads=1, timeout=HANG)
     try:
         yield sw
     finally:
@@ -224,13 +243,13 @@ def test_dashboard_in_a_closed_terminal(toy_swarm, tmp_path):
     assert rc != 0
 
 
-def test_sigkilled_swarm_up_leaves_what_the_next_command_names(tmp_path, capsys):
+def test_sigkilled_swarm_up_leaves_what_the_next_command_names(tmp_path, toy, capsys):
     """SIGKILL cannot be handled: the leftovers are named by `swarm status`, refused by `swarm up` (before it
     trains anything), stopped by `swarm down`. (These three run in this process: a CLI start is seconds here.)"""
     from diffswarm.cli import main
 
     run_dir = tmp_path / "run"
-    run = Run(["swarm", "up", "--run-dir", str(run_dir), *SWARM_UP], tmp_path, run_dir)
+    run = Run(["swarm", "up", "--run-dir", str(run_dir), *toy], tmp_path, run_dir)
     run.wait_for("a recorded bootstrap node", lambda: bool(run.state().get("procs")))
     run.pop.kill()
     run.pop.wait(HANG)
