@@ -250,7 +250,8 @@ def test_sigkilled_swarm_up_leaves_what_the_next_command_names(tmp_path, toy, ca
 
     run_dir = tmp_path / "run"
     run = Run(["swarm", "up", "--run-dir", str(run_dir), *toy], tmp_path, run_dir)
-    run.wait_for("a recorded bootstrap node", lambda: bool(run.state().get("procs")))
+    boot = run_dir / "info" / "bootstrap.json"  # online: `swarm status` gets its answer at once
+    run.wait_for("the bootstrap node online", lambda: boot.exists() and '"online"' in boot.read_text())
     run.pop.kill()
     run.pop.wait(HANG)
     names = [f"{p['name']} (pid {p['pid']})" for p in run.state()["procs"]]
