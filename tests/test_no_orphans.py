@@ -85,7 +85,7 @@ class Run:
         for r in roots:
             for pid in {r} | _descendants(r):
                 cmd = _cmdline(pid)
-                if pid not in self.seen and cmd:
+                if cmd:  # the latest: a child seen between its fork and its exec had its parent's command line
                     self.seen[pid] = cmd
                     self.sockets.update(_sockets(cmd))
         for p in self.state().get("procs", []):
@@ -120,11 +120,17 @@ class Run:
                                  f"{self.text()[-3000:]}") from None
         return rc
 
-    def leftovers(self) -> tuple[list[str], list[str]]:
-        """(processes of this run still running, p2pd sockets still there)."""
-        procs = [f"{pid} {' '.join(cmd[:4])}" for pid, cmd in self.seen.items()
-                 if pid != self.pop.pid and _alive(pid) and _cmdline(pid) == cmd]
-        return procs, sorted(s for s in self.sockets if os.path.exists(s))
+    def leftovers(self, grace: float = 10.0) -> tuple[list[str], list[str]]:
+        """(processes of this run still running, p2pd sockets still there), after up to ``grace`` seconds for
+        processes that exit by themselves once the command is gone (multiprocessing's resource tracker reads
+        the end of its pipe)."""
+        deadline = time.monotonic() + grace
+        while True:
+            procs = [f"{pid} {' '.join(cmd[:4])}" for pid, cmd in self.seen.items()
+                     if pid != self.pop.pid and _alive(pid) and _cmdline(pid) == cmd]
+            if not procs or time.monotonic() > deadline:
+                return procs, sorted(s for s in self.sockets if os.path.exists(s))
+            time.sleep(0.2)
 
     def kill_all(self) -> None:
         for pid, cmd in self.seen.items():
