@@ -143,6 +143,10 @@ def _start(cfg: DemoConfig) -> _Run:
     preset = PRESETS[cfg.preset or ("gpu" if dev.type == "cuda" else "cpu")]
     budget_s = 60 * (cfg.minutes if cfg.minutes is not None else preset.minutes)
     out = Path(cfg.out)
+    if not cfg.local_generation:  # leftovers of a demo that was SIGKILLed: refuse now, not after training
+        from diffswarm.swarm.local import refuse_beside_running
+
+        refuse_beside_running(out / "swarm")
     out.mkdir(parents=True, exist_ok=True)
     data = DatasetSpec(cfg.data.name or preset.dataset, cfg.data.root, cfg.data.size, cfg.data.channels).resolved()
     return _Run(cfg, preset, dev, out, data, budget_s, t_start)

@@ -53,6 +53,7 @@ class DashboardPlan:
 @dataclass(frozen=True)
 class SwarmStatusPlan:
     swarm: SwarmSource
+    run_dir: str | None = None  # the local swarm's run dir (its recorded processes are listed too)
 
 
 def _client_network(args, given, local: bool):
@@ -147,4 +148,5 @@ def plan_dashboard(args, given) -> DashboardPlan:
 
 
 def plan_swarm_status(args, given) -> SwarmStatusPlan:
-    return SwarmStatusPlan(_swarm_source(args, given))
+    local = None if args.initial_peers else (args.run_dir or DEFAULT_RUN_DIR)
+    return SwarmStatusPlan(_swarm_source(args, given), local)

@@ -81,6 +81,13 @@ def run_swarm_status(p: SwarmStatusPlan) -> int:
     from diffswarm.dht.names import choose_manifest, parse_swarm_name
     from diffswarm.dht.node import SwarmDHT
 
+    if p.run_dir is not None:
+        from diffswarm.swarm.local import running_procs
+
+        live = running_procs(p.run_dir)
+        print(f"local processes of {p.run_dir} (swarm.json): "
+              + (", ".join(f"{q.name} (pid {q.pid})" for q in live) or "none running")
+              + (f"; stop them with `diffswarm swarm down --run-dir {p.run_dir}`" if live else ""), flush=True)
     net = replace(p.swarm.config.net, initial_peers=list(p.swarm.initial_peers))
     name = parse_swarm_name(p.swarm.config.swarm)
 

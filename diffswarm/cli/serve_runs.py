@@ -27,6 +27,7 @@ def run_swarm_up(p: SwarmUpConfig) -> int:
 def run_swarm_down(p: SwarmDownPlan) -> int:
     from diffswarm.swarm.local import stop_local_swarm
 
-    n = stop_local_swarm(p.run_dir, p.timeout)
-    print(f"stopped {n} process(es) of the swarm in {p.run_dir}")
+    live = stop_local_swarm(p.run_dir, p.timeout)
+    names = ", ".join(f"{q.name} (pid {q.pid})" for q in live)
+    print(f"stopped {len(live)} process(es) of the swarm in {p.run_dir}" + (f": {names}" if names else ""))
     return 0

@@ -12,7 +12,7 @@ Lifecycle (``Peer``), all in one asyncio loop (uvloop where available):
    that, carrying the current load and throughput. Every heartbeat also re-announces the owner's
    newest valid manifest (signed by this peer if it holds the owner key) and, for a peer serving
    router bytes, its ``RouterProvider`` entry.
-4. ``shutdown`` (SIGTERM / SIGINT / ``stop()``): announces ``offline`` first, then removes the
+4. ``shutdown`` (SIGTERM / SIGINT / SIGHUP / ``stop()``): announces ``offline`` first, then removes the
    handlers and stops the daemon.
 """
 
@@ -278,7 +278,7 @@ class Peer:
     async def run(self) -> int:
         """start -> (train) -> serve -> wait for stop -> shutdown. Returns an exit code."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: its terminal was closed
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
                 loop.add_signal_handler(sig, self.stop)
         try:
@@ -299,7 +299,7 @@ class Peer:
 
 
 def run_peer(cfg: PeerConfig) -> int:
-    """Run a peer until SIGINT/SIGTERM, in a fresh event loop (uvloop where available)."""
+    """Run a peer until SIGINT/SIGTERM/SIGHUP, in a fresh event loop (uvloop where available)."""
     try:
         import uvloop
 

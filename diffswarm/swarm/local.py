@@ -318,11 +318,7 @@ def start_local_swarm(peers: Sequence[PeerSpec], router_path: str | None, run_di
     run_dir.mkdir(parents=True, exist_ok=True)
     owner_key = Path(owner_key) if owner_key else run_dir / OWNER_KEY_FILE
     swarm = owned_swarm_name(swarm, owner_key)
-    if (run_dir / STATE_FILE).exists():
-        old = LocalSwarm.load(run_dir)
-        if any(_alive(p.pid) and _is_ours(p.pid) for p in old.procs):
-            raise SwarmLaunchError(f"a swarm is already running from {run_dir}; stop it with "
-                                   f"`diffswarm swarm down --run-dir {run_dir}`")
+    refuse_beside_running(run_dir)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("GOMAXPROCS", "1")  # K+1 daemons share this machine's cores: one Go thread each is plenty
     deadline = time.monotonic() + timeout
@@ -413,12 +409,32 @@ def _confirm_in_dht(sw: LocalSwarm, peer_ids: list[str], deadline: float, manife
     asyncio.run(check())
 
 
-def stop_local_swarm(run_dir: str | Path, timeout: float = 20.0) -> int:
-    """Stop the swarm recorded in RUN_DIR/swarm.json; returns how many processes were running."""
+def running_procs(run_dir: str | Path) -> list[PeerProc]:
+    """The processes recorded in RUN_DIR/swarm.json that still run: a detached swarm, or what a command that
+    was SIGKILLed while it started one left behind (empty if there is no swarm.json)."""
+    try:
+        sw = LocalSwarm.load(run_dir)
+    except (FileNotFoundError, ValueError):
+        return []
+    return [p for p in sw.procs if _alive(p.pid) and _is_ours(p.pid)]
+
+
+def refuse_beside_running(run_dir: str | Path) -> None:
+    """SwarmLaunchError naming the processes of RUN_DIR/swarm.json that still run (a swarm, or the leftovers of
+    a command that was SIGKILLed while it started one)."""
+    live = running_procs(run_dir)
+    if live:
+        names = ", ".join(f"{p.name} (pid {p.pid})" for p in live)
+        raise SwarmLaunchError(f"a swarm is already running from {run_dir} ({names}); stop it with "
+                               f"`diffswarm swarm down --run-dir {run_dir}`")
+
+
+def stop_local_swarm(run_dir: str | Path, timeout: float = 20.0) -> list[PeerProc]:
+    """Stop the swarm recorded in RUN_DIR/swarm.json; returns the processes that were running."""
     sw = LocalSwarm.load(run_dir)
-    n = sum(_alive(p.pid) and _is_ours(p.pid) for p in sw.procs)
+    live = [p for p in sw.procs if _alive(p.pid) and _is_ours(p.pid)]
     sw.stop(timeout)
-    return n
+    return live
 
 
 @contextlib.contextmanager

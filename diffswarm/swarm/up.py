@@ -13,7 +13,7 @@ from pathlib import Path
 from diffswarm.data import DatasetSpec, Partition
 from diffswarm.experts.train import TrainConfig
 from diffswarm.router.train import RouterTrainConfig
-from diffswarm.swarm.local import LocalSwarm, PeerSpec, start_local_swarm
+from diffswarm.swarm.local import LocalSwarm, PeerSpec, refuse_beside_running, start_local_swarm
 from diffswarm.training.jobs import RouterJob, TrainJob
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ def swarm_up(p: SwarmUpConfig) -> LocalSwarm:
     """Start the local swarm ``p`` (training its experts and router first unless it serves checkpoints) and wait
     until every peer is online."""
     run_dir = Path(p.run_dir)
+    refuse_beside_running(run_dir)  # before training: not after minutes of it
     run_dir.mkdir(parents=True, exist_ok=True)
     names = [f"peer{i}-r{r}" if p.replicas > 1 else f"peer{i}"
              for i in range(len(p.checkpoints) if p.checkpoints else p.experts) for r in range(p.replicas)]

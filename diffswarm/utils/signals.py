@@ -1,0 +1,162 @@
+"""An orderly stop for a command that starts processes (peers, p2pd daemons, worker pools).
+
+``stop_on_signals()``: for the command's lifetime SIGTERM, SIGHUP and SIGINT raise :class:`Stopped` (a
+``KeyboardInterrupt``) in the main thread, so every ``finally`` and ``with`` on the way out runs: a local swarm
+that is starting SIGTERMs its peers (they announce ``offline``) and SIGKILLs what is left after a bounded wait,
+a ``WorkerPool`` terminates its workers, a client shuts its daemon down. Only the first signal raises; later
+ones are logged and ignored, so the (bounded) cleanup is not cut short by a second Ctrl-C or a second SIGTERM.
+The previous handlers come back when the block ends.
+
+``stop_children()`` is the backstop the CLI runs after every command: whatever child process the command
+started in its own session and left running (the p2pd of a client that was never closed) gets SIGTERM, then
+SIGKILL after a bounded wait, and its p2pd sockets are removed. Peers of a local swarm run in sessions of their
+own and are not touched: a ``swarm up`` that returned keeps its swarm running.
+
+``die_with_parent()``: Linux ``PR_SET_PDEATHSIG`` for a process that must not outlive its parent even when the
+parent is SIGKILLed (the workers of a ``WorkerPool``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+logger = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_PR_SET_PDEATHSIG = 1
+
+
+class Stopped(KeyboardInterrupt):
+    """The command was asked to stop by ``signum``; the process should exit with ``exit_code``."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
+    """Turn ``signals`` into :class:`Stopped` in the main thread while the block runs (no-op in other threads)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping: list[int] = []
+
+    def handler(signum: int, frame) -> None:
+        if stopping:  # already stopping: let the cleanup finish (every wait in it is bounded)
+            logger.warning(f"{signal.Signals(signum).name}: already stopping, cleaning up")
+            return
+        stopping.append(signum)
+        raise Stopped(signum)
+
+    old = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def die_with_parent(sig: int = signal.SIGKILL, parent: int | None = None) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies; if the parent (pid ``parent``) is
+    already gone, exit now. A no-op where prctl is not available."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux
+        return
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc)."""
+    out = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    return sorted(set(out))
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _gone(pid: int) -> bool:
+    """True if ``pid`` exited (reaped here if it is our zombie)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == pid
+    except ChildProcessError:  # not our child (or already reaped): look at /proc
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(") ", 1)[1][0] == "Z"
+        except OSError:
+            return True
+
+
+def _sockets(cmdline: list[str]) -> list[str]:
+    """The unix sockets of a p2pd command line: the daemon's (``-listen=/unix/tmp/hivemind-p2pd-UID.sock``) and
+    its client's (``hivemind-p2pclient-UID.sock``, same UID: hivemind names them so)."""
+    out = []
+    for a in cmdline:
+        m = re.search(r"/unix(/\S+\.sock)", a)
+        if m:
+            out += [m.group(1), m.group(1).replace("-p2pd-", "-p2pclient-")]
+    return out
+
+
+def stop_children(before: set[int] = frozenset(), timeout: float = 5.0) -> list[int]:
+    """SIGTERM this process's children that are not in ``before``, run in this session and are not
+    multiprocessing's resource tracker (it exits by itself); SIGKILL those left after ``timeout``; remove the
+    p2pd sockets named on their command lines. Returns the pids it stopped."""
+    sid = os.getsid(0)
+    victims = {}
+    for pid in _children(os.getpid()):
+        cmd = _cmdline(pid)
+        with contextlib.suppress(OSError):
+            if pid in before or os.getsid(pid) != sid or any("resource_tracker" in a for a in cmd):
+                continue
+            victims[pid] = cmd
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    left = set(victims)
+    while left and time.monotonic() < deadline:
+        left = {p for p in left if not _gone(p)}
+        if left:
+            time.sleep(0.05)
+    for pid in left:
+        logger.warning(f"pid {pid} ({' '.join(victims[pid][:1])}) did not stop in {timeout:.0f}s: killing it")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    for cmd in victims.values():
+        for s in _sockets(cmd):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(s)
+    return sorted(victims)
+
+
+def children() -> set[int]:
+    """This process's current children (what ``stop_children`` should leave alone)."""
+    return set(_children(os.getpid()))
