@@ -218,3 +218,11 @@ def collusion_escape(cfg: TrustConfig, checks: int, honest_share: float = 0.0) -
     the same sha256, honest with probability ``honest_share``."""
     miss = (1.0 - cfg.local_check_share) * (1.0 - honest_share)
     return miss ** max(checks, 0)
+
+
+def answer_precision(out) -> str:
+    """The precision a peer says its answer ``out`` (tensor, metadata) was computed in: fp32 unless it names one
+    of ``PRECISIONS``."""
+    meta = out[1] if isinstance(out, tuple) and isinstance(out[1], dict) else {}
+    p = meta.get("precision")
+    return p if p in PRECISIONS else "fp32"

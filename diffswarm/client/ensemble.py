@@ -31,8 +31,9 @@ from diffswarm.client.answer_checks import Suspicion
 from diffswarm.client.client import SwarmClient
 from diffswarm.client.config import ClientConfig
 from diffswarm.client.discovery import SwarmTarget
+from diffswarm.client.ledger import Job
 from diffswarm.client.sources import LocalSource, RemoteSlot, Sources
-from diffswarm.client.verifier import Job, Verifier
+from diffswarm.client.verifier import Verifier
 from diffswarm.router.ensemble import RoutedEnsemble, mix
 from diffswarm.router.routing import NoExpertsError, RoutingConfig, choose_experts
 from diffswarm.sampling.hooks import StepRollback
@@ -227,10 +228,10 @@ class SwarmEnsemble(RoutedEnsemble):
 
     def reset(self, batch: int, device) -> None:
         super().reset(batch, device)
-        self.verifier.reset()
+        self.verifier.ledger.reset()
 
     def begin_step(self, i: int) -> None:
-        self.verifier.begin_step(i)
+        self.verifier.ledger.begin_step(i)
 
     def end_trajectory(self) -> None:
         """Audit before the sampler returns: each peer's last unverified answer used in this trajectory, and random
@@ -318,7 +319,7 @@ class SwarmEnsemble(RoutedEnsemble):
         ev.store(k, rows, v)
         if not isinstance(used, LocalSource):
             self.client.bans.success(used.peer_id)
-            self.verifier.note_used(job, ev.guidance, v, used, checked)
+            self.verifier.ledger.note_used(job, ev.guidance, v, used, checked)
         else:
             self.local_rows += rows.numel()
         self.sources.in_use[k], self.sources.sticky[k] = used.peer_id, used.checkpoint_sha256

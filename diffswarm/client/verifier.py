@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import random
 import time
-from typing import NamedTuple
 
 import torch
 
@@ -15,10 +14,10 @@ from diffswarm.client.answer_checks import (
     CAUGHT_LYING,
     DISPUTED,
     INVALID_ANSWER,
-    PRECISIONS,
     Suspicion,
     TrustConfig,
     agree,
+    answer_precision,
     arbitrate,
     check_answer,
     relative_difference,
@@ -26,33 +25,9 @@ from diffswarm.client.answer_checks import (
     tolerance,
 )
 from diffswarm.client.config import PeerCallError
-from diffswarm.client.selection import Replica
+from diffswarm.client.ledger import Job, Ledger, Used
 from diffswarm.client.sources import LocalSource, Sources
 from diffswarm.protocol.wire import classify_error
-
-
-class Job(NamedTuple):
-    """Cluster k's ``rows`` of one evaluation sent to ``src`` (and to ``partner`` for a cross-check)."""
-
-    k: int
-    rows: torch.Tensor  # (n,) row indices into the batch
-    src: Replica | LocalSource
-    partner: Replica | LocalSource | None
-    call: tuple  # (x, t, labels) of those rows
-    i: int  # index of src's answer among the round's answers (the partner's is i + 1)
-
-
-class Used(NamedTuple):
-    """An answer of a peer that went into x unchecked (audited later) or checked by a partner (a vouch)."""
-
-    k: int
-    rows: torch.Tensor  # (n,)
-    call: tuple  # (x, t, labels)
-    guidance: float
-    v: torch.Tensor  # the peer's answer
-    src: Replica
-    step: int
-    evaluation: int
 
 
 class Verifier:
@@ -68,54 +43,13 @@ class Verifier:
         self.precision_of: dict[str, str] = {}  # source -> precision of its last answer (fp32 | bf16)
         self.rollback_to: int | None = None  # the step to recompute from, once a liar's answers are found in x
         self.verified: dict[str, int] = {}  # peer -> answers verified since its last failed check (check_rate)
-        self.reset()
+        self.ledger = Ledger(trust.audit_samples, self.rng)
 
-    # -- trajectory bookkeeping (for cross-check policy and rollbacks) ----------------------------
-
-    def reset(self) -> None:
-        self.step, self.evaluation = 0, 0
-        # peer -> (step, evaluation) of its first answer used in this trajectory that the client's own copy of the
-        # weights did not verify: where its lies can have started once it is caught (a remote partner that agreed
-        # may be an accomplice, and an intermittent liar's checked honest answer says nothing of its earlier ones)
-        self.unverified_since: dict[str, tuple[int, int]] = {}
-        self.last_call: dict[str, Used] = {}  # peer -> its last unverified answer used (audited at the end)
-        self.samples: dict[str, tuple[int, list[Used]]] = {}  # peer -> (seen, reservoir of its unchecked answers)
-        self.vouches: dict[str, dict[str, Used]] = {}  # peer -> {partner: partner's answer that agreed with it}
-        self.checked: set[str] = set()  # peers cross-checked in this trajectory
-
-    def begin_step(self, i: int) -> None:
-        self.step = i
-        for p in [p for p, (s, _) in self.unverified_since.items() if s >= i]:  # a recomputed step forgets later
-            del self.unverified_since[p]
-        for p in [p for p, c in self.last_call.items() if c.step >= i]:
-            del self.last_call[p]
-        for p, (seen, kept) in list(self.samples.items()):
-            self.samples[p] = (seen, [u for u in kept if u.step < i])
-        for p, vs in self.vouches.items():
-            self.vouches[p] = {q: u for q, u in vs.items() if u.step < i}
+    # -- trajectory bookkeeping (client/ledger.py) ------------------------------------------------
 
     def begin_evaluation(self) -> None:
         self.rollback_to = None
-        self.evaluation += 1
-
-    def note_used(self, job: Job, guidance: float, v: torch.Tensor, used, checked: bool) -> None:
-        """The answer ``v`` of the remote source ``used`` went into x: checked, or audited at the end (its last
-        unchecked answer, and ``audit_samples`` drawn uniformly among all of them by reservoir sampling)."""
-        p = used.peer_id
-        if not (checked and isinstance(job.partner, LocalSource)):
-            self.unverified_since.setdefault(p, (self.step, self.evaluation))
-        if checked:
-            self.last_call.pop(p, None)
-            return
-        u = Used(job.k, job.rows, job.call, guidance, v, used, self.step, self.evaluation)
-        self.last_call[p] = u
-        seen, kept = self.samples.get(p, (0, []))
-        seen += 1
-        if len(kept) < self.trust.audit_samples:
-            kept.append(u)
-        elif kept and self.rng.random() < self.trust.audit_samples / seen:
-            kept[self.rng.randrange(len(kept))] = u
-        self.samples[p] = (seen, kept)
+        self.ledger.evaluation += 1
 
     def audit(self) -> list[str]:
         """Before the sampler returns: each peer's last unverified answer used in this trajectory, and
@@ -125,8 +59,8 @@ class Verifier:
         events, failed = [], set()
         self.begin_evaluation()  # every answer audited here is in x already
         todo = {}
-        for p in sorted(set(self.last_call) | set(self.samples)):
-            for u in [self.last_call.get(p), *self.samples.get(p, (0, []))[1]]:
+        for p in sorted(set(self.ledger.last_call) | set(self.ledger.samples)):
+            for u in [self.ledger.last_call.get(p), *self.ledger.samples.get(p, (0, []))[1]]:
                 if u is not None:
                     todo[(p, u.step, id(u.v))] = u
         for (p, _, _), u in todo.items():
@@ -141,16 +75,16 @@ class Verifier:
             self.checks += 1
             if vb is None:
                 continue
-            self.precision_of[partner.peer_id] = self.precision(out)
+            self.precision_of[partner.peer_id] = answer_precision(out)
             tol = tolerance(self.trust, self.precision_of.get(p, "fp32"), self.precision_of[partner.peer_id])
             if agree(u.v, vb, tol):
                 self.vouch(u, partner, vb)
             else:
-                self.unverified_since[p] = min(self.unverified_since.get(p, (u.step, u.evaluation)),
+                self.ledger.unverified_since[p] = min(self.ledger.unverified_since.get(p, (u.step, u.evaluation)),
                                                (u.step, u.evaluation))
                 self.dispute(u.k, u.rows, u.src, u.v, partner, vb, u.call, u.guidance, events, failed)
-        self.last_call.clear()
-        self.samples.clear()
+        self.ledger.last_call.clear()
+        self.ledger.samples.clear()
         return events
 
     def history(self, peer: str) -> int:
@@ -163,8 +97,8 @@ class Verifier:
         self.verified[p] = self.verified.get(p, 0) + 1
         if isinstance(partner, LocalSource):
             return
-        self.vouches.setdefault(p, {})[partner.peer_id] = u._replace(v=vb, src=partner)
-        self.vouches.setdefault(partner.peer_id, {})[p] = u
+        self.ledger.vouches.setdefault(p, {})[partner.peer_id] = u._replace(v=vb, src=partner)
+        self.ledger.vouches.setdefault(partner.peer_id, {})[p] = u
 
     # -- one answer ------------------------------------------------------------------------------
 
@@ -172,7 +106,7 @@ class Verifier:
         """A second source to cross-check this call of ``src`` with (``should_verify``), or None."""
         if isinstance(src, LocalSource):
             return None
-        if not should_verify(self.trust, self.rng, src.peer_id not in self.checked,
+        if not should_verify(self.trust, self.rng, src.peer_id not in self.ledger.checked,
                              self.suspicion.score(src.peer_id, now), self.history(src.peer_id)):
             return None
         return self.sources.partner(k, src, now, failed, self.suspicion.score, self.rng)
@@ -183,21 +117,22 @@ class Verifier:
         k, rows, src, partner, call, i = job
         xk, tk, _ = call
         va = self.valid(src, outs[i], xk, tk, guidance, events, failed)
-        self.precision_of[src.peer_id] = self.precision(outs[i])
+        self.precision_of[src.peer_id] = answer_precision(outs[i])
         vb = None
         if partner is not None:
             vb = self.valid(partner, outs[i + 1], xk, tk, guidance, events, failed)
-            self.precision_of[partner.peer_id] = self.precision(outs[i + 1])
+            self.precision_of[partner.peer_id] = answer_precision(outs[i + 1])
             self.checks += 1
-            self.checked.add(src.peer_id)
+            self.ledger.checked.add(src.peer_id)
             if vb is not None:
-                self.checked.add(partner.peer_id)
+                self.ledger.checked.add(partner.peer_id)
         if va is not None and vb is not None:
             tol = tolerance(self.trust, self.precision_of[src.peer_id], self.precision_of[partner.peer_id])
             if not agree(va, vb, tol):
                 return self.dispute(k, rows, src, va, partner, vb, call, guidance, events, failed)
             if not isinstance(src, LocalSource):
-                self.vouch(Used(k, rows, call, guidance, va, src, self.step, self.evaluation), partner, vb)
+                led = self.ledger
+                self.vouch(Used(k, rows, call, guidance, va, src, led.step, led.evaluation), partner, vb)
             return va, src, True
         if va is None and vb is not None and (self.trust.local_fallback or not isinstance(partner, LocalSource)):
             # the main source failed or lied; its partner's answer passed the checks (the client's own
@@ -241,12 +176,6 @@ class Verifier:
         self.client.bans.ban_for(peer, self.trust.lie_ban, now)
         self.client.last_error[peer] = reason
         self.liars.add(peer)
-
-    @staticmethod
-    def precision(out) -> str:
-        meta = out[1] if isinstance(out, tuple) and isinstance(out[1], dict) else {}
-        p = meta.get("precision")
-        return p if p in PRECISIONS else "fp32"
 
     # -- disputes --------------------------------------------------------------------------------
 
@@ -293,15 +222,15 @@ class Verifier:
     def roll_back(self, p: str) -> None:
         """Peer p was caught lying: recompute from its first answer in x that the client's own copy did not verify
         (nothing if the client's copy verified all its answers in x)."""
-        since = self.unverified_since.get(p)
-        if since is not None and since[1] < self.evaluation:  # earlier unchecked answers of it are in x already
+        since = self.ledger.unverified_since.get(p)
+        if since is not None and since[1] < self.ledger.evaluation:  # earlier unchecked answers of it are in x already
             self.rollback_to = since[0] if self.rollback_to is None else min(self.rollback_to, since[0])
 
     def unmask_accomplices(self, p: str, events: list[str], failed: set[str]) -> None:
         """Peer p was caught lying: every remote peer whose answer agreed with p's in this trajectory is re-checked
         on that answer against the client's own copy of the weights (colluding replicas vouch for each other);
         one that deviates is punished as a liar, and the steps since its first unverified answer recomputed."""
-        for q, u in sorted(self.vouches.pop(p, {}).items()):
+        for q, u in sorted(self.ledger.vouches.pop(p, {}).items()):
             if q in self.liars and self.client.bans.is_banned(q, time.monotonic()):
                 continue
             own = self.sources.local(u.k, failed, u.src.checkpoint_sha256)
@@ -323,7 +252,7 @@ class Verifier:
             events.append(f"t={float(tk[0]):.3f}: cluster {u.k} peer {q[:12]} caught colluding with {p[:12]} "
                           f"(their agreed answer differs from the verified weights by {diff:.3g}); "
                           f"banned {self.trust.lie_ban:.0f}s")
-            self.unverified_since[q] = min(self.unverified_since.get(q, (u.step, u.evaluation)),
+            self.ledger.unverified_since[q] = min(self.ledger.unverified_since.get(q, (u.step, u.evaluation)),
                                            (u.step, u.evaluation))
             self.roll_back(q)
             self.unmask_accomplices(q, events, failed)
@@ -346,5 +275,5 @@ class Verifier:
             vc = self.valid(c, out, xk, tk, guidance, events, failed)
             if vc is not None:
                 answers[c.peer_id], sources[c.peer_id] = vc, c
-                self.precision_of[c.peer_id] = self.precision(out)
+                self.precision_of[c.peer_id] = answer_precision(out)
         return None, None
