@@ -1,9 +1,8 @@
 """A local swarm on 127.0.0.1: a bootstrap node and peers as separate processes.
 
-``diffswarm swarm up`` and ``diffswarm demo`` use this; so do the end-to-end tests and the
-benchmark. Every process runs ``python -m diffswarm peer --loopback ...`` in its own session (so
-``swarm down`` can stop its p2pd with it) and writes an info file (peer id, multiaddrs, pid, p2pd
-sockets). The state of a running swarm lives in ``RUN_DIR/swarm.json``:
+Used by ``swarm up``, the demo, the end-to-end tests and the benchmarks. Every process runs ``python -m
+diffswarm peer --loopback ...`` in its own session (so ``swarm down`` can stop its p2pd with it) and writes an
+info file (peer id, multiaddrs, pid, p2pd sockets). A running swarm's state is ``RUN_DIR/swarm.json``:
 
     {"swarm": "NAME@FINGERPRINT", "initial_peers": [...], "procs": [{"name", "pid", "log", "info"}...]}
 
@@ -11,8 +10,8 @@ The swarm's owner key is ``RUN_DIR/owner.key`` (made on the first ``swarm up`` i
 afterwards, so restarting the swarm keeps its name); the bootstrap node signs the manifest with it (with no
 router: the first expert peer), naming the sha256 of every peer's cluster_stats.bin (clients route by no others).
 
-Stopping: SIGTERM to each peer (it announces offline and stops its daemon), SIGKILL to its
-process group after ``timeout``, then the leftover p2pd sockets are removed.
+Stopping: SIGTERM to each peer (it announces offline and stops its daemon), SIGKILL to its process group after
+``timeout``, then the leftover p2pd sockets are removed.
 """
 
 from __future__ import annotations
