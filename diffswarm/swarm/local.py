@@ -6,11 +6,9 @@ info file (peer id, multiaddrs, pid, p2pd sockets). A running swarm's state is `
 
     {"swarm": "NAME@FINGERPRINT", "initial_peers": [...], "procs": [{"name", "pid", "log", "info"}...]}
 
-The swarm's owner key is ``RUN_DIR/owner.key`` (made on the first ``swarm up`` in that folder, kept
-afterwards, so restarting the swarm keeps its name); the bootstrap node signs the manifest with it (with no
-router: the first expert peer), naming the sha256 of every peer's cluster_stats.bin (clients route by no others).
-
-Stopping: SIGTERM to each peer (it announces offline and stops its daemon), SIGKILL to its process group after
+The owner key is ``RUN_DIR/owner.key`` (made by the first ``swarm up`` there and kept: a restarted swarm keeps
+its name); the bootstrap node (with no router: the first expert peer) signs the manifest with it, naming the
+sha256 of every peer's cluster_stats.bin (clients route by no others). Stopping: SIGTERM to each peer (it announces offline and stops its daemon), SIGKILL to its process group after
 ``timeout``, then the leftover p2pd sockets are removed.
 """
 
