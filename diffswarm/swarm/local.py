@@ -8,8 +8,8 @@ info file (peer id, multiaddrs, pid, p2pd sockets). A running swarm's state is `
 
 The owner key is ``RUN_DIR/owner.key`` (made by the first ``swarm up`` there and kept: a restarted swarm keeps
 its name); the bootstrap node (with no router: the first expert peer) signs the manifest with it, naming the
-sha256 of every peer's cluster_stats.bin (clients route by no others). Stopping: SIGTERM to each peer (it announces offline and stops its daemon), SIGKILL to its process group after
-``timeout``, then the leftover p2pd sockets are removed.
+sha256 of every peer's cluster_stats.bin (clients route by no others). Stopping: SIGTERM to each peer (it
+announces offline, stops its daemon), SIGKILL to its group after ``timeout``, then leftover p2pd sockets go.
 """
 
 from __future__ import annotations
