@@ -57,16 +57,16 @@ def test_choose_stats_prefers_the_owners_word_then_the_most_peers():
     a, b = b"a" * 50, b"b" * 50
     recs = [stats_record("p0", 0, a), stats_record("p1", 0, b), stats_record("p2", 0, b), stats_record("p3", 1, a),
             stats_record("p4", 2, a, ph="other"), stats_record("p5", 2, a, k=4)]
-    cands, notes = choose_stats(recs, manifest())
+    cands, notes = choose_stats(recs, manifest(), allow_unsigned=True)
     assert [r.blob for r in cands[0]] == [b, a]  # two peers announce b, one a
     assert [r.peer_id for r in cands[1]] == ["p3"] and cands[2] == []
     assert len(notes) == 2 and any("partition" in n for n in notes) and any("K=4" in n for n in notes)
     # a crowd of peers that serve no expert of the cluster counts for nothing
-    cands, _ = choose_stats(recs, manifest(), serving={("p0", 0), ("p3", 1)})
+    cands, _ = choose_stats(recs, manifest(), serving={("p0", 0), ("p3", 1)}, allow_unsigned=True)
     assert [r.blob for r in cands[0]] == [a]
     # hashes signed by the owner override any majority
     signed = manifest(cluster_stats_sha256=[hashlib.sha256(a).hexdigest(), "", ""])
-    cands, notes = choose_stats(recs, signed)
+    cands, notes = choose_stats(recs, signed, allow_unsigned=True)
     assert [r.blob for r in cands[0]] == [a] and any("not the statistics the owner signed" in n for n in notes)
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from diffswarm.client.config import ROUTER_SOURCES, ClientConfig, SwarmClientError
-from diffswarm.client.discovery import choose_stats, router_mismatch, router_sources
+from diffswarm.client.discovery import NOT_SIGNED, choose_stats, router_mismatch, router_sources
 from diffswarm.client.downloads import (
     MAX_ROUTER_SOURCES,
     MIN_DOWNLOAD_RATE,
@@ -243,7 +243,7 @@ class Bootstrap:
         cands, notes = choose_stats(recs, manifest, serving, allow_unsigned=self.cfg.allow_unsigned_stats)
         for n in notes:
             logger.debug(f"not using {n}")
-        forged = sum("not the statistics the owner signed" in n for n in notes)
+        forged = sum(NOT_SIGNED in n for n in notes)
         if forged:
             self.events.append(f"ignored {forged} statistics record(s) that are not the ones the owner signed")
         return [self._pick_stats(k, options, manifest, bad) for k, options in enumerate(cands)]

@@ -146,9 +146,12 @@ def router_mismatch(manifest: SwarmManifest, router_cfg, weights_sha256: str) ->
     return None
 
 
+NOT_SIGNED = "not the statistics the owner signed"  # choose_stats' note on a record the owner's manifest refutes
+
+
 def choose_stats(records: list[ClusterStatsRecord], manifest: SwarmManifest,
-                 serving: set[tuple[str, int]] | None = None,
-                 allow_unsigned: bool = True) -> tuple[list[list[ClusterStatsRecord]], list[str]]:
+                 serving: set[tuple[str, int]] | None = None, *,
+                 allow_unsigned: bool) -> tuple[list[list[ClusterStatsRecord]], list[str]]:
     """Candidate statistics per cluster of ``manifest`` (best first), and why records were passed over.
 
     A record counts only if it is for a cluster 0..K-1 of the manifest's partition. Where the owner signed the
@@ -169,7 +172,7 @@ def choose_stats(records: list[ClusterStatsRecord], manifest: SwarmManifest,
         elif r.partition_hash != manifest.partition_hash:
             notes.append(f"{who}: partition {r.partition_hash[:12]}, not the manifest's")
         elif signed[r.cluster] and r.stats_sha256 != signed[r.cluster]:
-            notes.append(f"{who}: not the statistics the owner signed")
+            notes.append(f"{who}: {NOT_SIGNED}")
         elif not signed[r.cluster] and not allow_unsigned:
             notes.append(f"{who}: the owner signed no statistics for that cluster (unsigned ones not allowed)")
         elif not signed[r.cluster] and serving is not None and (r.peer_id, r.cluster) not in serving:

@@ -117,21 +117,17 @@ class Sources:
         return None
 
     def partner(self, k: int, src, now: float, failed: set[str], suspicion: Callable[[str, float], float],
-                rng: random.Random | None = None):
+                rng: random.Random):
         """A second source for cross-checking ``src``, drawn with the client's own generator ``rng`` (so a Sybil
         cannot choose its checker by grinding peer ids): for a ``local_check_share`` of checks (and whenever no
         other replica is left) the client's own copy of the weights, if it can get it; else a random usable
         replica with the same sha256, preferring (in turn) unsuspected ones, ones independent of ``src``
         (``independent``: another /16 block) and ones with another identity history (``other_history``).
-        Without ``rng``: the least suspected replica (deterministic). None if there is no second source."""
+        None if there is no second source."""
         others = [r for r in self.usable(k, now) if r.checkpoint_sha256 == src.checkpoint_sha256
                   and r.peer_id != src.peer_id and r.peer_id not in failed]
         if isinstance(src, LocalSource):
             return min(others, key=lambda r: (suspicion(r.peer_id, now), r.peer_id)) if others else None
-        if rng is None:
-            if others:
-                return min(others, key=lambda r: (suspicion(r.peer_id, now), r.peer_id))
-            return self.local(k, failed, src.checkpoint_sha256)
         if not others or rng.random() < self.trust.local_check_share:
             own = self.local(k, failed, src.checkpoint_sha256)
             if own is not None or not others:

@@ -362,14 +362,13 @@ def _stats_hashes(paths: Sequence[str]) -> set[str]:
     """sha256 of the statistics files in ``paths`` that exist and parse (those the owner signs)."""
     import hashlib
 
-    from diffswarm.router.stats.blob import ClusterStats, StatsFormatError
+    from diffswarm.router.stats.blob import StatsFormatError
+    from diffswarm.router.stats.publish import read_cluster_stats
 
     out = set()
     for p in paths:
         with contextlib.suppress(OSError, StatsFormatError):
-            blob = Path(p).read_bytes()
-            ClusterStats.from_bytes(blob)
-            out.add(hashlib.sha256(blob).hexdigest())
+            out.add(hashlib.sha256(read_cluster_stats(p)[0]).hexdigest())
     return out
 
 
