@@ -44,6 +44,14 @@ class GeneratePlan:
 
 
 @dataclass(frozen=True)
+class ExportPlan:
+    out: str
+    routing: RoutingConfig  # the pipeline's default routing
+    run: str | None = None  # run directory (local checkpoints)
+    swarm: SwarmSource | None = None
+
+
+@dataclass(frozen=True)
 class DashboardPlan:
     swarm: SwarmSource
     out: str
@@ -139,6 +147,15 @@ def plan_generate(args, given) -> GeneratePlan:
         kw["compression"] = args.compression
     src = _swarm_source(args, given, router_sha256=args.router_sha256, **kw)
     return GeneratePlan(**common, router=args.router, swarm=src)
+
+
+def plan_export(args, given) -> ExportPlan:
+    if args.run:
+        refuse(given, ["initial_peers", "run_dir", "swarm", "router_sha256", "loopback", "no_relay", "no_nat"],
+               "with --run (it exports the checkpoints of a run directory, without a network)")
+        return ExportPlan(args.out, _routing(args, given), run=args.run)
+    src = _swarm_source(args, given, router_sha256=args.router_sha256, router_kind="trained")
+    return ExportPlan(args.out, _routing(args, given), swarm=src)
 
 
 def plan_dashboard(args, given) -> DashboardPlan:

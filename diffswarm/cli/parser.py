@@ -65,7 +65,7 @@ def _add_training_commands(sub) -> None:
 
 
 def _add_client_commands(sub) -> None:
-    """`generate` and `dashboard`: the swarm's clients."""
+    """`generate`, `export` and `dashboard`: the swarm's clients."""
     p = _parser(sub, "generate", "generate images over the swarm (default) or from local checkpoints (--local)")
     p.add_argument("--local", nargs="+", metavar="EXPERT", help="expert checkpoints (one per cluster): no network")
     p.add_argument("--router", default=None,
@@ -80,6 +80,17 @@ def _add_client_commands(sub) -> None:
     add_network_args(p, client=True)
     add_sampling_args(p)
     add_routing_args(p)
+
+    p = _parser(sub, "export", "write a diffusers pipeline folder (DiffswarmPipeline: one folder per expert, "
+                               "router/, model_index.json) from a run directory (--run) or from a swarm")
+    p.add_argument("out", metavar="OUT", help="the pipeline folder to write (new, or empty)")
+    p.add_argument("--run", default=None, metavar="DIR",
+                   help="run directory holding experts/*/expert.safetensors and router.safetensors (no network)")
+    add_swarm_source_args(p)
+    p.add_argument_group("swarm client").add_argument(
+        "--router-sha256", default=None, help="only use an announced router with this sha256 (prefix)")
+    add_network_args(p, client=True)
+    add_routing_args(p)  # the pipeline's default routing (``__call__`` can override it)
 
     p = _parser(sub, "dashboard", "terminal dashboard: watch the swarm's experts and generate from it")
     add_swarm_source_args(p)

@@ -1,0 +1,111 @@
+"""diffusers components for a trained ensemble: ``ExpertModel`` (one expert denoiser) and ``RouterModel`` (the
+router), ``ModelMixin`` + ``ConfigMixin`` models that ``save_pretrained`` / ``from_pretrained`` write and read as a
+folder each (``config.json`` + ``diffusion_pytorch_model.safetensors``).
+
+Each wraps the library's own object (``Expert``, ``Router``) built from the config dataclass stored in
+``config.json``, so a loaded component answers exactly as its checkpoint does. The config also records the
+weights' sha256 (``tensors_sha256`` over the wrapped network's state, as a diffswarm checkpoint records it);
+``from_pretrained`` recomputes it and refuses a folder whose weights do not match, as ``Expert.from_checkpoint``
+refuses a corrupt checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+from diffswarm.experts.checkpoint import CheckpointError, tensors_sha256
+from diffswarm.experts.config import ExpertConfig
+from diffswarm.experts.expert import Expert
+from diffswarm.router.model import Router, RouterConfig
+
+
+class _Verified:
+    """Shared by both components: the weights' sha256 recorded on save and checked on load."""
+
+    def _weights(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def weights_digest(self) -> str:
+        return tensors_sha256(self._weights().state_dict())
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        self.register_to_config(weights_sha256=self.weights_digest())  # the weights being written now
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """diffusers' loader, then the sha256 check (skipped when ``torch_dtype`` converts the weights)."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        want = model.config.get("weights_sha256")
+        if want and kwargs.get("torch_dtype") in (None, torch.float32):
+            got = model.weights_digest()
+            if got != want:
+                raise CheckpointError(f"{Path(str(pretrained_model_name_or_path)) / kwargs.get('subfolder', '')}: "
+                                      f"weights sha256 {got[:12]} does not match the recorded {want[:12]}; "
+                                      "the folder is corrupt")
+        return model
+
+
+class ExpertModel(_Verified, ModelMixin, ConfigMixin):
+    """One expert denoiser as a diffusers model. ``self.expert`` is its ``Expert`` (``velocity(x, t, labels,
+    guidance)`` in flow time, the objective adapter and classifier-free guidance included)."""
+
+    @register_to_config
+    def __init__(self, expert_config: dict | None = None, weights_sha256: str | None = None,
+                 summary: dict | None = None):
+        super().__init__()
+        self.expert = Expert(ExpertConfig.from_dict(dict(expert_config or {})), summary=dict(summary or {}))
+        self.expert.weights_sha256 = weights_sha256
+
+    def _weights(self) -> torch.nn.Module:
+        return self.expert.net
+
+    @classmethod
+    def from_expert(cls, expert: Expert) -> ExpertModel:
+        """A component holding a copy of ``expert``'s configuration and weights."""
+        m = cls(expert_config=expert.config.to_dict(), weights_sha256=expert.weights_sha256,
+                summary=dict(expert.summary))
+        m.expert.net.load_state_dict(expert.net.state_dict())
+        m.register_to_config(weights_sha256=m.weights_digest())
+        m.expert.weights_sha256 = m.config.weights_sha256
+        return m.eval()
+
+    @property
+    def expert_config(self) -> ExpertConfig:
+        return self.expert.config
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance: float = 1.0) -> torch.Tensor:
+        """The expert's velocity (B, C, H, W) at flow time t (B,) for labels (B,) (-1: unconditional)."""
+        return self.expert.velocity(x, t, labels, guidance)
+
+
+class RouterModel(_Verified, ModelMixin, ConfigMixin):
+    """The trained router p(cluster | x_t, t, class) as a diffusers model (``self.router``: its ``Router``)."""
+
+    @register_to_config
+    def __init__(self, router_config: dict | None = None, weights_sha256: str | None = None,
+                 summary: dict | None = None):
+        super().__init__()
+        self.router = Router(RouterConfig.from_dict(dict(router_config or {})))
+        self.router.summary = dict(summary or {})
+
+    def _weights(self) -> torch.nn.Module:
+        return self.router
+
+    @classmethod
+    def from_router(cls, router: Router) -> RouterModel:
+        m = cls(router_config=router.cfg.to_dict(), summary=dict(router.summary))
+        m.router.load_state_dict(router.state_dict())
+        m.register_to_config(weights_sha256=m.weights_digest())
+        return m.eval()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """p(k | x_t, t, labels): (B, K)."""
+        return self.router.probs(x, t, labels)
+
+
+__all__ = ["ExpertModel", "RouterModel"]
