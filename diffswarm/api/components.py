@@ -39,6 +39,10 @@ class _Verified:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """diffusers' loader, then the sha256 check (skipped when ``torch_dtype`` converts the weights)."""
+        from diffusers.utils import is_accelerate_available
+
+        if not is_accelerate_available():  # what diffusers falls back to anyway, without its warning
+            kwargs.setdefault("low_cpu_mem_usage", False)
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         want = model.config.get("weights_sha256")
         if want and kwargs.get("torch_dtype") in (None, torch.float32):
