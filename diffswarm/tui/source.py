@@ -97,14 +97,16 @@ class LiveSource:
                         dataset)
 
     def generate(self, req: GenRequest, callback: Callable | None = None) -> torch.Tensor:
-        from diffswarm.router.local import generate
+        """Through the Python API (``diffswarm.api.Session``), as ``diffswarm generate`` does."""
+        from diffswarm.api import Session
 
         ens = self._ensemble()
         ens.update_expert_ids()  # names from the records the background refresh keeps fresh (no lookup here)
-        ens.routing = req.routing(ens.num_experts)
-        ens.gen_seed = req.seed
-        return generate(ens, labels_for(req, ens.num_classes), ens.image_shape, req.sampling(), self.device,
-                        callback=callback)
+        session = Session(ens, ens.image_shape, ens.num_classes, self.device, where="over the swarm")
+        labels = labels_for(req, ens.num_classes)
+        s = req.sampling()
+        return session.generate(labels.tolist(), len(labels), steps=s.steps, sampler=s.sampler, guidance=s.guidance,
+                                seed=s.seed, routing=req.routing(ens.num_experts), callback=callback).samples
 
     def close(self) -> None:
         """Shut the client's DHT node down; waits for a connect in progress in a worker, so no daemon is
