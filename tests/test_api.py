@@ -140,3 +140,22 @@ def test_bad_options_are_value_errors(workdir):
 
     with pytest.raises(ValueError, match="fingerprint"):
         connect("diffswarm", ["/ip4/127.0.0.1/tcp/1/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"])
+
+
+def test_a_run_exports_with_the_statistics_router(workdir, tmp_path):
+    """`diffswarm export --router-kind stats`: the clusters' statistics travel as the router component, and the
+    loaded pipeline makes the images of a statistics-routed session."""
+    run = workdir / "runs" / "demo"
+    assert main(["export", str(tmp_path / "pipe"), "--run", str(run), "--router-kind", "stats"]) == 0
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["router"] == ["diffswarm.api.components", "StatsRouterModel"]
+    pipe = DiffswarmPipeline.from_pretrained(tmp_path / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    got = pipe(class_labels=[0, 1, 2, 3], num_inference_steps=3, output_type="pt",
+               generator=torch.Generator().manual_seed(2)).images
+    with load_run(run, router_kind="stats") as s:
+        want = s.generate(classes=[0, 1, 2, 3], steps=3, seed=2).samples
+    with load_run(run) as s:
+        trained = s.generate(classes=[0, 1, 2, 3], steps=3, seed=2).samples
+    assert torch.allclose(got * 2 - 1, want, atol=1e-5), (got * 2 - 1 - want).abs().max()
+    assert not torch.allclose(want, trained, atol=1e-3)  # it is the statistics router that routed them

@@ -9,9 +9,9 @@ diffusers pipeline of a trained ensemble.
 
 Sessions (``connect``, ``connect_local``, ``load_local``, ``load_run``) take the options of ``diffswarm generate``
 and return a ``Generation`` (samples tensor, PIL images, labels, the routing of every step). The diffusers side
-(``DiffswarmPipeline``, ``ExpertModel``, ``RouterModel``, ``export_pipeline``) imports diffusers' pipeline
-machinery only when first used. The command line (``diffswarm generate``, ``diffswarm export``) and the dashboard
-generate through this module.
+(``DiffswarmPipeline``, ``ExpertModel``, ``RouterModel``, ``StatsRouterModel``, ``export_pipeline``) imports
+diffusers' pipeline machinery only when first used. The command line (``diffswarm generate``, ``diffswarm
+export``) and the dashboard generate through this module.
 """
 
 from __future__ import annotations
@@ -35,12 +35,13 @@ from diffswarm.sampling.config import SamplingConfig
 from diffswarm.sampling.loop import StepInfo
 
 if TYPE_CHECKING:
-    from diffswarm.api.components import ExpertModel, RouterModel
+    from diffswarm.api.components import ExpertModel, RouterModel, StatsRouterModel
     from diffswarm.api.export import export_pipeline
     from diffswarm.api.pipeline import DiffswarmPipeline
 
 _LAZY = {"DiffswarmPipeline": "diffswarm.api.pipeline", "ExpertModel": "diffswarm.api.components",
-         "RouterModel": "diffswarm.api.components", "export_pipeline": "diffswarm.api.export"}
+         "RouterModel": "diffswarm.api.components", "StatsRouterModel": "diffswarm.api.components",
+         "export_pipeline": "diffswarm.api.export"}
 
 
 def __getattr__(name: str):
@@ -53,5 +54,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["DiffswarmPipeline", "ExpertModel", "Generation", "RouterModel", "RoutingConfig", "RoutingStep",
-           "SamplingConfig", "Session", "StepInfo", "class_names", "connect", "connect_local", "export_pipeline",
-           "load_local", "load_run", "parse_classes", "routing_config", "run_checkpoints"]
+           "SamplingConfig", "Session", "StatsRouterModel", "StepInfo", "class_names", "connect", "connect_local",
+           "export_pipeline", "load_local", "load_run", "parse_classes", "routing_config", "run_checkpoints"]

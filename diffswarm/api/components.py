@@ -112,4 +112,60 @@ class RouterModel(_Verified, ModelMixin, ConfigMixin):
         return self.router.probs(x, t, labels)
 
 
-__all__ = ["ExpertModel", "RouterModel"]
+class StatsRouterModel(_Verified, ModelMixin, ConfigMixin):
+    """The statistics router (``StatsRouter``: p(cluster | x_t, t, class) in closed form) as a diffusers model: the
+    K clusters' statistics blobs (``ClusterStats.to_bytes``) are its uint8 buffers ``blob_0`` .. ``blob_{K-1}``,
+    parsed and bounds-checked (``ClusterStats.from_bytes``) into the router on first use."""
+
+    @register_to_config
+    def __init__(self, blob_sizes: list[int] | None = None, options: dict | None = None,
+                 partition_hash: str | None = None, dataset_id: str | None = None,
+                 weights_sha256: str | None = None):
+        from diffswarm.router.stats.blob import MAX_STATS_BYTES
+
+        super().__init__()
+        sizes = list(blob_sizes or [])
+        if not sizes or any(not 0 < n <= MAX_STATS_BYTES for n in sizes):
+            raise ValueError(f"blob_sizes must be 1..{MAX_STATS_BYTES} bytes each, one per cluster; got {sizes}")
+        for k, n in enumerate(sizes):
+            self.register_buffer(f"blob_{k}", torch.zeros(n, dtype=torch.uint8))
+        self._built: tuple | None = None  # (blobs' device, StatsRouter)
+
+    def _weights(self) -> torch.nn.Module:
+        return self
+
+    @classmethod
+    def from_stats_router(cls, router) -> StatsRouterModel:
+        from dataclasses import asdict
+
+        blobs = [s.to_bytes() for s in router.stats]
+        m = cls(blob_sizes=[len(b) for b in blobs], options=asdict(router.options),
+                partition_hash=router.cfg.partition_hash, dataset_id=router.cfg.dataset_id)
+        for k, b in enumerate(blobs):
+            getattr(m, f"blob_{k}").copy_(torch.frombuffer(bytearray(b), dtype=torch.uint8))
+        m.register_to_config(weights_sha256=m.weights_digest())
+        return m.eval()
+
+    @property
+    def router(self):
+        """The ``StatsRouter`` of the blobs (built once per device)."""
+        from diffswarm.router.stats.blob import ClusterStats
+        from diffswarm.router.stats.router import StatsRouter, StatsRouterOptions
+
+        dev = self.blob_0.device
+        if self._built is None or self._built[0] != dev:
+            c = self.config
+            stats = [ClusterStats.from_bytes(bytes(getattr(self, f"blob_{k}").cpu().numpy()))
+                     for k in range(len(c.blob_sizes))]
+            opts = StatsRouterOptions(**{k: v for k, v in dict(c.options or {}).items()
+                                         if k in StatsRouterOptions.__dataclass_fields__})
+            router = StatsRouter(stats, opts, partition_hash=c.partition_hash, dataset_id=c.dataset_id)
+            self._built = (dev, router.to(dev))
+        return self._built[1]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """p(k | x_t, t, labels): (B, K)."""
+        return self.router.probs(x, t, labels)
+
+
+__all__ = ["ExpertModel", "RouterModel", "StatsRouterModel"]

@@ -46,26 +46,24 @@ def swarm_experts(session: Session) -> list:
 
 
 def export_pipeline(out: str | Path, *, run: str | Path | None = None, session: Session | None = None,
-                    routing: RoutingConfig | None = None) -> Path:
+                    routing: RoutingConfig | None = None, router_kind: str = "auto") -> Path:
     """Write the diffusers pipeline of the experts and router of a run directory (``run``) or of a swarm session
     (``session``, from ``connect``) to the folder ``out``; returns ``out``. The folder must not exist or be empty.
-    ``routing``: the pipeline's default routing (default ``RoutingConfig()``, top-2)."""
+    ``routing``: the pipeline's default routing (default ``RoutingConfig()``, top-2); ``router_kind`` (a run: trained,
+    stats or auto, as ``load_run``): the router the pipeline holds, a trained router or the statistics router."""
     from diffswarm.api.pipeline import DiffswarmPipeline
-    from diffswarm.router.model import Router
-
     if (run is None) == (session is None):
         raise ValueError("export from either a run directory or a swarm session")
+    if session is not None and router_kind != "auto":
+        raise ValueError("router_kind is for a run directory; a swarm session's router is set when connecting")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty folder; export into a new one")
     if run is not None:
-        with load_run(run) as local:
+        with load_run(run, router_kind=router_kind) as local:
             experts, router = local.model.experts, local.model.router
     else:
         experts, router = swarm_experts(session), session.model.router
-    if router is not None and not isinstance(router, Router):
-        raise ValueError(f"cannot export a {type(router).__name__}: the pipeline holds a trained router (the "
-                         "statistics router has no diffusers component yet); export a run with a router.safetensors")
     pipe = DiffswarmPipeline.from_ensemble(experts, router, routing)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 
-from diffswarm.api.components import ExpertModel, RouterModel
+from diffswarm.api.components import ExpertModel, RouterModel, StatsRouterModel
 from diffswarm.api.result import pil_images
 from diffswarm.router.routing import RoutingConfig
 from diffswarm.sampling.config import SamplingConfig
@@ -48,7 +48,7 @@ class DiffswarmPipeline(DiffusionPipeline):
     _optional_components = ["router", *EXPERT_SLOTS[1:]]
     model_cpu_offload_seq = None
 
-    def __init__(self, *, router: RouterModel | None = None, routing: str = "top-k", k: int = 2,
+    def __init__(self, *, router: RouterModel | StatsRouterModel | None = None, routing: str = "top-k", k: int = 2,
                  threshold: float = 0.1, full_above: float | None = None, sampler: str = "heun", **experts):
         super().__init__()
         names = [n for n, m in experts.items() if m is not None]
@@ -71,13 +71,29 @@ class DiffswarmPipeline(DiffusionPipeline):
         return expected, optional
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' loader (offline for a folder); without ``accelerate`` it loads the way diffusers falls back
+        to anyway, without the warning."""
+        from diffusers.utils import is_accelerate_available
+
+        if not is_accelerate_available():
+            kwargs.setdefault("low_cpu_mem_usage", False)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
     def from_ensemble(cls, experts: Sequence, router=None, routing: RoutingConfig | None = None,
                       sampler: str = SamplingConfig.sampler) -> DiffswarmPipeline:
-        """A pipeline holding copies of ``experts`` (``Expert``s in cluster order) and ``router`` (a ``Router``)."""
+        """A pipeline holding copies of ``experts`` (``Expert``s in cluster order) and ``router`` (a ``Router`` or a
+        ``StatsRouter``)."""
+        from diffswarm.router.model import Router
+
         if not 1 <= len(experts) <= MAX_EXPERTS:
             raise ValueError(f"a pipeline holds 1..{MAX_EXPERTS} experts, got {len(experts)}")
         rc = routing or RoutingConfig()
-        return cls(router=RouterModel.from_router(router) if router is not None else None, routing=rc.strategy,
+        if router is not None:
+            router = RouterModel.from_router(router) if isinstance(router, Router) else \
+                StatsRouterModel.from_stats_router(router)
+        return cls(router=router, routing=rc.strategy,
                    k=rc.k, threshold=rc.threshold, full_above=rc.full_above, sampler=sampler,
                    **{EXPERT_SLOTS[i]: ExpertModel.from_expert(e) for i, e in enumerate(experts)})
 
@@ -175,7 +191,7 @@ def _signature() -> inspect.Signature:
     (``expert_0`` required), then the config options."""
     kw = inspect.Parameter.KEYWORD_ONLY
     params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-              inspect.Parameter("router", kw, default=None, annotation=RouterModel | None),
+              inspect.Parameter("router", kw, default=None, annotation=RouterModel | StatsRouterModel | None),
               inspect.Parameter(EXPERT_SLOTS[0], kw, annotation=ExpertModel)]
     params += [inspect.Parameter(n, kw, default=None, annotation=ExpertModel | None) for n in EXPERT_SLOTS[1:]]
     own = inspect.signature(DiffswarmPipeline.__init__).parameters

@@ -42,7 +42,7 @@ def run_export(p: ExportPlan) -> int:
     from diffswarm.api import connect, export_pipeline
 
     if p.run:
-        out = export_pipeline(p.out, run=p.run, routing=p.routing)
+        out = export_pipeline(p.out, run=p.run, routing=p.routing, router_kind=p.router_kind)
     else:
         logger.info(f"joining swarm {p.swarm.config.swarm!r} via {p.swarm.initial_peers[0]}")
         with connect(p.swarm.config.swarm, p.swarm.initial_peers, config=p.swarm.config) as session:

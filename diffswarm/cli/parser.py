@@ -89,6 +89,7 @@ def _add_client_commands(sub) -> None:
     add_swarm_source_args(p)
     p.add_argument_group("swarm client").add_argument(
         "--router-sha256", default=None, help="only use an announced router with this sha256 (prefix)")
+    add_router_kind_arg(p)
     add_network_args(p, client=True)
     add_routing_args(p)  # the pipeline's default routing (``__call__`` can override it)
 
