@@ -10,6 +10,7 @@ peers on 127.0.0.1.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -20,7 +21,7 @@ import torch
 
 from diffswarm.api import DiffswarmPipeline, load_run
 from diffswarm.cli import main
-from diffswarm.experts.checkpoint import CheckpointError
+from diffswarm.experts.checkpoint import CheckpointError, read_meta
 from diffswarm.swarm.local import PeerSpec, start_local_swarm
 from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 from diffswarm.utils.signals import _children, _cmdline
@@ -52,7 +53,7 @@ def swarm(workdir):
 
 
 def p2pd_children() -> list[int]:
-    return [p for p in _children(__import__("os").getpid()) if any("p2pd" in a for a in _cmdline(p))]
+    return [p for p in _children(os.getpid()) if any("p2pd" in a for a in _cmdline(p))]
 
 
 def wait_no_p2pd() -> list[int]:
@@ -98,6 +99,9 @@ def test_export_from_the_swarm_is_the_run_directory_s_pipeline(workdir, swarm, t
     assert sorted(p.name for p in (tmp_path / "pipe").iterdir()) == ["expert_0", "expert_1", "model_index.json",
                                                                       "router"]
     experts = sorted(run.glob("experts/*/expert.safetensors"))
+    for k, e in enumerate(experts):  # the checkpoints the peers serve, fetched and verified by their hash
+        cfg = json.loads((tmp_path / "pipe" / f"expert_{k}" / "config.json").read_text())
+        assert cfg["weights_sha256"] == read_meta(e)["weights_sha256"]
     assert main(["generate", "--local", *map(str, experts), "--router", str(run / "router.safetensors"), "--n", "6",
                  "--class", "all", "--steps", "3", "--k", "1", "--seed", "5", "--sampler", "euler",
                  "--output", str(tmp_path / "g.png"), "--save-samples", str(tmp_path / "g.npz")]) == 0
@@ -109,6 +113,14 @@ def test_export_from_the_swarm_is_the_run_directory_s_pipeline(workdir, swarm, t
     got = pipe(class_labels=[0, 1, 2, 3, 0, 1], num_inference_steps=3, sampler="euler", output_type="pt",
                generator=torch.Generator().manual_seed(5)).images
     assert torch.allclose(got * 2 - 1, want, atol=1e-5), (got * 2 - 1 - want).abs().max()
+
+
+def test_connect_local_finds_the_swarm_by_its_run_directory(workdir, swarm, tmp_path):
+    from diffswarm.api import connect_local
+
+    with connect_local(workdir / "swarm", cache_dir=str(tmp_path / "cache")) as s:
+        assert s.is_swarm and s.coverage() == [1, 1] and s.image_shape == (1, 8, 8)
+    assert s.closed and not wait_no_p2pd()
 
 
 def test_a_damaged_pipeline_folder_is_refused(workdir, tmp_path):
@@ -158,4 +170,25 @@ def test_a_run_exports_with_the_statistics_router(workdir, tmp_path):
     with load_run(run) as s:
         trained = s.generate(classes=[0, 1, 2, 3], steps=3, seed=2).samples
     assert torch.allclose(got * 2 - 1, want, atol=1e-5), (got * 2 - 1 - want).abs().max()
-    assert not torch.allclose(want, trained, atol=1e-3)  # it is the statistics router that routed them
+    assert not torch.allclose(want, trained, atol=1e-3)
+    again = DiffswarmPipeline(**pipe.components)  # diffusers' way of re-wrapping components
+    assert len(again.experts) == 2 and again.config.routing == "top-k"  # it is the statistics router that routed them
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_pipeline_and_a_session_run_on_cuda(workdir, tmp_path):
+    """bf16 autocast inside each expert on CUDA: the images are the CPU's up to that precision."""
+    from diffswarm.api import export_pipeline
+
+    run = workdir / "runs" / "demo"
+    pipe = DiffswarmPipeline.from_pretrained(export_pipeline(tmp_path / "pipe", run=run))
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(class_labels=[0, 1, 2, 3], num_inference_steps=3, output_type="pt", routing="full")
+    want = pipe(generator=torch.Generator().manual_seed(3), **kw).images
+    got = pipe.to("cuda")(generator=torch.Generator().manual_seed(3), **kw).images
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    assert (got.cpu() - want).norm() / want.norm() < 0.1
+    with load_run(run, device="cuda") as s:
+        out = s.generate(classes=[0, 1], steps=3, seed=3, routing="full")
+    assert out.samples.device.type == "cpu" and torch.isfinite(out.samples).all() and len(out.routing) == 3
