@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from diffswarm.utils.log import format_duration
+
 MAX_TRACKED_CLIENTS = 10_000  # caller ids remembered per expert (~1 MiB); past it, served_clients stops growing
 START_T = 1.0 - 1e-6  # rows with t at or above this are an image's first sampler step
 
@@ -87,12 +89,3 @@ class Contribution:
         return (f"contribution: served {rows} rows ({images} images from their first step) in {requests} requests "
                 f"to {clients} client(s); online {format_duration(self.uptime(now))}")
 
-
-def format_duration(seconds: float) -> str:
-    """``1h02m``, ``3m05s``, ``42s``."""
-    s = int(max(0.0, seconds))
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"
