@@ -95,11 +95,9 @@ class _FakeProbe:
     async def list_peers(self):
         return [SimpleNamespace(peer_id=self.peer, addrs=[Multiaddr(self.used)])] if self.used else []
 
-    async def disconnect(self, peer):
-        self.used = None
-
     async def shutdown(self):
-        pass
+        self.used = None
+        self.shutdowns = getattr(self, "shutdowns", 0) + 1
 
 
 def _ask(db, caller, addrs, now):
@@ -124,6 +122,7 @@ def test_dial_back_answers_and_limits(ids):
     with pytest.raises(RequestError, match="own id"):
         _ask(db, other, [f"/ip4/10.0.0.2/tcp/1/p2p/{me}"], 0.4)
     assert len(probe.dialled) == 4 and all(len(d) <= MAX_DIALBACK_ADDRS for d in probe.dialled)
+    assert probe.shutdowns == 4  # a probe per check, stopped after it
     # the overall rate bounds what many ids together can make it dial: a burst of 8, then 0.5 per second
     many = DialBack(allow_loopback=True, probe_factory=factory)
     n = len(probe.dialled)

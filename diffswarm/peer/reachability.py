@@ -12,8 +12,9 @@ answer could dial it), with the asked peer dialling the given addresses itself o
   (``dialback_targets``: at most ``MAX_DIALBACK_ADDRS`` TCP multiaddrs, only of the caller's own peer id, no
   relay circuits, loopback only within a loopback swarm), limits it (one request per caller per
   ``CALLER_PERIOD`` seconds, ``GLOBAL_RATE`` per second in all, ``MAX_CONCURRENT`` at once: busy otherwise)
-  and dials them from a separate probe daemon (a ``P2P`` that listens nowhere, uses no relay and knows no
-  other peer), under ``DIAL_TIMEOUT``. libp2p's secure handshake checks the dialled peer's identity, so the
+  and dials them from a probe daemon started for that request and stopped after it (a ``P2P`` that listens
+  nowhere, uses no relay and knows no other peer, so nothing of an earlier dial is reused), under
+  ``DIAL_TIMEOUT``. libp2p's secure handshake checks the dialled peer's identity, so the
   answer is "the caller's own key answered there", and an address of another host only ever gets one
   connection attempt that fails. The answer is ``{"reachable": bool, "via": the address used or ""}``.
 """
@@ -148,15 +149,14 @@ def advice(addrs: list[str], verdict: Verdict, relay: bool) -> str:
 
 
 class DialBack:
-    """Answers dial-back requests (``rpc_dial_back``) with a probe daemon of its own, started on first use."""
+    """Answers dial-back requests (``rpc_dial_back``), each from a fresh probe daemon (at most ``MAX_CONCURRENT``)."""
 
     def __init__(self, allow_loopback: bool, probe_factory=None):
         self.allow_loopback = allow_loopback
         self.per_caller = RateLimiter(1 / CALLER_PERIOD, 2)
         self.overall = RateLimiter(GLOBAL_RATE, 8)
         self.running = 0
-        self._probe: P2P | None = None
-        self._probe_lock = asyncio.Lock()
+        self._probes: set[P2P] = set()  # running probe daemons (closed by ``close`` if the peer stops meanwhile)
         self._probe_factory = probe_factory or (lambda: P2P.create(
             host_maddrs=[], no_listen=True, use_relay=False, auto_nat=False, nat_port_map=False,
             dht_mode="client", conn_manager=False))
@@ -185,8 +185,9 @@ class DialBack:
         return dump_metadata({"reachable": via is not None, "via": via or ""})
 
     async def _dial(self, peer: PeerID, targets: list[str]) -> str | None:
-        """The address the probe reached ``peer`` at (a fresh connection, closed again), None if it could not."""
-        probe = await self.probe()
+        """The address a fresh probe reached ``peer`` at, None if it could not."""
+        probe = await self._probe_factory()
+        self._probes.add(probe)
         try:
             await asyncio.wait_for(probe._client.connect(peer, [Multiaddr(a) for a in targets]), DIAL_TIMEOUT)
             infos = await asyncio.wait_for(probe._client.list_peers(), DIAL_TIMEOUT)
@@ -196,20 +197,16 @@ class DialBack:
             logger.debug(f"dial-back to {peer.to_base58()[:12]} at {targets}: {e!r}")
             return None
         finally:
+            self._probes.discard(probe)
             try:
-                await asyncio.wait_for(probe._client.disconnect(peer), DIAL_TIMEOUT)
+                await probe.shutdown()
             except Exception as e:
-                logger.debug(f"dial-back disconnect: {e!r}")
-
-    async def probe(self) -> P2P:
-        async with self._probe_lock:
-            if self._probe is None:
-                self._probe = await self._probe_factory()
-            return self._probe
+                logger.debug(f"stopping a dial-back probe: {e!r}")
 
     async def close(self) -> None:
-        if self._probe is not None:
-            probe, self._probe = self._probe, None
+        """Stop the probes of checks still running (the peer is shutting down)."""
+        for probe in list(self._probes):
+            self._probes.discard(probe)
             await probe.shutdown()
 
 
