@@ -72,7 +72,8 @@ def test_verdict_from_answers():
     assert "3 of 3 peers" in text and "--announce-maddrs" in text and "--use-auto-relay" in text
     assert "Not going online" in text
     circuit = "/ip4/1.2.3.4/tcp/1/p2p/R/p2p-circuit/p2p/X"
-    assert direct_addrs([circuit, *addrs, "/ip4/1.2.3.4/udp/1/quic"]) == addrs
+    assert direct_addrs([circuit, *addrs, "/ip4/1.2.3.4/udp/1/quic"]) == addrs[:1]  # loopback: not for others
+    assert direct_addrs(addrs[1:]) == addrs[1:]  # a loopback-only peer (a local swarm) asks about loopback
 
 
 class _FakeProbe:

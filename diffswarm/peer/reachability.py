@@ -64,8 +64,13 @@ def is_loopback(addr: str) -> bool:
 
 
 def direct_addrs(addrs: list[str]) -> list[str]:
-    """The addresses worth a dial-back check: TCP, not through a relay circuit (at most ``MAX_DIALBACK_ADDRS``)."""
-    return [a for a in addrs if "/tcp/" in a and "/p2p-circuit" not in a][:MAX_DIALBACK_ADDRS]
+    """The addresses worth a dial-back check (at most ``MAX_DIALBACK_ADDRS``): TCP, not through a relay circuit,
+    and not loopback unless the peer has only loopback addresses (a local swarm): others reach a loopback
+    address on their own machine, and refuse to dial it."""
+    out = [a for a in addrs if "/tcp/" in a and "/p2p-circuit" not in a]
+    if any(not is_loopback(a) for a in out):
+        out = [a for a in out if not is_loopback(a)]
+    return out[:MAX_DIALBACK_ADDRS]
 
 
 def dialback_targets(addrs, caller: str, allow_loopback: bool) -> list[str]:
