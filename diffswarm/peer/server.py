@@ -273,7 +273,7 @@ class Peer:
         await self.announce()
         self.start_heartbeat()
         self.write_info()
-        self.log(f"online as {self.peer_id} at {' '.join(self.maddrs)}")
+        self.log(f"online as {self.peer_id} at {' '.join(self.announced_addrs)}")
 
     async def check_reachable(self) -> bool:
         """Ask DHT peers to dial this peer back (``reachability``); False when nobody can and it has no relay
