@@ -1,6 +1,7 @@
 """Contribution, visible: a peer counts what it served, announces it (bounded ExpertRecord v5 fields, claims), and
 `swarm status` / the dashboard show it per peer and per cluster."""
 
+import asyncio
 import time
 
 import pytest
@@ -115,6 +116,12 @@ def test_a_serving_peer_counts_and_announces_what_it_served(tmp_path):
         assert ExpertRecord.from_dict(rec.to_dict()) == rec
         line = peer.on_loop(lambda: peer.peer.contribution.summary(time.monotonic()))
         assert "served 8 rows" in line and "2 client(s)" in line
+        # the periodic log line comes with a heartbeat once contribution_log_period has passed
+        said = []
+        peer.on_loop(lambda: setattr(peer.peer, "log", said.append))
+        peer.peer.cfg.contribution_log_period = 1e-6
+        asyncio.run_coroutine_threadsafe(peer.peer.announce(), peer.loop).result(30)
+        assert any(s.startswith("contribution: served 8 rows") for s in said), said
     finally:
         for c in callers:
             c.close()

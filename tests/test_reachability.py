@@ -207,3 +207,37 @@ def test_peers_check_reachability_before_going_online(tmp_path, caplog):
     finally:
         for p in reversed(peers):
             p.stop()
+
+
+def test_an_unreachable_peer_announces_relay_addresses_or_stays_offline(monkeypatch):
+    """The lifecycle's decision (``Peer.check_reachable``) for each verdict, with the network stubbed out."""
+    from diffswarm.peer import server
+    from diffswarm.peer.config import PeerConfig
+    from diffswarm.peer.server import Peer
+
+    direct, circuit = "/ip4/10.0.0.2/tcp/1/p2p/X", "/ip4/1.2.3.4/tcp/1/p2p/R/p2p-circuit/p2p/X"
+
+    class FakeDHT:
+        def __init__(self, addrs):
+            self.addrs = addrs
+
+        async def visible_maddrs(self):
+            return list(self.addrs)
+
+    def outcome(verdict, addrs):
+        async def fake_check(dht, maddrs):
+            return verdict
+
+        monkeypatch.setattr(server, "check_reachability", fake_check)
+        peer = Peer(PeerConfig())
+        peer.dht, peer.log = FakeDHT(addrs), (lambda msg: None)
+        ok = asyncio.run(peer.check_reachable())
+        return ok, peer.relayed, peer.announced_addrs
+
+    no = Verdict("unreachable", (), 2, 2, 0)
+    assert outcome(no, [direct, circuit]) == (True, True, [circuit])  # relayed: announced as such
+    assert outcome(no, [direct]) == (False, None, [direct])  # nobody can dial it, no relay: not online
+    assert outcome(Verdict("direct", (direct,), 2, 2, 2), [direct, "/ip4/127.0.0.1/tcp/1/p2p/X"]) == (
+        True, False, [direct])
+    assert outcome(Verdict("alone", (), 0, 0, 0), [direct]) == (True, None, [direct])
+    assert outcome(Verdict("unknown", (), 2, 0, 0), [direct]) == (True, None, [direct])
