@@ -50,17 +50,16 @@ _TRANSPORTS = ("ip4", "ip6", "dns", "dns4", "dns6")
 
 
 def is_loopback(addr: str) -> bool:
-    """Whether multiaddr ``addr`` names a loopback host (127.0.0.0/8, ::1, localhost)."""
-    try:
-        m = Multiaddr(addr)
-        for proto, value in m.items():
-            if proto.name in ("ip4", "ip6"):
-                return ipaddress.ip_address(value).is_loopback
-            if proto.name.startswith("dns"):
-                return value == "localhost"
-    except Exception:
+    """Whether multiaddr ``addr`` names a loopback host (127.0.0.0/8, ::1, localhost) in its first component."""
+    parts = addr.split("/")
+    if len(parts) < 3 or parts[0]:
         return False
-    return False
+    if parts[1] in ("ip4", "ip6"):
+        try:
+            return ipaddress.ip_address(parts[2]).is_loopback
+        except ValueError:
+            return False
+    return parts[1].startswith("dns") and parts[2] == "localhost"
 
 
 def direct_addrs(addrs: list[str]) -> list[str]:
