@@ -28,9 +28,12 @@ class PeerContribution:
     uptime: float | None  # seconds online (None: an older peer that does not say)
     relayed: bool | None
 
-    def cells(self) -> tuple[str, ...]:
+    def cells(self, peer_chars: int = -8) -> tuple[str, ...]:
+        """The table row; the peer id shortened to its last 8 characters (``peer_chars`` < 0, the dashboard's
+        habit) or its first ``peer_chars`` (> 0, `swarm status`'s)."""
         reach = "relayed" if self.relayed else ("direct" if self.relayed is False else "-")
-        return (self.peer_id[-8:], ",".join(self.experts), self.state, reach, str(self.rows), str(self.images),
+        pid = self.peer_id[peer_chars:] if peer_chars < 0 else self.peer_id[:peer_chars]
+        return (pid, ",".join(self.experts), self.state, reach, str(self.rows), str(self.images),
                 str(self.clients), "-" if self.uptime is None else format_duration(self.uptime))
 
 
@@ -98,8 +101,8 @@ def contributor_lines(records: Sequence) -> list[str]:
     if not by_peer:
         return []
     lines = ["contributors (what each peer says it served; claims, not checked):"]
-    lines.append("  " + "  ".join(f"{c:>10s}" for c in PEER_COLUMNS))
-    lines += ["  " + "  ".join(f"{c:>10s}" for c in p.cells()) for p in by_peer]
+    lines.append("  " + "  ".join(f"{c:>12s}" for c in PEER_COLUMNS))
+    lines += ["  " + "  ".join(f"{c:>12s}" for c in p.cells(12)) for p in by_peer]
     lines.append("per cluster:")
     lines += [f"  cluster {'-' if c.cluster is None else c.cluster}: {c.online}/{c.peers} peer(s) online, "
               f"{c.rows} rows, {c.images} images served" for c in by_cluster]
