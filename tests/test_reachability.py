@@ -218,25 +218,30 @@ def test_an_unreachable_peer_announces_relay_addresses_or_stays_offline(monkeypa
     direct, circuit = "/ip4/10.0.0.2/tcp/1/p2p/X", "/ip4/1.2.3.4/tcp/1/p2p/R/p2p-circuit/p2p/X"
 
     class FakeDHT:
-        def __init__(self, addrs):
-            self.addrs = addrs
+        def __init__(self, addrs, later=()):
+            self.addrs, self.later = addrs, list(later)  # later: what autorelay adds after the first look
 
         async def visible_maddrs(self):
-            return list(self.addrs)
+            out, self.addrs = list(self.addrs), list(self.addrs) + self.later
+            return out
 
-    def outcome(verdict, addrs):
+    def outcome(verdict, addrs, later=(), auto_relay=False):
         async def fake_check(dht, maddrs):
             return verdict
 
         monkeypatch.setattr(server, "check_reachability", fake_check)
-        peer = Peer(PeerConfig())
-        peer.dht, peer.log = FakeDHT(addrs), (lambda msg: None)
+        monkeypatch.setattr(server, "RELAY_WAIT", 0.5)
+        peer = Peer(PeerConfig(net=NetworkConfig(use_auto_relay=auto_relay)))
+        peer.dht, peer.log = FakeDHT(addrs, later), (lambda msg: None)
         ok = asyncio.run(peer.check_reachable())
         return ok, peer.relayed, peer.announced_addrs
 
     no = Verdict("unreachable", (), 2, 2, 0)
     assert outcome(no, [direct, circuit]) == (True, True, [circuit])  # relayed: announced as such
     assert outcome(no, [direct]) == (False, None, [direct])  # nobody can dial it, no relay: not online
+    # --use-auto-relay: the relay address p2pd finds a moment later is waited for
+    assert outcome(no, [direct], later=[circuit], auto_relay=True) == (True, True, [circuit])
+    assert outcome(no, [direct], later=[circuit]) == (False, None, [direct])  # without it: not waited for
     assert outcome(Verdict("direct", (direct,), 2, 2, 2), [direct, "/ip4/127.0.0.1/tcp/1/p2p/X"]) == (
         True, False, [direct])
     assert outcome(Verdict("alone", (), 0, 0, 0), [direct]) == (True, None, [direct])

@@ -67,6 +67,7 @@ from diffswarm.protocol.wire import NAMESPACE, PROTOCOL_VERSION
 from diffswarm.utils.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
+RELAY_WAIT = 60.0  # seconds an unreachable peer with --use-auto-relay waits for a relay address before giving up
 
 
 class Peer:
@@ -292,13 +293,25 @@ class Peer:
             self.log(f"reachability: {verdict.yes} of {verdict.answered} peers asked dialled this peer back at "
                      + " ".join(verdict.reachable))
         else:
-            relays = [a for a in self.maddrs if "/p2p-circuit" in a]
+            relays = await self.relay_addrs()
             self.log(f"warning: reachability: {advice(direct, verdict, bool(relays))}")
             if not relays:
                 return False
             self.reachable_addrs, self.relayed = relays, True
             self.log("reachability: announcing relay addresses " + " ".join(relays))
         return True
+
+    async def relay_addrs(self) -> list[str]:
+        """This peer's relay circuit addresses; with ``--use-auto-relay``, waited for up to ``RELAY_WAIT`` seconds
+        (p2pd's autorelay reserves a slot at a relay in the background)."""
+        deadline = time.monotonic() + (RELAY_WAIT if self.cfg.net.use_auto_relay else 0.0)
+        while True:
+            relays = [a for a in self.maddrs if "/p2p-circuit" in a]
+            if relays or time.monotonic() >= deadline or self.stop_event.is_set():
+                return relays
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), 2.0)
+            self.maddrs = await self.dht.visible_maddrs()
 
     def write_info(self) -> None:
         if not self.cfg.info_file:
