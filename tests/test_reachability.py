@@ -211,7 +211,7 @@ def test_peers_check_reachability_before_going_online(tmp_path, caplog):
 
 def test_an_unreachable_peer_announces_relay_addresses_or_stays_offline(monkeypatch):
     """The lifecycle's decision (``Peer.check_reachable``) for each verdict, with the network stubbed out."""
-    from diffswarm.peer import server
+    from diffswarm.peer import reachability
     from diffswarm.peer.config import PeerConfig
     from diffswarm.peer.server import Peer
 
@@ -229,8 +229,8 @@ def test_an_unreachable_peer_announces_relay_addresses_or_stays_offline(monkeypa
         async def fake_check(dht, maddrs):
             return verdict
 
-        monkeypatch.setattr(server, "check_reachability", fake_check)
-        monkeypatch.setattr(server, "RELAY_WAIT", 0.5)
+        monkeypatch.setattr(reachability, "check_reachability", fake_check)
+        monkeypatch.setattr(reachability, "RELAY_WAIT", 0.5)
         peer = Peer(PeerConfig(net=NetworkConfig(use_auto_relay=auto_relay)))
         peer.dht, peer.log = FakeDHT(addrs, later), (lambda msg: None)
         ok = asyncio.run(peer.check_reachable())

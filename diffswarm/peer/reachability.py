@@ -22,6 +22,7 @@ answer could dial it), with the asked peer dialling the given addresses itself o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import random
@@ -43,6 +44,7 @@ DIAL_TIMEOUT = 5.0  # seconds the asked peer spends dialling one request's addre
 ASK_TIMEOUT = DIAL_TIMEOUT + 10.0  # seconds the asking peer waits for an answer (the probe may need to start)
 MAX_ASKED_PEERS = 5  # peers asked (Petals: 5)
 REACHABLE_SHARE = 0.5  # reachable when at least this share of the peers that answered could dial it (Petals: 0.5)
+RELAY_WAIT = 60.0  # seconds an unreachable peer with --use-auto-relay waits for a relay address before giving up
 CALLER_PERIOD = 30.0  # seconds between the dial-back requests of one caller (burst of 2)
 GLOBAL_RATE = 0.5  # dial-back requests per second, all callers together (burst of 8)
 MAX_CONCURRENT = 2  # dial-back requests in progress at once; busy above
@@ -250,3 +252,43 @@ async def check_reachability(dht, addrs: list[str], max_peers: int = MAX_ASKED_P
         return Verdict("unreachable", (), len(peers), 0, 0)
     answers = await asyncio.gather(*(ask_dial_back(dht.p2p, p, targets) for p in peers))
     return reachability_verdict(targets, list(answers))
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What a peer announces after its check (``settle_addresses``)."""
+
+    online: bool  # go online (False: nobody can dial it and it has no relay address)
+    announce: list[str] | None  # the addresses to announce (None: all of ``maddrs``, unchecked)
+    relayed: bool | None  # announced through relay circuits only (None: not checked)
+    maddrs: list[str]  # the peer's visible multiaddrs, as last read
+
+
+async def settle_addresses(dht, auto_relay: bool, stop: asyncio.Event, say) -> Settled:
+    """The lifecycle's decision before ``online`` (``Peer.check_reachable``): ask (``check_reachability``), then
+    announce what others reached; unreachable, announce relay circuit addresses (with ``auto_relay``, waited for
+    up to ``RELAY_WAIT`` s: p2pd's autorelay reserves a relay slot in the background) or say what to do and stay
+    offline. ``say``: the operator's log line."""
+    maddrs = await dht.visible_maddrs()
+    verdict = await check_reachability(dht, maddrs)
+    if verdict.kind == "alone":
+        say("reachability: no other peer to ask (the first peer of the swarm); going online at " + " ".join(maddrs))
+        return Settled(True, None, None, maddrs)
+    if verdict.kind == "unknown":
+        say(f"reachability: none of the {verdict.asked} peers asked answered; announcing {' '.join(maddrs)} unchecked")
+        return Settled(True, None, None, maddrs)
+    if verdict.kind == "direct":
+        say(f"reachability: {verdict.yes} of {verdict.answered} peers asked dialled this peer back at "
+            + " ".join(verdict.reachable))
+        return Settled(True, list(verdict.reachable), False, maddrs)
+    deadline = time.monotonic() + (RELAY_WAIT if auto_relay else 0.0)
+    while not (relays := [a for a in maddrs if "/p2p-circuit" in a]) and time.monotonic() < deadline \
+            and not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 2.0)
+        maddrs = await dht.visible_maddrs()
+    say(f"warning: reachability: {advice(direct_addrs(maddrs), verdict, bool(relays))}")
+    if not relays:
+        return Settled(False, None, None, maddrs)
+    say("reachability: announcing relay addresses " + " ".join(relays))
+    return Settled(True, relays, True, maddrs)

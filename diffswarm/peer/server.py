@@ -61,13 +61,12 @@ from diffswarm.peer.config import PeerConfig
 from diffswarm.peer.contribution import Contribution
 from diffswarm.peer.hosted import RouterBlob, ServedExpert
 from diffswarm.peer.joining import train_while_joining
-from diffswarm.peer.reachability import DialBack, advice, check_reachability, direct_addrs, is_loopback
+from diffswarm.peer.reachability import DialBack, is_loopback, settle_addresses
 from diffswarm.peer.servicer import ExpertServicer
 from diffswarm.protocol.wire import NAMESPACE, PROTOCOL_VERSION
 from diffswarm.utils.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
-RELAY_WAIT = 60.0  # seconds an unreachable peer with --use-auto-relay waits for a relay address before giving up
 
 
 class Peer:
@@ -277,41 +276,13 @@ class Peer:
         self.log(f"online as {self.peer_id} at {' '.join(self.announced_addrs)}")
 
     async def check_reachable(self) -> bool:
-        """Ask DHT peers to dial this peer back (``reachability``); False when nobody can and it has no relay
-        address to announce instead (it has said what to do)."""
-        self.maddrs = await self.dht.visible_maddrs()
-        verdict = await check_reachability(self.dht, self.maddrs)
-        direct = direct_addrs(self.maddrs)
-        if verdict.kind == "alone":
-            self.log("reachability: no other peer to ask (the first peer of the swarm); going online at "
-                     + " ".join(self.maddrs))
-        elif verdict.kind == "unknown":
-            self.log(f"reachability: none of the {verdict.asked} peers asked answered; announcing "
-                     + " ".join(self.maddrs) + " unchecked")
-        elif verdict.kind == "direct":
-            self.reachable_addrs, self.relayed = list(verdict.reachable), False
-            self.log(f"reachability: {verdict.yes} of {verdict.answered} peers asked dialled this peer back at "
-                     + " ".join(verdict.reachable))
-        else:
-            relays = await self.relay_addrs()
-            self.log(f"warning: reachability: {advice(direct, verdict, bool(relays))}")
-            if not relays:
-                return False
-            self.reachable_addrs, self.relayed = relays, True
-            self.log("reachability: announcing relay addresses " + " ".join(relays))
-        return True
-
-    async def relay_addrs(self) -> list[str]:
-        """This peer's relay circuit addresses; with ``--use-auto-relay``, waited for up to ``RELAY_WAIT`` seconds
-        (p2pd's autorelay reserves a slot at a relay in the background)."""
-        deadline = time.monotonic() + (RELAY_WAIT if self.cfg.net.use_auto_relay else 0.0)
-        while True:
-            relays = [a for a in self.maddrs if "/p2p-circuit" in a]
-            if relays or time.monotonic() >= deadline or self.stop_event.is_set():
-                return relays
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop_event.wait(), 2.0)
-            self.maddrs = await self.dht.visible_maddrs()
+        """Ask DHT peers to dial this peer back (``reachability.settle_addresses``); False when nobody can and it
+        has no relay address to announce instead (it has said what to do)."""
+        s = await settle_addresses(self.dht, self.cfg.net.use_auto_relay, self.stop_event, self.log)
+        self.maddrs = s.maddrs
+        if s.online and s.announce is not None:
+            self.reachable_addrs, self.relayed = s.announce, s.relayed
+        return s.online
 
     def write_info(self) -> None:
         if not self.cfg.info_file:
