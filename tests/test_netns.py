@@ -153,16 +153,29 @@ class Procs:
     def log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text(errors="replace")
 
-    def close(self) -> None:
+    def close(self, infos: dict) -> list[str]:
+        """SIGTERM to each process alone (a peer announces offline and stops its own p2pd), SIGKILL to the whole
+        group of any still running after 30 s, whose p2pd sockets (named in its info file, ``infos[name]``) are
+        then removed. Returns the names that had to be killed."""
         for pop in self.popens.values():
             if pop.poll() is None:
-                os.killpg(pop.pid, signal.SIGTERM)
-        for pop in self.popens.values():
+                pop.send_signal(signal.SIGTERM)
+        killed = []
+        for name, pop in self.popens.items():
             try:
-                pop.wait(20)
+                pop.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(pop.pid, signal.SIGKILL)
                 pop.wait(10)
+                killed.append(name)
+        for path in [infos[n] for n in killed if n in infos]:
+            try:
+                sockets = json.loads(Path(path).read_text()).get("sockets", [])
+            except (OSError, ValueError):
+                continue
+            for sock in sockets:
+                Path(sock).unlink(missing_ok=True)
+        return killed
 
 
 def wait_for(what: str, cond, timeout: float = HANG, procs: Procs | None = None):
@@ -249,8 +262,8 @@ def test_swarm_across_namespaces_with_a_nat_and_a_cut_link(tmp_path):
     swarm = owned_swarm_name("diffswarm", owner)
     net = Netns()
     procs = Procs(tmp_path)
+    info = {n: tmp_path / f"{n}.json" for n in ("boot", "vol1", "vol2")}
     try:
-        info = {n: tmp_path / f"{n}.json" for n in ("boot", "vol1", "vol2")}
         procs.start("boot", net.ns("boot"), [
             "-m", "diffswarm", "peer", "--swarm", swarm, "--owner-key", str(owner), "--router", str(router),
             "--checkpoint", str(experts[0]), "--host", "10.77.0.1", "--no-relay", "--no-nat", "--threads", "1",
@@ -291,6 +304,9 @@ def test_swarm_across_namespaces_with_a_nat_and_a_cut_link(tmp_path):
         assert vol1["peer_id"] in out["used"][:CUT_AT + 1], out  # vol1 served before the cut
         assert out["used"][-1] == boot["peer_id"], out  # the boot peer after it: failover
         assert any("retrying" in e or "failed" in e for e in out["events"]), out["events"]
+        assert procs.close(info) == [], "a peer did not stop on SIGTERM"
+        for path in info.values():  # each peer stopped its own daemon and removed its sockets
+            assert not [s for s in json.loads(path.read_text())["sockets"] if os.path.exists(s)]
     finally:
-        procs.close()
+        procs.close(info)
         net.close()
