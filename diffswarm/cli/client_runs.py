@@ -62,6 +62,7 @@ def run_dashboard(p: DashboardPlan) -> int:
 def run_swarm_status(p: SwarmStatusPlan) -> int:
     import asyncio
 
+    from diffswarm.client.contributors import contributor_lines
     from diffswarm.client.discovery import router_sources
     from diffswarm.dht.names import choose_manifest, parse_swarm_name
     from diffswarm.dht.node import SwarmDHT
@@ -93,7 +94,10 @@ def run_swarm_status(p: SwarmStatusPlan) -> int:
               f"dataset {m.dataset_id or '?'} (signed by the owner, issued {m.issued:.0f}; {n} peer(s) serve it)")
     for r in sorted(experts, key=lambda r: (r.cluster if r.cluster is not None else -1, r.peer_id)):
         print(f"{r.expert_id:10s} {r.state:8s} {r.peer_id[:12]} {r.throughput:8.0f} rows/s  load {r.load:.0f}"
-              + (f"  training {r.progress:.0%}" if r.state == "joining" else ""))
+              + (f"  training {r.progress:.0%}" if r.state == "joining" else "")
+              + ("  (relayed)" if r.relayed else ""))
+    for line in contributor_lines(experts):
+        print(line)
     for e in errs + merrs + perrs + notes:
         print(f"invalid record skipped: {e}")
     return 0

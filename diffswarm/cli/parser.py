@@ -132,6 +132,8 @@ def _add_peer_command(sub) -> None:
     g.add_argument("--announce-period", type=float, default=10.0,
                    help="seconds between DHT heartbeats (at most 300: readers call records stale after 600 s)")
     g.add_argument("--info-file", default=None, help="write peer id, multiaddrs and state here (JSON)")
+    g.add_argument("--no-reachability-check", action="store_true",
+                   help="go online without first asking up to 5 peers to dial this peer back at its addresses")
     g.add_argument("--rate-rows", type=float, default=None,
                    help="request rows per second one caller may send; more is answered busy (default 10000; 0 = off)")
     g.add_argument("--burst-rows", type=int, default=None,
