@@ -53,6 +53,9 @@ class SwarmView:
         self.by_cluster: list[list[Replica]] = [[] for _ in range(target.num_clusters)]
         self.joining: list[ExpertRecord] = []
         self.skipped: dict[str, str] = {}  # "peer/expert" -> reason
+        self.probation: dict[str, str] = {}  # "peer/expert" -> why its checkpoint is not admitted (yet)
+        # (checkpoint sha256, cluster) -> Verdict under the owner's admission rule; None: admission off (all used)
+        self.admission: dict | None = None
         self._seen: dict[tuple[str, str], tuple[float, float, ExpertRecord]] = {}  # online: seen, kept until, record
 
     def update(self, records: list[ExpertRecord], now: float | None = None,
@@ -87,7 +90,7 @@ class SwarmView:
                 del self._seen[key]
             elif key not in latest:
                 latest[key] = rec  # missed by this lookup: kept for the grace period
-        joining, skipped = [], {}
+        joining, skipped, probation = [], {}, {}
         for (peer, eid), rec in sorted(latest.items()):
             reason = skip_reason(rec, self.target)
             if reason is not None:
@@ -97,13 +100,22 @@ class SwarmView:
                 joining.append(rec)
             if rec.state != "online":
                 continue
+            verdict = None if self.admission is None else self.admission.get((rec.checkpoint_sha256, rec.cluster))
+            if self.admission is not None and (verdict is None or not verdict.admitted):
+                probation[f"{peer}/{eid}"] = verdict.reason if verdict else "on probation: no attestation yet"
+                continue
             by_cluster[rec.cluster].append(Replica(rec.peer_id, rec.expert_id, rec.checkpoint_sha256, rec.cluster,
                                                    rec.throughput, rec.load, tuple(rec.addrs)))
-        self.by_cluster, self.joining, self.skipped = by_cluster, joining, skipped
+        self.by_cluster, self.joining, self.skipped, self.probation = by_cluster, joining, skipped, probation
         new = {(r.peer_id, r.expert_id) for reps in by_cluster for r in reps}
         events = [f"{eid} online at {p[:12]}" for p, eid in sorted(new - old)]
         events += [f"{eid} at {p[:12]} left" for p, eid in sorted(old - new)]
         return events
+
+    def score(self, sha256: str, cluster: int) -> float:
+        """The admitted score of a checkpoint for ``cluster`` (lower is better; 0 with admission off)."""
+        v = None if self.admission is None else self.admission.get((sha256, cluster))
+        return v.score if v is not None and v.score is not None else 0.0
 
     def replicas(self, cluster: int) -> list[Replica]:
         return self.by_cluster[cluster]

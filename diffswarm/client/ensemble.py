@@ -87,6 +87,8 @@ class SwarmEnsemble(RoutedEnsemble):
         rc = router.cfg
         self.client = client
         self.swarm_record = swarm_record
+        if getattr(client, "discovery", None) is not None:  # its admission rule decides which checkpoints are used
+            client.discovery.manifest = swarm_record
         self.image_shape = (rc.channels, rc.size, rc.size)
         self.num_classes = rc.num_classes
         client.set_target(SwarmTarget(rc.num_clusters, rc.partition_hash or "", self.image_shape, rc.num_classes))

@@ -33,6 +33,8 @@ def peer_health(records: list[ExpertRecord], view: SwarmView | None, bans: Black
             out[p] = PeerHealth("banned", bans.until[p] - now, last_error.get(p, ""), lat)
         elif verified.get(p) == "ok":
             out[p] = PeerHealth("ok", latency=lat)
+        elif view is not None and f"{p}/{r.expert_id}" in view.probation:
+            out[p] = PeerHealth("probation", reason=view.probation[f"{p}/{r.expert_id}"], latency=lat)
         elif f"{p}/{r.expert_id}" in skipped:
             out[p] = PeerHealth("skipped", reason=skipped[f"{p}/{r.expert_id}"], latency=lat)
         elif r.state == "online":

@@ -21,7 +21,9 @@ from diffswarm.dht.names import (
     SwarmName,
     choose_manifest,
     is_full_name,
+    key_fingerprint,
     parse_swarm_name,
+    public_key_der,
     sign_manifest,
     swarm_name_of,
 )
@@ -228,6 +230,17 @@ def _router_fields(swarm: SwarmName, router: RouterBlob | None, served: dict[str
                 num_classes=rc.num_classes, router_sha256=router.sha256,
                 router_weights_sha256=router.weights_sha256, router_bytes=len(router.data),
                 protocol=PROTOCOL_VERSION, software=__version__, issued=float(get_dht_time()))
+
+
+def admission_rule(owner_key, more_validators, partition_hash: str) -> dict:
+    """The admission rule the owner signs (``admission.rule``): its own key and ``more_validators`` validate, the
+    triples' seed follows from its key's fingerprint and the partition."""
+    from diffswarm.admission.rule import AdmissionRule
+    from diffswarm.admission.score import seed_of
+
+    own = key_fingerprint(public_key_der(owner_key))
+    vals = tuple(dict.fromkeys([own, *(v.lower() for v in more_validators)]))
+    return AdmissionRule(vals, seed_of(f"{own}/{partition_hash}")).to_field()
 
 
 def provider_record_for(router: RouterBlob | None, peer_id: str, addrs: list[str]) -> RouterProvider | None:

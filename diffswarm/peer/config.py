@@ -31,4 +31,8 @@ class PeerConfig:
     announce_period: float = 10.0  # seconds between heartbeats
     expire_factor: float = 3.0  # records expire after this many periods without a heartbeat
     info_file: str | None = None  # write {peer_id, maddrs, pid, ...} here once online (swarm up, tests)
+    validate: str | None = None  # partition manifest: score the swarm's checkpoints on its test split and announce
+    #                              signed attestations (peer/validator.py); the owner also signs the admission rule
+    validators: tuple[str, ...] = ()  # owner: fingerprints of more validator keys its admission rule names
+    validator_key: str | None = None  # key file a validator signs with (None: the owner key, else the identity key)
     limits: PeerLimits = field(default_factory=PeerLimits)  # what callers can make the peer hold (peer/limits.py)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from diffswarm import __version__
+from diffswarm.admission.rule import ADMISSION_FIELD
 from diffswarm.dht.names import SwarmName
 from diffswarm.dht.node import SwarmDHT, open_identity
 from diffswarm.dht.records import STATS_HASHES_FIELD, ExpertRecord, RouterProvider, SwarmManifest
@@ -38,6 +39,7 @@ from diffswarm.dht.schema import MAX_ADDRS, MAX_RECORD_AGE
 from diffswarm.experts.expert import Expert
 from diffswarm.peer.announce import (
     ExpertStatus,
+    admission_rule,
     announce_records,
     follow_manifest,
     heartbeat,
@@ -86,6 +88,8 @@ class Peer:
         self._warned: set[tuple[str, float]] = set()  # (expert id, manifest issued) already warned about
         self._stats_notes: set[str] = set()  # statistics files the owner said it does not sign
         self._heartbeat: asyncio.Task | None = None
+        self._validator: asyncio.Task | None = None
+        self.validator = None  # peer.validator.Validator when cfg.validate
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -138,6 +142,8 @@ class Peer:
         (``announce.manifest_fields_for``); says once why a statistics file is not signed."""
         fields, notes = manifest_fields_for(self.swarm, self.router, self.served, self.training_cfg,
                                             self.cfg.sign_stats)
+        if self.cfg.validate and self.owner_key is not None:  # the owner validates: it signs the admission rule
+            fields[ADMISSION_FIELD] = admission_rule(self.owner_key, self.cfg.validators, fields["partition_hash"])
         for n in notes:
             if n not in self._stats_notes:
                 self._stats_notes.add(n)
@@ -164,7 +170,8 @@ class Peer:
         founds = self.router is not None or any(s.expert.config.cluster is not None for s in self.served.values())
         if self.owner_key is not None and founds:
             fields = self.manifest_fields()
-            if self.own_manifest is None or self.own_manifest.signed_stats != fields.get(
+            if self.own_manifest is None or self.own_manifest.partition_hash != fields["partition_hash"] or \
+                    self.own_manifest.signed_stats != fields.get(
                     STATS_HASHES_FIELD, [""] * fields["num_clusters"]):
                 self.own_manifest = sign_own_manifest(self.owner_key, fields, self.swarm, self.router)
         self.manifest = await follow_manifest(self.dht, self.swarm, self.manifest, self.own_manifest)
@@ -187,6 +194,21 @@ class Peer:
         if self._heartbeat is None:
             beat = heartbeat(self.announce, self.stop_event, self.cfg.announce_period)
             self._heartbeat = asyncio.get_running_loop().create_task(beat)
+
+    def start_validator(self) -> None:
+        """With ``cfg.validate``: score the swarm's checkpoints and announce attestations (``peer.validator``), signed
+        by ``cfg.validator_key``, else the owner key, else this peer's identity key."""
+        if not self.cfg.validate or self.swarm is None or self._validator is not None:
+            return
+        from diffswarm.dht.node import load_or_create_key
+        from diffswarm.peer.validator import Validator
+
+        key = (load_or_create_key(self.cfg.validator_key)[0] if self.cfg.validator_key
+               else self.owner_key or self.dht.private_key)
+        self.validator = Validator(self.dht, self.swarm, key, self.cfg.validate, period=self.cfg.announce_period,
+                                   expiration=min(self.cfg.announce_period * self.cfg.expire_factor, MAX_RECORD_AGE),
+                                   own_manifest=lambda: self.own_manifest, log=self.log)
+        self._validator = asyncio.get_running_loop().create_task(self.validator.run(self.stop_event))
 
     async def train(self) -> str | None:
         """Train the expert (announcing ``joining``); returns the checkpoint path, None if stopped."""
@@ -253,10 +275,11 @@ class Peer:
     async def shutdown(self) -> None:
         """Announce offline, stop serving, stop the daemon."""
         self.stop_event.set()
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+        for task in (self._heartbeat, self._validator):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.dht is None:
             return
         if self.served or self.training_cfg is not None:
@@ -283,6 +306,7 @@ class Peer:
                 loop.add_signal_handler(sig, self.stop)
         try:
             await self.start()
+            self.start_validator()
             if self.cfg.checkpoint is None and self.cfg.train is not None:
                 path = await self.train()
                 if path is None:
