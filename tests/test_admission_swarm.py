@@ -58,7 +58,7 @@ def setup(tmp_path_factory):
     torch.set_num_threads(1)
     ck = {"c0": _train(part_path, 0, d / "c0", 300), "c1": _train(part_path, 1, d / "c1", 300),
           "best": _train(part_path, 0, d / "best", 1200, seed=1),
-          "other": _train(part_path, 0, d / "other", 300, data_cluster=1),
+          "other": _train(part_path, 0, d / "other", 300, seed=3, data_cluster=1),
           "random": _train(part_path, 0, d / "random", 0), "few": _train(part_path, 0, d / "few", 5)}
     router = d / "router.safetensors"
     run_router_job(RouterJob(str(part_path), str(router), width=32, train=RouterTrainConfig(steps=60)),

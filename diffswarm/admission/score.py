@@ -14,7 +14,8 @@ Anyone holding the dataset recomputes it exactly (docs/security.md, "Admission")
 Next to it the report carries the loss of predicting v = 0 on the same triples (``baseline``: what a network
 that learnt nothing scores, the rule's ceiling is a fraction of it) and the loss split by class: on the
 validation images of the classes the expert's training data contains (the partition's class histogram of
-cluster k, ``in_classes``) and on test images (any cluster) of the classes it does not contain (``out_classes``).
+cluster k: classes with at least ``MIN_CLASS_SHARE`` of its images, ``in_classes``) and on test images (any
+cluster) of the classes it does not contain (``out_classes``).
 Deterministic on the CPU in float32 with one thread count; across machines and thread counts it agrees to
 ``TOLERANCE`` (relative), which is what a verifier allows (``agrees``).
 """
@@ -36,6 +37,7 @@ MAX_OUT_IMAGES = 128  # test images of classes outside the expert's data
 DRAWS = 2  # (t, noise) draws per image
 T_LO, T_HI = 0.02, 0.98  # flow times drawn in (T_LO, T_HI): the translator's t = 1 end is excluded
 BATCH = 64  # rows per forward pass (fixed: the sum's order does not depend on the machine)
+MIN_CLASS_SHARE = 0.05  # a class "is in" a cluster's data when it is at least this share of its training images
 TOLERANCE = 1e-3  # relative: two honest computations of one score agree to this (CPU, any thread count)
 
 
@@ -66,7 +68,7 @@ def validation_set(part: Partition, test: ImageDataset, k: int) -> ValidationSet
     if len(idx) == 0:
         raise ValueError(f"no test image is assigned to cluster {k}: it cannot be validated")
     hist = part.cluster_summary[k].get("class_hist") or []
-    in_classes = tuple(c for c, n in enumerate(hist) if n > 0)
+    in_classes = tuple(c for c, n in enumerate(hist) if n >= MIN_CLASS_SHARE * max(1, sum(hist)))
     if test.num_classes and in_classes:
         out_mask = ~np.isin(test.labels.numpy(), np.asarray(in_classes))
         out_idx = np.flatnonzero(out_mask)[:MAX_OUT_IMAGES]

@@ -65,13 +65,15 @@ def parse_attestations(entries: dict, now: float | None = None) -> tuple[list[At
 
 def verified_scores(records: list[AttestationRecord], manifest: SwarmManifest,
                     rule: AdmissionRule) -> tuple[list[Attested], list[str]]:
-    """The attestations among ``records`` that verify (``verify_attestation``), each signature checked once per
-    distinct record, and one line per refused one."""
+    """The attestations among ``records`` that verify (``verify_attestation``), each distinct signed content checked
+    once (copies re-announced by several peers count once; a forgery reusing a genuine signature is its own entry,
+    so it cannot shadow the genuine one), and one line per refused one."""
     out, notes, seen = [], [], set()
     for a in records:
-        if a.signature in seen:
+        key = (a.signed_bytes(), a.signature)
+        if key in seen:
             continue
-        seen.add(a.signature)
+        seen.add(key)
         try:
             out.append(verify_attestation(a, manifest, rule))
         except RecordError as e:
