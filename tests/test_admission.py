@@ -210,3 +210,39 @@ def test_the_client_view_uses_admitted_checkpoints_only_best_first(keys):
     assert src.pick(0, 1, 0.0, set()).peer_id == "good"  # a trajectory stays on its checkpoint
     assert verdicts(SwarmManifest.from_dict(sign_manifest(owner, manifest_fields()).to_dict()), atts, recs) == \
         (None, [])  # no rule in the manifest: admission off
+
+
+def test_a_client_holding_the_data_catches_a_lying_validator(keys, tmp_path):
+    """--verify-attestations: the honest validator's score is recomputed exactly; the one that signed a better score
+    for a bad checkpoint is reported and its attestations stop counting."""
+    import asyncio
+    from collections import deque
+
+    from diffswarm.admission.score import validation_set
+    from diffswarm.client.attestation_check import AttestationCheck
+    from diffswarm.data import DatasetSpec, load_dataset
+    from diffswarm.training.jobs import write_partition
+
+    honest, liar = keys
+    fps = [key_fingerprint(public_key_der(k)) for k in keys]
+    part = write_partition(load_dataset("digits", "train"), DatasetSpec("digits"), 2, 0, tmp_path / "p.json")
+    cfg = expert_config(ClusterData((1, 8, 8), 10, 2, part.partition_hash, "digits:8"), "fm", 0, net="mlp",
+                        width=32, depth=1)
+    torch.manual_seed(0)
+    e = Expert(cfg).eval()
+    e.weights_sha256 = SHA[0]
+    r = AdmissionRule(tuple(fps), seed=11)
+    m = SwarmManifest.from_dict(sign_manifest(honest, {**manifest_fields(**{ADMISSION_FIELD: r.to_field()}),
+                                                       "partition_hash": part.partition_hash}).to_dict())
+    true = score_expert(e, validation_set(part, load_dataset("digits", "test"), 0), 11)
+    common = dict(partition_hash=part.partition_hash, seed=11, baseline=true.baseline)
+    atts = [sign_attestation(honest, attestation_fields(score=true.score, **common)),
+            sign_attestation(liar, attestation_fields(score=0.5 * true.score, **common))]
+    check = AttestationCheck(str(tmp_path / "p.json"), lambda sha, recs: e if sha == SHA[0] else None)
+    liars, events = {}, deque()
+    asyncio.run(check.check(atts, m, liars, events))
+    assert list(liars) == [fps[1]] and "lied" in events[0]
+    assert check.checked[(SHA[0], 0, fps[0])] == pytest.approx(true.score, rel=TOLERANCE)
+    scores, _ = verified_scores(atts, m, r)
+    v = decide(r, scores, {SHA[0]: 0}, ignored=liars)[SHA[0]]
+    assert v.score == pytest.approx(true.score)  # only the honest validator's score counts

@@ -18,6 +18,7 @@ from diffswarm.cli.options import (
     add_sampling_args,
     add_swarm_source_args,
     add_train_args,
+    add_verify_attestations_arg,
 )
 
 
@@ -75,6 +76,7 @@ def _add_client_commands(sub) -> None:
     g = p.add_argument_group("swarm client")
     g.add_argument("--router-sha256", default=None, help="only use an announced router with this sha256 (prefix)")
     add_router_kind_arg(p)
+    add_verify_attestations_arg(p)
     g.add_argument("--timeout", type=float, default=None, help="deadline of one expert call, seconds (default 10)")
     g.add_argument("--compression", choices=["none", "float16"], default=None,
                    help="tensor encoding on the wire (default none)")
@@ -88,6 +90,7 @@ def _add_client_commands(sub) -> None:
     p.add_argument("--timeout", type=float, default=10.0, help="deadline of one expert call, seconds")
     p.add_argument("--device", default="cpu")
     add_router_kind_arg(p)
+    add_verify_attestations_arg(p)
     add_network_args(p, client=True)
 
 

@@ -80,12 +80,8 @@ def _fingerprint(v: str) -> str:
 
 def plan_validate(args, given) -> PeerPlan:
     """`validate`: a peer that serves nothing and runs the validator (``peer.validator``)."""
-    from pathlib import Path
-
     from diffswarm.peer.config import PeerConfig
 
-    if not Path(args.partition).is_file():
-        raise ValueError(f"--partition {args.partition} does not exist")
     if not 0 < args.announce_period <= MAX_ANNOUNCE_PERIOD:
         raise ValueError(f"--announce-period must be in (0, {MAX_ANNOUNCE_PERIOD:g}] seconds")
     return PeerPlan(PeerConfig(net=_server_network(args, given), swarm=full_swarm_name(args.swarm),

@@ -38,5 +38,5 @@ def verdicts(manifest: SwarmManifest | None, attestations: list[AttestationRecor
 def describe(v: Verdict | None) -> str:
     """``admitted (score 0.123)`` or ``probation: why`` (``swarm status``, the dashboard)."""
     if v is None:
-        return "admitted (admission off)"
+        return "probation: no attestation yet"
     return f"admitted (score {v.score:.4g})" if v.admitted else f"probation: {v.reason.removeprefix('on probation: ')}"

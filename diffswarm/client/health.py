@@ -14,8 +14,9 @@ class PeerHealth:
     """This client's verdict on one peer (a copy for observers such as the dashboard)."""
 
     verdict: str  # ok (probe matched its record) | banned | skipped (serves another partition/protocol) | unverified
+    #               | probation (its checkpoint is not admitted under the owner's admission rule; reason says why)
     banned_for: float = 0.0  # seconds of ban left (verdict banned)
-    reason: str = ""  # last failure (banned) or why its record is not used (skipped)
+    reason: str = ""  # last failure (banned) or why its record is not used (skipped, probation)
     latency: float | None = None  # EMA of round trips, seconds
 
 

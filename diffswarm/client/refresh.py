@@ -78,6 +78,7 @@ class PeerDiscovery:
         for e in errors:
             logger.debug(f"skipped an invalid attestation: {e}")
         if self.checker is not None:
+            self.checker.records = recs
             await self.checker.check(self.attestations, self.manifest, self.liars, self.events)
         verdicts, notes = admission_verdicts(self.manifest, self.attestations, recs, self.liars)
         for n in notes:

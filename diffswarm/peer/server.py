@@ -103,6 +103,10 @@ class Peer:
             torch.set_num_threads(self.cfg.threads)
         if self.cfg.router:  # a bad router file fails before the daemon starts
             self.router = RouterBlob(self.cfg.router)
+        if self.cfg.validate:  # so does a partition a validator cannot read
+            from diffswarm.data.partition import Partition
+
+            Partition.load(self.cfg.validate)
         ident = open_identity(self.cfg.net.identity_path)
         try:
             self.swarm, self.owner_key, key_what = resolve_swarm(self.cfg.swarm, self.cfg.owner_key, ident,
