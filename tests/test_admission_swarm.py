@@ -84,6 +84,17 @@ def _wait_verdicts(model, peers: dict[str, str], timeout: float = 90.0) -> dict[
         time.sleep(1.0)
 
 
+def _log_line(sw, name: str, prefix: str, timeout: float = 30.0) -> str:
+    """The last line of peer ``name``'s log that starts with ``prefix`` (waiting for one)."""
+    deadline = time.monotonic() + timeout
+    log = next(p.log for p in sw.procs if p.name == name)
+    while True:
+        lines = [ln for ln in open(log).read().splitlines() if ln.startswith(prefix)]
+        if lines or time.monotonic() > deadline:
+            return lines[-1] if lines else ""
+        time.sleep(0.5)
+
+
 def test_bad_checkpoints_stay_on_probation_and_the_best_wins(setup):
     d, part_path, ck, router = setup
     specs = [PeerSpec("c0", str(ck["c0"])), PeerSpec("c1", str(ck["c1"]))]
@@ -118,5 +129,9 @@ def test_bad_checkpoints_stay_on_probation_and_the_best_wins(setup):
         want = generate(load_local_ensemble([ck["best"], ck["c1"]], router, ROUTING, seed=5), LABELS, SHAPE,
                         SAMPLING)
         torch.testing.assert_close(x, want, atol=1e-4, rtol=1e-4)
+        # each peer's own log says when it was admitted and with what score, or why not
+        logs = {n: _log_line(sw, n, "c0-fm: ") for n in ("best", "few", "other")}
+        assert "admitted for cluster 0 with score" in logs["best"], logs
+        assert "on probation: score" in logs["few"] and "vs best" in logs["other"], logs
     finally:
         sw.stop(timeout=15)

@@ -243,6 +243,35 @@ def admission_rule(owner_key, more_validators, partition_hash: str) -> dict:
     return AdmissionRule(vals, seed_of(f"{own}/{partition_hash}")).to_field()
 
 
+async def admission_verdicts(dht: SwarmDHT, manifest: SwarmManifest | None, served) -> dict[str, str]:
+    """Per served expert id, what the owner's admission rule makes of its checkpoint now (``admitted with score
+    ...`` or ``on probation: ...``); empty when the manifest has no rule or the lookup fails."""
+    from diffswarm.admission.rule import decide
+    from diffswarm.dht.attestations import verified_scores
+
+    rule = manifest.admission if manifest is not None else None
+    if rule is None or not served:
+        return {}
+    try:
+        atts, _ = await dht.get_attestations()
+        recs, _ = await dht.get_experts()
+    except Exception as e:  # the DHT briefly unreachable: say nothing this time
+        logger.debug(f"admission lookup failed: {e!r}")
+        return {}
+    scores, _ = verified_scores(atts, manifest, rule)
+    out = {}
+    for s in served:
+        k, sha = s.expert.config.cluster, s.expert.weights_sha256
+        if k is None:
+            continue
+        announced = {r.checkpoint_sha256: k for r in recs if r.state == "online" and r.cluster == k}
+        announced[sha] = k
+        v = decide(rule, [a for a in scores if a.cluster == k], announced)[sha]
+        why = v.reason if v.reason.startswith("on probation") else f"on probation: {v.reason}"
+        out[s.expert.expert_id] = f"admitted for cluster {k} with score {v.score:.4g}" if v.admitted else why
+    return out
+
+
 def provider_record_for(router: RouterBlob | None, peer_id: str, addrs: list[str]) -> RouterProvider | None:
     """The entry saying that this peer serves ``router``'s bytes (None: it serves no router)."""
     if router is None:

@@ -40,6 +40,7 @@ from diffswarm.experts.expert import Expert
 from diffswarm.peer.announce import (
     ExpertStatus,
     admission_rule,
+    admission_verdicts,
     announce_records,
     follow_manifest,
     heartbeat,
@@ -90,6 +91,7 @@ class Peer:
         self._heartbeat: asyncio.Task | None = None
         self._validator: asyncio.Task | None = None
         self.validator = None  # peer.validator.Validator when cfg.validate
+        self.admission: dict[str, str] = {}  # expert id -> its verdict under the owner's admission rule (last said)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -193,6 +195,11 @@ class Peer:
             manifest = await self.current_manifest()
             provider = self.provider_record()
         await announce_records(self.dht, expiration, experts, stats, manifest, provider)
+        if manifest is not None and manifest.admission is not None and self.state == "online":
+            for eid, verdict in (await admission_verdicts(self.dht, manifest, self.served.values())).items():
+                if self.admission.get(eid) != verdict:  # say when it was admitted and with what score, or why not
+                    self.admission[eid] = verdict
+                    self.log(f"{eid}: {verdict}")
 
     def start_heartbeat(self) -> None:
         if self._heartbeat is None:
