@@ -16,6 +16,7 @@ then signs one attestation with a fresh RSA-2048 key and prints its msgpack size
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -53,7 +54,10 @@ def main() -> None:
     t0 = time.perf_counter()
     vs = validation_set(part, test, 0)
     t_vset = time.perf_counter() - t0
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.backends.cpu.get_cpu_capability()}, "
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+               platform.machine())
+    print(f"machine: {cpu} ({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}), "
+          f"{torch.backends.cpu.get_cpu_capability()}, "
           f"torch threads {args.threads}; command: {' '.join([sys.executable.split('/')[-1], *sys.argv])}")
     print(f"dataset {ds.dataset_id}, K={args.k}: partition {t_part:.1f} s (not part of validation); cluster 0's "
           f"validation set {len(vs.images)} images + {len(vs.out_images)} of other classes, built in {t_vset:.2f} s")
