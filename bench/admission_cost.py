@@ -82,7 +82,8 @@ def main() -> None:
               f"{len(vs.out_images) * 2} triples), {rep.describe()}")
     key = RSAPrivateKey()
     att = sign_attestation(key, dict(
-        version=RECORD_VERSION, swarm="diffswarm", checkpoint_sha256="0" * 64, cluster=0, num_clusters=args.k,
+        version=RECORD_VERSION, subject="checkpoint", swarm="diffswarm", checkpoint_sha256="0" * 64, cluster=0,
+        num_clusters=args.k,
         partition_hash=part.partition_hash, score=rep.score, baseline=rep.baseline, in_classes=rep.in_classes,
         out_classes=rep.out_classes, triples=rep.triples, seed=1, issued=1.0, peer_id="Qm" + "x" * 44, updated=1.0))
     print(f"attestation record: {len(msgpack.packb(att.to_dict(), use_bin_type=True))} bytes (msgpack, RSA-2048 key)")

@@ -119,9 +119,9 @@ def manifest_fields(**kw) -> dict:
 
 
 def attestation_fields(**kw) -> dict:
-    d = dict(version=RECORD_VERSION, swarm="s", checkpoint_sha256=SHA[0], cluster=0, num_clusters=2,
-             partition_hash="ph", score=0.3, baseline=1.0, in_classes=0.3, out_classes=None, triples=80, seed=5,
-             issued=1.0, peer_id="QmPeer", updated=2.0)
+    d = dict(version=RECORD_VERSION, subject="checkpoint", swarm="s", checkpoint_sha256=SHA[0], cluster=0,
+             num_clusters=2, partition_hash="ph", score=0.3, baseline=1.0, in_classes=0.3, out_classes=None,
+             triples=80, seed=5, issued=1.0, peer_id="QmPeer", updated=2.0)
     d.update(kw)
     return d
 
@@ -246,3 +246,53 @@ def test_a_client_holding_the_data_catches_a_lying_validator(keys, tmp_path):
     scores, _ = verified_scores(atts, m, r)
     v = decide(r, scores, {SHA[0]: 0}, ignored=liars)[SHA[0]]
     assert v.score == pytest.approx(true.score)  # only the honest validator's score counts
+
+
+def test_statistics_recomputed_from_the_data_are_attested_and_used(keys, tmp_path):
+    """Item 5: a validator vouches for the cluster statistics a peer announces when they match its own recomputation
+    from the partition's train split; the statistics router then takes them like owner-signed ones, and nothing
+    else for that cluster."""
+    import hashlib
+
+    from diffswarm.admission.stats_check import recompute_stats, stats_disagree
+    from diffswarm.client.discovery import NOT_SIGNED, choose_stats
+    from diffswarm.data import DatasetSpec, load_dataset
+    from diffswarm.dht.attestations import attested_stats
+    from diffswarm.dht.records import ClusterStatsRecord
+    from diffswarm.router.stats.blob import ClusterStats
+    from diffswarm.router.stats.publish import read_cluster_stats, write_cluster_stats
+    from diffswarm.training.jobs import TrainJob, write_partition
+
+    owner, stranger = keys
+    train = load_dataset("digits", "train")
+    part = write_partition(train, DatasetSpec("digits"), 2, 0, tmp_path / "p.json")
+    cfg, images, labels = TrainJob(str(tmp_path / "p.json"), 0, str(tmp_path / "o"), net="mlp").expert(part, train)
+    blob, announced = read_cluster_stats(write_cluster_stats(cfg, images, labels, tmp_path / "s.bin"))
+    mine = recompute_stats(part, train, 0, announced)
+    assert stats_disagree(announced, mine) is None
+    forged = ClusterStats.from_bytes(blob)
+    forged.mean = forged.mean + 0.05
+    assert "mean differs" in stats_disagree(forged, mine)
+    forged = ClusterStats.from_bytes(blob)
+    forged.count *= 10
+    assert "count" in stats_disagree(forged, mine)
+
+    fp = key_fingerprint(public_key_der(owner))
+    m = SwarmManifest.from_dict(sign_manifest(owner, {**manifest_fields(**{ADMISSION_FIELD: rule(fp).to_field()}),
+                                                      "partition_hash": part.partition_hash}).to_dict())
+    sha = hashlib.sha256(blob).hexdigest()
+    common = dict(subject="stats", checkpoint_sha256=sha, partition_hash=part.partition_hash, score=0.0, baseline=0.0,
+                  in_classes=None, triples=announced.count)
+    atts = [sign_attestation(owner, attestation_fields(**common)),
+            sign_attestation(stranger, attestation_fields(**{**common, "checkpoint_sha256": "e" * 64}))]
+    assert attested_stats(atts, m) == [{sha}, set()]  # the stranger is no validator of the rule
+    assert verified_scores(atts, m, m.admission) == ([], [])  # a statistics attestation admits no checkpoint
+
+    other = forged.to_bytes()
+    recs = [ClusterStatsRecord(version=RECORD_VERSION, cluster=0, num_clusters=2, partition_hash=part.partition_hash,
+                               stats_sha256=hashlib.sha256(b).hexdigest(), blob=b, software="t", peer_id=p, updated=1.0)
+            for p, b in (("honest", blob), ("sybil", other))]
+    cands, notes = choose_stats(recs, m, allow_unsigned=False, attested=attested_stats(atts, m))
+    assert [r.peer_id for r in cands[0]] == ["honest"] and any(NOT_SIGNED in n for n in notes)
+    cands, notes = choose_stats(recs, m, allow_unsigned=False)  # without the attestation: nothing for cluster 0
+    assert cands[0] == []

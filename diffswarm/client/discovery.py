@@ -158,36 +158,39 @@ def router_mismatch(manifest: SwarmManifest, router_cfg, weights_sha256: str) ->
     return None
 
 
-NOT_SIGNED = "not the statistics the owner signed"  # choose_stats' note on a record the owner's manifest refutes
+# choose_stats' note on a record the owner's manifest (or its validators) refute
+NOT_SIGNED = "not the statistics the owner signed (or its validators attested)"
 
 
 def choose_stats(records: list[ClusterStatsRecord], manifest: SwarmManifest,
-                 serving: set[tuple[str, int]] | None = None, *,
-                 allow_unsigned: bool) -> tuple[list[list[ClusterStatsRecord]], list[str]]:
+                 serving: set[tuple[str, int]] | None = None, *, allow_unsigned: bool,
+                 attested: list[set[str]] | None = None) -> tuple[list[list[ClusterStatsRecord]], list[str]]:
     """Candidate statistics per cluster of ``manifest`` (best first), and why records were passed over.
 
     A record counts only if it is for a cluster 0..K-1 of the manifest's partition. Where the owner signed the
-    cluster's hash (``SwarmManifest.signed_stats``), only that blob is accepted, from any announcer (its hash is
-    what is trusted, as for router bytes). Elsewhere, only with ``allow_unsigned`` (the client passes its
-    ``ClientConfig.allow_unsigned_stats``): records of peers serving an expert of that cluster (``serving``: the
-    (peer id, cluster) pairs of online expert records), ranked by how many distinct peers announce the same blob
-    (ties: by sha256), so one peer cannot outvote a cluster's replicas, but a crowd of Sybils serving the
-    cluster's checkpoint can. Each candidate list holds one record per distinct blob."""
+    cluster's hash (``SwarmManifest.signed_stats``), or its admission rule's validators attested blobs (``attested``:
+    per cluster, the sha256 they recomputed from the data, ``dht.attestations.attested_stats``), only those blobs are
+    accepted, from any announcer (their hash is what is trusted, as for router bytes). Elsewhere, only with
+    ``allow_unsigned`` (the client passes its ``ClientConfig.allow_unsigned_stats``): records of peers serving an
+    expert of that cluster (``serving``: the (peer id, cluster) pairs of online expert records), ranked by how many
+    distinct peers announce the same blob (ties: by sha256), so one peer cannot outvote a cluster's replicas, but a
+    crowd of Sybils serving the cluster's checkpoint can. Each candidate list holds one record per distinct blob."""
     k = manifest.num_clusters
     signed = manifest.signed_stats
     notes: list[str] = []
     by_sha: list[dict[str, dict[str, ClusterStatsRecord]]] = [{} for _ in range(k)]
+    vouched = [({signed[c]} if signed[c] else set()) | (attested[c] if attested else set()) for c in range(k)]
     for r in records:
         who = f"stats of {r.peer_id[:12]} for cluster {r.cluster}"
         if r.num_clusters != k or not 0 <= r.cluster < k:
             notes.append(f"{who}: K={r.num_clusters}, the manifest's is {k}")
         elif r.partition_hash != manifest.partition_hash:
             notes.append(f"{who}: partition {r.partition_hash[:12]}, not the manifest's")
-        elif signed[r.cluster] and r.stats_sha256 != signed[r.cluster]:
+        elif vouched[r.cluster] and r.stats_sha256 not in vouched[r.cluster]:
             notes.append(f"{who}: {NOT_SIGNED}")
-        elif not signed[r.cluster] and not allow_unsigned:
+        elif not vouched[r.cluster] and not allow_unsigned:
             notes.append(f"{who}: the owner signed no statistics for that cluster (unsigned ones not allowed)")
-        elif not signed[r.cluster] and serving is not None and (r.peer_id, r.cluster) not in serving:
+        elif not vouched[r.cluster] and serving is not None and (r.peer_id, r.cluster) not in serving:
             notes.append(f"{who}: the peer serves no online expert of that cluster")
         else:
             by_sha[r.cluster].setdefault(r.stats_sha256, {})[r.peer_id] = r

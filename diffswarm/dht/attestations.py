@@ -63,13 +63,15 @@ def parse_attestations(entries: dict, now: float | None = None) -> tuple[list[At
     return out, errors
 
 
-def verified_scores(records: list[AttestationRecord], manifest: SwarmManifest,
-                    rule: AdmissionRule) -> tuple[list[Attested], list[str]]:
+def verified_scores(records: list[AttestationRecord], manifest: SwarmManifest, rule: AdmissionRule,
+                    subject: str = "checkpoint") -> tuple[list[Attested], list[str]]:
     """The attestations among ``records`` that verify (``verify_attestation``), each distinct signed content checked
     once (copies re-announced by several peers count once; a forgery reusing a genuine signature is its own entry,
     so it cannot shadow the genuine one), and one line per refused one."""
     out, notes, seen = [], [], set()
     for a in records:
+        if a.subject != subject:
+            continue
         key = (a.signed_bytes(), a.signature)
         if key in seen:
             continue
@@ -79,3 +81,20 @@ def verified_scores(records: list[AttestationRecord], manifest: SwarmManifest,
         except RecordError as e:
             notes.append(str(e))
     return out, notes
+
+
+def attested_stats(records: list[AttestationRecord], manifest: SwarmManifest) -> list[set[str]]:
+    """Per cluster of ``manifest``, the sha256 of the statistics blobs at least ``quorum`` of its rule's validators
+    attested (``subject = "stats"``: they recomputed them from the data); all empty without a rule."""
+    rule = manifest.admission
+    out: list[set[str]] = [set() for _ in range(manifest.num_clusters)]
+    if rule is None:
+        return out
+    scores, _ = verified_scores(records, manifest, rule, subject="stats")
+    by: dict[tuple[str, int], set[str]] = {}
+    for a in scores:
+        by.setdefault((a.checkpoint_sha256, a.cluster), set()).add(a.validator)
+    for (sha, k), validators in by.items():
+        if len(validators) >= rule.quorum and 0 <= k < manifest.num_clusters:
+            out[k].add(sha)
+    return out

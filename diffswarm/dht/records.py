@@ -69,6 +69,7 @@ RECORD_VERSION = 5  # 2: optional ExpertRecord.train_steps / final_loss; 3: sign
 #                    5: SwarmManifest.admission (the admission rule, in ``extra``) + AttestationRecord (admit18)
 STATS_HASHES_FIELD = "cluster_stats_sha256"  # manifest field: the owner-signed sha256 of each cluster's statistics
 STATES = ("joining", "online", "offline")
+ATTESTATION_SUBJECTS = ("checkpoint", "stats")  # what an AttestationRecord vouches for
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -362,16 +363,17 @@ class AttestationRecord:
     (the signature inside, by a key the owner's manifest names, is what counts; ``admission.rule.decide``)."""
 
     version: Int
+    subject: Text  # "checkpoint": an expert's score; "stats": a cluster-statistics blob that matches the data
     swarm: Id  # NAME of the swarm (a signature for one swarm means nothing in another)
-    checkpoint_sha256: Text  # the expert's weights sha256
+    checkpoint_sha256: Text  # the expert's weights sha256 (subject "stats": the statistics blob's sha256)
     cluster: Int  # the cluster it was scored for (the one its record announces)
     num_clusters: Int
     partition_hash: Text
-    score: Float  # mean flow-matching loss on the cluster's validation triples
-    baseline: Float  # loss of predicting v = 0 on the same triples
+    score: Float  # mean flow-matching loss on the cluster's validation triples (stats: the largest relative deviation)
+    baseline: Float  # loss of predicting v = 0 on the same triples (stats: 0)
     in_classes: OptFloat  # loss on the validation images of classes its data contains (None: n/a)
     out_classes: OptFloat  # loss on test images of classes its data does not contain (None: n/a)
-    triples: Int
+    triples: Int  # triples scored (stats: images the statistics were recomputed from)
     seed: Int  # the admission seed the triples were drawn with
     issued: Float  # DHT time the score was computed
     validator_key: OwnerKey  # the validator's RSA public key, DER
@@ -381,7 +383,7 @@ class AttestationRecord:
 
     @property
     def subkey_suffix(self) -> bytes:
-        return f"/{self.checkpoint_sha256[:16]}/{self.cluster}/{self.validator_key_fp}".encode()
+        return f"/{self.subject[:1]}{self.checkpoint_sha256[:16]}/{self.cluster}/{self.validator_key_fp}".encode()
 
     @property
     def validator_key_fp(self) -> str:
@@ -414,7 +416,9 @@ class AttestationRecord:
         floats = [r.score, r.baseline] + [v for v in (r.in_classes, r.out_classes) if v is not None]
         if not all(math.isfinite(v) and v >= 0 for v in floats):
             raise RecordError(f"{what}: scores must be finite and >= 0")
-        if not (0 < r.triples <= 10**6 and 0 <= r.seed < 2**63):
+        if r.subject not in ATTESTATION_SUBJECTS:
+            raise RecordError(f"{what}: subject {r.subject!r} not in {ATTESTATION_SUBJECTS}")
+        if not (0 < r.triples <= 10**9 and 0 <= r.seed < 2**63):
             raise RecordError(f"{what}: triples {r.triples} or seed out of range")
         if not r.validator_key or not r.signature:
             raise RecordError(f"{what}: no validator key or signature")

@@ -11,7 +11,10 @@ or alone by ``diffswarm validate`` (signing with ``--validator-key``, which the 
    (``rpc_checkpoint``, at most ``MAX_CHECKPOINT_BYTES``, under a deadline), loads it (the weights must hash to
    the announced sha256), scores it on the cluster's validation set (``admission.score``, in a worker thread) and
    signs the attestation; at most ``PER_ROUND`` checkpoints per round, oldest records first;
-3. re-announces every attestation it holds (they expire like other records when the validator goes away).
+3. checks the cluster statistics peers announce for the manifest's partition against its own recomputation
+   from the partition's train split (``admission.stats_check``) and attests those that match
+   (``subject = "stats"``: the statistics router may use them like owner-signed ones);
+4. re-announces every attestation it holds (they expire like other records when the validator goes away).
 
 A checkpoint that cannot be fetched or loaded is tried again after ``RETRY_S``.
 """
@@ -35,7 +38,7 @@ from diffswarm.admission.score import ValidationSet, score_expert, validation_se
 from diffswarm.dht.attestations import sign_attestation
 from diffswarm.dht.names import SwarmName, choose_manifest, key_fingerprint, public_key_der
 from diffswarm.dht.node import SwarmDHT
-from diffswarm.dht.records import RECORD_VERSION, AttestationRecord, ExpertRecord, SwarmManifest
+from diffswarm.dht.records import RECORD_VERSION, AttestationRecord, ClusterStatsRecord, ExpertRecord, SwarmManifest
 from diffswarm.protocol.wire import MAX_CHECKPOINT_BYTES, handle_name
 
 logger = logging.getLogger(__name__)
@@ -58,6 +61,9 @@ class Validator:
         self.vsets: dict[int, ValidationSet] = {}
         self.test = None
         self.done: dict[tuple[str, int], AttestationRecord] = {}  # (sha256, cluster) -> what it signed
+        self.done_stats: dict[tuple[str, int], AttestationRecord | None] = {}  # (blob sha256, cluster) -> signed or
+        #                                                                        None (does not match the data)
+        self.train = None  # the partition's train split (loaded once statistics are to be checked)
         self.failed: dict[tuple[str, int], float] = {}  # (sha256, cluster) -> monotonic time to retry after
         self.seconds: list[float] = []  # seconds spent per scored checkpoint (fetch + load + score)
         self._said: set[str] = set()
@@ -167,21 +173,57 @@ class Validator:
                      f"{rec.peer_id[:12]}: {e!r}"[:300])
             return None
         self.seconds.append(time.perf_counter() - t0)
-        now = float(get_dht_time())
 
         def opt(v: float) -> float | None:
             return None if v != v else float(v)
 
-        att = sign_attestation(self.key, dict(
-            version=RECORD_VERSION, swarm=self.swarm.name, checkpoint_sha256=rec.checkpoint_sha256,
-            cluster=rec.cluster, num_clusters=self.part.k, partition_hash=self.part.partition_hash,
-            score=float(rep.score), baseline=float(rep.baseline), in_classes=opt(rep.in_classes),
-            out_classes=opt(rep.out_classes), triples=rep.triples, seed=rule.seed, issued=now,
-            peer_id=self.dht.peer_id.to_base58(), updated=now))
+        att = self.sign("checkpoint", rec.checkpoint_sha256, rec.cluster, rule, score=float(rep.score),
+                        baseline=float(rep.baseline), in_classes=opt(rep.in_classes),
+                        out_classes=opt(rep.out_classes), triples=rep.triples)
         self.done[key] = att
         self.log(f"validator: {rec.expert_id} {rec.checkpoint_sha256[:12]} from {rec.peer_id[:12]} for cluster "
                  f"{rec.cluster}: {rep.describe()} ({self.seconds[-1]:.1f} s)")
         return att
+
+    def sign(self, subject: str, sha256: str, cluster: int, rule: AdmissionRule, **scores) -> AttestationRecord:
+        now = float(get_dht_time())
+        return sign_attestation(self.key, dict(
+            version=RECORD_VERSION, subject=subject, swarm=self.swarm.name, checkpoint_sha256=sha256, cluster=cluster,
+            num_clusters=self.part.k, partition_hash=self.part.partition_hash, seed=rule.seed, issued=now,
+            peer_id=self.dht.peer_id.to_base58(), updated=now, **scores))
+
+    def check_stats(self, rec: ClusterStatsRecord) -> tuple[str | None, int]:
+        """(why the announced statistics do not match the data, or None; images recomputed from) (worker thread)."""
+        from diffswarm.admission.stats_check import recompute_stats, stats_disagree
+        from diffswarm.router.stats.blob import ClusterStats, StatsFormatError
+        from diffswarm.training.jobs import dataset_for_partition
+
+        try:
+            announced = ClusterStats.from_bytes(rec.blob)
+        except StatsFormatError as e:
+            return f"not a statistics blob: {e}", 0
+        if self.train is None:
+            self.train = dataset_for_partition(self.part, "train")
+        mine = recompute_stats(self.part, self.train, rec.cluster, announced)
+        return stats_disagree(announced, mine), mine.count
+
+    async def validate_stats(self, m: SwarmManifest, rule: AdmissionRule) -> None:
+        """Attest the announced cluster statistics that match the data (issue 18, item 5; ``admission.stats_check``)."""
+        recs, _ = await self.dht.get_stats()
+        todo = [r for r in sorted(recs, key=lambda r: r.updated)
+                if r.partition_hash == m.partition_hash and r.num_clusters == m.num_clusters
+                and (r.stats_sha256, r.cluster) not in self.done_stats][:PER_ROUND]
+        for r in todo:
+            key = (r.stats_sha256, r.cluster)
+            why, n = await asyncio.get_running_loop().run_in_executor(None, self.check_stats, r)
+            if why is not None:
+                self.done_stats[key] = None
+                self.log(f"validator: statistics {r.stats_sha256[:12]} of cluster {r.cluster} from {r.peer_id[:12]} "
+                         f"do not match the data: {why}"[:300])
+                continue
+            self.done_stats[key] = self.sign("stats", r.stats_sha256, r.cluster, rule, score=0.0, baseline=0.0,
+                                             in_classes=None, out_classes=None, triples=max(n, 1))
+            self.log(f"validator: statistics {r.stats_sha256[:12]} of cluster {r.cluster} match the data ({n} images)")
 
     async def round(self) -> None:
         if self.part is None:
@@ -193,8 +235,10 @@ class Validator:
         recs, _ = await self.dht.get_experts()
         for rec in self.candidates(recs, m):
             await self.validate(rec, rule)
+        await self.validate_stats(m, rule)
         now = float(get_dht_time())
-        for att in [a for a in self.done.values() if a.seed == rule.seed]:
+        held = [*self.done.values(), *(a for a in self.done_stats.values() if a is not None)]
+        for att in [a for a in held if a.seed == rule.seed]:
             await self.dht.announce_attestation(dataclasses.replace(att, updated=now),
                                                 self.expiration)
 
