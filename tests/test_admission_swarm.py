@@ -84,15 +84,11 @@ def _wait_verdicts(model, peers: dict[str, str], timeout: float = 90.0) -> dict[
         time.sleep(1.0)
 
 
-def _log_line(sw, name: str, prefix: str, timeout: float = 30.0) -> str:
-    """The last line of peer ``name``'s log that starts with ``prefix`` (waiting for one)."""
-    deadline = time.monotonic() + timeout
+def _log_lines(sw, name: str, prefix: str) -> str:
+    """The lines of peer ``name``'s log that start with ``prefix``."""
     log = next(p.log for p in sw.procs if p.name == name)
-    while True:
-        lines = [ln for ln in open(log).read().splitlines() if ln.startswith(prefix)]
-        if lines or time.monotonic() > deadline:
-            return lines[-1] if lines else ""
-        time.sleep(0.5)
+    with open(log) as f:
+        return "\n".join(ln for ln in f.read().splitlines() if ln.startswith(prefix))
 
 
 def test_bad_checkpoints_stay_on_probation_and_the_best_wins(setup):
@@ -130,8 +126,12 @@ def test_bad_checkpoints_stay_on_probation_and_the_best_wins(setup):
                         SAMPLING)
         torch.testing.assert_close(x, want, atol=1e-4, rtol=1e-4)
         # each peer's own log says when it was admitted and with what score, or why not
-        logs = {n: _log_line(sw, n, "c0-fm: ") for n in ("best", "few", "other")}
+        deadline = time.monotonic() + 30  # the peer says it at its next heartbeat (every 2 s)
+        while "admitted" not in _log_lines(sw, "best", "c0-fm: ") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        logs = {n: _log_lines(sw, n, "c0-fm: ") for n in ("best", "few", "other")}
         assert "admitted for cluster 0 with score" in logs["best"], logs
         assert "on probation: score" in logs["few"] and "vs best" in logs["other"], logs
+        assert "admitted" not in logs["few"] + logs["other"], logs
     finally:
         sw.stop(timeout=15)

@@ -13,6 +13,7 @@ from diffswarm.client.admission import verdicts as admission_verdicts
 from diffswarm.client.discovery import SwarmTarget, SwarmView
 from diffswarm.client.selection import Blacklist, Replica
 from diffswarm.client.transport import PeerTransport
+from diffswarm.dht.attestations import AttestationMemory
 from diffswarm.dht.node import SwarmDHT
 from diffswarm.dht.records import ExpertRecord
 from diffswarm.protocol.wire import RequestError
@@ -35,7 +36,8 @@ class PeerDiscovery:
         self.verified: dict[str, str] = {}  # peer -> "ok" once its rpc_info probe matched its record
         self.probe_latency: dict[str, float] = {}  # peer -> round trip of its rpc_info probe (s), until it is called
         self.manifest = None  # the owner's manifest this client routes by (its admission rule; set by SwarmEnsemble)
-        self.attestations: list = []  # AttestationRecord of the last lookup
+        self.memory = AttestationMemory()
+        self.attestations: list = []  # every AttestationRecord seen (``memory``)
         self.liars: dict[str, str] = {}  # validator fingerprint -> why its attestations are ignored (AttestationCheck)
         self.checker = None  # client.attestation_check.AttestationCheck with --verify-attestations
         self._admitted: dict[tuple[str, int], bool] = {}
@@ -43,6 +45,8 @@ class PeerDiscovery:
     def set_target(self, target: SwarmTarget) -> SwarmView:
         """Route for ``target`` (the router's clusters, partition, shapes): keep a view of the replicas that fit it."""
         self.view = SwarmView(target)
+        if self.manifest is not None and self.manifest.admission is not None:
+            self.view.admission = {}  # nothing is admitted before the attestations are read (next refresh)
         self.view.update(self.records)
         return self.view
 
@@ -71,10 +75,11 @@ class PeerDiscovery:
             self.view.admission = None
             return
         try:
-            self.attestations, errors = await self.dht.get_attestations()
-        except Exception as e:  # a failed lookup keeps the previous attestations
+            found, errors = await self.dht.get_attestations()
+        except Exception as e:  # a failed lookup keeps the attestations seen before
             logger.info(f"attestation lookup failed: {e!r}")
-            errors = []
+            found, errors = [], []
+        self.attestations = self.memory.update(found)  # a lookup that misses some does not forget them
         for e in errors:
             logger.debug(f"skipped an invalid attestation: {e}")
         if self.checker is not None:

@@ -98,3 +98,24 @@ def attested_stats(records: list[AttestationRecord], manifest: SwarmManifest) ->
         if len(validators) >= rule.quorum and 0 <= k < manifest.num_clusters:
             out[k].add(sha)
     return out
+
+
+class AttestationMemory:
+    """The attestations a reader has seen, by signed content: a DHT lookup may miss some (a slow node, a value
+    between re-announcements), and a verdict made without a cluster's best checkpoint would admit worse ones. An
+    attestation is a signed fact about immutable bytes, so remembering it is safe; at most ``cap`` are kept (the
+    oldest seen go first)."""
+
+    def __init__(self, cap: int = 4096):
+        self.cap = cap
+        self.known: dict[tuple[bytes, bytes], AttestationRecord] = {}
+
+    def update(self, records: list[AttestationRecord]) -> list[AttestationRecord]:
+        """Add ``records``; returns every remembered attestation."""
+        for a in records:
+            key = (a.signed_bytes(), a.signature)
+            self.known.pop(key, None)
+            self.known[key] = a  # most recently seen last
+        while len(self.known) > self.cap:
+            del self.known[next(iter(self.known))]
+        return list(self.known.values())

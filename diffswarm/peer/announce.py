@@ -243,9 +243,10 @@ def admission_rule(owner_key, more_validators, partition_hash: str) -> dict:
     return AdmissionRule(vals, seed_of(f"{own}/{partition_hash}")).to_field()
 
 
-async def admission_verdicts(dht: SwarmDHT, manifest: SwarmManifest | None, served) -> dict[str, str]:
+async def admission_verdicts(dht: SwarmDHT, manifest: SwarmManifest | None, served, memory) -> dict[str, str]:
     """Per served expert id, what the owner's admission rule makes of its checkpoint now (``admitted with score
-    ...`` or ``on probation: ...``); empty when the manifest has no rule or the lookup fails."""
+    ...`` or ``on probation: ...``); empty when the manifest has no rule or the lookup fails. ``memory``: the
+    ``AttestationMemory`` of this peer (attestations seen before count, as for clients)."""
     from diffswarm.admission.rule import decide
     from diffswarm.dht.attestations import verified_scores
 
@@ -258,7 +259,7 @@ async def admission_verdicts(dht: SwarmDHT, manifest: SwarmManifest | None, serv
     except Exception as e:  # the DHT briefly unreachable: say nothing this time
         logger.debug(f"admission lookup failed: {e!r}")
         return {}
-    scores, _ = verified_scores(atts, manifest, rule)
+    scores, _ = verified_scores(memory.update(atts), manifest, rule)
     out = {}
     for s in served:
         k, sha = s.expert.config.cluster, s.expert.weights_sha256

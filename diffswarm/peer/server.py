@@ -32,6 +32,7 @@ import torch
 
 from diffswarm import __version__
 from diffswarm.admission.rule import ADMISSION_FIELD
+from diffswarm.dht.attestations import AttestationMemory
 from diffswarm.dht.names import SwarmName
 from diffswarm.dht.node import SwarmDHT, open_identity
 from diffswarm.dht.records import STATS_HASHES_FIELD, ExpertRecord, RouterProvider, SwarmManifest
@@ -92,6 +93,7 @@ class Peer:
         self._validator: asyncio.Task | None = None
         self.validator = None  # peer.validator.Validator when cfg.validate
         self.admission: dict[str, str] = {}  # expert id -> its verdict under the owner's admission rule (last said)
+        self.seen_attestations = AttestationMemory()  # attestations read so far (a lookup may miss some)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -196,7 +198,8 @@ class Peer:
             provider = self.provider_record()
         await announce_records(self.dht, expiration, experts, stats, manifest, provider)
         if manifest is not None and manifest.admission is not None and self.state == "online":
-            for eid, verdict in (await admission_verdicts(self.dht, manifest, self.served.values())).items():
+            found = await admission_verdicts(self.dht, manifest, self.served.values(), self.seen_attestations)
+            for eid, verdict in found.items():
                 if self.admission.get(eid) != verdict:  # say when it was admitted and with what score, or why not
                     self.admission[eid] = verdict
                     self.log(f"{eid}: {verdict}")
@@ -217,7 +220,6 @@ class Peer:
         key = (load_or_create_key(self.cfg.validator_key)[0] if self.cfg.validator_key
                else self.owner_key or self.dht.private_key)
         self.validator = Validator(self.dht, self.swarm, key, self.cfg.validate, period=self.cfg.announce_period,
-                                   expiration=min(self.cfg.announce_period * self.cfg.expire_factor, MAX_RECORD_AGE),
                                    own_manifest=lambda: self.own_manifest, log=self.log)
         self._validator = asyncio.get_running_loop().create_task(self.validator.run(self.stop_event))
 

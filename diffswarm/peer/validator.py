@@ -11,10 +11,12 @@ or alone by ``diffswarm validate`` (signing with ``--validator-key``, which the 
    (``rpc_checkpoint``, at most ``MAX_CHECKPOINT_BYTES``, under a deadline), loads it (the weights must hash to
    the announced sha256), scores it on the cluster's validation set (``admission.score``, in a worker thread) and
    signs the attestation; at most ``PER_ROUND`` checkpoints per round, oldest records first;
-3. checks the cluster statistics peers announce for the manifest's partition against its own recomputation
+3. (re-)announces what it signed, each attestation for ``MAX_RECORD_AGE`` (an attestation is a fact about
+   immutable bytes: it may outlive a slow round or a validator's restart);
+4. checks the cluster statistics peers announce for the manifest's partition against its own recomputation
    from the partition's train split (``admission.stats_check``) and attests those that match
    (``subject = "stats"``: the statistics router may use them like owner-signed ones);
-4. re-announces every attestation it holds (they expire like other records when the validator goes away).
+5. re-announces every attestation it holds (they expire ``MAX_RECORD_AGE`` after the validator goes away).
 
 A checkpoint that cannot be fetched or loaded is tried again after ``RETRY_S``.
 """
@@ -39,6 +41,7 @@ from diffswarm.dht.attestations import sign_attestation
 from diffswarm.dht.names import SwarmName, choose_manifest, key_fingerprint, public_key_der
 from diffswarm.dht.node import SwarmDHT
 from diffswarm.dht.records import RECORD_VERSION, AttestationRecord, ClusterStatsRecord, ExpertRecord, SwarmManifest
+from diffswarm.dht.schema import MAX_RECORD_AGE
 from diffswarm.protocol.wire import MAX_CHECKPOINT_BYTES, handle_name
 
 logger = logging.getLogger(__name__)
@@ -52,7 +55,7 @@ class Validator:
     """Scores the swarm's checkpoints for clusters of ``partition`` and announces what it signed with ``key``."""
 
     def __init__(self, dht: SwarmDHT, swarm: SwarmName, key, partition: str, *, period: float = 5.0,
-                 expiration: float = 60.0, own_manifest=None, log=logger.info):
+                 expiration: float = MAX_RECORD_AGE, own_manifest=None, log=logger.info):
         self.dht, self.swarm, self.key, self.partition_path = dht, swarm, key, partition
         self.period, self.expiration, self.log = period, expiration, log
         self.own_manifest = own_manifest  # callable -> the manifest this peer signed (owner), or None
@@ -232,15 +235,20 @@ class Validator:
         rule = self.rule_for(m)
         if rule is None:
             return
+        await self.announce_held(rule)  # first: scoring newcomers may take longer than a period
         recs, _ = await self.dht.get_experts()
         for rec in self.candidates(recs, m):
-            await self.validate(rec, rule)
+            if await self.validate(rec, rule) is not None:
+                await self.announce_held(rule)
         await self.validate_stats(m, rule)
+        await self.announce_held(rule)
+
+    async def announce_held(self, rule: AdmissionRule) -> None:
+        """Re-announce every attestation this validator signed under ``rule``'s seed."""
         now = float(get_dht_time())
         held = [*self.done.values(), *(a for a in self.done_stats.values() if a is not None)]
         for att in [a for a in held if a.seed == rule.seed]:
-            await self.dht.announce_attestation(dataclasses.replace(att, updated=now),
-                                                self.expiration)
+            await self.dht.announce_attestation(dataclasses.replace(att, updated=now), self.expiration)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Rounds every ``period`` seconds until ``stop``; a failed round is logged and the next one runs."""
