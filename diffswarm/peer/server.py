@@ -110,7 +110,10 @@ class Peer:
         if self.cfg.validate:  # so does a partition a validator cannot read
             from diffswarm.data.partition import Partition
 
-            Partition.load(self.cfg.validate)
+            try:
+                Partition.load(self.cfg.validate)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot validate with partition manifest {self.cfg.validate}: {e}") from None
         ident = open_identity(self.cfg.net.identity_path)
         try:
             self.swarm, self.owner_key, key_what = resolve_swarm(self.cfg.swarm, self.cfg.owner_key, ident,
