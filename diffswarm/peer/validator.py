@@ -10,7 +10,7 @@ or alone by ``diffswarm validate`` (signing with ``--validator-key``, which the 
    cluster) it has not scored yet, fetches the checkpoint by its sha256 from the announcing peer
    (``rpc_checkpoint``, at most ``MAX_CHECKPOINT_BYTES``, under a deadline), loads it (the weights must hash to
    the announced sha256), scores it on the cluster's validation set (``admission.score``, in a worker thread) and
-   signs the attestation; at most ``PER_ROUND`` checkpoints per round, oldest records first;
+   signs the attestation; at most ``PER_ROUND`` checkpoints per round, least recently announced first;
 3. (re-)announces what it signed, each attestation for ``MAX_RECORD_AGE`` (an attestation is a fact about
    immutable bytes: it may outlive a slow round or a validator's restart);
 4. checks the cluster statistics peers announce for the manifest's partition against its own recomputation
