@@ -227,9 +227,11 @@ class _Generated:
     calls: torch.Tensor  # (K,) rows each expert evaluated for the scored samples
 
 
-def _generate(run: _Run, ds: ImageDataset, expert_paths: list[Path], router_path: Path) -> _Generated:
-    """3. generate over a local swarm (bootstrap + K peer processes on 127.0.0.1): a per-class grid,
-    then class-conditional samples for scoring (local_generation: in this process instead)."""
+def _generate(run: _Run, ds: ImageDataset, expert_paths: list[Path], router_path: Path,
+              part_path: Path | None = None) -> _Generated:
+    """3. generate over a local swarm (bootstrap + K peer processes on 127.0.0.1; the bootstrap admits each expert
+    by its score on ``part_path``'s test split, as any swarm's owner does): a per-class grid, then
+    class-conditional samples for scoring (local_generation: in this process instead)."""
     from diffswarm.router.local import ProgressCallback, generate, load_local_ensemble
     from diffswarm.utils.images import save_grid, save_samples
 
@@ -246,7 +248,8 @@ def _generate(run: _Run, ds: ImageDataset, expert_paths: list[Path], router_path
             t0 = time.perf_counter()
             print(f"[3/4] starting a local swarm: bootstrap (router) + {cfg.k} expert peers on 127.0.0.1 "
                   f"(logs in {run.out / 'swarm' / 'logs'})")
-            swarm = stack.enter_context(local_swarm(expert_paths, router_path, run_dir=run.out / "swarm"))
+            swarm = stack.enter_context(local_swarm(expert_paths, router_path, run_dir=run.out / "swarm",
+                                                    validate=part_path))
             model = stack.enter_context(swarm.client(preset.routing, seed=cfg.seed, device=dev))
             timings["swarm_up_s"] = time.perf_counter() - t0
             where = f"over the swarm ({' '.join(swarm.initial_peers)})"
@@ -304,5 +307,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     plan = _plan_training(run, ds, part, part_path)
     trained = _train(run, plan)
     torch.set_num_threads(run.cores)
-    gen = _generate(run, ds, [Path(j.out) / "expert.safetensors" for j in plan.jobs], Path(plan.router.out))
+    gen = _generate(run, ds, [Path(j.out) / "expert.safetensors" for j in plan.jobs], Path(plan.router.out),
+                    part_path)
     return _score(run, ds, test, part, plan, trained, gen)

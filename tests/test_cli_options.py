@@ -55,7 +55,10 @@ def bases(f) -> dict[str, list[list[str]]]:
         "dashboard": [["--run-dir", run], remote, [*remote, "--loopback"]],
         "peer": [[], ["--checkpoint", "c.safetensors", "--swarm", FOO], [*train0, "--swarm", FOO],
                  [*train0, "--objective", "ddpm", "--swarm", FOO], ["--train-job", str(f / "job.json"), "--swarm", FOO],
-                 ["--loopback"], ["--identity", str(f / "id.key")], ["--router", "r.safetensors"]],
+                 ["--loopback"], ["--identity", str(f / "id.key")], ["--router", "r.safetensors"],
+                 ["--router", "r.safetensors", "--validate", p]],
+        "validate": [["--swarm", FOO, "--partition", p], ["--swarm", FOO, "--partition", p, "--loopback"],
+                     ["--swarm", FOO, "--partition", p, "--identity", str(f / "id.key")]],
         "swarm up": [[], ["--checkpoints", "a.safetensors"], ["--partition", p], folder],
         "swarm down": [[]],
         "swarm status": [["--run-dir", run], remote, [*remote, "--loopback"]],
@@ -69,7 +72,7 @@ def sample_values(f) -> dict[str, list[str]]:
     """Values for options whose generic sample would be meaningless."""
     return {"initial_peers": [MADDR2], "run_dir": [str(f / "run2")], "train_job": [str(f / "job2.json")],
             "classes": ["3"], "announce_maddrs": ["/ip4/1.2.3.4/tcp/31337"], "dataset": ["digits"], "swarm": [BAR],
-            "samples": ["64"]}
+            "samples": ["64"], "validators": ["ab" * 16]}
 
 
 def option_argv(action: argparse.Action, special: dict[str, list[str]], base: list[str]) -> list[str]:

@@ -24,6 +24,7 @@ RANKS = [
     {"diffswarm.router"},
     {"diffswarm.training"},
     {"diffswarm.eval"},
+    {"diffswarm.admission"},
     {"diffswarm.protocol"},
     {"diffswarm.dht"},
     {"diffswarm.peer", "diffswarm.client"},

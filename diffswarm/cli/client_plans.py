@@ -123,7 +123,7 @@ def plan_generate(args, given) -> GeneratePlan:
                   n=args.n, classes=tuple(args.classes) if args.classes else None, output=args.output,
                   save_samples=args.save_samples, nrow=args.nrow, device=args.device)
     swarm_only = ["initial_peers", "run_dir", "swarm", "router_sha256", "timeout", "compression", "loopback",
-                  "no_relay", "no_nat", "allow_unsigned_stats"]
+                  "no_relay", "no_nat", "allow_unsigned_stats", "verify_attestations"]
     if args.router_kind == "stats":
         refuse(given, ["router", "router_sha256"], "with --router-kind stats (it routes with cluster statistics, "
                                                     "not a router file)")
@@ -144,6 +144,7 @@ def plan_generate(args, given) -> GeneratePlan:
     if args.router_kind == "trained" or args.router:
         refuse(given, ["allow_unsigned_stats"], "with a trained router (it concerns the statistics router)")
     kw["allow_unsigned_stats"] = args.allow_unsigned_stats
+    kw["verify_attestations"] = args.verify_attestations
     if args.compression is not None:
         kw["compression"] = args.compression
     src = _swarm_source(args, given, router_sha256=args.router_sha256, **kw)
@@ -168,7 +169,8 @@ def plan_export(args, given) -> ExportPlan:
 
 def plan_dashboard(args, given) -> DashboardPlan:
     return DashboardPlan(_swarm_source(args, given, call_timeout=args.timeout, connect_timeout=20.0,
-                                       router_kind=args.router_kind, allow_unsigned_stats=args.allow_unsigned_stats),
+                                       router_kind=args.router_kind, allow_unsigned_stats=args.allow_unsigned_stats,
+                                       verify_attestations=args.verify_attestations),
                         args.out, args.device)
 
 

@@ -62,6 +62,7 @@ def run_dashboard(p: DashboardPlan) -> int:
 def run_swarm_status(p: SwarmStatusPlan) -> int:
     import asyncio
 
+    from diffswarm.client.admission import describe, verdicts
     from diffswarm.client.contributors import contributor_lines
     from diffswarm.client.discovery import router_sources
     from diffswarm.dht.names import choose_manifest, parse_swarm_name
@@ -80,24 +81,34 @@ def run_swarm_status(p: SwarmStatusPlan) -> int:
     async def query():
         node = await SwarmDHT.create(net, str(name))
         try:
-            return await node.get_experts(), await node.get_manifests(), await node.get_providers()
+            return (await node.get_experts(), await node.get_manifests(), await node.get_providers(),
+                    await node.get_attestations())
         finally:
             await node.shutdown()
 
-    (experts, errs), (manifests, merrs), (providers, perrs) = asyncio.run(query())
+    (experts, errs), (manifests, merrs), (providers, perrs), (atts, aerrs) = asyncio.run(query())
     m, notes = choose_manifest(manifests, name)
+    admission, anotes = verdicts(m, atts, experts)
     if m is None:
         print(f"swarm {name}: no manifest signed by its owner is announced")
     else:
         n = len(router_sources(providers, m))
         print(f"swarm {name}: router {m.router_sha256[:12]} K={m.num_clusters} partition {m.partition_hash[:12]} "
               f"dataset {m.dataset_id or '?'} (signed by the owner, issued {m.issued:.0f}; {n} peer(s) serve it)")
+        rule = m.admission
+        vals = ", ".join(rule.validators) if rule else ""
+        print("admission: " + (f"on ({rule.quorum} of {len(rule.validators)} validator(s) {vals}; "
+                               f"score <= {rule.ratio:g}x the cluster's best and <= {rule.ceiling:g}x the v=0 loss)"
+                               if rule else "off (the owner's manifest names no validators: every expert is used)"))
     for r in sorted(experts, key=lambda r: (r.cluster if r.cluster is not None else -1, r.peer_id)):
+        adm = ""
+        if admission is not None and r.state == "online":
+            adm = "  " + describe(admission.get((r.checkpoint_sha256, r.cluster)))
         print(f"{r.expert_id:10s} {r.state:8s} {r.peer_id[:12]} {r.throughput:8.0f} rows/s  load {r.load:.0f}"
               + (f"  training {r.progress:.0%}" if r.state == "joining" else "")
-              + ("  (relayed)" if r.relayed else ""))
+              + ("  (relayed)" if r.relayed else "") + adm)
     for line in contributor_lines(experts):
         print(line)
-    for e in errs + merrs + perrs + notes:
+    for e in errs + merrs + perrs + notes + aerrs + anotes:
         print(f"invalid record skipped: {e}")
     return 0

@@ -13,7 +13,7 @@ from diffswarm.cli.client_runs import run_dashboard, run_export, run_generate, r
 from diffswarm.cli.eval_plans import plan_demo, plan_eval, plan_quality
 from diffswarm.cli.eval_runs import run_demo, run_eval, run_quality
 from diffswarm.cli.parser import command_path
-from diffswarm.cli.peer_plans import plan_peer
+from diffswarm.cli.peer_plans import plan_peer, plan_validate
 from diffswarm.cli.serve_runs import run_peer, run_swarm_down, run_swarm_up
 from diffswarm.cli.swarm_plans import plan_swarm_down, plan_swarm_up
 from diffswarm.cli.train_plans import plan_partition, plan_train, plan_train_router
@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "export": (plan_export, run_export),
     "dashboard": (plan_dashboard, run_dashboard),
     "peer": (plan_peer, run_peer),
+    "validate": (plan_validate, run_peer),
     "swarm up": (plan_swarm_up, run_swarm_up),
     "swarm down": (plan_swarm_down, run_swarm_down),
     "swarm status": (plan_swarm_status, run_swarm_status),

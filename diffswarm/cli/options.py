@@ -112,6 +112,12 @@ def add_network_args(p: argparse.ArgumentParser, client: bool) -> None:
                        help="behind NAT without port forwarding: become reachable through libp2p relays (slow)")
 
 
+def add_verify_attestations_arg(p) -> None:
+    p.add_argument("--verify-attestations", default=None, metavar="PARTITION",
+                   help="recompute the validators' attested scores on this partition's test split (its dataset must be "
+                        "here); a validator caught signing a wrong score is reported and its attestations ignored")
+
+
 def add_router_kind_arg(p) -> None:
     p.add_argument("--router-kind", choices=["auto", "trained", "stats"], default="auto",
                    help="trained: the router file (the swarm's, or --router); stats: p(cluster | x_t, t, class) in "

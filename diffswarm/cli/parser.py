@@ -18,6 +18,7 @@ from diffswarm.cli.options import (
     add_sampling_args,
     add_swarm_source_args,
     add_train_args,
+    add_verify_attestations_arg,
 )
 
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_commands(sub)
     _add_client_commands(sub)
     _add_peer_command(sub)
+    _add_validate_command(sub)
     _add_swarm_commands(sub)
     _add_evaluation_commands(sub)
     return parser
@@ -74,6 +76,7 @@ def _add_client_commands(sub) -> None:
     g = p.add_argument_group("swarm client")
     g.add_argument("--router-sha256", default=None, help="only use an announced router with this sha256 (prefix)")
     add_router_kind_arg(p)
+    add_verify_attestations_arg(p)
     g.add_argument("--timeout", type=float, default=None, help="deadline of one expert call, seconds (default 10)")
     g.add_argument("--compression", choices=["none", "float16"], default=None,
                    help="tensor encoding on the wire (default none)")
@@ -99,6 +102,7 @@ def _add_client_commands(sub) -> None:
     p.add_argument("--timeout", type=float, default=10.0, help="deadline of one expert call, seconds")
     p.add_argument("--device", default="cpu")
     add_router_kind_arg(p)
+    add_verify_attestations_arg(p)
     add_network_args(p, client=True)
 
 
@@ -117,6 +121,17 @@ def _add_peer_command(sub) -> None:
                    help="with the owner key: also sign the sha256 of these clusters' statistics (cluster_stats.bin "
                         "files, or checkpoints with one beside them) in the manifest, besides this peer's own; "
                         "clients route by owner-signed statistics only (a missing file is signed once it appears)")
+    g = p.add_argument_group("admission (experts earn their place: docs/security.md)")
+    g.add_argument("--validate", default=None, metavar="PARTITION",
+                   help="score the swarm's checkpoints on this partition's test split and announce signed "
+                        "attestations; with the owner key, also sign the admission rule (clients then use only "
+                        "admitted checkpoints)")
+    g.add_argument("--validators", nargs="+", default=None, metavar="FINGERPRINT",
+                   help="with the owner key and --validate: more validator key fingerprints the rule names "
+                        "(as `diffswarm validate` prints them)")
+    g.add_argument("--validator-key", default=None, metavar="FILE",
+                   help="with --validate: the key file attestations are signed with (default: the owner key, else "
+                        "the peer's identity key)")
     g = p.add_argument_group("training first (instead of --checkpoint); the run resumes from --out")
     add_train_args(g)
     g.add_argument("--train-job", default=None, help="a training job file (job.json, as `swarm up` writes them)")
@@ -138,6 +153,19 @@ def _add_peer_command(sub) -> None:
                    help="request rows per second one caller may send; more is answered busy (default 10000; 0 = off)")
     g.add_argument("--burst-rows", type=int, default=None,
                    help="rows one caller may send at once after idling (default 16384)")
+    add_network_args(p, client=False)
+
+
+def _add_validate_command(sub) -> None:
+    """`validate`: score a swarm's checkpoints on held-out data and announce signed attestations."""
+    p = _parser(sub, "validate", "validator: score the swarm's new checkpoints on the test split, attest the scores")
+    p.add_argument("--swarm", required=True, metavar="NAME@FINGERPRINT", help="the swarm to validate (its full name)")
+    p.add_argument("--partition", required=True, help="the swarm's partition manifest (its dataset must be here)")
+    p.add_argument("--validator-key", default=None, metavar="FILE",
+                   help="key file attestations are signed with (created if missing; default: the node's identity "
+                        "key); the owner names its fingerprint with `diffswarm peer --validators`")
+    p.add_argument("--announce-period", type=float, default=10.0, help="seconds between validation rounds")
+    p.add_argument("--info-file", default=None, help="write peer id, multiaddrs and state here (JSON)")
     add_network_args(p, client=False)
 
 
@@ -163,7 +191,9 @@ def _add_swarm_commands(sub) -> None:
     q.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for every peer to be online")
     g = q.add_argument_group("training the experts (without --checkpoints)")
     g.add_argument("--experts", type=int, default=None, help="K: number of experts (clusters; default 4)")
-    g.add_argument("--partition", default=None, help="partition manifest (default: make one in the run dir)")
+    g.add_argument("--partition", default=None,
+                   help="partition manifest (default: make one in the run dir); with --checkpoints: the data the "
+                        "owner scores them on before clients use them (admission; without it admission is off)")
     g.add_argument("--objectives", choices=["mixed", "ddpm", "fm"], default=None,
                    help="expert objectives: mixed alternates DDPM and FM (default)")
     length = g.add_mutually_exclusive_group()

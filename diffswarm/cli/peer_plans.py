@@ -70,6 +70,25 @@ def _peer_swarm(args, given, serves: bool) -> str | None:
         raise ValueError(f"--swarm: {e}") from None
 
 
+def _fingerprint(v: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[0-9a-fA-F]{32}", v):
+        raise ValueError(f"--validators: {v!r} is not a key fingerprint (32 hex digits)")
+    return v.lower()
+
+
+def plan_validate(args, given) -> PeerPlan:
+    """`validate`: a peer that serves nothing and runs the validator (``peer.validator``)."""
+    from diffswarm.peer.config import PeerConfig
+
+    if not 0 < args.announce_period <= MAX_ANNOUNCE_PERIOD:
+        raise ValueError(f"--announce-period must be in (0, {MAX_ANNOUNCE_PERIOD:g}] seconds")
+    return PeerPlan(PeerConfig(net=_server_network(args, given), swarm=full_swarm_name(args.swarm),
+                               validate=args.partition, validator_key=args.validator_key,
+                               announce_period=args.announce_period, info_file=args.info_file))
+
+
 def plan_peer(args, given) -> PeerPlan:
     from diffswarm.peer.config import PeerConfig
 
@@ -103,7 +122,13 @@ def plan_peer(args, given) -> PeerPlan:
                                       if getattr(args, k) is not None})
     except ValueError as e:
         raise ValueError(f"--rate-rows / --burst-rows: {e}") from None
+    if not args.validate:
+        refuse(given, ["validators", "validator_key"], "without --validate")
+    if args.validators and not (args.router or args.owner_key):
+        refuse(given, ["validators"], "without --owner-key or --router (only the swarm's owner names validators)")
+    validators = tuple(_fingerprint(v) for v in args.validators or ())
     cfg = PeerConfig(net=_server_network(args, given), swarm=swarm, owner_key=args.owner_key,
+                     validate=args.validate, validators=validators, validator_key=args.validator_key,
                      checkpoint=args.checkpoint, train=train, router=args.router, device=args.device or d.device,
                      sign_stats=tuple(args.sign_stats or ()),
                      threads=args.threads if args.threads is not None else d.threads,

@@ -26,10 +26,12 @@ def plan_swarm_up(args, given) -> SwarmUpConfig:
     training = ["experts", "partition", "objectives", "train_steps", "train_minutes", "router_steps", "net", "width",
                 "depth", "seed", *DATASET_DESTS]
     if args.checkpoints:
-        refuse(given, training, "with --checkpoints (the peers serve them instead of training new experts)")
+        refuse(given, [d for d in training if d != "partition"],
+               "with --checkpoints (the peers serve them instead of training new experts)")
         if len(args.checkpoints) > 1 and not args.router and args.router_kind == "trained":
             raise ValueError("serving several --checkpoints needs their --router (or --router-kind stats)")
-        return SwarmUpConfig(**common, checkpoints=tuple(args.checkpoints), router=args.router)
+        return SwarmUpConfig(**common, checkpoints=tuple(args.checkpoints), router=args.router,
+                             partition=args.partition)  # with --checkpoints: the data admission scores them on
     refuse(given, ["router"], "without --checkpoints (the swarm trains its own router)")
     if args.partition:
         refuse(given, DATASET_DESTS, "with --partition (the manifest names its dataset)")

@@ -190,7 +190,7 @@ class Bootstrap:
         majority of their serving peers and warns of the risk."""
         from diffswarm.router.stats.router import StatsRouter
 
-        self._check_unsigned(manifest)
+        self._check_unsigned(manifest, self._attested_stats(manifest))
         deadline = self.deadline(None) if deadline is None else deadline
         bad: set[str] = set()  # sha256 of blobs that failed their checks (not parsed again)
         missing: list[int] = []  # clusters the last lookup found no usable statistics for
@@ -211,10 +211,24 @@ class Bootstrap:
 
         return poll_until(deadline, attempt, give_up)
 
-    def _check_unsigned(self, manifest: SwarmManifest) -> None:
+    def _attested_stats(self, manifest: SwarmManifest) -> list[set[str]]:
+        """Per cluster, the statistics blobs the admission rule's validators attested (none without a rule, or when
+        the lookup fails)."""
+        from diffswarm.dht.attestations import attested_stats
+
+        if manifest.admission is None:
+            return [set() for _ in range(manifest.num_clusters)]
+        try:
+            recs, _ = self.run(self.dht.get_attestations(), timeout=60)
+        except Exception as e:  # a failed lookup: only what the owner signed
+            logger.info(f"attestation lookup failed: {e!r}")
+            recs = []
+        return attested_stats(recs, manifest)
+
+    def _check_unsigned(self, manifest: SwarmManifest, attested: list[set[str]] | None = None) -> None:
         """Refuse (default) or warn about (``cfg.allow_unsigned_stats``) the clusters whose statistics the owner's
-        manifest signs no sha256 of."""
-        unsigned = [k for k, h in enumerate(manifest.signed_stats) if not h]
+        manifest signs no sha256 of and no validator of its admission rule attested."""
+        unsigned = [k for k, h in enumerate(manifest.signed_stats) if not h and not (attested and attested[k])]
         if not unsigned:
             return
         which = ", ".join(map(str, unsigned))
@@ -240,7 +254,8 @@ class Bootstrap:
             logger.info(f"skipped an invalid stats record: {e}")
         experts, _ = self.run(self.dht.get_experts(), timeout=60)
         serving = {(r.peer_id, r.cluster) for r in experts if r.state == "online" and r.cluster is not None}
-        cands, notes = choose_stats(recs, manifest, serving, allow_unsigned=self.cfg.allow_unsigned_stats)
+        cands, notes = choose_stats(recs, manifest, serving, allow_unsigned=self.cfg.allow_unsigned_stats,
+                                    attested=self._attested_stats(manifest))
         for n in notes:
             logger.debug(f"not using {n}")
         forged = sum(NOT_SIGNED in n for n in notes)

@@ -86,6 +86,11 @@ class SwarmClient:
         self.transport = PeerTransport(self.dht.p2p, self.cfg)
         self.discovery = PeerDiscovery(self.dht, self.transport, self.bans, self.last_error, self.events)
         self.bootstrap = Bootstrap(self.cfg, self.run, self.dht, self.transport, self.events)
+        if self.cfg.verify_attestations:
+            from diffswarm.client.attestation_check import AttestationCheck
+
+            self.discovery.checker = AttestationCheck(self.cfg.verify_attestations,
+                                                      lambda sha, recs: self.local.get(sha, recs, fetch=True))
 
     # -- plumbing ------------------------------------------------------------------------------
 

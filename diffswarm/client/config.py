@@ -31,6 +31,8 @@ class ClientConfig:
     #                            peers publish: no router peer needed) | auto (trained if the manifest names one)
     allow_unsigned_stats: bool = False  # stats router: for clusters whose statistics the owner signed no sha256 of,
     #   take the blob most serving peers announce (a crowd of Sybils serving the cluster's checkpoint can forge it)
+    verify_attestations: str | None = None  # partition manifest: recompute validators' attested scores on its test
+    #   split; a validator caught signing a wrong score is reported and ignored (client/attestation_check.py)
     cache_dir: str | None = None  # fetched routers and experts (default $DIFFSWARM_CACHE or ~/.cache/diffswarm)
     trust: TrustConfig = field(default_factory=TrustConfig)  # how peers' answers are checked (client/answer_checks.py)
     trusted_checkpoints: tuple[str, ...] = ()  # expert files the client holds: arbiters and local fallback

@@ -53,6 +53,9 @@ class SwarmView:
         self.by_cluster: list[list[Replica]] = [[] for _ in range(target.num_clusters)]
         self.joining: list[ExpertRecord] = []
         self.skipped: dict[str, str] = {}  # "peer/expert" -> reason
+        self.probation: dict[str, str] = {}  # "peer/expert" -> why its checkpoint is not admitted (yet)
+        # (checkpoint sha256, cluster) -> Verdict under the owner's admission rule; None: admission off (all used)
+        self.admission: dict | None = None
         self._seen: dict[tuple[str, str], tuple[float, float, ExpertRecord]] = {}  # online: seen, kept until, record
 
     def update(self, records: list[ExpertRecord], now: float | None = None,
@@ -87,7 +90,7 @@ class SwarmView:
                 del self._seen[key]
             elif key not in latest:
                 latest[key] = rec  # missed by this lookup: kept for the grace period
-        joining, skipped = [], {}
+        joining, skipped, probation = [], {}, {}
         for (peer, eid), rec in sorted(latest.items()):
             reason = skip_reason(rec, self.target)
             if reason is not None:
@@ -97,14 +100,23 @@ class SwarmView:
                 joining.append(rec)
             if rec.state != "online":
                 continue
+            verdict = None if self.admission is None else self.admission.get((rec.checkpoint_sha256, rec.cluster))
+            if self.admission is not None and (verdict is None or not verdict.admitted):
+                probation[f"{peer}/{eid}"] = verdict.reason if verdict else "on probation: no attestation yet"
+                continue
             by_cluster[rec.cluster].append(Replica(rec.peer_id, rec.expert_id, rec.checkpoint_sha256, rec.cluster,
                                                    rec.throughput, rec.load, tuple(rec.addrs),
                                                    relayed=bool(rec.relayed)))
-        self.by_cluster, self.joining, self.skipped = by_cluster, joining, skipped
+        self.by_cluster, self.joining, self.skipped, self.probation = by_cluster, joining, skipped, probation
         new = {(r.peer_id, r.expert_id) for reps in by_cluster for r in reps}
         events = [f"{eid} online at {p[:12]}" for p, eid in sorted(new - old)]
         events += [f"{eid} at {p[:12]} left" for p, eid in sorted(old - new)]
         return events
+
+    def score(self, sha256: str, cluster: int) -> float:
+        """The admitted score of a checkpoint for ``cluster`` (lower is better; 0 with admission off)."""
+        v = None if self.admission is None else self.admission.get((sha256, cluster))
+        return v.score if v is not None and v.score is not None else 0.0
 
     def replicas(self, cluster: int) -> list[Replica]:
         return self.by_cluster[cluster]
@@ -147,36 +159,39 @@ def router_mismatch(manifest: SwarmManifest, router_cfg, weights_sha256: str) ->
     return None
 
 
-NOT_SIGNED = "not the statistics the owner signed"  # choose_stats' note on a record the owner's manifest refutes
+# choose_stats' note on a record the owner's manifest (or its validators) refute
+NOT_SIGNED = "not the statistics the owner signed (or its validators attested)"
 
 
 def choose_stats(records: list[ClusterStatsRecord], manifest: SwarmManifest,
-                 serving: set[tuple[str, int]] | None = None, *,
-                 allow_unsigned: bool) -> tuple[list[list[ClusterStatsRecord]], list[str]]:
+                 serving: set[tuple[str, int]] | None = None, *, allow_unsigned: bool,
+                 attested: list[set[str]] | None = None) -> tuple[list[list[ClusterStatsRecord]], list[str]]:
     """Candidate statistics per cluster of ``manifest`` (best first), and why records were passed over.
 
     A record counts only if it is for a cluster 0..K-1 of the manifest's partition. Where the owner signed the
-    cluster's hash (``SwarmManifest.signed_stats``), only that blob is accepted, from any announcer (its hash is
-    what is trusted, as for router bytes). Elsewhere, only with ``allow_unsigned`` (the client passes its
-    ``ClientConfig.allow_unsigned_stats``): records of peers serving an expert of that cluster (``serving``: the
-    (peer id, cluster) pairs of online expert records), ranked by how many distinct peers announce the same blob
-    (ties: by sha256), so one peer cannot outvote a cluster's replicas, but a crowd of Sybils serving the
-    cluster's checkpoint can. Each candidate list holds one record per distinct blob."""
+    cluster's hash (``SwarmManifest.signed_stats``), or its admission rule's validators attested blobs (``attested``:
+    per cluster, the sha256 they recomputed from the data, ``dht.attestations.attested_stats``), only those blobs are
+    accepted, from any announcer (their hash is what is trusted, as for router bytes). Elsewhere, only with
+    ``allow_unsigned`` (the client passes its ``ClientConfig.allow_unsigned_stats``): records of peers serving an
+    expert of that cluster (``serving``: the (peer id, cluster) pairs of online expert records), ranked by how many
+    distinct peers announce the same blob (ties: by sha256), so one peer cannot outvote a cluster's replicas, but a
+    crowd of Sybils serving the cluster's checkpoint can. Each candidate list holds one record per distinct blob."""
     k = manifest.num_clusters
     signed = manifest.signed_stats
     notes: list[str] = []
     by_sha: list[dict[str, dict[str, ClusterStatsRecord]]] = [{} for _ in range(k)]
+    vouched = [({signed[c]} if signed[c] else set()) | (attested[c] if attested else set()) for c in range(k)]
     for r in records:
         who = f"stats of {r.peer_id[:12]} for cluster {r.cluster}"
         if r.num_clusters != k or not 0 <= r.cluster < k:
             notes.append(f"{who}: K={r.num_clusters}, the manifest's is {k}")
         elif r.partition_hash != manifest.partition_hash:
             notes.append(f"{who}: partition {r.partition_hash[:12]}, not the manifest's")
-        elif signed[r.cluster] and r.stats_sha256 != signed[r.cluster]:
+        elif vouched[r.cluster] and r.stats_sha256 not in vouched[r.cluster]:
             notes.append(f"{who}: {NOT_SIGNED}")
-        elif not signed[r.cluster] and not allow_unsigned:
+        elif not vouched[r.cluster] and not allow_unsigned:
             notes.append(f"{who}: the owner signed no statistics for that cluster (unsigned ones not allowed)")
-        elif not signed[r.cluster] and serving is not None and (r.peer_id, r.cluster) not in serving:
+        elif not vouched[r.cluster] and serving is not None and (r.peer_id, r.cluster) not in serving:
             notes.append(f"{who}: the peer serves no online expert of that cluster")
         else:
             by_sha[r.cluster].setdefault(r.stats_sha256, {})[r.peer_id] = r

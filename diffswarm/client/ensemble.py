@@ -40,6 +40,8 @@ from diffswarm.sampling.hooks import StepRollback
 
 logger = logging.getLogger(__name__)
 
+ADMISSION_LOOKUP_S = 10.0  # seconds a client with a local router waits for the owner's manifest (its admission rule)
+
 
 @dataclass
 class _Evaluation:
@@ -87,6 +89,8 @@ class SwarmEnsemble(RoutedEnsemble):
         rc = router.cfg
         self.client = client
         self.swarm_record = swarm_record
+        if getattr(client, "discovery", None) is not None:  # its admission rule decides which checkpoints are used
+            client.discovery.manifest = swarm_record
         self.image_shape = (rc.channels, rc.size, rc.size)
         self.num_classes = rc.num_classes
         client.set_target(SwarmTarget(rc.num_clusters, rc.partition_hash or "", self.image_shape, rc.num_classes))
@@ -133,7 +137,7 @@ class SwarmEnsemble(RoutedEnsemble):
         client = SwarmClient(list(initial_peers), config)
         try:
             if router_path is not None:
-                router, rec = Router.load(router_path, device), None
+                router, rec = Router.load(router_path, device), cls._admission_manifest(client)
             else:
                 router, rec = client.fetch_router(device)
             ens = cls(client, router, routing or RoutingConfig(), seed=seed, swarm_record=rec)
@@ -144,6 +148,21 @@ class SwarmEnsemble(RoutedEnsemble):
         except BaseException:
             client.close()
             raise
+
+    @staticmethod
+    def _admission_manifest(client: SwarmClient):
+        """With a local router file, the owner's manifest is still what says which experts are admitted: looked up
+        for up to ``ADMISSION_LOOKUP_S`` (None, with a warning, if there is none: every expert is then used)."""
+        from diffswarm.client.config import SwarmClientError
+
+        if not client.cfg.swarm:
+            return None
+        try:
+            return client.find_manifest(wait=min(ADMISSION_LOOKUP_S, client.cfg.connect_timeout))
+        except SwarmClientError as e:
+            logger.warning(f"no owner-signed manifest found ({e}): admission cannot be applied, every announced "
+                           "expert is used")
+            return None
 
     def wait_for_experts(self, timeout: float | None = None) -> list[int]:
         """Refresh until every cluster has a usable replica or ``timeout``; returns the uncovered clusters.

@@ -8,9 +8,12 @@ import logging
 import time
 from collections import deque
 
+from diffswarm.client.admission import describe
+from diffswarm.client.admission import verdicts as admission_verdicts
 from diffswarm.client.discovery import SwarmTarget, SwarmView
 from diffswarm.client.selection import Blacklist, Replica
 from diffswarm.client.transport import PeerTransport
+from diffswarm.dht.attestations import AttestationMemory
 from diffswarm.dht.node import SwarmDHT
 from diffswarm.dht.records import ExpertRecord
 from diffswarm.protocol.wire import RequestError
@@ -32,10 +35,18 @@ class PeerDiscovery:
         self.view: SwarmView | None = None
         self.verified: dict[str, str] = {}  # peer -> "ok" once its rpc_info probe matched its record
         self.probe_latency: dict[str, float] = {}  # peer -> round trip of its rpc_info probe (s), until it is called
+        self.manifest = None  # the owner's manifest this client routes by (its admission rule; set by SwarmEnsemble)
+        self.memory = AttestationMemory()
+        self.attestations: list = []  # every AttestationRecord seen (``memory``)
+        self.liars: dict[str, str] = {}  # validator fingerprint -> why its attestations are ignored (AttestationCheck)
+        self.checker = None  # client.attestation_check.AttestationCheck with --verify-attestations
+        self._admitted: dict[tuple[str, int], bool] = {}
 
     def set_target(self, target: SwarmTarget) -> SwarmView:
         """Route for ``target`` (the router's clusters, partition, shapes): keep a view of the replicas that fit it."""
         self.view = SwarmView(target)
+        if self.manifest is not None and self.manifest.admission is not None:
+            self.view.admission = {}  # nothing is admitted before the attestations are read (next refresh)
         self.view.update(self.records)
         return self.view
 
@@ -46,6 +57,7 @@ class PeerDiscovery:
         self.records = recs
         if self.view is None:
             return
+        await self.update_admission(recs)
         events = self.view.update(recs, lifetimes=lifetimes)
         for key, reason in self.view.skipped.items():
             logger.debug(f"not using {key}: {reason}")
@@ -55,6 +67,32 @@ class PeerDiscovery:
         if new:
             await asyncio.gather(*(self.probe(r) for r in {r.peer_id: r for r in new}.values()))
         self.events.extend(events)
+
+    async def update_admission(self, recs: list[ExpertRecord]) -> None:
+        """The verdict on each online checkpoint under the owner's admission rule (``client.admission``); says when a
+        checkpoint is admitted or put on probation."""
+        if self.manifest is None or self.manifest.admission is None:
+            self.view.admission = None
+            return
+        try:
+            found, errors = await self.dht.get_attestations()
+        except Exception as e:  # a failed lookup keeps the attestations seen before
+            logger.info(f"attestation lookup failed: {e!r}")
+            found, errors = [], []
+        self.attestations = self.memory.update(found)  # a lookup that misses some does not forget them
+        for e in errors:
+            logger.debug(f"skipped an invalid attestation: {e}")
+        if self.checker is not None:
+            self.checker.records = recs
+            await self.checker.check(self.attestations, self.manifest, self.liars, self.events)
+        verdicts, notes = admission_verdicts(self.manifest, self.attestations, recs, self.liars)
+        for n in notes:
+            logger.debug(f"not counting an attestation: {n}")
+        for key, v in verdicts.items():
+            if self._admitted.get(key) != v.admitted and (v.admitted or key in self._admitted or v.score is not None):
+                self.events.append(f"checkpoint {key[0][:12]} of cluster {key[1]}: {describe(v)}")
+            self._admitted[key] = v.admitted
+        self.view.admission = verdicts
 
     async def refresh_loop(self, period: float) -> None:
         while True:

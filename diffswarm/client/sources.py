@@ -99,11 +99,26 @@ class Sources:
         """The source for cluster k's rows: the best usable replica, else (``local_fallback``) the client's own
         verified copy of the cluster's weights; None if neither exists."""
         reps = self.client.with_fresh_load(self.usable(k, now))
-        rep = pick_replica(reps, self.client.latency, self.client.bans, now, rows, failed, self.sticky.get(k),
-                           current=self.in_use.get(k))
+        if self.client.view.admission is None:  # admission off: any checkpoint, the one in use first
+            rep = pick_replica(reps, self.client.latency, self.client.bans, now, rows, failed, self.sticky.get(k),
+                               current=self.in_use.get(k))
+        else:  # the checkpoint in use, else the best-scored one first; its replicas by latency
+            rep = None
+            for sha in self.checkpoint_order(k, reps):
+                rep = pick_replica([r for r in reps if r.checkpoint_sha256 == sha], self.client.latency,
+                                   self.client.bans, now, rows, failed, current=self.in_use.get(k))
+                if rep is not None:
+                    break
         if rep is None and self.trust.local_fallback:
             return self.local(k, failed)
         return rep
+
+    def checkpoint_order(self, k: int, reps: list[Replica]) -> list[str]:
+        """The checkpoints of cluster k's replicas in the order they are tried: the one this trajectory uses
+        (``sticky``), then by admitted score (best first; ties by sha256)."""
+        view, sticky = self.client.view, self.sticky.get(k)
+        shas = sorted({r.checkpoint_sha256 for r in reps}, key=lambda h: (h != sticky, view.score(h, k), h))
+        return shas
 
     def local(self, k: int, failed: set[str], sha: str | None = None):
         """The client's own copy of cluster k's weights (``sha``, else the one in use, else any announced one)."""

@@ -1,6 +1,6 @@
 """Where records live in the DHT and how a DHT dictionary is read: keys, validators, owner binding.
 
-Four DHT keys per swarm; ``swarm`` is the swarm's full name ``NAME@FINGERPRINT`` (``names``), so
+Five DHT keys per swarm; ``swarm`` is the swarm's full name ``NAME@FINGERPRINT`` (``names``), so
 swarms of different owners never share keys. Each key is a dictionary whose subkeys are owned by the
 announcing peer (hivemind's ``RSASignatureValidator``):
 
@@ -14,6 +14,8 @@ announcing peer (hivemind's ``RSASignatureValidator``):
   checks them against the manifest.
 - ``{swarm}_stats``: one ``ClusterStatsRecord`` per cluster whose statistics a peer publishes;
   subkey = ``[owner:<peer key>]`` + ``"/stats" + cluster``.
+- ``{swarm}_attest``: validators' signed admission scores (``AttestationRecord``, :mod:`diffswarm.dht.attestations`);
+  subkey = ``[owner:<peer key>]`` + ``"/" + sha256[:16] + "/" + cluster + "/" + validator fingerprint``.
 
 Only the owner of the key named in a subkey can write it (the record is signed; every DHT node
 running ``make_validators`` rejects other writes), and ``SchemaValidator`` rejects values that are
@@ -33,6 +35,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 
 from diffswarm.dht.records import (
+    AttestationRecordModel,
     ClusterStatsRecordModel,
     ExpertRecordModel,
     RouterProviderModel,
@@ -51,6 +54,7 @@ class SwarmSchema(pydantic.BaseModel):
     manifest: dict[BytesWithPublicKey, SwarmManifestModel]
     routers: dict[BytesWithPublicKey, RouterProviderModel]
     stats: dict[BytesWithPublicKey, ClusterStatsRecordModel]
+    attest: dict[BytesWithPublicKey, AttestationRecordModel]
 
 
 def make_validators(swarm: str | None, private_key=None) -> list:
@@ -77,6 +81,10 @@ def routers_key(swarm: str) -> str:
 
 def stats_key(swarm: str) -> str:
     return f"{swarm}_stats"
+
+
+def attest_key(swarm: str) -> str:
+    return f"{swarm}_attest"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
 from diffswarm.dht.entries import (
+    attest_key,
     experts_key,
     make_validators,
     manifest_key,
@@ -42,7 +43,7 @@ from diffswarm.dht.entries import (
     routers_key,
     stats_key,
 )
-from diffswarm.dht.records import ClusterStatsRecord, ExpertRecord, RouterProvider, SwarmManifest
+from diffswarm.dht.records import AttestationRecord, ClusterStatsRecord, ExpertRecord, RouterProvider, SwarmManifest
 
 logger = logging.getLogger(__name__)
 _SOCKETS = "/tmp/hivemind-p2p*.sock"
@@ -229,6 +230,17 @@ class SwarmDHT:
         """Publish this peer's cluster statistics (under this peer's subkey for that cluster)."""
         return await self.node.store(stats_key(self.swarm), rec.to_dict(), get_dht_time() + expiration,
                                      subkey=self.owner + rec.subkey_suffix)
+
+    async def announce_attestation(self, rec: AttestationRecord, expiration: float) -> bool:
+        """Announce a validator's signed score (under this peer's subkey for that checkpoint, cluster and validator)."""
+        return await self.node.store(attest_key(self.swarm), rec.to_dict(), get_dht_time() + expiration,
+                                     subkey=self.owner + rec.subkey_suffix)
+
+    async def get_attestations(self) -> tuple[list[AttestationRecord], list[str]]:
+        """Well-formed attestations announced by anyone (signatures: ``attestations.verify_attestation``)."""
+        from diffswarm.dht.attestations import parse_attestations
+
+        return parse_attestations(await self._get_entries(attest_key(self.swarm)), get_dht_time())
 
     async def announce_manifest(self, manifest: SwarmManifest, expiration: float) -> bool:
         """Re-announce the owner-signed ``manifest`` unchanged, under this peer's own subkey."""

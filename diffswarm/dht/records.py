@@ -9,6 +9,7 @@ announced. Where records live in the DHT and how a DHT dictionary is read: :mod:
 - ``ExpertRecord``: one per served expert.
 - ``RouterProvider``: a peer that serves router bytes.
 - ``ClusterStatsRecord``: a peer's published cluster statistics (the statistics router's input).
+- ``AttestationRecord``: a validator's signed admission score of one checkpoint (version 5).
 - ``SwarmManifest``: what the swarm's owner decides, signed by the owner (``canonical_bytes`` is what
   is signed; signing, verifying and choosing among manifests: :mod:`diffswarm.dht.names`).
 
@@ -22,7 +23,10 @@ optional ``cluster_stats_sha256`` (K sha256 hex digests or "", one per cluster: 
 vouches for; a version-3 reader keeps it in ``extra``, verifies it with the signature and already prefers
 it); manifests without it still parse (no statistics signed). Version 5 adds the optional ``ExpertRecord``
 fields ``relayed`` and the contribution claims ``served_rows``, ``served_images``, ``served_clients`` and
-``uptime`` (bounded; left out of ``to_dict`` when unset, so a version-4 reader sees its own layout).
+``uptime`` (bounded; left out of ``to_dict`` when unset, so a version-4 reader sees its own layout), and
+declares the manifest's optional ``admission`` (``admission.rule.AdmissionRule``: validator fingerprints,
+seed, ratio, ceiling, quorum; absent: every checkpoint is admitted, as before) and the ``AttestationRecord``
+under a new key (``{swarm}_attest``).
 ``protocol`` is the RPC protocol version (``diffswarm.protocol.wire``); clients skip peers speaking
 another major protocol.
 """
@@ -35,6 +39,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from diffswarm.admission.rule import ADMISSION_FIELD, AdmissionRule
 from diffswarm.dht.schema import (
     MAX_BATCH_ROWS,
     MAX_CHANNELS,
@@ -68,10 +73,12 @@ from diffswarm.experts.config import OBJECTIVES
 RECORD_VERSION = 5  # 2: optional ExpertRecord.train_steps / final_loss; 3: signed SwarmManifest + RouterProvider;
 #                    4: SwarmManifest.cluster_stats_sha256 (owner-signed statistics, in ``extra``);
 #                    5: optional ExpertRecord.relayed and contribution claims served_rows / served_images /
-#                       served_clients / uptime (issue 17, reach17)
+#                       served_clients / uptime; SwarmManifest.admission (the admission rule, in ``extra``)
+#                       + AttestationRecord
 CONTRIBUTION_FIELDS = ("served_rows", "served_images", "served_clients")  # ExpertRecord counters (v5), all claims
 STATS_HASHES_FIELD = "cluster_stats_sha256"  # manifest field: the owner-signed sha256 of each cluster's statistics
 STATES = ("joining", "online", "offline")
+ATTESTATION_SUBJECTS = ("checkpoint", "stats")  # what an AttestationRecord vouches for
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -105,10 +112,10 @@ def _check_router_bytes(n: int, what: str) -> None:
         raise RecordError(f"{what}: router_bytes {n} outside 1..{MAX_ROUTER_BYTES} ({MAX_ROUTER_BYTES >> 20} MiB)")
 
 
-def canonical_bytes(fields: dict) -> bytes:
-    """What a swarm owner signs: a context string and msgpack of ``fields`` with every dict's items sorted
-    by key (recursively), so the same fields always give the same bytes whatever their order on the wire.
-    Floats are float64, ints minimal, bytes and str distinct (msgpack's own rules)."""
+def canonical_bytes(fields: dict, context: bytes | None = None) -> bytes:
+    """What a swarm owner (or, with ``context``, a validator) signs: a context string and msgpack of ``fields`` with
+    every dict's items sorted by key (recursively), so the same fields always give the same bytes whatever their
+    order on the wire. Floats are float64, ints minimal, bytes and str distinct (msgpack's own rules)."""
     import msgpack
 
     def norm(v: Any) -> Any:
@@ -121,12 +128,13 @@ def canonical_bytes(fields: dict) -> bytes:
         return v
 
     try:
-        return _SIGNED_CONTEXT + msgpack.packb(norm(fields), use_bin_type=True)
+        return (context or _SIGNED_CONTEXT) + msgpack.packb(norm(fields), use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as e:
         raise RecordError(f"manifest cannot be encoded canonically: {e}") from None
 
 
 _SIGNED_CONTEXT = b"diffswarm swarm manifest\x00"  # domain separation: this signature means nothing elsewhere
+_ATTESTATION_CONTEXT = b"diffswarm attestation\x00"  # what a validator's signature means
 
 
 @dataclass(frozen=True)
@@ -337,6 +345,13 @@ class SwarmManifest:
         return list(self.extra.get(STATS_HASHES_FIELD) or [""] * self.num_clusters)
 
     @property
+    def admission(self) -> AdmissionRule | None:
+        """The owner's admission rule (None: the swarm admits every checkpoint, as before version 5). Checked by
+        ``from_dict``."""
+        d = self.extra.get(ADMISSION_FIELD)
+        return None if d is None else AdmissionRule.from_field(d)
+
+    @property
     def has_router(self) -> bool:
         """False for a swarm without a trained router (router fields empty): clients route with the
         statistics its peers publish (``ClusterStatsRecord``)."""
@@ -368,7 +383,81 @@ class SwarmManifest:
         if hashes is not None and not (isinstance(hashes, list) and len(hashes) == r.num_clusters and all(
                 isinstance(h, str) and (h == "" or _SHA256.match(h)) for h in hashes)):
             raise RecordError(f"{what}: {STATS_HASHES_FIELD} must be {r.num_clusters} sha256 hex digests (or \"\")")
+        try:
+            r.admission  # noqa: B018 (parsed to check it)
+        except ValueError as e:
+            raise RecordError(f"{what}: {e}") from None
         check_time(r.issued, None, what)
+        return r
+
+
+@dataclass(frozen=True)
+class AttestationRecord:
+    """A validator's signed score of one checkpoint for one cluster (``admission.score``), announced by any peer
+    (the signature inside, by a key the owner's manifest names, is what counts; ``admission.rule.decide``)."""
+
+    version: Int
+    subject: Text  # "checkpoint": an expert's score; "stats": a cluster-statistics blob that matches the data
+    swarm: Id  # NAME of the swarm (a signature for one swarm means nothing in another)
+    checkpoint_sha256: Text  # the expert's weights sha256 (subject "stats": the statistics blob's sha256)
+    cluster: Int  # the cluster it was scored for (the one its record announces)
+    num_clusters: Int
+    partition_hash: Text
+    score: Float  # mean flow-matching loss on the cluster's validation triples (stats: the largest relative deviation)
+    baseline: Float  # loss of predicting v = 0 on the same triples (stats: 0)
+    in_classes: OptFloat  # loss on the validation images of classes its data contains (None: n/a)
+    out_classes: OptFloat  # loss on test images of classes its data does not contain (None: n/a)
+    triples: Int  # triples scored (stats: images the statistics were recomputed from)
+    seed: Int  # the admission seed the triples were drawn with
+    issued: Float  # DHT time the score was computed
+    validator_key: OwnerKey  # the validator's RSA public key, DER
+    peer_id: Id  # the announcing peer (must be the announcing key's peer id)
+    updated: Float  # DHT time of this announcement (not signed: re-announcing does not re-sign)
+    signature: Signature  # validator's signature over canonical_bytes of every field but peer_id, updated, signature
+
+    @property
+    def subkey_suffix(self) -> bytes:
+        return f"/{self.subject[:1]}{self.checkpoint_sha256[:16]}/{self.cluster}/{self.validator_key_fp}".encode()
+
+    @property
+    def validator_key_fp(self) -> str:
+        return hashlib.sha256(self.validator_key).hexdigest()[:32]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for f in ("score", "baseline", "issued", "updated"):
+            d[f] = float(d[f])
+        return d
+
+    def signed_bytes(self) -> bytes:
+        d = self.to_dict()
+        for f in ("peer_id", "updated", "signature"):
+            del d[f]
+        return canonical_bytes(d, _ATTESTATION_CONTEXT)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> AttestationRecord:
+        """Parse and check the fields (not the signature: ``verify_attestation``)."""
+        r = cls(**strict_fields(AttestationRecordModel, d, "attestation"))
+        what = f"attestation from {r.peer_id[:12]}"
+        _check_peer(r, what)
+        if r.version < 1:
+            raise RecordError(f"{what}: version {r.version} < 1")
+        if not _SHA256.match(r.checkpoint_sha256):
+            raise RecordError(f"{what}: checkpoint_sha256 is not a sha256 hex digest")
+        if not 1 <= r.num_clusters <= MAX_CLUSTERS or not 0 <= r.cluster < r.num_clusters:
+            raise RecordError(f"{what}: cluster {r.cluster} of K={r.num_clusters} is out of range")
+        floats = [r.score, r.baseline] + [v for v in (r.in_classes, r.out_classes) if v is not None]
+        if not all(math.isfinite(v) and v >= 0 for v in floats):
+            raise RecordError(f"{what}: scores must be finite and >= 0")
+        if r.subject not in ATTESTATION_SUBJECTS:
+            raise RecordError(f"{what}: subject {r.subject!r} not in {ATTESTATION_SUBJECTS}")
+        if not (0 < r.triples <= 10**9 and 0 <= r.seed < 2**63):
+            raise RecordError(f"{what}: triples {r.triples} or seed out of range")
+        if not r.validator_key or not r.signature:
+            raise RecordError(f"{what}: no validator key or signature")
+        check_time(r.issued, None, what)
+        check_time(r.updated, None, what)
         return r
 
 
@@ -377,3 +466,4 @@ ExpertRecordModel = wire_model(ExpertRecord)
 RouterProviderModel = wire_model(RouterProvider)
 ClusterStatsRecordModel = wire_model(ClusterStatsRecord)
 SwarmManifestModel = wire_model(SwarmManifest)
+AttestationRecordModel = wire_model(AttestationRecord)

@@ -21,7 +21,9 @@ from diffswarm.dht.names import (
     SwarmName,
     choose_manifest,
     is_full_name,
+    key_fingerprint,
     parse_swarm_name,
+    public_key_der,
     sign_manifest,
     swarm_name_of,
 )
@@ -232,6 +234,47 @@ def _router_fields(swarm: SwarmName, router: RouterBlob | None, served: dict[str
                 num_classes=rc.num_classes, router_sha256=router.sha256,
                 router_weights_sha256=router.weights_sha256, router_bytes=len(router.data),
                 protocol=PROTOCOL_VERSION, software=__version__, issued=float(get_dht_time()))
+
+
+def admission_rule(owner_key, more_validators, partition_hash: str) -> dict:
+    """The admission rule the owner signs (``admission.rule``): its own key and ``more_validators`` validate, the
+    triples' seed follows from its key's fingerprint and the partition."""
+    from diffswarm.admission.rule import AdmissionRule
+    from diffswarm.admission.score import seed_of
+
+    own = key_fingerprint(public_key_der(owner_key))
+    vals = tuple(dict.fromkeys([own, *(v.lower() for v in more_validators)]))
+    return AdmissionRule(vals, seed_of(f"{own}/{partition_hash}")).to_field()
+
+
+async def admission_verdicts(dht: SwarmDHT, manifest: SwarmManifest | None, served, memory) -> dict[str, str]:
+    """Per served expert id, what the owner's admission rule makes of its checkpoint now (``admitted with score
+    ...`` or ``on probation: ...``); empty when the manifest has no rule or the lookup fails. ``memory``: the
+    ``AttestationMemory`` of this peer (attestations seen before count, as for clients)."""
+    from diffswarm.admission.rule import decide
+    from diffswarm.dht.attestations import verified_scores
+
+    rule = manifest.admission if manifest is not None else None
+    if rule is None or not served:
+        return {}
+    try:
+        atts, _ = await dht.get_attestations()
+        recs, _ = await dht.get_experts()
+    except Exception as e:  # the DHT briefly unreachable: say nothing this time
+        logger.debug(f"admission lookup failed: {e!r}")
+        return {}
+    scores, _ = verified_scores(memory.update(atts), manifest, rule)
+    out = {}
+    for s in served:
+        k, sha = s.expert.config.cluster, s.expert.weights_sha256
+        if k is None:
+            continue
+        announced = {r.checkpoint_sha256: k for r in recs if r.state == "online" and r.cluster == k}
+        announced[sha] = k
+        v = decide(rule, [a for a in scores if a.cluster == k], announced)[sha]
+        why = v.reason if v.reason.startswith("on probation") else f"on probation: {v.reason}"
+        out[s.expert.expert_id] = f"admitted for cluster {k} with score {v.score:.4g}" if v.admitted else why
+    return out
 
 
 def provider_record_for(router: RouterBlob | None, peer_id: str, addrs: list[str]) -> RouterProvider | None:

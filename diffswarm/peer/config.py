@@ -35,4 +35,8 @@ class PeerConfig:
     # (peer.reachability); off: announce them unchecked
     check_reachability: bool = True
     contribution_log_period: float = 600.0  # seconds between the log lines of what this peer served (0: never)
+    validate: str | None = None  # partition manifest: score the swarm's checkpoints on its test split and announce
+    #                              signed attestations (peer/validator.py); the owner also signs the admission rule
+    validators: tuple[str, ...] = ()  # owner: fingerprints of more validator keys its admission rule names
+    validator_key: str | None = None  # key file a validator signs with (None: the owner key, else the identity key)
     limits: PeerLimits = field(default_factory=PeerLimits)  # what callers can make the peer hold (peer/limits.py)

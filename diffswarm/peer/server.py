@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 
 from diffswarm import __version__
+from diffswarm.admission.rule import ADMISSION_FIELD
+from diffswarm.dht.attestations import AttestationMemory
 from diffswarm.dht.names import SwarmName
 from diffswarm.dht.node import SwarmDHT, open_identity
 from diffswarm.dht.records import STATS_HASHES_FIELD, ExpertRecord, RouterProvider, SwarmManifest
@@ -43,6 +45,8 @@ from diffswarm.dht.schema import MAX_ADDRS, MAX_RECORD_AGE
 from diffswarm.experts.expert import Expert
 from diffswarm.peer.announce import (
     ExpertStatus,
+    admission_rule,
+    admission_verdicts,
     announce_records,
     follow_manifest,
     heartbeat,
@@ -99,6 +103,10 @@ class Peer:
         self.relayed: bool | None = None  # announced through relay circuits only (None: not checked)
         self.exit_code = 0
         self._contribution_logged = time.monotonic()
+        self._validator: asyncio.Task | None = None
+        self.validator = None  # peer.validator.Validator when cfg.validate
+        self.admission: dict[str, str] = {}  # expert id -> its verdict under the owner's admission rule (last said)
+        self.seen_attestations = AttestationMemory()  # attestations read so far (a lookup may miss some)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -112,6 +120,13 @@ class Peer:
             torch.set_num_threads(self.cfg.threads)
         if self.cfg.router:  # a bad router file fails before the daemon starts
             self.router = RouterBlob(self.cfg.router)
+        if self.cfg.validate:  # so does a partition a validator cannot read
+            from diffswarm.data.partition import Partition
+
+            try:
+                Partition.load(self.cfg.validate)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot validate with partition manifest {self.cfg.validate}: {e}") from None
         ident = open_identity(self.cfg.net.identity_path)
         try:
             self.swarm, self.owner_key, key_what = resolve_swarm(self.cfg.swarm, self.cfg.owner_key, ident,
@@ -161,6 +176,8 @@ class Peer:
         (``announce.manifest_fields_for``); says once why a statistics file is not signed."""
         fields, notes = manifest_fields_for(self.swarm, self.router, self.served, self.training_cfg,
                                             self.cfg.sign_stats)
+        if self.cfg.validate and self.owner_key is not None:  # the owner validates: it signs the admission rule
+            fields[ADMISSION_FIELD] = admission_rule(self.owner_key, self.cfg.validators, fields["partition_hash"])
         for n in notes:
             if n not in self._stats_notes:
                 self._stats_notes.add(n)
@@ -187,7 +204,8 @@ class Peer:
         founds = self.router is not None or any(s.expert.config.cluster is not None for s in self.served.values())
         if self.owner_key is not None and founds:
             fields = self.manifest_fields()
-            if self.own_manifest is None or self.own_manifest.signed_stats != fields.get(
+            if self.own_manifest is None or self.own_manifest.partition_hash != fields["partition_hash"] or \
+                    self.own_manifest.signed_stats != fields.get(
                     STATS_HASHES_FIELD, [""] * fields["num_clusters"]):
                 self.own_manifest = sign_own_manifest(self.owner_key, fields, self.swarm, self.router)
         self.manifest = await follow_manifest(self.dht, self.swarm, self.manifest, self.own_manifest)
@@ -209,11 +227,31 @@ class Peer:
         if self.state == "online" and period > 0 and time.monotonic() - self._contribution_logged >= period:
             self._contribution_logged = time.monotonic()
             self.log(self.contribution.summary(time.monotonic()))
+        if manifest is not None and manifest.admission is not None and self.state == "online":
+            found = await admission_verdicts(self.dht, manifest, self.served.values(), self.seen_attestations)
+            for eid, verdict in found.items():
+                if self.admission.get(eid) != verdict:  # say when it was admitted and with what score, or why not
+                    self.admission[eid] = verdict
+                    self.log(f"{eid}: {verdict}")
 
     def start_heartbeat(self) -> None:
         if self._heartbeat is None:
             beat = heartbeat(self.announce, self.stop_event, self.cfg.announce_period)
             self._heartbeat = asyncio.get_running_loop().create_task(beat)
+
+    def start_validator(self) -> None:
+        """With ``cfg.validate``: score the swarm's checkpoints and announce attestations (``peer.validator``), signed
+        by ``cfg.validator_key``, else the owner key, else this peer's identity key."""
+        if not self.cfg.validate or self.swarm is None or self._validator is not None:
+            return
+        from diffswarm.dht.node import load_or_create_key
+        from diffswarm.peer.validator import Validator
+
+        key = (load_or_create_key(self.cfg.validator_key)[0] if self.cfg.validator_key
+               else self.owner_key or self.dht.private_key)
+        self.validator = Validator(self.dht, self.swarm, key, self.cfg.validate, period=self.cfg.announce_period,
+                                   own_manifest=lambda: self.own_manifest, log=self.log)
+        self._validator = asyncio.get_running_loop().create_task(self.validator.run(self.stop_event))
 
     async def train(self) -> str | None:
         """Train the expert (announcing ``joining``); returns the checkpoint path, None if stopped."""
@@ -297,10 +335,11 @@ class Peer:
     async def shutdown(self) -> None:
         """Announce offline, stop serving, stop the daemon."""
         self.stop_event.set()
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+        for task in (self._heartbeat, self._validator):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.dht is None:
             return
         if self.served or self.training_cfg is not None:
@@ -332,6 +371,7 @@ class Peer:
                 loop.add_signal_handler(sig, self.stop)
         try:
             await self.start()
+            self.start_validator()
             if self.cfg.checkpoint is None and self.cfg.train is not None:
                 path = await self.train()
                 if path is None:

@@ -304,13 +304,15 @@ def owned_swarm_name(swarm: str, owner_key: str | Path) -> str:
 def start_local_swarm(peers: Sequence[PeerSpec], router_path: str | None, run_dir: str | Path, *,
                       swarm: str = "diffswarm", owner_key: str | Path | None = None, threads: int = 1,
                       timeout: float = 300.0, port: int = 0, announce_period: float = 5.0,
-                      extra_args: Sequence[str] = ()) -> LocalSwarm:
+                      extra_args: Sequence[str] = (), validate: str | Path | None = None) -> LocalSwarm:
     """Start a bootstrap node (serving the router and signing the swarm's manifest with ``owner_key``,
     default RUN_DIR/owner.key, created if missing) and ``peers`` on 127.0.0.1, each as its own process;
     with ``router_path`` None there is no router peer: the first peer signs a manifest naming no router
     (clients route with the statistics the peers publish);
     return once all are online (their records checked in the DHT). ``swarm``: the NAME (or the full name,
-    which must match the owner key). Writes RUN_DIR/swarm.json with the full name."""
+    which must match the owner key). ``validate``: the partition manifest the signing peer validates every
+    checkpoint on (admission on: it signs the admission rule, and this returns once every peer's checkpoint is
+    attested). Writes RUN_DIR/swarm.json with the full name."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     owner_key = Path(owner_key) if owner_key else run_dir / OWNER_KEY_FILE
@@ -324,6 +326,7 @@ def start_local_swarm(peers: Sequence[PeerSpec], router_path: str | None, run_di
     sw = LocalSwarm(run_dir, swarm, [], [], {})
     stats = [str(p) for p in _stats_files(peers)]  # the owner signs their sha256 in the manifest
     sign_stats = ["--sign-stats", *stats] if stats else []
+    sign_stats += ["--validate", str(validate)] if validate else []  # the owner validates (peer/validator.py)
     try:
         signs = ["--router", str(router_path), "--owner-key", str(owner_key), *sign_stats] if router_path else []
         boot_args = [*common, "--port", str(port), *signs]
@@ -343,7 +346,8 @@ def start_local_swarm(peers: Sequence[PeerSpec], router_path: str | None, run_di
             started.append(sw._spawn_peer(spec))
         infos = _wait_online(started[1:], deadline)
         _confirm_in_dht(sw, [i["peer_id"] for i in infos.values() if i.get("experts")], deadline, manifest=True,
-                        stats=_stats_hashes(stats) if router_path is None else set())  # stats: what clients need
+                        stats=_stats_hashes(stats) if router_path is None else set(),  # stats: what clients need
+                        attested=validate is not None)
         return sw
     except BaseException:
         sw.stop(timeout=5)
@@ -373,9 +377,10 @@ def _stats_hashes(paths: Sequence[str]) -> set[str]:
 
 
 def _confirm_in_dht(sw: LocalSwarm, peer_ids: list[str], deadline: float, manifest: bool = False,
-                    stats: set[str] = frozenset()) -> None:
+                    stats: set[str] = frozenset(), attested: bool = False) -> None:
     """Wait until every expert peer's online record (and, with ``manifest``, the owner's signed manifest, signing
-    the sha256 of every statistics file in ``stats``) can be read from the DHT by a fresh client."""
+    the sha256 of every statistics file in ``stats``; with ``attested``, an attestation of each peer's checkpoint)
+    can be read from the DHT by a fresh client."""
     import asyncio
 
     from diffswarm.dht.names import choose_manifest, parse_swarm_name
@@ -391,13 +396,18 @@ def _confirm_in_dht(sw: LocalSwarm, peer_ids: list[str], deadline: float, manife
                 online = {r.peer_id for r in recs if r.state == "online"}
                 m = choose_manifest((await node.get_manifests())[0], name)[0] if manifest else None
                 signed = not manifest or (m is not None and stats <= set(m.signed_stats))
+                ours = {(r.checkpoint_sha256, r.cluster) for r in recs if r.state == "online" and r.peer_id in peer_ids}
+                if attested:
+                    atts = {(a.checkpoint_sha256, a.cluster) for a in (await node.get_attestations())[0]}
+                    signed = signed and ours <= atts
                 if set(peer_ids) <= online and signed:
                     return
                 if time.monotonic() > deadline:
                     missing = sorted(set(peer_ids) - online)
                     raise SwarmLaunchError(f"peers {missing} are up but not online in the DHT" if missing else
                                            f"the bootstrap node is up but the manifest of {sw.swarm} (signing every "
-                                           f"cluster's statistics) is not in the DHT")
+                                           f"cluster's statistics) or the attestations of its experts are not in the "
+                                           "DHT")
                 await asyncio.sleep(0.5)
         finally:
             await node.shutdown()
@@ -436,13 +446,14 @@ def stop_local_swarm(run_dir: str | Path, timeout: float = 20.0) -> list[PeerPro
 @contextlib.contextmanager
 def local_swarm(expert_paths: Sequence[str | Path], router_path: str | Path | None, *, run_dir: str | Path,
                 replicas: int = 1, swarm: str = "diffswarm", threads: int = 1, timeout: float = 300.0,
-                announce_period: float = 5.0) -> Iterator[LocalSwarm]:
+                announce_period: float = 5.0, validate: str | Path | None = None) -> Iterator[LocalSwarm]:
     """Serve ``expert_paths`` (each ``replicas`` times) and the router from a local swarm for the
-    duration of the ``with`` block; stops every process (and cleans its sockets) on exit."""
+    duration of the ``with`` block (``validate``: a partition manifest, admission on); stops every process (and
+    cleans its sockets) on exit."""
     specs = [PeerSpec(f"peer{i}-r{r}" if replicas > 1 else f"peer{i}", checkpoint=str(p))
              for i, p in enumerate(expert_paths) for r in range(replicas)]
     sw = start_local_swarm(specs, str(router_path) if router_path else None, run_dir, swarm=swarm, threads=threads,
-                           timeout=timeout, announce_period=announce_period)
+                           timeout=timeout, announce_period=announce_period, validate=validate)
     try:
         yield sw
     finally:

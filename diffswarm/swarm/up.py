@@ -56,12 +56,15 @@ def swarm_up(p: SwarmUpConfig) -> LocalSwarm:
     if p.checkpoints:
         paths = [c for c in p.checkpoints for _ in range(p.replicas)]
         specs = [PeerSpec(n, checkpoint=c) for n, c in zip(names, paths, strict=True)]
-        router = p.router
+        router, validate = p.router, p.partition  # admission needs the partition (and its dataset)
     else:
         specs, router = _train_first(p, run_dir, names)
+        validate = p.partition or str(run_dir / "partition.json")
     logger.info(f"starting a bootstrap node and {len(specs)} peer(s) on 127.0.0.1 (logs in {run_dir / 'logs'})")
+    if validate is None:
+        logger.info("admission off: no --partition to score the checkpoints on (clients use every expert announced)")
     sw = start_local_swarm(specs, router, run_dir, swarm=p.swarm, owner_key=p.owner_key, threads=p.threads,
-                           timeout=p.timeout, port=p.port)
+                           timeout=p.timeout, port=p.port, validate=validate)
     owner = p.owner_key or run_dir / "owner.key"
     logger.info(f"swarm {sw.swarm} is up with {len(specs)} expert peer(s) (owner key {owner}). Multiaddr:\n"
         f"  {' '.join(sw.initial_peers)}")

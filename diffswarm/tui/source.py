@@ -33,8 +33,10 @@ class Snapshot:
 def client_health(client, now: float) -> dict[str, str]:
     """Per peer, the swarm client's verdict (``SwarmClient.health``) as the health column shows it: ``banned Ns``
     (failed calls or probe, with the seconds left), ``ok``, ``skipped`` (announces another partition or
-    protocol) or ``unverified`` (not probed yet)."""
-    return {p: f"banned {h.banned_for:.0f}s" if h.verdict == "banned" else h.verdict
+    protocol), ``probation: why`` (its checkpoint is not admitted: not attested yet, or its score fails the owner's
+    rule) or ``unverified`` (not probed yet)."""
+    return {p: f"banned {h.banned_for:.0f}s" if h.verdict == "banned" else
+            f"probation: {h.reason.removeprefix('on probation: ')}" if h.verdict == "probation" else h.verdict
             for p, h in client.health(now).items()}
 
 
