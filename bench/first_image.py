@@ -123,12 +123,12 @@ def main() -> None:
     if args.stages:
         return stages(args.stages, args.spawned_at)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from benchlib import footer, header
+    from benchlib import footer, header, tiny
 
     from diffswarm.swarm.local import local_swarm
     from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats if args.repeats is not None else 0 if tiny() else 1 if args.quick else 3
     header("time to first image: cold `diffswarm generate --n 1` over a loopback swarm of 4 UNet experts")
     with tempfile.TemporaryDirectory(prefix="first-image-") as tmp:
         experts, router = make_toy_swarm(tmp, ToySwarmSpec(["ddpm", "fm", "ddpm", "fm"], size=28, num_classes=10,
@@ -140,7 +140,7 @@ def main() -> None:
             env_cache = os.path.join(tmp, "cache")
             os.environ["DIFFSWARM_CACHE"] = env_cache  # the first run fills the router cache, as a user's would
             starts, totals, samplings, staged = [], [], [], []
-            for i in range(repeats + 1):  # the first run fills the cache (router file): reported apart
+            for i in range(repeats + 1):  # the first run fills the cache (the router file): reported apart
                 starts.append(_wall([sys.executable, "-c", "pass"])[0])
                 total, out = _wall([sys.executable, "-m", "diffswarm", "generate", "--run-dir", run_dir, "--n", "1",
                                     "--output", os.path.join(tmp, f"first{i}.png")])
@@ -151,17 +151,18 @@ def main() -> None:
                 staged.append(json.loads(next(ln for ln in out.splitlines()
                                               if ln.startswith("STAGES ")).removeprefix("STAGES ")))
     beyond = [t - s for t, s in zip(totals, samplings, strict=True)]
+    c = slice(1, None) if repeats else slice(0, 1)  # the cached runs (none: the empty-cache run)
     print(f"\ncold runs: 1 with an empty router cache, then {repeats} with it filled (median of those)")
-    print(f"  python -c pass:                      {statistics.median(starts[1:]):6.2f} s")
-    print(f"  diffswarm generate --n 1, wall:      {statistics.median(totals[1:]):6.2f} s (empty cache: "
+    print(f"  python -c pass:                      {statistics.median(starts[c]):6.2f} s")
+    print(f"  diffswarm generate --n 1, wall:      {statistics.median(totals[c]):6.2f} s (empty cache: "
           f"{totals[0]:.2f} s)")
-    print(f"    of which sampling (as printed):    {statistics.median(samplings[1:]):6.2f} s")
-    print(f"    beyond sampling:                   {statistics.median(beyond[1:]):6.2f} s (target < 5 s; empty "
+    print(f"    of which sampling (as printed):    {statistics.median(samplings[c]):6.2f} s")
+    print(f"    beyond sampling:                   {statistics.median(beyond[c]):6.2f} s (target < 5 s; empty "
           f"cache: {beyond[0]:.2f} s)")
     print("\nthe same path in stages (median of the cached runs, seconds):")
     for k in staged[0]:
         if k != "uncovered":
-            print(f"  {k:42s} {statistics.median(s[k] for s in staged[1:]):6.2f}")
+            print(f"  {k:42s} {statistics.median(s[k] for s in staged[c]):6.2f}")
     print(f"  (uncovered clusters at the start of sampling: {staged[-1]['uncovered']})")
     print("\nslowest imports of the generate path (cumulative s, python -X importtime):")
     for s, name in _slowest_imports():

@@ -9,11 +9,15 @@
    (with the real train-vs-test floor), class accuracy, and the share of samples per cluster.
 
 The demo keeps its time on any machine: the preset gives a wall-clock budget for the whole run
-(``--minutes`` overrides it). After partitioning, the demo times one forward pass of the expert
-network here, estimates what generating and scoring will cost on this machine, and gives the
-experts' training what is left (``TrainConfig.minutes``: the steps follow from the measured speed).
-A slower machine trains fewer steps instead of running late. ``--steps`` trains a fixed number of
-steps instead. Every stage's time is printed and written to ``report.json``.
+(``--minutes`` overrides it). After partitioning, the demo times one training step and one sampling
+pass of each of the preset's candidate recipes here (``Preset.recipes``; a few seconds), predicts the
+steps each would train in what the budget leaves after generating, and trains the one whose measured
+quality-per-step curve promises the best images at that many steps (``diffswarm.training.recipes``):
+the UNet's convolutions cost relatively more on some CPUs (an AVX2-only EPYC) than on the machine the
+recipe table was measured on, so the choice follows this machine, not that table. The experts then
+train for the time left (``TrainConfig.minutes``: the steps follow from the measured speed); a slower
+machine trains fewer steps instead of running late. ``--steps`` trains the preset's own recipe a fixed
+number of steps instead. Every stage's time and the choice are printed and written to ``report.json``.
 
 Presets (``training/presets.py``): ``cpu`` fits a 2-core CPU, ``gpu`` is larger, ``tiny`` (digits) is what
 the tests run.

@@ -86,3 +86,26 @@ def test_measuring_is_a_thin_wrapper_that_returns_positive_costs():
     tiny = Recipe("tiny", "mlp", 32, 1, 8, ((1, 1.0, 0.5), (2, 1.0, 0.5)))
     c = measure_costs(tiny, (1, 8, 8), 10, timed=1)
     assert c.step_s > 0 and c.row_s > 0
+
+
+def test_the_demo_trains_the_recipe_its_measurements_choose(tmp_path, monkeypatch):
+    """The demo's plan takes the network and batch of the recipe chosen from the measured costs (faked here:
+    the measuring itself is the thin wrapper above), and the preset's own recipe with a fixed --steps."""
+    from dataclasses import replace
+
+    from diffswarm import demo
+
+    monkeypatch.setitem(demo.PRESETS, "choice", replace(PRESETS["tiny"], minutes=20.0,
+                                                        recipes=("unet16x3-b96", "dit96x3-b48")))
+    run = demo._start(demo.DemoConfig(out=str(tmp_path / "demo"), k=2, preset="choice", local_generation=True))
+    ds, _, part, part_path = demo._partition(run)
+    for costs, net, batch in (({"unet16x3-b96": Costs(5.0, 1e-5), "dit96x3-b48": Costs(0.05, 1e-5)}, "dit", 48),
+                              ({"unet16x3-b96": Costs(0.05, 1e-5), "dit96x3-b48": Costs(5.0, 1e-5)}, "unet", 96)):
+        monkeypatch.setattr(demo, "measure_costs", lambda r, *a, costs=costs, **k: costs[r.name])
+        plan = demo._plan_training(run, ds, part, part_path)
+        assert {(j.net, j.train.batch) for j in plan.jobs} == {(net, batch)}
+        assert plan.choice is not None and plan.choice.best.recipe.net == net
+    fixed = demo._start(demo.DemoConfig(out=str(tmp_path / "fixed"), k=2, preset="choice", steps=5,
+                                        local_generation=True))
+    plan = demo._plan_training(fixed, ds, part, part_path)
+    assert plan.choice is None and {(j.net, j.train.batch) for j in plan.jobs} == {("mlp", 64)}
