@@ -96,11 +96,11 @@ def test_the_demo_trains_the_recipe_its_measurements_choose(tmp_path, monkeypatc
     from diffswarm import demo
 
     monkeypatch.setitem(demo.PRESETS, "choice", replace(PRESETS["tiny"], minutes=20.0,
-                                                        recipes=("unet16x3-b96", "dit96x3-b48")))
+                                                        recipes=("unet16x3-b96", "dit96x3-b96")))
     run = demo._start(demo.DemoConfig(out=str(tmp_path / "demo"), k=2, preset="choice", local_generation=True))
     ds, _, part, part_path = demo._partition(run)
-    for costs, net, batch in (({"unet16x3-b96": Costs(5.0, 1e-5), "dit96x3-b48": Costs(0.05, 1e-5)}, "dit", 48),
-                              ({"unet16x3-b96": Costs(0.05, 1e-5), "dit96x3-b48": Costs(5.0, 1e-5)}, "unet", 96)):
+    for costs, net, batch in (({"unet16x3-b96": Costs(50.0, 1e-5), "dit96x3-b96": Costs(0.05, 1e-5)}, "dit", 96),
+                              ({"unet16x3-b96": Costs(0.05, 1e-5), "dit96x3-b96": Costs(5.0, 1e-5)}, "unet", 96)):
         monkeypatch.setattr(demo, "measure_costs", lambda r, *a, costs=costs, **k: costs[r.name])
         plan = demo._plan_training(run, ds, part, part_path)
         assert {(j.net, j.train.batch) for j in plan.jobs} == {(net, batch)}
