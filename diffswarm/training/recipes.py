@@ -184,8 +184,10 @@ def measure_costs(recipe: Recipe, shape: tuple[int, int, int], num_classes: int,
 # The candidates, with their measured quality-per-step curves: (steps, FD, class accuracy) of an FM expert on all of
 # Fashion-MNIST 28x28, 500 class-conditional samples, Heun 6, CFG 2, FD floor (real train vs test, n = 500) 7.9:
 # `python bench/recipe_choice.py --objective fm --n 500 --sampler heun --sample-steps 6 --guidance 2 --steps N
-# --only I` (I: 6 = unet16x3 b96, 0 = dit96x3 b96), 2026-12-02 (docs/performance.md).
+# --only I` (I: 6 = unet16x3 b96, 7 = unet16x3 b48, 0 = dit96x3 b96), 2026-12-02 (docs/performance.md). At equal
+# CPU time batch 48 beats batch 96 on few steps (200 x b48: FD 29.7 vs 100 x b96: 68.3): what a slow machine trains.
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("unet16x3-b96", "unet", 16, 3, 96, ((100, 68.3, 0.780), (300, 17.9, 0.918))),
+    Recipe("unet16x3-b48", "unet", 16, 3, 48, ((100, 75.9, 0.718), (200, 29.7, 0.896))),
     Recipe("dit96x3-b96", "dit", 96, 3, 96, ((100, 287.8, 0.352), (300, 111.0, 0.730))),
 )}
