@@ -44,7 +44,7 @@ def _expert_job(payload) -> dict:
     ms, n_params = probe_ms_per_step(cfg, tk, images, labels, seed + k)
     tc = fit_train_config(tk, ms, budget, seed + k)
     c0 = time.process_time()
-    summary = train_expert(cfg, tc, images, labels, out, device="cpu", progress=False)
+    summary = train_expert(cfg, tc, images, labels, out, progress=False)
     rec = {"cluster": k, "objective": objective, "n_train": int(len(idx)), "ms_per_step": ms, "steps": tc.steps,
            "train_cpu_s": time.process_time() - c0, "final_loss": summary["final_loss"], "params": n_params}
     print(f"  expert c{k}-{objective}: {ms:.0f} ms/step, {tc.steps} steps, "
@@ -67,7 +67,7 @@ def _router_job(payload) -> dict:
                        partition_hash=part.partition_hash, dataset_id=ds.dataset_id)
     c0 = time.process_time()
     train_router(cfg, RouterTrainConfig(steps=steps, seed=seed), ds.images, ds.labels,
-                 torch.from_numpy(part.assignments), out, device="cpu", progress=False)
+                 torch.from_numpy(part.assignments), out, progress=False)
     return {"router_cpu_s": time.process_time() - c0}
 
 

@@ -70,6 +70,9 @@ CANDIDATES = [
          expert=dict(ddpm=dict(ddpm_time="logit_normal", loss_weighting="min_snr"))),  # 24
     dict(name="unet16x3 nomid", net=dict(kind="unet", width=16, depth=3, mid_attn=False),
          expert=dict(ddpm=dict(ddpm_time="logit_normal", loss_weighting="flow"))),  # 25
+    # the quality-per-step curves of the demo's machine-measured choice (diffswarm/training/recipes.py)
+    dict(name="dit96x3p4", net=dict(kind="dit"), train=dict(batch=48)),  # 26
+    dict(name="unet16x2 nomid", net=dict(kind="unet", width=16, depth=2, mid_attn=False), train=dict(batch=48)),  # 27
 ]
 
 DEFAULT_NET = dict(channels=1, size=28, num_classes=10)
@@ -160,14 +163,14 @@ def run_candidate(i: int, cand: dict, args: argparse.Namespace) -> dict:
 
     # 1. ms/step in CPU time, then the steps that fit the budget
     ms, n_params = probe_ms_per_step(cfg, tk, train_ds.images, train_ds.labels, args.seed, args.probe_steps)
-    tc = fit_train_config(tk, ms, args.budget, args.seed)
+    tc = fit_train_config(tk, ms, (args.steps + 0.5) * ms / 1000 if args.steps else args.budget, args.seed)
 
     # 2. train for the steps that fit
     if out.exists():
         for f in out.iterdir():
             f.unlink()
     c0 = time.process_time()
-    summary = train_expert(cfg, tc, train_ds.images, train_ds.labels, out, device="cpu", progress=False)
+    summary = train_expert(cfg, tc, train_ds.images, train_ds.labels, out, progress=False)
     train_cpu = time.process_time() - c0
 
     # 3. sample 100 per class with fixed settings; score
@@ -213,6 +216,8 @@ def _table(records: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget", type=float, default=140, help="training CPU-seconds of one thread per candidate")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="train every candidate this many steps instead of --budget CPU-seconds")
     ap.add_argument("--only", default=None, help="comma-separated candidate indices (default: all)")
     ap.add_argument("--objective", default="fm", choices=["fm", "ddpm"], help="for candidates that do not set one")
     ap.add_argument("--jobs", type=int, default=1, help="concurrent single-thread jobs (at most 2)")
@@ -234,7 +239,8 @@ def main() -> None:
         return
     jobs = max(1, min(args.jobs, 2))
     idx = [int(i) for i in args.only.split(",")] if args.only else list(range(len(CANDIDATES)))
-    args.tag = args.tag or f"{args.objective}-b{args.budget:g}-{args.sampler}{args.sample_steps}-g{args.guidance:g}"
+    length = f"s{args.steps}" if args.steps else f"b{args.budget:g}"
+    args.tag = args.tag or f"{args.objective}-{length}-{args.sampler}{args.sample_steps}-g{args.guidance:g}"
     if args.show:
         d = json.loads((Path(args.out) / f"{args.tag}.json").read_text())
         _table([r for r in d["records"] if not args.only or r["index"] in idx])

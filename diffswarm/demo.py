@@ -9,11 +9,15 @@
    (with the real train-vs-test floor), class accuracy, and the share of samples per cluster.
 
 The demo keeps its time on any machine: the preset gives a wall-clock budget for the whole run
-(``--minutes`` overrides it). After partitioning, the demo times one forward pass of the expert
-network here, estimates what generating and scoring will cost on this machine, and gives the
-experts' training what is left (``TrainConfig.minutes``: the steps follow from the measured speed).
-A slower machine trains fewer steps instead of running late. ``--steps`` trains a fixed number of
-steps instead. Every stage's time is printed and written to ``report.json``.
+(``--minutes`` overrides it). After partitioning, the demo times one training step and one sampling
+pass of each of the preset's candidate recipes here (``Preset.recipes``; a few seconds), predicts the
+steps each would train in what the budget leaves after generating, and trains the one whose measured
+quality-per-step curve promises the best images at that many steps (``diffswarm.training.recipes``):
+the UNet's convolutions cost relatively more on some CPUs (an AVX2-only EPYC) than on the machine the
+recipe table was measured on, so the choice follows this machine, not that table. The experts then
+train for the time left (``TrainConfig.minutes``: the steps follow from the measured speed); a slower
+machine trains fewer steps instead of running late. ``--steps`` trains the preset's own recipe a fixed
+number of steps instead. Every stage's time and the choice are printed and written to ``report.json``.
 
 Presets (``training/presets.py``): ``cpu`` fits a 2-core CPU, ``gpu`` is larger, ``tiny`` (digits) is what
 the tests run.
@@ -36,6 +40,15 @@ from diffswarm.router.train import RouterTrainConfig
 from diffswarm.training.jobs import RouterJob, TrainJob
 from diffswarm.training.pool import WorkerPool
 from diffswarm.training.presets import PRESETS, Preset
+from diffswarm.training.recipes import (
+    RECIPES,
+    Budget,
+    Choice,
+    Recipe,
+    choose_recipe,
+    generate_seconds,
+    measure_costs,
+)
 
 
 @dataclass(frozen=True)
@@ -133,6 +146,8 @@ class _Training:
     deadline: float | None  # time.time() the experts stop at (None: a fixed number of steps)
     est_generate: float  # estimated seconds of generating (grid + scored samples) on this machine
     train_s: float  # seconds left to training by the budget
+    network: str  # what the experts train, e.g. "unet 16x3 batch 96"
+    choice: Choice | None = None  # the measured recipe choice (None: the preset's recipe)
 
 
 def _start(cfg: DemoConfig) -> _Run:
@@ -168,31 +183,56 @@ def _partition(run: _Run) -> tuple[ImageDataset, ImageDataset, Partition, Path]:
 
 
 def _plan_training(run: _Run, ds: ImageDataset, part: Partition, part_path: Path) -> _Training:
-    """2. experts (alternating DDPM / FM), router and classifier, in parallel processes, in what the budget leaves."""
+    """2. experts (alternating DDPM / FM), router and classifier, in parallel processes, in what the budget leaves;
+    with a budget and a preset listing candidate recipes, the recipe is the one this machine trains best."""
     cfg, preset = run.cfg, run.preset
     objectives = ["ddpm" if k % 2 == 0 else "fm" for k in range(cfg.k)]
     n_jobs = cfg.k + 2
     workers = cfg.workers or n_jobs
-    threads = max(1, run.cores // min(workers, n_jobs))
+    processes = min(workers, n_jobs)
+    threads = max(1, run.cores // processes)
+    grid_n = max(1, ds.num_classes) * preset.per_class
+    s = preset.sampling
+    budget = Budget(seconds=0.0, rows=(grid_n + preset.eval_n) * s.evaluations * min(preset.routing.k, cfg.k),
+                    train_share=min(1.0, run.cores / processes), gen_parallel=min(run.cores, preset.routing.k),
+                    gen_overhead_s=0 if cfg.local_generation else 25, min_train_s=60 * preset.min_train_minutes)
+    recipe, choice = _choose_recipe(run, ds, budget) if preset.recipes and not cfg.steps else (None, None)
+    net, width, depth, batch = ((recipe.net, recipe.width, recipe.depth, recipe.batch) if recipe
+                                else (preset.net, preset.width, preset.depth, preset.batch))
     length = {"steps": cfg.steps} if cfg.steps else {"steps": None, "minutes": 1.0}  # minutes: set per job later
-    jobs = [TrainJob(str(part_path), k, str(run.out / "experts" / f"c{k}-{obj}"), objective=obj, net=preset.net,
-                     width=preset.width, depth=preset.depth,
-                     train=TrainConfig(**length, batch=preset.batch, lr=preset.lr, seed=cfg.seed + k, threads=threads,
+    jobs = [TrainJob(str(part_path), k, str(run.out / "experts" / f"c{k}-{obj}"), objective=obj, net=net,
+                     width=width, depth=depth,
+                     train=TrainConfig(**length, batch=batch, lr=preset.lr, seed=cfg.seed + k, threads=threads,
                                        resume=True, ckpt_every=max(100, (cfg.steps or 400) // 4)))
             for k, obj in enumerate(objectives)]
     rjob = RouterJob(str(part_path), str(run.out / "router.safetensors"),
                      train=RouterTrainConfig(steps=preset.router_steps, seed=cfg.seed, threads=threads))
-    grid_n = max(1, ds.num_classes) * preset.per_class
-    s = preset.sampling
-    rows = (grid_n + preset.eval_n) * s.evaluations * min(preset.routing.k, cfg.k)
-    row_s = sampling_seconds_per_row(jobs[0], part, ds, s.guidance)
-    # peers compute in parallel on the cores; the client, the RPCs and the swarm's start cost about as much again
-    est_generate = 2.0 * rows * row_s / max(1, min(run.cores, preset.routing.k)) + (0 if cfg.local_generation else 25)
+    if choice is None:
+        row_s = sampling_seconds_per_row(jobs[0], part, ds, s.guidance)
+        est_generate = generate_seconds(budget, row_s)
+    else:
+        est_generate = choice.best.generate_s
     elapsed = time.perf_counter() - run.t_start
     train_s = max(60 * preset.min_train_minutes, run.budget_s - elapsed - est_generate - 15)
     deadline = None if cfg.steps else time.time() + train_s
     run.timings.update(budget_s=run.budget_s, estimated_generate_s=est_generate, training_budget_s=train_s)
-    return _Training(objectives, jobs, rjob, min(workers, n_jobs), threads, deadline, est_generate, train_s)
+    return _Training(objectives, jobs, rjob, processes, threads, deadline, est_generate, train_s,
+                     f"{net} {width or ''}x{depth or ''} batch {batch}", choice)
+
+
+def _choose_recipe(run: _Run, ds: ImageDataset, budget: Budget) -> tuple[Recipe, Choice]:
+    """Time each of the preset's candidate recipes here (a few seconds) and choose the one predicted to
+    make the best images in what the budget leaves (``diffswarm.training.recipes``)."""
+    t0 = time.perf_counter()
+    candidates = [RECIPES[name] for name in run.preset.recipes]
+    costs = {r.name: measure_costs(r, tuple(ds.shape), ds.num_classes, run.preset.sampling.guidance)
+             for r in candidates}
+    run.timings["measure_s"] = time.perf_counter() - t0
+    left = run.budget_s - (time.perf_counter() - run.t_start) - 15
+    choice = choose_recipe(candidates, costs, replace(budget, seconds=left))
+    print(f"[2/4] measured {len(candidates)} candidate recipes on this machine in {run.timings['measure_s']:.1f}s "
+          f"(one thread; each expert gets {budget.train_share:.2f} of a core while training):\n{choice.describe()}")
+    return choice.best.recipe, choice
 
 
 def _train(run: _Run, plan: _Training) -> tuple[list[dict], dict, dict]:
@@ -202,7 +242,7 @@ def _train(run: _Run, plan: _Training) -> tuple[list[dict], dict, dict]:
     cfg, preset, objectives = run.cfg, run.preset, plan.objectives
     what = f"{cfg.steps} steps each" if cfg.steps else f"{plan.train_s:.0f} s wall-clock each"
     print(f"[2/4] training {cfg.k} experts ({objectives.count('ddpm')} DDPM + {objectives.count('fm')} FM, "
-          f"{preset.net} {preset.width}x{preset.depth}, {what}) + router + classifier in {plan.processes} "
+          f"{plan.network}, {what}) + router + classifier in {plan.processes} "
           f"processes ({plan.threads} thread(s) each); generating is estimated at {plan.est_generate:.0f} s here")
     t0 = time.perf_counter()
     with WorkerPool(plan.processes) as pool:
@@ -289,6 +329,7 @@ def _score(run: _Run, ds: ImageDataset, test: ImageDataset, part: Partition, pla
               "experts": expert_summaries, "router": router_summary, "classifier": clf_info,
               "quality": rep.to_dict(), "routing": asdict(preset.routing), "sampling": asdict(preset.sampling),
               "expert_call_share": calls, "timings": timings, "cpu_count": run.cores,
+              "recipe_choice": _choice_report(plan.choice), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "generation": "local" if cfg.local_generation else "swarm", "grid": str(gen.grid_path)}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     print(f"[4/4] quality (classifier features, {preset.routing.strategy} k={preset.routing.k}):")
@@ -299,6 +340,15 @@ def _score(run: _Run, ds: ImageDataset, test: ImageDataset, part: Partition, pla
     print(f"grid -> {gen.grid_path}\nreport -> {out / 'report.json'}\ntotal {timings['total_s']:.0f}s "
           f"(budget {run.budget_s:.0f}s)")
     return report
+
+
+def _choice_report(choice: Choice | None) -> list[dict] | None:
+    """The measured recipe choice for report.json: every candidate, best first."""
+    if choice is None:
+        return None
+    return [{"recipe": p.recipe.name, "step_ms": 1000 * p.costs.step_s, "row_ms": 1000 * p.costs.row_s,
+             "train_s": p.train_s, "predicted_steps": p.steps, "predicted_fd": p.fd, "predicted_accuracy": p.accuracy,
+             "chosen": p is choice.best} for p in choice.ranked]
 
 
 def run_demo(cfg: DemoConfig) -> dict:

@@ -102,3 +102,24 @@ def test_flow_weighting_is_the_translated_velocity_loss():
     lf, _ = expert_loss(flow, x0, y, torch.Generator().manual_seed(1))
     w = (1 - t).pow(-2).clamp(max=FLOW_WEIGHT_CAP)
     assert torch.allclose(lf, lp * w, rtol=1e-5) and (lf >= lp).all()
+
+
+def test_own_timestep_embeddings_match_diffusers_tensor_for_tensor():
+    """diffswarm.experts.embeddings replaces diffusers' on the MLP and router path (no diffusers import for a
+    client): same parameter names, same initialisation from the same seed, same outputs."""
+    from diffusers.models.embeddings import TimestepEmbedding as DTE
+    from diffusers.models.embeddings import Timesteps as DT
+
+    from diffswarm.experts.embeddings import TimestepEmbedding, Timesteps
+
+    t = torch.tensor([0.0, 1.5, 250.0, 999.0])
+    for dim, flip, shift in ((128, True, 0), (127, False, 1)):
+        assert torch.equal(Timesteps(dim, flip, shift)(t), DT(dim, flip, shift)(t))
+    torch.manual_seed(3)
+    ours = TimestepEmbedding(128, 64)
+    torch.manual_seed(3)
+    theirs = DTE(128, 64)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values(), strict=True))
+    x = torch.randn(4, 128)
+    assert torch.equal(ours(x), theirs(x))

@@ -197,8 +197,11 @@ def _add_swarm_commands(sub) -> None:
     g.add_argument("--objectives", choices=["mixed", "ddpm", "fm"], default=None,
                    help="expert objectives: mixed alternates DDPM and FM (default)")
     length = g.add_mutually_exclusive_group()
-    length.add_argument("--train-steps", type=int, default=None, help="expert training steps (default 300)")
-    length.add_argument("--train-minutes", type=float, default=None, help="expert training budget, wall-clock minutes")
+    length.add_argument("--train-steps", type=int, default=None,
+                        help="expert training steps (instead of the wall-clock --train-minutes)")
+    length.add_argument("--train-minutes", type=float, default=None,
+                        help="expert training budget, wall-clock minutes (default 4: a slower machine trains fewer "
+                             "steps)")
     g.add_argument("--router-steps", type=int, default=None, help="router training steps (default 300)")
     g.add_argument("--net", choices=["dit", "mlp", "unet"], default="unet", help="expert network (default unet)")
     g.add_argument("--width", type=int, default=None, help="expert network width")

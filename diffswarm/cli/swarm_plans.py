@@ -9,7 +9,7 @@ from diffswarm.cli.planning import DATASET_DESTS, dataset, full_swarm_name, refu
 from diffswarm.data import DatasetSpec
 from diffswarm.experts.train import TrainConfig
 from diffswarm.router.train import RouterTrainConfig
-from diffswarm.swarm.up import SwarmUpConfig
+from diffswarm.swarm.up import DEFAULT_TRAIN_MINUTES, SwarmUpConfig
 
 
 def plan_swarm_up(args, given) -> SwarmUpConfig:
@@ -35,8 +35,9 @@ def plan_swarm_up(args, given) -> SwarmUpConfig:
     refuse(given, ["router"], "without --checkpoints (the swarm trains its own router)")
     if args.partition:
         refuse(given, DATASET_DESTS, "with --partition (the manifest names its dataset)")
-    length = ({"steps": None, "minutes": args.train_minutes} if args.train_minutes
-              else {"steps": args.train_steps or 300})
+    # wall-clock by default (a slower machine trains fewer steps instead of keeping its peers offline longer)
+    length = ({"steps": args.train_steps} if args.train_steps
+              else {"steps": None, "minutes": args.train_minutes or DEFAULT_TRAIN_MINUTES})
     seed = args.seed if args.seed is not None else 0
     return SwarmUpConfig(**common, experts=args.experts or 4, partition=args.partition,
                          data=DatasetSpec() if args.partition else dataset(args),

@@ -26,8 +26,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
+
+from diffswarm.experts.embeddings import TimestepEmbedding, Timesteps
 
 
 @dataclass

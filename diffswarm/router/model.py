@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
 from diffswarm.experts.checkpoint import load_expert_file, save_expert
+from diffswarm.experts.embeddings import TimestepEmbedding, Timesteps
 from diffswarm.experts.expert import null_labels
 from diffswarm.experts.networks import AdaBlock
 from diffswarm.experts.schedules import FM_TIME_SCALE

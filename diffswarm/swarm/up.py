@@ -18,6 +18,11 @@ from diffswarm.training.jobs import RouterJob, TrainJob
 
 logger = logging.getLogger(__name__)
 
+# the experts' training budget when neither --train-steps nor --train-minutes is given: wall-clock, so that a
+# slow machine trains fewer steps instead of keeping its peers offline for longer (300 steps of the UNet took
+# over 10 minutes on a 2-core AVX2 EPYC before any peer was online)
+DEFAULT_TRAIN_MINUTES = 4.0
+
 
 @dataclass(frozen=True)
 class SwarmUpConfig:
@@ -37,7 +42,7 @@ class SwarmUpConfig:
     partition: str | None = None  # existing manifest; None: partition `data` in the run dir
     data: DatasetSpec = field(default_factory=DatasetSpec)
     objectives: str = "mixed"
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=None, minutes=DEFAULT_TRAIN_MINUTES))
     router_train: RouterTrainConfig = field(default_factory=lambda: RouterTrainConfig(steps=300))
     net: str = "unet"
     width: int | None = None

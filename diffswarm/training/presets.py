@@ -31,11 +31,14 @@ class Preset:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     lr: float = 1e-3
     min_train_minutes: float = 1.0  # never train for less than this, whatever the estimate says
+    # candidate recipes (names in diffswarm.training.recipes.RECIPES) the demo times on the machine at start to
+    # train the one predicted best in its budget; () or a fixed --steps: net/width/depth/batch above
+    recipes: tuple[str, ...] = ()
 
 
 PRESETS = {
     "cpu": Preset(None, "unet", 16, 3, 96, minutes=8.5, router_steps=1000, classifier_epochs=2, per_class=10,
-                  eval_n=1000),
+                  eval_n=1000, recipes=("unet16x3-b96", "unet16x3-b48", "dit96x3-b96")),
     "gpu": Preset(None, "dit", 256, 6, 256, minutes=30.0, router_steps=6000, classifier_epochs=4, per_class=10,
                   eval_n=5000, sampling=SamplingConfig(steps=50, sampler="euler")),
     "tiny": Preset("digits", "mlp", 128, 2, 64, minutes=1.0, router_steps=150, classifier_epochs=1, per_class=4,

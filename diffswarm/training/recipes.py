@@ -1,0 +1,193 @@
+"""Which expert recipe a machine should train, from its own measured speed (the demo's choice at start).
+
+A recipe's quality depends on how many steps it trains, and how many steps fit a wall-clock budget
+depends on the machine: the UNet's convolutions cost 1.8x the DiT's step on the machine the recipe
+table was measured on and 2.7x on an AVX2-only EPYC (docs/performance.md). So the demo does not take
+one machine's table: it times one training step and one sampling pass of each candidate here
+(``measure_costs``, a few seconds), predicts the steps each would train in what the budget leaves
+after generating, reads each candidate's quality at that many steps off its measured quality-per-step
+curve (``Recipe.curve``, from ``bench/recipe_choice.py --steps N``), and trains the best.
+
+``choose_recipe`` is a pure function of the measured costs and the budget (unit-tested);
+``measure_costs`` is the thin wrapper that measures.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An expert network and batch, with its measured quality after N training steps.
+
+    ``curve``: ((steps, FD, class accuracy), ...) in increasing steps: an FM expert trained on all of
+    Fashion-MNIST for that many steps (warm-up + cosine LR over them), 500 class-conditional samples
+    (Heun 6, CFG 2) scored by ``diffswarm.eval.quality_report``; the command is in docs/performance.md.
+    """
+
+    name: str
+    net: str
+    width: int
+    depth: int
+    batch: int
+    curve: tuple[tuple[int, float, float], ...]
+
+    def __post_init__(self) -> None:
+        steps = [p[0] for p in self.curve]
+        if len(steps) < 2 or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+            raise ValueError(f"recipe {self.name}: its curve needs 2 or more points in increasing steps")
+
+
+# FD weight of one point of class accuracy in the score a choice minimises (FD + 100 * (1 - accuracy)):
+# both targets of the demo (FD <= 25, accuracy >= 90%) count, FD first.
+ACCURACY_WEIGHT = 100.0
+
+
+def predict_quality(recipe: Recipe, steps: float) -> tuple[float, float]:
+    """(FD, class accuracy) of ``recipe`` after ``steps`` steps: linear in log(steps) between measured
+    points; past the last point the last point's quality (no promise of more), before the first the
+    first segment's slope continued (so fewer steps than ever measured predict worse, never better)."""
+    pts = recipe.curve
+    if steps >= pts[-1][0]:
+        return float(pts[-1][1]), float(pts[-1][2])
+    i = next(j for j in range(len(pts) - 1) if steps <= pts[j + 1][0])  # its segment (0 before the first point)
+    (s0, f0, a0), (s1, f1, a1) = pts[i], pts[i + 1]
+    w = (math.log(max(steps, 1.0)) - math.log(s0)) / (math.log(s1) - math.log(s0))
+    return f0 + w * (f1 - f0), min(1.0, max(0.0, a0 + w * (a1 - a0)))
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What ``measure_costs`` measured of one recipe on this machine (seconds of one thread)."""
+
+    step_s: float  # one training step
+    row_s: float  # one velocity row when sampling (CFG included)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the run leaves to training and generating (wall-clock), and how it shares the cores."""
+
+    seconds: float  # wall seconds for training + generating
+    rows: int  # velocity rows generating will evaluate (samples x evaluations x top-k)
+    train_share: float  # cores each expert gets while training (cores / training processes, at most 1)
+    gen_parallel: float  # experts computing at once when generating
+    gen_factor: float = 2.0  # client, RPCs and routing cost about as much again as the experts' compute
+    gen_overhead_s: float = 0.0  # fixed cost of generating (the local swarm's start)
+    min_train_s: float = 60.0  # never train for less than this
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One candidate under a budget: the time it leaves to training, its steps and predicted quality."""
+
+    recipe: Recipe
+    costs: Costs
+    generate_s: float
+    train_s: float
+    steps: int
+    fd: float
+    accuracy: float
+
+    @property
+    def score(self) -> float:
+        return self.fd + ACCURACY_WEIGHT * (1.0 - self.accuracy)
+
+    def describe(self) -> str:
+        return (f"{self.recipe.name:14s} step {1000 * self.costs.step_s:5.0f} ms, row {1000 * self.costs.row_s:5.2f} ms"
+                f" -> {self.steps:5d} steps in {self.train_s:4.0f} s, predicted FD {self.fd:5.1f}, "
+                f"accuracy {100 * self.accuracy:4.1f}%")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The chosen recipe and every candidate's prediction, best first."""
+
+    best: Prediction
+    ranked: tuple[Prediction, ...] = field(default=())
+
+    def describe(self) -> str:
+        return "\n".join(("* " if p is self.best else "  ") + p.describe() for p in self.ranked)
+
+
+def generate_seconds(budget: Budget, row_s: float) -> float:
+    """Estimated wall seconds of generating ``budget.rows`` rows at ``row_s`` seconds of one thread per row."""
+    return budget.gen_factor * budget.rows * row_s / max(1.0, budget.gen_parallel) + budget.gen_overhead_s
+
+
+def predict(recipe: Recipe, costs: Costs, budget: Budget) -> Prediction:
+    """The steps ``recipe`` trains and its predicted quality, with ``costs`` measured on this machine."""
+    generate_s = generate_seconds(budget, costs.row_s)
+    train_s = max(budget.min_train_s, budget.seconds - generate_s)
+    steps = max(1, int(train_s * min(1.0, budget.train_share) / max(costs.step_s, 1e-6)))
+    fd, acc = predict_quality(recipe, steps)
+    return Prediction(recipe, costs, generate_s, train_s, steps, fd, acc)
+
+
+def choose_recipe(recipes: tuple[Recipe, ...] | list[Recipe], costs: dict[str, Costs], budget: Budget) -> Choice:
+    """The recipe with the best predicted quality (lowest ``Prediction.score``; the earlier one on a tie)
+    among ``recipes`` with measured ``costs``."""
+    preds = [predict(r, costs[r.name], budget) for r in recipes if r.name in costs]
+    if not preds:
+        raise ValueError("no candidate recipe has measured costs")
+    ranked = sorted(preds, key=lambda p: p.score)  # stable: ties keep the table's order
+    return Choice(ranked[0], tuple(ranked))
+
+
+def measure_costs(recipe: Recipe, shape: tuple[int, int, int], num_classes: int, guidance: float = 2.0,
+                  timed: int = 2) -> Costs:
+    """Time ``recipe`` on this machine with one thread: the fastest of ``timed`` training steps (loss,
+    backward, AdamW) after one untimed, and of 2 sampling passes (CFG) at batch 64, on random data.
+    CPU time of this process (``time.process_time``): what the step costs, not what other work takes."""
+    from diffswarm.experts.config import ExpertConfig
+    from diffswarm.experts.expert import Expert
+    from diffswarm.experts.networks import NetConfig, default_patch
+    from diffswarm.experts.objectives import expert_loss
+
+    c, h, _ = shape
+    net = NetConfig.for_kind(recipe.net, channels=c, size=h, num_classes=num_classes, width=recipe.width,
+                             depth=recipe.depth, patch=default_patch(h))
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        e = Expert(ExpertConfig(objective="fm", net=net))
+        opt = torch.optim.AdamW(e.net.parameters(), lr=1e-4)
+        x, labels = torch.randn(recipe.batch, *shape, generator=g), torch.randint(0, max(1, num_classes),
+                                                                                  (recipe.batch,), generator=g)
+        step = float("inf")
+        for i in range(timed + 1):
+            t0 = time.process_time()
+            loss, _ = expert_loss(e, x, labels, g)
+            opt.zero_grad(set_to_none=True)
+            loss.mean().backward()
+            opt.step()
+            step = min(step, time.process_time() - t0) if i else step
+        e.eval()
+        xs, ts, ls = torch.randn(64, *shape, generator=g), torch.full((64,), 0.5), torch.zeros(64, dtype=torch.long)
+        row = float("inf")
+        with torch.no_grad():
+            for _ in range(2):
+                t0 = time.process_time()
+                e.velocity(xs, ts, ls, guidance)
+                row = min(row, (time.process_time() - t0) / 64)
+    finally:
+        torch.set_num_threads(prev)
+    return Costs(step, row)
+
+
+# The candidates, with their measured quality-per-step curves: (steps, FD, class accuracy) of an FM expert on all of
+# Fashion-MNIST 28x28, 500 class-conditional samples, Heun 6, CFG 2, FD floor (real train vs test, n = 500) 7.9:
+# `python bench/recipe_choice.py --objective fm --n 500 --sampler heun --sample-steps 6 --guidance 2 --steps N
+# --only I` (I: 6 = unet16x3 b96, 7 = unet16x3 b48, 0 = dit96x3 b96), 2026-12-02 (docs/performance.md). At equal
+# CPU time batch 48 beats batch 96 on few steps (200 x b48: FD 29.7 vs 100 x b96: 68.3): what a slow machine trains.
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("unet16x3-b96", "unet", 16, 3, 96, ((100, 68.3, 0.780), (300, 17.9, 0.918))),
+    Recipe("unet16x3-b48", "unet", 16, 3, 48, ((100, 75.9, 0.718), (200, 29.7, 0.896))),
+    Recipe("dit96x3-b96", "dit", 96, 3, 96, ((100, 287.8, 0.352), (300, 111.0, 0.730))),
+)}

@@ -1,0 +1,111 @@
+"""The demo's recipe choice is a pure function of the step and sampling costs measured on the machine:
+the same costs give the same choice, a machine whose convolutions are slow gets a cheaper recipe, and
+the prediction never promises more than a recipe's measured curve."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from diffswarm.training.presets import PRESETS
+from diffswarm.training.recipes import (
+    RECIPES,
+    Budget,
+    Costs,
+    Recipe,
+    choose_recipe,
+    generate_seconds,
+    measure_costs,
+    predict,
+    predict_quality,
+)
+
+# a slow, good recipe and a fast, worse one (FD, accuracy at 100 / 1000 steps)
+BIG = Recipe("big", "unet", 16, 3, 96, ((100, 100.0, 0.60), (1000, 10.0, 0.95)))
+FAST = Recipe("fast", "dit", 96, 3, 96, ((100, 80.0, 0.70), (1000, 30.0, 0.90)))
+BUDGET = Budget(seconds=1200.0, rows=1000, train_share=1 / 3, gen_parallel=2, min_train_s=60.0)
+
+
+def test_quality_is_interpolated_in_log_steps_and_never_extrapolated_upwards():
+    assert predict_quality(BIG, 100) == (100.0, 0.60)
+    fd, acc = predict_quality(BIG, math.sqrt(100 * 1000))  # halfway in log(steps)
+    assert fd == pytest.approx(55.0) and acc == pytest.approx(0.775)
+    assert predict_quality(BIG, 10**6) == (10.0, 0.95)  # past the last point: the last point, no promise of more
+    fd10, acc10 = predict_quality(BIG, 10)  # before the first point: worse than the first point, not equal
+    assert fd10 > 100.0 and acc10 < 0.60 and 0.0 <= acc10
+
+
+def test_a_machine_with_slow_convolutions_gets_the_cheaper_recipe():
+    # where the big recipe's step is 1.8x the fast one's (the recipe table's machine), it trains enough steps
+    fast_machine = {"big": Costs(0.282, 1e-3), "fast": Costs(0.157, 4e-4)}
+    assert choose_recipe([BIG, FAST], fast_machine, BUDGET).best.recipe is BIG
+    # an AVX2-only EPYC: 3.3x slower UNet steps, 2.2x slower DiT steps -> too few steps for the big one
+    slow_machine = {"big": Costs(0.942, 3.3e-3), "fast": Costs(0.348, 9e-4)}
+    choice = choose_recipe([BIG, FAST], slow_machine, BUDGET)
+    assert choice.best.recipe is FAST
+    assert [p.recipe.name for p in choice.ranked] == ["fast", "big"]
+    assert choice.best.steps > choice.ranked[1].steps
+    assert "* fast" in choice.describe()
+
+
+def test_the_choice_is_deterministic_and_ties_keep_the_table_order():
+    same = Recipe("same", "dit", 96, 3, 48, FAST.curve)
+    costs = {"fast": Costs(0.3, 1e-3), "same": Costs(0.3, 1e-3)}
+    for _ in range(3):
+        assert choose_recipe([FAST, same], costs, BUDGET).best.recipe is FAST
+        assert choose_recipe([same, FAST], costs, BUDGET).best.recipe is same
+
+
+def test_generation_cost_comes_out_of_the_training_time():
+    cheap, dear = predict(FAST, Costs(0.3, 1e-4), BUDGET), predict(FAST, Costs(0.3, 10.0), BUDGET)
+    assert cheap.generate_s == pytest.approx(generate_seconds(BUDGET, 1e-4))
+    assert cheap.train_s > dear.train_s and cheap.steps > dear.steps
+    assert dear.train_s == BUDGET.min_train_s  # never less than the minimum
+    # steps = train seconds x the expert's share of a core / CPU seconds per step
+    assert cheap.steps == int(cheap.train_s * BUDGET.train_share / 0.3)
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="no candidate"):
+        choose_recipe([BIG], {"other": Costs(1.0, 1.0)}, BUDGET)
+    with pytest.raises(ValueError, match="increasing steps"):
+        Recipe("x", "unet", 16, 3, 96, ((200, 1.0, 0.9), (100, 1.0, 0.9)))
+    with pytest.raises(ValueError, match="2 or more"):
+        Recipe("x", "unet", 16, 3, 96, ((200, 1.0, 0.9),))
+
+
+def test_every_preset_candidate_is_a_known_recipe_with_a_sane_curve():
+    names = [n for p in PRESETS.values() for n in p.recipes]
+    assert names and all(n in RECIPES for n in names)
+    for r in RECIPES.values():
+        assert all(fd > 0 and 0 < acc <= 1 for _, fd, acc in r.curve), r.name
+
+
+def test_measuring_is_a_thin_wrapper_that_returns_positive_costs():
+    tiny = Recipe("tiny", "mlp", 32, 1, 8, ((1, 1.0, 0.5), (2, 1.0, 0.5)))
+    c = measure_costs(tiny, (1, 8, 8), 10, timed=1)
+    assert c.step_s > 0 and c.row_s > 0
+
+
+def test_the_demo_trains_the_recipe_its_measurements_choose(tmp_path, monkeypatch):
+    """The demo's plan takes the network and batch of the recipe chosen from the measured costs (faked here:
+    the measuring itself is the thin wrapper above), and the preset's own recipe with a fixed --steps."""
+    from dataclasses import replace
+
+    from diffswarm import demo
+
+    monkeypatch.setitem(demo.PRESETS, "choice", replace(PRESETS["tiny"], minutes=20.0,
+                                                        recipes=("unet16x3-b96", "dit96x3-b96")))
+    run = demo._start(demo.DemoConfig(out=str(tmp_path / "demo"), k=2, preset="choice", local_generation=True))
+    ds, _, part, part_path = demo._partition(run)
+    for costs, net, batch in (({"unet16x3-b96": Costs(50.0, 1e-5), "dit96x3-b96": Costs(0.05, 1e-5)}, "dit", 96),
+                              ({"unet16x3-b96": Costs(0.05, 1e-5), "dit96x3-b96": Costs(5.0, 1e-5)}, "unet", 96)):
+        monkeypatch.setattr(demo, "measure_costs", lambda r, *a, costs=costs, **k: costs[r.name])
+        plan = demo._plan_training(run, ds, part, part_path)
+        assert {(j.net, j.train.batch) for j in plan.jobs} == {(net, batch)}
+        assert plan.choice is not None and plan.choice.best.recipe.net == net
+    fixed = demo._start(demo.DemoConfig(out=str(tmp_path / "fixed"), k=2, preset="choice", steps=5,
+                                        local_generation=True))
+    plan = demo._plan_training(fixed, ds, part, part_path)
+    assert plan.choice is None and {(j.net, j.train.batch) for j in plan.jobs} == {("mlp", 64)}
