@@ -44,10 +44,20 @@ class GeneratePlan:
 
 
 @dataclass(frozen=True)
+class WebPlan:
+    """`dashboard --web`: where the page is served, and the dashboard command each browser tab runs."""
+
+    host: str
+    port: int
+    command: str
+
+
+@dataclass(frozen=True)
 class DashboardPlan:
     swarm: SwarmSource
     out: str
     device: str
+    web: WebPlan | None = None  # serve it to browsers instead of this terminal
 
 
 @dataclass(frozen=True)
@@ -142,9 +152,18 @@ def plan_generate(args, given) -> GeneratePlan:
 
 
 def plan_dashboard(args, given) -> DashboardPlan:
+    web = None
+    if args.web:
+        from diffswarm.tui.web import dashboard_command
+
+        if not 0 < args.port < 65536:
+            raise ValueError(f"--port {args.port} must be a TCP port (1-65535)")
+        web = WebPlan(args.host, args.port, dashboard_command(getattr(args, "argv", None) or ["dashboard"]))
+    else:
+        refuse(given, ["host", "port"], "without --web (they are where the browser page is served)")
     return DashboardPlan(_swarm_source(args, given, call_timeout=args.timeout, connect_timeout=20.0,
                                        router_kind=args.router_kind, allow_unsigned_stats=args.allow_unsigned_stats),
-                        args.out, args.device)
+                         args.out, args.device, web)
 
 
 def plan_swarm_status(args, given) -> SwarmStatusPlan:

@@ -68,6 +68,11 @@ def run_generate(p: GeneratePlan) -> int:
 
 
 def run_dashboard(p: DashboardPlan) -> int:
+    if p.web is not None:
+        from diffswarm.tui.web import serve
+
+        serve(p.web.command, p.web.host, p.web.port)
+        return 0
     from diffswarm.tui.app import make_app
 
     make_app(initial_peers=list(p.swarm.initial_peers), out_dir=p.out, config=p.swarm.config, device=p.device).run()

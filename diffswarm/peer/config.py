@@ -32,3 +32,5 @@ class PeerConfig:
     expire_factor: float = 3.0  # records expire after this many periods without a heartbeat
     info_file: str | None = None  # write {peer_id, maddrs, pid, ...} here once online (swarm up, tests)
     limits: PeerLimits = field(default_factory=PeerLimits)  # what callers can make the peer hold (peer/limits.py)
+    metrics_port: int | None = None  # serve Prometheus metrics on this port (0: any free port); None: no metrics
+    metrics_host: str = "127.0.0.1"  # where the metrics listen (they show load and clients: local by default)

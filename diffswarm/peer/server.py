@@ -86,6 +86,8 @@ class Peer:
         self._warned: set[tuple[str, float]] = set()  # (expert id, manifest issued) already warned about
         self._stats_notes: set[str] = set()  # statistics files the owner said it does not sign
         self._heartbeat: asyncio.Task | None = None
+        self.metrics = None  # PeerMetrics with cfg.metrics_port (peer/metrics.py)
+        self.metrics_url: str | None = None
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -110,12 +112,25 @@ class Peer:
             raise
         self.dht = await SwarmDHT.create(self.cfg.net, str(self.swarm) if self.swarm else None, ident)
         self.maddrs = await self.dht.visible_maddrs()
+        if self.cfg.metrics_port is not None:
+            self.start_metrics()
         self.log(swarm_greeting(self.swarm, key_what if self.owner_key is not None else None, self.peer_id,
                                 self.maddrs, bool(self.cfg.net.initial_peers)))
         self.write_info()
         if self.router is not None:
             role = "" if self.owner_key is not None else " (its bytes only: the owner's manifest decides the router)"
             self.log(f"serving router {self.router.sha256[:12]} (K={self.router.cfg.num_clusters}){role}")
+
+    def start_metrics(self) -> None:
+        from diffswarm.peer.metrics import PeerMetrics  # prometheus_client only on this path
+
+        self.metrics = PeerMetrics(self, self.cfg.metrics_host, self.cfg.metrics_port)
+        try:
+            self.metrics_url = self.metrics.start()
+        except OSError as e:  # the port is taken, the host is not this machine's
+            self.metrics = None
+            raise ValueError(f"cannot serve metrics on {self.cfg.metrics_host}:{self.cfg.metrics_port}: {e}") from e
+        self.log(f"metrics at {self.metrics_url}")
 
     # -- records -------------------------------------------------------------------------------
 
@@ -226,6 +241,8 @@ class Peer:
         for s in self.served.values():
             s.batcher.start()
         self.servicer = ExpertServicer(self.served, self.router, self.info, self.cfg.limits)
+        if self.metrics is not None:
+            self.servicer.observer = self.metrics.answered
         await self.servicer.add_p2p_handlers(self.dht.p2p, namespace=NAMESPACE)
         self.state = "online"
         self.training_cfg = None
@@ -246,7 +263,7 @@ class Peer:
         info = {"peer_id": self.peer_id, "maddrs": self.maddrs, "pid": os.getpid(), "state": self.state,
                 "swarm": str(self.swarm) if self.swarm else None,
                 "experts": list(self.served), "router": self.router.sha256 if self.router else None,
-                "sockets": self.dht.socket_paths()}
+                "sockets": self.dht.socket_paths(), "metrics": self.metrics_url}
         # written whole or not at all (readers poll it); durable=False: a lost info file is written again next start
         atomic_write(self.cfg.info_file, lambda tmp: Path(tmp).write_text(json.dumps(info)), durable=False)
 
@@ -274,6 +291,8 @@ class Peer:
             await s.batcher.close()
         await self.dht.shutdown()
         self.dht = None
+        if self.metrics is not None:
+            self.metrics.stop()
 
     async def run(self) -> int:
         """start -> (train) -> serve -> wait for stop -> shutdown. Returns an exit code."""

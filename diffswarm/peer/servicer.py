@@ -46,6 +46,7 @@ class ExpertServicer(BoundedServicer):
     def __init__(self, served: dict[str, ServedExpert], router: RouterBlob | None, info,
                  limits: PeerLimits | None = None):
         self.served, self.router, self.info = served, router, info
+        self.observer = None  # observer(expert, caller, rows, seconds) per velocity answer (peer.metrics)
         super().__init__(limits)
 
     def configure(self, limits: PeerLimits) -> None:
@@ -75,6 +76,7 @@ class ExpertServicer(BoundedServicer):
 
     async def _answer(self, uid: str, tensors, metadata: bytes, caller: str, extra: dict | None = None):
         """Check one velocity request, admit it (queue, then the caller's rate), compute it in a batch."""
+        t0 = time.perf_counter()
         served = self._expert(uid)
         req = check_request(served.spec, uid, tensors, metadata)
         self.stats["requests"] += 1
@@ -91,6 +93,8 @@ class ExpertServicer(BoundedServicer):
                 "load": float(served.batcher.pending_rows), "throughput": float(served.batcher.throughput),
                 **(extra or {})}
         self.stats["answered"] += 1
+        if self.observer is not None:
+            self.observer(uid, caller, req.rows, time.perf_counter() - t0)
         return encode_response(v, req.compression, meta)
 
     async def rpc_velocity(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
