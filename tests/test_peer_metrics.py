@@ -30,11 +30,11 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
-def test_metrics_of_a_serving_peer(tmp_path):
+def test_metrics_of_a_serving_peer(tmp_path, capsys):
     from peer_harness import InprocPeer, RawCaller, quiet_hivemind, valid_request
 
     quiet_hivemind()
-    peer = InprocPeer(tmp_path, metrics_port=0)
+    peer = InprocPeer(tmp_path, router=True, metrics_port=0)  # a swarm's founder: `swarm status` finds it
     caller = None
     try:
         url = peer.peer.metrics_url
@@ -67,6 +67,14 @@ def test_metrics_of_a_serving_peer(tmp_path):
         assert m[("diffswarm_peer_error_answers_total", (("code", "busy"),))] == 0
         assert m[("diffswarm_peer_active_clients", ex)] in (0, 1)  # 1 within the ~1 s window
         assert m[("diffswarm_peer_held_bytes", ())] == 0
+
+        from diffswarm.cli import main  # the same swarm's coverage as `swarm status --chart` draws it
+
+        capsys.readouterr()
+        assert main(["swarm", "status", "--chart", "--loopback", "--initial-peers", *peer.peer.maddrs,
+                     "--swarm", str(peer.peer.swarm)]) == 0
+        chart = capsys.readouterr().out.split("coverage by cluster", 1)[1].splitlines()
+        assert chart[0].startswith(" (1/1 covered") and chart[1].startswith("  c0") and "1 online" in chart[1]
     finally:
         if caller is not None:
             caller.close()

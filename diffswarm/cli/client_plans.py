@@ -64,6 +64,7 @@ class DashboardPlan:
 class SwarmStatusPlan:
     swarm: SwarmSource
     run_dir: str | None = None  # the local swarm's run dir (its recorded processes are listed too)
+    chart: bool = False  # draw the coverage by cluster too
 
 
 def _client_network(args, given, local: bool):
@@ -168,4 +169,4 @@ def plan_dashboard(args, given) -> DashboardPlan:
 
 def plan_swarm_status(args, given) -> SwarmStatusPlan:
     local = None if args.initial_peers else (args.run_dir or DEFAULT_RUN_DIR)
-    return SwarmStatusPlan(_swarm_source(args, given), local)
+    return SwarmStatusPlan(_swarm_source(args, given), local, args.chart)

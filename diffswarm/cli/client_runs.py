@@ -116,4 +116,8 @@ def run_swarm_status(p: SwarmStatusPlan) -> int:
               + (f"  training {r.progress:.0%}" if r.state == "joining" else ""))
     for e in errs + merrs + perrs + notes:
         print(f"invalid record skipped: {e}")
+    if p.chart:
+        from diffswarm.tui.charts import coverage, coverage_chart
+
+        print("\n".join(coverage_chart(coverage(experts, m.num_clusters if m is not None else None))))
     return 0

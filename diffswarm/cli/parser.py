@@ -180,6 +180,8 @@ def _add_swarm_commands(sub) -> None:
     q.add_argument("--timeout", type=float, default=20.0, help="seconds before SIGKILL")
     q = _parser(ssub, "status", "list the experts a swarm announces")
     add_swarm_source_args(q)
+    q.add_argument("--chart", action="store_true",
+                   help="also draw each cluster's coverage: online replicas and rows/s as unicode bars")
     add_network_args(q, client=True)
 
 
