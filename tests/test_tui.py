@@ -599,7 +599,7 @@ def test_dashboard_after_generation_snapshot(snap_compare, tmp_path, monkeypatch
     assert snap(snap_compare, app, generated)
 
 
-def test_expert_tab_snapshot(snap_compare, tmp_path):
+def test_expert_tab_snapshot(snap_compare, tmp_path, monkeypatch):
     app = snapshot_app(tmp_path)
 
     async def selected(pilot):
@@ -607,6 +607,7 @@ def test_expert_tab_snapshot(snap_compare, tmp_path):
         await pilot.press("enter")  # the first row: c0-ddpm, with its training summary and latency sparkline
         await wait_for(pilot, lambda: len(app.query_one(ExpertDetail).latency) >= 3)
         app.source.latency = {}  # later polls add no samples
+        monkeypatch.setattr("diffswarm.tui.app.peer_throughput", lambda records: {})  # nor throughput ones
         await pilot.pause(0.5)
         app.latency_history = PeerHistory(60, scale=1000.0)  # sparklines from fixed samples, not from how many polls
         app.throughput_history = PeerHistory(60)

@@ -67,6 +67,12 @@ def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float =
     raise AssertionError(f"dashboard --web did not listen on port {port} within {timeout:.0f} s:\n{log.read_text()}")
 
 
+def session_processes(sid: int) -> list[str]:
+    """Live processes of session ``sid`` (the server and whatever it started), as 'pid command' lines."""
+    out = subprocess.run(["ps", "-o", "pid=,stat=,args=", "-s", str(sid)], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line.split()[1][0] != "Z"]
+
+
 def wait_for_screen(page, want, timeout: float, what: str) -> str:
     """The terminal's text once ``want(text)`` holds (polled); fails with the last screen after ``timeout``."""
     deadline, text = time.monotonic() + timeout, ""
@@ -82,7 +88,7 @@ def test_web_command_drops_only_the_web_options():
     cmd = dashboard_command(["dashboard", "--web", "--port", "9000", "--host=0.0.0.0", "--initial-peers", "/ip4/x",
                              "--out", "my dir"])
     assert cmd.endswith("-m diffswarm dashboard --initial-peers /ip4/x --out 'my dir'")
-    assert cmd.startswith(sys.executable)
+    assert cmd.startswith(f"exec {sys.executable} ")
 
 
 def test_dashboard_in_a_browser(tmp_path):
@@ -127,6 +133,12 @@ def test_dashboard_in_a_browser(tmp_path):
                 page.screenshot(path=str(tmp_path / "generated.png"))
             finally:
                 browser.close()
+        proc.send_signal(signal.SIGTERM)  # the server alone: it stops the tabs' dashboards, they their daemons
+        assert proc.wait(90) == 0, log.read_text()
+        deadline = time.monotonic() + 90  # a bound on a hang: a loaded machine takes its time to shut down
+        while session_processes(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not session_processes(proc.pid), "dashboard --web left processes behind"
         assert UPPER_HALF * 8 in screen  # the images panel: half-block pixels
         pngs = list(out.glob("dashboard-*.png"))
         assert len(pngs) == 1 and "saved" in screen

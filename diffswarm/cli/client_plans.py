@@ -161,7 +161,7 @@ def plan_dashboard(args, given) -> DashboardPlan:
             raise ValueError(f"--port {args.port} must be a TCP port (1-65535)")
         web = WebPlan(args.host, args.port, dashboard_command(getattr(args, "argv", None) or ["dashboard"]))
     else:
-        refuse(given, ["host", "port"], "without --web (they are where the browser page is served)")
+        refuse(given, ["host", "port"], "without --web (the browser page's address)")
     return DashboardPlan(_swarm_source(args, given, call_timeout=args.timeout, connect_timeout=20.0,
                                        router_kind=args.router_kind, allow_unsigned_stats=args.allow_unsigned_stats),
                          args.out, args.device, web)

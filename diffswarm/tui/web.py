@@ -19,7 +19,8 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 def dashboard_command(argv: Sequence[str]) -> str:
     """The shell command each browser tab runs: this interpreter, ``-m diffswarm`` and ``argv`` (the CLI's
-    arguments, from ``dashboard`` on) without ``--web``, ``--port`` and ``--host``."""
+    arguments, from ``dashboard`` on) without ``--web``, ``--port`` and ``--host``; ``exec``, so the dashboard
+    replaces textual-serve's shell and gets its pipes and signals itself."""
     out, skip = [], 0
     for tok in argv:
         if skip:
@@ -30,7 +31,7 @@ def dashboard_command(argv: Sequence[str]) -> str:
             skip = 0 if "=" in tok else WEB_FLAGS[name]
             continue
         out.append(tok)
-    return shlex.join([sys.executable, "-m", "diffswarm", *out])
+    return "exec " + shlex.join([sys.executable, "-m", "diffswarm", *out])
 
 
 def public_url(host: str, port: int) -> str:
