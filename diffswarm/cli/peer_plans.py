@@ -114,5 +114,6 @@ def plan_peer(args, given) -> PeerPlan:
                      max_batch=args.max_batch or d.max_batch,
                      batch_wait_ms=args.batch_wait_ms if args.batch_wait_ms is not None else d.batch_wait_ms,
                      announce_period=args.announce_period, info_file=args.info_file, limits=limits,
+                     check_reachability=not args.no_reachability_check,
                      metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     return PeerPlan(cfg)

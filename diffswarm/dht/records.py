@@ -20,8 +20,11 @@ them. Version 3 replaced the unsigned per-peer ``SwarmRecord`` (key ``{swarm}_sw
 ``ExpertRecord`` keeps its layout (version 3 only adds the bounds). Version 4 declares the manifest's
 optional ``cluster_stats_sha256`` (K sha256 hex digests or "", one per cluster: the statistics the owner
 vouches for; a version-3 reader keeps it in ``extra``, verifies it with the signature and already prefers
-it); manifests without it still parse (no statistics signed). ``protocol`` is the RPC protocol version
-(``diffswarm.protocol.wire``); clients skip peers speaking another major protocol.
+it); manifests without it still parse (no statistics signed). Version 5 adds the optional ``ExpertRecord``
+fields ``relayed`` and the contribution claims ``served_rows``, ``served_images``, ``served_clients`` and
+``uptime`` (bounded; left out of ``to_dict`` when unset, so a version-4 reader sees its own layout).
+``protocol`` is the RPC protocol version (``diffswarm.protocol.wire``); clients skip peers speaking
+another major protocol.
 """
 
 from __future__ import annotations
@@ -40,11 +43,14 @@ from diffswarm.dht.schema import (
     MAX_IMAGE_ELEMENTS,
     MAX_IMAGE_SIDE,
     MAX_ROUTER_BYTES,
+    MAX_SERVED_COUNT,
     MAX_TRAIN_STEPS,
+    MAX_UPTIME,
     Addrs,
     Float,
     Id,
     Int,
+    OptBool,
     OptFloat,
     OptInt,
     OwnerKey,
@@ -59,8 +65,11 @@ from diffswarm.dht.schema import (
 )
 from diffswarm.experts.config import OBJECTIVES
 
-RECORD_VERSION = 4  # 2: optional ExpertRecord.train_steps / final_loss; 3: signed SwarmManifest + RouterProvider;
-#                    4: SwarmManifest.cluster_stats_sha256 (owner-signed statistics, in ``extra``)
+RECORD_VERSION = 5  # 2: optional ExpertRecord.train_steps / final_loss; 3: signed SwarmManifest + RouterProvider;
+#                    4: SwarmManifest.cluster_stats_sha256 (owner-signed statistics, in ``extra``);
+#                    5: optional ExpertRecord.relayed and contribution claims served_rows / served_images /
+#                       served_clients / uptime (issue 17, reach17)
+CONTRIBUTION_FIELDS = ("served_rows", "served_images", "served_clients")  # ExpertRecord counters (v5), all claims
 STATS_HASHES_FIELD = "cluster_stats_sha256"  # manifest field: the owner-signed sha256 of each cluster's statistics
 STATES = ("joining", "online", "offline")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -146,6 +155,15 @@ class ExpertRecord:
     updated: Float  # DHT time of this announcement
     train_steps: OptInt = None  # training steps done (checkpoint's when online, current while joining); v2
     final_loss: OptFloat = None  # last training loss (checkpoint's when online, latest step's while joining); v2
+    # v5: reachable only through a libp2p circuit relay (its addrs are /p2p-circuit ones; clients prefer direct
+    # peers); None: not said (older peers)
+    relayed: OptBool = None
+    # v5: what the peer says it served with this expert since it started, claims (peer.contribution): request rows,
+    # images (rows at the sampler's first step, t = 1), distinct callers; and seconds since it went online
+    served_rows: OptInt = None
+    served_images: OptInt = None
+    served_clients: OptInt = None
+    uptime: OptFloat = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -155,6 +173,16 @@ class ExpertRecord:
             d["train_steps"] = int(d["train_steps"])
         if d["final_loss"] is not None:
             d["final_loss"] = float(d["final_loss"])
+        for f in CONTRIBUTION_FIELDS:
+            if d[f] is not None:
+                d[f] = int(d[f])
+        if d["uptime"] is not None:
+            d["uptime"] = float(d["uptime"])
+        if d["relayed"] is not None:
+            d["relayed"] = bool(d["relayed"])
+        for f in ("relayed", *CONTRIBUTION_FIELDS, "uptime"):  # not said: left out, so older readers see a v4 layout
+            if d[f] is None:
+                del d[f]
         d["image_shape"] = [int(s) for s in d["image_shape"]]
         d["addrs"] = [str(a) for a in d["addrs"]]
         return d
@@ -184,6 +212,12 @@ class ExpertRecord:
             raise RecordError(f"{what}: train_steps {r.train_steps} outside 0..{MAX_TRAIN_STEPS}")
         if r.final_loss is not None and not math.isfinite(r.final_loss):
             raise RecordError(f"{what}: final_loss {r.final_loss} is not finite")
+        for f in CONTRIBUTION_FIELDS:
+            v = getattr(r, f)
+            if v is not None and not 0 <= v <= MAX_SERVED_COUNT:
+                raise RecordError(f"{what}: {f} {v} outside 0..{MAX_SERVED_COUNT}")
+        if r.uptime is not None and not (math.isfinite(r.uptime) and 0 <= r.uptime <= MAX_UPTIME):
+            raise RecordError(f"{what}: uptime {r.uptime} outside 0..{MAX_UPTIME:.0f} s")
         check_time(r.updated, None, what)
         return r
 
