@@ -23,6 +23,16 @@ if ! command -v nft >/dev/null || ! command -v ip >/dev/null; then
   fi
 fi
 
+# a headless browser for tests/test_web_dashboard.py (`dashboard --web`); without it that test skips
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+      || echo "setup: could not install chromium; the browser test of the web dashboard will skip" >&2
+  else
+    echo "setup: not root; 'sudo apt-get install chromium' to run tests/test_web_dashboard.py" >&2
+  fi
+fi
+
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate

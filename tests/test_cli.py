@@ -32,6 +32,12 @@ def _generate(d, name, *extra):
     return np.load(d / f"{name}.npz")
 
 
+def test_train_draws_its_loss_by_t_beside_the_checkpoint(run):
+    curves = json.loads((run / "c0" / "loss_by_t.json").read_text())
+    assert len(curves["t"]) == 10 and curves["curves"][-1]["steps"][1] == 20
+    assert (run / "c0" / "loss_by_t.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_partition_manifest_names_its_source(run):
     m = json.loads((run / "p.json").read_text())
     assert m["source"]["name"] == "digits" and m["k"] == 2

@@ -19,7 +19,7 @@ from diffswarm.tui.model import (
     UPPER_HALF,
     GenRequest,
     HistoryEntry,
-    LatencyHistory,
+    PeerHistory,
     class_hint,
     detail_rows,
     detail_table,
@@ -149,7 +149,7 @@ def test_parse_request():
 
 
 def test_latency_history_is_bounded_per_peer():
-    h = LatencyHistory(3)
+    h = PeerHistory(3, scale=1000.0)
     for s in (0.01, 0.02, 0.03, 0.04):
         h.add({"a": s})
     h.add({"b": 0.5})
@@ -616,7 +616,7 @@ def test_dashboard_after_generation_snapshot(snap_compare, tmp_path, monkeypatch
     assert snap(snap_compare, app, generated)
 
 
-def test_expert_tab_snapshot(snap_compare, tmp_path):
+def test_expert_tab_snapshot(snap_compare, tmp_path, monkeypatch):
     app = snapshot_app(tmp_path)
 
     async def selected(pilot):
@@ -624,10 +624,14 @@ def test_expert_tab_snapshot(snap_compare, tmp_path):
         await pilot.press("enter")  # the first row: c0-ddpm, with its training summary and latency sparkline
         await wait_for(pilot, lambda: len(app.query_one(ExpertDetail).latency) >= 3)
         app.source.latency = {}  # later polls add no samples
+        monkeypatch.setattr("diffswarm.tui.app.peer_throughput", lambda records: {})  # nor throughput ones
         await pilot.pause(0.5)
-        app.latency_history = LatencyHistory(60)  # the sparkline from fixed samples, not from how many polls ran
-        for ms in (0.02, 0.018, 0.025, 0.031, 0.022, 0.019, 0.040, 0.021):
+        app.latency_history = PeerHistory(60, scale=1000.0)  # sparklines from fixed samples, not from how many polls
+        app.throughput_history = PeerHistory(60)
+        for ms, rows in zip((0.02, 0.018, 0.025, 0.031, 0.022, 0.019, 0.040, 0.021),
+                            (850, 870, 820, 610, 790, 860, 500, 840), strict=True):
             app.latency_history.add({"12D3KooWpeerAAAA0001": ms})
+            app.throughput_history.add({"12D3KooWpeerAAAA0001": rows})
         app.show_detail()
 
     assert snap(snap_compare, app, selected)

@@ -53,16 +53,27 @@ class ExportPlan:
 
 
 @dataclass(frozen=True)
+class WebPlan:
+    """`dashboard --web`: where the page is served, and the dashboard command each browser tab runs."""
+
+    host: str
+    port: int
+    command: str
+
+
+@dataclass(frozen=True)
 class DashboardPlan:
     swarm: SwarmSource
     out: str
     device: str
+    web: WebPlan | None = None  # serve it to browsers instead of this terminal
 
 
 @dataclass(frozen=True)
 class SwarmStatusPlan:
     swarm: SwarmSource
     run_dir: str | None = None  # the local swarm's run dir (its recorded processes are listed too)
+    chart: bool = False  # draw the coverage by cluster too
 
 
 def _client_network(args, given, local: bool):
@@ -168,12 +179,21 @@ def plan_export(args, given) -> ExportPlan:
 
 
 def plan_dashboard(args, given) -> DashboardPlan:
+    web = None
+    if args.web:
+        from diffswarm.tui.web import dashboard_command
+
+        if not 0 < args.port < 65536:
+            raise ValueError(f"--port {args.port} must be a TCP port (1-65535)")
+        web = WebPlan(args.host, args.port, dashboard_command(getattr(args, "argv", None) or ["dashboard"]))
+    else:
+        refuse(given, ["host", "port"], "without --web (the browser page's address)")
     return DashboardPlan(_swarm_source(args, given, call_timeout=args.timeout, connect_timeout=20.0,
                                        router_kind=args.router_kind, allow_unsigned_stats=args.allow_unsigned_stats,
                                        verify_attestations=args.verify_attestations),
-                        args.out, args.device)
+                        args.out, args.device, web)
 
 
 def plan_swarm_status(args, given) -> SwarmStatusPlan:
     local = None if args.initial_peers else (args.run_dir or DEFAULT_RUN_DIR)
-    return SwarmStatusPlan(_swarm_source(args, given), local)
+    return SwarmStatusPlan(_swarm_source(args, given), local, args.chart)

@@ -53,6 +53,11 @@ def run_export(p: ExportPlan) -> int:
 
 
 def run_dashboard(p: DashboardPlan) -> int:
+    if p.web is not None:
+        from diffswarm.tui.web import serve
+
+        serve(p.web.command, p.web.host, p.web.port)
+        return 0
     from diffswarm.tui.app import make_app
 
     make_app(initial_peers=list(p.swarm.initial_peers), out_dir=p.out, config=p.swarm.config, device=p.device).run()
@@ -111,4 +116,8 @@ def run_swarm_status(p: SwarmStatusPlan) -> int:
         print(line)
     for e in errs + merrs + perrs + notes + aerrs + anotes:
         print(f"invalid record skipped: {e}")
+    if p.chart:
+        from diffswarm.tui.charts import coverage, coverage_chart
+
+        print("\n".join(coverage_chart(coverage(experts, m.num_clusters if m is not None else None))))
     return 0

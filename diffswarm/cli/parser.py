@@ -104,6 +104,14 @@ def _add_client_commands(sub) -> None:
     add_router_kind_arg(p)
     add_verify_attestations_arg(p)
     add_network_args(p, client=True)
+    g = p.add_argument_group("in a browser")
+    g.add_argument("--web", action="store_true",
+                   help="serve the dashboard to web browsers (textual-serve) instead of this terminal; each browser "
+                        "tab runs its own dashboard process here")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="with --web: listen address (default 127.0.0.1: this machine only; whoever reaches the page "
+                        "can start generations on this machine, so open it wider only behind your own access control)")
+    g.add_argument("--port", type=int, default=8000, help="with --web: listen TCP port (default 8000)")
 
 
 def _add_peer_command(sub) -> None:
@@ -153,6 +161,12 @@ def _add_peer_command(sub) -> None:
                    help="request rows per second one caller may send; more is answered busy (default 10000; 0 = off)")
     g.add_argument("--burst-rows", type=int, default=None,
                    help="rows one caller may send at once after idling (default 16384)")
+    g = p.add_argument_group("monitoring")
+    g.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port, printed and written "
+                        "to --info-file); names in docs/volunteer.md")
+    g.add_argument("--metrics-host", default="127.0.0.1",
+                   help="with --metrics-port: listen address (default 127.0.0.1; the metrics show load and clients)")
     add_network_args(p, client=False)
 
 
@@ -213,6 +227,8 @@ def _add_swarm_commands(sub) -> None:
     q.add_argument("--timeout", type=float, default=20.0, help="seconds before SIGKILL")
     q = _parser(ssub, "status", "list the experts a swarm announces")
     add_swarm_source_args(q)
+    q.add_argument("--chart", action="store_true",
+                   help="also draw each cluster's coverage: online replicas and rows/s as unicode bars")
     add_network_args(q, client=True)
 
 

@@ -116,6 +116,10 @@ def plan_peer(args, given) -> PeerPlan:
     if not 0 < args.announce_period <= MAX_ANNOUNCE_PERIOD:
         raise ValueError(f"--announce-period {args.announce_period:g} must be in (0, {MAX_ANNOUNCE_PERIOD:g}] seconds "
                          "(readers call records older than 600 s stale)")
+    if args.metrics_port is None:
+        refuse(given, ["metrics_host"], "without --metrics-port")
+    elif not 0 <= args.metrics_port < 65536:
+        raise ValueError(f"--metrics-port {args.metrics_port} must be a TCP port (0: any free port)")
     d = PeerConfig()
     try:
         limits = replace(d.limits, **{k: getattr(args, k) for k in ("rate_rows", "burst_rows")
@@ -135,5 +139,6 @@ def plan_peer(args, given) -> PeerPlan:
                      max_batch=args.max_batch or d.max_batch,
                      batch_wait_ms=args.batch_wait_ms if args.batch_wait_ms is not None else d.batch_wait_ms,
                      announce_period=args.announce_period, info_file=args.info_file, limits=limits,
-                     check_reachability=not args.no_reachability_check)
+                     check_reachability=not args.no_reachability_check,
+                     metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     return PeerPlan(cfg)

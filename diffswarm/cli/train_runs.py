@@ -30,6 +30,11 @@ def run_train(job: TrainJob) -> int:
     summary = run_train_job(job, prepared=(cfg, images, labels))
     print(f"done: {summary['steps']} steps in {summary['seconds']:.0f}s, final loss {summary['final_loss']:.4f} "
           f"-> {Path(job.out) / 'expert.safetensors'}")
+    from diffswarm.training.loss_plot import write_loss_plot
+
+    plot = write_loss_plot(job.out, f"{cfg.expert_id} ({cfg.objective}): loss by t, {summary['steps']} steps")
+    if plot is not None:
+        print(f"loss by t -> {plot}")
     return 0
 
 

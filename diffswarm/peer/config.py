@@ -40,3 +40,5 @@ class PeerConfig:
     validators: tuple[str, ...] = ()  # owner: fingerprints of more validator keys its admission rule names
     validator_key: str | None = None  # key file a validator signs with (None: the owner key, else the identity key)
     limits: PeerLimits = field(default_factory=PeerLimits)  # what callers can make the peer hold (peer/limits.py)
+    metrics_port: int | None = None  # serve Prometheus metrics on this port (0: any free port); None: no metrics
+    metrics_host: str = "127.0.0.1"  # where the metrics listen (they show load and clients: local by default)

@@ -107,6 +107,8 @@ class Peer:
         self.validator = None  # peer.validator.Validator when cfg.validate
         self.admission: dict[str, str] = {}  # expert id -> its verdict under the owner's admission rule (last said)
         self.seen_attestations = AttestationMemory()  # attestations read so far (a lookup may miss some)
+        self.metrics = None  # PeerMetrics with cfg.metrics_port (peer/metrics.py)
+        self.metrics_url: str | None = None
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -138,12 +140,25 @@ class Peer:
             raise
         self.dht = await SwarmDHT.create(self.cfg.net, str(self.swarm) if self.swarm else None, ident)
         self.maddrs = await self.dht.visible_maddrs()
+        if self.cfg.metrics_port is not None:
+            self.start_metrics()
         self.log(swarm_greeting(self.swarm, key_what if self.owner_key is not None else None, self.peer_id,
                                 self.maddrs, bool(self.cfg.net.initial_peers)))
         self.write_info()
         if self.router is not None:
             role = "" if self.owner_key is not None else " (its bytes only: the owner's manifest decides the router)"
             self.log(f"serving router {self.router.sha256[:12]} (K={self.router.cfg.num_clusters}){role}")
+
+    def start_metrics(self) -> None:
+        from diffswarm.peer.metrics import PeerMetrics  # prometheus_client only on this path
+
+        self.metrics = PeerMetrics(self, self.cfg.metrics_host, self.cfg.metrics_port)
+        try:
+            self.metrics_url = self.metrics.start()
+        except OSError as e:  # the port is taken, the host is not this machine's
+            self.metrics = None
+            raise ValueError(f"cannot serve metrics on {self.cfg.metrics_host}:{self.cfg.metrics_port}: {e}") from e
+        self.log(f"metrics at {self.metrics_url}")
 
     # -- records -------------------------------------------------------------------------------
 
@@ -293,6 +308,8 @@ class Peer:
         self.dial_back = DialBack(allow_loopback=bool(self.maddrs) and all(is_loopback(a) for a in self.maddrs))
         self.servicer = ExpertServicer(self.served, self.router, self.info, self.cfg.limits, self.contribution,
                                        self.dial_back)
+        if self.metrics is not None:
+            self.servicer.observer = self.metrics.answered
         await self.servicer.add_p2p_handlers(self.dht.p2p, namespace=NAMESPACE)
         if self.cfg.check_reachability and not await self.check_reachable():
             self.exit_code = 1
@@ -328,7 +345,7 @@ class Peer:
         info = {"peer_id": self.peer_id, "maddrs": self.maddrs, "pid": os.getpid(), "state": self.state,
                 "swarm": str(self.swarm) if self.swarm else None,
                 "experts": list(self.served), "router": self.router.sha256 if self.router else None,
-                "sockets": self.dht.socket_paths()}
+                "sockets": self.dht.socket_paths(), "metrics": self.metrics_url}
         # written whole or not at all (readers poll it); durable=False: a lost info file is written again next start
         atomic_write(self.cfg.info_file, lambda tmp: Path(tmp).write_text(json.dumps(info)), durable=False)
 
@@ -362,6 +379,8 @@ class Peer:
                 logger.debug(f"closing the dial-back probe: {e!r}")
         await self.dht.shutdown()
         self.dht = None
+        if self.metrics is not None:
+            self.metrics.stop()
 
     async def run(self) -> int:
         """start -> (train) -> serve -> wait for stop -> shutdown. Returns an exit code."""

@@ -51,6 +51,7 @@ class ExpertServicer(BoundedServicer):
         self.served, self.router, self.info = served, router, info
         self.contribution = contribution if contribution is not None else Contribution()
         self.dial_back = dial_back  # None: dial-back requests are refused
+        self.observer = None  # observer(expert, caller, rows, seconds) per velocity answer (peer.metrics)
         super().__init__(limits)
 
     def configure(self, limits: PeerLimits) -> None:
@@ -80,6 +81,7 @@ class ExpertServicer(BoundedServicer):
 
     async def _answer(self, uid: str, tensors, metadata: bytes, caller: str, extra: dict | None = None):
         """Check one velocity request, admit it (queue, then the caller's rate), compute it in a batch."""
+        t0 = time.perf_counter()
         served = self._expert(uid)
         req = check_request(served.spec, uid, tensors, metadata)
         self.stats["requests"] += 1
@@ -97,6 +99,8 @@ class ExpertServicer(BoundedServicer):
                 **(extra or {})}
         self.stats["answered"] += 1
         self.contribution.record(uid, caller, req.rows, first_step_rows(req.t))
+        if self.observer is not None:
+            self.observer(uid, caller, req.rows, time.perf_counter() - t0)
         return encode_response(v, req.compression, meta)
 
     async def rpc_velocity(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:

@@ -20,9 +20,10 @@ from diffswarm.tui.model import (
     ExpertRow,
     GenRequest,
     HistoryEntry,
-    LatencyHistory,
+    PeerHistory,
     class_hint,
     latest_records,
+    peer_throughput,
     routing_legend,
     summarize,
     swarm_rows,
@@ -59,7 +60,8 @@ class DashboardApp(App):
         self.snapshot: Snapshot | None = None
         self.last_png: Path | None = None
         self.records: dict[str, object] = {}  # row key -> last record seen (kept for vanished peers)
-        self.latency_history = LatencyHistory(60)
+        self.latency_history = PeerHistory(60, scale=1000.0)  # ms
+        self.throughput_history = PeerHistory(60)  # rows/s the peer announces
         self.selected_key: str | None = None
         self.history: tuple[HistoryEntry, ...] = ()
         self._last_error = ""
@@ -134,6 +136,7 @@ class DashboardApp(App):
         self.rows = tuple(swarm_rows(snap.records, snap.latency, snap.now, self.rows, snap.health))
         self.records = latest_records(snap.records, self.records)
         self.latency_history.add(snap.latency)
+        self.throughput_history.add(peer_throughput(snap.records))
         self._q(SwarmTable).expert_rows = self.rows
         self.show_contributors(snap.records)
         self.show_detail()
@@ -184,6 +187,7 @@ class DashboardApp(App):
         detail.record = self.records.get(key) if key else None
         detail.state = row.state if row else None
         detail.latency = self.latency_history.get(key.split("/", 1)[0]) if key else ()
+        detail.throughput = self.throughput_history.get(key.split("/", 1)[0]) if key else ()
 
     # -- help ----------------------------------------------------------------------------------
 

@@ -285,19 +285,29 @@ def labels_for(req: GenRequest, num_classes: int = 0) -> torch.Tensor:
 # -- expert detail ----------------------------------------------------------------------------
 
 
-class LatencyHistory:
-    """Bounded per-peer latency history (milliseconds), one sample per poll: feeds the detail sparkline."""
+class PeerHistory:
+    """Bounded per-peer history of one measure, one sample per poll, times ``scale`` (latency: seconds -> ms):
+    feeds the detail sparklines."""
 
-    def __init__(self, maxlen: int = 60):
-        self.maxlen = maxlen
+    def __init__(self, maxlen: int = 60, scale: float = 1.0):
+        self.maxlen, self.scale = maxlen, scale
         self._hist: dict[str, deque[float]] = {}
 
-    def add(self, latency: Mapping[str, float]) -> None:
-        for peer, seconds in latency.items():
-            self._hist.setdefault(peer, deque(maxlen=self.maxlen)).append(float(seconds) * 1000.0)
+    def add(self, values: Mapping[str, float]) -> None:
+        for peer, v in values.items():
+            self._hist.setdefault(peer, deque(maxlen=self.maxlen)).append(float(v) * self.scale)
 
     def get(self, peer: str) -> tuple[float, ...]:
         return tuple(self._hist.get(peer, ()))
+
+
+def peer_throughput(records: Sequence) -> dict[str, float]:
+    """peer -> rows/s its online experts announce (newest record per peer/expert, summed over its experts)."""
+    out: dict[str, float] = {}
+    for r in latest_records(records).values():
+        if r.state == "online":
+            out[r.peer_id] = out.get(r.peer_id, 0.0) + max(0.0, float(r.throughput))
+    return out
 
 
 def latest_records(records: Sequence, into: Mapping[str, object] | None = None) -> dict[str, object]:

@@ -220,17 +220,21 @@ class ImageView(Static):
 
 
 class ExpertDetail(Vertical):
-    """The selected expert's full record and a sparkline of its peer's measured latency (set from above)."""
+    """The selected expert's full record and sparklines of its peer's measured latency and announced throughput
+    (set from above)."""
 
     record: reactive[object] = reactive(None, always_update=True, init=False)
     state: reactive[str | None] = reactive(None, init=False)
     latency: reactive[tuple[float, ...]] = reactive((), always_update=True, init=False)
+    throughput: reactive[tuple[float, ...]] = reactive((), always_update=True, init=False)
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="detail-scroll"):
             yield Static(detail_table(None), id="detail-fields")
         yield Label("latency ms", id="detail-latency-label")
         yield Sparkline([], id="detail-latency")
+        yield Label("peer throughput rows/s", id="detail-throughput-label")
+        yield Sparkline([], id="detail-throughput")
 
     def _refresh_text(self) -> None:
         self.query_one("#detail-fields", Static).update(detail_table(self.record, self.state, self.latency))
@@ -242,8 +246,15 @@ class ExpertDetail(Vertical):
         self._refresh_text()
 
     def watch_latency(self, latency: tuple[float, ...]) -> None:
-        self.query_one(Sparkline).data = list(latency)
+        self.query_one("#detail-latency", Sparkline).data = list(latency)
         self._refresh_text()
+
+    def watch_throughput(self, throughput: tuple[float, ...]) -> None:
+        self.query_one("#detail-throughput", Sparkline).data = list(throughput)
+        label = "peer throughput rows/s"
+        if throughput:
+            label += f": last {throughput[-1]:.0f}, min {min(throughput):.0f}, max {max(throughput):.0f}"
+        self.query_one("#detail-throughput-label", Label).update(label)
 
 
 class HistoryTable(RowTable):
@@ -290,8 +301,8 @@ HELP_TEXT = """\
              routing (top-k, sample-k, threshold, full) and sampler (euler, heun)
   routing    per step a bar with one column per expert (its mean weight; green = called), then the
              called experts by weight; + an expert joined, - one left, ! a failover or ban
-  expert     the highlighted row's full record, its training summary where announced and a sparkline
-             of the peer's measured latency (last 60 polls)
+  expert     the highlighted row's full record, its training summary where announced and sparklines
+             of the peer's measured latency and announced throughput (rows/s; last 60 polls)
   history    this session's generations with their settings, wall time and PNG path;
              Enter on a row shows its images again
   images     the last samples as half blocks, sized to the panel, and the PNG written"""
