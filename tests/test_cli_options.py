@@ -54,6 +54,7 @@ def bases(f) -> dict[str, list[list[str]]]:
         "peer": [[], ["--checkpoint", "c.safetensors", "--swarm", FOO], [*train0, "--swarm", FOO],
                  [*train0, "--objective", "ddpm", "--swarm", FOO], ["--train-job", str(f / "job.json"), "--swarm", FOO],
                  ["--loopback"], ["--identity", str(f / "id.key")], ["--router", "r.safetensors"]],
+        "join": [remote, [*remote, "--loopback"], [*remote, "--identity", str(f / "id.key")]],
         "swarm up": [[], ["--checkpoints", "a.safetensors"], ["--partition", p], folder],
         "swarm down": [[]],
         "swarm status": [["--run-dir", run], remote, [*remote, "--loopback"]],

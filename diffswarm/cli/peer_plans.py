@@ -105,6 +105,7 @@ def plan_peer(args, given) -> PeerPlan:
         raise ValueError(f"--rate-rows / --burst-rows: {e}") from None
     cfg = PeerConfig(net=_server_network(args, given), swarm=swarm, owner_key=args.owner_key,
                      checkpoint=args.checkpoint, train=train, router=args.router, device=args.device or d.device,
+                     partition_file=args.serve_partition,
                      sign_stats=tuple(args.sign_stats or ()),
                      threads=args.threads if args.threads is not None else d.threads,
                      max_batch=args.max_batch or d.max_batch,

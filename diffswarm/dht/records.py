@@ -20,8 +20,11 @@ them. Version 3 replaced the unsigned per-peer ``SwarmRecord`` (key ``{swarm}_sw
 ``ExpertRecord`` keeps its layout (version 3 only adds the bounds). Version 4 declares the manifest's
 optional ``cluster_stats_sha256`` (K sha256 hex digests or "", one per cluster: the statistics the owner
 vouches for; a version-3 reader keeps it in ``extra``, verifies it with the signature and already prefers
-it); manifests without it still parse (no statistics signed). ``protocol`` is the RPC protocol version
-(``diffswarm.protocol.wire``); clients skip peers speaking another major protocol.
+it); manifests without it still parse (no statistics signed). Version 5 declares the manifest's optional
+``partition_sha256`` and ``partition_bytes`` (the sha256 and size of the partition manifest file, which peers serve
+over ``rpc_partition`` and a volunteer's ``diffswarm join`` fetches and checks; in ``extra`` like the statistics)
+and the optional ``ExpertRecord.eta_s`` (seconds of training left while ``joining``, a claim). ``protocol`` is
+the RPC protocol version (``diffswarm.protocol.wire``); clients skip peers speaking another major protocol.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from diffswarm.dht.schema import (
     MAX_CLUSTERS,
     MAX_IMAGE_ELEMENTS,
     MAX_IMAGE_SIDE,
+    MAX_PARTITION_BYTES,
     MAX_ROUTER_BYTES,
     MAX_TRAIN_STEPS,
     Addrs,
@@ -59,9 +63,12 @@ from diffswarm.dht.schema import (
 )
 from diffswarm.experts.config import OBJECTIVES
 
-RECORD_VERSION = 4  # 2: optional ExpertRecord.train_steps / final_loss; 3: signed SwarmManifest + RouterProvider;
-#                    4: SwarmManifest.cluster_stats_sha256 (owner-signed statistics, in ``extra``)
+RECORD_VERSION = 5  # 2: optional ExpertRecord.train_steps / final_loss; 3: signed SwarmManifest + RouterProvider;
+#                    4: SwarmManifest.cluster_stats_sha256 (owner-signed statistics, in ``extra``);
+#                    5 (join17): SwarmManifest.partition_sha256 / partition_bytes (in ``extra``), ExpertRecord.eta_s
 STATS_HASHES_FIELD = "cluster_stats_sha256"  # manifest field: the owner-signed sha256 of each cluster's statistics
+PARTITION_SHA_FIELD = "partition_sha256"  # manifest field: sha256 of the partition manifest file (rpc_partition)
+PARTITION_BYTES_FIELD = "partition_bytes"  # manifest field: its size in bytes (<= MAX_PARTITION_BYTES)
 STATES = ("joining", "online", "offline")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -146,6 +153,7 @@ class ExpertRecord:
     updated: Float  # DHT time of this announcement
     train_steps: OptInt = None  # training steps done (checkpoint's when online, current while joining); v2
     final_loss: OptFloat = None  # last training loss (checkpoint's when online, latest step's while joining); v2
+    eta_s: OptFloat = None  # seconds of training left while joining (None: unknown or online); v5
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -153,8 +161,9 @@ class ExpertRecord:
             d[f] = float(d[f])
         if d["train_steps"] is not None:
             d["train_steps"] = int(d["train_steps"])
-        if d["final_loss"] is not None:
-            d["final_loss"] = float(d["final_loss"])
+        for f in ("final_loss", "eta_s"):
+            if d[f] is not None:
+                d[f] = float(d[f])
         d["image_shape"] = [int(s) for s in d["image_shape"]]
         d["addrs"] = [str(a) for a in d["addrs"]]
         return d
@@ -184,6 +193,8 @@ class ExpertRecord:
             raise RecordError(f"{what}: train_steps {r.train_steps} outside 0..{MAX_TRAIN_STEPS}")
         if r.final_loss is not None and not math.isfinite(r.final_loss):
             raise RecordError(f"{what}: final_loss {r.final_loss} is not finite")
+        if r.eta_s is not None and not (math.isfinite(r.eta_s) and r.eta_s >= 0):
+            raise RecordError(f"{what}: eta_s {r.eta_s} is not a finite number of seconds >= 0")
         check_time(r.updated, None, what)
         return r
 
@@ -303,6 +314,13 @@ class SwarmManifest:
         return list(self.extra.get(STATS_HASHES_FIELD) or [""] * self.num_clusters)
 
     @property
+    def signed_partition(self) -> tuple[str, int] | None:
+        """(sha256, size in bytes) of the partition manifest file the owner signed, None if it signed none.
+        Checked by ``from_dict``."""
+        sha = self.extra.get(PARTITION_SHA_FIELD)
+        return (sha, int(self.extra[PARTITION_BYTES_FIELD])) if sha else None
+
+    @property
     def has_router(self) -> bool:
         """False for a swarm without a trained router (router fields empty): clients route with the
         statistics its peers publish (``ClusterStatsRecord``)."""
@@ -334,8 +352,21 @@ class SwarmManifest:
         if hashes is not None and not (isinstance(hashes, list) and len(hashes) == r.num_clusters and all(
                 isinstance(h, str) and (h == "" or _SHA256.match(h)) for h in hashes)):
             raise RecordError(f"{what}: {STATS_HASHES_FIELD} must be {r.num_clusters} sha256 hex digests (or \"\")")
+        _check_partition_file(extra, what)
         check_time(r.issued, None, what)
         return r
+
+
+def _check_partition_file(extra: dict, what: str) -> None:
+    """A manifest's optional partition file fields: both or neither, a sha256 and a size within bounds."""
+    sha, size = extra.get(PARTITION_SHA_FIELD), extra.get(PARTITION_BYTES_FIELD)
+    if sha is None and size is None:
+        return
+    if not (isinstance(sha, str) and _SHA256.match(sha)):
+        raise RecordError(f"{what}: {PARTITION_SHA_FIELD} is not a sha256 hex digest")
+    if type(size) is not int or not 1 <= size <= MAX_PARTITION_BYTES:
+        raise RecordError(f"{what}: {PARTITION_BYTES_FIELD} {size!r} outside 1..{MAX_PARTITION_BYTES} "
+                          f"({MAX_PARTITION_BYTES >> 20} MiB)")
 
 
 # the pydantic models hivemind's SchemaValidator checks stored values with (see diffswarm.dht.entries)

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import signal
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,7 +34,14 @@ import torch
 from diffswarm import __version__
 from diffswarm.dht.names import SwarmName
 from diffswarm.dht.node import SwarmDHT, open_identity
-from diffswarm.dht.records import STATS_HASHES_FIELD, ExpertRecord, RouterProvider, SwarmManifest
+from diffswarm.dht.records import (
+    PARTITION_BYTES_FIELD,
+    PARTITION_SHA_FIELD,
+    STATS_HASHES_FIELD,
+    ExpertRecord,
+    RouterProvider,
+    SwarmManifest,
+)
 from diffswarm.dht.schema import MAX_ADDRS, MAX_RECORD_AGE
 from diffswarm.experts.expert import Expert
 from diffswarm.peer.announce import (
@@ -53,8 +61,10 @@ from diffswarm.peer.announce import (
 )
 from diffswarm.peer.batching import BatchPolicy
 from diffswarm.peer.config import PeerConfig
-from diffswarm.peer.hosted import RouterBlob, ServedExpert
-from diffswarm.peer.joining import train_while_joining
+from diffswarm.peer.hosted import PartitionBlob, RouterBlob, ServedExpert
+from diffswarm.peer.joining import TrainingProgress, train_while_joining
+from diffswarm.peer.placement import Move
+from diffswarm.peer.rebalance import watch_balance
 from diffswarm.peer.servicer import ExpertServicer
 from diffswarm.protocol.wire import NAMESPACE, PROTOCOL_VERSION
 from diffswarm.utils.fileio import atomic_write
@@ -71,12 +81,15 @@ class Peer:
         self.dht: SwarmDHT | None = None
         self.served: dict[str, ServedExpert] = {}
         self.router: RouterBlob | None = None
+        self.partition: PartitionBlob | None = None  # the partition manifest file served over rpc_partition
+        self.move: Move | None = None  # set when a confirmed rebalancing move stopped this peer (--rebalance)
         self.servicer: ExpertServicer | None = None
         self.stop_event = asyncio.Event()
         self.state = "joining"
         self.progress = 0.0
         self.train_step: int | None = None  # current training step while training
         self.train_loss: float | None = None  # latest step's loss while training
+        self.train_eta: float | None = None  # seconds of training left (estimated) while training
         self.training_cfg = None  # ExpertConfig while training
         self.maddrs: list[str] = []
         self.swarm: SwarmName | None = None  # the swarm's full name (None: a plain DHT node)
@@ -86,6 +99,7 @@ class Peer:
         self._warned: set[tuple[str, float]] = set()  # (expert id, manifest issued) already warned about
         self._stats_notes: set[str] = set()  # statistics files the owner said it does not sign
         self._heartbeat: asyncio.Task | None = None
+        self._balance: asyncio.Task | None = None
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -99,6 +113,7 @@ class Peer:
             torch.set_num_threads(self.cfg.threads)
         if self.cfg.router:  # a bad router file fails before the daemon starts
             self.router = RouterBlob(self.cfg.router)
+        self.partition = self._load_partition()
         ident = open_identity(self.cfg.net.identity_path)
         try:
             self.swarm, self.owner_key, key_what = resolve_swarm(self.cfg.swarm, self.cfg.owner_key, ident,
@@ -117,6 +132,19 @@ class Peer:
             role = "" if self.owner_key is not None else " (its bytes only: the owner's manifest decides the router)"
             self.log(f"serving router {self.router.sha256[:12]} (K={self.router.cfg.num_clusters}){role}")
 
+    def _load_partition(self) -> PartitionBlob | None:
+        """The partition manifest this peer serves: ``cfg.partition_file`` (a bad one is an error), else its training
+        job's (a bad one is only not served: training says what is wrong with it)."""
+        if self.cfg.partition_file:
+            return PartitionBlob(self.cfg.partition_file)
+        if self.cfg.train is None:
+            return None
+        try:
+            return PartitionBlob(self.cfg.train.partition)
+        except (OSError, ValueError) as e:
+            self.log(f"warning: not serving partition {self.cfg.train.partition}: {e}")
+            return None
+
     # -- records -------------------------------------------------------------------------------
 
     @property
@@ -129,7 +157,7 @@ class Peer:
         out = [served_record(s, self.state, self.peer_id, self.announced_addrs) for s in self.served.values()]
         if self.training_cfg is not None and not self.served:
             status = ExpertStatus(self.state, progress=self.progress, max_batch=self.cfg.max_batch,
-                                  train_steps=self.train_step, final_loss=self.train_loss)
+                                  train_steps=self.train_step, final_loss=self.train_loss, eta_s=self.train_eta)
             out.append(make_expert_record(self.training_cfg, status, self.peer_id, self.announced_addrs))
         return out
 
@@ -138,6 +166,9 @@ class Peer:
         (``announce.manifest_fields_for``); says once why a statistics file is not signed."""
         fields, notes = manifest_fields_for(self.swarm, self.router, self.served, self.training_cfg,
                                             self.cfg.sign_stats)
+        part = self.partition
+        if part is not None and part.partition_hash == fields["partition_hash"]:
+            fields[PARTITION_SHA_FIELD], fields[PARTITION_BYTES_FIELD] = part.sha256, len(part.data)
         for n in notes:
             if n not in self._stats_notes:
                 self._stats_notes.add(n)
@@ -191,12 +222,18 @@ class Peer:
     async def train(self) -> str | None:
         """Train the expert (announcing ``joining``); returns the checkpoint path, None if stopped."""
 
+        shown = TrainingProgress(time.monotonic())
+
         def joining(ecfg) -> None:
             self.training_cfg, self.state = ecfg, "joining"
             self.start_heartbeat()
 
         def on_step(step: int, loss: float, progress: float) -> None:
             self.progress, self.train_step, self.train_loss = progress, step, loss
+            self.train_eta = shown.eta(progress, time.monotonic())
+            line = shown.line(self.training_cfg.expert_id, step, loss, progress, time.monotonic())
+            if line:
+                self.log(line)
 
         return await train_while_joining(self.cfg.train, self.stop_event, joining, on_step)
 
@@ -225,12 +262,12 @@ class Peer:
                      f"{served.batcher.throughput:.0f} rows/s)")
         for s in self.served.values():
             s.batcher.start()
-        self.servicer = ExpertServicer(self.served, self.router, self.info, self.cfg.limits)
+        self.servicer = ExpertServicer(self.served, self.router, self.info, self.cfg.limits, self.partition)
         await self.servicer.add_p2p_handlers(self.dht.p2p, namespace=NAMESPACE)
         self.state = "online"
         self.training_cfg = None
         self.progress = 1.0
-        self.train_step = self.train_loss = None  # the served checkpoint's summary is announced instead
+        self.train_step = self.train_loss = self.train_eta = None  # the checkpoint's summary is announced instead
         # the ~350k objects of torch/diffusers/hivemind live as long as the peer: keep them out of the
         # cyclic GC, whose full passes over them (~0.2 s) would stall a request now and then
         gc.collect()
@@ -239,6 +276,22 @@ class Peer:
         self.start_heartbeat()
         self.write_info()
         self.log(f"online as {self.peer_id} at {' '.join(self.maddrs)}")
+        self._start_balance_checks()
+
+    def _start_balance_checks(self) -> None:
+        """With ``cfg.rebalance``: check the swarm's balance periodically (``peer.rebalance``); a confirmed move with
+        ``--rebalance`` stops the peer with ``self.move`` set (its runner restarts it on the other cluster)."""
+        mine = next((s.expert.config.cluster for s in self.served.values()), None)
+        if self.cfg.rebalance is None or mine is None or self.swarm is None:
+            return
+
+        def on_move(move: Move) -> None:
+            self.move = move
+            self.stop()
+
+        task = watch_balance(lambda: self.dht, lambda: self.manifest, self.cfg.rebalance, mine, self.stop_event,
+                             on_move, self.log)
+        self._balance = asyncio.get_running_loop().create_task(task)
 
     def write_info(self) -> None:
         if not self.cfg.info_file:
@@ -253,10 +306,11 @@ class Peer:
     async def shutdown(self) -> None:
         """Announce offline, stop serving, stop the daemon."""
         self.stop_event.set()
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+        for task in (self._heartbeat, self._balance):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.dht is None:
             return
         if self.served or self.training_cfg is not None:
@@ -298,12 +352,18 @@ class Peer:
             await self.shutdown()
 
 
-def run_peer(cfg: PeerConfig) -> int:
-    """Run a peer until SIGINT/SIGTERM/SIGHUP, in a fresh event loop (uvloop where available)."""
+def run(peer: Peer) -> int:
+    """Run ``peer`` until SIGINT/SIGTERM/SIGHUP (or a rebalancing move), in a fresh event loop (uvloop where
+    available)."""
     try:
         import uvloop
 
         runner = uvloop.run
     except ImportError:  # pragma: no cover
         runner = asyncio.run
-    return runner(Peer(cfg).run())
+    return runner(peer.run())
+
+
+def run_peer(cfg: PeerConfig) -> int:
+    """Run a peer of ``cfg`` until SIGINT/SIGTERM/SIGHUP."""
+    return run(Peer(cfg))
