@@ -10,8 +10,10 @@ joining expert is one somebody already chose; usable: it fits the owner's manife
 of the data, and the throughput its online experts announce (a claim, used only to break ties).
 
 Balance quality (``balance_quality``): with N live experts in all, cluster k deserves N * share_k of them; the quality
-is the worst cluster's ratio of what it has to what it deserves, capped at 1. 1: every cluster has at least its
-share; 0: some cluster with data has no live expert.
+is the share of the data whose cluster has what it deserves, a cluster with less counting in proportion:
+sum_k share_k * min(1, experts_k / (N * share_k)). 1: every cluster has at least its fair number; a cluster without a
+live expert takes its whole share off. (Petals' quality is the throughput of its chain of blocks, set by the worst
+block; a mixture's clusters are not a chain: each serves its own share of the images, so the shares add up.)
 """
 
 from __future__ import annotations
@@ -104,11 +106,13 @@ def choose_objective(records: Iterable[ExpertRecord], default: str = "fm") -> st
 
 
 def balance_quality(counts: Sequence[int], shares: Sequence[float]) -> float:
-    """The worst cluster's live experts relative to its fair number (all experts times its data share), in [0, 1]
-    (see the module docstring); 1.0 for a swarm without experts or data."""
-    n = sum(counts)
-    ratios = [min(1.0, c / (n * s)) for c, s in zip(counts, shares, strict=True) if s > 0]
-    return min(ratios) if ratios and n > 0 else 1.0
+    """The share of the data whose cluster has its fair number of live experts (all experts times its data share),
+    clusters below it counting in proportion, in [0, 1] (see the module docstring); 1.0 for a swarm without experts
+    or data."""
+    n, total = sum(counts), sum(s for s in shares if s > 0)
+    if n == 0 or total <= 0:
+        return 1.0
+    return sum(s * min(1.0, c / (n * s)) for c, s in zip(counts, shares, strict=True) if s > 0) / total
 
 
 @dataclass(frozen=True)
