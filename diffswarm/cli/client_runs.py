@@ -108,7 +108,8 @@ def run_swarm_status(p: SwarmStatusPlan) -> int:
               f"dataset {m.dataset_id or '?'} (signed by the owner, issued {m.issued:.0f}; {n} peer(s) serve it)")
     for r in sorted(experts, key=lambda r: (r.cluster if r.cluster is not None else -1, r.peer_id)):
         print(f"{r.expert_id:10s} {r.state:8s} {r.peer_id[:12]} {r.throughput:8.0f} rows/s  load {r.load:.0f}"
-              + (f"  training {r.progress:.0%}" if r.state == "joining" else ""))
+              + (f"  training {r.progress:.0%}" if r.state == "joining" else "")
+              + (f", about {r.eta_s / 60:.1f} min left" if r.state == "joining" and r.eta_s is not None else ""))
     for e in errs + merrs + perrs + notes:
         print(f"invalid record skipped: {e}")
     return 0

@@ -63,8 +63,9 @@ def run_join(p: JoinPlan) -> int:
         _say(f"coverage of the swarm:\n{describe_cover(cover)}")
         _say(f"joining cluster {choice.cluster} with a {choice.objective} expert: {choice.reason}")
         choice.save(out)
+        run_dir = out / f"c{choice.cluster}-{choice.objective}-{m.partition_hash[:8]}"  # one per expert and partition
         job = replace(p.job, partition=str(s.partition_path), cluster=choice.cluster, objective=choice.objective,
-                      out=str(out / f"c{choice.cluster}-{choice.objective}"), data_root=p.data_root or "")
+                      out=str(run_dir), data_root=p.data_root or "")
         _check_memory(job, s, ds)
         del ds
         rb = p.rebalancing
