@@ -47,7 +47,7 @@ def run_join(p: JoinPlan) -> int:
     ident = p.peer.net.identity_path
     own = identity_peer_id(ident) if ident and Path(ident).exists() else None
     previous = JoinChoice.load(out)
-    cluster = p.cluster
+    cluster, moved = p.cluster, None
     if p.cluster is None and (previous is None or previous.swarm != p.swarm) and p.start_delay > 0:
         delay = random.uniform(0, p.start_delay)
         _say(f"waiting {delay:.1f} s (random, up to --start-delay {p.start_delay:g}) so that volunteers joining "
@@ -60,6 +60,9 @@ def run_join(p: JoinPlan) -> int:
              f"{m.partition_hash[:12]} (file {s.partition_path}, sha256 signed by the owner)")
         ds = load_volunteer_data(s.partition, p.data_root)
         choice, cover = decide(p.swarm, s, previous, cluster, p.objective, own)
+        if moved is not None:
+            choice = replace(choice, reason=f"rebalancing from cluster {moved.src} ({moved.before:.2f} -> "
+                                            f"{moved.after:.2f} balance quality)")
         _say(f"coverage of the swarm:\n{describe_cover(cover)}")
         _say(f"joining cluster {choice.cluster} with a {choice.objective} expert: {choice.reason}")
         choice.save(out)
@@ -75,5 +78,5 @@ def run_join(p: JoinPlan) -> int:
         code = run(peer)
         if peer.move is None:
             return code
-        previous, cluster = None, peer.move.dst
+        previous, cluster, moved = None, peer.move.dst, peer.move
         _say(f"rebalancing: leaving cluster {peer.move.src} for cluster {peer.move.dst}")
