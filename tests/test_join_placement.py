@@ -240,6 +240,10 @@ def test_the_partition_must_fit_the_manifest_and_the_volunteers_data_the_partiti
         check_partition(data, other, "p")
     with pytest.raises(JoinError, match="does not parse"):
         check_partition(b"not json", m, "p")
+    huge = json.loads(data)
+    huge["source"] = {"name": "digits", "size": 100_000}  # would resize the volunteer's images to 100,000^2
+    with pytest.raises(JoinError, match="does not make the manifest's 1x8x8 images"):
+        check_partition(json.dumps(huge).encode(), m, "p")
     assert load_volunteer_data(part, None).content_hash == part.content_hash
     fashion = dataclasses.replace(part, source={"name": "fashion"}, dataset_id="fashion:28")
     with pytest.raises(JoinError) as e:

@@ -99,6 +99,10 @@ def check_partition(data: bytes, manifest: SwarmManifest, source: str) -> Partit
     if got != want:
         raise JoinError(f"the partition file (hash, K, dataset, shape, classes) = {got} does not fit the owner's "
                         f"manifest {want}")
+    src = part.source or {}
+    c, h, _ = part.image_shape
+    if src.get("size") not in (None, h) or src.get("channels") not in (None, c):
+        raise JoinError(f"the partition file's data source {src} does not make the manifest's {c}x{h}x{h} images")
     return part
 
 
