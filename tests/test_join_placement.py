@@ -302,3 +302,22 @@ def test_the_eta_follows_the_progress():
     assert "about 0m30s left" in p.line("c1-fm", 5, 0.5, 0.25, 110.0)
     assert p.line("c1-fm", 6, 0.5, 0.3, 112.0) is None  # shown 2 s ago
     assert "100%" in p.line("c1-fm", 20, 0.5, 1.0, 113.0)  # the end is always shown
+
+
+def test_join_refuses_an_expert_the_machine_cannot_hold(digits_partition, monkeypatch, capsys):
+    from diffswarm.cli.join_runs import _check_memory
+    from diffswarm.experts.train import TrainConfig
+    from diffswarm.training import footprint
+    from diffswarm.training.jobs import TrainJob
+
+    part, path = digits_partition
+    job = TrainJob(str(path), 0, "unused", net="mlp", width=32, depth=1,
+                   train=TrainConfig(steps=None, minutes=2.0, batch=16, device="cpu"))
+    ds = load_volunteer_data(part, None)
+    survey = Survey(None, [], part, path)
+    _check_memory(job, survey, ds)  # this machine holds a tiny expert
+    said = capsys.readouterr().out
+    assert "memory: training c0-fm on cpu takes about" in said and "time: up to 2 minutes of training" in said
+    monkeypatch.setattr(footprint, "available_memory", lambda dev: (1 << 10, "available RAM"))
+    with pytest.raises(JoinError, match="this machine cannot hold expert c0-fm on cpu: it needs about"):
+        _check_memory(job, survey, ds)
