@@ -13,6 +13,16 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z
   fi
 fi
 
+# nftables and iproute2: tests/test_netns.py builds network namespaces with a NAT (skipped where they are missing)
+if ! command -v nft >/dev/null || ! command -v ip >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2 >/dev/null) \
+      || echo "setup: could not install nftables/iproute2; tests/test_netns.py will be skipped" >&2
+  else
+    echo "setup: not root; 'sudo apt-get install nftables iproute2' to run tests/test_netns.py" >&2
+  fi
+fi
+
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate

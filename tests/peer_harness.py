@@ -49,9 +49,11 @@ def rss_mib(trim: bool = False) -> float:
 
 class InprocPeer:
     """``Peer`` with one toy fm expert (1x8x8, 4 classes) and, with ``router``, the toy router, started in a
-    thread; ``stop()`` ends it."""
+    thread (on ``net``, default a new loopback swarm); ``stop()`` ends it. A peer that does not go online (its
+    reachability check failed) has ended when the constructor returns: ``peer.exit_code`` says so."""
 
-    def __init__(self, tmp_dir, limits: PeerLimits | None = None, router: bool = False):
+    def __init__(self, tmp_dir, limits: PeerLimits | None = None, router: bool = False,
+                 net: NetworkConfig | None = None):
         from diffswarm.peer.config import PeerConfig
         from diffswarm.peer.server import Peer
         from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
@@ -61,7 +63,7 @@ class InprocPeer:
         self.checkpoint = experts[0]
         self.router_bytes = router_path.read_bytes() if router else None
         self.base_limits = limits or PeerLimits()
-        self.cfg = PeerConfig(net=NetworkConfig.loopback(), checkpoint=str(experts[0]), threads=1,
+        self.cfg = PeerConfig(net=net or NetworkConfig.loopback(), checkpoint=str(experts[0]), threads=1,
                               router=str(router_path) if router else None, announce_period=60,
                               limits=self.base_limits)
         self.unhandled: list[dict] = []  # what reached the peer loop's exception handler (must stay empty)

@@ -50,6 +50,8 @@ def bases(f) -> dict[str, list[list[str]]]:
         "generate": [local, [*local, "b.safetensors", "--router", "r.safetensors"], [*local, "--routing", "threshold"],
                      [*local, "--routing", "sample-k"], [*local, "--routing", "full"], ["--run-dir", run], remote,
                      [*remote, "--loopback"]],
+        "export": [["o", "--run", str(f / "r")], ["o", "--run-dir", run], ["o", *remote],
+                   ["o", "--run", "r", "--routing", "threshold"]],
         "dashboard": [["--run-dir", run], remote, [*remote, "--loopback"]],
         "peer": [[], ["--checkpoint", "c.safetensors", "--swarm", FOO], [*train0, "--swarm", FOO],
                  [*train0, "--objective", "ddpm", "--swarm", FOO], ["--train-job", str(f / "job.json"), "--swarm", FOO],

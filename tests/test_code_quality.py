@@ -28,6 +28,7 @@ RANKS = [
     {"diffswarm.dht"},
     {"diffswarm.peer", "diffswarm.client"},
     {"diffswarm.swarm"},
+    {"diffswarm.api"},
     {"diffswarm.tui"},
     {"diffswarm.demo"},
     {"diffswarm.cli"},

@@ -36,6 +36,7 @@ from diffswarm.tui.model import (
 )
 from diffswarm.tui.source import FakeRecord, FakeSource, demo_records
 from diffswarm.tui.widgets import (
+    ContributorsTable,
     ExpertDetail,
     HelpScreen,
     HistoryTable,
@@ -248,6 +249,22 @@ def test_app_fills_table_and_summary(tmp_path):
             app.source.records = app.source.records[1:]
             await wait_for(pilot, lambda: any(r.state == "offline" for r in app.rows))
             assert table.row_count == 4 and "uncovered clusters: 0, 2" in app.query_one(SummaryBar).text
+            await pilot.press("q")
+
+    asyncio.run(go())
+
+
+def test_contributors_tab_shows_each_peers_claims(tmp_path):
+    async def go():
+        app = fake_app(tmp_path)
+        async with app.run_test(size=(120, 40)) as pilot:
+            table = app.query_one(ContributorsTable)
+            await wait_for(pilot, lambda: table.row_count == 4)
+            first = [str(c) for c in table.get_row_at(0)]
+            assert first == ["AAAA0001", "c0-ddpm", "online", "direct", "1520", "64", "2", "1h02m"]
+            assert [str(c) for c in table.get_row_at(1)][3:5] == ["relayed", "300"]
+            label = str(app.query_one("#contributors-clusters").render())
+            assert "claims, not checked" in label and "cluster 1: 2 online, 300 rows, 12 images" in label
             await pilot.press("q")
 
     asyncio.run(go())

@@ -44,6 +44,15 @@ class GeneratePlan:
 
 
 @dataclass(frozen=True)
+class ExportPlan:
+    out: str
+    routing: RoutingConfig  # the pipeline's default routing
+    run: str | None = None  # run directory (local checkpoints)
+    swarm: SwarmSource | None = None
+    router_kind: str = "auto"  # run: trained (router.safetensors) | stats (cluster_stats.bin) | auto
+
+
+@dataclass(frozen=True)
 class DashboardPlan:
     swarm: SwarmSource
     out: str
@@ -139,6 +148,22 @@ def plan_generate(args, given) -> GeneratePlan:
         kw["compression"] = args.compression
     src = _swarm_source(args, given, router_sha256=args.router_sha256, **kw)
     return GeneratePlan(**common, router=args.router, swarm=src)
+
+
+def plan_export(args, given) -> ExportPlan:
+    if args.run:
+        refuse(given, ["initial_peers", "run_dir", "swarm", "router_sha256", "loopback", "no_relay", "no_nat",
+                       "allow_unsigned_stats"],
+               "with --run (it exports the checkpoints of a run directory, without a network)")
+        return ExportPlan(args.out, _routing(args, given), run=args.run, router_kind=args.router_kind)
+    if args.router_kind == "trained":
+        refuse(given, ["allow_unsigned_stats"], "with a trained router (it concerns the statistics router)")
+    if args.router_kind == "stats":
+        refuse(given, ["router_sha256"], "with --router-kind stats (it routes with cluster statistics, not a "
+                                         "router file)")
+    src = _swarm_source(args, given, router_sha256=args.router_sha256, router_kind=args.router_kind,
+                        allow_unsigned_stats=args.allow_unsigned_stats)
+    return ExportPlan(args.out, _routing(args, given), swarm=src)
 
 
 def plan_dashboard(args, given) -> DashboardPlan:

@@ -3,67 +3,52 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import replace
 
-from diffswarm.cli.client_plans import DashboardPlan, GeneratePlan, SwarmSource, SwarmStatusPlan
+from diffswarm.cli.client_plans import DashboardPlan, ExportPlan, GeneratePlan, SwarmStatusPlan
 
 logger = logging.getLogger(__name__)
 
 
-def parse_classes(classes, ds_names: list[str]) -> list[int] | None:
-    if not classes:
-        return None
-    out: list[int] = []
-    for c in classes:
-        if c == "all":
-            out.extend(range(len(ds_names)))
-        elif c.lstrip("-").isdigit():
-            out.append(int(c))
-        elif c in ds_names:
-            out.append(ds_names.index(c))
-        else:
-            raise ValueError(f"unknown class {c!r}; use an id or one of {ds_names}")
-    return out
-
-
-def _connect(src: SwarmSource, routing=None, *, router_path=None, device="cpu", seed=0):
-    from diffswarm.client.ensemble import SwarmEnsemble
-
-    logger.info(f"joining swarm {src.config.swarm!r} via {src.initial_peers[0]}")
-    return SwarmEnsemble.connect(list(src.initial_peers), routing, seed=seed, router_path=router_path,
-                                 config=src.config, device=device)
-
-
 def run_generate(p: GeneratePlan) -> int:
+    """``diffswarm generate`` through the Python API (``diffswarm.api``): a local session or a swarm session."""
+    from diffswarm.api import connect, load_local
     from diffswarm.experts.train import pick_device
-    from diffswarm.router.local import ProgressCallback, generate, load_local_ensemble, make_labels
-    from diffswarm.utils.images import save_grid, save_samples
+    from diffswarm.router.local import ProgressCallback
 
     dev = pick_device(p.device)
     if p.local:
-        model = load_local_ensemble(p.local, p.router, p.routing, dev, seed=p.sampling.seed, router_kind=p.router_kind)
-        ncfg = model.experts[0].config.net
-        shape, num_classes = (ncfg.channels, ncfg.size, ncfg.size), ncfg.num_classes
-        where = "locally"
+        session = load_local(p.local, p.router, router_kind=p.router_kind, device=dev)
     else:
-        model = _connect(p.swarm, p.routing, router_path=p.router, device=dev, seed=p.sampling.seed)
-        shape, num_classes = model.image_shape, model.num_classes
-        cov = model.client.view.coverage()
-        print("experts: " + ", ".join(f"{model.expert_ids[k]} x{n}" for k, n in enumerate(cov)))
-        where = "over the swarm"
-    try:
-        labels = make_labels(p.n, parse_classes(p.classes, [str(i) for i in range(num_classes)]), num_classes)
-        t0 = time.perf_counter()
-        x = generate(model, labels, shape, p.sampling, dev, callback=ProgressCallback())
-        dt = time.perf_counter() - t0
-    finally:
-        if not p.local:
-            model.close()
-    nrow = p.nrow or (len(set(labels.tolist())) if p.classes else int(max(1, round(p.n**0.5))))
-    print(f"generated {p.n} images {where} in {dt:.1f}s -> {save_grid(x, p.output, nrow)}")
+        logger.info(f"joining swarm {p.swarm.config.swarm!r} via {p.swarm.initial_peers[0]}")
+        session = connect(p.swarm.config.swarm, p.swarm.initial_peers, router=p.router, device=dev,
+                          config=p.swarm.config)
+    s = p.sampling
+    with session:
+        if session.is_swarm:
+            print("experts: " + ", ".join(f"{session.expert_ids[k]} x{n}" for k, n in enumerate(session.coverage())))
+        out = session.generate([str(c) for c in p.classes] if p.classes else None, p.n, steps=s.steps,
+                               sampler=s.sampler, guidance=s.guidance, seed=s.seed, routing=p.routing,
+                               batch=s.batch, callback=ProgressCallback())
+    nrow = p.nrow or (len(set(out.labels.tolist())) if p.classes else int(max(1, round(p.n**0.5))))
+    print(f"generated {p.n} images {session.where} in {out.wall_s:.1f}s -> {out.save_grid(p.output, nrow)}")
     if p.save_samples:
-        print(f"samples -> {save_samples(p.save_samples, x, labels)}")
+        print(f"samples -> {out.save_samples(p.save_samples)}")
+    return 0
+
+
+def run_export(p: ExportPlan) -> int:
+    """``diffswarm export``: the diffusers pipeline folder of a run directory or of a swarm (``diffswarm.api``)."""
+    from diffswarm.api import connect, export_pipeline
+
+    if p.run:
+        out = export_pipeline(p.out, run=p.run, routing=p.routing, router_kind=p.router_kind)
+    else:
+        logger.info(f"joining swarm {p.swarm.config.swarm!r} via {p.swarm.initial_peers[0]}")
+        with connect(p.swarm.config.swarm, p.swarm.initial_peers, config=p.swarm.config) as session:
+            out = export_pipeline(p.out, session=session, routing=p.routing)
+    print(f"pipeline -> {out} (load it with `from diffswarm.api import DiffswarmPipeline; "
+          f"DiffswarmPipeline.from_pretrained({str(out)!r})`)")
     return 0
 
 
@@ -77,6 +62,7 @@ def run_dashboard(p: DashboardPlan) -> int:
 def run_swarm_status(p: SwarmStatusPlan) -> int:
     import asyncio
 
+    from diffswarm.client.contributors import contributor_lines
     from diffswarm.client.discovery import router_sources
     from diffswarm.dht.names import choose_manifest, parse_swarm_name
     from diffswarm.dht.node import SwarmDHT
@@ -109,7 +95,10 @@ def run_swarm_status(p: SwarmStatusPlan) -> int:
     for r in sorted(experts, key=lambda r: (r.cluster if r.cluster is not None else -1, r.peer_id)):
         print(f"{r.expert_id:10s} {r.state:8s} {r.peer_id[:12]} {r.throughput:8.0f} rows/s  load {r.load:.0f}"
               + (f"  training {r.progress:.0%}" if r.state == "joining" else "")
-              + (f", about {r.eta_s / 60:.1f} min left" if r.state == "joining" and r.eta_s is not None else ""))
+              + (f", about {r.eta_s / 60:.1f} min left" if r.state == "joining" and r.eta_s is not None else "")
+              + ("  (relayed)" if r.relayed else ""))
+    for line in contributor_lines(experts):
+        print(line)
     for e in errs + merrs + perrs + notes:
         print(f"invalid record skipped: {e}")
     return 0

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from diffswarm.cli.client_plans import plan_dashboard, plan_generate, plan_swarm_status
-from diffswarm.cli.client_runs import run_dashboard, run_generate, run_swarm_status
+from diffswarm.cli.client_plans import plan_dashboard, plan_export, plan_generate, plan_swarm_status
+from diffswarm.cli.client_runs import run_dashboard, run_export, run_generate, run_swarm_status
 from diffswarm.cli.eval_plans import plan_demo, plan_eval, plan_quality
 from diffswarm.cli.eval_runs import run_demo, run_eval, run_quality
 from diffswarm.cli.join_plans import plan_join
@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "train": (plan_train, run_train),
     "train-router": (plan_train_router, run_train_router),
     "generate": (plan_generate, run_generate),
+    "export": (plan_export, run_export),
     "dashboard": (plan_dashboard, run_dashboard),
     "peer": (plan_peer, run_peer),
     "join": (plan_join, run_join),

@@ -77,7 +77,7 @@ def plan_join(args, given) -> JoinPlan:
     peer = PeerConfig(net=_server_network(args, given), swarm=swarm, device=args.device or d.device,
                       threads=args.threads if args.threads is not None else d.threads,
                       max_batch=args.max_batch or d.max_batch, announce_period=args.announce_period,
-                      info_file=args.info_file)
+                      info_file=args.info_file, check_reachability=not args.no_reachability_check)
     try:
         rb = Rebalancing(args.rebalance, args.rebalance_interval, args.rebalance_checks, args.rebalance_margin)
         RebalanceConfig((1.0,), rb.interval, rb.checks, margin=rb.margin)  # checks the values now

@@ -66,7 +66,7 @@ def _add_training_commands(sub) -> None:
 
 
 def _add_client_commands(sub) -> None:
-    """`generate` and `dashboard`: the swarm's clients."""
+    """`generate`, `export` and `dashboard`: the swarm's clients."""
     p = _parser(sub, "generate", "generate images over the swarm (default) or from local checkpoints (--local)")
     p.add_argument("--local", nargs="+", metavar="EXPERT", help="expert checkpoints (one per cluster): no network")
     p.add_argument("--router", default=None,
@@ -81,6 +81,18 @@ def _add_client_commands(sub) -> None:
     add_network_args(p, client=True)
     add_sampling_args(p)
     add_routing_args(p)
+
+    p = _parser(sub, "export", "write a diffusers pipeline folder (DiffswarmPipeline: one folder per expert, "
+                               "router/, model_index.json) from a run directory (--run) or from a swarm")
+    p.add_argument("out", metavar="OUT", help="the pipeline folder to write (new, or empty)")
+    p.add_argument("--run", default=None, metavar="DIR",
+                   help="run directory holding experts/*/expert.safetensors and router.safetensors (no network)")
+    add_swarm_source_args(p)
+    p.add_argument_group("swarm client").add_argument(
+        "--router-sha256", default=None, help="only use an announced router with this sha256 (prefix)")
+    add_router_kind_arg(p)
+    add_network_args(p, client=True)
+    add_routing_args(p)  # the pipeline's default routing (``__call__`` can override it)
 
     p = _parser(sub, "dashboard", "terminal dashboard: watch the swarm's experts and generate from it")
     add_swarm_source_args(p)
@@ -124,6 +136,8 @@ def _add_peer_command(sub) -> None:
     g.add_argument("--announce-period", type=float, default=10.0,
                    help="seconds between DHT heartbeats (at most 300: readers call records stale after 600 s)")
     g.add_argument("--info-file", default=None, help="write peer id, multiaddrs and state here (JSON)")
+    g.add_argument("--no-reachability-check", action="store_true",
+                   help="go online without first asking up to 5 peers to dial this peer back at its addresses")
     g.add_argument("--rate-rows", type=float, default=None,
                    help="request rows per second one caller may send; more is answered busy (default 10000; 0 = off)")
     g.add_argument("--burst-rows", type=int, default=None,
@@ -178,6 +192,8 @@ def _add_join_command(sub) -> None:
     g.add_argument("--max-batch", type=int, default=None, help="rows per forward pass (default 256)")
     g.add_argument("--announce-period", type=float, default=10.0, help="seconds between DHT heartbeats")
     g.add_argument("--info-file", default=None, help="write peer id, multiaddrs and state here (JSON)")
+    g.add_argument("--no-reachability-check", action="store_true",
+                   help="go online without first asking up to 5 peers to dial this peer back at its addresses")
     add_network_args(p, client=False)
 
 

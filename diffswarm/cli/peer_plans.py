@@ -110,5 +110,6 @@ def plan_peer(args, given) -> PeerPlan:
                      threads=args.threads if args.threads is not None else d.threads,
                      max_batch=args.max_batch or d.max_batch,
                      batch_wait_ms=args.batch_wait_ms if args.batch_wait_ms is not None else d.batch_wait_ms,
-                     announce_period=args.announce_period, info_file=args.info_file, limits=limits)
+                     announce_period=args.announce_period, info_file=args.info_file, limits=limits,
+                     check_reachability=not args.no_reachability_check)
     return PeerPlan(cfg)

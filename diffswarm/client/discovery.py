@@ -98,7 +98,8 @@ class SwarmView:
             if rec.state != "online":
                 continue
             by_cluster[rec.cluster].append(Replica(rec.peer_id, rec.expert_id, rec.checkpoint_sha256, rec.cluster,
-                                                   rec.throughput, rec.load, tuple(rec.addrs)))
+                                                   rec.throughput, rec.load, tuple(rec.addrs),
+                                                   relayed=bool(rec.relayed)))
         self.by_cluster, self.joining, self.skipped = by_cluster, joining, skipped
         new = {(r.peer_id, r.expert_id) for reps in by_cluster for r in reps}
         events = [f"{eid} online at {p[:12]}" for p, eid in sorted(new - old)]

@@ -20,6 +20,8 @@ MAX_THROUGHPUT = 1e5  # rows/s; above this an announced figure is implausible (a
 #                       core and ~5e4 on an H100): it counts as unknown, not as fast
 UNKNOWN_THROUGHPUT = 100.0  # rows/s assumed for a missing, non-finite, zero or implausible figure (slow)
 MAX_LOAD = 1e5  # rows; an announced queue above this is clipped to it, a non-finite one counts as this
+RELAY_PENALTY = 5.0  # a replica reachable only through a relay counts as this many times slower (Petals announces
+#                      relayed servers at 0.2x throughput): direct replicas win unless much faster
 
 
 @dataclass
@@ -69,6 +71,7 @@ class Replica:
     throughput: float  # rows per second (announced or from the last response)
     load: float  # rows queued at the peer (announced or from the last response)
     addrs: tuple[str, ...] = ()
+    relayed: bool = False  # reachable only through a libp2p circuit relay (its record says so)
 
 
 def plausible_throughput(thr: float) -> float:
@@ -107,7 +110,8 @@ def pick_replica(replicas: Sequence[Replica], latency_ema: dict[str, float], ban
     one expert's weights when a cluster has several different experts). ``current``: the peer used
     last for this cluster; another replica must be expected ``hysteresis`` (25%) faster to replace it,
     so that latency noise does not make the client flip between replicas. Ties break on peer id, so
-    the choice is deterministic.
+    the choice is deterministic. A relayed replica's score (measured or estimated) counts ``RELAY_PENALTY``
+    times: clients prefer direct peers, and a relay's bandwidth is someone else's.
     """
     excluded = set(exclude)
     usable = [r for r in replicas if r.peer_id not in excluded and not bans.is_banned(r.peer_id, now)]
@@ -119,6 +123,7 @@ def pick_replica(replicas: Sequence[Replica], latency_ema: dict[str, float], ban
     def measured_score(r: Replica) -> float:
         s = latency_ema[r.peer_id]
         s = s if math.isfinite(s) and s >= 0 else float("inf")
+        s *= RELAY_PENALTY if r.relayed else 1.0
         return s * (1 - hysteresis) if r.peer_id == current else s
 
     measured = [measured_score(r) for r in usable if r.peer_id in latency_ema]
@@ -128,7 +133,7 @@ def pick_replica(replicas: Sequence[Replica], latency_ema: dict[str, float], ban
         if r.peer_id in latency_ema:
             s = measured_score(r)
             return s, 0, s, r.peer_id
-        est = expected_seconds(r, rows, None)
+        est = expected_seconds(r, rows, None) * (RELAY_PENALTY if r.relayed else 1.0)
         return max(est, floor), 1, est, r.peer_id  # never ahead of a measured peer; claims order the unmeasured
 
     return min(usable, key=score)

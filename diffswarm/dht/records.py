@@ -20,11 +20,14 @@ them. Version 3 replaced the unsigned per-peer ``SwarmRecord`` (key ``{swarm}_sw
 ``ExpertRecord`` keeps its layout (version 3 only adds the bounds). Version 4 declares the manifest's
 optional ``cluster_stats_sha256`` (K sha256 hex digests or "", one per cluster: the statistics the owner
 vouches for; a version-3 reader keeps it in ``extra``, verifies it with the signature and already prefers
-it); manifests without it still parse (no statistics signed). Version 5 declares the manifest's optional
-``partition_sha256`` and ``partition_bytes`` (the sha256 and size of the partition manifest file, which peers serve
-over ``rpc_partition`` and a volunteer's ``diffswarm join`` fetches and checks; in ``extra`` like the statistics)
-and the optional ``ExpertRecord.eta_s`` (seconds of training left while ``joining``, a claim). ``protocol`` is
-the RPC protocol version (``diffswarm.protocol.wire``); clients skip peers speaking another major protocol.
+it); manifests without it still parse (no statistics signed). Version 5 adds the optional ``ExpertRecord``
+fields ``relayed`` and the contribution claims ``served_rows``, ``served_images``, ``served_clients`` and
+``uptime`` (bounded; left out of ``to_dict`` when unset, so a version-4 reader sees its own layout), the optional
+``ExpertRecord.eta_s`` (seconds of training left while ``joining``, a claim; left out when unset too) and the
+manifest's optional ``partition_sha256`` and ``partition_bytes`` (the sha256 and size of the partition manifest
+file, which peers serve over ``rpc_partition`` and a volunteer's ``diffswarm join`` fetches and checks; in
+``extra`` like the statistics). ``protocol`` is the RPC protocol version (``diffswarm.protocol.wire``); clients
+skip peers speaking another major protocol.
 """
 
 from __future__ import annotations
@@ -44,11 +47,14 @@ from diffswarm.dht.schema import (
     MAX_IMAGE_SIDE,
     MAX_PARTITION_BYTES,
     MAX_ROUTER_BYTES,
+    MAX_SERVED_COUNT,
     MAX_TRAIN_STEPS,
+    MAX_UPTIME,
     Addrs,
     Float,
     Id,
     Int,
+    OptBool,
     OptFloat,
     OptInt,
     OwnerKey,
@@ -65,7 +71,10 @@ from diffswarm.experts.config import OBJECTIVES
 
 RECORD_VERSION = 5  # 2: optional ExpertRecord.train_steps / final_loss; 3: signed SwarmManifest + RouterProvider;
 #                    4: SwarmManifest.cluster_stats_sha256 (owner-signed statistics, in ``extra``);
-#                    5 (join17): SwarmManifest.partition_sha256 / partition_bytes (in ``extra``), ExpertRecord.eta_s
+#                    5: optional ExpertRecord.relayed and contribution claims served_rows / served_images /
+#                       served_clients / uptime (issue 17, reach17); ExpertRecord.eta_s and
+#                       SwarmManifest.partition_sha256 / partition_bytes in ``extra`` (issue 17, join17)
+CONTRIBUTION_FIELDS = ("served_rows", "served_images", "served_clients")  # ExpertRecord counters (v5), all claims
 STATS_HASHES_FIELD = "cluster_stats_sha256"  # manifest field: the owner-signed sha256 of each cluster's statistics
 PARTITION_SHA_FIELD = "partition_sha256"  # manifest field: sha256 of the partition manifest file (rpc_partition)
 PARTITION_BYTES_FIELD = "partition_bytes"  # manifest field: its size in bytes (<= MAX_PARTITION_BYTES)
@@ -153,7 +162,16 @@ class ExpertRecord:
     updated: Float  # DHT time of this announcement
     train_steps: OptInt = None  # training steps done (checkpoint's when online, current while joining); v2
     final_loss: OptFloat = None  # last training loss (checkpoint's when online, latest step's while joining); v2
-    eta_s: OptFloat = None  # seconds of training left while joining (None: unknown or online); v5
+    # v5: reachable only through a libp2p circuit relay (its addrs are /p2p-circuit ones; clients prefer direct
+    # peers); None: not said (older peers)
+    relayed: OptBool = None
+    # v5: what the peer says it served with this expert since it started, claims (peer.contribution): request rows,
+    # images (rows at the sampler's first step, t = 1), distinct callers; and seconds since it went online
+    served_rows: OptInt = None
+    served_images: OptInt = None
+    served_clients: OptInt = None
+    uptime: OptFloat = None
+    eta_s: OptFloat = None  # v5: seconds of training left while joining (None: unknown or online); a claim
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -164,6 +182,17 @@ class ExpertRecord:
         for f in ("final_loss", "eta_s"):
             if d[f] is not None:
                 d[f] = float(d[f])
+        for f in CONTRIBUTION_FIELDS:
+            if d[f] is not None:
+                d[f] = int(d[f])
+        if d["uptime"] is not None:
+            d["uptime"] = float(d["uptime"])
+        if d["relayed"] is not None:
+            d["relayed"] = bool(d["relayed"])
+        # not said: left out, so older readers see a v4 layout
+        for f in ("relayed", *CONTRIBUTION_FIELDS, "uptime", "eta_s"):
+            if d[f] is None:
+                del d[f]
         d["image_shape"] = [int(s) for s in d["image_shape"]]
         d["addrs"] = [str(a) for a in d["addrs"]]
         return d
@@ -193,6 +222,12 @@ class ExpertRecord:
             raise RecordError(f"{what}: train_steps {r.train_steps} outside 0..{MAX_TRAIN_STEPS}")
         if r.final_loss is not None and not math.isfinite(r.final_loss):
             raise RecordError(f"{what}: final_loss {r.final_loss} is not finite")
+        for f in CONTRIBUTION_FIELDS:
+            v = getattr(r, f)
+            if v is not None and not 0 <= v <= MAX_SERVED_COUNT:
+                raise RecordError(f"{what}: {f} {v} outside 0..{MAX_SERVED_COUNT}")
+        if r.uptime is not None and not (math.isfinite(r.uptime) and 0 <= r.uptime <= MAX_UPTIME):
+            raise RecordError(f"{what}: uptime {r.uptime} outside 0..{MAX_UPTIME:.0f} s")
         if r.eta_s is not None and not (math.isfinite(r.eta_s) and r.eta_s >= 0):
             raise RecordError(f"{what}: eta_s {r.eta_s} is not a finite number of seconds >= 0")
         check_time(r.updated, None, what)

@@ -4,10 +4,10 @@ Bounds (every size a record carries; ``from_dict`` raises ``RecordError`` before
 allocated for an oversized value, and DHT nodes refuse to store oversized strings, lists and bytes):
 ids and peer ids <= 64 characters, other strings <= 128, <= 16 addresses of <= 256 characters, image
 shape (C, H, W) with C <= 16, H, W <= 4096 and C*H*W <= 2**24, num_classes <= 100,000, K <= 1024,
-max_batch <= 65,536, router file <= 64 MiB, owner key and signature <= 1 KiB each, a manifest's signed
-encoding <= 16 KiB. Times: a record ``updated`` (or a manifest ``issued``) more than
-``MAX_CLOCK_SKEW`` (30 s) in the future is rejected; expert and provider records ``updated`` more than
-``MAX_RECORD_AGE`` (600 s) ago are stale. Throughput, load, progress and losses must be finite.
+max_batch <= 65,536, served counts <= 10**15 and uptime <= 10 years, router file <= 64 MiB, owner key
+and signature <= 1 KiB each, a manifest's signed encoding <= 16 KiB. Times: a record ``updated`` (or a manifest
+``issued``) more than ``MAX_CLOCK_SKEW`` (30 s) in the future is rejected; expert and provider records
+``updated`` more than ``MAX_RECORD_AGE`` (600 s) ago are stale. Throughput, load, progress and losses must be finite.
 
 Each record is declared once, as a dataclass (:mod:`diffswarm.dht.records`) whose fields carry their
 wire type (``Int``, ``Id``, ``Addrs``, ...: the Python type annotated with its strict pydantic type);
@@ -22,7 +22,7 @@ import typing
 from typing import Annotated, Any
 
 import pydantic.v1 as pydantic
-from pydantic.v1 import StrictFloat, StrictInt, conbytes, conlist, constr
+from pydantic.v1 import StrictBool, StrictFloat, StrictInt, conbytes, conlist, constr
 
 # -- bounds ----------------------------------------------------------------------------------
 MAX_ID_CHARS = 64  # expert_id, peer_id, swarm NAME
@@ -36,6 +36,8 @@ MAX_CLASSES = 100_000
 MAX_CLUSTERS = 1024  # K
 MAX_BATCH_ROWS = 65_536  # an ExpertRecord's max_batch
 MAX_TRAIN_STEPS = 10**12
+MAX_SERVED_COUNT = 10**15  # an ExpertRecord's served_rows / served_images / served_clients (claims)
+MAX_UPTIME = 10 * 365 * 86400.0  # seconds; an ExpertRecord's uptime (a claim)
 MAX_ROUTER_BYTES = 64 << 20  # the router file a client will download
 MAX_PARTITION_BYTES = 64 << 20  # the partition manifest file a joining volunteer will download (rpc_partition)
 MAX_STATS_RECORD_BYTES = 64 << 10  # a cluster-statistics blob in a stats record (router.stats.blob.MAX_STATS_BYTES)
@@ -72,6 +74,7 @@ Int = Annotated[int, StrictInt]
 OptInt = Annotated[int | None, StrictInt | None]
 Float = Annotated[float, StrictFloat]
 OptFloat = Annotated[float | None, StrictFloat | None]
+OptBool = Annotated[bool | None, StrictBool | None]
 Id = Annotated[str, IdStr]
 Text = Annotated[str, TextStr]
 Addrs = Annotated[list[str], AddrList]

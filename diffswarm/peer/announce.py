@@ -69,9 +69,11 @@ class ExpertStatus:
                    int(steps) if steps is not None else None, float(loss) if loss is not None else None)
 
 
-def make_expert_record(cfg, status: ExpertStatus, peer_id: str, addrs: list[str]) -> ExpertRecord:
+def make_expert_record(cfg, status: ExpertStatus, peer_id: str, addrs: list[str],
+                       extra: dict | None = None) -> ExpertRecord:
     """The record announcing an expert of ``ExpertConfig`` cfg in ``status``. A non-finite ``final_loss``
-    (no step done yet, or a diverged run) is announced as None: readers reject non-finite losses."""
+    (no step done yet, or a diverged run) is announced as None: readers reject non-finite losses. ``extra``: the
+    optional version-5 fields (``relayed``, the contribution counters)."""
     loss = status.final_loss
     if loss is not None and not math.isfinite(float(loss)):
         loss = None
@@ -84,7 +86,8 @@ def make_expert_record(cfg, status: ExpertStatus, peer_id: str, addrs: list[str]
         max_batch=int(status.max_batch), peer_id=peer_id, addrs=list(addrs), updated=float(get_dht_time()),
         train_steps=int(status.train_steps) if status.train_steps is not None else None,
         final_loss=float(loss) if loss is not None else None,
-        eta_s=float(status.eta_s) if status.eta_s is not None and math.isfinite(status.eta_s) else None)
+        eta_s=float(status.eta_s) if status.eta_s is not None and math.isfinite(status.eta_s) else None,
+        **(extra or {}))
 
 
 def resolve_swarm(swarm: str | None, owner_key: str | None, identity: Identity,
@@ -137,11 +140,13 @@ def swarm_greeting(swarm: SwarmName | None, owner: str | None, peer_id: str, mad
 # -- records -----------------------------------------------------------------------------------
 
 
-def served_record(s: ServedExpert, state: str, peer_id: str, addrs: list[str]) -> ExpertRecord:
-    """The record of a loaded expert in ``state``: its checkpoint's summary, its batcher's throughput and load."""
+def served_record(s: ServedExpert, state: str, peer_id: str, addrs: list[str],
+                  extra: dict | None = None) -> ExpertRecord:
+    """The record of a loaded expert in ``state``: its checkpoint's summary, its batcher's throughput and load
+    (``extra``: as in ``make_expert_record``)."""
     status = ExpertStatus.serving(state, s.expert.weights_sha256, s.expert.summary, s.batcher.throughput,
                                   s.batcher.pending_rows, s.batcher.policy.max_rows)
-    return make_expert_record(s.expert.config, status, peer_id, addrs)
+    return make_expert_record(s.expert.config, status, peer_id, addrs, extra)
 
 
 def stats_records(served: Iterable[ServedExpert], peer_id: str) -> list[ClusterStatsRecord]:

@@ -35,4 +35,8 @@ class PeerConfig:
     announce_period: float = 10.0  # seconds between heartbeats
     expire_factor: float = 3.0  # records expire after this many periods without a heartbeat
     info_file: str | None = None  # write {peer_id, maddrs, pid, ...} here once online (swarm up, tests)
+    # before going online, ask up to 5 DHT peers to dial this peer back at the addresses it announces
+    # (peer.reachability); off: announce them unchecked
+    check_reachability: bool = True
+    contribution_log_period: float = 600.0  # seconds between the log lines of what this peer served (0: never)
     limits: PeerLimits = field(default_factory=PeerLimits)  # what callers can make the peer hold (peer/limits.py)

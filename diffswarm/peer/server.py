@@ -7,11 +7,15 @@ Lifecycle (``Peer``), all in one asyncio loop (uvloop where available):
    name and the multiaddrs others should use.
 2. ``train`` (only without a checkpoint): trains the expert on its cluster in a worker thread
    while the heartbeat announces ``joining`` with the training progress.
-3. ``serve``: loads the expert, measures its throughput, registers the RPC handlers, announces
-   ``online``; re-announces every ``announce_period`` with expiration ``expire_factor`` times
-   that, carrying the current load and throughput. Every heartbeat also re-announces the owner's
+3. ``serve``: loads the expert, measures its throughput, registers the RPC handlers, asks up to 5 DHT peers
+   to dial it back at its addresses (``reachability``: it announces only addresses others reached, relay
+   addresses marked ``relayed``, or, when nobody could dial it and it has no relay, says what to do and stops
+   instead of going online; the first peer of a swarm has nobody to ask and says so), announces ``online``;
+   re-announces every ``announce_period`` with expiration ``expire_factor`` times that, carrying the current load and
+   throughput. Every heartbeat also re-announces the owner's
    newest valid manifest (signed by this peer if it holds the owner key) and, for a peer serving
-   router bytes, its ``RouterProvider`` entry.
+   router bytes, its ``RouterProvider`` entry. Records carry what the peer served (``contribution``), whose
+   totals its log prints every ``contribution_log_period``.
 4. ``shutdown`` (SIGTERM / SIGINT / SIGHUP / ``stop()``): announces ``offline`` first, then removes the
    handlers and stops the daemon.
 """
@@ -61,9 +65,11 @@ from diffswarm.peer.announce import (
 )
 from diffswarm.peer.batching import BatchPolicy
 from diffswarm.peer.config import PeerConfig
+from diffswarm.peer.contribution import Contribution
 from diffswarm.peer.hosted import PartitionBlob, RouterBlob, ServedExpert
 from diffswarm.peer.joining import TrainingProgress, train_while_joining
 from diffswarm.peer.placement import Move
+from diffswarm.peer.reachability import DialBack, is_loopback, settle_addresses
 from diffswarm.peer.rebalance import watch_balance
 from diffswarm.peer.servicer import ExpertServicer
 from diffswarm.protocol.wire import NAMESPACE, PROTOCOL_VERSION
@@ -100,6 +106,12 @@ class Peer:
         self._stats_notes: set[str] = set()  # statistics files the owner said it does not sign
         self._heartbeat: asyncio.Task | None = None
         self._balance: asyncio.Task | None = None
+        self.contribution = Contribution()
+        self.dial_back: DialBack | None = None
+        self.reachable_addrs: list[str] | None = None  # what the dial-back check confirmed (None: not checked)
+        self.relayed: bool | None = None  # announced through relay circuits only (None: not checked)
+        self.exit_code = 0
+        self._contribution_logged = time.monotonic()
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -149,16 +161,26 @@ class Peer:
 
     @property
     def announced_addrs(self) -> list[str]:
-        """The multiaddrs put in records (readers refuse more than ``MAX_ADDRS``)."""
-        return self.maddrs[:MAX_ADDRS]
+        """The multiaddrs put in records (readers refuse more than ``MAX_ADDRS``): those the dial-back check
+        confirmed, if it ran."""
+        return (self.maddrs if self.reachable_addrs is None else self.reachable_addrs)[:MAX_ADDRS]
+
+    def record_extra(self, expert_id: str | None) -> dict:
+        """The optional version-5 record fields: ``relayed`` and, for a served expert, what it served."""
+        extra = {} if self.relayed is None else {"relayed": self.relayed}
+        if expert_id is not None and self.state == "online":
+            extra.update(self.contribution.record_fields(expert_id, time.monotonic()))
+        return extra
 
     def records(self) -> list[ExpertRecord]:
         """The records of the served experts; with none served yet, of the expert in training."""
-        out = [served_record(s, self.state, self.peer_id, self.announced_addrs) for s in self.served.values()]
+        out = [served_record(s, self.state, self.peer_id, self.announced_addrs, self.record_extra(uid))
+               for uid, s in self.served.items()]
         if self.training_cfg is not None and not self.served:
             status = ExpertStatus(self.state, progress=self.progress, max_batch=self.cfg.max_batch,
                                   train_steps=self.train_step, final_loss=self.train_loss, eta_s=self.train_eta)
-            out.append(make_expert_record(self.training_cfg, status, self.peer_id, self.announced_addrs))
+            out.append(make_expert_record(self.training_cfg, status, self.peer_id, self.announced_addrs,
+                                          self.record_extra(None)))
         return out
 
     def manifest_fields(self) -> dict:
@@ -213,6 +235,10 @@ class Peer:
             manifest = await self.current_manifest()
             provider = self.provider_record()
         await announce_records(self.dht, expiration, experts, stats, manifest, provider)
+        period = self.cfg.contribution_log_period
+        if self.state == "online" and period > 0 and time.monotonic() - self._contribution_logged >= period:
+            self._contribution_logged = time.monotonic()
+            self.log(self.contribution.summary(time.monotonic()))
 
     def start_heartbeat(self) -> None:
         if self._heartbeat is None:
@@ -262,9 +288,17 @@ class Peer:
                      f"{served.batcher.throughput:.0f} rows/s)")
         for s in self.served.values():
             s.batcher.start()
-        self.servicer = ExpertServicer(self.served, self.router, self.info, self.cfg.limits, self.partition)
+        self.dial_back = DialBack(allow_loopback=bool(self.maddrs) and all(is_loopback(a) for a in self.maddrs))
+        self.servicer = ExpertServicer(self.served, self.router, self.info, self.cfg.limits, self.contribution,
+                                       self.dial_back, self.partition)
         await self.servicer.add_p2p_handlers(self.dht.p2p, namespace=NAMESPACE)
+        if self.cfg.check_reachability and not await self.check_reachable():
+            self.exit_code = 1
+            self.stop_event.set()
+            return
         self.state = "online"
+        self.contribution.start(time.monotonic())
+        self._contribution_logged = time.monotonic()
         self.training_cfg = None
         self.progress = 1.0
         self.train_step = self.train_loss = self.train_eta = None  # the checkpoint's summary is announced instead
@@ -275,7 +309,7 @@ class Peer:
         await self.announce()
         self.start_heartbeat()
         self.write_info()
-        self.log(f"online as {self.peer_id} at {' '.join(self.maddrs)}")
+        self.log(f"online as {self.peer_id} at {' '.join(self.announced_addrs)}")
         self._start_balance_checks()
 
     def _start_balance_checks(self) -> None:
@@ -292,6 +326,15 @@ class Peer:
         task = watch_balance(lambda: self.dht, lambda: self.manifest, self.cfg.rebalance, mine, self.stop_event,
                              on_move, self.log)
         self._balance = asyncio.get_running_loop().create_task(task)
+
+    async def check_reachable(self) -> bool:
+        """Ask DHT peers to dial this peer back (``reachability.settle_addresses``); False when nobody can and it
+        has no relay address to announce instead (it has said what to do)."""
+        s = await settle_addresses(self.dht, self.cfg.net.use_auto_relay, self.stop_event, self.log)
+        self.maddrs = s.maddrs
+        if s.online and s.announce is not None:
+            self.reachable_addrs, self.relayed = s.announce, s.relayed
+        return s.online
 
     def write_info(self) -> None:
         if not self.cfg.info_file:
@@ -326,6 +369,11 @@ class Peer:
                 logger.debug(f"removing handlers: {e!r}")
         for s in self.served.values():
             await s.batcher.close()
+        if self.dial_back is not None:
+            try:
+                await self.dial_back.close()
+            except Exception as e:  # its daemon may be gone already; shutting down regardless
+                logger.debug(f"closing the dial-back probe: {e!r}")
         await self.dht.shutdown()
         self.dht = None
 
@@ -346,6 +394,8 @@ class Peer:
                 return 0
             await self.serve()
             await self.stop_event.wait()
+            if self.exit_code:
+                return self.exit_code
             self.log("stopping: announcing offline")
             return 0
         finally:

@@ -11,8 +11,10 @@ from typing import AsyncIterator  # noqa: UP035  (hivemind's ServicerBase needs 
 from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
+from diffswarm.peer.contribution import Contribution, first_step_rows
 from diffswarm.peer.hosted import PartitionBlob, RouterBlob, ServedExpert
 from diffswarm.peer.limits import Lease, PeerLimits, RateLimiter
+from diffswarm.peer.reachability import DialBack
 from diffswarm.peer.rpc import BoundedServicer
 from diffswarm.peer.streams import IdleStream
 from diffswarm.protocol.wire import (
@@ -44,8 +46,11 @@ class ExpertServicer(BoundedServicer):
     an id, logged with its traceback (``rpc``). ``stats`` counts what happened (the tests and the fuzzer read it)."""
 
     def __init__(self, served: dict[str, ServedExpert], router: RouterBlob | None, info,
-                 limits: PeerLimits | None = None, partition: PartitionBlob | None = None):
+                 limits: PeerLimits | None = None, contribution: Contribution | None = None,
+                 dial_back: DialBack | None = None, partition: PartitionBlob | None = None):
         self.served, self.router, self.info, self.partition = served, router, info, partition
+        self.contribution = contribution if contribution is not None else Contribution()
+        self.dial_back = dial_back  # None: dial-back requests are refused
         super().__init__(limits)
 
     def configure(self, limits: PeerLimits) -> None:
@@ -91,6 +96,7 @@ class ExpertServicer(BoundedServicer):
                 "load": float(served.batcher.pending_rows), "throughput": float(served.batcher.throughput),
                 **(extra or {})}
         self.stats["answered"] += 1
+        self.contribution.record(uid, caller, req.rows, first_step_rows(req.t))
         return encode_response(v, req.compression, meta)
 
     async def rpc_velocity(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -198,7 +204,14 @@ class ExpertServicer(BoundedServicer):
         finally:
             lease.release()
 
-    # -- info and router -------------------------------------------------------------------------
+    # -- info, reachability and router -----------------------------------------------------------
+
+    async def rpc_dial_back(self, request: runtime_pb2.ExpertInfo, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        """Dial the caller back at the multiaddrs it names, on a fresh connection (``reachability.DialBack``)."""
+        if self.dial_back is None:
+            raise RequestError("this peer does not answer dial-back requests")
+        return runtime_pb2.ExpertInfo(serialized_info=await self.dial_back.answer(request.serialized_info,
+                                                                                  str(context.remote_id)))
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         return runtime_pb2.ExpertInfo(serialized_info=encode_info(self.info()))

@@ -101,13 +101,21 @@ class ProgressCallback:
             self.bar.close()
 
 
+def seeded_noise(n: int, shape: Sequence[int], seed: int) -> torch.Tensor:
+    """(n, *shape) standard normal noise from one CPU generator seeded with ``seed`` (the same on every device)."""
+    return torch.randn((n, *shape), generator=torch.Generator(device="cpu").manual_seed(seed))
+
+
 def generate(model, labels: torch.Tensor, shape: tuple[int, int, int], sampling: SamplingConfig | None = None,
-             device="cpu", callback: StepCallback | None = None) -> torch.Tensor:
+             device="cpu", callback: StepCallback | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Samples (N, C, H, W) for ``labels`` (N,); noise drawn from one seeded CPU generator so a seed
-    gives the same images on any device and any batch split. ``sampling``: default ``SamplingConfig()``."""
+    gives the same images on any device and any batch split. ``sampling``: default ``SamplingConfig()``.
+    ``noise``: (N, *shape) starting points to use instead (a caller's own generator, e.g. the diffusers pipeline)."""
     sampling = sampling or SamplingConfig()
-    gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
-    noise = torch.randn((labels.shape[0], *shape), generator=gen)
+    if noise is None:
+        noise = seeded_noise(labels.shape[0], shape, sampling.seed)
+    elif tuple(noise.shape) != (labels.shape[0], *shape):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(labels.shape[0], *shape)}")
     outs = []
     for s in range(0, labels.shape[0], sampling.batch):
         x = noise[s:s + sampling.batch].to(device)

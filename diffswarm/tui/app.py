@@ -14,6 +14,7 @@ from textual.containers import Horizontal
 from textual.css.query import NoMatches
 from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, TabbedContent, TabPane
 
+from diffswarm.client.contributors import contributors
 from diffswarm.tui.generation import GenerationEnded, GenerationFinished, GenerationSteps, run_generation
 from diffswarm.tui.model import (
     ExpertRow,
@@ -28,6 +29,7 @@ from diffswarm.tui.model import (
 )
 from diffswarm.tui.source import Snapshot
 from diffswarm.tui.widgets import (
+    ContributorsTable,
     ExpertDetail,
     GeneratePanel,
     HelpScreen,
@@ -84,6 +86,9 @@ class DashboardApp(App):
                     yield ExpertDetail()
                 with TabPane("history", id="tab-history"):
                     yield HistoryTable()
+                with TabPane("contributors", id="tab-contributors"):
+                    yield Label("", id="contributors-clusters")
+                    yield ContributorsTable()
             images = ImageView()
             images.border_title = "images"
             yield images
@@ -130,6 +135,7 @@ class DashboardApp(App):
         self.records = latest_records(snap.records, self.records)
         self.latency_history.add(snap.latency)
         self._q(SwarmTable).expert_rows = self.rows
+        self.show_contributors(snap.records)
         self.show_detail()
         summary = summarize(self.rows, snap.num_clusters)
         bar = self._q(SummaryBar)
@@ -138,6 +144,14 @@ class DashboardApp(App):
         self._q(GeneratePanel).num_classes = snap.num_classes
         if snap.num_clusters:
             self._q("#gen-hint", Label).update(class_hint(snap.dataset_id, snap.num_classes), layout=False)
+
+    def show_contributors(self, records) -> None:
+        by_peer, by_cluster = contributors(records)
+        self._q(ContributorsTable).peers = tuple(by_peer)
+        text = "claims, not checked.  " + "   ".join(
+            f"cluster {'-' if c.cluster is None else c.cluster}: {c.online} online, {c.rows} rows, {c.images} images"
+            for c in by_cluster)
+        self._q("#contributors-clusters", Label).update(text, layout=False)
 
     def show_error(self, msg: str) -> None:
         if msg != self._last_error:  # once per distinct error, not every poll

@@ -97,14 +97,16 @@ class LiveSource:
                         dataset)
 
     def generate(self, req: GenRequest, callback: Callable | None = None) -> torch.Tensor:
-        from diffswarm.router.local import generate
+        """Through the Python API (``diffswarm.api.Session``), as ``diffswarm generate`` does."""
+        from diffswarm.api import Session
 
         ens = self._ensemble()
         ens.update_expert_ids()  # names from the records the background refresh keeps fresh (no lookup here)
-        ens.routing = req.routing(ens.num_experts)
-        ens.gen_seed = req.seed
-        return generate(ens, labels_for(req, ens.num_classes), ens.image_shape, req.sampling(), self.device,
-                        callback=callback)
+        session = Session(ens, ens.image_shape, ens.num_classes, self.device, where="over the swarm")
+        labels = labels_for(req, ens.num_classes)
+        s = req.sampling()
+        return session.generate(labels.tolist(), len(labels), steps=s.steps, sampler=s.sampler, guidance=s.guidance,
+                                seed=s.seed, routing=req.routing(ens.num_experts), callback=callback).samples
 
     def close(self) -> None:
         """Shut the client's DHT node down; waits for a connect in progress in a worker, so no daemon is
@@ -140,6 +142,11 @@ class FakeRecord:
     addrs: tuple = ()
     train_steps: int | None = None  # training summary, where the peer announces it (record version 2)
     final_loss: float | None = None
+    relayed: bool | None = None  # reachability and contribution claims (record version 5)
+    served_rows: int | None = None
+    served_images: int | None = None
+    served_clients: int | None = None
+    uptime: float | None = None
 
 
 class _FakeExpert:
@@ -205,8 +212,10 @@ def demo_records(now: float = 100.0) -> list[FakeRecord]:
     return [FakeRecord("12D3KooWpeerAAAA0001", "c0-ddpm", 0, "ddpm", throughput=850, load=2, updated=now - 1,
                        schedule="vp-cosine-1000", checkpoint_sha256="9f2c" + "0" * 56 + "a1b2",
                        addrs=("/ip4/127.0.0.1/tcp/40001/p2p/12D3KooWpeerAAAA0001",),
-                       train_steps=1200, final_loss=0.0312),
-            FakeRecord("12D3KooWpeerBBBB0002", "c1-fm", 1, "fm", throughput=900, load=0, updated=now - 3),
+                       train_steps=1200, final_loss=0.0312, relayed=False, served_rows=1520, served_images=64,
+                       served_clients=2, uptime=3720.0),
+            FakeRecord("12D3KooWpeerBBBB0002", "c1-fm", 1, "fm", throughput=900, load=0, updated=now - 3,
+                       relayed=True, served_rows=300, served_images=12, served_clients=1, uptime=600.0),
             FakeRecord("12D3KooWpeerCCCC0003", "c1-fm", 1, "fm", throughput=700, load=5, updated=now - 2),
             FakeRecord("12D3KooWpeerDDDD0004", "c2-ddpm", 2, "ddpm", state="joining", throughput=0, progress=0.4,
                        updated=now - 4, train_steps=480, final_loss=0.0581)]

@@ -12,6 +12,7 @@ from textual.reactive import reactive
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Input, Label, ProgressBar, RichLog, Select, Sparkline, Static
 
+from diffswarm.client.contributors import PEER_COLUMNS, PeerContribution
 from diffswarm.router.routing import RoutingConfig
 from diffswarm.tui.model import (
     COLUMNS,
@@ -257,6 +258,18 @@ class HistoryTable(RowTable):
             self.add_row(*e.cells(), key=str(e.index))
         if entries:
             self.move_cursor(row=len(entries) - 1, animate=False)
+
+
+class ContributorsTable(RowTable):
+    """What each peer says it served (claims), most rows first; ``peers`` is set by the app after each poll."""
+
+    COLUMNS = PEER_COLUMNS
+    peers: reactive[tuple[PeerContribution, ...]] = reactive((), always_update=True, init=False)
+
+    def watch_peers(self, peers: tuple[PeerContribution, ...]) -> None:
+        self.clear()
+        for p in peers:
+            self.add_row(*p.cells(), key=p.peer_id)
 
 
 HELP_TEXT = """\

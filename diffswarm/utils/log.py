@@ -43,3 +43,13 @@ def console(level: int = logging.INFO) -> None:
     if not any(isinstance(h, _Std) for h in logger.handlers):
         logger.addHandler(_Std("stdout", (logging.NOTSET, logging.WARNING)))
         logger.addHandler(_Std("stderr", (logging.WARNING, logging.CRITICAL + 1)))
+
+
+def format_duration(seconds: float) -> str:
+    """``1h02m``, ``3m05s``, ``42s``."""
+    s = int(max(0.0, seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"

@@ -84,6 +84,7 @@ class StatsRouter(nn.Module):
         stats = list(stats)
         if not stats:
             raise ValueError("a stats router needs at least one cluster's statistics")
+        self.stats = stats  # what it was built from (the diffusers pipeline saves them: diffswarm.api.components)
         first = stats[0]
         for k, s in enumerate(stats):
             mine, ref = (s.image_shape, s.basis, s.num_classes), (first.image_shape, first.basis, first.num_classes)
