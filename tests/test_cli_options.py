@@ -60,6 +60,7 @@ def bases(f) -> dict[str, list[list[str]]]:
                  ["--router", "r.safetensors", "--validate", p]],
         "validate": [["--swarm", FOO, "--partition", p], ["--swarm", FOO, "--partition", p, "--loopback"],
                      ["--swarm", FOO, "--partition", p, "--identity", str(f / "id.key")]],
+        "join": [remote, [*remote, "--loopback"], [*remote, "--identity", str(f / "id.key")]],
         "swarm up": [[], ["--checkpoints", "a.safetensors"], ["--partition", p], folder],
         "swarm down": [[]],
         "swarm status": [["--run-dir", run], remote, [*remote, "--loopback"]],

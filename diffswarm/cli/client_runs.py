@@ -111,6 +111,7 @@ def run_swarm_status(p: SwarmStatusPlan) -> int:
             adm = "  " + describe(admission.get((r.checkpoint_sha256, r.cluster)))
         print(f"{r.expert_id:10s} {r.state:8s} {r.peer_id[:12]} {r.throughput:8.0f} rows/s  load {r.load:.0f}"
               + (f"  training {r.progress:.0%}" if r.state == "joining" else "")
+              + (f", about {r.eta_s / 60:.1f} min left" if r.state == "joining" and r.eta_s is not None else "")
               + ("  (relayed)" if r.relayed else "") + adm)
     for line in contributor_lines(experts):
         print(line)

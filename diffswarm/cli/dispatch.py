@@ -12,6 +12,8 @@ from diffswarm.cli.client_plans import plan_dashboard, plan_export, plan_generat
 from diffswarm.cli.client_runs import run_dashboard, run_export, run_generate, run_swarm_status
 from diffswarm.cli.eval_plans import plan_demo, plan_eval, plan_quality
 from diffswarm.cli.eval_runs import run_demo, run_eval, run_quality
+from diffswarm.cli.join_plans import plan_join
+from diffswarm.cli.join_runs import run_join
 from diffswarm.cli.parser import command_path
 from diffswarm.cli.peer_plans import plan_peer, plan_validate
 from diffswarm.cli.serve_runs import run_peer, run_swarm_down, run_swarm_up
@@ -28,6 +30,7 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "dashboard": (plan_dashboard, run_dashboard),
     "peer": (plan_peer, run_peer),
     "validate": (plan_validate, run_peer),
+    "join": (plan_join, run_join),
     "swarm up": (plan_swarm_up, run_swarm_up),
     "swarm down": (plan_swarm_down, run_swarm_down),
     "swarm status": (plan_swarm_status, run_swarm_status),

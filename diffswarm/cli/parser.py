@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_commands(sub)
     _add_peer_command(sub)
     _add_validate_command(sub)
+    _add_join_command(sub)
     _add_swarm_commands(sub)
     _add_evaluation_commands(sub)
     return parser
@@ -140,6 +141,9 @@ def _add_peer_command(sub) -> None:
     g.add_argument("--validator-key", default=None, metavar="FILE",
                    help="with --validate: the key file attestations are signed with (default: the owner key, else "
                         "the peer's identity key)")
+    g.add_argument("--serve-partition", default=None, metavar="FILE",
+                   help="serve this partition manifest (partition.json) to volunteers that `diffswarm join`; with the "
+                        "owner key, sign its sha256 in the manifest (default: a training peer serves its job's)")
     g = p.add_argument_group("training first (instead of --checkpoint); the run resumes from --out")
     add_train_args(g)
     g.add_argument("--train-job", default=None, help="a training job file (job.json, as `swarm up` writes them)")
@@ -180,6 +184,58 @@ def _add_validate_command(sub) -> None:
                         "key); the owner names its fingerprint with `diffswarm peer --validators`")
     p.add_argument("--announce-period", type=float, default=10.0, help="seconds between validation rounds")
     p.add_argument("--info-file", default=None, help="write peer id, multiaddrs and state here (JSON)")
+    add_network_args(p, client=False)
+
+
+def _add_join_command(sub) -> None:
+    """`join`: a volunteer joins a swarm by its name: the swarm hands it the partition and the cluster it needs."""
+    from diffswarm.experts.config import OBJECTIVES
+    from diffswarm.experts.networks import NETWORKS
+    from diffswarm.experts.train import TrainConfig
+
+    d = TrainConfig()
+    p = _parser(sub, "join", "volunteer: join a swarm by its name; it picks the cluster the swarm needs, "
+                                     "trains, serves")
+    p.add_argument("--swarm", default=None, metavar="NAME@FINGERPRINT", help="the swarm's full name (from its owner)")
+    g = p.add_argument_group("what to train (default: what the swarm needs)")
+    g.add_argument("--cluster", type=int, default=None,
+                   help="train this cluster instead of the one the swarm needs most (and keep it across restarts)")
+    g.add_argument("--objective", choices=OBJECTIVES, default=None,
+                   help="fm or ddpm (default: the one fewer live experts of the swarm have)")
+    g.add_argument("--minutes", type=float, default=30.0,
+                   help="wall-clock training budget (default 30; a restart resumes and counts what was spent)")
+    g.add_argument("--net", choices=sorted(NETWORKS), default="unet", help="denoiser network (default unet)")
+    g.add_argument("--width", type=int, default=None, help="network width (default: the network's)")
+    g.add_argument("--depth", type=int, default=None, help="network depth (default: the network's)")
+    g.add_argument("--batch", type=int, default=d.batch)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--data-root", default=None,
+                   help="this machine's copy of the swarm's dataset (fashion: the IDX folder; default: where the "
+                        "Debian package dataset-fashion-mnist puts it)")
+    g.add_argument("--out", default=None,
+                   help="folder of the partition copy, the choice (join.json) and the training runs (default: "
+                        "IDENTITY's folder/<identity>-join/NAME, else runs/join/NAME)")
+    g.add_argument("--start-delay", type=float, default=10.0,
+                   help="wait a random 0..S seconds before choosing, so that volunteers joining together spread "
+                        "(default 10; 0: choose at once)")
+    g.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the owner's manifest (default 60)")
+    g = p.add_argument_group("rebalancing (checks always run and say what they see)")
+    g.add_argument("--rebalance", action="store_true",
+                   help="move to a cluster without live experts once the imbalance is confirmed (retrain, then serve)")
+    g.add_argument("--rebalance-interval", type=float, default=120.0, help="seconds between balance checks (120)")
+    g.add_argument("--rebalance-checks", type=int, default=3,
+                   help="consecutive checks that must agree before moving (3)")
+    g.add_argument("--rebalance-margin", type=float, default=0.1,
+                   help="least gain in balance quality a move must bring (0.1; moves only below quality 0.75)")
+    g = p.add_argument_group("serving")
+    g.add_argument("--device", default=None, help="device for training and serving (default auto: the GPU if any)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    g.add_argument("--max-batch", type=int, default=None, help="rows per forward pass (default 256)")
+    g.add_argument("--announce-period", type=float, default=10.0, help="seconds between DHT heartbeats")
+    g.add_argument("--info-file", default=None, help="write peer id, multiaddrs and state here (JSON)")
+    g.add_argument("--no-reachability-check", action="store_true",
+                   help="go online without first asking up to 5 peers to dial this peer back at its addresses")
     add_network_args(p, client=False)
 
 

@@ -134,6 +134,7 @@ def plan_peer(args, given) -> PeerPlan:
     cfg = PeerConfig(net=_server_network(args, given), swarm=swarm, owner_key=args.owner_key,
                      validate=args.validate, validators=validators, validator_key=args.validator_key,
                      checkpoint=args.checkpoint, train=train, router=args.router, device=args.device or d.device,
+                     partition_file=args.serve_partition,
                      sign_stats=tuple(args.sign_stats or ()),
                      threads=args.threads if args.threads is not None else d.threads,
                      max_batch=args.max_batch or d.max_batch,

@@ -1,18 +1,21 @@
 """Files the client fetches from peers and keeps in its cache: routers, expert checkpoints (its own verified
-copies of experts' weights) and the manifest floor (the newest manifest it accepted, a rollback guard)."""
+copies of experts' weights) and the manifest floor (the newest manifest it accepted, a rollback guard); and the
+partition manifest file a joining volunteer fetches (``fetch_partition``, checked against the owner's signature)."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
-from diffswarm.client.config import ClientConfig
+from diffswarm.client.config import ClientConfig, SwarmClientError
 from diffswarm.client.selection import Replica
 from diffswarm.dht.names import SwarmName
 from diffswarm.dht.records import SwarmManifest
@@ -114,3 +117,57 @@ class LocalExperts:
         self.fetch_failed[sha256] = time.monotonic() + FETCH_RETRY_S
         logger.info(f"could not fetch expert {sha256[:12]}: {'; '.join(errs)}")
         return None
+
+
+# -- the partition manifest a joining volunteer trains on ------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """A peer that may serve a file (``rpc_partition``): its id and multiaddrs."""
+
+    peer_id: str
+    addrs: tuple[str, ...] = ()
+
+
+def partition_sources(initial_peers: Iterable[str], records: Iterable) -> list[FileSource]:
+    """Peers to ask for the partition file: the ``initial_peers`` (their multiaddrs end in ``/p2p/<peer id>``) and
+    every peer announcing an expert or router (``records``: anything with ``peer_id`` and ``addrs``), once each."""
+    out: dict[str, FileSource] = {}
+    for m in initial_peers:
+        pid = m.rsplit("/p2p/", 1)[1] if "/p2p/" in m else ""
+        if pid and pid not in out:
+            out[pid] = FileSource(pid, (m,))
+    for r in records:
+        if r.peer_id not in out:
+            out[r.peer_id] = FileSource(r.peer_id, tuple(r.addrs))
+    return list(out.values())
+
+
+def fetch_partition(manifest: SwarmManifest, sources: list[FileSource], download: Callable[[FileSource], bytes],
+                    rng: random.Random | None = None) -> bytes:
+    """The partition manifest file the owner signed in ``manifest`` (sha256 and size), from the first of ``sources``
+    (in random order, at most ``MAX_ROUTER_SOURCES``) whose bytes match; ``download(src)`` returns a source's bytes
+    and must stop reading past the signed size. ``SwarmClientError`` when the owner signed none or none matches."""
+    signed = manifest.signed_partition
+    if signed is None:
+        raise SwarmClientError(f"the owner's manifest of swarm {manifest.swarm} (issued {manifest.issued:.0f}) signs "
+                               "no partition file: ask the owner for partition.json and use `diffswarm peer "
+                               "--partition partition.json --cluster K`, or to restart the swarm with a diffswarm that "
+                               "signs it")
+    sha, size = signed
+    srcs = list(sources)
+    (rng or random).shuffle(srcs)
+    errs = []
+    for src in srcs[:MAX_ROUTER_SOURCES]:
+        try:
+            data = download(src)
+        except Exception as e:  # a peer without the file, gone, or too slow: try the next
+            errs.append(f"{src.peer_id[:12]}: {e}"[:200])
+            continue
+        if len(data) > size or hashlib.sha256(data).hexdigest() != sha:
+            errs.append(f"{src.peer_id[:12]}: {len(data)} bytes that do not hash to the signed sha256")
+            continue
+        return data
+    raise SwarmClientError(f"no peer served the partition file {sha[:12]} the owner signed "
+                           f"({len(srcs)} asked; {'; '.join(errs[-4:]) or 'none known'})")

@@ -23,12 +23,14 @@ optional ``cluster_stats_sha256`` (K sha256 hex digests or "", one per cluster: 
 vouches for; a version-3 reader keeps it in ``extra``, verifies it with the signature and already prefers
 it); manifests without it still parse (no statistics signed). Version 5 adds the optional ``ExpertRecord``
 fields ``relayed`` and the contribution claims ``served_rows``, ``served_images``, ``served_clients`` and
-``uptime`` (bounded; left out of ``to_dict`` when unset, so a version-4 reader sees its own layout), and
-declares the manifest's optional ``admission`` (``admission.rule.AdmissionRule``: validator fingerprints,
-seed, ratio, ceiling, quorum; absent: every checkpoint is admitted, as before) and the ``AttestationRecord``
-under a new key (``{swarm}_attest``).
-``protocol`` is the RPC protocol version (``diffswarm.protocol.wire``); clients skip peers speaking
-another major protocol.
+``uptime`` (bounded; left out of ``to_dict`` when unset, so a version-4 reader sees its own layout), the optional
+``ExpertRecord.eta_s`` (seconds of training left while ``joining``, a claim; left out when unset too), the
+manifest's optional ``partition_sha256`` and ``partition_bytes`` (the sha256 and size of the partition manifest
+file, which peers serve over ``rpc_partition`` and a volunteer's ``diffswarm join`` fetches and checks; in
+``extra`` like the statistics) and its optional ``admission`` (``admission.rule.AdmissionRule``: validator
+fingerprints, seed, ratio, ceiling, quorum; absent: every checkpoint is admitted, as before), and the
+``AttestationRecord`` under a new key (``{swarm}_attest``). ``protocol`` is the RPC protocol version
+(``diffswarm.protocol.wire``); clients skip peers speaking another major protocol.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from diffswarm.dht.schema import (
     MAX_CLUSTERS,
     MAX_IMAGE_ELEMENTS,
     MAX_IMAGE_SIDE,
+    MAX_PARTITION_BYTES,
     MAX_ROUTER_BYTES,
     MAX_SERVED_COUNT,
     MAX_TRAIN_STEPS,
@@ -73,10 +76,12 @@ from diffswarm.experts.config import OBJECTIVES
 RECORD_VERSION = 5  # 2: optional ExpertRecord.train_steps / final_loss; 3: signed SwarmManifest + RouterProvider;
 #                    4: SwarmManifest.cluster_stats_sha256 (owner-signed statistics, in ``extra``);
 #                    5: optional ExpertRecord.relayed and contribution claims served_rows / served_images /
-#                       served_clients / uptime; SwarmManifest.admission (the admission rule, in ``extra``)
-#                       + AttestationRecord
+#                       served_clients / uptime; ExpertRecord.eta_s; SwarmManifest.partition_sha256 /
+#                       partition_bytes and SwarmManifest.admission (in ``extra``); AttestationRecord
 CONTRIBUTION_FIELDS = ("served_rows", "served_images", "served_clients")  # ExpertRecord counters (v5), all claims
 STATS_HASHES_FIELD = "cluster_stats_sha256"  # manifest field: the owner-signed sha256 of each cluster's statistics
+PARTITION_SHA_FIELD = "partition_sha256"  # manifest field: sha256 of the partition manifest file (rpc_partition)
+PARTITION_BYTES_FIELD = "partition_bytes"  # manifest field: its size in bytes (<= MAX_PARTITION_BYTES)
 STATES = ("joining", "online", "offline")
 ATTESTATION_SUBJECTS = ("checkpoint", "stats")  # what an AttestationRecord vouches for
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -172,6 +177,7 @@ class ExpertRecord:
     served_images: OptInt = None
     served_clients: OptInt = None
     uptime: OptFloat = None
+    eta_s: OptFloat = None  # v5: seconds of training left while joining (None: unknown or online); a claim
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -179,8 +185,9 @@ class ExpertRecord:
             d[f] = float(d[f])
         if d["train_steps"] is not None:
             d["train_steps"] = int(d["train_steps"])
-        if d["final_loss"] is not None:
-            d["final_loss"] = float(d["final_loss"])
+        for f in ("final_loss", "eta_s"):
+            if d[f] is not None:
+                d[f] = float(d[f])
         for f in CONTRIBUTION_FIELDS:
             if d[f] is not None:
                 d[f] = int(d[f])
@@ -188,7 +195,8 @@ class ExpertRecord:
             d["uptime"] = float(d["uptime"])
         if d["relayed"] is not None:
             d["relayed"] = bool(d["relayed"])
-        for f in ("relayed", *CONTRIBUTION_FIELDS, "uptime"):  # not said: left out, so older readers see a v4 layout
+        # not said: left out, so older readers see a v4 layout
+        for f in ("relayed", *CONTRIBUTION_FIELDS, "uptime", "eta_s"):
             if d[f] is None:
                 del d[f]
         d["image_shape"] = [int(s) for s in d["image_shape"]]
@@ -226,6 +234,8 @@ class ExpertRecord:
                 raise RecordError(f"{what}: {f} {v} outside 0..{MAX_SERVED_COUNT}")
         if r.uptime is not None and not (math.isfinite(r.uptime) and 0 <= r.uptime <= MAX_UPTIME):
             raise RecordError(f"{what}: uptime {r.uptime} outside 0..{MAX_UPTIME:.0f} s")
+        if r.eta_s is not None and not (math.isfinite(r.eta_s) and r.eta_s >= 0):
+            raise RecordError(f"{what}: eta_s {r.eta_s} is not a finite number of seconds >= 0")
         check_time(r.updated, None, what)
         return r
 
@@ -352,6 +362,13 @@ class SwarmManifest:
         return None if d is None else AdmissionRule.from_field(d)
 
     @property
+    def signed_partition(self) -> tuple[str, int] | None:
+        """(sha256, size in bytes) of the partition manifest file the owner signed, None if it signed none.
+        Checked by ``from_dict``."""
+        sha = self.extra.get(PARTITION_SHA_FIELD)
+        return (sha, int(self.extra[PARTITION_BYTES_FIELD])) if sha else None
+
+    @property
     def has_router(self) -> bool:
         """False for a swarm without a trained router (router fields empty): clients route with the
         statistics its peers publish (``ClusterStatsRecord``)."""
@@ -387,6 +404,7 @@ class SwarmManifest:
             r.admission  # noqa: B018 (parsed to check it)
         except ValueError as e:
             raise RecordError(f"{what}: {e}") from None
+        _check_partition_file(extra, what)
         check_time(r.issued, None, what)
         return r
 
@@ -459,6 +477,16 @@ class AttestationRecord:
         check_time(r.issued, None, what)
         check_time(r.updated, None, what)
         return r
+def _check_partition_file(extra: dict, what: str) -> None:
+    """A manifest's optional partition file fields: both or neither, a sha256 and a size within bounds."""
+    sha, size = extra.get(PARTITION_SHA_FIELD), extra.get(PARTITION_BYTES_FIELD)
+    if sha is None and size is None:
+        return
+    if not (isinstance(sha, str) and _SHA256.match(sha)):
+        raise RecordError(f"{what}: {PARTITION_SHA_FIELD} is not a sha256 hex digest")
+    if type(size) is not int or not 1 <= size <= MAX_PARTITION_BYTES:
+        raise RecordError(f"{what}: {PARTITION_BYTES_FIELD} {size!r} outside 1..{MAX_PARTITION_BYTES} "
+                          f"({MAX_PARTITION_BYTES >> 20} MiB)")
 
 
 # the pydantic models hivemind's SchemaValidator checks stored values with (see diffswarm.dht.entries)

@@ -39,6 +39,7 @@ MAX_TRAIN_STEPS = 10**12
 MAX_SERVED_COUNT = 10**15  # an ExpertRecord's served_rows / served_images / served_clients (claims)
 MAX_UPTIME = 10 * 365 * 86400.0  # seconds; an ExpertRecord's uptime (a claim)
 MAX_ROUTER_BYTES = 64 << 20  # the router file a client will download
+MAX_PARTITION_BYTES = 64 << 20  # the partition manifest file a joining volunteer will download (rpc_partition)
 MAX_STATS_RECORD_BYTES = 64 << 10  # a cluster-statistics blob in a stats record (router.stats.blob.MAX_STATS_BYTES)
 MAX_KEY_BYTES = 1024  # owner public key (DER; RSA-4096 is 550 bytes)
 MAX_SIGNATURE_BYTES = 1024  # base64 of an RSA-4096 signature is 684 bytes

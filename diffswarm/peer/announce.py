@@ -60,6 +60,7 @@ class ExpertStatus:
     max_batch: int = 256  # rows per forward pass
     train_steps: int | None = None  # training steps done
     final_loss: float | None = None  # last training loss (non-finite: announced as None)
+    eta_s: float | None = None  # seconds of training left while joining (None: unknown)
 
     @classmethod
     def serving(cls, state: str, sha256: str, summary: dict, throughput: float, load: float,
@@ -86,7 +87,9 @@ def make_expert_record(cfg, status: ExpertStatus, peer_id: str, addrs: list[str]
         progress=float(status.progress), throughput=float(status.throughput), load=float(status.load),
         max_batch=int(status.max_batch), peer_id=peer_id, addrs=list(addrs), updated=float(get_dht_time()),
         train_steps=int(status.train_steps) if status.train_steps is not None else None,
-        final_loss=float(loss) if loss is not None else None, **(extra or {}))
+        final_loss=float(loss) if loss is not None else None,
+        eta_s=float(status.eta_s) if status.eta_s is not None and math.isfinite(status.eta_s) else None,
+        **(extra or {}))
 
 
 def resolve_swarm(swarm: str | None, owner_key: str | None, identity: Identity,

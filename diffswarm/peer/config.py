@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from diffswarm.dht.node import NetworkConfig
 from diffswarm.peer.limits import PeerLimits
+from diffswarm.peer.placement import RebalanceConfig
 from diffswarm.training.jobs import TrainJob
 
 
@@ -21,6 +22,9 @@ class PeerConfig:
     checkpoint: str | None = None  # expert to serve; None with `train`: train it first; None without: no expert
     train: TrainJob | None = None  # what to train first when there is no checkpoint
     router: str | None = None  # router file to serve (the owner also signs the swarm's manifest naming it)
+    partition_file: str | None = None  # partition manifest to serve over rpc_partition (the owner signs its sha256);
+    #                                    None: the training job's partition, if any
+    rebalance: RebalanceConfig | None = None  # watch the swarm's coverage while serving (None: never)
     sign_stats: tuple[str, ...] = ()  # owner: cluster_stats.bin files (or checkpoints beside them) whose sha256 it
     #                                   signs in the manifest, with its own expert's (clients route only by those)
     device: str = "auto"

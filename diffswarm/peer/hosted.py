@@ -1,5 +1,5 @@
 """What a peer hosts: its loaded experts (``ServedExpert``, each with its request spec and batcher) and the
-router file it serves as bytes (``RouterBlob``)."""
+router and partition manifest files it serves as bytes (``RouterBlob``, ``PartitionBlob``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from diffswarm.dht.schema import MAX_ROUTER_BYTES
+from diffswarm.dht.schema import MAX_PARTITION_BYTES, MAX_ROUTER_BYTES
 from diffswarm.experts.expert import Expert
 from diffswarm.peer.batching import Batcher, BatchPolicy
 from diffswarm.protocol.wire import ExpertSpec
@@ -85,3 +85,21 @@ class RouterBlob:
         router = Router.load(self.path)  # checks the file's own weights hash
         self.cfg = router.cfg
         self.weights_sha256 = router.weights_sha256
+
+
+class PartitionBlob:
+    """The partition manifest file (``partition.json``) as served bytes (``rpc_partition``), with its sha256 and
+    the partition hash it declares; a joining volunteer checks the bytes against the owner-signed sha256."""
+
+    def __init__(self, path: str | os.PathLike):
+        from diffswarm.data.partition import Partition
+
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        if size > MAX_PARTITION_BYTES:
+            raise ValueError(f"partition manifest {self.path} is {size / 2**20:.1f} MiB; swarms serve at most "
+                             f"{MAX_PARTITION_BYTES >> 20} MiB (joining volunteers refuse larger ones)")
+        self.data = self.path.read_bytes()
+        self.sha256 = hashlib.sha256(self.data).hexdigest()
+        part = Partition.load(self.path)  # checks its own partition hash
+        self.partition_hash = part.partition_hash

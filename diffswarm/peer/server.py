@@ -40,7 +40,14 @@ from diffswarm.admission.rule import ADMISSION_FIELD
 from diffswarm.dht.attestations import AttestationMemory
 from diffswarm.dht.names import SwarmName
 from diffswarm.dht.node import SwarmDHT, open_identity
-from diffswarm.dht.records import STATS_HASHES_FIELD, ExpertRecord, RouterProvider, SwarmManifest
+from diffswarm.dht.records import (
+    PARTITION_BYTES_FIELD,
+    PARTITION_SHA_FIELD,
+    STATS_HASHES_FIELD,
+    ExpertRecord,
+    RouterProvider,
+    SwarmManifest,
+)
 from diffswarm.dht.schema import MAX_ADDRS, MAX_RECORD_AGE
 from diffswarm.experts.expert import Expert
 from diffswarm.peer.announce import (
@@ -63,9 +70,11 @@ from diffswarm.peer.announce import (
 from diffswarm.peer.batching import BatchPolicy
 from diffswarm.peer.config import PeerConfig
 from diffswarm.peer.contribution import Contribution
-from diffswarm.peer.hosted import RouterBlob, ServedExpert
-from diffswarm.peer.joining import train_while_joining
+from diffswarm.peer.hosted import PartitionBlob, RouterBlob, ServedExpert
+from diffswarm.peer.joining import TrainingProgress, train_while_joining
+from diffswarm.peer.placement import Move
 from diffswarm.peer.reachability import DialBack, is_loopback, settle_addresses
+from diffswarm.peer.rebalance import watch_balance
 from diffswarm.peer.servicer import ExpertServicer
 from diffswarm.protocol.wire import NAMESPACE, PROTOCOL_VERSION
 from diffswarm.utils.fileio import atomic_write
@@ -82,12 +91,15 @@ class Peer:
         self.dht: SwarmDHT | None = None
         self.served: dict[str, ServedExpert] = {}
         self.router: RouterBlob | None = None
+        self.partition: PartitionBlob | None = None  # the partition manifest file served over rpc_partition
+        self.move: Move | None = None  # set when a confirmed rebalancing move stopped this peer (--rebalance)
         self.servicer: ExpertServicer | None = None
         self.stop_event = asyncio.Event()
         self.state = "joining"
         self.progress = 0.0
         self.train_step: int | None = None  # current training step while training
         self.train_loss: float | None = None  # latest step's loss while training
+        self.train_eta: float | None = None  # seconds of training left (estimated) while training
         self.training_cfg = None  # ExpertConfig while training
         self.maddrs: list[str] = []
         self.swarm: SwarmName | None = None  # the swarm's full name (None: a plain DHT node)
@@ -97,6 +109,7 @@ class Peer:
         self._warned: set[tuple[str, float]] = set()  # (expert id, manifest issued) already warned about
         self._stats_notes: set[str] = set()  # statistics files the owner said it does not sign
         self._heartbeat: asyncio.Task | None = None
+        self._balance: asyncio.Task | None = None
         self.contribution = Contribution()
         self.dial_back: DialBack | None = None
         self.reachable_addrs: list[str] | None = None  # what the dial-back check confirmed (None: not checked)
@@ -129,6 +142,7 @@ class Peer:
                 Partition.load(self.cfg.validate)
             except (OSError, ValueError) as e:
                 raise ValueError(f"cannot validate with partition manifest {self.cfg.validate}: {e}") from None
+        self.partition = self._load_partition()
         ident = open_identity(self.cfg.net.identity_path)
         try:
             self.swarm, self.owner_key, key_what = resolve_swarm(self.cfg.swarm, self.cfg.owner_key, ident,
@@ -160,6 +174,19 @@ class Peer:
             raise ValueError(f"cannot serve metrics on {self.cfg.metrics_host}:{self.cfg.metrics_port}: {e}") from e
         self.log(f"metrics at {self.metrics_url}")
 
+    def _load_partition(self) -> PartitionBlob | None:
+        """The partition manifest this peer serves: ``cfg.partition_file`` (a bad one is an error), else its training
+        job's (a bad one is only not served: training says what is wrong with it)."""
+        if self.cfg.partition_file:
+            return PartitionBlob(self.cfg.partition_file)
+        if self.cfg.train is None:
+            return None
+        try:
+            return PartitionBlob(self.cfg.train.partition)
+        except (OSError, ValueError) as e:
+            self.log(f"warning: not serving partition {self.cfg.train.partition}: {e}")
+            return None
+
     # -- records -------------------------------------------------------------------------------
 
     @property
@@ -181,7 +208,7 @@ class Peer:
                for uid, s in self.served.items()]
         if self.training_cfg is not None and not self.served:
             status = ExpertStatus(self.state, progress=self.progress, max_batch=self.cfg.max_batch,
-                                  train_steps=self.train_step, final_loss=self.train_loss)
+                                  train_steps=self.train_step, final_loss=self.train_loss, eta_s=self.train_eta)
             out.append(make_expert_record(self.training_cfg, status, self.peer_id, self.announced_addrs,
                                           self.record_extra(None)))
         return out
@@ -193,6 +220,9 @@ class Peer:
                                             self.cfg.sign_stats)
         if self.cfg.validate and self.owner_key is not None:  # the owner validates: it signs the admission rule
             fields[ADMISSION_FIELD] = admission_rule(self.owner_key, self.cfg.validators, fields["partition_hash"])
+        part = self.partition
+        if part is not None and part.partition_hash == fields["partition_hash"]:
+            fields[PARTITION_SHA_FIELD], fields[PARTITION_BYTES_FIELD] = part.sha256, len(part.data)
         for n in notes:
             if n not in self._stats_notes:
                 self._stats_notes.add(n)
@@ -271,12 +301,18 @@ class Peer:
     async def train(self) -> str | None:
         """Train the expert (announcing ``joining``); returns the checkpoint path, None if stopped."""
 
+        shown = TrainingProgress(time.monotonic())
+
         def joining(ecfg) -> None:
             self.training_cfg, self.state = ecfg, "joining"
             self.start_heartbeat()
 
         def on_step(step: int, loss: float, progress: float) -> None:
             self.progress, self.train_step, self.train_loss = progress, step, loss
+            self.train_eta = shown.eta(progress, time.monotonic())
+            line = shown.line(self.training_cfg.expert_id, step, loss, progress, time.monotonic())
+            if line:
+                self.log(line)
 
         return await train_while_joining(self.cfg.train, self.stop_event, joining, on_step)
 
@@ -307,7 +343,7 @@ class Peer:
             s.batcher.start()
         self.dial_back = DialBack(allow_loopback=bool(self.maddrs) and all(is_loopback(a) for a in self.maddrs))
         self.servicer = ExpertServicer(self.served, self.router, self.info, self.cfg.limits, self.contribution,
-                                       self.dial_back)
+                                       self.dial_back, self.partition)
         if self.metrics is not None:
             self.servicer.observer = self.metrics.answered
         await self.servicer.add_p2p_handlers(self.dht.p2p, namespace=NAMESPACE)
@@ -320,7 +356,7 @@ class Peer:
         self._contribution_logged = time.monotonic()
         self.training_cfg = None
         self.progress = 1.0
-        self.train_step = self.train_loss = None  # the served checkpoint's summary is announced instead
+        self.train_step = self.train_loss = self.train_eta = None  # the checkpoint's summary is announced instead
         # the ~350k objects of torch/diffusers/hivemind live as long as the peer: keep them out of the
         # cyclic GC, whose full passes over them (~0.2 s) would stall a request now and then
         gc.collect()
@@ -329,6 +365,22 @@ class Peer:
         self.start_heartbeat()
         self.write_info()
         self.log(f"online as {self.peer_id} at {' '.join(self.announced_addrs)}")
+        self._start_balance_checks()
+
+    def _start_balance_checks(self) -> None:
+        """With ``cfg.rebalance``: check the swarm's balance periodically (``peer.rebalance``); a confirmed move with
+        ``--rebalance`` stops the peer with ``self.move`` set (its runner restarts it on the other cluster)."""
+        mine = next((s.expert.config.cluster for s in self.served.values()), None)
+        if self.cfg.rebalance is None or mine is None or self.swarm is None:
+            return
+
+        def on_move(move: Move) -> None:
+            self.move = move
+            self.stop()
+
+        task = watch_balance(lambda: self.dht, lambda: self.manifest, self.cfg.rebalance, mine, self.stop_event,
+                             on_move, self.log)
+        self._balance = asyncio.get_running_loop().create_task(task)
 
     async def check_reachable(self) -> bool:
         """Ask DHT peers to dial this peer back (``reachability.settle_addresses``); False when nobody can and it
@@ -352,7 +404,7 @@ class Peer:
     async def shutdown(self) -> None:
         """Announce offline, stop serving, stop the daemon."""
         self.stop_event.set()
-        for task in (self._heartbeat, self._validator):
+        for task in (self._heartbeat, self._validator, self._balance):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -408,12 +460,18 @@ class Peer:
             await self.shutdown()
 
 
-def run_peer(cfg: PeerConfig) -> int:
-    """Run a peer until SIGINT/SIGTERM/SIGHUP, in a fresh event loop (uvloop where available)."""
+def run(peer: Peer) -> int:
+    """Run ``peer`` until SIGINT/SIGTERM/SIGHUP (or a rebalancing move), in a fresh event loop (uvloop where
+    available)."""
     try:
         import uvloop
 
         runner = uvloop.run
     except ImportError:  # pragma: no cover
         runner = asyncio.run
-    return runner(Peer(cfg).run())
+    return runner(peer.run())
+
+
+def run_peer(cfg: PeerConfig) -> int:
+    """Run a peer of ``cfg`` until SIGINT/SIGTERM/SIGHUP."""
+    return run(Peer(cfg))

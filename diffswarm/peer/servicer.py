@@ -1,5 +1,5 @@
 """The peer's RPC handlers (``ExpertServicer``): velocity requests (unary, session, streamed), info, and the
-router and checkpoint files; the registration and error answers they rely on are in ``rpc``."""
+router, checkpoint and partition manifest files; the registration and error answers they rely on are in ``rpc``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
 from diffswarm.peer.contribution import Contribution, first_step_rows
-from diffswarm.peer.hosted import RouterBlob, ServedExpert
+from diffswarm.peer.hosted import PartitionBlob, RouterBlob, ServedExpert
 from diffswarm.peer.limits import Lease, PeerLimits, RateLimiter
 from diffswarm.peer.reachability import DialBack
 from diffswarm.peer.rpc import BoundedServicer
@@ -47,8 +47,8 @@ class ExpertServicer(BoundedServicer):
 
     def __init__(self, served: dict[str, ServedExpert], router: RouterBlob | None, info,
                  limits: PeerLimits | None = None, contribution: Contribution | None = None,
-                 dial_back: DialBack | None = None):
-        self.served, self.router, self.info = served, router, info
+                 dial_back: DialBack | None = None, partition: PartitionBlob | None = None):
+        self.served, self.router, self.info, self.partition = served, router, info, partition
         self.contribution = contribution if contribution is not None else Contribution()
         self.dial_back = dial_back  # None: dial-back requests are refused
         self.observer = None  # observer(expert, caller, rows, seconds) per velocity answer (peer.metrics)
@@ -228,6 +228,17 @@ class ExpertServicer(BoundedServicer):
             raise RequestError(f"this peer serves router {self.router.sha256[:12]}, not {request.uid[:12]!r}")
         for s in range(0, len(self.router.data), ROUTER_CHUNK):
             yield runtime_pb2.ExpertInfo(serialized_info=self.router.data[s:s + ROUTER_CHUNK])
+
+    async def rpc_partition(self, request: runtime_pb2.ExpertUID,
+                            context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertInfo]:
+        """The partition manifest file this peer serves (``uid`` = its sha256, or "" for whichever it serves)."""
+        if self.partition is None:
+            raise RequestError("this peer does not serve a partition manifest")
+        if request.uid and request.uid != self.partition.sha256:
+            raise RequestError(f"this peer serves partition file {self.partition.sha256[:12]}, "
+                               f"not {request.uid[:12]!r}")
+        for s in range(0, len(self.partition.data), ROUTER_CHUNK):
+            yield runtime_pb2.ExpertInfo(serialized_info=self.partition.data[s:s + ROUTER_CHUNK])
 
     async def rpc_checkpoint(self, request: runtime_pb2.ExpertUID,
                              context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertInfo]:

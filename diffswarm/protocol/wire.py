@@ -28,6 +28,9 @@ RPCs (handle names ``diffswarm::ExpertServicer.<rpc>``):
   the weights' sha256 after loading, so a peer cannot pass off other weights).
 - ``rpc_router``: ``ExpertUID(uid=router sha256) -> stream of ExpertInfo`` chunks of the router
   file (``ROUTER_CHUNK`` bytes each); the client checks the sha256 of the concatenation.
+- ``rpc_partition``: ``ExpertUID(uid=partition file sha256, "" = whichever it serves) -> stream of ExpertInfo``
+  chunks (``ROUTER_CHUNK`` bytes) of the partition manifest file (``partition.json``) the peer serves; a joining
+  volunteer stops reading past the size the owner's manifest signs (``partition_bytes``) and checks the sha256.
 - ``rpc_dial_back``: ``ExpertInfo(msgpack {"addrs": [multiaddr, ...]}) -> ExpertInfo(msgpack {"reachable": bool,
   "via": multiaddr or ""})``: dial the caller back at its own addresses on a fresh connection
   (``diffswarm.peer.reachability``: at most 4 TCP addresses of the caller's own id, rate-limited).
@@ -66,7 +69,7 @@ PROTOCOL_VERSION = 1  # RPC protocol; clients skip peers that speak another one
 NAMESPACE = "diffswarm"  # handle-name prefix of every RPC
 SERVICER = "ExpertServicer"  # the servicer class name in handle names (hivemind's ServicerBase convention)
 RPCS = ("rpc_velocity", "rpc_velocity_session", "rpc_velocity_stream", "rpc_info", "rpc_router", "rpc_checkpoint",
-        "rpc_dial_back")
+        "rpc_dial_back", "rpc_partition")
 MAX_CHECKPOINT_BYTES = 256 << 20  # the largest expert file a peer serves and a client downloads over rpc_checkpoint
 
 # 2 MiB: half of p2pd's 4 MiB message cap (hivemind's MAX_UNARY_PAYLOAD_SIZE); larger payloads stream

@@ -304,7 +304,8 @@ def owned_swarm_name(swarm: str, owner_key: str | Path) -> str:
 def start_local_swarm(peers: Sequence[PeerSpec], router_path: str | None, run_dir: str | Path, *,
                       swarm: str = "diffswarm", owner_key: str | Path | None = None, threads: int = 1,
                       timeout: float = 300.0, port: int = 0, announce_period: float = 5.0,
-                      extra_args: Sequence[str] = (), validate: str | Path | None = None) -> LocalSwarm:
+                      extra_args: Sequence[str] = (), validate: str | Path | None = None,
+                      partition: str | Path | None = None) -> LocalSwarm:
     """Start a bootstrap node (serving the router and signing the swarm's manifest with ``owner_key``,
     default RUN_DIR/owner.key, created if missing) and ``peers`` on 127.0.0.1, each as its own process;
     with ``router_path`` None there is no router peer: the first peer signs a manifest naming no router
@@ -312,7 +313,8 @@ def start_local_swarm(peers: Sequence[PeerSpec], router_path: str | None, run_di
     return once all are online (their records checked in the DHT). ``swarm``: the NAME (or the full name,
     which must match the owner key). ``validate``: the partition manifest the signing peer validates every
     checkpoint on (admission on: it signs the admission rule, and this returns once every peer's checkpoint is
-    attested). Writes RUN_DIR/swarm.json with the full name."""
+    attested). ``partition``: the partition manifest every process serves to volunteers that ``diffswarm
+    join`` (the signing one signs its sha256). Writes RUN_DIR/swarm.json with the full name."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     owner_key = Path(owner_key) if owner_key else run_dir / OWNER_KEY_FILE
@@ -321,7 +323,8 @@ def start_local_swarm(peers: Sequence[PeerSpec], router_path: str | None, run_di
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("GOMAXPROCS", "1")  # K+1 daemons share this machine's cores: one Go thread each is plenty
     deadline = time.monotonic() + timeout
-    common = ["--swarm", swarm, "--announce-period", str(announce_period), *extra_args]
+    common = ["--swarm", swarm, "--announce-period", str(announce_period), *extra_args,
+              *(["--serve-partition", str(partition)] if partition else [])]
     started: list[tuple[PeerProc, subprocess.Popen]] = []
     sw = LocalSwarm(run_dir, swarm, [], [], {})
     stats = [str(p) for p in _stats_files(peers)]  # the owner signs their sha256 in the manifest

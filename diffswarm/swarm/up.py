@@ -61,24 +61,26 @@ def swarm_up(p: SwarmUpConfig) -> LocalSwarm:
     if p.checkpoints:
         paths = [c for c in p.checkpoints for _ in range(p.replicas)]
         specs = [PeerSpec(n, checkpoint=c) for n, c in zip(names, paths, strict=True)]
-        router, validate = p.router, p.partition  # admission needs the partition (and its dataset)
+        router, partition = p.router, p.partition
+        validate = p.partition  # admission needs the partition (and its dataset)
     else:
-        specs, router = _train_first(p, run_dir, names)
-        validate = p.partition or str(run_dir / "partition.json")
+        specs, router, partition = _train_first(p, run_dir, names)
+        validate = partition
     logger.info(f"starting a bootstrap node and {len(specs)} peer(s) on 127.0.0.1 (logs in {run_dir / 'logs'})")
     if validate is None:
         logger.info("admission off: no --partition to score the checkpoints on (clients use every expert announced)")
     sw = start_local_swarm(specs, router, run_dir, swarm=p.swarm, owner_key=p.owner_key, threads=p.threads,
-                           timeout=p.timeout, port=p.port, validate=validate)
+                           timeout=p.timeout, port=p.port, validate=validate, partition=partition)
     owner = p.owner_key or run_dir / "owner.key"
     logger.info(f"swarm {sw.swarm} is up with {len(specs)} expert peer(s) (owner key {owner}). Multiaddr:\n"
         f"  {' '.join(sw.initial_peers)}")
     return sw
 
 
-def _train_first(p: SwarmUpConfig, run_dir: Path, names: list[str]) -> tuple[list[PeerSpec], str | None]:
+def _train_first(p: SwarmUpConfig, run_dir: Path, names: list[str]) -> tuple[list[PeerSpec], str | None, str]:
     """The partition (made in ``run_dir`` unless given), the router trained now (unless ``router_kind`` is stats),
-    and one peer per expert and replica that trains its expert before serving it: (peer specs, router path)."""
+    and one peer per expert and replica that trains its expert before serving it: (peer specs, router path,
+    partition path: every peer serves it to volunteers that ``diffswarm join``, the owner signs its sha256)."""
     from diffswarm.training.jobs import run_router_job, write_partition
 
     k = p.experts
@@ -108,4 +110,4 @@ def _train_first(p: SwarmUpConfig, run_dir: Path, names: list[str]) -> tuple[lis
             specs.append(PeerSpec(names[i * p.replicas + r], train=job))
     if p.replicas > 1:
         logger.info("note: replicas of a cluster each train their own expert (same data and seed)")
-    return specs, router
+    return specs, router, part_path

@@ -40,12 +40,14 @@ def write_partition(ds: ImageDataset, data: DatasetSpec, k: int, seed: int, path
     return part
 
 
-def dataset_for_partition(part: Partition, split: str = "train") -> ImageDataset:
-    """Reload the dataset a partition was made from (its manifest records the source) and check it."""
+def dataset_for_partition(part: Partition, split: str = "train", root: str | None = None) -> ImageDataset:
+    """Reload the dataset a partition was made from (its manifest records the source) and check it. ``root``: where
+    this machine keeps it (None: the folder the manifest records; "": the dataset's default location here)."""
     src = part.source or {}
     if not src.get("name"):
         raise ValueError("the partition manifest does not name its dataset source; re-run `diffswarm partition`")
-    ds = load_dataset(src["name"], split, root=src.get("root"), size=src.get("size"), channels=src.get("channels"))
+    where = src.get("root") if root is None else (root or None)
+    ds = load_dataset(src["name"], split, root=where, size=src.get("size"), channels=src.get("channels"))
     if split == part.split:
         part.check_dataset(ds)
     return ds
@@ -105,6 +107,7 @@ class TrainJob:
     width: int | None = None  # None: the network kind's default
     depth: int | None = None
     unconditional: bool = False  # ignore class labels (no CFG)
+    data_root: str | None = None  # the dataset's folder here (None: the partition's recorded one; "": the default)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -149,7 +152,7 @@ class TrainJob:
 
     def load_data(self) -> tuple[ExpertConfig, torch.Tensor, torch.Tensor]:
         part = Partition.load(self.partition)
-        return self.expert(part, dataset_for_partition(part))
+        return self.expert(part, dataset_for_partition(part, root=self.data_root))
 
 
 def run_train_job(job: TrainJob, *, progress: bool = True, position: int = 0, on_step=None,
