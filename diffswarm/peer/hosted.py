@@ -69,6 +69,21 @@ class ServedExpert:
         return rows / max(time.perf_counter() - t0, 1e-6)
 
 
+def load_served(path: str, cfg, log) -> ServedExpert:
+    """The checkpoint at ``path`` ready to serve under ``cfg`` (a ``PeerConfig``): on its device, batched by its
+    policy, its throughput measured by a warm-up; warns through ``log`` about statistics it cannot publish."""
+    from diffswarm.experts.train import pick_device
+
+    expert = Expert.from_checkpoint(path, pick_device(cfg.device))
+    served = ServedExpert(expert, BatchPolicy(max_rows=cfg.max_batch, max_wait=cfg.batch_wait_ms / 1000,
+                                              inline_s=cfg.inline_ms / 1000), path)
+    served.batcher.throughput = served.warm_up(min(16, cfg.max_batch))
+    why = served.load_stats()
+    if why:
+        log(f"warning: {why}")
+    return served
+
+
 class RouterBlob:
     """The router file as served bytes, with the facts the swarm's manifest names."""
 

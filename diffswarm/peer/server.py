@@ -37,7 +37,6 @@ import torch
 
 from diffswarm import __version__
 from diffswarm.admission.rule import ADMISSION_FIELD
-from diffswarm.dht.attestations import AttestationMemory
 from diffswarm.dht.names import SwarmName
 from diffswarm.dht.node import SwarmDHT, open_identity
 from diffswarm.dht.records import (
@@ -49,11 +48,9 @@ from diffswarm.dht.records import (
     SwarmManifest,
 )
 from diffswarm.dht.schema import MAX_ADDRS, MAX_RECORD_AGE
-from diffswarm.experts.expert import Expert
 from diffswarm.peer.announce import (
     ExpertStatus,
     admission_rule,
-    admission_verdicts,
     announce_records,
     follow_manifest,
     heartbeat,
@@ -67,15 +64,14 @@ from diffswarm.peer.announce import (
     swarm_greeting,
     warn_misfits,
 )
-from diffswarm.peer.batching import BatchPolicy
 from diffswarm.peer.config import PeerConfig
 from diffswarm.peer.contribution import Contribution
-from diffswarm.peer.hosted import PartitionBlob, RouterBlob, ServedExpert
+from diffswarm.peer.hosted import PartitionBlob, RouterBlob, ServedExpert, load_served
 from diffswarm.peer.joining import TrainingProgress, train_while_joining
 from diffswarm.peer.placement import Move
 from diffswarm.peer.reachability import DialBack, is_loopback, settle_addresses
-from diffswarm.peer.rebalance import watch_balance
 from diffswarm.peer.servicer import ExpertServicer
+from diffswarm.peer.services import PeerServices, check_validate_partition, served_partition
 from diffswarm.protocol.wire import NAMESPACE, PROTOCOL_VERSION
 from diffswarm.utils.fileio import atomic_write
 
@@ -109,19 +105,12 @@ class Peer:
         self._warned: set[tuple[str, float]] = set()  # (expert id, manifest issued) already warned about
         self._stats_notes: set[str] = set()  # statistics files the owner said it does not sign
         self._heartbeat: asyncio.Task | None = None
-        self._balance: asyncio.Task | None = None
         self.contribution = Contribution()
         self.dial_back: DialBack | None = None
         self.reachable_addrs: list[str] | None = None  # what the dial-back check confirmed (None: not checked)
         self.relayed: bool | None = None  # announced through relay circuits only (None: not checked)
         self.exit_code = 0
-        self._contribution_logged = time.monotonic()
-        self._validator: asyncio.Task | None = None
-        self.validator = None  # peer.validator.Validator when cfg.validate
-        self.admission: dict[str, str] = {}  # expert id -> its verdict under the owner's admission rule (last said)
-        self.seen_attestations = AttestationMemory()  # attestations read so far (a lookup may miss some)
-        self.metrics = None  # PeerMetrics with cfg.metrics_port (peer/metrics.py)
-        self.metrics_url: str | None = None
+        self.services = PeerServices(self)  # metrics, validator, balance checks, admission and contribution logs
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -135,14 +124,8 @@ class Peer:
             torch.set_num_threads(self.cfg.threads)
         if self.cfg.router:  # a bad router file fails before the daemon starts
             self.router = RouterBlob(self.cfg.router)
-        if self.cfg.validate:  # so does a partition a validator cannot read
-            from diffswarm.data.partition import Partition
-
-            try:
-                Partition.load(self.cfg.validate)
-            except (OSError, ValueError) as e:
-                raise ValueError(f"cannot validate with partition manifest {self.cfg.validate}: {e}") from None
-        self.partition = self._load_partition()
+        check_validate_partition(self.cfg)  # so does a partition a validator cannot read
+        self.partition = served_partition(self.cfg, self.log)
         ident = open_identity(self.cfg.net.identity_path)
         try:
             self.swarm, self.owner_key, key_what = resolve_swarm(self.cfg.swarm, self.cfg.owner_key, ident,
@@ -154,8 +137,7 @@ class Peer:
             raise
         self.dht = await SwarmDHT.create(self.cfg.net, str(self.swarm) if self.swarm else None, ident)
         self.maddrs = await self.dht.visible_maddrs()
-        if self.cfg.metrics_port is not None:
-            self.start_metrics()
+        self.services.start_metrics()
         self.log(swarm_greeting(self.swarm, key_what if self.owner_key is not None else None, self.peer_id,
                                 self.maddrs, bool(self.cfg.net.initial_peers)))
         self.write_info()
@@ -163,29 +145,9 @@ class Peer:
             role = "" if self.owner_key is not None else " (its bytes only: the owner's manifest decides the router)"
             self.log(f"serving router {self.router.sha256[:12]} (K={self.router.cfg.num_clusters}){role}")
 
-    def start_metrics(self) -> None:
-        from diffswarm.peer.metrics import PeerMetrics  # prometheus_client only on this path
-
-        self.metrics = PeerMetrics(self, self.cfg.metrics_host, self.cfg.metrics_port)
-        try:
-            self.metrics_url = self.metrics.start()
-        except OSError as e:  # the port is taken, the host is not this machine's
-            self.metrics = None
-            raise ValueError(f"cannot serve metrics on {self.cfg.metrics_host}:{self.cfg.metrics_port}: {e}") from e
-        self.log(f"metrics at {self.metrics_url}")
-
-    def _load_partition(self) -> PartitionBlob | None:
-        """The partition manifest this peer serves: ``cfg.partition_file`` (a bad one is an error), else its training
-        job's (a bad one is only not served: training says what is wrong with it)."""
-        if self.cfg.partition_file:
-            return PartitionBlob(self.cfg.partition_file)
-        if self.cfg.train is None:
-            return None
-        try:
-            return PartitionBlob(self.cfg.train.partition)
-        except (OSError, ValueError) as e:
-            self.log(f"warning: not serving partition {self.cfg.train.partition}: {e}")
-            return None
+    @property
+    def metrics_url(self) -> str | None:
+        return self.services.metrics_url
 
     # -- records -------------------------------------------------------------------------------
 
@@ -268,35 +230,12 @@ class Peer:
             manifest = await self.current_manifest()
             provider = self.provider_record()
         await announce_records(self.dht, expiration, experts, stats, manifest, provider)
-        period = self.cfg.contribution_log_period
-        if self.state == "online" and period > 0 and time.monotonic() - self._contribution_logged >= period:
-            self._contribution_logged = time.monotonic()
-            self.log(self.contribution.summary(time.monotonic()))
-        if manifest is not None and manifest.admission is not None and self.state == "online":
-            found = await admission_verdicts(self.dht, manifest, self.served.values(), self.seen_attestations)
-            for eid, verdict in found.items():
-                if self.admission.get(eid) != verdict:  # say when it was admitted and with what score, or why not
-                    self.admission[eid] = verdict
-                    self.log(f"{eid}: {verdict}")
+        await self.services.after_heartbeat(manifest)
 
     def start_heartbeat(self) -> None:
         if self._heartbeat is None:
             beat = heartbeat(self.announce, self.stop_event, self.cfg.announce_period)
             self._heartbeat = asyncio.get_running_loop().create_task(beat)
-
-    def start_validator(self) -> None:
-        """With ``cfg.validate``: score the swarm's checkpoints and announce attestations (``peer.validator``), signed
-        by ``cfg.validator_key``, else the owner key, else this peer's identity key."""
-        if not self.cfg.validate or self.swarm is None or self._validator is not None:
-            return
-        from diffswarm.dht.node import load_or_create_key
-        from diffswarm.peer.validator import Validator
-
-        key = (load_or_create_key(self.cfg.validator_key)[0] if self.cfg.validator_key
-               else self.owner_key or self.dht.private_key)
-        self.validator = Validator(self.dht, self.swarm, key, self.cfg.validate, period=self.cfg.announce_period,
-                                   own_manifest=lambda: self.own_manifest, log=self.log)
-        self._validator = asyncio.get_running_loop().create_task(self.validator.run(self.stop_event))
 
     async def train(self) -> str | None:
         """Train the expert (announcing ``joining``); returns the checkpoint path, None if stopped."""
@@ -319,17 +258,8 @@ class Peer:
     # -- serving -------------------------------------------------------------------------------
 
     def load_expert(self, path: str) -> ServedExpert:
-        from diffswarm.experts.train import pick_device
-
-        expert = Expert.from_checkpoint(path, pick_device(self.cfg.device))
-        served = ServedExpert(expert, BatchPolicy(max_rows=self.cfg.max_batch,
-                                                  max_wait=self.cfg.batch_wait_ms / 1000,
-                                                  inline_s=self.cfg.inline_ms / 1000), path)
-        served.batcher.throughput = served.warm_up(min(16, self.cfg.max_batch))
-        why = served.load_stats()
-        if why:
-            self.log(f"warning: {why}")
-        self.served[expert.expert_id] = served
+        served = load_served(path, self.cfg, self.log)
+        self.served[served.expert.expert_id] = served
         return served
 
     async def serve(self) -> None:
@@ -344,8 +274,7 @@ class Peer:
         self.dial_back = DialBack(allow_loopback=bool(self.maddrs) and all(is_loopback(a) for a in self.maddrs))
         self.servicer = ExpertServicer(self.served, self.router, self.info, self.cfg.limits, self.contribution,
                                        self.dial_back, self.partition)
-        if self.metrics is not None:
-            self.servicer.observer = self.metrics.answered
+        self.services.observe(self.servicer)
         await self.servicer.add_p2p_handlers(self.dht.p2p, namespace=NAMESPACE)
         if self.cfg.check_reachability and not await self.check_reachable():
             self.exit_code = 1
@@ -353,7 +282,7 @@ class Peer:
             return
         self.state = "online"
         self.contribution.start(time.monotonic())
-        self._contribution_logged = time.monotonic()
+        self.services.online()
         self.training_cfg = None
         self.progress = 1.0
         self.train_step = self.train_loss = self.train_eta = None  # the checkpoint's summary is announced instead
@@ -365,22 +294,7 @@ class Peer:
         self.start_heartbeat()
         self.write_info()
         self.log(f"online as {self.peer_id} at {' '.join(self.announced_addrs)}")
-        self._start_balance_checks()
-
-    def _start_balance_checks(self) -> None:
-        """With ``cfg.rebalance``: check the swarm's balance periodically (``peer.rebalance``); a confirmed move with
-        ``--rebalance`` stops the peer with ``self.move`` set (its runner restarts it on the other cluster)."""
-        mine = next((s.expert.config.cluster for s in self.served.values()), None)
-        if self.cfg.rebalance is None or mine is None or self.swarm is None:
-            return
-
-        def on_move(move: Move) -> None:
-            self.move = move
-            self.stop()
-
-        task = watch_balance(lambda: self.dht, lambda: self.manifest, self.cfg.rebalance, mine, self.stop_event,
-                             on_move, self.log)
-        self._balance = asyncio.get_running_loop().create_task(task)
+        self.services.start_balance_checks()
 
     async def check_reachable(self) -> bool:
         """Ask DHT peers to dial this peer back (``reachability.settle_addresses``); False when nobody can and it
@@ -392,23 +306,17 @@ class Peer:
         return s.online
 
     def write_info(self) -> None:
-        if not self.cfg.info_file:
-            return
-        info = {"peer_id": self.peer_id, "maddrs": self.maddrs, "pid": os.getpid(), "state": self.state,
-                "swarm": str(self.swarm) if self.swarm else None,
-                "experts": list(self.served), "router": self.router.sha256 if self.router else None,
-                "sockets": self.dht.socket_paths(), "metrics": self.metrics_url}
-        # written whole or not at all (readers poll it); durable=False: a lost info file is written again next start
-        atomic_write(self.cfg.info_file, lambda tmp: Path(tmp).write_text(json.dumps(info)), durable=False)
+        if self.cfg.info_file:
+            write_info_file(self.cfg.info_file, self)
 
     async def shutdown(self) -> None:
         """Announce offline, stop serving, stop the daemon."""
         self.stop_event.set()
-        for task in (self._heartbeat, self._validator, self._balance):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        await self.services.stop_tasks()
         if self.dht is None:
             return
         if self.served or self.training_cfg is not None:
@@ -431,8 +339,7 @@ class Peer:
                 logger.debug(f"closing the dial-back probe: {e!r}")
         await self.dht.shutdown()
         self.dht = None
-        if self.metrics is not None:
-            self.metrics.stop()
+        self.services.close()
 
     async def run(self) -> int:
         """start -> (train) -> serve -> wait for stop -> shutdown. Returns an exit code."""
@@ -442,7 +349,7 @@ class Peer:
                 loop.add_signal_handler(sig, self.stop)
         try:
             await self.start()
-            self.start_validator()
+            self.services.start_validator()
             if self.cfg.checkpoint is None and self.cfg.train is not None:
                 path = await self.train()
                 if path is None:
@@ -458,6 +365,16 @@ class Peer:
             return 0
         finally:
             await self.shutdown()
+
+
+def write_info_file(path: str, peer: Peer) -> None:
+    """{peer_id, maddrs, pid, state, ...} for ``swarm up`` and tests, written whole or not at all (readers poll
+    it); durable=False: a lost info file is written again next start."""
+    info = {"peer_id": peer.peer_id, "maddrs": peer.maddrs, "pid": os.getpid(), "state": peer.state,
+            "swarm": str(peer.swarm) if peer.swarm else None,
+            "experts": list(peer.served), "router": peer.router.sha256 if peer.router else None,
+            "sockets": peer.dht.socket_paths(), "metrics": peer.metrics_url}
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(info)), durable=False)
 
 
 def run(peer: Peer) -> int:
