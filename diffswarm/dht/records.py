@@ -13,24 +13,11 @@ announced. Where records live in the DHT and how a DHT dictionary is read: :mod:
 - ``SwarmManifest``: what the swarm's owner decides, signed by the owner (``canonical_bytes`` is what
   is signed; signing, verifying and choosing among manifests: :mod:`diffswarm.dht.names`).
 
-Versioning: ``version`` is the record schema version. Versions only add fields (readers ignore
-unknown fields, ``from_dict``); a change of meaning gets new DHT keys. Version 2 added the optional
-``ExpertRecord`` fields ``train_steps`` and ``final_loss``; readers accept version-1 records that lack
-them. Version 3 replaced the unsigned per-peer ``SwarmRecord`` (key ``{swarm}_swarm``) by the signed
-``SwarmManifest`` and the ``RouterProvider`` entries, under new keys (:mod:`diffswarm.dht.entries`);
-``ExpertRecord`` keeps its layout (version 3 only adds the bounds). Version 4 declares the manifest's
-optional ``cluster_stats_sha256`` (K sha256 hex digests or "", one per cluster: the statistics the owner
-vouches for; a version-3 reader keeps it in ``extra``, verifies it with the signature and already prefers
-it); manifests without it still parse (no statistics signed). Version 5 adds the optional ``ExpertRecord``
-fields ``relayed`` and the contribution claims ``served_rows``, ``served_images``, ``served_clients`` and
-``uptime`` (bounded; left out of ``to_dict`` when unset, so a version-4 reader sees its own layout), the optional
-``ExpertRecord.eta_s`` (seconds of training left while ``joining``, a claim; left out when unset too), the
-manifest's optional ``partition_sha256`` and ``partition_bytes`` (the sha256 and size of the partition manifest
-file, which peers serve over ``rpc_partition`` and a volunteer's ``diffswarm join`` fetches and checks; in
-``extra`` like the statistics) and its optional ``admission`` (``admission.rule.AdmissionRule``: validator
-fingerprints, seed, ratio, ceiling, quorum; absent: every checkpoint is admitted, as before), and the
-``AttestationRecord`` under a new key (``{swarm}_attest``). ``protocol`` is the RPC protocol version
-(``diffswarm.protocol.wire``); clients skip peers speaking another major protocol.
+Versioning: ``version`` is the record schema version (``RECORD_VERSION``; the history of each version is in
+docs/protocol.md, "Versions"). Versions only add fields: readers ignore unknown fields (``from_dict``), new optional
+fields are left out of ``to_dict`` when unset so an older reader sees its own layout, a newer manifest's fields
+stay in ``extra`` (signed, verified, ignored), and a change of meaning gets new DHT keys. ``protocol`` is the RPC
+protocol version (``diffswarm.protocol.wire``); clients skip peers speaking another major protocol.
 """
 
 from __future__ import annotations
@@ -477,6 +464,8 @@ class AttestationRecord:
         check_time(r.issued, None, what)
         check_time(r.updated, None, what)
         return r
+
+
 def _check_partition_file(extra: dict, what: str) -> None:
     """A manifest's optional partition file fields: both or neither, a sha256 and a size within bounds."""
     sha, size = extra.get(PARTITION_SHA_FIELD), extra.get(PARTITION_BYTES_FIELD)
