@@ -1,0 +1,101 @@
+"""What every benchmark prints around its figures: the machine, its load, the command; and small helpers
+(resident memory of a process and its children, percentiles) the benchmarks share.
+
+Benchmarks import it as ``from benchlib import ...`` (``python bench/x.py`` puts ``bench/`` on the path).
+``DIFFSWARM_BENCH_TINY=1`` asks a ``--quick`` run for its smallest size (the test that keeps every quick
+mode running sets it).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+
+import torch
+
+
+def tiny() -> bool:
+    """True when a ``--quick`` run should shrink further (tests/test_bench_quick.py sets DIFFSWARM_BENCH_TINY=1)."""
+    return os.environ.get("DIFFSWARM_BENCH_TINY", "") not in ("", "0")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load() -> str:
+    """The 1/5/15-minute load averages (os.getloadavg) against the core count."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return "load n/a"
+    return f"load {one:.2f} / {five:.2f} / {fifteen:.2f} (1/5/15 min) on {os.cpu_count()} cores"
+
+
+def machine() -> str:
+    """CPU model, torch's CPU capability, cores, torch version and the load right now."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    return (f"{cpu_model()}, torch CPU capability {cap}, {os.cpu_count()} cores, torch {torch.__version__}; "
+            f"{load()}")
+
+
+def command() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def header(title: str) -> None:
+    """Print what is measured, where, and how to rerun it."""
+    print(f"== {title}")
+    print(f"machine: {machine()}")
+    print(f"command: {command()}")
+    print("figures under load are pessimistic: rerun the command on a quiet machine", flush=True)
+
+
+def footer() -> None:
+    print(f"after the run: {load()}")
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident (VmRSS) or peak resident (VmHWM) memory of ``pid`` in MB; nan if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (a peer's p2pd daemon)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def percentile(xs, q: float) -> float:
+    """The q-th percentile (0..100) of ``xs`` by linear interpolation; nan for no values."""
+    s = sorted(xs)
+    if not s:
+        return float("nan")
+    pos = (len(s) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
