@@ -133,6 +133,8 @@ async def run(levels: list[int], k: int, trials: int, seed: int) -> list[dict]:
             row = {"n": n, "built_s": built, "k": len(announcers),
                    **{f: statistics.mean(g[f] for g in got) for f in got[0]}, "rss_mb": rss_mb(os.getpid())}
             rows.append(row)
+            if len(rows) == 1:
+                print(f"  sizes: {sizes(nodes[0], addrs[0])}")
             print(f"  N={n}: {len(nodes)} nodes up (+{built:.0f}s), all {row['k']} records in {row['all_s']:.3f}s, "
                   f"{row['rpcs']:.0f} RPCs", flush=True)
     finally:
@@ -150,6 +152,24 @@ def _mem_available_mb() -> float:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) / 1024
     return float("inf")
+
+
+def sizes(dht: SwarmDHT, maddrs: list[str]) -> str:
+    """Bytes of what a peer stores per heartbeat: its expert record, the DHT's signature and subkey around each
+    entry, and a cluster-statistics blob of the CPU demo's shape (28x28, 10 classes)."""
+    import msgpack
+    import torch
+
+    from diffswarm.router.stats.basis import DCTBasis
+    from diffswarm.router.stats.publish import cluster_stats
+
+    rec = len(msgpack.packb(record(dht, 12, maddrs).to_dict(), use_bin_type=True))
+    subkey = len(dht.owner) + 8
+    signature = len(b"[signature:]") + len(dht.private_key.sign(b"record"))
+    stats = cluster_stats(torch.rand(64, 1, 28, 28) * 2 - 1, torch.randint(0, 10, (64,)), 10, DCTBasis((1, 28, 28)),
+                          cluster=0, partition_hash="a" * 64, dataset_id="fashion-mnist")
+    return (f"expert record {rec} B (msgpack) + subkey {subkey} B + value signature ~{signature} B per DHT entry; "
+            f"cluster statistics blob (28x28, 10 classes) {len(stats.to_bytes())} B")
 
 
 def main() -> None:

@@ -6,8 +6,10 @@ from two training steps on random data, which cost the same to evaluate as train
 
 - locally: ``load_local_ensemble`` in this process (best of 1 thread and all threads),
 - over the swarm: a bootstrap node + K peer processes on 127.0.0.1 (``local_swarm``, one torch thread per peer)
-  and ``SwarmEnsemble`` clients in this process: with the default answer checks (what a user gets), with every
-  check off (the difference is the checks' cost), and with float16 transport (``--compression float16``),
+  and ``SwarmEnsemble`` clients in this process: with the default answer checks (what a user gets), the same with
+  the client's own check evaluations run after the remote calls instead of during them ("serial": how the client
+  worked before they overlapped), with every check off (the difference is the checks' cost), and with float16
+  transport (``--compression float16``),
 
 with top-2 routing, CFG 2, Euler. Runs alternate (the peers sit idle during local runs), so all see the same
 background load; each time is the best of ``--repeats``. Then one more instrumented run of the default client
@@ -52,6 +54,22 @@ from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm  # noqa: E402
 NO_CHECKS = TrustConfig(verify_share=0.0, verify_first=False, new_peer_rate=0.0, local_check_share=0.0,
                         audit_samples=0, fetch_checkpoints=False, local_fallback=False)
 SIZES = {"unet": (16, 3), "dit": (96, 3), "mlp": (64, 2)}
+
+
+class _Later:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def result(self):
+        return self.fn()
+
+
+class SerialLocal:
+    """Stands in for ``Sources``' local-answer pool: runs the client's own evaluations only when their results
+    are asked for, after the remote calls returned (the order before they overlapped)."""
+
+    def submit(self, fn):
+        return _Later(fn)
 
 
 class Probe:
@@ -165,10 +183,15 @@ def bench_net(args, net: str, tmp: str) -> dict:
     objectives = ["ddpm" if k % 2 == 0 else "fm" for k in range(args.k)]
     cores = os.cpu_count() or 1
     t0 = time.perf_counter()
-    experts, router = make_toy_swarm(os.path.join(tmp, net), ToySwarmSpec(
-        objectives, size=28, num_classes=10, net=net, width=width, depth=depth, steps=2, router_width=256,
-        seed=args.seed))
-    print(f"\n-- {net} {width}x{depth}: built K={args.k} experts in {time.perf_counter() - t0:.0f}s", flush=True)
+    spec = ToySwarmSpec(objectives, size=28, num_classes=10, net=net, width=width, depth=depth, steps=2,
+                        router_width=256, seed=args.seed)
+    where = os.path.join(args.reuse or tmp, f"{net}-k{args.k}-s{args.seed}")
+    if args.reuse and os.path.exists(os.path.join(where, "router.safetensors")):
+        experts = [os.path.join(where, f"c{c}-{o}", "expert.safetensors") for c, o in enumerate(objectives)]
+        router = os.path.join(where, "router.safetensors")
+    else:
+        experts, router = make_toy_swarm(where, spec)
+    print(f"\n-- {net} {width}x{depth}: K={args.k} experts ready in {time.perf_counter() - t0:.0f}s", flush=True)
     local = load_local_ensemble(experts, router, routing, seed=args.seed)
     sampling = SamplingConfig(steps=args.steps, sampler="euler", guidance=2.0, seed=args.seed)
     warm = SamplingConfig(steps=2, sampler="euler", guidance=2.0, seed=args.seed)
@@ -190,10 +213,16 @@ def measure_batch(args, b, local, model, bare, shape, sampling, warm, cores) -> 
     labels = torch.arange(b) % 10
     cfg = model.client.cfg
 
-    def run(m, threads, compression="none"):
+    def run(m, threads, compression="none", serial=False):
         torch.set_num_threads(threads)
         cfg.compression = compression
-        return generate(m, labels, shape, sampling)
+        if not serial:
+            return generate(m, labels, shape, sampling)
+        pool, m.sources._pool = m.sources._pool, SerialLocal()
+        try:
+            return generate(m, labels, shape, sampling)
+        finally:
+            m.sources._pool = pool
 
     for threads in sorted({1, cores}):
         torch.set_num_threads(threads)
@@ -211,12 +240,13 @@ def measure_batch(args, b, local, model, bare, shape, sampling, warm, cores) -> 
                 t["local"], out["local"], t["local_threads"] = dt, x, threads
         # the swarm client's own work (router, mixing) is small: one thread, so that no idle OpenMP worker
         # spins on a core the peers need
-        for name, m, comp in (("swarm", model, "none"), ("no_checks", bare, "none"), ("fp16", model, "float16")):
-            dt, x = best_time(lambda m=m, comp=comp: run(m, 1, comp), 1)
+        for name, m, comp, serial in (("swarm", model, "none", False), ("serial", model, "none", True),
+                                      ("no_checks", bare, "none", False), ("fp16", model, "float16", False)):
+            dt, x = best_time(lambda m=m, comp=comp, serial=serial: run(m, 1, comp, serial), 1)
             t[name] = min(t[name], dt)
             out[name] = x
-    checks = (model.checks - checks0) / (2 * args.repeats)  # the default client ran twice per repeat (+fp16)
-    calls = (model.main_calls - calls0) / (2 * args.repeats)
+    checks = (model.checks - checks0) / (3 * args.repeats)  # the default client ran 3 times per repeat
+    calls = (model.main_calls - calls0) / (3 * args.repeats)
     torch.set_num_threads(1)
     cfg.compression = "none"
     with Probe(model) as probe:
@@ -226,6 +256,7 @@ def measure_batch(args, b, local, model, bare, shape, sampling, warm, cores) -> 
     torch.set_num_threads(cores)
     return {"batch": b, "local_s": t["local"], "local_threads": t["local_threads"], "swarm_s": t["swarm"],
             "no_checks_s": t["no_checks"], "fp16_s": t["fp16"], "ratio": t["local"] / t["swarm"],
+            "serial_s": t["serial"], "ratio_serial": t["local"] / t["serial"],
             "ratio_no_checks": t["local"] / t["no_checks"], "ratio_fp16": t["local"] / t["fp16"],
             "diff": float((out["swarm"] - out["local"]).abs().max()),
             "diff_fp16": float((out["fp16"] - out["local"]).abs().max()),
@@ -236,16 +267,17 @@ def measure_batch(args, b, local, model, bare, shape, sampling, warm, cores) -> 
 
 def report(res: dict, args) -> None:
     print(f"\n{res['net']}: {args.steps} Euler steps, top-2 over K={args.k}, CFG 2; best of {args.repeats}")
-    print(f"{'batch':>5} {'local s':>8} {'swarm s':>8} {'local/swarm':>11} {'no checks':>9} {'fp16':>6} "
-          f"{'checks cost':>11} {'x-checks/img':>12} {'max|diff|':>9} {'fp16 max|diff|':>14}")
+    print(f"{'batch':>5} {'local s':>8} {'swarm s':>8} {'local/swarm':>11} {'serial':>6} {'no checks':>9} "
+          f"{'fp16':>6} {'checks cost':>11} {'x-checks/img':>12} {'max|diff|':>9} {'fp16 max|diff|':>14}")
     for r in res["rows"]:
         cost = r["swarm_s"] / r["no_checks_s"] - 1
-        print(f"{r['batch']:5d} {r['local_s']:8.3f} {r['swarm_s']:8.3f} {r['ratio']:11.2f} "
+        print(f"{r['batch']:5d} {r['local_s']:8.3f} {r['swarm_s']:8.3f} {r['ratio']:11.2f} {r['ratio_serial']:6.2f} "
               f"{r['ratio_no_checks']:9.2f} {r['ratio_fp16']:6.2f} {100 * cost:10.0f}% "
               f"{r['cross_checks_per_image']:12.2f} {r['diff']:9.1e} {r['diff_fp16']:14.1e}")
-    print("ratios = local s / swarm s (>= 1: the swarm is as fast); 'no checks' and 'fp16' are the same ratio for "
-          "the client without answer checks and with float16 transport (checks on); checks cost = extra swarm "
-          "time with the checks on")
+    print("ratios = local s / swarm s (>= 1: the swarm is as fast); 'serial', 'no checks' and 'fp16' are the same "
+          "ratio for the default client with its own check evaluations run after the remote calls (the order "
+          "before they overlapped), for the client without answer checks, and with float16 transport (checks on); "
+          "checks cost = extra swarm time with the checks on")
     for r in res["rows"]:
         if r["liars"]:
             print(f"batch {r['batch']}: {r['liars']} honest peer(s) were judged liars (float16 answers against "
@@ -266,6 +298,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="best of this many timings per setting")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--reuse", default=None, help="build the experts here once and reuse them in later runs")
     args = ap.parse_args()
     if args.quick:
         args.k, args.batches, args.nets, args.steps, args.repeats = 4, [1, 16], ["dit"], 6, 1
