@@ -25,8 +25,9 @@ QUICK = [
 
 
 @pytest.mark.parametrize("script,extra", QUICK, ids=[s for s, _ in QUICK])
-def test_bench_quick(script, extra, tmp_path):
-    env = dict(os.environ, DIFFSWARM_BENCH_TINY="1", PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
+def test_bench_quick(script, extra):
+    # each benchmark cleans up its own temporary directory and processes
+    env = dict(os.environ, DIFFSWARM_BENCH_TINY="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick", *extra], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
