@@ -45,7 +45,8 @@ def worker() -> None:
 
     torch.set_num_threads(1)
     initial = json.loads(sys.argv[sys.argv.index(WORKER_FLAG) + 1])
-    cfg = ClientConfig(swarm="", net=NetworkConfig.loopback(client_mode=True))  # no discovery: peers are given
+    # no discovery (peers are given); a patient DHT timeout: many clients start at once on a loaded machine
+    cfg = ClientConfig(swarm="", net=NetworkConfig.loopback(client_mode=True, wait_timeout=30.0))
     with SwarmClient(initial, cfg) as client:
         print(json.dumps({"ready": True}), flush=True)
         for line in sys.stdin:
@@ -81,14 +82,17 @@ class Clients:
 
     def __init__(self, n: int, initial_peers: list[str]):
         env = dict(os.environ, GOMAXPROCS="1", PYTHONUNBUFFERED="1")
-        self.procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), WORKER_FLAG,
-                                        json.dumps(initial_peers)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       text=True, env=env) for _ in range(n)]
+        self.procs = []
         try:
-            for p in self.procs:
-                line = p.stdout.readline()
-                if not line or not json.loads(line).get("ready"):
-                    raise RuntimeError(f"client process {p.pid} failed to start")
+            for start in range(0, n, 4):  # in waves of 4: 16 daemons bootstrapping at once time out on 2 cores
+                wave = [subprocess.Popen([sys.executable, os.path.abspath(__file__), WORKER_FLAG,
+                                          json.dumps(initial_peers)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         text=True, env=env) for _ in range(min(4, n - start))]
+                self.procs += wave
+                for p in wave:
+                    line = p.stdout.readline()
+                    if not line or not json.loads(line).get("ready"):
+                        raise RuntimeError(f"client process {p.pid} failed to start")
         except BaseException:
             self.close()
             raise
