@@ -109,7 +109,8 @@ async def discover(nodes, addrs, swarm: str, k: int, rng: random.Random, deadlin
 
 async def run(levels: list[int], k: int, trials: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    key, _ = load_or_create_key(os.path.join(tempfile.mkdtemp(prefix="dht-bench-"), "owner.key"))
+    with tempfile.TemporaryDirectory(prefix="dht-bench-") as tmp:
+        key, _ = load_or_create_key(os.path.join(tmp, "owner.key"))
     swarm = str(swarm_name_of("bench", key))
     nodes: list[SwarmDHT] = []
     addrs: list[list[str]] = []
