@@ -304,3 +304,30 @@ def test_without_local_fallback_the_clients_own_weights_never_stand_in_for_a_dea
     with pytest.raises(NoExpertsError, match="uncovered"):
         run(ens)
     assert ens.local_rows == 0
+
+
+class Float16Wire:
+    """An honest peer as a client with ``--compression float16`` sees it: x and v cross the wire in float16."""
+
+    def __init__(self, expert):
+        self.expert, self.unrounded = expert, 0
+
+    def velocity(self, x, t, labels, guidance):
+        self.unrounded += int(not torch.equal(x.half().float(), x))  # what the client sent was not float16 already
+        return self.expert.velocity(x.half().float(), t, labels, guidance).half().float()
+
+
+def test_float16_transport_gets_no_honest_peer_judged_a_liar(three):
+    """The client rounds x to float16 once, so its own checks evaluate the input the peers received (the DDPM
+    experts amplify the rounding of x far beyond the fp32 tolerance; the rounding of v alone stays inside it)."""
+    experts = three[0]
+    peers = {f"p{k}": (k, Float16Wire(experts[k])) for k in range(3)}
+    local = {e.weights_sha256: e for e in experts}
+    ens, client = swarm(three, peers, local=local)
+    client.cfg.compression = "float16"
+    x, _ = run(ens)
+    assert torch.isfinite(x).all()
+    assert not ens.liars and not honest_bans(client)
+    assert ens.checks > 0  # the answers were cross-checked against the client's own copies
+    # the client rounded every input itself: its checks evaluated exactly what the peers received
+    assert all(m.unrounded == 0 for _, m in peers.values())

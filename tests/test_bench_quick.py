@@ -18,11 +18,18 @@ QUICK = [
     ("cpu_kinds.py", []),
     ("first_image.py", []),
     ("training.py", []),
+    ("sparse_cost.py", []),
+    ("swarm_vs_local.py", []),
+    ("serving_throughput.py", []),
+    ("vs_hivemind.py", []),
+    ("dht_scale.py", []),
+    ("memory.py", []),
 ]
 
 
 @pytest.mark.parametrize("script,extra", QUICK, ids=[s for s, _ in QUICK])
 def test_bench_quick(script, extra, tmp_path):
+    # each benchmark cleans up its own temporary directory and processes; TMPDIR keeps any leftover in tmp_path
     env = dict(os.environ, DIFFSWARM_BENCH_TINY="1", PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick", *extra], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)

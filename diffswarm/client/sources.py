@@ -9,6 +9,7 @@ import random
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -82,6 +83,7 @@ class Sources:
         self.sticky: dict[int, str] = {}  # cluster -> checkpoint sha256 in use (stay on one expert's weights)
         self.in_use: dict[int, str] = {}  # cluster -> peer id that answered last
         self.first_seen: dict[str, float] = {}  # peer id -> when this client first saw it announced (monotonic)
+        self._pool: ThreadPoolExecutor | None = None  # computes local answers while remote calls are in flight
 
     def usable(self, k: int, now: float) -> list[Replica]:
         reps = [r for r in self.client.view.replicas(k) if self.client.usable(r, now)]
@@ -164,13 +166,25 @@ class Sources:
             return await asyncio.gather(*(self.client.call_velocity(calls[i][0], *calls[i][1:], guidance, timeout)
                                           for i in remote), return_exceptions=True)
 
+        def local_answers() -> dict:
+            return {i: (src.velocity(xk, tk, lk, guidance), {"precision": "fp32"})
+                    for i, (src, xk, tk, lk) in enumerate(calls) if isinstance(src, LocalSource)}
+
         out: list = [None] * len(calls)
+        # the client's own evaluations (cross-checks, fallback) overlap the remote calls: a worker thread computes
+        # them while this thread waits for the peers (bench/swarm_vs_local.py measured the checks' share of a step)
+        overlap = remote and len(remote) < len(calls)
+        pending = self._local_pool().submit(local_answers) if overlap else None
         for i, r in zip(remote, self.client.run(gather()) if remote else [], strict=True):
             out[i] = r
-        for i, (src, xk, tk, lk) in enumerate(calls):
-            if isinstance(src, LocalSource):
-                out[i] = (src.velocity(xk, tk, lk, guidance), {"precision": "fp32"})
+        for i, r in (pending.result() if pending is not None else local_answers()).items():
+            out[i] = r
         return out
+
+    def _local_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="local-answers")
+        return self._pool
 
     def uncovered_message(self, clusters: list[int], prefix: str) -> str:
         """Why each of ``clusters`` (the uncovered ones) has no usable source, and what to do about it."""

@@ -1,0 +1,198 @@
+"""How many clients one peer serves: rows x evaluations per second, p50/p99 latency, batched vs one request at a
+time, with 1 to 16 concurrent client processes, in one run.
+
+Starts a bootstrap and two peers serving the same expert (the default UNet 16x3 at 28x28, one torch thread each)
+on 127.0.0.1: one with the default batching (``--batch-wait-ms 2``, up to 256 rows per forward pass) and one that
+runs every request on its own (``--max-batch 1``). Then ``--clients`` client processes start (each its own
+``SwarmClient`` and p2pd) and, for each level n in ``--levels``, the first n call one peer back to back for
+``--seconds`` (each request ``--rows`` rows with CFG 2: what one image's sampling step sends), then the other peer.
+Only one peer is loaded at a time. Prints per level and peer: rows evaluated per second, p50 and p99 round trip,
+and batched / one-at-a-time throughput; then how many clients the batched peer serves before its p99 is more than
+twice the single-client p99. Target: >= 3x at 8 clients.
+
+On a 2-core machine the client processes share the cores with the peer (and its p2pd), so the absolute figures
+are pessimistic; both peers see the same conditions, so the ratio is fair.
+
+    python bench/serving_throughput.py                    # levels 1 2 4 8 16, 5 s each
+    python bench/serving_throughput.py --quick            # levels 1 4 8, 2 s each
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import footer, header, percentile, rss_mb, tiny  # noqa: E402
+
+WORKER_FLAG = "--worker"
+
+
+def worker() -> None:
+    """A client process: reads ``{"peer": info, "seconds": s, "rows": r}`` lines on stdin, calls that peer back to
+    back for s seconds, writes ``{"lat": [ms...], "rows": n, "rss_mb": ...}``; ``{"stop": true}`` ends it."""
+    import torch
+
+    from diffswarm.client.client import SwarmClient
+    from diffswarm.client.config import ClientConfig
+    from diffswarm.client.selection import Replica
+    from diffswarm.dht.node import NetworkConfig
+
+    torch.set_num_threads(1)
+    initial = json.loads(sys.argv[sys.argv.index(WORKER_FLAG) + 1])
+    # no discovery (peers are given); a patient DHT timeout: many clients start at once on a loaded machine
+    cfg = ClientConfig(swarm="", net=NetworkConfig.loopback(client_mode=True, wait_timeout=30.0))
+    with SwarmClient(initial, cfg) as client:
+        print(json.dumps({"ready": True}), flush=True)
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            if cmd.get("stop"):
+                break
+            info = cmd["peer"]
+            rep = Replica(info["peer_id"], info["experts"][0], "", 0, 100.0, 0.0, tuple(info["maddrs"]))
+            rows = cmd["rows"]
+            x, t = torch.randn(rows, 1, 28, 28), torch.rand(rows)
+            labels = torch.randint(0, 10, (rows,))
+            client.run(client.transport.connect(rep.peer_id, rep.addrs))
+            client.run(client.call_velocity(rep, x, t, labels, 2.0, 30.0))  # warm: the session is open
+            lat, n, errors = [], 0, 0
+            start = cmd["start"]
+            while time.time() < start:
+                time.sleep(0.001)
+            while time.time() < start + cmd["seconds"]:
+                t0 = time.perf_counter()
+                try:
+                    client.run(client.call_velocity(rep, x, t, labels, 2.0, 30.0))
+                except Exception:
+                    errors += 1
+                    continue
+                lat.append(1000 * (time.perf_counter() - t0))
+                n += rows
+            print(json.dumps({"lat": lat, "rows": n, "errors": errors, "rss_mb": rss_mb(os.getpid()),
+                              "hwm_mb": rss_mb(os.getpid(), "VmHWM")}), flush=True)
+
+
+class Clients:
+    """``n`` client processes (this script in worker mode) talking to a local swarm."""
+
+    def __init__(self, n: int, initial_peers: list[str]):
+        env = dict(os.environ, GOMAXPROCS="1", PYTHONUNBUFFERED="1")
+        self.procs = []
+        try:
+            for start in range(0, n, 4):  # in waves of 4: 16 daemons bootstrapping at once time out on 2 cores
+                wave = [subprocess.Popen([sys.executable, os.path.abspath(__file__), WORKER_FLAG,
+                                          json.dumps(initial_peers)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         text=True, env=env) for _ in range(min(4, n - start))]
+                self.procs += wave
+                for p in wave:
+                    line = p.stdout.readline()
+                    if not line or not json.loads(line).get("ready"):
+                        raise RuntimeError(f"client process {p.pid} failed to start")
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self, n: int, peer: dict, seconds: float, rows: int) -> list[dict]:
+        """The first ``n`` clients call ``peer`` for ``seconds``, starting together; their results."""
+        start = time.time() + 1.0 + 0.05 * n  # time to open their sessions first
+        for p in self.procs[:n]:
+            p.stdin.write(json.dumps({"peer": peer, "seconds": seconds, "rows": rows, "start": start}) + "\n")
+            p.stdin.flush()
+        return [json.loads(p.stdout.readline()) for p in self.procs[:n]]
+
+    def close(self) -> None:
+        for p in self.procs:
+            try:
+                p.stdin.write(json.dumps({"stop": True}) + "\n")
+                p.stdin.flush()
+            except OSError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def summarise(results: list[dict], seconds: float) -> dict:
+    lat = [v for r in results for v in r["lat"]]
+    return {"rows_per_s": sum(r["rows"] for r in results) / seconds, "p50": percentile(lat, 50),
+            "p99": percentile(lat, 99), "calls": len(lat), "errors": sum(r["errors"] for r in results)}
+
+
+def start_peers(tmp: str, net: str, batched_only: bool = False):
+    """A bootstrap + a batching peer (and one with --max-batch 1) serving one toy expert; (swarm, expert path)."""
+    from diffswarm.swarm.local import PeerSpec, start_local_swarm
+    from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
+
+    width = 16 if net == "unet" else 96
+    experts, _ = make_toy_swarm(os.path.join(tmp, "experts"), ToySwarmSpec(["fm"], size=28, num_classes=10,
+                                                                          net=net, width=width, depth=3, steps=2))
+    specs = [PeerSpec("batched", checkpoint=str(experts[0]))]
+    if not batched_only:
+        specs.append(PeerSpec("single", checkpoint=str(experts[0]), extra_args=["--max-batch", "1"]))
+    sw = start_local_swarm(specs, None, os.path.join(tmp, "swarm"), threads=1, announce_period=30.0)
+    return sw, f"{net} {width}x3"
+
+
+def main() -> None:
+    if WORKER_FLAG in sys.argv:
+        return worker()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="levels 1 4 8, 2 s each")
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="concurrent clients")
+    ap.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
+    ap.add_argument("--rows", type=int, default=1, help="rows per request (CFG doubles them in the network)")
+    ap.add_argument("--net", choices=["unet", "dit"], default="unet")
+    args = ap.parse_args()
+    if args.quick:
+        args.levels, args.seconds = ([1, 2] if tiny() else [1, 4, 8]), (1.0 if tiny() else 2.0)
+    header(f"serving throughput of one peer: {args.levels} concurrent clients, {args.rows} row(s) per request, "
+           f"CFG 2, {args.seconds:.0f} s per level")
+    with tempfile.TemporaryDirectory(prefix="serving-bench-") as tmp:
+        sw, name = start_peers(tmp, args.net)
+        try:
+            peers = {p: sw.info(p) for p in ("batched", "single")}
+            with Clients(max(args.levels), sw.initial_peers) as clients:
+                table = {}
+                for n in args.levels:
+                    table[n] = {p: summarise(clients.run(n, peers[p], args.seconds, args.rows), args.seconds)
+                                for p in ("batched", "single")}
+                    print(f"  {n} clients done: {table[n]['batched']['rows_per_s']:.0f} vs "
+                          f"{table[n]['single']['rows_per_s']:.0f} rows/s", flush=True)
+        finally:
+            sw.stop()
+    print(f"\n{name}, one peer with one torch thread, 127.0.0.1; rows/s = rows evaluated per second (x CFG 2 network "
+          "rows); latency = round trip per request")
+    print(f"{'clients':>7} | {'batched rows/s':>14} {'p50 ms':>7} {'p99 ms':>7} | {'1-at-a-time rows/s':>18} "
+          f"{'p50 ms':>7} {'p99 ms':>7} | {'batched/1-at-a-time':>19}")
+    for n, r in table.items():
+        b, s = r["batched"], r["single"]
+        print(f"{n:7d} | {b['rows_per_s']:14.0f} {b['p50']:7.1f} {b['p99']:7.1f} | {s['rows_per_s']:18.0f} "
+              f"{s['p50']:7.1f} {s['p99']:7.1f} | {b['rows_per_s'] / s['rows_per_s']:19.2f}"
+              + (f"  ({b['errors'] + s['errors']} failed calls)" if b["errors"] + s["errors"] else ""))
+    base = table[args.levels[0]]["batched"]["p99"]
+    served = [n for n in args.levels if table[n]["batched"]["p99"] <= 2 * base]
+    print(f"clients served before the batched peer's p99 doubles (vs {args.levels[0]} client: {base:.1f} ms): "
+          f"{max(served)} of the levels measured")
+    if 8 in table:
+        ratio = table[8]["batched"]["rows_per_s"] / table[8]["single"]["rows_per_s"]
+        verdict = "met" if ratio >= 3 else "NOT met"
+        print(f"batched / one-at-a-time at 8 clients: {ratio:.2f}x (target >= 3x: {verdict})")
+    footer()
+
+
+if __name__ == "__main__":
+    main()
