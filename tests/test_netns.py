@@ -2,19 +2,26 @@
 
 The test builds (and removes) six namespaces; every address lives only inside them:
 
-    lan (a bridge)  --  boot   10.77.0.1  the founding peer: router, manifest, a replica of the expert
+    lan (a bridge)  --  boot   10.77.0.1  the founding peer: manifest, partition file, a ddpm expert of cluster 0
                     --  vol1   10.77.0.2  a volunteer reachable directly (it listens on 0.0.0.0)
                     --  nat    10.77.0.3  a NAT router (nftables masquerade, forwards only outbound and replies)
                                  10.77.1.1 -- vol2 10.77.1.2  a volunteer reachable only outbound
                     --  cli    10.77.0.4  the client
 
-The volunteers check their reachability before going online (``diffswarm.peer.reachability``): vol1 is dialled
-back by the boot peer and announces only the address that was reached (not 127.0.0.1); vol2, behind the NAT,
-cannot be dialled by anyone: it says what to do (forward a port, --announce-maddrs, a relay) and does not go
-online, so no client ever waits on an address nobody can use. (hivemind 1.1.12's p2pd finds no relay
-reservation within a test's time here, see docs/protocol.md, Reachability; a relayed peer is announced with
-``relayed`` and clients prefer direct ones, tested in tests/test_reachability.py.) The client then generates;
-at step 2 vol1's link is cut (its veth goes down) and the generation completes by failover to the boot peer.
+The swarm is digits in one cluster, routed by its peers' statistics (no router). Both volunteers run
+`diffswarm join --swarm NAME@FINGERPRINT --initial-peers MADDR` and nothing else about the swarm: each fetches the
+partition file (its sha256 signed by the owner), picks cluster 0 and the objective the swarm lacks (fm), trains a
+tiny expert for a few seconds and then, before serving, checks its reachability. With one cluster the client's
+rows all go to cluster 0, served by vol1 (a fm expert) and the boot peer (a ddpm one): failover is onto another
+live expert of the same cluster, never a draw.
+
+The volunteers check their reachability before going online (``diffswarm.peer.reachability``): vol1 is dialled back
+by the boot peer and announces only the address that was reached (not 127.0.0.1); vol2 (started once vol1 is
+online), behind the NAT, cannot be dialled by anyone: it says what to do (forward a port, --announce-maddrs, a
+relay) and does not go online, so no client ever waits on an address nobody can use. (hivemind 1.1.12's p2pd finds
+no relay reservation within a test's time here, see docs/protocol.md, Reachability; a relayed peer is announced with
+``relayed`` and clients prefer direct ones, tested in tests/test_reachability.py.) The client then generates; at
+step 2 vol1's link is cut (its veth goes down) and the generation completes by failover to the boot peer.
 
 Runs as root where ``ip netns`` and ``nft`` work (CI); skips with the reason elsewhere.
 """
@@ -197,14 +204,18 @@ def online_info(path: Path) -> dict | None:
     return info if info.get("state") == "online" else None
 
 
-# ---- the volunteers' start command: `diffswarm peer` serving a ready checkpoint. ----------------------------
-# After issue 17's `diffswarm join` is merged, switch this one function to
-#   ["-m", "diffswarm", "join", "--swarm", swarm, "--initial-peers", *initial_peers, ...]
-def volunteer_command(swarm: str, initial_peers: list[str], checkpoint: Path, info: Path) -> list[str]:
-    return ["-m", "diffswarm", "peer", "--swarm", swarm, "--initial-peers", *initial_peers,
-            "--checkpoint", str(checkpoint), "--no-relay", "--no-nat", "--threads", "1",
+JOIN_MINUTES = "0.1"  # each volunteer's training budget (wall clock: what it trains in that time, it serves)
+
+
+def volunteer_command(swarm: str, initial_peers: list[str], out: Path, info: Path) -> list[str]:
+    """A volunteer's start command: `diffswarm join` given the swarm's name and the boot peer's address, nothing
+    else about the swarm (it fetches the owner-signed partition, picks the cluster, trains a tiny expert for
+    ``JOIN_MINUTES``, checks it can be dialled and serves). The partition has one cluster, so both volunteers pick
+    cluster 0, the cluster the boot peer serves: the client's failover target is decided, not drawn."""
+    return ["-m", "diffswarm", "join", "--swarm", swarm, "--initial-peers", *initial_peers,
+            "--minutes", JOIN_MINUTES, "--start-delay", "0", "--net", "mlp", "--width", "32", "--depth", "1",
+            "--batch", "16", "--out", str(out), "--no-relay", "--no-nat", "--threads", "1",
             "--announce-period", "2", "--info-file", str(info)]
-# --------------------------------------------------------------------------------------------------------------
 
 
 CLIENT = """
@@ -254,10 +265,20 @@ def client_main(args: dict) -> None:
 
 
 def test_swarm_across_namespaces_with_a_nat_and_a_cut_link(tmp_path):
+    from diffswarm.data import DatasetSpec
+    from diffswarm.experts.train import TrainConfig
     from diffswarm.swarm.local import owned_swarm_name
-    from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
+    from diffswarm.training.jobs import TrainJob, run_train_job, write_partition
 
-    experts, router = make_toy_swarm(tmp_path / "toy", ToySwarmSpec(["fm"], size=8, width=32, depth=1, steps=4))
+    # the swarm: digits (bundled with scikit-learn, no download) in one cluster; the boot peer serves a ddpm expert
+    # of it (so vol1 picks fm, the objective the swarm has fewer of; vol2, joining beside both, sees a tie, which
+    # goes to fm too) and signs and serves the partition
+    spec = DatasetSpec("digits")
+    part = tmp_path / "partition.json"
+    write_partition(spec.load("train"), spec, 1, 0, part)
+    run_train_job(TrainJob(str(part), 0, str(tmp_path / "c0"), objective="ddpm", net="mlp", width=32, depth=1,
+                           train=TrainConfig(steps=20, batch=16, warmup=1, ckpt_every=10**9, log_every=10**9,
+                                             device="cpu")), progress=False)
     owner = tmp_path / "owner.key"
     swarm = owned_swarm_name("diffswarm", owner)
     net = Netns()
@@ -265,22 +286,35 @@ def test_swarm_across_namespaces_with_a_nat_and_a_cut_link(tmp_path):
     info = {n: tmp_path / f"{n}.json" for n in ("boot", "vol1", "vol2")}
     try:
         procs.start("boot", net.ns("boot"), [
-            "-m", "diffswarm", "peer", "--swarm", swarm, "--owner-key", str(owner), "--router", str(router),
-            "--checkpoint", str(experts[0]), "--host", "10.77.0.1", "--no-relay", "--no-nat", "--threads", "1",
-            "--announce-period", "2", "--info-file", str(info["boot"])])
+            # no --validate: admission stays off, so the volunteers' freshly trained experts are used at once
+            # (with it, each would wait on probation for the owner's attestation; tests/test_admission_swarm.py)
+            "-m", "diffswarm", "peer", "--swarm", swarm, "--owner-key", str(owner), "--serve-partition", str(part),
+            "--checkpoint", str(tmp_path / "c0" / "expert.safetensors"), "--host", "10.77.0.1", "--no-relay",
+            "--no-nat", "--threads", "1", "--announce-period", "2", "--info-file", str(info["boot"])])
         boot = wait_for("the boot peer online", lambda: online_info(info["boot"]), procs=procs)
         peers = [a for a in boot["maddrs"] if "/ip4/10.77.0.1/" in a]
         assert "no other peer to ask (the first peer of the swarm)" in procs.log("boot")
 
-        procs.start("vol1", net.ns("vol1"), volunteer_command(swarm, peers, experts[0], info["vol1"]))
-        nat_vol = procs.start("vol2", net.ns("vol2"), volunteer_command(swarm, peers, experts[0], info["vol2"]))
+        # vol2 starts once vol1 is online: vol1's reachability check then asks exactly the boot peer (started
+        # together, vol1 could also ask vol2, whose answer races with vol2 stopping after its own failed check)
+        procs.start("vol1", net.ns("vol1"), volunteer_command(swarm, peers, tmp_path / "vol1-join", info["vol1"]))
         vol1 = wait_for("vol1 online", lambda: online_info(info["vol1"]), procs=procs)
+        nat_vol = procs.start("vol2", net.ns("vol2"),
+                              volunteer_command(swarm, peers, tmp_path / "vol2-join", info["vol2"]))
         wait_for("vol2 to give up", lambda: nat_vol.poll() is not None, procs=procs)
 
-        # vol1: dialled back at its lan address by the boot peer (and by vol2, whose NAT lets it dial out, when
-        # vol2 was in its routing table by then); that address is all it announces (not 127.0.0.1)
+        # both joined with nothing but the swarm's name and the boot peer's address: the partition came from the
+        # swarm (checked against the owner's signature), they picked its one cluster and trained a fm expert of it
+        for name in ("vol1", "vol2"):
+            text = procs.log(name)
+            assert "sha256 signed by the owner" in text, text[-3000:]
+            assert "joining cluster 0 with a fm expert" in text, text[-3000:]
+        assert vol1["experts"] == ["c0-fm"], vol1
+
+        # vol1: dialled back at its lan address by the boot peer, the one peer it could ask; that address is all
+        # it announces (not 127.0.0.1)
         log1 = procs.log("vol1")
-        reached = r"reachability: (\d) of \1 peers asked dialled this peer back at /ip4/10\.77\.0\.2/tcp/\d+/p2p/"
+        reached = r"reachability: 1 of 1 peers asked dialled this peer back at /ip4/10\.77\.0\.2/tcp/\d+/p2p/"
         assert re.search(reached + vol1["peer_id"] + "\n", log1), log1[-3000:]
         assert re.search(r"online as \w+ at /ip4/10\.77\.0\.2/tcp/\d+/p2p/\w+\n", log1), log1[-3000:]
         # vol2, behind the NAT: nobody can dial it; it says what to do and stays offline
@@ -302,7 +336,7 @@ def test_swarm_across_namespaces_with_a_nat_and_a_cut_link(tmp_path):
         out = json.loads(result.read_text())
         assert out["finite"] and out["shape"] == [4, 1, 8, 8]
         assert vol1["peer_id"] in out["used"][:CUT_AT + 1], out  # vol1 served before the cut
-        assert out["used"][-1] == boot["peer_id"], out  # the boot peer after it: failover
+        assert out["used"][-1] == boot["peer_id"], out  # the boot peer after it: failover (to its ddpm expert)
         assert any("retrying" in e or "failed" in e for e in out["events"]), out["events"]
         assert procs.close(info) == [], "a peer did not stop on SIGTERM"
         for path in info.values():  # each peer stopped its own daemon and removed its sockets
