@@ -93,14 +93,16 @@ def test_settings_helpers():
     assert st["full>0.5/top-1"].full_above == 0.5 and st["sample-1"].strategy == "sample-k"
 
 
-def test_paired_differences_need_three_clear_runs():
-    a = {"per_run": {f"s0/r{i}": {"fd": 10.0 + 0.1 * i} for i in range(3)}}
-    b = {"per_run": {f"s0/r{i}": {"fd": 12.0 + 0.1 * i + 0.01 * (i % 2)} for i in range(3)}}
+def test_paired_differences_replicate_over_training_seeds():
+    """Sampling seeds of one training seed are one unit: 3 sampling seeds of 1 training seed test nothing."""
+    a = {"per_run": {f"s{t}/r{i}": {"fd": 10.0 + 0.1 * i + 0.2 * t} for t in range(3) for i in range(2)}}
+    b = {"per_run": {f"s{t}/r{i}": {"fd": 12.0 + 0.1 * i + 0.2 * t + 0.01 * (t % 2)} for t in range(3)
+                     for i in range(2)}}
     d = paired(a, b)
-    assert d["n"] == 3 and d["mean"] < -1.9 and d["clear"]
-    two = {"per_run": dict(list(a["per_run"].items())[:2])}
-    assert not paired(two, b)["clear"]  # 2 runs never make a claim
-    noisy = {"per_run": {f"s0/r{i}": {"fd": 12.0 + (3 if i % 2 else -3)} for i in range(3)}}
+    assert d["n"] == 3 and d["runs"] == 6 and d["mean"] < -1.9 and d["clear"]
+    one_seed = {"per_run": {k: v for k, v in a["per_run"].items() if k.startswith("s0/")}}
+    assert paired(one_seed, b)["n"] == 1 and not paired(one_seed, b)["clear"]  # no test with 1 training seed
+    noisy = {"per_run": {f"s{t}/r0": {"fd": 12.0 + (3 if t % 2 else -3)} for t in range(3)}}
     assert not paired(noisy, b)["clear"]
 
 

@@ -18,7 +18,8 @@ def strategies(threshold: float = 0.1, switch_t: float = 0.5) -> dict[str, Routi
         "top-2": RoutingConfig("top-k", k=2),
         "top-3": RoutingConfig("top-k", k=3),
         f"threshold-{threshold:g}": RoutingConfig("threshold", threshold=threshold),
-        "sample-1": RoutingConfig("sample-k", k=1),
+        "sample-1": RoutingConfig("sample-k", k=1),  # drawn once per trajectory
+        "sample-1/step": RoutingConfig("sample-k", k=1, draw="step"),  # redrawn at every evaluation (DDM)
         f"full>{switch_t:g}/top-1": RoutingConfig("top-k", k=1, full_above=switch_t),
     }
 
@@ -56,7 +57,8 @@ class Cell:
     router: str | None = None  # cond | uncond | stats | stats-uncond
     strategy: str | None = None  # a key of strategies()
     method: str = "flow"  # flow (the sampler over velocities) | ddim (native DDPM, as many steps) | ddim-nfe
-    # (native DDPM, as many network evaluations as the flow sampler) | no-translator
+    # (native DDPM, as many network evaluations as the flow sampler) | no-translator (ablations.py) |
+    # dpm2-nfe (native DPM-Solver++ 2M at the flow sampler's evaluations) | steps-x2 (monolith: twice the steps)
     generation: str = "class"  # class: labels cycling through the classes, with CFG | none: unconditional, no CFG
 
     @property
@@ -64,7 +66,7 @@ class Cell:
         """Display name without the seeds."""
         gen = "uncond gen | " if self.generation == "none" else ""
         if self.router is None:
-            return gen + self.ensemble
+            return gen + self.ensemble + ("" if self.method == "flow" else f", {self.method}")
         extra = "" if self.method == "flow" else f", {self.method}"
         return f"{gen}{self.ensemble} | {self.router} router | {self.strategy}{extra}"
 
@@ -73,9 +75,17 @@ class Cell:
         return f"s{self.train_seed}/r{self.seed}"
 
 
+def second_order(sampling) -> tuple[int, int]:
+    """(Heun steps, network evaluations) of the translator + Heun cell of the objectives study: the run's own
+    sampler when it is Heun, else Heun at half the run's Euler steps (2 h - 1 evaluations); DPM-Solver runs
+    as many evaluations."""
+    h = sampling.steps if sampling.sampler == "heun" else max(2, sampling.steps // 2)
+    return h, 2 * h - 1
+
+
 def runs(cfg) -> list[tuple[int, int]]:
     """(training seed, sampling seed) of every run of a StudyConfig."""
     return [(ts, s) for ts in cfg.train_seeds for s in cfg.seeds]
 
 
-__all__ = ["ROUTERS", "Cell", "ddpm_clusters", "ensemble_objectives", "mixes", "runs", "strategies"]
+__all__ = ["ROUTERS", "Cell", "ddpm_clusters", "ensemble_objectives", "mixes", "runs", "second_order", "strategies"]
