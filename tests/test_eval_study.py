@@ -65,6 +65,77 @@ def test_native_ddim_and_the_translator_both_land_on_a_point_mass():
                            torch.zeros(1, 1, 28, 28), torch.zeros(1, dtype=torch.long), 3)
 
 
+@pytest.mark.parametrize("x0_clip", [None, 1.0])
+def test_translator_and_euler_on_the_ddim_grid_is_native_ddim(x0_clip):
+    """For one eps-model, translator + Euler on the SNR-matched flow grid of DDIM's steps equals native DDIM
+    (eta 0), up to float32 rounding and the translator's interpolation of tau(t): with no clipping, and with the
+    translator's clipping (x0 clipped, eps recomputed, for t >= 0.5) that the native DDIM uses too. Without
+    clipping the native DDIM is diffusers' DDIMScheduler step for step."""
+    from diffusers import DDIMScheduler
+
+    from diffswarm.eval.ablations import ddim_update, trailing_timesteps
+    from diffswarm.sampling.steps import euler_step, model_velocity
+
+    torch.manual_seed(1)
+    cfg = ExpertConfig(objective="ddpm", x0_clip=x0_clip,
+                       net=NetConfig(kind="mlp", channels=1, size=4, num_classes=0, width=16, depth=1))
+    e = Expert(cfg).eval()
+    for p in e.net.parameters():
+        nn.init.normal_(p, std=0.2)
+    ens = RoutedEnsemble([e], None, RoutingConfig("full"))
+    noise = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    labels = torch.full((6,), -1)
+    steps = 8
+    native = sample_native_ddim(ens, noise, labels, steps)
+    abar = e.schedule.alpha_bar
+    taus = trailing_timesteps(e.schedule.steps, steps)
+    a, sg = abar[taus].sqrt(), (1 - abar[taus]).sqrt()
+    grid = [float(v) for v in sg / (a + sg)] + [0.0]  # flow times of DDIM's steps, then the data
+    x = noise / float(a[0] + sg[0])  # the flow point of the VP noise at tau = T - 1
+    f = model_velocity(e, labels)
+    for t, t_next in zip(grid[:-1], grid[1:], strict=True):
+        x = euler_step(f, x, torch.tensor(t), torch.tensor(t_next))
+    scale = native.abs().max()  # without clipping x0_hat near t = 1 is huge (a ~ 0): compare relative to it
+    assert (x - native).abs().max() <= 1e-3 * scale + 1e-4, ((x - native).abs().max(), scale)
+    if x0_clip is None:  # the DDIM update is diffusers' (away from t = 1, where ours floors a as the translator does)
+        betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
+        sched = DDIMScheduler(num_train_timesteps=1000, trained_betas=betas.numpy(), timestep_spacing="trailing",
+                              clip_sample=False, set_alpha_to_one=True, prediction_type="epsilon")
+        sched.set_timesteps(steps)
+        assert [int(v) for v in sched.timesteps] == taus
+        for i in range(2, steps):
+            tau, xv = taus[i], torch.randn(6, 1, 4, 4)
+            eps = e.network_output(xv, torch.full((6,), float(tau)), labels)
+            prev = float(abar[taus[i + 1]]) if i + 1 < steps else 1.0
+            ours = ddim_update(xv, eps, float(abar[tau]), prev, None)
+            assert torch.allclose(ours, sched.step(eps, tau, xv, eta=0.0).prev_sample, atol=1e-4, rtol=1e-4)
+
+
+def test_each_no_translator_error_alone_and_the_native_dpm_solver():
+    torch.manual_seed(0)
+    cfg = ExpertConfig(objective="ddpm", net=NetConfig(kind="mlp", channels=1, size=4, num_classes=0, width=8, depth=1))
+    e = Expert(cfg).eval()
+    for p in e.net.parameters():
+        nn.init.normal_(p, std=0.3)
+    x, t, y = torch.randn(3, 1, 4, 4), torch.tensor([0.2, 0.5, 0.9]), torch.full((3,), -1)
+    right = e.velocity(x, t, y)
+    answers = {err: NoTranslator(e, err).velocity(x, t, y) for err in ("scale", "time", "output")}
+    for err, v in answers.items():
+        assert not torch.allclose(v, right), err  # each error alone changes the answer
+    inp, tau = e.network_input(x, t)
+    assert torch.allclose(answers["output"], e.network_output(inp, tau, y))  # eps taken for v, input right
+    with pytest.raises(ValueError, match="errors"):
+        NoTranslator(e, "two")
+    # DPM-Solver++ lands on a point mass too, with one evaluation per step
+    from diffswarm.eval.ablations import sample_native_dpm
+
+    c = torch.linspace(-0.8, 0.8, 16).reshape(1, 1, 4, 4)
+    ens = RoutedEnsemble([point_mass_expert(c)], None, RoutingConfig("full"))
+    out = sample_native_dpm(ens, torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0)),
+                            torch.full((4,), -1), steps=7)
+    assert torch.allclose(out, c.expand_as(out), atol=1e-3) and ens.calls.tolist() == [4 * 7]
+
+
 def test_no_translator_queries_the_raw_network_at_fm_time():
     torch.manual_seed(0)
     cfg = ExpertConfig(objective="ddpm", net=NetConfig(kind="mlp", channels=1, size=4, num_classes=3, width=8, depth=1))
