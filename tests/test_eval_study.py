@@ -378,3 +378,35 @@ def test_native_ddim_is_also_compared_at_the_flow_samplers_cost(monkeypatch, sam
     for m, n in ddim_rows.items():
         row = next(r for r in out["translator"] if r["method"] == m)
         assert f"{n} steps" in row["setting"] and len(row["cells"]) == 2  # one cell per run
+
+
+def test_the_full_runs_hddm_and_scaling_studies_are_defined(tmp_path, monkeypatch):
+    """HDDM as published (eps-loss DDPM experts at two placements) and scaling K at equal total training compute:
+    what they would train and sample, checked without training."""
+    from types import SimpleNamespace
+
+    from diffswarm.cli.eval_plans import eval_config
+    from diffswarm.eval.pool import ExpertPool
+    from diffswarm.eval.studies import QUICK_STUDIES, STUDIES
+    from diffswarm.eval.studies import hddm as hstudy
+    from diffswarm.eval.studies.scaling import SCALING_K, scaled_config
+
+    assert ensemble_objectives("hmix-2", 8) == ["ddpm-eps", "fm", "fm", "fm", "ddpm-eps", "fm", "fm", "fm"]
+    assert ensemble_objectives("hmix-2@1", 8) == ["fm", "ddpm-eps", "fm", "fm", "fm", "ddpm-eps", "fm", "fm"]
+    cfg = SimpleNamespace(train_seeds=(0, 1, 2), seeds=(0, 1))
+    asked = []
+    ctx = SimpleNamespace(cfg=cfg, k=8, cell=lambda c, studies=(): asked.append(c) or {"key": str(len(asked))})
+    monkeypatch.setattr(hstudy, "summarize_cells", lambda cells: {})  # no real cells: check which ones are asked
+    out = hstudy.study_hddm(ctx)
+    assert [r["ensemble"] for r in out["rows"]] == ["fm", "ddpm-eps", "hmix-2", "hmix-2@1"]
+    assert len(asked) == 4 * 6 and {c.strategy for c in asked} == {"top-2"}
+    full = eval_config(False, str(tmp_path))
+    assert full.train_seeds == (0, 1, 2) and set(full.studies) == set(STUDIES) and "hddm" not in QUICK_STUDIES
+    pool = ExpertPool(eval_config(True, str(tmp_path), cache_dir=None).pool, str(tmp_path / "cache"))
+    eps = pool.expert_config("ddpm-eps", 0)
+    assert (eps.objective, eps.ddpm_time, eps.loss_weighting) == ("ddpm", "uniform", "none")
+    assert pool.expert_job(0, "ddpm-eps", 0).name == "s0-c0-ddpm-eps"
+    assert pool.expert_job(0, "ddpm-eps", 0).dir != pool.expert_job(0, "ddpm", 0).dir
+    for k in SCALING_K:
+        sc = scaled_config(full, k).pool
+        assert sc.k == k and sc.expert_steps * k == full.pool.expert_steps * full.pool.k  # equal total compute

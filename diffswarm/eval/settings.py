@@ -30,12 +30,17 @@ def ddpm_clusters(k: int, n_ddpm: int) -> list[int]:
 
 
 def ensemble_objectives(name: str, k: int) -> list[str]:
-    """Objective per cluster for an ensemble name: ``fm``, ``ddpm`` or ``mix-<n DDPM>``."""
-    if name in ("fm", "ddpm"):
+    """Pool objective per cluster for an ensemble name: ``fm``, ``ddpm``, ``ddpm-eps``, ``mix-<n DDPM>`` (this
+    project's DDPM recipe) or ``hmix-<n>[@<shift>]`` (HDDM's eps-loss DDPM experts, their evenly spaced clusters
+    shifted by ``shift``: a second placement)."""
+    if name in ("fm", "ddpm", "ddpm-eps"):
         return [name] * k
-    if name.startswith("mix-"):
-        dd = set(ddpm_clusters(k, int(name[4:])))
-        return ["ddpm" if c in dd else "fm" for c in range(k)]
+    if name.startswith(("mix-", "hmix-")):
+        kind, _, rest = name.partition("-")
+        n, _, shift = rest.partition("@")
+        dd = {(c + int(shift or 0)) % k for c in ddpm_clusters(k, int(n))}
+        obj = "ddpm" if kind == "mix" else "ddpm-eps"
+        return [obj if c in dd else "fm" for c in range(k)]
     raise ValueError(f"unknown ensemble {name!r}")
 
 
