@@ -294,11 +294,19 @@ def test_quick_eval_end_to_end(tmp_path, monkeypatch):
     cost = re.search(r"training (\d+) s summed over (\d+) pool models.*scoring (\d+) s over (\d+) cells", report)
     assert cost and int(cost[2]) == len(res["pool"]["models"]) and int(cost[4]) == res["cells"]["distinct"] > 0
 
+    # one training seed: the claims are listed, none is tested (the sampling seeds are not the unit)
+    claims_table = report.split("## 7. Against the papers")[1].split("\n## ")[0]
+    verdict_rows = [ln for ln in claims_table.splitlines() if ln.startswith("| ") and not ln.startswith("| claim")]
+    image_rows = [ln for ln in verdict_rows if "DDM theorem" not in ln]  # the 2-D mixture's unit: sampling seeds
+    assert len(image_rows) >= 10 and all(ln.rstrip().endswith("| not tested |") for ln in image_rows)
+    assert "KID" in claims_table and "Holm" in claims_table
+
     # 2. numbers: all finite; shares sum to 1; floors where they must be
     assert all(math.isfinite(v) for v in _numbers(res))
     rows = res["studies"]["routing"]["rows"]
     ug = res["studies"]["routing"]["rows_uncond_gen"]
-    assert len(rows) == 2 * 7 + 3 and len(ug) == 7 + 2
+    # 8 strategies (sample-1 drawn once and per step) x 2 routers, 2 stats routers, the monolith at 1x and 2x steps
+    assert len(rows) == 2 * 8 + 4 and len(ug) == 8 + 3
     assert all(r["summary"]["class_accuracy"]["n"] == 0 for r in ug)  # no class was asked for
     for r in rows + ug:
         s = r["summary"]

@@ -140,8 +140,9 @@ def section_alignment(res: dict, out: Path) -> tuple[str, list[dict]]:
                           fmt(r["centroid_best_selected"]), fmt(r["disagreement"], 3),
                           fmt(r["spearman_disagreement_confidence"]), fmt(r["spearman_disagreement_nn"])]
                          for r in al["sampling"]]), ""]
-        for r in [r for r in al["sampling"] if r["router"] == "uncond" and r["strategy"] in ("top-1", "top-2")]:
-            sel, oth = ({"per_run": {k: {"v": v.get(c)} for k, v in r["per_run"].items()}}
+        picked = (("uncond", "top-1"), ("cond", "top-2"))
+        for r in [r for r in al["sampling"] if (r["router"], r["strategy"]) in picked]:
+            sel, oth = ({"per_run": {k: {"v": v.get(c)} for k, v in r.get("per_run", {}).items()}}
                         for c in ("centroid_selected", "centroid_other"))
             claims.append(claim(f"Alignment study: sparse routing picks the experts whose centroids are closest to "
                                 f"the current state [{r['setting']}]",
@@ -149,8 +150,9 @@ def section_alignment(res: dict, out: Path) -> tuple[str, list[dict]]:
                                 f"{fmt(r['centroid_other'])}", [paired_test(sel, oth, "v", -1, label="distance")]))
         full = next((r for r in al["sampling"] if r["router"] == "uncond" and r["strategy"] == "full"), None)
         if full:
-            rho = {"per_run": {k: {"v": v.get("spearman_disagreement_confidence")} for k, v in full["per_run"].items()}}
-            zero = {"per_run": {k: {"v": 0.0} for k in full["per_run"]}}
+            runs_ = full.get("per_run", {})
+            rho = {"per_run": {k: {"v": v.get("spearman_disagreement_confidence")} for k, v in runs_.items()}}
+            zero = {"per_run": {k: {"v": 0.0} for k in runs_}}
             claims.append(claim("Alignment study: when the mixed experts disagree, quality drops [full ensemble, "
                                 "uncond router: Spearman(disagreement, classifier confidence) < 0]",
                                 f"Spearman {fmt(full['spearman_disagreement_confidence'])}",
