@@ -30,7 +30,9 @@ def render(res: dict, out: Path) -> str:
             f"- command: `{res.get('command') or 'run_study(...)'}`",
             f"- mode: {'quick (toy sizes: numbers are smoke tests, not findings)' if cfg['quick'] else 'full'}; "
             f"studies: {', '.join(cfg['studies'])}",
-            f"- training seeds {cfg['train_seeds']}, sampling seeds {cfg['seeds']}; {cfg['n']} samples per cell; "
+            f"- training seeds {cfg['train_seeds']} (the unit of replication), sampling seeds {cfg['seeds']} (averaged "
+            f"within a training seed); N = {cfg['n']} samples per cell, scored against N held-out test images (the "
+            "floor: N real train images against the same test images); "
             f"{cfg['sampling']['steps']} {cfg['sampling']['sampler']} steps, CFG {cfg['sampling']['guidance']:g}"]
     if data:
         p = cfg["pool"]

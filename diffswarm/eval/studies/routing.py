@@ -101,10 +101,9 @@ def section_routing(res: dict, out: Path) -> tuple[str, list[dict]]:
              "(the papers' kind); `stats`: the statistics router built from per-cluster statistics only "
              "(`stats-uncond`: the same, not given the class). The monolith is one FM model of the same "
              "network trained on all data for K times one expert's steps. Real floors in parentheses: the "
-             "same metric between a real train subset and real test images at the same n, i.e. what an independent "
-             "real sample scores. FD and KID compare the samples with train images, so a sampler that reproduces "
-             "its training images can score below the floor (memorisation, likely when experts see few images); "
-             "KID is unbiased and may be negative. Expert calls count guided velocity rows (2 network rows each "
+             "same metric between a real train subset and the same held-out test images the samples are scored "
+             "against, at the same n, i.e. what an independent real sample scores. No model trained on the test "
+             "images, so reproducing training images gains nothing; KID is unbiased and may be negative. Expert calls count guided velocity rows (2 network rows each "
              "under CFG); GFLOPs per image are those calls times each network's forward FLOPs plus the router's "
              "at every step, counted once per network with torch's FlopCounterMode (matmuls, convolutions and "
              "attention; elementwise ops not counted).", "",
