@@ -104,7 +104,8 @@ def section_routing(res: dict, out: Path) -> tuple[str, list[dict]]:
              "same metric between a real train subset and the same held-out test images the samples are scored "
              "against, at the same n, i.e. what an independent real sample scores. No model trained on the test "
              "images, so reproducing training images gains nothing; KID is unbiased and may be negative. Expert "
-             "calls count guided velocity rows (2 network rows each under CFG); GFLOPs per image are those calls times each network's forward FLOPs plus the router's "
+             "calls count guided velocity rows (2 network rows each under CFG); GFLOPs per image are those calls "
+             "times each network's forward FLOPs plus the router's "
              "at every step, counted once per network with torch's FlopCounterMode (matmuls, convolutions and "
              "attention; elementwise ops not counted).", "",
              table(QUALITY_HEADER, quality_rows(rt["rows"])), "", f"![FD against cost]({plots[0]})", "",
