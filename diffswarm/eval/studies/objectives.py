@@ -110,8 +110,9 @@ def section_objectives(res: dict, out: Path) -> tuple[str, list[dict]]:
     pairs = [("ddpm translator + Euler - native DDIM, same steps (time grids differ)", "flow:ddpm", "ddim:ddpm"),
              ("ddpm translator - native DDIM, same network evaluations", "flow:ddpm", "ddim-nfe:ddpm"),
              ("ddpm translator + Heun - DPM-Solver++ 2M, same network evaluations", "heun:ddpm", "dpm2-nfe:ddpm"),
-             *[(f"mix no translator ({e}) - mix translator", f"no-translator{e}:{qe}", f"flow:{qe}")
-               for e in ("", ":scale", ":time", ":output")]]
+             *[(f"mix no translator ({what}) - mix translator", f"no-translator{e}:{qe}", f"flow:{qe}")
+               for e, what in (("", "all three errors"), (":scale", "input scale only"), (":time", "noise level only"),
+                               (":output", "output only"))]]
     for name, a, b in pairs:
         if tr.get(a) and tr.get(b):
             diffs.append([name, diff_text(paired(tr[a]["summary"], tr[b]["summary"])),
