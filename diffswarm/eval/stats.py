@@ -207,7 +207,7 @@ def result_text(t: dict | None, digits: int = 2, p_adj: float | None = None) -> 
         return f"{f(t['mean'])} (1 training seed: no test)"
     lo, hi = t["ci"]
     s = (f"{f(t['mean'])} [95% CI {f(lo)}, {f(hi)}], d_z {t['dz']:+.2f}, "
-         f"n = {t['n']} training seeds ({t['runs']} runs); t({t['df']}) p = {t['p']:.3g}")
+         f"n = {t['n']} seeds ({t['runs']} runs); t({t['df']}) p = {t['p']:.3g}")
     if t["kind"] == "equivalence":
         s += f"; TOST margin ±{abs(t['margin']):.3g}: p_equiv = {t['p_equiv']:.3g}"
     if p_adj is not None and _ok(p_adj):
