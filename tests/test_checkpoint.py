@@ -266,3 +266,28 @@ def test_train_resume_on_a_corrupt_state_exits_2_with_the_message(tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith(f"diffswarm train: error: cannot resume training: {state}: state sha256 ")
     assert "state sha256" in err and "corrupt" in err and f"Delete {state} to restart" in err
+
+
+def test_an_expert_answers_classes_absent_from_its_data_unconditionally(tmp_path):
+    """The checkpoint records the class histogram; a class with no training image gets the null label (no
+    guidance), a class it saw does not; a checkpoint without the histogram keeps every label as given."""
+    x, y = _data()
+    y = y % 2  # the cluster holds classes 0 and 1 of 3
+    train_expert(_cfg("fm"), TrainConfig(steps=3, batch=16, ckpt_every=100), x, y, tmp_path, progress=False)
+    meta = read_meta(tmp_path / "expert.safetensors")
+    assert meta["summary"]["class_hist"] == [int((y == 0).sum()), int((y == 1).sum()), 0]
+    e = Expert.from_checkpoint(tmp_path / "expert.safetensors")
+    torch.manual_seed(0)
+    for p in e.net.parameters():  # trained 3 steps from zero-init output layers: make every label matter
+        torch.nn.init.normal_(p, std=0.3)
+    xt, t = torch.randn(3, 1, 8, 8), torch.full((3,), 0.6)
+
+    def v(label, model=e):
+        return model.velocity(xt, t, torch.full((3,), label), guidance=3.0)
+
+    assert torch.equal(v(2), v(-1))  # never seen: unconditional
+    assert not torch.allclose(v(0), v(-1)) and not torch.allclose(v(1), v(-1))
+    old = Expert(e.config, e.net)  # no summary: a checkpoint from before the histogram was recorded
+    assert old.seen_classes is None and not torch.allclose(v(2, old), v(-1, old))
+    for bad in ([1, 2], [1, -1, 0], "x", [0, 0, 0], [1.5, 1, 0]):  # malformed: ignored, not trusted
+        assert Expert(e.config, e.net, summary={"class_hist": bad}).seen_classes is None

@@ -65,6 +65,77 @@ def test_native_ddim_and_the_translator_both_land_on_a_point_mass():
                            torch.zeros(1, 1, 28, 28), torch.zeros(1, dtype=torch.long), 3)
 
 
+@pytest.mark.parametrize("x0_clip", [None, 1.0])
+def test_translator_and_euler_on_the_ddim_grid_is_native_ddim(x0_clip):
+    """For one eps-model, translator + Euler on the SNR-matched flow grid of DDIM's steps equals native DDIM
+    (eta 0), up to float32 rounding and the translator's interpolation of tau(t): with no clipping, and with the
+    translator's clipping (x0 clipped, eps recomputed, for t >= 0.5) that the native DDIM uses too. Without
+    clipping the native DDIM is diffusers' DDIMScheduler step for step."""
+    from diffusers import DDIMScheduler
+
+    from diffswarm.eval.ablations import ddim_update, trailing_timesteps
+    from diffswarm.sampling.steps import euler_step, model_velocity
+
+    torch.manual_seed(1)
+    cfg = ExpertConfig(objective="ddpm", x0_clip=x0_clip,
+                       net=NetConfig(kind="mlp", channels=1, size=4, num_classes=0, width=16, depth=1))
+    e = Expert(cfg).eval()
+    for p in e.net.parameters():
+        nn.init.normal_(p, std=0.2)
+    ens = RoutedEnsemble([e], None, RoutingConfig("full"))
+    noise = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    labels = torch.full((6,), -1)
+    steps = 8
+    native = sample_native_ddim(ens, noise, labels, steps)
+    abar = e.schedule.alpha_bar
+    taus = trailing_timesteps(e.schedule.steps, steps)
+    a, sg = abar[taus].sqrt(), (1 - abar[taus]).sqrt()
+    grid = [float(v) for v in sg / (a + sg)] + [0.0]  # flow times of DDIM's steps, then the data
+    x = noise / float(a[0] + sg[0])  # the flow point of the VP noise at tau = T - 1
+    f = model_velocity(e, labels)
+    for t, t_next in zip(grid[:-1], grid[1:], strict=True):
+        x = euler_step(f, x, torch.tensor(t), torch.tensor(t_next))
+    scale = native.abs().max()  # without clipping x0_hat near t = 1 is huge (a ~ 0): compare relative to it
+    assert (x - native).abs().max() <= 1e-3 * scale + 1e-4, ((x - native).abs().max(), scale)
+    if x0_clip is None:  # the DDIM update is diffusers' (away from t = 1, where ours floors a as the translator does)
+        betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
+        sched = DDIMScheduler(num_train_timesteps=1000, trained_betas=betas.numpy(), timestep_spacing="trailing",
+                              clip_sample=False, set_alpha_to_one=True, prediction_type="epsilon")
+        sched.set_timesteps(steps)
+        assert [int(v) for v in sched.timesteps] == taus
+        for i in range(2, steps):
+            tau, xv = taus[i], torch.randn(6, 1, 4, 4)
+            eps = e.network_output(xv, torch.full((6,), float(tau)), labels)
+            prev = float(abar[taus[i + 1]]) if i + 1 < steps else 1.0
+            ours = ddim_update(xv, eps, float(abar[tau]), prev, None)
+            assert torch.allclose(ours, sched.step(eps, tau, xv, eta=0.0).prev_sample, atol=1e-4, rtol=1e-4)
+
+
+def test_each_no_translator_error_alone_and_the_native_dpm_solver():
+    torch.manual_seed(0)
+    cfg = ExpertConfig(objective="ddpm", net=NetConfig(kind="mlp", channels=1, size=4, num_classes=0, width=8, depth=1))
+    e = Expert(cfg).eval()
+    for p in e.net.parameters():
+        nn.init.normal_(p, std=0.3)
+    x, t, y = torch.randn(3, 1, 4, 4), torch.tensor([0.2, 0.5, 0.9]), torch.full((3,), -1)
+    right = e.velocity(x, t, y)
+    answers = {err: NoTranslator(e, err).velocity(x, t, y) for err in ("scale", "time", "output")}
+    for err, v in answers.items():
+        assert not torch.allclose(v, right), err  # each error alone changes the answer
+    inp, tau = e.network_input(x, t)
+    assert torch.allclose(answers["output"], e.network_output(inp, tau, y))  # eps taken for v, input right
+    with pytest.raises(ValueError, match="errors"):
+        NoTranslator(e, "two")
+    # DPM-Solver++ lands on a point mass too, with one evaluation per step
+    from diffswarm.eval.ablations import sample_native_dpm
+
+    c = torch.linspace(-0.8, 0.8, 16).reshape(1, 1, 4, 4)
+    ens = RoutedEnsemble([point_mass_expert(c)], None, RoutingConfig("full"))
+    out = sample_native_dpm(ens, torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0)),
+                            torch.full((4,), -1), steps=7)
+    assert torch.allclose(out, c.expand_as(out), atol=1e-3) and ens.calls.tolist() == [4 * 7]
+
+
 def test_no_translator_queries_the_raw_network_at_fm_time():
     torch.manual_seed(0)
     cfg = ExpertConfig(objective="ddpm", net=NetConfig(kind="mlp", channels=1, size=4, num_classes=3, width=8, depth=1))
@@ -93,14 +164,16 @@ def test_settings_helpers():
     assert st["full>0.5/top-1"].full_above == 0.5 and st["sample-1"].strategy == "sample-k"
 
 
-def test_paired_differences_need_three_clear_runs():
-    a = {"per_run": {f"s0/r{i}": {"fd": 10.0 + 0.1 * i} for i in range(3)}}
-    b = {"per_run": {f"s0/r{i}": {"fd": 12.0 + 0.1 * i + 0.01 * (i % 2)} for i in range(3)}}
+def test_paired_differences_replicate_over_training_seeds():
+    """Sampling seeds of one training seed are one unit: 3 sampling seeds of 1 training seed test nothing."""
+    a = {"per_run": {f"s{t}/r{i}": {"fd": 10.0 + 0.1 * i + 0.2 * t} for t in range(3) for i in range(2)}}
+    b = {"per_run": {f"s{t}/r{i}": {"fd": 12.0 + 0.1 * i + 0.2 * t + 0.01 * (t % 2)} for t in range(3)
+                     for i in range(2)}}
     d = paired(a, b)
-    assert d["n"] == 3 and d["mean"] < -1.9 and d["clear"]
-    two = {"per_run": dict(list(a["per_run"].items())[:2])}
-    assert not paired(two, b)["clear"]  # 2 runs never make a claim
-    noisy = {"per_run": {f"s0/r{i}": {"fd": 12.0 + (3 if i % 2 else -3)} for i in range(3)}}
+    assert d["n"] == 3 and d["runs"] == 6 and d["mean"] < -1.9 and d["clear"]
+    one_seed = {"per_run": {k: v for k, v in a["per_run"].items() if k.startswith("s0/")}}
+    assert paired(one_seed, b)["n"] == 1 and not paired(one_seed, b)["clear"]  # no test with 1 training seed
+    noisy = {"per_run": {f"s{t}/r0": {"fd": 12.0 + (3 if t % 2 else -3)} for t in range(3)}}
     assert not paired(noisy, b)["clear"]
 
 
@@ -165,8 +238,10 @@ def test_the_plan_takes_the_network_from_the_demo_preset(monkeypatch):
     monkeypatch.setitem(presets.PRESETS, "tiny", replace(tiny, width=tiny.width * 2))
     assert plan(["--quick"]).config.pool.width == tiny.width * 2
     full = plan([]).config
-    assert full.pool.k == 8 and full.pool.net == presets.PRESETS["cpu"].net and len(full.train_seeds) >= 2
-    assert len(full.seeds) >= 3 and full.pool.monolith_steps == 8 * full.pool.expert_steps
+    assert full.pool.k == 8 and full.pool.net == presets.PRESETS["cpu"].net
+    # the training seed is the unit of replication: at least 3 of them; sampling seeds are averaged within one
+    assert len(full.train_seeds) >= 3 and len(full.seeds) >= 2
+    assert full.pool.monolith_steps == 8 * full.pool.expert_steps
     # the machine's cores by default: one training process each, and all of them for sampling
     cores = os.cpu_count() or 1
     assert (full.jobs, full.threads) == (None, None)
@@ -221,11 +296,19 @@ def test_quick_eval_end_to_end(tmp_path, monkeypatch):
     cost = re.search(r"training (\d+) s summed over (\d+) pool models.*scoring (\d+) s over (\d+) cells", report)
     assert cost and int(cost[2]) == len(res["pool"]["models"]) and int(cost[4]) == res["cells"]["distinct"] > 0
 
+    # one training seed: the claims are listed, none is tested (the sampling seeds are not the unit)
+    claims_table = report.split("## 7. Against the papers")[1].split("\n## ")[0]
+    verdict_rows = [ln for ln in claims_table.splitlines() if ln.startswith("| ") and not ln.startswith("| claim")]
+    image_rows = [ln for ln in verdict_rows if "DDM theorem" not in ln]  # the 2-D mixture's unit: sampling seeds
+    assert len(image_rows) >= 10 and all(ln.rstrip().endswith("| not tested |") for ln in image_rows)
+    assert "KID" in claims_table and "Holm" in claims_table
+
     # 2. numbers: all finite; shares sum to 1; floors where they must be
     assert all(math.isfinite(v) for v in _numbers(res))
     rows = res["studies"]["routing"]["rows"]
     ug = res["studies"]["routing"]["rows_uncond_gen"]
-    assert len(rows) == 2 * 7 + 3 and len(ug) == 7 + 2
+    # 8 strategies (sample-1 drawn once and per step) x 2 routers, 2 stats routers, the monolith at 1x and 2x steps
+    assert len(rows) == 2 * 8 + 4 and len(ug) == 8 + 3
     assert all(r["summary"]["class_accuracy"]["n"] == 0 for r in ug)  # no class was asked for
     for r in rows + ug:
         s = r["summary"]
@@ -305,3 +388,35 @@ def test_native_ddim_is_also_compared_at_the_flow_samplers_cost(monkeypatch, sam
     for m, n in ddim_rows.items():
         row = next(r for r in out["translator"] if r["method"] == m)
         assert f"{n} steps" in row["setting"] and len(row["cells"]) == 2  # one cell per run
+
+
+def test_the_full_runs_hddm_and_scaling_studies_are_defined(tmp_path, monkeypatch):
+    """HDDM as published (eps-loss DDPM experts at two placements) and scaling K at equal total training compute:
+    what they would train and sample, checked without training."""
+    from types import SimpleNamespace
+
+    from diffswarm.cli.eval_plans import eval_config
+    from diffswarm.eval.pool import ExpertPool
+    from diffswarm.eval.studies import QUICK_STUDIES, STUDIES
+    from diffswarm.eval.studies import hddm as hstudy
+    from diffswarm.eval.studies.scaling import SCALING_K, scaled_config
+
+    assert ensemble_objectives("hmix-2", 8) == ["ddpm-eps", "fm", "fm", "fm", "ddpm-eps", "fm", "fm", "fm"]
+    assert ensemble_objectives("hmix-2@1", 8) == ["fm", "ddpm-eps", "fm", "fm", "fm", "ddpm-eps", "fm", "fm"]
+    cfg = SimpleNamespace(train_seeds=(0, 1, 2), seeds=(0, 1))
+    asked = []
+    ctx = SimpleNamespace(cfg=cfg, k=8, cell=lambda c, studies=(): asked.append(c) or {"key": str(len(asked))})
+    monkeypatch.setattr(hstudy, "summarize_cells", lambda cells: {})  # no real cells: check which ones are asked
+    out = hstudy.study_hddm(ctx)
+    assert [r["ensemble"] for r in out["rows"]] == ["fm", "ddpm-eps", "hmix-2", "hmix-2@1"]
+    assert len(asked) == 4 * 6 and {c.strategy for c in asked} == {"top-2"}
+    full = eval_config(False, str(tmp_path))
+    assert full.train_seeds == (0, 1, 2) and set(full.studies) == set(STUDIES) and "hddm" not in QUICK_STUDIES
+    pool = ExpertPool(eval_config(True, str(tmp_path), cache_dir=None).pool, str(tmp_path / "cache"))
+    eps = pool.expert_config("ddpm-eps", 0)
+    assert (eps.objective, eps.ddpm_time, eps.loss_weighting) == ("ddpm", "uniform", "none")
+    assert pool.expert_job(0, "ddpm-eps", 0).name == "s0-c0-ddpm-eps"
+    assert pool.expert_job(0, "ddpm-eps", 0).dir != pool.expert_job(0, "ddpm", 0).dir
+    for k in SCALING_K:
+        sc = scaled_config(full, k).pool
+        assert sc.k == k and sc.expert_steps * k == full.pool.expert_steps * full.pool.k  # equal total compute

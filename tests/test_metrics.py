@@ -200,19 +200,21 @@ def test_summarize():
 
 def test_feature_metrics_floors_and_sizes():
     rng = np.random.default_rng(8)
-    train, test = rng.normal(size=(400, 8)), rng.normal(size=(300, 8))
+    ref, floor = rng.normal(size=(300, 8)), rng.normal(size=(300, 8))  # held-out reference, real train subset
     good = rng.normal(size=(400, 8))
     bad = 0.2 * rng.normal(size=(400, 8)) + 1.0
-    m_good = feature_metrics(good, None, train, None, test, kid_subsets=5, kid_subset_size=200)
-    m_bad = feature_metrics(bad, None, train, None, test, kid_subsets=5, kid_subset_size=200)
+    m_good = feature_metrics(good, None, ref, None, floor, kid_subsets=5, kid_subset_size=200)
+    m_bad = feature_metrics(bad, None, ref, None, floor, kid_subsets=5, kid_subset_size=200)
     assert m_good["n"] == 400 and m_good["n_floor"] == 300
     assert m_good["fd_floor"] == m_bad["fd_floor"] and m_good["precision_floor"] == m_bad["precision_floor"]
     assert m_good["fd"] < 3 * m_good["fd_floor"] + 0.1 < m_bad["fd"]
     assert abs(m_good["kid"]) < 0.02 and m_bad["kid"] > 0.5
     assert abs(m_good["recall"] - m_good["recall_floor"]) < 0.15 and m_bad["recall"] < 0.1
     assert m_bad["diversity"] < 0.3 * m_bad["diversity_real"]
-    with pytest.raises(ValueError):
-        feature_metrics(good, None, train[:10], None, test)
+    with pytest.raises(ValueError, match="floor_feats"):
+        feature_metrics(good, None, ref, None, floor[:10])  # the floor must match the reference's size
+    with pytest.raises(ValueError, match="outnumber"):
+        feature_metrics(good[:100], None, ref, None, floor)
 
 
 @pytest.fixture(scope="module")

@@ -123,8 +123,11 @@ def _routing(args, given) -> RoutingConfig:
         refuse(given, ["threshold"], f"with --routing {args.routing} (it is the cut-off of --routing threshold)")
     if args.routing == "full":
         refuse(given, ["full_above"], "with --routing full (the full ensemble is used at every t already)")
+    if args.routing != "sample-k":
+        refuse(given, ["sample_draw"], f"with --routing {args.routing} (it says when sample-k draws its experts)")
     return RoutingConfig(args.routing, args.k if args.k is not None else d.k,
-                         args.threshold if args.threshold is not None else d.threshold, args.full_above)
+                         args.threshold if args.threshold is not None else d.threshold, args.full_above,
+                         getattr(args, "sample_draw", None) or d.draw)
 
 
 def plan_generate(args, given) -> GeneratePlan:

@@ -48,7 +48,7 @@ def add_train_args(g, minutes_default: float | None = None) -> None:
 
 
 def add_routing_args(p: argparse.ArgumentParser) -> None:
-    from diffswarm.router.routing import STRATEGIES, RoutingConfig
+    from diffswarm.router.routing import DRAWS, STRATEGIES, RoutingConfig
 
     d = RoutingConfig()
     g = p.add_argument_group("routing")
@@ -57,6 +57,9 @@ def add_routing_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threshold", type=float, default=None,
                    help=f"minimum router probability for --routing threshold (default {d.threshold})")
     g.add_argument("--full-above", type=float, default=None, help="use the full ensemble while t > this value")
+    g.add_argument("--sample-draw", default=None, choices=DRAWS,
+                   help=f"--routing sample-k: draw the experts once per trajectory or at every step, as DDM "
+                        f"(default {d.draw})")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -319,13 +319,16 @@ def _add_evaluation_commands(sub) -> None:
                    help="toy sizes (digits 8x8, K=4, tiny MLP experts, 1 training seed, 2 sampling seeds): minutes")
     p.add_argument("--save-samples", action="store_true",
                    help="write every scored sample set to OUT/samples/<cell>.npz (+ index.json)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="sampling seeds (default 0 1 2; quick 0 1)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="sampling seeds, averaged within a training seed (default 0 1; quick 0 1)")
     p.add_argument("--train-seeds", type=int, nargs="+", default=None,
-                   help="training seeds, one expert pool each (default 0 1; quick 0)")
+                   help="training seeds, one expert pool each: the unit the tests replicate over (default 0 1 2; "
+                        "quick 0, which tests nothing)")
     p.add_argument("--budget", type=int, default=None,
                    help="optimizer steps per expert (default 1000; quick 500); the monolith trains K times as many")
     p.add_argument("--samples", type=int, default=None, help="samples per sample set (default 400; quick 300)")
-    p.add_argument("--studies", nargs="+", choices=STUDIES, default=None, help="run only these studies")
+    p.add_argument("--studies", nargs="+", choices=STUDIES, default=None,
+                   help="run only these studies (default all; quick all but hddm and scaling)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda[:i]")
     p.add_argument("--jobs", type=int, default=None,
                    help="parallel training processes (default: one per core)")

@@ -35,7 +35,7 @@ from diffswarm.client.ledger import Job
 from diffswarm.client.sources import LocalSource, RemoteSlot, Sources
 from diffswarm.client.verifier import Verifier
 from diffswarm.router.ensemble import RoutedEnsemble, mix
-from diffswarm.router.routing import NoExpertsError, RoutingConfig, choose_experts
+from diffswarm.router.routing import NoExpertsError, RoutingConfig
 from diffswarm.sampling.hooks import StepRollback
 
 logger = logging.getLogger(__name__)
@@ -283,7 +283,7 @@ class SwarmEnsemble(RoutedEnsemble):
             if lost:
                 if probs is None or not ev.avail.any():
                     raise NoExpertsError("no expert left for this step")
-                weights = choose_experts(probs, ev.avail, self.routing, ev.t_now, self.gumbel)
+                weights = self.choose(probs, ev.avail, ev.t_now)
         return mix(x, weights, lambda k, rows: ev.answers[k][rows], self.calls), weights, events
 
     def _report_coverage(self, probs, events: list[str]) -> None:

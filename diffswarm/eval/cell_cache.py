@@ -16,7 +16,8 @@ from diffswarm.eval.pool import settings_sha
 from diffswarm.eval.settings import Cell
 from diffswarm.utils.fileio import atomic_write
 
-CELL_VERSION = 1  # bump when a cell's computation changes (invalidates OUT/cells)
+CELL_VERSION = 2  # bump when a cell's computation changes (invalidates OUT/cells); 2: held-out test reference,
+#                  experts answer absent classes unconditionally, sample-k drawn once per trajectory
 
 
 def clean(o):

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffswarm.eval.ablations import sample_native_ddim
+from diffswarm.eval.ablations import sample_native_ddim, sample_native_dpm
 from diffswarm.eval.cell_cache import CellCache
 from diffswarm.eval.model_cache import ModelCache
 from diffswarm.eval.pool import ExpertPool
 from diffswarm.eval.scoring import Scoring
-from diffswarm.eval.settings import Cell, ensemble_objectives, strategies
+from diffswarm.eval.settings import Cell, ensemble_objectives, second_order, strategies
 from diffswarm.experts.train import pick_device
 from diffswarm.router.local import make_labels
 from diffswarm.sampling.loop import sample
@@ -67,15 +67,22 @@ class Context:
         m = self.models
         if cell.router is None:  # the monolith
             model = m.monolith(cell.train_seed, cell.ensemble.removeprefix("monolith-"))
+            if cell.method == "steps-x2":  # the inference compute of top-2: twice the network evaluations
+                s = replace(s, steps=2 * s.steps)
             x = sample(model, x, y, s.steps, s.sampler, s.guidance).cpu()
             calls = np.array([self.cfg.n * s.evaluations])
             fl = m.flops_of(("monolith", cell.train_seed, cell.ensemble), lambda: model, "expert", s.guidance)
             return x, calls, [fl], 0, s.evaluations
         ens = self.ensemble(cell)
-        ddim_steps = {"ddim": s.steps, "ddim-nfe": s.evaluations}.get(cell.method)
-        if ddim_steps:
+        heun_steps, nfe2 = second_order(s)
+        ddim_steps = {"ddim": s.steps, "ddim-nfe": s.evaluations, "dpm2-nfe": nfe2}.get(cell.method)
+        if cell.method == "dpm2-nfe":  # native 2nd order, as many evaluations as translator + Heun
+            x = sample_native_dpm(ens, x, y, nfe2, s.guidance).cpu()
+        elif ddim_steps:
             x = sample_native_ddim(ens, x, y, ddim_steps, s.guidance).cpu()
         else:
+            if cell.method == "heun":  # translator + Heun (the run's steps when it is Heun already)
+                s = replace(s, sampler="heun", steps=heun_steps)
             x = sample(ens, x, y, s.steps, s.sampler, s.guidance).cpu()
         calls = ens.calls.numpy().astype(np.float64)
         objs = ensemble_objectives(cell.ensemble, self.k)

@@ -15,8 +15,9 @@ computes in float64 numpy on the CPU and returns Python floats.
   per-sample diagnostics (:mod:`diffswarm.eval.diagnostics`).
 - :func:`summarize`, :func:`summarize_runs`: mean and spread over sampling seeds.
 - :func:`feature_metrics` (features in) and :func:`metric_report` (images in): the full metric
-  dict, with the **real floors**: the same metric between a real train subset and a real test
-  subset of the same size, which is what a perfect sampler would score at this n.
+  dict against a **held-out reference** (real test images, which no model trained on), with the
+  **real floors**: the same metric between a real train subset and the same reference at the same
+  size, which is what a perfect sampler (an independent real sample) scores at this n.
 
 Pairwise distances are computed in row blocks of about ``BLOCK_ENTRIES`` entries (32 MB of
 float64), so 10k x 10k sets need well under 200 MB.
@@ -251,53 +252,51 @@ def summarize_runs(runs: Sequence[dict]) -> dict:
 def feature_metrics(
     sample_feats: np.ndarray | torch.Tensor,
     sample_labels: np.ndarray | torch.Tensor | None,
-    train_feats: np.ndarray | torch.Tensor,
-    train_labels: np.ndarray | torch.Tensor | None,
-    test_feats: np.ndarray | torch.Tensor,
+    ref_feats: np.ndarray | torch.Tensor,
+    ref_labels: np.ndarray | torch.Tensor | None,
+    floor_feats: np.ndarray | torch.Tensor,
     k: int = 3,
     kid_subsets: int = 100,
     kid_subset_size: int = 1000,
     seed: int = 0,
 ) -> dict:
-    """All feature metrics of (N, D) samples against a real train subset, with real floors.
+    """All feature metrics of (N, D) samples against a held-out real reference, with real floors.
 
     Args:
         sample_feats: (N, D) features of the samples.
         sample_labels: (N,) class of each sample for the diversity (None: one group).
-        train_feats: (N, D) features of N real train images (the reference, same n as the samples).
-        train_labels: (N,) their true classes (None: one group).
-        test_feats: (N_floor, D) features of real test images, N_floor <= N.
+        ref_feats: (M, D) features of M real held-out (test) images, the reference; M <= N.
+        ref_labels: (M,) their true classes (None: one group).
+        floor_feats: (M, D) features of M real train images: the floor is their score against the same reference.
         k, kid_subsets, kid_subset_size, seed: passed to :func:`precision_recall` and :func:`kid`.
 
-    Returns a flat dict: ``fd``, ``kid``, ``kid_std``, ``precision``, ``recall`` of samples vs
-    train; the floors ``fd_floor``, ``kid_floor``, ``kid_floor_std``, ``precision_floor``,
-    ``recall_floor`` of train[:N_floor] vs test (precision/recall with test as the "fake" set);
-    ``diversity`` / ``diversity_real`` (mean over classes) and their ``*_per_class`` dicts; ``n``,
-    ``n_floor``. The floors use train[:N_floor] so that both sides have the same size.
+    Returns a flat dict: ``fd``, ``kid``, ``kid_std``, ``precision``, ``recall`` of samples vs the
+    reference; the floors ``fd_floor``, ``kid_floor``, ``kid_floor_std``, ``precision_floor``,
+    ``recall_floor`` of the real train images vs the same reference; ``diversity`` (samples, mean over
+    classes) / ``diversity_real`` (the reference) and their ``*_per_class`` dicts; ``n`` (samples) and
+    ``n_floor`` (= ``n_ref``, the reference's and the floor's size: equal to n in ``diffswarm eval``).
     """
     fs = as_features(sample_feats, "sample_feats")
-    ftr = as_features(train_feats, "train_feats")
-    fte = as_features(test_feats, "test_feats")
-    n, n_floor = len(fs), len(fte)
-    if len(ftr) != n:
-        raise ValueError(f"train_feats must have as many rows as the samples ({n}), got {len(ftr)}")
-    if n_floor > n:
-        raise ValueError(f"test_feats ({n_floor} rows) must not outnumber the samples ({n})")
+    fref = as_features(ref_feats, "ref_feats")
+    ffl = as_features(floor_feats, "floor_feats")
+    n, m = len(fs), len(fref)
+    if len(ffl) != m:
+        raise ValueError(f"floor_feats must have as many rows as the reference ({m}), got {len(ffl)}")
+    if m > n:
+        raise ValueError(f"the reference ({m} rows) must not outnumber the samples ({n})")
     sample_labels = np.zeros(n, dtype=np.int64) if sample_labels is None else sample_labels
-    train_labels = np.zeros(n, dtype=np.int64) if train_labels is None else train_labels
-    out: dict = {"n": n, "n_floor": n_floor}
-    out["fd"] = frechet_distance(fs, ftr)
-    out["kid"], out["kid_std"] = kid(fs, ftr, kid_subsets, kid_subset_size, seed)
-    out["precision"], out["recall"] = precision_recall(ftr, fs, k)
-    ok_floor = n_floor > k  # k-NN radii need more than k points in each set
+    ref_labels = np.zeros(m, dtype=np.int64) if ref_labels is None else ref_labels
+    out: dict = {"n": n, "n_floor": m, "n_ref": m}
     nan = float("nan")
-    out["fd_floor"] = frechet_distance(ftr[:n_floor], fte) if n_floor >= 2 else nan
-    if n_floor >= 2:
-        out["kid_floor"], out["kid_floor_std"] = kid(ftr[:n_floor], fte, kid_subsets, kid_subset_size, seed)
-    else:
-        out["kid_floor"], out["kid_floor_std"] = nan, nan
-    out["precision_floor"], out["recall_floor"] = precision_recall(ftr[:n_floor], fte, k) if ok_floor else (nan, nan)
-    div, div_real = within_class_diversity(fs, sample_labels), within_class_diversity(ftr, train_labels)
+    ok = m >= 2
+    out["fd"] = frechet_distance(fs, fref) if ok else nan
+    out["kid"], out["kid_std"] = kid(fs, fref, kid_subsets, kid_subset_size, seed) if ok else (nan, nan)
+    ok_pr = m > k  # k-NN radii need more than k points in each set
+    out["precision"], out["recall"] = precision_recall(fref, fs, k) if ok_pr else (nan, nan)
+    out["fd_floor"] = frechet_distance(ffl, fref) if ok else nan
+    out["kid_floor"], out["kid_floor_std"] = kid(ffl, fref, kid_subsets, kid_subset_size, seed) if ok else (nan, nan)
+    out["precision_floor"], out["recall_floor"] = precision_recall(fref, ffl, k) if ok_pr else (nan, nan)
+    div, div_real = within_class_diversity(fs, sample_labels), within_class_diversity(fref, ref_labels)
     out["diversity"], out["diversity_real"] = div["mean"], div_real["mean"]
     out["diversity_per_class"], out["diversity_real_per_class"] = div["per_class"], div_real["per_class"]
     return out
@@ -318,20 +317,22 @@ def metric_report(
     """The full metric dict of (N, C, H, W) samples in [-1, 1] against the real splits.
 
     Real subsets are drawn exactly as :func:`diffswarm.eval.quality.quality_report` draws them
-    (numpy default_rng(seed): N train indices, then min(N, len(test)) test indices), so ``fd`` and
-    ``fd_floor`` equal its numbers for the same seed. On top of :func:`feature_metrics` (in the
-    classifier's 128-d features) it adds ``class_accuracy`` (share of samples with a requested
+    (numpy default_rng(seed): M = min(N, len(test)) held-out test indices, the reference, then M train
+    indices, the floor's side), so ``fd`` and ``fd_floor`` equal its numbers for the same seed.
+    On top of :func:`feature_metrics` (in the
+    classifier's 128-d features) it adds ``pixel_diversity`` / ``pixel_diversity_real`` (the same
+    within-class diversity in pixel space, samples and reference), ``class_accuracy`` (share of samples with a requested
     class >= 0 that the classifier assigns to it; None if none requested), ``mean_confidence``
     (mean classifier probability of the requested class, or of the predicted class where
     unconditional) and, with a partition, ``cluster_share`` / ``data_share`` (K lists).
     Diversity groups samples by requested class, falling back to the classifier's prediction
-    where the label is -1; the real reference groups the train subset by its true labels.
+    where the label is -1; the real reference groups the test subset by its true labels.
     """
     n = int(samples.shape[0]) if samples.ndim == 4 else -1
     if samples.ndim != 4 or tuple(samples.shape[1:]) != train_ds.shape:
         raise ValueError(f"samples must be (N, {', '.join(map(str, train_ds.shape))}), got {tuple(samples.shape)}")
-    if n < 2 or n > len(train_ds):
-        raise ValueError(f"need 2 <= N <= {len(train_ds)} (the train split's size) samples, got {n}")
+    if n < 2:
+        raise ValueError(f"need N >= 2 samples, got {n}")
     if test_ds.shape != train_ds.shape:
         raise ValueError(f"train {train_ds.shape} and test {test_ds.shape} image shapes differ")
     if classifier.config.content_hash != train_ds.content_hash:
@@ -348,14 +349,19 @@ def metric_report(
             raise ValueError(f"requested_labels must lie in [-1, {train_ds.num_classes - 1}]")
 
     # 1-2. Real subsets (as quality_report draws them), classifier features and predictions.
-    f_samples, f_train, f_test, train_idx = real_and_sample_features(classifier, samples, train_ds, test_ds, seed)
+    f_samples, f_ref, f_floor, ref_idx, _ = real_and_sample_features(classifier, samples, train_ds, test_ds, seed)
     probs = classifier.logits(samples).cpu().double().softmax(1)  # (N, num_classes)
     pred = probs.argmax(1)  # (N,)
     group = pred if req is None else torch.where(req >= 0, req, pred)  # (N,) class for the diversity
 
     out = feature_metrics(
-        f_samples, group, f_train, train_ds.labels[train_idx], f_test, k, kid_subsets, kid_subset_size, seed
+        f_samples, group, f_ref, test_ds.labels[ref_idx], f_floor, k, kid_subsets, kid_subset_size, seed
     )
+
+    # 2b. Diversity in pixels too (not the classifier's features alone), next to the reference's.
+    out["pixel_diversity"] = within_class_diversity(samples.cpu().flatten(1).double(), group)["mean"]
+    out["pixel_diversity_real"] = within_class_diversity(test_ds.images[ref_idx].flatten(1).double(),
+                                                         test_ds.labels[ref_idx])["mean"]
 
     # 3. Conditioning and confidence.
     out["class_accuracy"] = None

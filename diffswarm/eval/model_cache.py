@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from diffswarm.eval.ablations import NoTranslator, router_flops, velocity_flops
 from diffswarm.eval.settings import Cell, ensemble_objectives
+from diffswarm.experts.expert import seen_classes
 from diffswarm.router.ensemble import RoutedEnsemble
 from diffswarm.router.routing import RoutingConfig
 
@@ -24,9 +25,17 @@ class ModelCache:
 
     def experts(self, train_seed: int, ensemble: str) -> list:
         objs = ensemble_objectives(ensemble, self.k)
-        return [self._cached(("expert", train_seed, o, c), lambda o=o, c=c: self.pool.expert(train_seed, o, c,
-                                                                                           self.device))
+        return [self._cached(("expert", train_seed, o, c), lambda o=o, c=c: self._expert(train_seed, o, c))
                 for c, o in enumerate(objs)]
+
+    def _expert(self, train_seed: int, objective: str, cluster: int):
+        """A cluster's expert; one from a pool trained before checkpoints recorded their class histogram gets
+        its cluster's (the partition's), so it too answers absent classes unconditionally."""
+        e = self.pool.expert(train_seed, objective, cluster, self.device)
+        if e.seen_classes is None:
+            hist = [int(c) for c in self.pool.partition.cluster_summary[cluster]["class_hist"]]
+            e.seen_classes = seen_classes(hist, e.config.net.num_classes)
+        return e
 
     def monolith(self, train_seed: int, objective: str = "fm"):
         return self._cached(("monolith", train_seed, objective),
@@ -39,8 +48,8 @@ class ModelCache:
 
     def ensemble(self, cell: Cell, routing: RoutingConfig) -> RoutedEnsemble:
         experts = self.experts(cell.train_seed, cell.ensemble)
-        if cell.method == "no-translator":
-            experts = [NoTranslator(e) for e in experts]
+        if cell.method.startswith("no-translator"):  # no-translator (all three errors) | no-translator:<one error>
+            experts = [NoTranslator(e, cell.method.partition(":")[2] or "all") for e in experts]
         return RoutedEnsemble(experts, self.router(cell.train_seed, cell.router), routing,
                               seed=cell.seed, router_sees_labels=cell.router in ("cond", "stats"))
 

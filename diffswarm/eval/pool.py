@@ -58,7 +58,9 @@ logger = logging.getLogger(__name__)
 
 POOL_FORMAT = "diffswarm.eval-pool/1"
 # the objectives of the pool's experts; the order numbers their seeds (``ExpertPool.expert_seed``), keep it
-POOL_OBJECTIVES = ("fm", "ddpm")
+# (``ddpm-eps``: DDPM as HDDM trains it, the standard eps loss at uniform steps; ``ddpm``: this project's recipe,
+# logit-normal steps with the flow weighting, which is the FM loss of the translated prediction)
+POOL_OBJECTIVES = ("fm", "ddpm", "ddpm-eps")
 # the pool's two trained routers: with the class as input, and without (the papers' kind)
 ROUTER_CONDITIONINGS = ("cond", "uncond")
 
@@ -157,9 +159,12 @@ class ExpertPool:
     # ------------------------------------------------------------------ what the pool holds
 
     def expert_config(self, objective: str, cluster: int | None) -> ExpertConfig:
-        """The config of cluster ``cluster``'s expert (None: the monolith) with ``objective``."""
-        return expert_config(ClusterData.of(self.partition, self.train_ds), objective, cluster, net=self.cfg.net,
-                             width=self.cfg.width, depth=self.cfg.depth, schedule=self.cfg.schedule)
+        """The config of cluster ``cluster``'s expert (None: the monolith) with pool objective ``objective``."""
+        cfg = expert_config(ClusterData.of(self.partition, self.train_ds), objective.removesuffix("-eps"), cluster,
+                            net=self.cfg.net, width=self.cfg.width, depth=self.cfg.depth, schedule=self.cfg.schedule)
+        if objective == "ddpm-eps":  # HDDM as published: plain eps loss, tau ~ U{0..T-1}
+            cfg = replace(cfg, ddpm_time="uniform", loss_weighting="none")
+        return cfg
 
     def router_config(self, kind: str) -> RouterConfig:
         """The config of the router of conditioning ``kind`` (one of ``ROUTER_CONDITIONINGS``)."""
@@ -192,7 +197,7 @@ class ExpertPool:
                     "content_hash": self.train_ds.content_hash}
         return self._job(f"s{train_seed}-router-{kind}", "router", settings)
 
-    def jobs(self, train_seeds, objectives=POOL_OBJECTIVES, monolith_objectives=("fm",)) -> list[ModelJob]:
+    def jobs(self, train_seeds, objectives=("fm", "ddpm"), monolith_objectives=("fm",)) -> list[ModelJob]:
         """Every model the studies need, seed by seed, longest first: the monoliths (K experts' steps), the
         experts, then the routers, so parallel workers finish together (the monolith last would run alone)."""
         out = []

@@ -3,10 +3,11 @@
 Three numbers, all from :mod:`diffswarm.eval.classifier` features and predictions:
 
 - ``fd``: Frechet distance (:mod:`diffswarm.eval.fd`) between the samples' classifier features
-  and those of an equal-size random subset of the real train split.
-- ``fd_floor``: the same distance between that real train subset and a real test subset of the
-  same size. FD is biased upward at small n (the covariance estimate is noisy), so FD values are
-  only meaningful next to this floor at the same n: samples as good as real data score near it.
+  and those of an equal-size random subset of the held-out **test** split (the reference; no model
+  trained on it, so a sampler that reproduces its training images gains nothing).
+- ``fd_floor``: the same distance between an equal-size random subset of real **train** images and
+  the same reference. FD is biased upward at small n (the covariance estimate is noisy), so FD values
+  are only meaningful next to this floor at the same n: samples as good as real data score near it.
 - ``class_accuracy``: for class-conditional samples, the share the classifier assigns to the
   requested class (a CAS-style check of conditioning).
 
@@ -32,8 +33,8 @@ from diffswarm.eval.fd import frechet_distance
 class QualityReport:
     """Result of :func:`quality_report`."""
 
-    fd: float  # FD(samples, real train subset of size n)
-    fd_floor: float  # FD(real train subset, real test subset), same size
+    fd: float  # FD(samples, real test subset of size min(n, len(test)))
+    fd_floor: float  # FD(real train subset, the same real test subset), same size
     class_accuracy: float | None  # share of conditional samples classified as requested; None if none requested
     n: int  # number of samples
     cluster_share: list[float] | None = None  # (K,) share of samples per partition cluster
@@ -60,20 +61,22 @@ class QualityReport:
 
 def real_and_sample_features(classifier: Classifier, samples: torch.Tensor, train_ds: ImageDataset,
                              test_ds: ImageDataset, seed: int):
-    """The classifier features every quality score compares: the N samples, N seeded real train images and
-    min(N, len(test)) seeded real test images (the floor's side). Returns (f_samples (N, F), f_train (N, F),
-    f_test (n_floor, F), train_idx (N,)) as float64 numpy arrays and the chosen train rows."""
+    """The classifier features every quality score compares: the N samples; the **reference**, m = min(N,
+    len(test)) seeded images of the held-out test split (which no expert, router or classifier trained on);
+    and the **floor** side, m seeded real train images, scored against the same reference at the same m (what
+    an independent real sample scores). Returns (f_samples (N, F), f_ref (m, F), f_floor (m, F), ref_idx (m,),
+    floor_idx (m,)), features as float64 numpy arrays and the chosen rows of test and train."""
     n = samples.shape[0]
-    # 1. Real subsets: n from train; the floor uses min(n, len(test)) of each.
+    # 1. Real subsets: m of the test split (the reference), m of the train split (the floor's side).
     rng = np.random.default_rng(seed)
-    train_idx = torch.from_numpy(rng.choice(len(train_ds), n, replace=False))
-    n_floor = min(n, len(test_ds))
-    test_idx = torch.from_numpy(rng.choice(len(test_ds), n_floor, replace=False))
+    m = min(n, len(test_ds), len(train_ds))
+    ref_idx = torch.from_numpy(rng.choice(len(test_ds), m, replace=False))
+    floor_idx = torch.from_numpy(rng.choice(len(train_ds), m, replace=False))
     # 2. Classifier features.
     f_samples = classifier.features(samples).cpu().double().numpy()  # (N, 128)
-    f_train = classifier.features(train_ds.images[train_idx]).cpu().double().numpy()  # (N, 128)
-    f_test = classifier.features(test_ds.images[test_idx]).cpu().double().numpy()  # (n_floor, 128)
-    return f_samples, f_train, f_test, train_idx
+    f_ref = classifier.features(test_ds.images[ref_idx]).cpu().double().numpy()  # (m, 128)
+    f_floor = classifier.features(train_ds.images[floor_idx]).cpu().double().numpy()  # (m, 128)
+    return f_samples, f_ref, f_floor, ref_idx, floor_idx
 
 
 def quality_report(
@@ -108,17 +111,14 @@ def quality_report(
             f"(content {classifier.config.content_hash[:16]}), not on {train_ds.dataset_id} "
             f"(content {train_ds.content_hash[:16]})"
         )
-    if n > len(train_ds):
-        raise ValueError(f"{n} samples but only {len(train_ds)} real train images to compare with")
     if not torch.isfinite(samples).all():
         raise ValueError("samples contain NaN or inf")
     samples = samples.detach().float()
 
-    # 1-2. Real subsets and features; distances.
-    f_samples, f_train, f_test, _ = real_and_sample_features(classifier, samples, train_ds, test_ds, seed)
-    n_floor = len(f_test)
-    fd = frechet_distance(f_samples, f_train)
-    fd_floor = frechet_distance(f_train[:n_floor], f_test) if n_floor >= 2 else float("nan")
+    # 1-2. Real subsets and features; distances to the held-out reference.
+    f_samples, f_ref, f_floor, _, _ = real_and_sample_features(classifier, samples, train_ds, test_ds, seed)
+    fd = frechet_distance(f_samples, f_ref)
+    fd_floor = frechet_distance(f_floor, f_ref) if len(f_ref) >= 2 else float("nan")
 
     # 3. Conditioning accuracy over the samples that asked for a class.
     class_accuracy = None

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffswarm.eval.report_common import NOISE_RULE, fmt, table
+from diffswarm.eval.report_common import fmt, table
+from diffswarm.eval.stats import RULE_TEXT, VERDICTS, holm, result_text, verdict, word_of
 from diffswarm.eval.studies import TABLE
 from diffswarm.utils.fileio import atomic_write
 
@@ -29,7 +30,9 @@ def render(res: dict, out: Path) -> str:
             f"- command: `{res.get('command') or 'run_study(...)'}`",
             f"- mode: {'quick (toy sizes: numbers are smoke tests, not findings)' if cfg['quick'] else 'full'}; "
             f"studies: {', '.join(cfg['studies'])}",
-            f"- training seeds {cfg['train_seeds']}, sampling seeds {cfg['seeds']}; {cfg['n']} samples per cell; "
+            f"- training seeds {cfg['train_seeds']} (the unit of replication), sampling seeds {cfg['seeds']} (averaged "
+            f"within a training seed); N = {cfg['n']} samples per cell, scored against N held-out test images (the "
+            "floor: N real train images against the same test images); "
             f"{cfg['sampling']['steps']} {cfg['sampling']['sampler']} steps, CFG {cfg['sampling']['guidance']:g}"]
     if data:
         p = cfg["pool"]
@@ -74,19 +77,40 @@ def render(res: dict, out: Path) -> str:
             text, cl = study.section(res, out)
             body.append(text)
             claims += cl
+    n_seeds = len(seeds_done)
     tail = ["## 7. Against the papers", "",
-            "Each claim of the papers (science sheet numbers) next to ours; verdicts by the rule: " + NOISE_RULE
-            + ". " + ("This is a quick run: toy sizes, one training seed; read the verdicts as a check that the "
-                      "machinery works, not as findings." if cfg["quick"] else
-                      f"{len(seeds_done)} training seed(s) x {len(cfg['seeds'])} sampling seeds"
-                      + (f" (partial: {len(seeds_done)} of {len(cfg['train_seeds'])} training seeds done, so these "
-                         "verdicts are provisional: an ordering is claimed only over 2 training seeds)."
-                         if partial else ".")), "",
-            table(["claim", "ours", "verdict"], [[c["claim"], c["ours"], c["verdict"]] for c in claims]), ""]
+            "Each claim of the papers (science sheet numbers) next to ours. Test: " + RULE_TEXT + ". Each claim "
+            "is tested on FD and on KID (unbiased) where both exist; a claim agrees when a test agrees and none "
+            "disagrees. Verdicts: " + ", ".join(VERDICTS) + " (fewer than 2 training seeds: not tested). "
+            + ("This is a quick run: toy sizes, one training seed, so nothing here is tested; it checks that the "
+               "machinery works." if cfg["quick"] else
+               f"{n_seeds} training seed(s) x {len(cfg['seeds'])} sampling seeds"
+               + (f" (partial: {n_seeds} of {len(cfg['train_seeds'])} training seeds done, so these verdicts are "
+                  "provisional)." if partial else ".")), "",
+            table(["claim", "ours", "tests (effect a - b, 95% CI, p, Holm p)", "verdict"], judge(claims)), ""]
     reading = out / "reading.md"
     if reading.exists():  # a person's reading of these numbers, kept beside the report and appended to it
         tail += ["## 8. Reading", "", reading.read_text().strip(), ""]
     return "\n".join(head + body + tail)
+
+
+def judge(claims: list[dict]) -> list[list[str]]:
+    """Rows of the claims table: Holm's adjustment over every test of every claim, then each claim's verdict.
+
+    Sets ``claim["verdict"]`` and each test's ``p_holm`` (claims that carry a fixed ``verdict`` and no tests,
+    e.g. "not tested", keep it)."""
+    tests = [t for c in claims for t in c.get("tests", [])]
+    for t, p in zip(tests, holm([t["p"] if t.get("n", 0) >= 2 else float("nan") for t in tests]), strict=True):
+        t["p_holm"] = p
+    rows = []
+    for c in claims:
+        if c.get("tests"):
+            c["verdict"] = verdict([word_of(t, t["p_holm"]) for t in c["tests"]], c.get("all", False))
+        c.setdefault("verdict", "not tested")
+        text = "; ".join(f"{t['label'] or t['metric']}: {result_text(t, 3 if t['metric'] == 'kid' else 2, t['p_holm'])}"
+                         for t in c.get("tests", [])) or "-"
+        rows.append([c["claim"], c["ours"], text + (f" ({c['note']})" if c.get("note") else ""), c["verdict"]])
+    return rows
 
 
 def rerender(out: str | Path) -> Path:
@@ -108,4 +132,4 @@ def write_report(res: dict, out: str | Path) -> Path:
     return atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text))
 
 
-__all__ = ["render", "rerender", "write_report"]
+__all__ = ["judge", "render", "rerender", "write_report"]

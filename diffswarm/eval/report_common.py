@@ -6,11 +6,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from diffswarm.eval.metrics import summarize
+from diffswarm.eval.stats import ALPHA, RULE_TEXT, paired_test, result_text
 
-NOISE_RULE = ("a difference counts only when the mean paired difference over the runs (same training seed, "
-              "same sampling seed, so the same pool and the same noise) exceeds two standard errors with at least "
-              "3 runs; otherwise it is reported as within noise")
+NOISE_RULE = RULE_TEXT  # how every difference below is tested (diffswarm.eval.stats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,24 +57,21 @@ def shares(v) -> str:
     return " ".join(f"{x:.2f}" for x in v) if v else "-"
 
 
-def paired(a: dict, b: dict, key: str = "fd") -> dict:
-    """Paired difference a - b of ``key`` between two :func:`summarize_cells` summaries over the runs
-    (training seed, sampling seed) both have: mean, std, n, standard error, and ``clear``:
-    |mean| > 2 standard errors with n >= 3 (otherwise the difference is within noise)."""
-    ra, rb = a.get("per_run", {}), b.get("per_run", {})
-    d = [ra[k][key] - rb[k][key] for k in ra if k in rb and ra[k].get(key) is not None
-         and rb[k].get(key) is not None]
-    s = summarize(d)
-    se = s["std"] / math.sqrt(s["n"]) if s["n"] >= 2 else float("nan")
-    return {**s, "se": se, "clear": bool(s["n"] >= 3 and math.isfinite(se) and abs(s["mean"]) > 2 * se)}
+def paired(a: dict, b: dict, key: str = "fd", claimed: int = 0, margin: float | None = None) -> dict:
+    """The test of ``key`` of a - b over the training seeds both summaries have
+    (:func:`diffswarm.eval.stats.paired_test`), with ``clear``: significant at ALPHA before any
+    multiple-comparison correction (descriptive tables only; section 7's claims are Holm-adjusted)."""
+    t = paired_test(a, b, key, claimed, margin)
+    return {**t, "clear": bool(t["n"] >= 2 and finite(t["p"]) and t["p"] < ALPHA and t["mean"] != 0)}
 
 
 def diff_text(d: dict, digits: int = 2) -> str:
-    if not d or d.get("n", 0) == 0 or not finite(d.get("mean")):
-        return "no paired runs"
-    se = f" ± {d['se']:.{digits}f} (SE)" if finite(d.get("se")) else ""
-    verdict = "clear" if d["clear"] else "within noise"
-    return f"{d['mean']:+.{digits}f}{se} over {d['n']} runs: {verdict}"
+    return result_text(d, digits)
+
+
+def claim(text: str, ours: str, tests: list[dict | None], note: str = "") -> dict:
+    """A claim of the last section: its tests (FD and KID, ...) get their verdict after Holm over the report."""
+    return {"claim": text, "ours": ours, "tests": [t for t in tests if t], "note": note}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,16 +127,5 @@ def best_fd(rows, router):
     return min((r for r in rows if r["router"] == router), key=lambda r: mean(r["summary"]["fd"]) or 1e9)
 
 
-def claim_verdict(d: dict, lower_is_claim: bool) -> str:
-    """'agrees' / 'disagrees' / 'within noise' for a paired difference whose claimed sign is negative
-    (``lower_is_claim``) or positive."""
-    if not d or d.get("n", 0) == 0:
-        return "not measured"
-    if not d["clear"]:
-        return "within noise"
-    ok = d["mean"] < 0 if lower_is_claim else d["mean"] > 0
-    return "agrees" if ok else "disagrees"
-
-
-__all__ = ["NOISE_RULE", "QUALITY_HEADER", "best_fd", "claim_verdict", "diff_text", "find_row", "finite", "fmt",
+__all__ = ["NOISE_RULE", "QUALITY_HEADER", "best_fd", "claim", "diff_text", "find_row", "finite", "fmt",
            "fmt_g", "mean", "paired", "pyplot", "quality_rows", "save_plot", "shares", "table"]

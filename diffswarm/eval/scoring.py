@@ -12,7 +12,8 @@ from diffswarm.eval.classifier import get_classifier
 from diffswarm.eval.metrics import metric_report, summarize
 
 QUALITY_KEYS = ("fd", "fd_floor", "kid", "kid_floor", "precision", "precision_floor", "recall", "recall_floor",
-                "class_accuracy", "diversity", "diversity_real", "share_tv", "calls_per_image", "gflops_per_image")
+                "class_accuracy", "diversity", "diversity_real", "pixel_diversity", "pixel_diversity_real",
+                "share_tv", "calls_per_image", "gflops_per_image")
 
 
 class Scoring:

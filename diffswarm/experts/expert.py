@@ -9,6 +9,12 @@ An adapter per objective does the translating, so samplers never ask what a mode
 
 Classifier-free guidance is applied per expert, in the network's native output space, before
 translating and before any mixing: ``out = out_u + g (out_c - out_u)``.
+
+Classes an expert never saw: a cluster holds a few classes, so most of an expert's label embeddings
+never trained (and CFG would amplify them). An expert whose checkpoint records the class histogram of
+its training data (``summary["class_hist"]``, written by ``experts.train`` since it existed) answers a
+label with no training image unconditionally (the null label, no guidance), locally and when served
+alike; a checkpoint without the histogram keeps the old behaviour (every label as given).
 """
 
 from __future__ import annotations
@@ -39,6 +45,16 @@ def null_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.where((labels < 0) | (labels >= num_classes), torch.full_like(labels, num_classes), labels)
 
 
+def seen_classes(class_hist, num_classes: int) -> torch.Tensor | None:
+    """(num_classes + 1,) bool: the classes with training images, and True for the null label; None (every label
+    as given) when the histogram is missing or malformed (a peer's checkpoint is checked, not trusted)."""
+    if num_classes <= 0 or not isinstance(class_hist, list) or len(class_hist) != num_classes:
+        return None
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in class_hist) or not any(class_hist):
+        return None
+    return torch.tensor([c > 0 for c in class_hist] + [True])
+
+
 class Expert(nn.Module):
     """One expert denoiser with its objective adapter."""
 
@@ -49,6 +65,7 @@ class Expert(nn.Module):
         self.summary = summary or {}
         self.schedule = VPSchedule(config.schedule) if config.objective == "ddpm" else None
         self.weights_sha256: str | None = None
+        self.seen_classes = seen_classes(self.summary.get("class_hist"), config.net.num_classes)
 
     @property
     def expert_id(self) -> str:
@@ -92,6 +109,8 @@ class Expert(nn.Module):
         """
         labels = null_labels(labels.to(inp.device), self.config.net.num_classes)
         null = torch.full_like(labels, self.config.net.num_classes)
+        if self.seen_classes is not None:  # classes absent from the training data: answered unconditionally
+            labels = torch.where(self.seen_classes.to(labels.device)[labels], labels, null)  # labels in [0, C]
         if guidance != 1.0 and self.config.net.num_classes > 0:
             # one forward pass over [cond; uncond]: (2B, C, H, W)
             out = self._forward(torch.cat([inp, inp]), torch.cat([ts, ts]), torch.cat([labels, null]))

@@ -370,10 +370,23 @@ class _TrainLog:
         self.f.close()
 
 
+def class_histogram(labels: torch.Tensor, num_classes: int) -> list[int] | None:
+    """(num_classes,) images per class among ``labels`` (-1 and out-of-range ids not counted); None when unlabeled.
+
+    Saved in the checkpoint's summary: the expert answers the classes it never saw unconditionally."""
+    if num_classes <= 0:
+        return None
+    y = labels.detach().to("cpu", torch.int64).reshape(-1)
+    y = y[(y >= 0) & (y < num_classes)]
+    return torch.bincount(y, minlength=num_classes).tolist()
+
+
 def _save_checkpoint(run: _Run, config: ExpertConfig, train: TrainConfig, out: Path, log: _TrainLog, n_train: int,
-                     elapsed: float) -> None:
+                     elapsed: float, class_hist: list[int] | None = None) -> None:
     summary = {"steps": run.step, "final_loss": run.last_loss, "n_train": n_train, "train": train.to_dict(),
                "seconds": elapsed, "planned_steps": run.total}
+    if class_hist is not None:
+        summary["class_hist"] = class_hist
     tensors = {f"model.{k}": v for k, v in run.expert.net.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in run.ema.net.state_dict().items()})
     tensors.update(_opt_tensors(run.opt))
@@ -405,7 +418,8 @@ def _train_expert(config: ExpertConfig, train: TrainConfig, images: torch.Tensor
                position=position, leave=True, dynamic_ncols=True)
 
     def checkpoint() -> None:
-        _save_checkpoint(run, config, train, out, log, int(images.shape[0]), run.spent + time.perf_counter() - t_start)
+        _save_checkpoint(run, config, train, out, log, int(images.shape[0]), run.spent + time.perf_counter() - t_start,
+                         class_histogram(labels, config.net.num_classes))
 
     def done() -> bool:
         if budget is not None and time.perf_counter() - t_start >= budget.seconds:

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from diffswarm.experts.expert import VelocityModel
-from diffswarm.router.routing import RoutingConfig, choose_experts, sample_gumbel
+from diffswarm.router.routing import RoutingConfig, choose_experts, effective_strategy, sample_gumbel
 from diffswarm.sampling.hooks import RouteRecord, TrajectoryHooks
 
 
@@ -30,7 +30,9 @@ class RoutedEnsemble(TrajectoryHooks):
                            else [getattr(e, "expert_id", str(i)) for i, e in enumerate(experts)])
         self.gen_seed = seed
         self.router_sees_labels = router_sees_labels  # False: route as an unconditional router would
-        self.gumbel: torch.Tensor | None = None
+        self.gumbel: torch.Tensor | None = None  # (B, K) sample-k's noise of this trajectory
+        self.drawn: torch.Tensor | None = None  # (B, K) bool: sample-k's experts drawn once per trajectory
+        self._step_gen: torch.Generator | None = None  # sample-k's fresh noise per evaluation (draw="step")
         self.last: RouteRecord | None = None
         self.calls = torch.zeros(len(self.experts), dtype=torch.long)  # rows evaluated per expert
         if router is not None and router.cfg.num_clusters != len(self.experts):
@@ -58,9 +60,25 @@ class RoutedEnsemble(TrajectoryHooks):
         return self.router.probs(x, t, labels)
 
     def reset(self, batch: int, device) -> None:
-        """Start a new trajectory: fix the per-sample Gumbel noise used by ``sample-k``."""
+        """Start a new trajectory: fix the per-sample Gumbel noise used by ``sample-k``, forget its draw."""
         gen = torch.Generator(device="cpu").manual_seed(self.gen_seed + 1)
         self.gumbel = sample_gumbel((batch, self.num_experts), gen, "cpu").to(device)
+        self.drawn = None
+        self._step_gen = torch.Generator(device="cpu").manual_seed(self.gen_seed + 2)
+
+    def choose(self, probs: torch.Tensor, available: torch.Tensor, t: float) -> torch.Tensor:
+        """Weights (B, K) from router probabilities with this ensemble's strategy and sample-k state."""
+        cfg, gumbel = self.routing, self.gumbel
+        sampling = effective_strategy(cfg, t) == "sample-k"
+        if sampling and cfg.draw == "step":
+            gen = self._step_gen or torch.Generator(device="cpu").manual_seed(self.gen_seed + 2)
+            self._step_gen = gen
+            gumbel = sample_gumbel(tuple(probs.shape), gen, "cpu").to(probs.device)
+        drawn = self.drawn if self.drawn is not None and self.drawn.shape == probs.shape else None
+        weights = choose_experts(probs, available, cfg, t, gumbel, drawn)
+        if sampling and cfg.draw == "trajectory" and drawn is None:
+            self.drawn = weights > 0  # drawn once, at the trajectory's first routed evaluation
+        return weights
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance: float = 1.0) -> torch.Tensor:
         if t.dim() == 0:
@@ -68,7 +86,7 @@ class RoutedEnsemble(TrajectoryHooks):
         if self.gumbel is None or self.gumbel.shape[0] != x.shape[0]:
             self.reset(x.shape[0], x.device)
         probs = self.route_probs(x, t, labels)
-        weights = choose_experts(probs, self.routable(), self.routing, float(t[0]), self.gumbel)
+        weights = self.choose(probs, self.routable(), float(t[0]))
         v, weights, events = self.evaluate(x, t, labels, guidance, weights, probs)
         chosen = [self.expert_ids[k] for k in range(self.num_experts) if bool((weights[:, k] > 0).any())]
         self.last = RouteRecord(weights=weights.detach().cpu(), chosen=chosen, events=events)

@@ -20,6 +20,9 @@ def side_effect_free(model: VelocityModel) -> Iterator[None]:
     """
     last = getattr(model, "last", None)
     gumbel = getattr(model, "gumbel", None)
+    drawn = getattr(model, "drawn", None)
+    step_gen = getattr(model, "_step_gen", None)
+    step_state = step_gen.get_state() if isinstance(step_gen, torch.Generator) else None
     calls = getattr(model, "calls", None)
     saved_calls = calls.clone() if isinstance(calls, torch.Tensor) else None
     try:
@@ -29,5 +32,9 @@ def side_effect_free(model: VelocityModel) -> Iterator[None]:
             model.last = last
         if hasattr(model, "gumbel"):
             model.gumbel = gumbel
+        if hasattr(model, "drawn"):
+            model.drawn = drawn
+        if step_state is not None:
+            step_gen.set_state(step_state)
         if saved_calls is not None:
             model.calls = saved_calls

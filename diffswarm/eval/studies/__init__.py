@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from diffswarm.eval.studies import alignment, gmm, objectives, routers, routing, stability
+from diffswarm.eval.studies import alignment, gmm, hddm, objectives, routers, routing, scaling, stability
 
 
 class StudyRun(NamedTuple):
@@ -41,8 +41,12 @@ TABLE: tuple[Study, ...] = (
           alignment.section_alignment),
     Study("routers", lambda r: routers.study_routers(r.ctx), routers.section_routers),
     Study("gmm", lambda r: gmm.study_gmm(r.cfg), gmm.section_gmm, pool=()),
+    # the full run's studies only (each trains pools of its own): HDDM as published, and scaling K
+    Study("hddm", lambda r: hddm.study_hddm(r.ctx), hddm.section_hddm, pool=("fm", "ddpm-eps")),
+    Study("scaling", lambda r: scaling.study_scaling(r.ctx), scaling.section_scaling),
 )
 STUDIES = tuple(s.name for s in TABLE)
+QUICK_STUDIES = ("routing", "objectives", "stability", "alignment", "routers", "gmm")  # --quick's default
 
 
 def study(name: str) -> Study:
@@ -50,4 +54,4 @@ def study(name: str) -> Study:
     return next(s for s in TABLE if s.name == name)
 
 
-__all__ = ["STUDIES", "TABLE", "Study", "StudyRun", "study"]
+__all__ = ["QUICK_STUDIES", "STUDIES", "TABLE", "Study", "StudyRun", "study"]

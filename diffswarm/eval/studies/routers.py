@@ -12,10 +12,10 @@ from diffswarm.eval.context import Context
 from diffswarm.eval.metrics import summarize
 from diffswarm.eval.report_common import (
     QUALITY_HEADER,
-    diff_text,
+    claim,
+    finite,
     fmt,
     mean,
-    paired,
     pyplot,
     quality_rows,
     save_plot,
@@ -23,6 +23,7 @@ from diffswarm.eval.report_common import (
 )
 from diffswarm.eval.scoring import summarize_cells
 from diffswarm.eval.settings import ROUTERS, Cell, runs
+from diffswarm.eval.stats import paired_test
 from diffswarm.router.train import EVAL_TIMES, router_accuracy_by_t
 
 
@@ -77,6 +78,9 @@ def plot_routers(rt: dict, out: Path) -> str:
 
 
 
+EQUIVALENCE_MARGIN = 0.10  # "as well as": FD within ±10% of the trained router's, stated before the run
+
+
 def section_routers(res: dict, out: Path) -> tuple[str, list[dict]]:
     rt = res["studies"]["routers"]
     plot = plot_routers(rt, out)
@@ -97,11 +101,15 @@ def section_routers(res: dict, out: Path) -> tuple[str, list[dict]]:
     q = {r["router"]: r for r in rt["quality"]}
     claims = []
     if "stats" in q and "cond" in q:
-        d = paired(q["stats"]["summary"], q["cond"]["summary"])
-        claims.append({"claim": "Ours: the statistics router (no central data) samples as well as the trained router "
-                                "under top-2",
-                       "ours": f"FD stats - trained (both with the class) = {diff_text(d)}",
-                       "verdict": "agrees" if not d["clear"] or d["mean"] < 0 else "disagrees"})
+        ref = q["cond"]["summary"]["fd"].get("mean")
+        margin = EQUIVALENCE_MARGIN * ref if finite(ref) and ref > 0 else None
+        tests = [paired_test(q["stats"]["summary"], q["cond"]["summary"], "fd", 0, margin, label="FD")] if margin \
+            else []
+        claims.append(claim("Ours: the statistics router (no central data) samples as well as the trained router "
+                            f"under top-2 [equivalence by TOST, margin ±{100 * EQUIVALENCE_MARGIN:.0f}% of the trained "
+                            "router's FD]",
+                            f"FD stats {fmt(q['stats']['summary']['fd'])} vs trained {fmt(q['cond']['summary']['fd'])}",
+                            tests))
     return "\n".join(lines), claims
 
 
