@@ -54,6 +54,7 @@ class SwarmView:
         self.joining: list[ExpertRecord] = []
         self.skipped: dict[str, str] = {}  # "peer/expert" -> reason
         self.probation: dict[str, str] = {}  # "peer/expert" -> why its checkpoint is not admitted (yet)
+        self.probation_clusters: dict[str, int] = {}  # "peer/expert" -> the cluster it announces (for messages)
         # (checkpoint sha256, cluster) -> Verdict under the owner's admission rule; None: admission off (all used)
         self.admission: dict | None = None
         self._seen: dict[tuple[str, str], tuple[float, float, ExpertRecord]] = {}  # online: seen, kept until, record
@@ -90,7 +91,7 @@ class SwarmView:
                 del self._seen[key]
             elif key not in latest:
                 latest[key] = rec  # missed by this lookup: kept for the grace period
-        joining, skipped, probation = [], {}, {}
+        joining, skipped, probation, probation_clusters = [], {}, {}, {}
         for (peer, eid), rec in sorted(latest.items()):
             reason = skip_reason(rec, self.target)
             if reason is not None:
@@ -103,11 +104,13 @@ class SwarmView:
             verdict = None if self.admission is None else self.admission.get((rec.checkpoint_sha256, rec.cluster))
             if self.admission is not None and (verdict is None or not verdict.admitted):
                 probation[f"{peer}/{eid}"] = verdict.reason if verdict else "on probation: no attestation yet"
+                probation_clusters[f"{peer}/{eid}"] = rec.cluster
                 continue
             by_cluster[rec.cluster].append(Replica(rec.peer_id, rec.expert_id, rec.checkpoint_sha256, rec.cluster,
                                                    rec.throughput, rec.load, tuple(rec.addrs),
                                                    relayed=bool(rec.relayed)))
         self.by_cluster, self.joining, self.skipped, self.probation = by_cluster, joining, skipped, probation
+        self.probation_clusters = probation_clusters
         new = {(r.peer_id, r.expert_id) for reps in by_cluster for r in reps}
         events = [f"{eid} online at {p[:12]}" for p, eid in sorted(new - old)]
         events += [f"{eid} at {p[:12]} left" for p, eid in sorted(old - new)]

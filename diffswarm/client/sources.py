@@ -193,7 +193,12 @@ class Sources:
         for k in clusters:
             reps = self.client.view.replicas(k)
             if not reps:
-                parts.append(f"cluster {k}: no online peer announces it")
+                view = self.client.view
+                clusters_of = getattr(view, "probation_clusters", {})
+                held = [f"{key.split('/')[1]} at {key[:12]} {why}"
+                        for key, why in sorted(getattr(view, "probation", {}).items()) if clusters_of.get(key) == k]
+                parts.append(f"cluster {k}: " + ("; ".join(held) + " (not admitted under the owner's admission rule)"
+                                                  if held else "no online peer announces it"))
                 continue
             why = []
             for r in reps:
@@ -207,4 +212,5 @@ class Sources:
         which = (f"cluster {clusters[0]} is" if len(clusters) == 1
                  else f"clusters {', '.join(str(k) for k in clusters)} are")
         return (f"{prefix}: {which} uncovered ({' | '.join(parts)}). Start peers for them "
-                f"(`diffswarm peer --cluster K ...`) or wait for banned peers to recover.")
+                f"(`diffswarm join ...` or `diffswarm peer --cluster K ...`), wait for banned peers to recover, or for "
+                f"experts on probation to be admitted (train them longer if their score is refused).")

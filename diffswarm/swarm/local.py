@@ -401,9 +401,11 @@ def _confirm_in_dht(sw: LocalSwarm, peer_ids: list[str], deadline: float, manife
                 signed = not manifest or (m is not None and stats <= set(m.signed_stats))
                 ours = {(r.checkpoint_sha256, r.cluster) for r in recs if r.state == "online" and r.peer_id in peer_ids}
                 if attested:
-                    atts = {(a.checkpoint_sha256, a.cluster) for a in (await node.get_attestations())[0]}
-                    signed = signed and ours <= atts
+                    found = (await node.get_attestations())[0]
+                    signed = signed and ours <= {(a.checkpoint_sha256, a.cluster) for a in found}
                 if set(peer_ids) <= online and signed:
+                    if attested:
+                        _say_verdicts(m, found, [r for r in recs if r.state == "online" and r.peer_id in peer_ids])
                     return
                 if time.monotonic() > deadline:
                     missing = sorted(set(peer_ids) - online)
@@ -416,6 +418,16 @@ def _confirm_in_dht(sw: LocalSwarm, peer_ids: list[str], deadline: float, manife
             await node.shutdown()
 
     asyncio.run(check())
+
+
+def _say_verdicts(manifest, attestations, records) -> None:
+    """What the owner's admission rule says of each expert the swarm started (a refused one is never used)."""
+    from diffswarm.client.admission import describe, verdicts
+
+    found, _ = verdicts(manifest, attestations, records)
+    for r in sorted(records, key=lambda r: r.expert_id):
+        said = describe(None if found is None else found.get((r.checkpoint_sha256, r.cluster)))
+        (logger.info if said.startswith("admitted") else logger.warning)(f"  {r.expert_id}: {said}")
 
 
 def running_procs(run_dir: str | Path) -> list[PeerProc]:
