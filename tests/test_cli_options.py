@@ -51,7 +51,7 @@ def bases(f) -> dict[str, list[list[str]]]:
                      [*local, "--routing", "sample-k"], [*local, "--routing", "full"], ["--run-dir", run], remote,
                      [*remote, "--loopback"]],
         "export": [["o", "--run", str(f / "r")], ["o", "--run-dir", run], ["o", *remote],
-                   ["o", "--run", "r", "--routing", "threshold"]],
+                   ["o", "--run", "r", "--routing", "threshold"], ["o", "--run", "r", "--routing", "sample-k"]],
         "dashboard": [["--run-dir", run], remote, [*remote, "--loopback"], [*remote, "--web"]],
         "peer": [[], ["--checkpoint", "c.safetensors", "--swarm", FOO], [*train0, "--swarm", FOO],
                  [*train0, "--objective", "ddpm", "--swarm", FOO], ["--train-job", str(f / "job.json"), "--swarm", FOO],

@@ -42,14 +42,16 @@ class DiffswarmPipeline(DiffusionPipeline):
     ``DiffswarmPipeline.from_ensemble`` (or ``diffswarm export``), or load a saved folder with ``from_pretrained``.
 
     Config (saved in ``model_index.json``): ``routing`` (top-k | full | threshold | sample-k), ``k``,
-    ``threshold``, ``full_above`` and ``sampler`` (euler | heun), the defaults of ``__call__``.
+    ``threshold``, ``full_above``, ``sampler`` (euler | heun) and ``draw`` (sample-k: trajectory | step), the
+    defaults of ``__call__``.
     """
 
     _optional_components = ["router", *EXPERT_SLOTS[1:]]
     model_cpu_offload_seq = None
 
     def __init__(self, *, router: RouterModel | StatsRouterModel | None = None, routing: str = "top-k", k: int = 2,
-                 threshold: float = 0.1, full_above: float | None = None, sampler: str = "heun", **experts):
+                 threshold: float = 0.1, full_above: float | None = None, sampler: str = "heun",
+                 draw: str = "trajectory", **experts):
         super().__init__()
         names = [n for n, m in experts.items() if m is not None]
         if sorted(names, key=EXPERT_SLOTS.index) != list(EXPERT_SLOTS[:len(names)]) or not names:
@@ -57,10 +59,11 @@ class DiffswarmPipeline(DiffusionPipeline):
                              f"got {sorted(experts)}")
         if len(names) > 1 and router is None:
             raise ValueError(f"{len(names)} experts need their router")
-        RoutingConfig(routing, k, threshold, full_above)  # ValueError on a bad strategy or k
+        RoutingConfig(routing, k, threshold, full_above, draw)  # ValueError on a bad strategy, k or draw
         SamplingConfig(sampler=sampler)
         self.register_modules(router=router, **{n: experts[n] for n in EXPERT_SLOTS[:len(names)]})
-        self.register_to_config(routing=routing, k=k, threshold=threshold, full_above=full_above, sampler=sampler)
+        self.register_to_config(routing=routing, k=k, threshold=threshold, full_above=full_above, sampler=sampler,
+                                draw=draw)
 
     @classmethod
     def _get_signature_keys(cls, obj):
@@ -94,7 +97,7 @@ class DiffswarmPipeline(DiffusionPipeline):
             router = RouterModel.from_router(router) if isinstance(router, Router) else \
                 StatsRouterModel.from_stats_router(router)
         return cls(router=router, routing=rc.strategy,
-                   k=rc.k, threshold=rc.threshold, full_above=rc.full_above, sampler=sampler,
+                   k=rc.k, threshold=rc.threshold, full_above=rc.full_above, sampler=sampler, draw=rc.draw,
                    **{EXPERT_SLOTS[i]: ExpertModel.from_expert(e) for i, e in enumerate(experts)})
 
     @property
@@ -107,7 +110,7 @@ class DiffswarmPipeline(DiffusionPipeline):
         from diffswarm.router.ensemble import RoutedEnsemble
 
         c = self.config
-        rc = routing or RoutingConfig(c.routing, c.k, c.threshold, c.full_above)
+        rc = routing or RoutingConfig(c.routing, c.k, c.threshold, c.full_above, c.get("draw", "trajectory"))
         router = self.router.router if self.router is not None else None
         return RoutedEnsemble([m.expert for m in self.experts], router, rc, seed=seed)
 
@@ -136,7 +139,8 @@ class DiffswarmPipeline(DiffusionPipeline):
         labels = self._labels(class_labels, batch_size, ncfg.num_classes)
         noise, seed = self._noise(generator, labels.shape[0], shape)
         c = self.config
-        rc = RoutingConfig(routing or c.routing, k if k is not None else c.k, c.threshold, c.full_above)
+        rc = RoutingConfig(routing or c.routing, k if k is not None else c.k, c.threshold, c.full_above,
+                           c.get("draw", "trajectory"))
         sampling = SamplingConfig(steps=num_inference_steps, sampler=sampler or c.sampler, guidance=guidance_scale,
                                   seed=seed)
         batches = -(-labels.shape[0] // sampling.batch)
@@ -195,7 +199,7 @@ def _signature() -> inspect.Signature:
               inspect.Parameter(EXPERT_SLOTS[0], kw, annotation=ExpertModel)]
     params += [inspect.Parameter(n, kw, default=None, annotation=ExpertModel | None) for n in EXPERT_SLOTS[1:]]
     own = inspect.signature(DiffswarmPipeline.__init__).parameters
-    params += [own[n] for n in ("routing", "k", "threshold", "full_above", "sampler")]
+    params += [own[n] for n in ("routing", "k", "threshold", "full_above", "sampler", "draw")]
     return inspect.Signature(params)
 
 
