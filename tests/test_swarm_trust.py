@@ -192,6 +192,16 @@ def test_choose_manifest_takes_the_owners_newest_whatever_the_crowd_says(keys):
     assert choose_manifest([replayed, newest], name, floor=newest.issued)[0] == newest
 
 
+
+def test_a_forgery_reusing_the_owners_signature_does_not_hide_the_genuine_manifest(keys):
+    owner, _ = keys
+    name = swarm_name_of("fashion", owner)
+    genuine = sign_manifest(owner, fields(issued=2000.0))
+    # the genuine signature copied onto other fields (read first, as a fast Sybil's copy would be)
+    forged = SwarmManifest.from_dict({**genuine.to_dict(), "router_sha256": SHA_B})
+    best, notes = choose_manifest([forged, genuine], name)
+    assert best == genuine and len(notes) == 1 and "bad signature" in notes[0]
+
 # -- replica choice from what the client measured -------------------------------------------------
 
 

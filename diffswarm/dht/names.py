@@ -177,11 +177,14 @@ def choose_manifest(manifests: Iterable[SwarmManifest], name: SwarmName, *, pin:
     one line per manifest not used, e.g. forged or badly signed ones)."""
     notes: list[str] = []
     valid: list[SwarmManifest] = []
-    seen: set[bytes] = set()
+    seen: set[tuple[bytes, bytes]] = set()
     for m in manifests:
-        if m.signature in seen:  # the same manifest re-announced by several peers
+        # the same manifest re-announced by several peers, told apart by what is signed and the signature: a forgery
+        # reusing the owner's signature over other fields must not hide the genuine manifest
+        key = (m.signed_bytes(), m.signature)
+        if key in seen:
             continue
-        seen.add(m.signature)
+        seen.add(key)
         try:
             verify_manifest(m, name)
         except RecordError as e:
