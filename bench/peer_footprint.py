@@ -15,10 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import children, rss_mb  # noqa: E402
 
 from diffswarm.client.client import SwarmClient
 from diffswarm.client.config import ClientConfig
@@ -26,27 +30,6 @@ from diffswarm.client.selection import Replica
 from diffswarm.dht.node import NetworkConfig
 from diffswarm.swarm.local import local_swarm
 from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(d))
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
 
 
 def main() -> None:

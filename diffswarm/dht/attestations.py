@@ -13,10 +13,10 @@ from __future__ import annotations
 import dataclasses
 
 from diffswarm.admission.rule import AdmissionRule, Attested
-from diffswarm.dht.entries import owner_public_key, peer_id_of_public_key
+from diffswarm.dht.entries import parse_entries
 from diffswarm.dht.names import key_fingerprint, load_owner_key, public_key_der
 from diffswarm.dht.records import AttestationRecord, SwarmManifest
-from diffswarm.dht.schema import RecordError, check_time
+from diffswarm.dht.schema import RecordError
 
 
 def sign_attestation(private_key, fields: dict) -> AttestationRecord:
@@ -43,24 +43,8 @@ def verify_attestation(a: AttestationRecord, manifest: SwarmManifest, rule: Admi
 def parse_attestations(entries: dict, now: float | None = None) -> tuple[list[AttestationRecord], list[str]]:
     """Well-formed attestations from the ``{swarm}_attest`` dictionary whose ``peer_id`` is the announcing key's
     (signatures are checked by ``verify_attestation``); those from the future are rejected. (records, errors)."""
-    out, errors = [], []
-    for subkey, value in (entries or {}).items():
-        try:
-            pub = owner_public_key(subkey)
-            if pub is None:
-                raise RecordError("subkey carries no single [owner:...] public key")
-            rec = AttestationRecord.from_dict(value)
-            check_time(rec.issued, now, f"attestation of {rec.peer_id[:12]}", max_age=None)
-            try:
-                owner = peer_id_of_public_key(pub)
-            except Exception as e:  # malformed key material from the network
-                raise RecordError(f"owner key is not an RSA public key: {e}") from None
-            if owner != rec.peer_id:
-                raise RecordError(f"attestation names peer {rec.peer_id[:16]} but is signed by {owner[:16]}")
-            out.append(rec)
-        except RecordError as e:
-            errors.append(str(e))
-    return out, errors
+    return parse_entries(entries, AttestationRecord, now, what="attestation", time_of=lambda r: r.issued,
+                         max_age=None)
 
 
 def verified_scores(records: list[AttestationRecord], manifest: SwarmManifest, rule: AdmissionRule,

@@ -42,7 +42,7 @@ from diffswarm.dht.records import (
     SwarmManifest,
     SwarmManifestModel,
 )
-from diffswarm.dht.schema import RecordError, check_time
+from diffswarm.dht.schema import MAX_RECORD_AGE, RecordError, check_time
 
 _OWNER_RE = re.compile(rb"\[owner:(.+?)\]")
 
@@ -114,11 +114,13 @@ def peer_id_of_public_key(ssh_public_key: bytes) -> str:
     return PeerID(digest).to_base58()
 
 
-def parse_entries(entries: dict, kind: type, now: float | None = None) -> tuple[list, list[str]]:
-    """Peer records (``ExpertRecord``, ``RouterProvider`` or ``ClusterStatsRecord``) from one DHT dictionary
-    value ``{subkey: value}`` (values already unwrapped from ``ValueWithExpiration``). Returns (records,
-    errors): each invalid entry is skipped with a one-line reason, including records whose ``peer_id`` is
-    not the owner key's peer id, and (given ``now``, DHT time) records from the future or stale ones."""
+def parse_entries(entries: dict, kind: type, now: float | None = None, *, what: str = "record",
+                  time_of=lambda r: r.updated, max_age: float | None = MAX_RECORD_AGE) -> tuple[list, list[str]]:
+    """Peer records (``ExpertRecord``, ``RouterProvider``, ``ClusterStatsRecord`` or ``AttestationRecord``) from one
+    DHT dictionary value ``{subkey: value}`` (values already unwrapped from ``ValueWithExpiration``). Returns
+    (records, errors): each invalid entry is skipped with a one-line reason, including records whose ``peer_id`` is
+    not the owner key's peer id, and (given ``now``, DHT time) records whose ``time_of`` is from the future or,
+    with ``max_age``, stale."""
     out, errors = [], []
     for subkey, value in (entries or {}).items():
         try:
@@ -126,13 +128,13 @@ def parse_entries(entries: dict, kind: type, now: float | None = None) -> tuple[
             if pub is None:
                 raise RecordError("subkey carries no single [owner:...] public key")
             rec = kind.from_dict(value)
-            check_time(rec.updated, now, f"record of {rec.peer_id[:12]}")
+            check_time(time_of(rec), now, f"{what} of {rec.peer_id[:12]}", max_age=max_age)
             try:
                 owner = peer_id_of_public_key(pub)
             except Exception as e:  # malformed key material from the network
                 raise RecordError(f"owner key is not an RSA public key: {e}") from None
             if owner != rec.peer_id:
-                raise RecordError(f"record names peer {rec.peer_id[:16]} but is signed by {owner[:16]}")
+                raise RecordError(f"{what} names peer {rec.peer_id[:16]} but is signed by {owner[:16]}")
             out.append(rec)
         except RecordError as e:
             errors.append(str(e))
