@@ -18,11 +18,18 @@ splits a swarm step into: router pass, serialisation on the client (encode + dec
 own decoding and encoding), the client's event-loop hop, the answer checks (local cross-check evaluations and
 comparisons, end-of-trajectory audits) and mixing + bookkeeping (the rest).
 
+``--split-cores`` models the user's machine and the volunteers' machines as two halves of this one: the bench
+process (the client, its daemon and the local runs) is pinned to the first half of the CPUs, the bootstrap and
+every peer (with their daemons) to the other half. Local and swarm then have the same compute, and the client's own
+check evaluations no longer compete with the peers for a core, as on separate machines. Without it, everything
+shares every core (the client's checks steal the peers' CPU).
+
 Prints local / swarm per batch size (>= 1: the swarm is as fast as local; targets >= 0.85 at batch 16 and
 >= 0.95 at batch 64), the largest difference between swarm and local samples, and the same for float16.
 
     python bench/swarm_vs_local.py                 # K=8, batches 1 16 64, UNet and DiT
     python bench/swarm_vs_local.py --quick         # K=4, batches 1 16, DiT, 6 steps
+    python bench/swarm_vs_local.py --split-cores   # client and peers on separate halves of the CPUs
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from collections import defaultdict
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import footer, header, tiny  # noqa: E402
+from benchlib import descendants, footer, header, pin, tiny  # noqa: E402
 
 import diffswarm.client.transport as transport_mod  # noqa: E402
 from diffswarm.client.answer_checks import TrustConfig  # noqa: E402
@@ -181,7 +188,7 @@ def bench_net(args, net: str, tmp: str) -> dict:
     routing = RoutingConfig("top-k", 2)
     shape = (1, 28, 28)
     objectives = ["ddpm" if k % 2 == 0 else "fm" for k in range(args.k)]
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))
     t0 = time.perf_counter()
     spec = ToySwarmSpec(objectives, size=28, num_classes=10, net=net, width=width, depth=depth, steps=2,
                         router_width=256, seed=args.seed)
@@ -199,6 +206,11 @@ def bench_net(args, net: str, tmp: str) -> dict:
     with local_swarm(experts, router, run_dir=os.path.join(tmp, f"swarm-{net}"), threads=1,
                      announce_period=30.0) as sw:
         print(f"swarm up: bootstrap + {args.k} peers in {time.perf_counter() - t0:.0f}s", flush=True)
+        if args.swarm_cpus:  # the clients' daemons start below, from this process: they stay on its CPUs
+            swarm_pids = descendants(os.getpid())
+            for pid in swarm_pids:
+                pin(pid, set(args.swarm_cpus))
+            print(f"pinned {len(swarm_pids)} swarm processes to CPUs {args.swarm_cpus}", flush=True)
         net_cfg = NetworkConfig.loopback(client_mode=True)
         cfg = ClientConfig(swarm=sw.swarm, net=net_cfg, refresh=30.0, cache_dir=os.path.join(tmp, "cache"))
         cfg_off = ClientConfig(swarm=sw.swarm, net=net_cfg, refresh=30.0, cache_dir=os.path.join(tmp, "cache0"),
@@ -299,6 +311,8 @@ def main() -> None:
     ap.add_argument("--nets", nargs="+", choices=list(SIZES), default=["unet", "dit"])
     ap.add_argument("--repeats", type=int, default=3, help="best of this many timings per setting")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split-cores", action="store_true",
+                    help="client + local runs on the first half of the CPUs, the swarm's processes on the other half")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--reuse", default=None, help="build the experts here once and reuse them in later runs")
     args = ap.parse_args()
@@ -306,7 +320,17 @@ def main() -> None:
         args.k, args.batches, args.nets, args.steps, args.repeats = 4, [1, 16], ["dit"], 6, 1
         if tiny():
             args.k, args.batches, args.steps = 2, [4], 3
+    args.swarm_cpus = None
+    if args.split_cores:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            ap.error("--split-cores needs at least 2 CPUs")
+        mine, args.swarm_cpus = set(cpus[:len(cpus) // 2]), cpus[len(cpus) // 2:]
+        pin(os.getpid(), mine)
     header(f"swarm vs local sampling, top-2 of K={args.k}, batches {args.batches}, nets {args.nets}")
+    if args.split_cores:
+        print(f"split cores: client and local runs on CPUs {sorted(mine)}, bootstrap + peers + their daemons on "
+              f"CPUs {args.swarm_cpus}")
     results = []
     with tempfile.TemporaryDirectory(prefix="swarm-bench-") as tmp:
         for net in args.nets:
