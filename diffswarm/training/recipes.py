@@ -76,7 +76,7 @@ class Budget:
     seconds: float  # wall seconds for training + generating
     rows: int  # velocity rows generating will evaluate (samples x evaluations x top-k)
     train_share: float  # cores each expert gets while training (cores / training processes, at most 1)
-    gen_parallel: float  # experts computing at once when generating
+    gen_parallel: float  # experts computing at once when generating (below 1 under a CPU quota)
     gen_factor: float = 2.0  # client, RPCs and routing cost about as much again as the experts' compute
     gen_overhead_s: float = 0.0  # fixed cost of generating (the local swarm's start)
     min_train_s: float = 60.0  # never train for less than this
@@ -117,7 +117,7 @@ class Choice:
 
 def generate_seconds(budget: Budget, row_s: float) -> float:
     """Estimated wall seconds of generating ``budget.rows`` rows at ``row_s`` seconds of one thread per row."""
-    return budget.gen_factor * budget.rows * row_s / max(1.0, budget.gen_parallel) + budget.gen_overhead_s
+    return budget.gen_factor * budget.rows * row_s / max(0.05, budget.gen_parallel) + budget.gen_overhead_s
 
 
 def predict(recipe: Recipe, costs: Costs, budget: Budget) -> Prediction:
