@@ -192,6 +192,11 @@ def emulate(args) -> None:
         quiet = slow_cpu[name] / native_cpu[name] * max(1.0, cores / cpus)
         print(f"{name:16s} {native[name]:10.0f} {slow[name]:12.0f} {slow[name] / native[name]:11.2f} "
               f"{quiet:12.2f}{ref}")
+    # the quota is relative to this host as it runs now; a loaded host is already slower than a quiet one
+    absolute = cores * native["unet16x3-b96"] * factor / EPYC_AVX2[0]
+    print(f"\nfor the EPYC's own UNet step ({EPYC_AVX2[0]:.0f} ms) from this host's loaded native step now "
+          f"({native['unet16x3-b96']:.0f} ms wall): quota {absolute:.2f} CPUs"
+          + (" (more than the cores: this host is that slow already)" if absolute >= cores else ""))
     env = " ".join(f"{k}={v}" for k, v in slowcpu.AVX2_ENV.items())
     print(f"\nemulation: {env} in a cgroup of {cpus:g} CPUs (cfs_quota_us {int(cpus * slowcpu.PERIOD_US)} / "
           f"cfs_period_us {slowcpu.PERIOD_US}); run a command on it:\n"
