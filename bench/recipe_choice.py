@@ -73,6 +73,9 @@ CANDIDATES = [
     # the quality-per-step curves of the demo's machine-measured choice (diffswarm/training/recipes.py)
     dict(name="dit96x3p4", net=dict(kind="dit"), train=dict(batch=48)),  # 26
     dict(name="unet16x2 nomid", net=dict(kind="unet", width=16, depth=2, mid_attn=False), train=dict(batch=48)),  # 27
+    # smaller batches for slow machines (issue 21: an AVX2-only EPYC trains 3.3x fewer UNet steps in the demo)
+    dict(name="unet16x3 nomid", net=dict(kind="unet", width=16, depth=3, mid_attn=False), train=dict(batch=32)),  # 28
+    dict(name="unet16x3 nomid", net=dict(kind="unet", width=16, depth=3, mid_attn=False), train=dict(batch=24)),  # 29
 ]
 
 DEFAULT_NET = dict(channels=1, size=28, num_classes=10)

@@ -49,6 +49,7 @@ from diffswarm.training.recipes import (
     generate_seconds,
     measure_costs,
 )
+from diffswarm.utils.cpus import available_cpus
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class _Run:
     budget_s: float  # wall-clock budget of the whole run
     t_start: float  # time.perf_counter() at the start
     cores: int = field(default_factory=lambda: os.cpu_count() or 1)
+    cpus: float = field(default_factory=available_cpus)  # CPUs' worth of time: the cores, or a tighter CPU quota
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, in the order they ran
 
 
@@ -194,7 +196,7 @@ def _plan_training(run: _Run, ds: ImageDataset, part: Partition, part_path: Path
     grid_n = max(1, ds.num_classes) * preset.per_class
     s = preset.sampling
     budget = Budget(seconds=0.0, rows=(grid_n + preset.eval_n) * s.evaluations * min(preset.routing.k, cfg.k),
-                    train_share=min(1.0, run.cores / processes), gen_parallel=min(run.cores, preset.routing.k),
+                    train_share=min(1.0, run.cpus / processes), gen_parallel=min(run.cpus, preset.routing.k),
                     gen_overhead_s=0 if cfg.local_generation else 25, min_train_s=60 * preset.min_train_minutes)
     recipe, choice = _choose_recipe(run, ds, budget) if preset.recipes and not cfg.steps else (None, None)
     net, width, depth, batch = ((recipe.net, recipe.width, recipe.depth, recipe.batch) if recipe
@@ -328,7 +330,7 @@ def _score(run: _Run, ds: ImageDataset, test: ImageDataset, part: Partition, pla
     report = {"dataset": ds.dataset_id, "k": cfg.k, "preset": asdict(preset), "objectives": plan.objectives,
               "experts": expert_summaries, "router": router_summary, "classifier": clf_info,
               "quality": rep.to_dict(), "routing": asdict(preset.routing), "sampling": asdict(preset.sampling),
-              "expert_call_share": calls, "timings": timings, "cpu_count": run.cores,
+              "expert_call_share": calls, "timings": timings, "cpu_count": run.cores, "available_cpus": run.cpus,
               "recipe_choice": _choice_report(plan.choice), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "generation": "local" if cfg.local_generation else "swarm", "grid": str(gen.grid_path)}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))

@@ -109,3 +109,21 @@ def test_the_demo_trains_the_recipe_its_measurements_choose(tmp_path, monkeypatc
                                         local_generation=True))
     plan = demo._plan_training(fixed, ds, part, part_path)
     assert plan.choice is None and {(j.net, j.train.batch) for j in plan.jobs} == {("mlp", 64)}
+
+
+def test_a_cpu_quota_shrinks_the_plan(tmp_path, monkeypatch):
+    """Under a CPU quota (a container's --cpus; process_time does not see the throttling) the demo plans with
+    the CPUs the quota allows: each expert's share of a core, so its predicted steps, shrink with it."""
+    from dataclasses import replace
+
+    from diffswarm import demo
+
+    monkeypatch.setitem(demo.PRESETS, "choice", replace(PRESETS["tiny"], minutes=20.0, recipes=("unet16x3-b96",)))
+    monkeypatch.setattr(demo, "measure_costs", lambda r, *a, **k: Costs(0.5, 1e-5))
+    run = demo._start(demo.DemoConfig(out=str(tmp_path / "demo"), k=2, preset="choice", local_generation=True))
+    ds, _, part, part_path = demo._partition(run)
+    steps = {}
+    for cpus in (2.0, 0.5):
+        run.cores, run.cpus = 2, cpus
+        steps[cpus] = demo._plan_training(run, ds, part, part_path).choice.best.steps
+    assert steps[0.5] * 3 < steps[2.0]  # 4 processes: half a core each, then an eighth

@@ -76,7 +76,7 @@ class Budget:
     seconds: float  # wall seconds for training + generating
     rows: int  # velocity rows generating will evaluate (samples x evaluations x top-k)
     train_share: float  # cores each expert gets while training (cores / training processes, at most 1)
-    gen_parallel: float  # experts computing at once when generating
+    gen_parallel: float  # experts computing at once when generating (below 1 under a CPU quota)
     gen_factor: float = 2.0  # client, RPCs and routing cost about as much again as the experts' compute
     gen_overhead_s: float = 0.0  # fixed cost of generating (the local swarm's start)
     min_train_s: float = 60.0  # never train for less than this
@@ -117,7 +117,7 @@ class Choice:
 
 def generate_seconds(budget: Budget, row_s: float) -> float:
     """Estimated wall seconds of generating ``budget.rows`` rows at ``row_s`` seconds of one thread per row."""
-    return budget.gen_factor * budget.rows * row_s / max(1.0, budget.gen_parallel) + budget.gen_overhead_s
+    return budget.gen_factor * budget.rows * row_s / max(0.05, budget.gen_parallel) + budget.gen_overhead_s
 
 
 def predict(recipe: Recipe, costs: Costs, budget: Budget) -> Prediction:
@@ -186,8 +186,12 @@ def measure_costs(recipe: Recipe, shape: tuple[int, int, int], num_classes: int,
 # `python bench/recipe_choice.py --objective fm --n 500 --sampler heun --sample-steps 6 --guidance 2 --steps N
 # --only I` (I: 6 = unet16x3 b96, 7 = unet16x3 b48, 0 = dit96x3 b96), 2026-12-02 (docs/performance.md). At equal
 # CPU time batch 48 beats batch 96 on few steps (200 x b48: FD 29.7 vs 100 x b96: 68.3): what a slow machine trains.
+# b48's 400-step point (issue 21, 2026-12-02 13:00) was scored by the classifier cached later that day (floor 12.1 at
+# n = 500): on it b96 at 300 steps scored 18.2 / 91.8% (17.9 / 91.8% above) and b48 at 200 steps 34.2 / 89.6%.
+# Smaller batches (recipe_choice 28, 29: b32 300 steps 30.0 / 92.2%, b24 200 / 400 steps 53.0 / 81.0%, 24.0 / 88.8%)
+# did not beat b48 at equal CPU time, so they are not candidates.
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("unet16x3-b96", "unet", 16, 3, 96, ((100, 68.3, 0.780), (300, 17.9, 0.918))),
-    Recipe("unet16x3-b48", "unet", 16, 3, 48, ((100, 75.9, 0.718), (200, 29.7, 0.896))),
+    Recipe("unet16x3-b48", "unet", 16, 3, 48, ((100, 75.9, 0.718), (200, 29.7, 0.896), (400, 21.0, 0.926))),
     Recipe("dit96x3-b96", "dit", 96, 3, 96, ((100, 287.8, 0.352), (300, 111.0, 0.730))),
 )}
