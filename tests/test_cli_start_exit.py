@@ -149,3 +149,18 @@ print(callable(m.main), type(sys.modules["json.tool"]).__name__)
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["DeferredModule", "True module"]
+
+
+def test_command_line_start_collects_again_once_planned_and_in_process_calls_leave_the_collector_alone(tmp_path):
+    code = f"""
+import gc, sys
+sys.argv = ["diffswarm", "swarm", "down", "--run-dir", {str(tmp_path / "none")!r}]
+from diffswarm.cli import main
+print(main(), gc.isenabled(), gc.get_freeze_count() > 0)
+gc.unfreeze()
+gc.disable()
+print(main(["swarm", "down", "--run-dir", {str(tmp_path / "none")!r}]), gc.isenabled(), gc.get_freeze_count())
+"""
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["2 True True", "2 False 0"]
