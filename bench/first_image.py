@@ -108,10 +108,11 @@ def _env(tree: str) -> dict:
 
 def _timed(cmd: list[str], tree: str) -> tuple[float, list[tuple[float, str]]]:
     """Run ``cmd`` with ``tree`` first on the path: its wall time and its output lines, each with the time it
-    arrived (seconds after the start)."""
+    arrived (seconds after the start). It runs in ``tree``: ``python -m`` puts its working directory before
+    PYTHONPATH."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=_env(tree), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=ROOT)
+                            cwd=tree)
     lines = [(time.perf_counter() - t0, line) for line in proc.stdout]
     rc = proc.wait(timeout=600)
     dt = time.perf_counter() - t0
@@ -154,7 +155,7 @@ def staged_run(tree: str, run_dir: str) -> dict:
 def _slowest_imports(tree: str, run_dir: str, output: str, n: int = 10) -> list[tuple[float, str]]:
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "diffswarm", "generate", "--run-dir", run_dir,
                            "--n", "1", "--output", output], env=_env(tree), capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
+                          timeout=600, cwd=tree)
     rows = []
     for line in proc.stderr.splitlines():
         parts = line.removeprefix("import time:").split("|")
