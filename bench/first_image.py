@@ -6,14 +6,23 @@ trained ones), then, each in a fresh process:
 
 1. ``python -c pass``: the interpreter's own start;
 2. ``python -m diffswarm generate --run-dir RUN --n 1``, the command a user types: its wall time, minus the
-   sampling time it prints, is what the user waits beyond sampling (the target: < 5 s on loopback);
+   sampling time it prints, is what the user waits beyond sampling (the target: < 5 s on loopback). Its output
+   lines are time-stamped as they arrive, which splits the wall time into: start + imports + planning (to the
+   "joining swarm" log line), connecting (daemon, DHT join, manifest, router, discovery, probes: to the
+   "experts:" line), sampling + saving the image (to the "generated" line, which prints the sampling time),
+   and closing + exit (from that line to the process's end: stopping the client's daemon, interpreter exit);
 3. the same path in stages (this script's ``--stages`` mode, the calls ``run_generate`` and
-   ``SwarmEnsemble.connect`` make, in order): process start, imports, planning, daemon start + DHT
-   join, manifest + router fetch, expert discovery + first-contact probes, sampling, close.
+   ``SwarmEnsemble.connect`` make, in order): process start, imports, planning, daemon start + DHT join,
+   manifest + router fetch, expert discovery + first-contact probes, sampling (its first step, and within
+   sampling the client's own copies of experts' weights that the answer checks fetch and build), close, and
+   exit (from the last line printed to the process's end: a normal interpreter exit, the teardown that
+   ``generate`` itself skips since it ends with ``utils.signals.quick_exit``).
 
-Then prints the ten slowest imports of the generate path (``python -X importtime``, cumulative).
+``--baseline TREE`` runs every cold run twice, interleaved, once with ``PYTHONPATH=TREE`` (another checkout,
+the code before a change) and once with this one, against the same swarm: before/after in one window. Then
+prints the ten slowest imports of the generate command (``python -X importtime``, cumulative).
 
-    python bench/first_image.py [--quick] [--repeats 3]
+    python bench/first_image.py [--quick] [--repeats 3] [--baseline /path/to/old/checkout]
 """
 
 from __future__ import annotations
@@ -25,10 +34,12 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# what `diffswarm generate` over a swarm imports before it connects (diffswarm/cli/__init__.py, dispatch.py,
-# client_runs.run_generate)
+# what `diffswarm generate` over a swarm imports before it connects, when the tree has no list of its own
+# (diffswarm/cli/__init__.py, dispatch.py, client_runs.run_generate)
 IMPORTS = ("diffswarm.cli.parser", "diffswarm.cli.dispatch", "diffswarm.client.ensemble", "diffswarm.experts.train",
            "diffswarm.router.local", "diffswarm.utils.images")
+CLI_MARKS = (("joining swarm", "start + imports + planning"), ("experts:", "connect (daemon ... probes)"),
+             ("generated ", "sampling + saving"), (None, "close + exit"))
 
 
 def stages(run_dir: str, spawned_at: float) -> None:
@@ -59,6 +70,17 @@ def stages(run_dir: str, spawned_at: float) -> None:
     lap("planning (swarm.json)")
     client = SwarmClient(list(plan.swarm.initial_peers), plan.swarm.config)
     lap("daemon start + DHT join")
+    local_s = [0.0]
+    get = client.local.get
+
+    def timed_get(*a, **kw):  # the client's own copies of experts' weights (fetched and built for the checks)
+        t0 = time.perf_counter()
+        try:
+            return get(*a, **kw)
+        finally:
+            local_s[0] += time.perf_counter() - t0
+
+    client.local.get = timed_get
     try:
         router, rec = client.fetch_router("cpu")
         lap("manifest + router fetch")
@@ -67,8 +89,12 @@ def stages(run_dir: str, spawned_at: float) -> None:
         client.start_refresh()
         lap("expert discovery + first-contact probes")
         labels = make_labels(1, None, ens.num_classes)
-        generate(ens, labels, ens.image_shape, plan.sampling, "cpu")
+        t_sample, first = time.perf_counter(), []
+        generate(ens, labels, ens.image_shape, plan.sampling, "cpu",
+                 callback=lambda info: first or first.append(time.perf_counter() - t_sample))
         lap("sampling")
+        out["  of which the first step"] = first[0]
+        out["  of which own copies of experts (checks)"] = local_s[0]
     finally:
         client.close()
     lap("close")
@@ -76,37 +102,76 @@ def stages(run_dir: str, spawned_at: float) -> None:
     print("STAGES " + json.dumps(out), flush=True)
 
 
-def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def _env(tree: str) -> dict:
+    return dict(os.environ, PYTHONPATH=tree)
 
 
-def _wall(cmd: list[str]) -> tuple[float, str]:
+def _timed(cmd: list[str], tree: str) -> tuple[float, list[tuple[float, str]]]:
+    """Run ``cmd`` with ``tree`` first on the path: its wall time and its output lines, each with the time it
+    arrived (seconds after the start). It runs in ``tree``: ``python -m`` puts its working directory before
+    PYTHONPATH."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.Popen(cmd, env=_env(tree), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=tree)
+    lines = [(time.perf_counter() - t0, line) for line in proc.stdout]
+    rc = proc.wait(timeout=600)
     dt = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
-    return dt, proc.stdout + proc.stderr
+    if rc != 0:
+        text = "".join(line for _, line in lines)
+        raise SystemExit(f"{' '.join(cmd)} failed ({rc}):\n{text[-5000:]}")
+    return dt, lines
 
 
-def _sampling_s(out: str) -> float:
+def _sampling_s(line: str) -> float:
     """The sampling time `diffswarm generate` prints ("generated 1 images over the swarm in 0.4s")."""
-    for line in out.splitlines():
-        if line.startswith("generated ") and " in " in line:
-            return float(line.split(" in ")[1].split("s")[0])
-    raise SystemExit(f"no 'generated ... in Ns' line in:\n{out[-2000:]}")
+    return float(line.split(" in ")[1].split("s")[0])
 
 
-def _slowest_imports(n: int = 10) -> list[tuple[float, str]]:
-    code = "; ".join(f"import {m}" for m in IMPORTS)
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code], env=_env(), capture_output=True,
-                          text=True, timeout=600)
+def cli_run(tree: str, run_dir: str, output: str) -> dict:
+    """One cold `diffswarm generate --n 1`: wall, sampling (as printed), and the wall split at its output lines."""
+    total, lines = _timed([sys.executable, "-u", "-m", "diffswarm", "generate", "--run-dir", run_dir, "--n", "1",
+                           "--output", output], tree)
+    out, prev = {"wall": total}, 0.0
+    for mark, name in CLI_MARKS:
+        at = total if mark is None else next((t for t, ln in lines if mark in ln), None)
+        if at is None:
+            raise SystemExit(f"no {mark!r} line in:\n{''.join(ln for _, ln in lines)[-3000:]}")
+        out[name], prev = at - prev, at
+    gen = next(ln for _, ln in lines if ln.startswith("generated "))
+    out["sampling (as printed)"] = _sampling_s(gen)
+    out["beyond sampling"] = total - out["sampling (as printed)"]
+    return out
+
+
+def staged_run(tree: str, run_dir: str) -> dict:
+    total, lines = _timed([sys.executable, os.path.abspath(__file__), "--stages", run_dir,
+                           "--spawned-at", repr(time.time())], tree)
+    at, line = next((t, ln) for t, ln in lines if ln.startswith("STAGES "))
+    out = json.loads(line.removeprefix("STAGES "))
+    out["exit (a normal interpreter exit)"] = total - at  # the teardown `generate` skips (quick_exit)
+    return out
+
+
+def _slowest_imports(tree: str, run_dir: str, output: str, n: int = 10) -> list[tuple[float, str]]:
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "diffswarm", "generate", "--run-dir", run_dir,
+                           "--n", "1", "--output", output], env=_env(tree), capture_output=True, text=True,
+                          timeout=600, cwd=tree)
     rows = []
     for line in proc.stderr.splitlines():
         parts = line.removeprefix("import time:").split("|")
         if len(parts) == 3 and parts[1].strip().isdigit():
             rows.append((int(parts[1]) / 1e6, parts[2].rstrip()))
     return sorted(rows, reverse=True)[:n]
+
+
+def _table(title: str, runs: dict[str, list[dict]], keys, c: slice) -> None:
+    """Median per key of the cached runs of each tree, side by side."""
+    import statistics
+
+    print(f"\n{title} (median of the cached runs, seconds):")
+    print(f"  {'':44s}" + "".join(f"{name:>10s}" for name in runs))
+    for k in keys:
+        print(f"  {k:44s}" + "".join(f"{statistics.median(r[k] for r in rs[c]):10.2f}" for rs in runs.values()))
 
 
 def main() -> None:
@@ -117,6 +182,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one cold run of each kind")
     ap.add_argument("--repeats", type=int, default=None, help="cold runs of each kind (default 3; quick 1)")
+    ap.add_argument("--baseline", default=None, help="another checkout (the code before a change): every cold run "
+                                                     "also with PYTHONPATH=BASELINE, interleaved, same swarm")
     ap.add_argument("--stages", default=None, help=argparse.SUPPRESS)  # RUN_DIR: the staged run (internal)
     ap.add_argument("--spawned-at", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -129,7 +196,12 @@ def main() -> None:
     from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 
     repeats = args.repeats if args.repeats is not None else 0 if tiny() else 1 if args.quick else 3
+    trees = {"this": ROOT} if not args.baseline else {"baseline": os.path.abspath(args.baseline), "this": ROOT}
     header("time to first image: cold `diffswarm generate --n 1` over a loopback swarm of 4 UNet experts")
+    print("trees: " + ", ".join(f"{k} = {v}" for k, v in trees.items()))
+    starts: list[float] = []
+    cli: dict[str, list[dict]] = {k: [] for k in trees}
+    staged: dict[str, list[dict]] = {k: [] for k in trees}
     with tempfile.TemporaryDirectory(prefix="first-image-") as tmp:
         experts, router = make_toy_swarm(tmp, ToySwarmSpec(["ddpm", "fm", "ddpm", "fm"], size=28, num_classes=10,
                                                            net="unet", width=16, depth=3, steps=2, router_width=256))
@@ -137,35 +209,32 @@ def main() -> None:
         t0 = time.perf_counter()
         with local_swarm(experts, router, run_dir=run_dir, announce_period=30.0):
             print(f"swarm up (bootstrap + 4 peers) in {time.perf_counter() - t0:.1f}s", flush=True)
-            env_cache = os.path.join(tmp, "cache")
-            os.environ["DIFFSWARM_CACHE"] = env_cache  # the first run fills the router cache, as a user's would
-            starts, totals, samplings, staged = [], [], [], []
-            for i in range(repeats + 1):  # the first run fills the cache (the router file): reported apart
-                starts.append(_wall([sys.executable, "-c", "pass"])[0])
-                total, out = _wall([sys.executable, "-m", "diffswarm", "generate", "--run-dir", run_dir, "--n", "1",
-                                    "--output", os.path.join(tmp, f"first{i}.png")])
-                totals.append(total)
-                samplings.append(_sampling_s(out))
-                _, out = _wall([sys.executable, os.path.abspath(__file__), "--stages", run_dir,
-                                "--spawned-at", repr(time.time())])
-                staged.append(json.loads(next(ln for ln in out.splitlines()
-                                              if ln.startswith("STAGES ")).removeprefix("STAGES ")))
-    beyond = [t - s for t, s in zip(totals, samplings, strict=True)]
+            for i in range(repeats + 1):  # the first run of each tree fills its cache (router, experts): apart
+                starts.append(_timed([sys.executable, "-c", "pass"], ROOT)[0])
+                for name, tree in trees.items():
+                    # one cache per tree, filled by its first run, as a user's would be
+                    os.environ["DIFFSWARM_CACHE"] = os.path.join(tmp, f"cache-{name}")
+                    png = os.path.join(tmp, f"first-{name}{i}.png")
+                    cli[name].append(cli_run(tree, run_dir, png))
+                    if not os.path.getsize(png):
+                        raise SystemExit(f"{png} is empty after the command exited")
+                    staged[name].append(staged_run(tree, run_dir))
+            slowest = _slowest_imports(ROOT, run_dir, os.path.join(tmp, "imports.png"))
     c = slice(1, None) if repeats else slice(0, 1)  # the cached runs (none: the empty-cache run)
-    print(f"\ncold runs: 1 with an empty router cache, then {repeats} with it filled (median of those)")
-    print(f"  python -c pass:                      {statistics.median(starts[c]):6.2f} s")
-    print(f"  diffswarm generate --n 1, wall:      {statistics.median(totals[c]):6.2f} s (empty cache: "
-          f"{totals[0]:.2f} s)")
-    print(f"    of which sampling (as printed):    {statistics.median(samplings[c]):6.2f} s")
-    print(f"    beyond sampling:                   {statistics.median(beyond[c]):6.2f} s (target < 5 s; empty "
-          f"cache: {beyond[0]:.2f} s)")
-    print("\nthe same path in stages (median of the cached runs, seconds):")
-    for k in staged[0]:
-        if k != "uncovered":
-            print(f"  {k:42s} {statistics.median(s[k] for s in staged[c]):6.2f}")
-    print(f"  (uncovered clusters at the start of sampling: {staged[-1]['uncovered']})")
-    print("\nslowest imports of the generate path (cumulative s, python -X importtime):")
-    for s, name in _slowest_imports():
+    print(f"\ncold runs: 1 with an empty cache, then {repeats} with it filled (median of those)")
+    print(f"  python -c pass: {statistics.median(starts[c]):6.2f} s")
+    for name, rs in cli.items():
+        beyond = [r["beyond sampling"] for r in rs]
+        print(f"  {name}: diffswarm generate --n 1 beyond sampling {statistics.median(beyond[c]):.2f} s (target "
+              f"< 5 s; runs: {', '.join(f'{b:.2f}' for b in beyond[c])}; empty cache: {beyond[0]:.2f} s), wall "
+              f"{statistics.median(r['wall'] for r in rs[c]):.2f} s")
+    _table("`diffswarm generate --n 1`, split at its output lines", cli,
+           ["wall", *(name for _, name in CLI_MARKS), "sampling (as printed)", "beyond sampling"], c)
+    keys = [k for k in staged["this"][0] if k != "uncovered"]
+    _table("the same path in stages", staged, keys, c)
+    print(f"  (uncovered clusters at the start of sampling: {staged['this'][-1]['uncovered']})")
+    print("\nslowest imports of `diffswarm generate` (this tree; cumulative s, python -X importtime):")
+    for s, name in slowest:
         print(f"  {s:6.2f} {name}")
     footer()
 

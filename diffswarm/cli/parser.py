@@ -11,6 +11,7 @@ import argparse
 
 from diffswarm import __version__
 from diffswarm.cli.options import (
+    LazyChoices,
     add_dataset_args,
     add_network_args,
     add_router_kind_arg,
@@ -310,8 +311,6 @@ def _add_evaluation_commands(sub) -> None:
                    help="generate in this process instead of over a local swarm of peer processes")
     p.add_argument("--seed", type=int, default=0)
 
-    from diffswarm.eval.studies import STUDIES
-
     p = _parser(sub, "eval", "test the papers' claims on a cached expert pool: routing, objectives, translator, "
                              "stability, alignment, routers, 2-D Gaussian mixture; writes OUT/report.md")
     p.add_argument("--out", default="runs/eval", help="report folder: report.md, PNG plots, results.json, cells/")
@@ -327,8 +326,9 @@ def _add_evaluation_commands(sub) -> None:
     p.add_argument("--budget", type=int, default=None,
                    help="optimizer steps per expert (default 1000; quick 500); the monolith trains K times as many")
     p.add_argument("--samples", type=int, default=None, help="samples per sample set (default 400; quick 300)")
-    p.add_argument("--studies", nargs="+", choices=STUDIES, default=None,
-                   help="run only these studies (default all; quick all but hddm and scaling)")
+    p.add_argument("--studies", nargs="+", choices=LazyChoices("diffswarm.eval.studies", "STUDIES"), default=None,
+                   metavar="STUDY",  # not the choices: argparse formats the metavar when the option is added
+                   help="run only these studies (%(choices)s; default all; quick all but hddm and scaling)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda[:i]")
     p.add_argument("--jobs", type=int, default=None,
                    help="parallel training processes (default: one per core)")
