@@ -10,6 +10,11 @@ Only one peer is loaded at a time. Prints per level and peer: rows evaluated per
 and batched / one-at-a-time throughput; then how many clients the batched peer serves before its p99 is more than
 twice the single-client p99. Target: >= 3x at 8 clients.
 
+The physical limit is measured in the same run, before the peers start: the expert's forward pass in this process
+(one torch thread, the peer's code path) in passes of one request's rows and of n requests' rows. Their ratio is
+the most batching can gain from compute alone on this CPU; each peer's throughput is printed as a fraction of its
+limit, with the p50 compute time of a request and the rest of its round trip (transport, checks, daemons, client).
+
 On a 2-core machine the client processes share the cores with the peer (and its p2pd), so the absolute figures
 are pessimistic; both peers see the same conditions, so the ratio is fair.
 
@@ -60,21 +65,24 @@ def worker() -> None:
             labels = torch.randint(0, 10, (rows,))
             client.run(client.transport.connect(rep.peer_id, rep.addrs))
             client.run(client.call_velocity(rep, x, t, labels, 2.0, 30.0))  # warm: the session is open
-            lat, n, errors = [], 0, 0
+            lat, batch, over, comp, n, errors = [], [], [], [], 0, 0
             start = cmd["start"]
             while time.time() < start:
                 time.sleep(0.001)
             while time.time() < start + cmd["seconds"]:
                 t0 = time.perf_counter()
                 try:
-                    client.run(client.call_velocity(rep, x, t, labels, 2.0, 30.0))
+                    _, meta = client.run(client.call_velocity(rep, x, t, labels, 2.0, 30.0))
                 except Exception:
                     errors += 1
                     continue
                 lat.append(1000 * (time.perf_counter() - t0))
+                batch.append(meta.get("batch_rows", rows))
+                over.append(lat[-1] - meta.get("queue_ms", 0.0) - meta.get("compute_ms", 0.0))
+                comp.append(meta.get("compute_ms", 0.0))
                 n += rows
-            print(json.dumps({"lat": lat, "rows": n, "errors": errors, "rss_mb": rss_mb(os.getpid()),
-                              "hwm_mb": rss_mb(os.getpid(), "VmHWM")}), flush=True)
+            print(json.dumps({"lat": lat, "batch": batch, "over": over, "comp": comp, "rows": n, "errors": errors,
+                              "rss_mb": rss_mb(os.getpid()), "hwm_mb": rss_mb(os.getpid(), "VmHWM")}), flush=True)
 
 
 class Clients:
@@ -128,23 +136,68 @@ class Clients:
 
 def summarise(results: list[dict], seconds: float) -> dict:
     lat = [v for r in results for v in r["lat"]]
+    batch = [v for r in results for v in r.get("batch", [])]
+    over = [v for r in results for v in r.get("over", [])]
+    comp = [v for r in results for v in r.get("comp", [])]
     return {"rows_per_s": sum(r["rows"] for r in results) / seconds, "p50": percentile(lat, 50),
-            "p99": percentile(lat, 99), "calls": len(lat), "errors": sum(r["errors"] for r in results)}
+            "p99": percentile(lat, 99), "calls": len(lat), "errors": sum(r["errors"] for r in results),
+            # rows of the forward pass each request rode in (mean over requests), the peer's compute time per request
+            # and the rest of the round trip (transport, decoding and checks, encoding, both daemons, the client)
+            "batch_rows": sum(batch) / max(len(batch), 1), "compute_p50": percentile(comp, 50),
+            "rest_p50": percentile(over, 50)}
 
 
-def start_peers(tmp: str, net: str, batched_only: bool = False):
-    """A bootstrap + a batching peer (and one with --max-batch 1) serving one toy expert; (swarm, expert path)."""
-    from diffswarm.swarm.local import PeerSpec, start_local_swarm
+def make_expert(tmp: str, net: str) -> tuple[str, str]:
+    """The bench's toy expert (UNet 16x3 or DiT 96x3 at 28x28, 10 classes, two training steps); (path, name)."""
     from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 
     width = 16 if net == "unet" else 96
     experts, _ = make_toy_swarm(os.path.join(tmp, "experts"), ToySwarmSpec(["fm"], size=28, num_classes=10,
                                                                           net=net, width=width, depth=3, steps=2))
-    specs = [PeerSpec("batched", checkpoint=str(experts[0]))]
+    return str(experts[0]), f"{net} {width}x3"
+
+
+def start_peers(tmp: str, net: str, batched_only: bool = False, expert: str | None = None):
+    """A bootstrap + a batching peer (and one with --max-batch 1) serving one toy expert; (swarm, expert name)."""
+    from diffswarm.swarm.local import PeerSpec, start_local_swarm
+
+    path, name = make_expert(tmp, net) if expert is None else (expert, net)
+    specs = [PeerSpec("batched", checkpoint=path)]
     if not batched_only:
-        specs.append(PeerSpec("single", checkpoint=str(experts[0]), extra_args=["--max-batch", "1"]))
+        specs.append(PeerSpec("single", checkpoint=path, extra_args=["--max-batch", "1"]))
     sw = start_local_swarm(specs, None, os.path.join(tmp, "swarm"), threads=1, announce_period=30.0)
-    return sw, f"{net} {width}x3"
+    return sw, name
+
+
+def compute_ceiling(path: str, batches: list[int], seconds: float) -> dict[int, float]:
+    """Rows per second of the expert's forward pass (CFG 2) in this process, one torch thread like the peers, on
+    the peer's own code path (``ServedExpert``), for passes of each size in ``batches``: the most a peer can serve
+    with no transport, decoding, checks or queueing at all. Best of three timings of ``seconds`` / 3 each."""
+    import torch
+
+    from diffswarm.experts.expert import Expert
+    from diffswarm.peer.batching import BatchPolicy
+    from diffswarm.peer.hosted import ServedExpert
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        velocity = ServedExpert(Expert.from_checkpoint(path), BatchPolicy()).batcher.velocity  # what a pass runs
+        out = {}
+        for b in sorted(set(batches)):
+            x, t, labels = torch.randn(b, 1, 28, 28), torch.rand(b), torch.randint(0, 10, (b,))
+            velocity(x, t, labels, 2.0)  # warm
+            best = 0.0
+            for _ in range(3):
+                n, t0 = 0, time.perf_counter()
+                while n == 0 or time.perf_counter() - t0 < seconds / 3:
+                    velocity(x, t, labels, 2.0)
+                    n += b
+                best = max(best, n / (time.perf_counter() - t0))
+            out[b] = best
+        return out
+    finally:
+        torch.set_num_threads(prev)
 
 
 def main() -> None:
@@ -162,7 +215,13 @@ def main() -> None:
     header(f"serving throughput of one peer: {args.levels} concurrent clients, {args.rows} row(s) per request, "
            f"CFG 2, {args.seconds:.0f} s per level")
     with tempfile.TemporaryDirectory(prefix="serving-bench-") as tmp:
-        sw, name = start_peers(tmp, args.net)
+        path, name = make_expert(tmp, args.net)
+        # the physical limit, measured before any peer runs: passes of one request vs of every client's request
+        ceiling = compute_ceiling(path, [args.rows] + [min(n * args.rows, 256) for n in args.levels],
+                                  min(args.seconds, 3.0))
+        print("  in-process forward passes, rows/s: " + ", ".join(f"{b} rows {r:.0f}" for b, r in ceiling.items()),
+              flush=True)
+        sw, _ = start_peers(tmp, args.net, expert=path)
         try:
             peers = {p: sw.info(p) for p in ("batched", "single")}
             with Clients(max(args.levels), sw.initial_peers) as clients:
@@ -174,15 +233,34 @@ def main() -> None:
                           f"{table[n]['single']['rows_per_s']:.0f} rows/s", flush=True)
         finally:
             sw.stop()
+    report(args, name, table, ceiling)
+    footer()
+
+
+def report(args, name: str, table: dict, ceiling: dict[int, float]) -> None:
+    one = ceiling[args.rows]
     print(f"\n{name}, one peer with one torch thread, 127.0.0.1; rows/s = rows evaluated per second (x CFG 2 network "
           "rows); latency = round trip per request")
-    print(f"{'clients':>7} | {'batched rows/s':>14} {'p50 ms':>7} {'p99 ms':>7} | {'1-at-a-time rows/s':>18} "
-          f"{'p50 ms':>7} {'p99 ms':>7} | {'batched/1-at-a-time':>19}")
+    print(f"{'clients':>7} | {'batched rows/s':>14} {'p50 ms':>7} {'p99 ms':>7} {'pass rows':>9} | "
+          f"{'1-at-a-time rows/s':>18} {'p50 ms':>7} {'p99 ms':>7} | {'batched/1-at-a-time':>19}")
     for n, r in table.items():
         b, s = r["batched"], r["single"]
-        print(f"{n:7d} | {b['rows_per_s']:14.0f} {b['p50']:7.1f} {b['p99']:7.1f} | {s['rows_per_s']:18.0f} "
-              f"{s['p50']:7.1f} {s['p99']:7.1f} | {b['rows_per_s'] / s['rows_per_s']:19.2f}"
+        print(f"{n:7d} | {b['rows_per_s']:14.0f} {b['p50']:7.1f} {b['p99']:7.1f} {b['batch_rows']:9.1f} | "
+              f"{s['rows_per_s']:18.0f} {s['p50']:7.1f} {s['p99']:7.1f} | {b['rows_per_s'] / s['rows_per_s']:19.2f}"
               + (f"  ({b['errors'] + s['errors']} failed calls)" if b["errors"] + s["errors"] else ""))
+    print(f"\nagainst the physical limit (in-process forward passes, same expert and thread count, this run): "
+          f"{one:.0f} rows/s in passes of {args.rows} row(s)")
+    print(f"{'clients':>7} | {'limit rows/s':>12} {'batched/limit':>13} {'1-at-a-time/limit':>17} "
+          f"{'limit ratio':>11} | {'batched compute/rest p50 ms':>27} | {'1-at-a-time compute/rest p50 ms':>31}")
+    for n, r in table.items():
+        b, s = r["batched"], r["single"]
+        lim = ceiling[min(n * args.rows, 256)]
+        print(f"{n:7d} | {lim:12.0f} {b['rows_per_s'] / lim:13.2f} {s['rows_per_s'] / one:17.2f} "
+              f"{lim / one:10.2f}x | {b['compute_p50']:18.1f} / {b['rest_p50']:5.1f} | "
+              f"{s['compute_p50']:22.1f} / {s['rest_p50']:5.1f}")
+    print("limit rows/s: passes of every client's request at once; limit ratio: the most batching can gain over "
+          "one-at-a-time from compute alone on this CPU; rest = round trip - queue - compute (transport, decoding and "
+          "checks, encoding, both daemons, the client)")
     base = table[args.levels[0]]["batched"]["p99"]
     served = [n for n in args.levels if table[n]["batched"]["p99"] <= 2 * base]
     print(f"clients served before the batched peer's p99 doubles (vs {args.levels[0]} client: {base:.1f} ms): "
@@ -190,8 +268,8 @@ def main() -> None:
     if 8 in table:
         ratio = table[8]["batched"]["rows_per_s"] / table[8]["single"]["rows_per_s"]
         verdict = "met" if ratio >= 3 else "NOT met"
-        print(f"batched / one-at-a-time at 8 clients: {ratio:.2f}x (target >= 3x: {verdict})")
-    footer()
+        print(f"batched / one-at-a-time at 8 clients: {ratio:.2f}x (target >= 3x: {verdict}; the compute limit on "
+              f"this CPU is {ceiling[min(8 * args.rows, 256)] / one:.2f}x)")
 
 
 if __name__ == "__main__":
