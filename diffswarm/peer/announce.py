@@ -260,9 +260,10 @@ async def admission_verdicts(dht: SwarmDHT, manifest: SwarmManifest | None, serv
     rule = manifest.admission if manifest is not None else None
     if rule is None or not served:
         return {}
+    clusters = {s.expert.config.cluster for s in served} - {None}  # only these clusters' verdicts are needed
     try:
-        atts, _ = await dht.get_attestations()
-        recs, _ = await dht.get_experts()
+        atts, _ = await dht.get_attestations(clusters)
+        recs, _ = await dht.get_experts(clusters)
     except Exception as e:  # the DHT briefly unreachable: say nothing this time
         logger.debug(f"admission lookup failed: {e!r}")
         return {}
