@@ -19,6 +19,7 @@ from diffswarm.dht.node import NetworkConfig, SwarmDHT
 from diffswarm.dht.records import RECORD_VERSION, ClusterStatsRecord
 from diffswarm.peer.manifest_copies import (
     MANIFEST_CLUSTERS,
+    ManifestCopies,
     announces_manifest,
     keeps_manifest_copy,
     per_cluster,
@@ -62,12 +63,13 @@ def test_a_record_lives_under_its_clusters_key_only():
     assert not stores(experts_key(SWARM, 3), st)  # a statistics record is not an expert record
 
 
-def test_manifest_copies_one_per_cluster_at_scale():
-    """1,000 volunteers, K = 64: the owner plus one peer per cluster keep a copy, not 1,000."""
+def test_manifest_copies_at_scale():
+    """1,000 volunteers, K = 64: the owner plus one peer of each of the first 8 clusters keep a copy, not 1,000."""
     m = SimpleNamespace(swarm=SWARM, num_clusters=64)
     peers = {k: {f"peer-{k}-{i}" for i in range(16)} for k in range(64)}
     keeping = [p for k, ids in peers.items() for p in ids if announces_manifest(p, [k], m, peers, owner=False)]
-    assert len(keeping) == 64 and per_cluster(64) == 1
+    assert len(keeping) == MANIFEST_CLUSTERS == 8 and per_cluster(64) == 1
+    assert sorted(int(p.split("-")[1]) for p in keeping) == list(range(8))
     assert announces_manifest("peer-0-0", [0], m, peers, owner=True)  # the owner's peer always
     # the copy-holder of cluster 5 leaves: the next of its cluster (by rank) takes over, nobody else
     holder = next(p for p in keeping if p.startswith("peer-5-"))
@@ -83,7 +85,7 @@ def test_manifest_copies_small_and_large_k():
     assert sum(announces_manifest(p, [k], small, peers, owner=False) for k in peers for p in peers[k]) == 4
     assert announces_manifest("alone", [0], small, {}, owner=False)  # a lone peer of its cluster keeps a copy
     large = SimpleNamespace(swarm=SWARM, num_clusters=1024)
-    assert not announces_manifest("alone", [MANIFEST_CLUSTERS], large, {}, owner=False)  # beyond the 64 clusters
+    assert not announces_manifest("alone", [MANIFEST_CLUSTERS], large, {}, owner=False)  # beyond the first 8
     assert not announces_manifest("alone", [None], large, {}, owner=False)
 
 
@@ -101,6 +103,28 @@ def test_keeps_manifest_copy_reads_only_its_clusters():
     assert asyncio.run(keeps_manifest_copy(dht, m, {2, None}, owner=False)) is expected
     assert asked == [[2]]
     assert asyncio.run(keeps_manifest_copy(dht, m, {2}, owner=True)) and asked == [[2]]  # the owner: no lookup
+
+
+def test_a_peer_rechecks_its_copy_and_reads_the_manifest_once_a_minute():
+    now = [0.0]
+    copies = ManifestCopies(check_s=60, clock=lambda: now[0])
+    m = SimpleNamespace(swarm=SWARM, num_clusters=8, issued=1.0, signature=b"s")
+    asked = []
+
+    async def get_experts(clusters):
+        asked.append(list(clusters))
+        return [], []
+
+    dht = SimpleNamespace(get_experts=get_experts, peer_id=SimpleNamespace(to_base58=lambda: "QmMe"))
+    keep = lambda manifest, clusters=(3,): asyncio.run(copies.keep(dht, manifest, clusters, owner=False))  # noqa: E731
+    assert keep(m) and keep(m) and len(asked) == 1  # alone in its cluster: keeps a copy; decided once
+    now[0] = 61.0
+    assert keep(m) and len(asked) == 2  # a minute later: checked again
+    assert keep(SimpleNamespace(**{**vars(m), "issued": 2.0})) and len(asked) == 3  # a new manifest: at once
+    assert not keep(m, clusters=(9,)) and len(asked) == 3  # not a copy-keeping cluster: no lookup
+    assert copies.read_due() and not copies.read_due()
+    now[0] = 200.0
+    assert copies.read_due()
 
 
 def test_records_are_announced_and_read_per_cluster():

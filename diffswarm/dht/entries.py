@@ -16,7 +16,7 @@ cluster (version 6): at 1,000 volunteers and K = 64 a key holds ~16 peers' entri
   validator fingerprint``.
 - ``{swarm}_manifest``: the owner-signed ``SwarmManifest`` (partition, router hashes, dataset, shapes),
   re-announced unchanged under the announcer's own subkey ``[owner:<peer key>]`` by the owner's peer and a few
-  others (``manifest_copies.announces_manifest``: about one peer per cluster), so the swarm outlives its founder
+  others (``peer.manifest_copies``: one of each of the first 8 clusters), so the swarm outlives its founder
   and the key stays small. Who announces it does not matter: its validity comes from the owner's signature inside.
 - ``{swarm}_routers``: one ``RouterProvider`` per peer that serves router bytes ("I serve the file with
   this sha256 at these addresses"); subkey = ``[owner:<peer key>]``. Anyone may serve bytes; the client

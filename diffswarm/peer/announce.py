@@ -304,12 +304,12 @@ def sign_own_manifest(owner_key, fields: dict, swarm: SwarmName, router: RouterB
 
 
 async def follow_manifest(dht: SwarmDHT, swarm: SwarmName, current: SwarmManifest | None,
-                          own: SwarmManifest | None) -> SwarmManifest | None:
-    """The owner's newest valid manifest among this peer's own, the one it followed so far (``current``) and
-    those announced in the DHT; says so when it follows a new one."""
+                          own: SwarmManifest | None, look: bool = True) -> SwarmManifest | None:
+    """The owner's newest valid manifest among this peer's own, the one it followed so far (``current``) and, with
+    ``look``, those announced in the DHT; says so when it follows a new one."""
     found: list[SwarmManifest] = []
     try:
-        found, errors = await dht.get_manifests()
+        found, errors = await dht.get_manifests() if look else ([], [])
         for e in errors:
             logger.debug(f"skipped an invalid manifest: {e}")
     except Exception as e:  # the DHT being briefly unreachable: keep the manifest we have

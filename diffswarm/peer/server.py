@@ -68,7 +68,7 @@ from diffswarm.peer.config import PeerConfig
 from diffswarm.peer.contribution import Contribution
 from diffswarm.peer.hosted import PartitionBlob, RouterBlob, ServedExpert, load_served
 from diffswarm.peer.joining import TrainingProgress, train_while_joining
-from diffswarm.peer.manifest_copies import keeps_manifest_copy
+from diffswarm.peer.manifest_copies import ManifestCopies
 from diffswarm.peer.placement import Move
 from diffswarm.peer.reachability import DialBack, is_loopback, settle_addresses
 from diffswarm.peer.servicer import ExpertServicer
@@ -104,6 +104,7 @@ class Peer:
         self.own_manifest: SwarmManifest | None = None  # the manifest this peer signed (owner only)
         self.manifest: SwarmManifest | None = None  # the owner's newest valid manifest known (re-announced)
         self._warned: set[tuple[str, float]] = set()  # (expert id, manifest issued) already warned about
+        self.copies = ManifestCopies()  # whether this peer keeps a copy of the manifest, and when it reads the key
         self._stats_notes: set[str] = set()  # statistics files the owner said it does not sign
         self._heartbeat: asyncio.Task | None = None
         self.contribution = Contribution()
@@ -216,7 +217,8 @@ class Peer:
                     self.own_manifest.signed_stats != fields.get(
                     STATS_HASHES_FIELD, [""] * fields["num_clusters"]):
                 self.own_manifest = sign_own_manifest(self.owner_key, fields, self.swarm, self.router)
-        self.manifest = await follow_manifest(self.dht, self.swarm, self.manifest, self.own_manifest)
+        self.manifest = await follow_manifest(self.dht, self.swarm, self.manifest, self.own_manifest,
+                                              look=self.manifest is None or self.copies.read_due())
         warn_misfits(self.served.values(), self.manifest, self._warned)
         return self.manifest
 
@@ -231,7 +233,7 @@ class Peer:
         if self.swarm is not None and self.state != "offline":
             manifest = await self.current_manifest()
             provider = self.provider_record()
-        copy = manifest if manifest is not None and await keeps_manifest_copy(
+        copy = manifest if manifest is not None and await self.copies.keep(
             self.dht, manifest, {r.cluster for r in experts}, self.owner_key is not None) else None
         await announce_records(self.dht, expiration, experts, stats, copy, provider)
         await self.services.after_heartbeat(manifest)
