@@ -99,6 +99,13 @@ class ManifestCopies:
         self._read = now
         return True
 
+    async def copy_of(self, dht: SwarmDHT, manifest: SwarmManifest | None, records, owner: bool
+                      ) -> SwarmManifest | None:
+        """``manifest`` if this peer, announcing expert ``records``, keeps a copy of it this heartbeat, else None."""
+        if manifest is None or not await self.keep(dht, manifest, {r.cluster for r in records}, owner):
+            return None
+        return manifest
+
     async def keep(self, dht: SwarmDHT, manifest: SwarmManifest, clusters: Iterable[int | None], owner: bool) -> bool:
         inputs = (manifest.issued, manifest.signature, tuple(copy_clusters(manifest, clusters)), owner)
         now = self.clock()

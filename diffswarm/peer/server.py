@@ -223,8 +223,7 @@ class Peer:
         return self.manifest
 
     async def announce(self) -> None:
-        """One heartbeat: the expert records and, in a swarm, the statistics, the router entry and, if this peer keeps
-        a copy (``manifest_copies``), the manifest."""
+        """One heartbeat: the expert records and, in a swarm, the statistics, the router entry and the manifest."""
         # heartbeats expire after expire_factor periods, and never later than readers call a record stale
         expiration = min(self.cfg.announce_period * self.cfg.expire_factor, MAX_RECORD_AGE)
         experts, stats, manifest, provider = self.records(), [], None, None
@@ -233,8 +232,7 @@ class Peer:
         if self.swarm is not None and self.state != "offline":
             manifest = await self.current_manifest()
             provider = self.provider_record()
-        copy = manifest if manifest is not None and await self.copies.keep(
-            self.dht, manifest, {r.cluster for r in experts}, self.owner_key is not None) else None
+        copy = await self.copies.copy_of(self.dht, manifest, experts, self.owner_key is not None)
         await announce_records(self.dht, expiration, experts, stats, copy, provider)
         await self.services.after_heartbeat(manifest)
 
