@@ -210,6 +210,11 @@ async def _dht_scenario(tmp: str) -> dict:
         bad = {**forged.to_dict(), "throughput": 5, "peer_id": evil.peer_id.to_base58()}
         out["bad_schema"] = await evil.node.store(key, bad, get_dht_time() + 120, subkey=evil.owner + b"/c0-fm")
 
+        # 2b. a valid record under another cluster's key (version 6: a record lives under its cluster's key)
+        other = {**expert_record(peer_id=evil.peer_id.to_base58(), expert_id="c2-x", cluster=2,
+                                 updated=get_dht_time()).to_dict()}
+        out["wrong_cluster"] = await evil.node.store(key, other, get_dht_time() + 120, subkey=evil.owner + b"/c2-x")
+
         # 3. an attacker node without validators (stores anything itself), signing with the wrong key
         attacker = await DHTNode.create(initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
                                         use_relay=False, auto_nat=False, nat_port_map=False)
@@ -222,9 +227,6 @@ async def _dht_scenario(tmp: str) -> dict:
                                  updated=get_dht_time()).to_dict(), "hardware": {"gpu": "none"}}
         out["newer_stored"] = await evil.node.store(experts_key(SWARM, 2), newer, get_dht_time() + 120,
                                                     subkey=evil.owner + b"/c2-fm")
-        # 4b. a valid record under another cluster's key (version 6: a record lives under its cluster's key)
-        out["wrong_cluster"] = await evil.node.store(key, {**newer, "expert_id": "c2-x"}, get_dht_time() + 120,
-                                                     subkey=evil.owner + b"/c2-x")
 
         # 5. an older (version 1) peer's record, without the training summary: stored and parsed
         older = v1_dict(expert_record(peer_id=evil.peer_id.to_base58(), expert_id="c1-fm", cluster=1,
