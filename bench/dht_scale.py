@@ -9,8 +9,13 @@ from one random node, call ``get_experts`` until every record is found; the time
 ``get_experts`` alone, and until all K are found) and the client's DHT RPCs (count, and request + response bytes
 of the protobufs) are averaged. hivemind's DHT is a Kademlia: lookups should grow like log N.
 
-    python bench/dht_scale.py                     # N = 8 32 64 128
-    python bench/dht_scale.py --quick             # N = 8 16
+Then (``--volunteers``, default 1,000; issue 21, item 7) ``bench/dht_volunteers.py`` stores that many volunteers'
+expert and statistics entries (K = ``--clusters``, 64) into the largest DHT in both key layouts (version 5: one key
+per swarm; version 6: one key per cluster) and prints what a client's start-up lookups and one refresh fetch, and the
+largest single DHT message against p2pd's 4 MiB cap.
+
+    python bench/dht_scale.py                     # N = 8 32 64 128, 1,000 volunteers
+    python bench/dht_scale.py --quick             # N = 8 16, 1,000 volunteers
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import footer, header, rss_mb, tiny  # noqa: E402
+from dht_volunteers import measure, report  # noqa: E402
 
 from diffswarm.dht.names import swarm_name_of  # noqa: E402
 from diffswarm.dht.node import NetworkConfig, SwarmDHT, load_or_create_key  # noqa: E402
@@ -95,7 +101,7 @@ async def discover(nodes, addrs, swarm: str, k: int, rng: random.Random, deadlin
         t0 = time.perf_counter()
         first, found, lookups = None, 0, 0
         while found < k and time.perf_counter() < deadline:
-            recs, _ = await client.get_experts()
+            recs, _ = await client.get_experts(range(k))  # record i is cluster i's: one key per cluster, one lookup
             lookups += 1
             found = len({r.expert_id for r in recs})
             first = first if first is not None else (time.perf_counter() - t0, found)
@@ -107,7 +113,8 @@ async def discover(nodes, addrs, swarm: str, k: int, rng: random.Random, deadlin
         await client.shutdown()
 
 
-async def run(levels: list[int], k: int, trials: int, seed: int) -> list[dict]:
+async def run(levels: list[int], k: int, trials: int, seed: int, volunteers: int = 0,
+              clusters: int = 64) -> tuple[list[dict], list[dict]]:
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="dht-bench-") as tmp:
         key, _ = load_or_create_key(os.path.join(tmp, "owner.key"))
@@ -138,13 +145,14 @@ async def run(levels: list[int], k: int, trials: int, seed: int) -> list[dict]:
                 print(f"  sizes: {sizes(nodes[0], addrs[0])}")
             print(f"  N={n}: {len(nodes)} nodes up (+{built:.0f}s), all {row['k']} records in {row['all_s']:.3f}s, "
                   f"{row['rpcs']:.0f} RPCs", flush=True)
+        many = await measure(nodes, addrs, swarm, volunteers, clusters) if volunteers and nodes else []
     finally:
         for dht in nodes:
             try:
                 await asyncio.wait_for(dht.shutdown(), 10)
             except Exception as e:
                 print(f"shutdown of a node failed: {e!r}")
-    return rows
+    return rows, many
 
 
 def _mem_available_mb() -> float:
@@ -180,11 +188,15 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8, help="expert records announced")
     ap.add_argument("--trials", type=int, default=3, help="fresh clients per N")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--volunteers", type=int, default=1000, help="volunteers stored at the largest N (0: none)")
+    ap.add_argument("--clusters", type=int, default=64, help="K for --volunteers")
     args = ap.parse_args()
     if args.quick:
         args.levels, args.k, args.trials = ([4, 8], 4, 1) if tiny() else ([8, 16], 8, 2)
+        args.volunteers = min(args.volunteers, 100) if tiny() else args.volunteers
     header(f"DHT discovery vs swarm size: N = {args.levels}, K = {args.k} records, {args.trials} clients per N")
-    rows = asyncio.run(run(sorted(args.levels), args.k, args.trials, args.seed))
+    rows, many = asyncio.run(run(sorted(args.levels), args.k, args.trials, args.seed, args.volunteers,
+                                 args.clusters))
     print(f"\n{'N':>5} {'log2 N':>6} {'join s':>7} {'1st get s':>9} {'found':>5} {'all K s':>8} {'gets':>5} "
           f"{'RPCs':>5} {'KB':>7} {'proc RSS MB':>11}")
     for r in rows:
@@ -197,6 +209,8 @@ def main() -> None:
               f"bytes x{b['bytes'] / max(a['bytes'], 1):.2f}")
     print("join = the client's daemon start + DHT bootstrap; 1st get = its first get_experts; all K = until every "
           "record is found; RPCs / KB = the client's DHT calls and protobuf bytes (both ways) for those lookups")
+    if many:
+        report(many, args.volunteers, args.clusters)
     footer()
 
 

@@ -150,18 +150,21 @@ def test_a_move_is_confirmed_only_by_consecutive_checks_that_agree():
 
 class FakeDHT:
     def __init__(self, records):
-        self.records = records
+        self.records, self.asked = records, []
 
-    async def get_experts(self):
-        return self.records, []
+    async def get_experts(self, clusters):
+        self.asked.append(list(clusters))
+        return [r for r in self.records if r.cluster in self.asked[-1]], []
 
 
 def test_balance_checks_say_what_they_see_and_confirm_before_moving(manifest):
     records = [rec("ME", 0), rec("B", 0), rec("C", 1)]  # cluster 2 has nobody
     cfg = RebalanceConfig((0.3, 0.3, 0.4), interval=1.0, confirmations=2, move=True)
     watch, lines = RebalanceWatch(2), []
-    check = lambda: asyncio.run(check_balance(FakeDHT(records), manifest, cfg, 0, watch, lines.append))  # noqa: E731
+    dht = FakeDHT(records)
+    check = lambda: asyncio.run(check_balance(dht, manifest, cfg, 0, watch, lines.append))  # noqa: E731
     assert check() is None and "check 1 of 2 before moving" in lines[-1]
+    assert dht.asked == [[0, 1, 2]]  # every cluster's key (version 6: one key per cluster)
     move = check()
     assert (move.src, move.dst) == (0, 2)
     quiet = RebalanceConfig((0.3, 0.3, 0.4), interval=1.0, confirmations=1, move=False)

@@ -59,7 +59,7 @@ def schema_accepts(value: dict) -> bool:
     """Whether a diffswarm DHT node's ``SchemaValidator`` stores ``value`` as an expert record."""
     [schema] = [v for v in make_validators("diffswarm") if isinstance(v, SchemaValidator)]
     ser = DHTProtocol.serializer
-    return schema.validate(DHTRecord(key=DHTID.generate(source=experts_key("diffswarm")).to_bytes(),
+    return schema.validate(DHTRecord(key=DHTID.generate(source=experts_key("diffswarm", 0)).to_bytes(),
                                      subkey=ser.dumps(b"[owner:ssh-rsa AAAA]/c0-fm"), value=ser.dumps(value),
                                      expiration_time=get_dht_time() + 60))
 
@@ -203,12 +203,17 @@ async def _dht_scenario(tmp: str) -> dict:
 
         # 1. another key writes the peer's subkey through a validating node: unsigned for that owner
         forged = dataclasses.replace(genuine, throughput=1e9, updated=get_dht_time() + 1)
-        key, sub = experts_key(SWARM), peer.owner + genuine.subkey_suffix
+        key, sub = experts_key(SWARM, 0), peer.owner + genuine.subkey_suffix
         out["forged_via_validator"] = await evil.node.store(key, forged.to_dict(), get_dht_time() + 120, subkey=sub)
 
         # 2. a schema-invalid record under the evil node's own subkey (every node here validates)
         bad = {**forged.to_dict(), "throughput": 5, "peer_id": evil.peer_id.to_base58()}
         out["bad_schema"] = await evil.node.store(key, bad, get_dht_time() + 120, subkey=evil.owner + b"/c0-fm")
+
+        # 2b. a valid record under another cluster's key (version 6: a record lives under its cluster's key)
+        other = {**expert_record(peer_id=evil.peer_id.to_base58(), expert_id="c2-x", cluster=2,
+                                 updated=get_dht_time()).to_dict()}
+        out["wrong_cluster"] = await evil.node.store(key, other, get_dht_time() + 120, subkey=evil.owner + b"/c2-x")
 
         # 3. an attacker node without validators (stores anything itself), signing with the wrong key
         attacker = await DHTNode.create(initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
@@ -220,14 +225,16 @@ async def _dht_scenario(tmp: str) -> dict:
         # 4. a newer peer's record with an extra field, under its own subkey: stored and parsed
         newer = {**expert_record(peer_id=evil.peer_id.to_base58(), expert_id="c2-fm", cluster=2,
                                  updated=get_dht_time()).to_dict(), "hardware": {"gpu": "none"}}
-        out["newer_stored"] = await evil.node.store(key, newer, get_dht_time() + 120, subkey=evil.owner + b"/c2-fm")
+        out["newer_stored"] = await evil.node.store(experts_key(SWARM, 2), newer, get_dht_time() + 120,
+                                                    subkey=evil.owner + b"/c2-fm")
 
         # 5. an older (version 1) peer's record, without the training summary: stored and parsed
         older = v1_dict(expert_record(peer_id=evil.peer_id.to_base58(), expert_id="c1-fm", cluster=1,
                                       updated=get_dht_time()))
-        out["older_stored"] = await evil.node.store(key, older, get_dht_time() + 120, subkey=evil.owner + b"/c1-fm")
+        out["older_stored"] = await evil.node.store(experts_key(SWARM, 1), older, get_dht_time() + 120,
+                                                    subkey=evil.owner + b"/c1-fm")
 
-        recs, errors = await reader.get_experts()
+        recs, errors = await reader.get_experts([0, 1, 2])
         out["seen"] = {(r.peer_id, r.expert_id): r for r in recs}
         out["errors"] = errors
         out["peer_id"], out["evil_id"] = peer.peer_id.to_base58(), evil.peer_id.to_base58()
@@ -247,6 +254,7 @@ def test_forged_records_are_rejected_and_genuine_ones_kept():
     assert out["forged_via_validator"] is False
     assert out["bad_schema"] is False
     assert out["newer_stored"] is True
+    assert out["wrong_cluster"] is False
     assert out["older_stored"] is True
     # the attacker's forged value is refused by every validating node (its own copy does not count as stored)
     assert out["attacker_stored"] is False
@@ -257,6 +265,7 @@ def test_forged_records_are_rejected_and_genuine_ones_kept():
     assert (out["evil_id"], "c2-fm") in seen  # forward-compatible record accepted
     assert seen[(out["evil_id"], "c1-fm")].train_steps is None  # backward-compatible record accepted
     assert (out["evil_id"], "c0-fm") not in seen
+    assert (out["evil_id"], "c2-x") not in seen
 
 
 def test_identity_file_keeps_the_peer_id_across_restarts(tmp_path):

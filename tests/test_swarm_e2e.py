@@ -196,10 +196,11 @@ def test_forged_record_for_a_running_peer_is_rejected(swarm):
         try:
             recs, _ = await node.get_experts()
             genuine = next(r for r in recs if r.peer_id == target)
-            found = await node.node.get(experts_key(swarm.swarm), latest=True)
+            key = experts_key(swarm.swarm, genuine.cluster)
+            found = await node.node.get(key, latest=True)
             subkey = next(sk for sk, v in found.value.items() if v.value["peer_id"] == target)
             fake = {**genuine.to_dict(), "throughput": 1e12, "updated": get_dht_time() + 5}
-            stored = await node.node.store(experts_key(swarm.swarm), fake, get_dht_time() + 300, subkey=subkey)
+            stored = await node.node.store(key, fake, get_dht_time() + 300, subkey=subkey)
             after, _ = await node.get_experts()
             return stored, genuine, next(r for r in after if r.peer_id == target)
         finally:

@@ -70,8 +70,9 @@ class Bootstrap:
     def router_providers(self) -> tuple[list[RouterProvider], list[str]]:
         return self.run(self.dht.get_providers(), timeout=60)
 
-    def stats_records(self) -> tuple[list[ClusterStatsRecord], list[str]]:
-        return self.run(self.dht.get_stats(), timeout=60)
+    def stats_records(self, k: int | None = None) -> tuple[list[ClusterStatsRecord], list[str]]:
+        """Statistics records of clusters 0..k-1 (None: every cluster of the owner's manifest)."""
+        return self.run(self.dht.get_stats(None if k is None else range(k)), timeout=60)
 
     def deadline(self, wait: float | None) -> float:
         """Monotonic time ``wait`` seconds from now (default ``cfg.connect_timeout``)."""
@@ -219,7 +220,7 @@ class Bootstrap:
         if manifest.admission is None:
             return [set() for _ in range(manifest.num_clusters)]
         try:
-            recs, _ = self.run(self.dht.get_attestations(), timeout=60)
+            recs, _ = self.run(self.dht.get_attestations(range(manifest.num_clusters)), timeout=60)
         except Exception as e:  # a failed lookup: only what the owner signed
             logger.info(f"attestation lookup failed: {e!r}")
             recs = []
@@ -249,10 +250,10 @@ class Bootstrap:
     def _choose_stats(self, manifest: SwarmManifest, bad: set[str]) -> list:
         """Per cluster of ``manifest``, the first candidate statistics (``choose_stats``) that parse and fit it
         (a ``ClusterStats``), or None; blobs that fail are added to ``bad`` and reported as events."""
-        recs, errors = self.stats_records()
+        recs, errors = self.stats_records(manifest.num_clusters)
         for e in errors:
             logger.info(f"skipped an invalid stats record: {e}")
-        experts, _ = self.run(self.dht.get_experts(), timeout=60)
+        experts, _ = self.run(self.dht.get_experts(range(manifest.num_clusters)), timeout=60)
         serving = {(r.peer_id, r.cluster) for r in experts if r.state == "online" and r.cluster is not None}
         cands, notes = choose_stats(recs, manifest, serving, allow_unsigned=self.cfg.allow_unsigned_stats,
                                     attested=self._attested_stats(manifest))

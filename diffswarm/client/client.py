@@ -194,8 +194,8 @@ class SwarmClient:
     def router_providers(self) -> tuple[list[RouterProvider], list[str]]:
         return self.bootstrap.router_providers()
 
-    def stats_records(self) -> tuple[list[ClusterStatsRecord], list[str]]:
-        return self.bootstrap.stats_records()
+    def stats_records(self, k: int | None = None) -> tuple[list[ClusterStatsRecord], list[str]]:
+        return self.bootstrap.stats_records(k)
 
     def find_manifest(self, wait: float | None = None) -> SwarmManifest:
         """The owner's newest valid manifest (``Bootstrap.find_manifest``)."""

@@ -50,8 +50,16 @@ class PeerDiscovery:
         self.view.update(self.records)
         return self.view
 
+    def clusters(self) -> range | None:
+        """The clusters whose expert keys a refresh reads: every cluster of the router's target, in one batched
+        lookup (routing may pick any cluster at any step, so each one's replicas are kept fresh), else of the owner's
+        manifest (None: ``SwarmDHT`` reads K from it)."""
+        if self.view is not None:
+            return range(self.view.target.num_clusters)
+        return range(self.manifest.num_clusters) if self.manifest is not None else None
+
     async def refresh_once(self) -> None:
-        recs, errors, lifetimes = await self.dht.get_experts_expiring()
+        recs, errors, lifetimes = await self.dht.get_experts_expiring(self.clusters())
         for e in errors:
             logger.info(f"skipped an invalid expert record: {e}")
         self.records = recs
@@ -75,7 +83,7 @@ class PeerDiscovery:
             self.view.admission = None
             return
         try:
-            found, errors = await self.dht.get_attestations()
+            found, errors = await self.dht.get_attestations(range(self.manifest.num_clusters))
         except Exception as e:  # a failed lookup keeps the attestations seen before
             logger.info(f"attestation lookup failed: {e!r}")
             found, errors = [], []

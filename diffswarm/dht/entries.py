@@ -1,25 +1,31 @@
 """Where records live in the DHT and how a DHT dictionary is read: keys, validators, owner binding.
 
-Five DHT keys per swarm; ``swarm`` is the swarm's full name ``NAME@FINGERPRINT`` (``names``), so
+The DHT keys of a swarm; ``swarm`` is the swarm's full name ``NAME@FINGERPRINT`` (``names``), so
 swarms of different owners never share keys. Each key is a dictionary whose subkeys are owned by the
-announcing peer (hivemind's ``RSASignatureValidator``):
+announcing peer (hivemind's ``RSASignatureValidator``). A DHT ``get`` returns a whole dictionary in one
+message (p2pd caps a message at 4 MiB), so the records every peer announces live under one key per
+cluster (version 6): at 1,000 volunteers and K = 64 a key holds ~16 peers' entries, not 1,000.
 
-- ``{swarm}_experts``: one ``ExpertRecord`` per served expert.
-  subkey = ``[owner:<peer RSA public key>]`` + ``"/" + expert_id`` (a joining record is replaced by the online one).
+- ``{swarm}_experts_{k}``: one ``ExpertRecord`` per served expert of cluster ``k`` (``{swarm}_experts``: the
+  experts trained on all data, ``cluster`` None). subkey = ``[owner:<peer RSA public key>]`` + ``"/" + expert_id``
+  (a joining record is replaced by the online one).
+- ``{swarm}_stats_{k}``: the ``ClusterStatsRecord`` of cluster ``k`` a peer publishes;
+  subkey = ``[owner:<peer key>]`` + ``"/stats" + cluster``.
+- ``{swarm}_attest_{k}``: validators' signed admission scores for cluster ``k`` (``AttestationRecord``,
+  :mod:`diffswarm.dht.attestations`); subkey = ``[owner:<peer key>]`` + ``"/" + sha256[:16] + "/" + cluster + "/" +
+  validator fingerprint``.
 - ``{swarm}_manifest``: the owner-signed ``SwarmManifest`` (partition, router hashes, dataset, shapes),
-  re-announced unchanged by every peer of the swarm under its own subkey ``[owner:<peer key>]``. Who
-  announces it does not matter: its validity comes from the owner's signature inside (``names``).
+  re-announced unchanged under the announcer's own subkey ``[owner:<peer key>]`` by the owner's peer and a few
+  others (``peer.manifest_copies``: one of each of the first 8 clusters), so the swarm outlives its founder
+  and the key stays small. Who announces it does not matter: its validity comes from the owner's signature inside.
 - ``{swarm}_routers``: one ``RouterProvider`` per peer that serves router bytes ("I serve the file with
   this sha256 at these addresses"); subkey = ``[owner:<peer key>]``. Anyone may serve bytes; the client
   checks them against the manifest.
-- ``{swarm}_stats``: one ``ClusterStatsRecord`` per cluster whose statistics a peer publishes;
-  subkey = ``[owner:<peer key>]`` + ``"/stats" + cluster``.
-- ``{swarm}_attest``: validators' signed admission scores (``AttestationRecord``, :mod:`diffswarm.dht.attestations`);
-  subkey = ``[owner:<peer key>]`` + ``"/" + sha256[:16] + "/" + cluster + "/" + validator fingerprint``.
 
 Only the owner of the key named in a subkey can write it (the record is signed; every DHT node
-running ``make_validators`` rejects other writes), and ``SchemaValidator`` rejects values that are
-not exactly of the schema's types or exceed its sizes. On top of that, the subkey's key is the peer's
+running ``make_validators`` rejects other writes), and ``SwarmValidator`` rejects values that are
+not exactly of the schema's types or exceed its sizes, and per-cluster values whose ``cluster`` is not the key's.
+On top of that, the subkey's key is the peer's
 libp2p identity key, so its peer id must equal the record's ``peer_id`` (``parse_entries``): a peer
 cannot announce an expert or a router at another peer's address.
 Bad entries are skipped, each with a one-line reason the caller logs (``parse_entries``, ``parse_manifests``).
@@ -27,12 +33,16 @@ Bad entries are skipped, each with a one-line reason the caller logs (``parse_en
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
 import pydantic.v1 as pydantic
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.protocol import DHTProtocol
+from hivemind.dht.routing import DHTID
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.dht.validation import DHTRecord
 
 from diffswarm.dht.records import (
     AttestationRecordModel,
@@ -42,13 +52,14 @@ from diffswarm.dht.records import (
     SwarmManifest,
     SwarmManifestModel,
 )
-from diffswarm.dht.schema import MAX_RECORD_AGE, RecordError, check_time
+from diffswarm.dht.schema import MAX_CLUSTERS, MAX_RECORD_AGE, RecordError, check_time
 
 _OWNER_RE = re.compile(rb"\[owner:(.+?)\]")
 
 
 class SwarmSchema(pydantic.BaseModel):
-    """The DHT keys of one swarm (prefixed with the swarm's full name by ``SchemaValidator``)."""
+    """The DHT keys of one swarm (prefixed with the swarm's full name by ``SchemaValidator``); ``experts``,
+    ``stats`` and ``attest`` also name the per-cluster keys ``{swarm}_experts_{k}`` ... (``SwarmValidator``)."""
 
     experts: dict[BytesWithPublicKey, ExpertRecordModel]
     manifest: dict[BytesWithPublicKey, SwarmManifestModel]
@@ -57,18 +68,56 @@ class SwarmSchema(pydantic.BaseModel):
     attest: dict[BytesWithPublicKey, AttestationRecordModel]
 
 
+PER_CLUSTER = ("experts", "stats", "attest")  # the fields of SwarmSchema stored under one key per cluster
+
+
+class SwarmValidator(SchemaValidator):
+    """``SchemaValidator`` of ``SwarmSchema`` whose per-cluster fields also validate ``{swarm}_{field}_{k}`` for
+    every ``k`` < ``MAX_CLUSTERS`` with the same model, and which rejects a value there whose ``cluster`` is not
+    ``k`` (and one under ``{swarm}_experts`` whose ``cluster`` is not None): a record lives under its cluster's key."""
+
+    def __init__(self, swarm: str):
+        super().__init__(SwarmSchema, allow_extra_keys=True, prefix=swarm)
+        fields, self._cluster_of = _cluster_key_ids(swarm)
+        self._key_id_to_field_name.update(fields)
+
+    def validate(self, record: DHTRecord) -> bool:
+        if not super().validate(record):
+            return False
+        if record.key not in self._cluster_of:
+            return True
+        try:
+            value = DHTProtocol.serializer.loads(record.value)
+        except Exception:  # unreadable bytes from the network (super() already parsed them: not expected)
+            return False
+        return isinstance(value, dict) and value.get("cluster") == self._cluster_of[record.key]
+
+
+@functools.lru_cache(maxsize=8)
+def _cluster_key_ids(swarm: str) -> tuple[dict[bytes, str], dict[bytes, int | None]]:
+    """The DHT ids of ``swarm``'s per-cluster keys: {id: field name} and {id: cluster} (~0.1 s to hash them all:
+    computed once per swarm and process)."""
+    fields, cluster_of = {}, {DHTID.generate(source=experts_key(swarm, None)).to_bytes(): None}
+    for name in PER_CLUSTER:
+        for k in range(MAX_CLUSTERS):
+            key_id = DHTID.generate(source=f"{swarm}_{name}_{k}").to_bytes()
+            fields[key_id], cluster_of[key_id] = name, k
+    return fields, cluster_of
+
+
 def make_validators(swarm: str | None, private_key=None) -> list:
     """Record validators every diffswarm DHT node runs: schema for ``swarm``'s keys (none for a plain DHT
     node, ``swarm`` None), signatures for all owner-protected keys. ``private_key``: the node's
     ``hivemind.utils.crypto.RSAPrivateKey``."""
     out = [RSASignatureValidator(private_key)]
     if swarm:
-        out.insert(0, SchemaValidator(SwarmSchema, allow_extra_keys=True, prefix=swarm))
+        out.insert(0, SwarmValidator(swarm))
     return out
 
 
-def experts_key(swarm: str) -> str:
-    return f"{swarm}_experts"
+def experts_key(swarm: str, cluster: int | None) -> str:
+    """The key of cluster ``cluster``'s expert records (None: the experts trained on all data)."""
+    return f"{swarm}_experts" if cluster is None else f"{swarm}_experts_{cluster}"
 
 
 def manifest_key(swarm: str) -> str:
@@ -79,12 +128,14 @@ def routers_key(swarm: str) -> str:
     return f"{swarm}_routers"
 
 
-def stats_key(swarm: str) -> str:
-    return f"{swarm}_stats"
+def stats_key(swarm: str, cluster: int) -> str:
+    """The key of cluster ``cluster``'s statistics records."""
+    return f"{swarm}_stats_{cluster}"
 
 
-def attest_key(swarm: str) -> str:
-    return f"{swarm}_attest"
+def attest_key(swarm: str, cluster: int) -> str:
+    """The key of the attestations for cluster ``cluster``."""
+    return f"{swarm}_attest_{cluster}"
 
 
 # ---------------------------------------------------------------------------------------------

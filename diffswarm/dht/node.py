@@ -22,6 +22,8 @@ import contextlib
 import logging
 import os
 import tempfile
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +48,7 @@ from diffswarm.dht.entries import (
 from diffswarm.dht.records import AttestationRecord, ClusterStatsRecord, ExpertRecord, RouterProvider, SwarmManifest
 
 logger = logging.getLogger(__name__)
+K_TTL = 60.0  # seconds a SwarmDHT remembers K of the owner's manifest (``num_clusters``)
 _SOCKETS = "/tmp/hivemind-p2p*.sock"
 
 
@@ -153,6 +156,7 @@ class SwarmDHT:
         self.swarm, self.p2p, self.node = swarm, p2p, node
         self.private_key, self.owner = private_key, owner  # owner: b"[owner:ssh-rsa ...]"
         self._ephemeral = ephemeral_identity
+        self._k: tuple[int, float] | None = None  # (K of the owner's manifest, when read: time.monotonic)
 
     @property
     def peer_id(self) -> PeerID:
@@ -218,7 +222,7 @@ class SwarmDHT:
 
     async def announce_expert(self, rec: ExpertRecord, expiration: float) -> bool:
         """Store ``rec`` under this peer's subkey for ``expiration`` seconds from now."""
-        return await self.node.store(experts_key(self.swarm), rec.to_dict(), get_dht_time() + expiration,
+        return await self.node.store(experts_key(self.swarm, rec.cluster), rec.to_dict(), get_dht_time() + expiration,
                                      subkey=self.owner + rec.subkey_suffix)
 
     async def announce_provider(self, rec: RouterProvider, expiration: float) -> bool:
@@ -228,19 +232,22 @@ class SwarmDHT:
 
     async def announce_stats(self, rec: ClusterStatsRecord, expiration: float) -> bool:
         """Publish this peer's cluster statistics (under this peer's subkey for that cluster)."""
-        return await self.node.store(stats_key(self.swarm), rec.to_dict(), get_dht_time() + expiration,
+        return await self.node.store(stats_key(self.swarm, rec.cluster), rec.to_dict(), get_dht_time() + expiration,
                                      subkey=self.owner + rec.subkey_suffix)
 
     async def announce_attestation(self, rec: AttestationRecord, expiration: float) -> bool:
         """Announce a validator's signed score (under this peer's subkey for that checkpoint, cluster and validator)."""
-        return await self.node.store(attest_key(self.swarm), rec.to_dict(), get_dht_time() + expiration,
+        return await self.node.store(attest_key(self.swarm, rec.cluster), rec.to_dict(), get_dht_time() + expiration,
                                      subkey=self.owner + rec.subkey_suffix)
 
-    async def get_attestations(self) -> tuple[list[AttestationRecord], list[str]]:
-        """Well-formed attestations announced by anyone (signatures: ``attestations.verify_attestation``)."""
+    async def get_attestations(self, clusters: Iterable[int] | None = None
+                               ) -> tuple[list[AttestationRecord], list[str]]:
+        """Well-formed attestations announced by anyone for ``clusters`` (None: every cluster of the owner's
+        manifest); signatures: ``attestations.verify_attestation``."""
         from diffswarm.dht.attestations import parse_attestations
 
-        return parse_attestations(await self._get_entries(attest_key(self.swarm)), get_dht_time())
+        keys = {attest_key(self.swarm, k): k for k in await self._clusters(clusters, whole=False)}
+        return _by_cluster(await self._get_many(keys), keys, lambda e: parse_attestations(e, get_dht_time()))
 
     async def announce_manifest(self, manifest: SwarmManifest, expiration: float) -> bool:
         """Re-announce the owner-signed ``manifest`` unchanged, under this peer's own subkey."""
@@ -250,42 +257,84 @@ class SwarmDHT:
     async def _get_entries(self, key: str, expirations: dict | None = None) -> dict:
         """``{subkey: value}`` of a dictionary key; fills ``expirations`` (if given) with each subkey's DHT
         expiration time (signed with the value: a storing node cannot extend it)."""
+        return (await self._get_many({key: None}, expirations))[key]
+
+    async def _get_many(self, keys: Iterable[str], expirations: dict | None = None) -> dict[str, dict]:
+        """``{key: {subkey: value}}`` of several dictionary keys, looked up together (one DHT traversal; hivemind
+        asks a node for up to ``chunk_size`` keys per call); ``expirations`` as in ``_get_entries``."""
         if not self.swarm:
             raise ValueError("a plain DHT node (no swarm name) has no swarm records")
-        found = await self.node.get(key, latest=True)
-        if found is None or not isinstance(found.value, dict):
-            return {}
-        if expirations is not None:
-            expirations.update({sk: float(v.expiration_time) for sk, v in found.value.items()})
-        return {sk: v.value for sk, v in found.value.items()}
+        keys = list(keys)
+        found = await self.node.get_many(keys, sufficient_expiration_time=float("inf")) if keys else {}
+        out: dict[str, dict] = {}
+        for key in keys:
+            got = found.get(key)
+            if got is None or not isinstance(got.value, dict):
+                out[key] = {}
+                continue
+            if expirations is not None:
+                expirations.update({sk: float(v.expiration_time) for sk, v in got.value.items()})
+            out[key] = {sk: v.value for sk, v in got.value.items()}
+        return out
 
-    async def get_experts(self) -> tuple[list[ExpertRecord], list[str]]:
-        """Valid expert records of the swarm, and one error line per skipped invalid record (forged,
-        malformed, oversized, from the future or stale)."""
-        recs, errors, _ = await self.get_experts_expiring()
+    async def num_clusters(self) -> int | None:
+        """K of the owner's newest validly signed manifest (remembered for ``K_TTL`` seconds), or None when none is
+        announced (or this node's swarm is not a full ``NAME@FINGERPRINT``)."""
+        if self._k is not None and time.monotonic() - self._k[1] < K_TTL:
+            return self._k[0]
+        from diffswarm.dht.names import SwarmNameError, choose_manifest, parse_swarm_name
+
+        try:
+            name = parse_swarm_name(self.swarm or "")
+        except SwarmNameError:
+            return None
+        manifest, _ = choose_manifest((await self.get_manifests())[0], name)
+        if manifest is None:
+            return None
+        self._k = (manifest.num_clusters, time.monotonic())
+        return manifest.num_clusters
+
+    async def _clusters(self, clusters: Iterable[int | None] | None, whole: bool) -> list[int | None]:
+        """``clusters``, or (None) every cluster of the owner's manifest, with None (the experts trained on all data)
+        first when ``whole``; just [None] / [] while no manifest is announced."""
+        if clusters is not None:
+            return list(dict.fromkeys(clusters))
+        k = await self.num_clusters()
+        return ([None] if whole else []) + list(range(k or 0))
+
+    async def get_experts(self, clusters: Iterable[int | None] | None = None) -> tuple[list[ExpertRecord], list[str]]:
+        """Valid expert records of ``clusters`` (None: every cluster of the owner's manifest and the experts trained
+        on all data), and one error line per skipped invalid record (forged, malformed, oversized, from the future,
+        stale, or under another cluster's key)."""
+        recs, errors, _ = await self.get_experts_expiring(clusters)
         return recs, errors
 
-    async def get_experts_expiring(self) -> tuple[list[ExpertRecord], list[str], dict[tuple[str, str], float]]:
+    async def get_experts_expiring(self, clusters: Iterable[int | None] | None = None
+                                   ) -> tuple[list[ExpertRecord], list[str], dict[tuple[str, str], float]]:
         """``get_experts`` plus how long each record has left in the DHT: ``{(peer_id, expert_id): seconds}``."""
         expirations: dict = {}
-        entries = await self._get_entries(experts_key(self.swarm), expirations)
+        keys = {experts_key(self.swarm, k): k for k in await self._clusters(clusters, whole=True)}
+        found = await self._get_many(keys, expirations)
         now = get_dht_time()
-        recs, errors = parse_entries(entries, ExpertRecord, now)
+        recs, errors = _by_cluster(found, keys, lambda e: parse_entries(e, ExpertRecord, now))
         left = {}
-        for sk, value in entries.items():  # parse_entries checked each kept record's subkey owns it
-            if isinstance(value, dict) and sk in expirations:
-                key = (value.get("peer_id"), value.get("expert_id"))
-                left[key] = max(left.get(key, 0.0), expirations[sk] - now)
+        for entries in found.values():
+            for sk, value in entries.items():  # parse_entries checked each kept record's subkey owns it
+                if isinstance(value, dict) and sk in expirations:
+                    key = (value.get("peer_id"), value.get("expert_id"))
+                    left[key] = max(left.get(key, 0.0), expirations[sk] - now)
         return recs, errors, left
 
     async def get_providers(self) -> tuple[list[RouterProvider], list[str]]:
         """Peers announcing router bytes (any router: the manifest says which one to use)."""
         return parse_entries(await self._get_entries(routers_key(self.swarm)), RouterProvider, get_dht_time())
 
-    async def get_stats(self) -> tuple[list[ClusterStatsRecord], list[str]]:
-        """Cluster statistics announced by peers (whose blobs hash right); which to use is the client's choice
-        (``client.discovery.choose_stats``)."""
-        return parse_entries(await self._get_entries(stats_key(self.swarm)), ClusterStatsRecord, get_dht_time())
+    async def get_stats(self, clusters: Iterable[int] | None = None) -> tuple[list[ClusterStatsRecord], list[str]]:
+        """Cluster statistics announced by peers for ``clusters`` (None: every cluster of the owner's manifest; whose
+        blobs hash right); which to use is the client's choice (``client.discovery.choose_stats``)."""
+        keys = {stats_key(self.swarm, k): k for k in await self._clusters(clusters, whole=False)}
+        now = get_dht_time()
+        return _by_cluster(await self._get_many(keys), keys, lambda e: parse_entries(e, ClusterStatsRecord, now))
 
     async def get_manifests(self) -> tuple[list[SwarmManifest], list[str]]:
         """Well-formed manifests announced by anyone; the owner's signature is checked by ``names.choose_manifest``."""
@@ -299,3 +348,18 @@ class SwarmDHT:
             if self._ephemeral and os.path.exists(self._ephemeral):
                 os.chmod(self._ephemeral, 0o600)
                 os.unlink(self._ephemeral)
+
+
+def _by_cluster(found: dict[str, dict], keys: dict[str, int | None], parse) -> tuple[list, list[str]]:
+    """The records ``parse`` reads from each per-cluster key of ``found`` whose ``cluster`` is that key's (the DHT's
+    validators already refuse others; a reader checks again), and the error lines."""
+    out, errors = [], []
+    for key, entries in found.items():
+        recs, errs = parse(entries)
+        errors += errs
+        for r in recs:
+            if r.cluster == keys[key]:
+                out.append(r)
+            else:
+                errors.append(f"a record of cluster {r.cluster} under the key of cluster {keys[key]}")
+    return out, errors

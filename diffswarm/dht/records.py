@@ -60,7 +60,7 @@ from diffswarm.dht.schema import (
 )
 from diffswarm.experts.config import OBJECTIVES
 
-RECORD_VERSION = 5  # 2: optional ExpertRecord.train_steps / final_loss; 3: signed SwarmManifest + RouterProvider;
+RECORD_VERSION = 6  # 2: optional ExpertRecord.train_steps / final_loss; 3: signed SwarmManifest + RouterProvider;
 #                    4: SwarmManifest.cluster_stats_sha256 (owner-signed statistics, in ``extra``);
 #                    5: optional ExpertRecord.relayed and contribution claims served_rows / served_images /
 #                       served_clients / uptime; ExpertRecord.eta_s; SwarmManifest.partition_sha256 /

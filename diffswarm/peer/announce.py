@@ -260,9 +260,10 @@ async def admission_verdicts(dht: SwarmDHT, manifest: SwarmManifest | None, serv
     rule = manifest.admission if manifest is not None else None
     if rule is None or not served:
         return {}
+    clusters = {s.expert.config.cluster for s in served} - {None}  # only these clusters' verdicts are needed
     try:
-        atts, _ = await dht.get_attestations()
-        recs, _ = await dht.get_experts()
+        atts, _ = await dht.get_attestations(clusters)
+        recs, _ = await dht.get_experts(clusters)
     except Exception as e:  # the DHT briefly unreachable: say nothing this time
         logger.debug(f"admission lookup failed: {e!r}")
         return {}
@@ -303,12 +304,12 @@ def sign_own_manifest(owner_key, fields: dict, swarm: SwarmName, router: RouterB
 
 
 async def follow_manifest(dht: SwarmDHT, swarm: SwarmName, current: SwarmManifest | None,
-                          own: SwarmManifest | None) -> SwarmManifest | None:
-    """The owner's newest valid manifest among this peer's own, the one it followed so far (``current``) and
-    those announced in the DHT; says so when it follows a new one."""
+                          own: SwarmManifest | None, look: bool = True) -> SwarmManifest | None:
+    """The owner's newest valid manifest among this peer's own, the one it followed so far (``current``) and, with
+    ``look``, those announced in the DHT; says so when it follows a new one."""
     found: list[SwarmManifest] = []
     try:
-        found, errors = await dht.get_manifests()
+        found, errors = await dht.get_manifests() if look else ([], [])
         for e in errors:
             logger.debug(f"skipped an invalid manifest: {e}")
     except Exception as e:  # the DHT being briefly unreachable: keep the manifest we have

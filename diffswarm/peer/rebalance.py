@@ -21,7 +21,7 @@ async def check_balance(dht: SwarmDHT, manifest: SwarmManifest | None, cfg: Reba
     """One check: the confirmed move (None: none yet, or nothing to do); says what it sees."""
     if manifest is None or len(cfg.shares) != manifest.num_clusters:
         return None
-    records, _ = await dht.get_experts()
+    records, _ = await dht.get_experts(range(manifest.num_clusters))
     cover = coverage(records, manifest, cfg.shares)
     move = rebalance_move(cover, mine, cfg.threshold, cfg.margin)
     confirmed = watch.observe(move)

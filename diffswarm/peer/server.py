@@ -12,7 +12,7 @@ Lifecycle (``Peer``), all in one asyncio loop (uvloop where available):
    addresses marked ``relayed``, or, when nobody could dial it and it has no relay, says what to do and stops
    instead of going online; the first peer of a swarm has nobody to ask and says so), announces ``online``;
    re-announces every ``announce_period`` with expiration ``expire_factor`` times that, carrying the current load and
-   throughput. Every heartbeat also re-announces the owner's
+   throughput. Every heartbeat also re-announces (if it keeps a copy, ``manifest_copies``) the owner's
    newest valid manifest (signed by this peer if it holds the owner key) and, for a peer serving
    router bytes, its ``RouterProvider`` entry. Records carry what the peer served (``contribution``), whose
    totals its log prints every ``contribution_log_period``.
@@ -68,6 +68,7 @@ from diffswarm.peer.config import PeerConfig
 from diffswarm.peer.contribution import Contribution
 from diffswarm.peer.hosted import PartitionBlob, RouterBlob, ServedExpert, load_served
 from diffswarm.peer.joining import TrainingProgress, train_while_joining
+from diffswarm.peer.manifest_copies import ManifestCopies
 from diffswarm.peer.placement import Move
 from diffswarm.peer.reachability import DialBack, is_loopback, settle_addresses
 from diffswarm.peer.servicer import ExpertServicer
@@ -103,6 +104,7 @@ class Peer:
         self.own_manifest: SwarmManifest | None = None  # the manifest this peer signed (owner only)
         self.manifest: SwarmManifest | None = None  # the owner's newest valid manifest known (re-announced)
         self._warned: set[tuple[str, float]] = set()  # (expert id, manifest issued) already warned about
+        self.copies = ManifestCopies()  # whether this peer keeps a copy of the manifest, and when it reads the key
         self._stats_notes: set[str] = set()  # statistics files the owner said it does not sign
         self._heartbeat: asyncio.Task | None = None
         self.contribution = Contribution()
@@ -215,12 +217,13 @@ class Peer:
                     self.own_manifest.signed_stats != fields.get(
                     STATS_HASHES_FIELD, [""] * fields["num_clusters"]):
                 self.own_manifest = sign_own_manifest(self.owner_key, fields, self.swarm, self.router)
-        self.manifest = await follow_manifest(self.dht, self.swarm, self.manifest, self.own_manifest)
+        self.manifest = await follow_manifest(self.dht, self.swarm, self.manifest, self.own_manifest,
+                                              look=self.manifest is None or self.copies.read_due())
         warn_misfits(self.served.values(), self.manifest, self._warned)
         return self.manifest
 
     async def announce(self) -> None:
-        """One heartbeat: the expert records and, in a swarm, the statistics, the manifest and the router entry."""
+        """One heartbeat: the expert records and, in a swarm, the statistics, the router entry and the manifest."""
         # heartbeats expire after expire_factor periods, and never later than readers call a record stale
         expiration = min(self.cfg.announce_period * self.cfg.expire_factor, MAX_RECORD_AGE)
         experts, stats, manifest, provider = self.records(), [], None, None
@@ -229,7 +232,8 @@ class Peer:
         if self.swarm is not None and self.state != "offline":
             manifest = await self.current_manifest()
             provider = self.provider_record()
-        await announce_records(self.dht, expiration, experts, stats, manifest, provider)
+        copy = await self.copies.copy_of(self.dht, manifest, experts, self.owner_key is not None)
+        await announce_records(self.dht, expiration, experts, stats, copy, provider)
         await self.services.after_heartbeat(manifest)
 
     def start_heartbeat(self) -> None:

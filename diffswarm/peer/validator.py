@@ -212,7 +212,7 @@ class Validator:
 
     async def validate_stats(self, m: SwarmManifest, rule: AdmissionRule) -> None:
         """Attest the announced cluster statistics that match the data (issue 18, item 5; ``admission.stats_check``)."""
-        recs, _ = await self.dht.get_stats()
+        recs, _ = await self.dht.get_stats(range(m.num_clusters))
         todo = [r for r in sorted(recs, key=lambda r: r.updated)
                 if r.partition_hash == m.partition_hash and r.num_clusters == m.num_clusters
                 and (r.stats_sha256, r.cluster) not in self.done_stats][:PER_ROUND]
@@ -236,7 +236,7 @@ class Validator:
         if rule is None:
             return
         await self.announce_held(rule)  # first: scoring newcomers may take longer than a period
-        recs, _ = await self.dht.get_experts()
+        recs, _ = await self.dht.get_experts(range(m.num_clusters))
         for rec in self.candidates(recs, m):
             if await self.validate(rec, rule) is not None:
                 await self.announce_held(rule)

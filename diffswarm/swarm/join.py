@@ -147,7 +147,7 @@ async def _survey(swarm: str, net: NetworkConfig, out: Path, wait: float) -> Sur
         if manifest.protocol != PROTOCOL_VERSION:
             raise JoinError(f"swarm {name} speaks protocol {manifest.protocol}, this diffswarm {PROTOCOL_VERSION}: "
                             "install a matching version")
-        records, _ = await node.get_experts()
+        records, _ = await node.get_experts([None, *range(manifest.num_clusters)])
         providers, _ = await node.get_providers()
         path = out / PARTITION_FILE
         data = _cached_partition(path, manifest)
