@@ -32,7 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import footer, header, rss_mb, tiny  # noqa: E402
-from dht_volunteers import measure, report  # noqa: E402
+from dht_volunteers import Sizes, measure, report  # noqa: E402
 
 from diffswarm.dht.names import swarm_name_of  # noqa: E402
 from diffswarm.dht.node import NetworkConfig, SwarmDHT, load_or_create_key  # noqa: E402
@@ -40,34 +40,6 @@ from diffswarm.dht.records import RECORD_VERSION, ExpertRecord  # noqa: E402
 from diffswarm.protocol.wire import PROTOCOL_VERSION  # noqa: E402
 
 P2PD_MB = 60  # resident memory of one idle p2pd, about (docs/benchmarks.md: 62 MB): sizes the memory check
-
-
-class CountingStub:
-    """A DHT RPC stub that counts calls and protobuf bytes both ways."""
-
-    def __init__(self, stub, tally: dict):
-        self._stub, self._tally = stub, tally
-
-    def __getattr__(self, name):
-        fn = getattr(self._stub, name)
-        if not name.startswith("rpc_"):
-            return fn
-
-        async def call(request, *a, **kw):
-            self._tally["rpcs"] += 1
-            self._tally["bytes"] += request.ByteSize()
-            resp = await fn(request, *a, **kw)
-            self._tally["bytes"] += resp.ByteSize() if hasattr(resp, "ByteSize") else 0
-            return resp
-        return call
-
-
-def count_traffic(dht: SwarmDHT) -> dict:
-    tally = {"rpcs": 0, "bytes": 0}
-    proto = dht.node.protocol
-    get_stub = proto.get_stub
-    proto.get_stub = lambda peer: CountingStub(get_stub(peer), tally)
-    return tally
 
 
 def record(dht: SwarmDHT, k: int, maddrs: list[str]) -> ExpertRecord:
@@ -97,7 +69,7 @@ async def discover(nodes, addrs, swarm: str, k: int, rng: random.Random, deadlin
     client = await SwarmDHT.create(NetworkConfig.loopback(addrs[entry], client_mode=True), swarm)
     try:
         joined = time.perf_counter() - t0
-        tally = count_traffic(client)
+        traffic = Sizes(client)  # DHT RPCs and protobuf bytes both ways, at the client's stub
         t0 = time.perf_counter()
         first, found, lookups = None, 0, 0
         while found < k and time.perf_counter() < deadline:
@@ -108,7 +80,7 @@ async def discover(nodes, addrs, swarm: str, k: int, rng: random.Random, deadlin
             if found < k:
                 await asyncio.sleep(0.05)
         return {"join_s": joined, "first_s": first[0], "first_found": first[1], "all_s": time.perf_counter() - t0,
-                "found": found, "lookups": lookups, **tally}
+                "found": found, "lookups": lookups, "rpcs": traffic.rpcs, "bytes": traffic.bytes}
     finally:
         await client.shutdown()
 
