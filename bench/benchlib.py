@@ -12,6 +12,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 
 import torch
 
@@ -111,6 +112,24 @@ def pin(pid: int, cpus: set[int]) -> None:
             os.sched_setaffinity(tid, cpus)
         except OSError:  # the thread ended meanwhile
             pass
+
+
+def call_loop(call, start: float, seconds: float) -> tuple[list[float], list, int]:
+    """Wait until wall-clock time ``start`` (clients of one level start together), then ``call()`` back to back for
+    ``seconds``: each successful call's round trip in ms, its result, and how many calls raised."""
+    lat, results, errors = [], [], 0
+    while time.time() < start:
+        time.sleep(0.001)
+    while time.time() < start + seconds:
+        t0 = time.perf_counter()
+        try:
+            out = call()
+        except Exception:
+            errors += 1
+            continue
+        lat.append(1000 * (time.perf_counter() - t0))
+        results.append(out)
+    return lat, results, errors
 
 
 def percentile(xs, q: float) -> float:

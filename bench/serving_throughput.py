@@ -33,7 +33,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import footer, header, percentile, rss_mb, tiny  # noqa: E402
+from benchlib import call_loop, footer, header, percentile, rss_mb, tiny  # noqa: E402
 
 WORKER_FLAG = "--worker"
 
@@ -65,22 +65,16 @@ def worker() -> None:
             labels = torch.randint(0, 10, (rows,))
             client.run(client.transport.connect(rep.peer_id, rep.addrs))
             client.run(client.call_velocity(rep, x, t, labels, 2.0, 30.0))  # warm: the session is open
-            lat, batch, over, comp, n, errors = [], [], [], [], 0, 0
-            start = cmd["start"]
-            while time.time() < start:
-                time.sleep(0.001)
-            while time.time() < start + cmd["seconds"]:
-                t0 = time.perf_counter()
-                try:
-                    _, meta = client.run(client.call_velocity(rep, x, t, labels, 2.0, 30.0))
-                except Exception:
-                    errors += 1
-                    continue
-                lat.append(1000 * (time.perf_counter() - t0))
-                batch.append(meta.get("batch_rows", rows))
-                over.append(lat[-1] - meta.get("queue_ms", 0.0) - meta.get("compute_ms", 0.0))
-                comp.append(meta.get("compute_ms", 0.0))
-                n += rows
+
+            def call(r=rep, x=x, t=t, y=labels) -> dict:  # the answer's metadata (queue and compute ms, batch rows)
+                return client.run(client.call_velocity(r, x, t, y, 2.0, 30.0))[1]
+
+            lat, metas, errors = call_loop(call, cmd["start"], cmd["seconds"])
+            batch = [meta.get("batch_rows", rows) for meta in metas]
+            over = [ms - meta.get("queue_ms", 0.0) - meta.get("compute_ms", 0.0)
+                    for ms, meta in zip(lat, metas, strict=True)]
+            comp = [meta.get("compute_ms", 0.0) for meta in metas]
+            n = rows * len(lat)
             print(json.dumps({"lat": lat, "batch": batch, "over": over, "comp": comp, "rows": n, "errors": errors,
                               "rss_mb": rss_mb(os.getpid()), "hwm_mb": rss_mb(os.getpid(), "VmHWM")}), flush=True)
 

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import footer, header, tiny  # noqa: E402
+from benchlib import call_loop, footer, header, tiny  # noqa: E402
 
 SERVE, WORKER = "--hivemind-serve", "--hivemind-worker"
 LOOPBACK = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], use_relay=False, use_auto_relay=False, auto_nat=False,
@@ -150,18 +150,8 @@ def worker() -> None:
         rows = cmd["rows"]
         x, t, labels = torch.randn(rows, 1, 28, 28), torch.rand(rows), torch.randint(0, 10, (rows,))
         expert(x, t, labels)
-        lat, n, errors = [], 0, 0
-        while time.time() < cmd["start"]:
-            time.sleep(0.001)
-        while time.time() < cmd["start"] + cmd["seconds"]:
-            t0 = time.perf_counter()
-            try:
-                expert(x, t, labels)
-            except Exception:
-                errors += 1
-                continue
-            lat.append(1000 * (time.perf_counter() - t0))
-            n += rows
+        lat, _, errors = call_loop(lambda x=x, t=t, y=labels: expert(x, t, y), cmd["start"], cmd["seconds"])
+        n = rows * len(lat)
         print(json.dumps({"lat": lat, "rows": n, "errors": errors}), flush=True)
     close()
 
