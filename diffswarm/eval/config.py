@@ -4,7 +4,7 @@ study's sizes (:class:`GMMSettings`)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from diffswarm.eval.pool import PoolConfig
 from diffswarm.eval.studies import STUDIES, study
@@ -21,10 +21,17 @@ class GMMSettings:
     stats_fit_samples: int = 20000
     kl_samples: int = 4000
     reference_samples: int = 20000
+    # replicates (each trains its own routers and draws its own samples): the unit the GMM verdicts replicate
+    # over, apart from the image studies' sampling seeds (the study is cheap, its replicates are not)
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+    def run_kwargs(self) -> dict:
+        """Keyword arguments of ``run_gmm_study`` (all but the seeds)."""
+        return {k: v for k, v in asdict(self).items() if k != "seeds"}
 
 
 QUICK_GMM = GMMSettings(n_samples=500, steps=20, router_steps=300, stats_fit_samples=4000, kl_samples=1000,
-                        reference_samples=4000)
+                        reference_samples=4000, seeds=(0, 1))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The Gaussian-mixture study: the exact 2-D checks of routed ensembles on the mixture of
-:mod:`diffswarm.eval.gmm` at one seed (:func:`run_gmm_study`), summarized over the sampling seeds
-(:func:`study_gmm`); its report section and plot.
+:mod:`diffswarm.eval.gmm` at one seed (:func:`run_gmm_study`), summarized over its replicate seeds
+(``GMMSettings.seeds``; :func:`study_gmm`); its report section and plot.
 
 Measures (``run_gmm_study``):
 - router KL(true posterior || router) against t, averaged over x_t from the true noised marginal,
@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -185,11 +184,11 @@ def run_gmm_study(seed: int = 0, n_samples: int = 2000, steps: int = 50, method:
 
 
 def study_gmm(cfg) -> dict:
-    """:func:`run_gmm_study` at every sampling seed, summarized."""
+    """:func:`run_gmm_study` at every seed of ``cfg.gmm.seeds``, summarized."""
     runs = []
-    for s in cfg.seeds:
+    for s in cfg.gmm.seeds:
         logger.info(f"  gmm seed {s}")
-        runs.append(run_gmm_study(seed=s, **asdict(cfg.gmm)))
+        runs.append(run_gmm_study(seed=s, **cfg.gmm.run_kwargs()))
     first = runs[0]
     kl = [{"t": row["t"], **{k: summarize([r["router_kl"][i][k] for r in runs]) for k in row if k != "t"}}
           for i, row in enumerate(first["router_kl"])]
@@ -230,7 +229,8 @@ def section_gmm(res: dict, out: Path) -> tuple[str, list[dict]]:
              f"{cfg['components']} Gaussian components in {cfg['clusters']} clusters (weights "
              f"{shares(g['cluster_weights'])}); exact cluster experts; routers: the true posterior, a trained MLP, "
              f"the statistics router (one Gaussian per cluster) and uniform. {cfg['n_samples']} samples, "
-             f"{cfg['steps']} {cfg['method']} steps, mean ± std over the sampling seeds.", "",
+             f"{cfg['steps']} {cfg['method']} steps, mean ± std over the replicate seeds (each with its own "
+             "routers and samples).", "",
              "KL(true posterior || router) against t:", "",
              table(["t", *names], [[f"{r['t']:.1f}"] + [fmt(r[n], 4) for n in names] for r in g["router_kl"]]), "",
              f"![gmm KL]({plot})", "",
