@@ -15,8 +15,8 @@ with top-2 routing, CFG 2, Euler. Runs alternate (the peers sit idle during loca
 background load; each time is the best of ``--repeats``. Then one more instrumented run of the default client
 splits a swarm step into: router pass, serialisation on the client (encode + decode), peer compute and queueing
 (from each answer's metadata), transport (the rest of the slowest call's round trip: both daemons, the peer's
-own decoding and encoding), the client's event-loop hop, the answer checks (local cross-check evaluations and
-comparisons, end-of-trajectory audits) and mixing + bookkeeping (the rest).
+own decoding and encoding), the client's event-loop hop, the answer checks in the steps (local cross-check
+evaluations and comparisons), the end-of-trajectory audit and mixing + bookkeeping (the rest).
 
 ``--split-cores`` models the user's machine and the volunteers' machines as two halves of this one: the bench
 process (the client, its daemon and the local runs) is pinned to the first half of the CPUs, the bootstrap and
@@ -171,7 +171,8 @@ class Probe:
         parts = {"router pass": self.t["router"], "peer compute": comp, "peer queueing": queue,
                  "client serialisation": ser, "transport (daemons, peer decode/encode)": rtt - comp - queue - ser,
                  "client loop hop": remote - rtt,
-                 "answer checks": self.t["local_checks"] + self.t["judge"] + self.t["audit"]}
+                 "answer checks in the steps": self.t["local_checks"] + self.t["judge"],
+                 "end-of-trajectory audit": self.t["audit"]}
         parts["mixing + bookkeeping"] = total - sum(parts.values())
         return {k: 1000 * v / max(self.evals, 1) for k, v in parts.items()}
 

@@ -331,3 +331,86 @@ def test_float16_transport_gets_no_honest_peer_judged_a_liar(three):
     assert ens.checks > 0  # the answers were cross-checked against the client's own copies
     # the client rounded every input itself: its checks evaluated exactly what the peers received
     assert all(m.unrounded == 0 for _, m in peers.values())
+
+
+class Counting:
+    """An expert that counts its forward passes and the rows they carried."""
+
+    def __init__(self, expert):
+        self.expert, self.passes = expert, []
+
+    def velocity(self, x, t, labels, guidance=1.0):
+        self.passes.append(len(x))
+        return self.expert.velocity(x, t, labels, guidance)
+
+    def parameters(self):
+        return self.expert.parameters()
+
+
+def test_local_calls_of_one_expert_go_in_one_forward_pass_with_the_same_answers(three):
+    from diffswarm.client.sources import LocalSource, local_velocities
+
+    experts = three[0]
+    a, b = Counting(experts[0]), Counting(experts[1])
+    a.expert_id = b.expert_id = "e"
+    la, lb = LocalSource(a, "a" * 64, 0), LocalSource(b, "b" * 64, 1)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, *SHAPE, generator=g) for n in (3, 2, 4)]
+    ts = [torch.rand(3, generator=g), torch.tensor(0.4), torch.rand(4, generator=g)]  # a 0-dim t is one per call
+    ls = [torch.tensor([0, 1, -1]), torch.tensor([2, 3]), torch.tensor([0, 0, 1, 2])]
+    calls = [("remote", xs[0], ts[0], ls[0]), (la, xs[0], ts[0], ls[0]), (lb, xs[1], ts[1], ls[1]),
+             (la, xs[2], ts[2], ls[2]), (la, xs[1], ts[1], ls[1])]
+    out = local_velocities(calls, 2.0)
+    assert sorted(out) == [1, 2, 3, 4] and a.passes == [3 + 4 + 2] and b.passes == [2]
+    for i in out:
+        src, x, t, lab = calls[i]
+        alone = src.expert.expert.velocity(x, t.expand(len(x)) if t.dim() == 0 else t, lab, 2.0)
+        assert out[i].shape == x.shape and torch.allclose(out[i], alone, atol=1e-5)
+
+
+def test_the_audit_recomputes_its_answers_together_and_retries_a_failed_partner(three, clean):
+    """Every answer the audit recomputes goes out in one round (remote partners concurrently, the client's own
+    copies in one pass per expert); an audited answer whose partner fails is recomputed by another partner."""
+    experts = three[0]
+
+    class DiesInAudit:  # an honest replica that stops answering once the trajectory's steps are done
+        def __init__(self, expert):
+            self.expert, self.dead = expert, False
+
+        def velocity(self, x, t, labels, guidance=1.0):
+            if self.dead:
+                raise ConnectionError("peer went away")
+            return self.expert.velocity(x, t, labels, guidance)
+
+    def audit_rounds(seed):
+        dying = DiesInAudit(experts[1])
+        peers = {"h0a": (0, experts[0]), "h0b": (0, experts[0]), "h1a": (1, experts[1]), "h1b": (1, dying),
+                 "h1c": (1, experts[1]), "h2a": (2, experts[2]), "h2b": (2, experts[2])}
+        ens, client = swarm(three, peers, trust=TrustConfig(verify_share=0.0, local_check_share=0.0))
+        ens.verifier.rng.seed(seed)
+        rounds, audit, real = [], ens.verifier.audit, ens.sources.answer_all
+
+        def audit_spy():
+            dying.dead = True
+            ens.sources.answer_all = lambda calls, g: rounds.append([c[0].peer_id for c in calls]) or real(calls, g)
+            try:
+                return audit()
+            finally:
+                ens.sources.answer_all = real
+
+        ens.verifier.audit = audit_spy
+        x, _ = run(ens)
+        assert torch.allclose(x, clean, atol=1e-5) and ens.liars == set()
+        assert set(honest_bans(client)) <= {"h1b"}  # a failed call's backoff, not a ban for lying
+        return rounds
+
+    for seed in range(40):
+        rounds = audit_rounds(seed)
+        assert rounds and len(rounds[0]) >= 3  # one round for the peers used (each: its last answer at least)
+        if "h1b" not in rounds[0]:
+            assert len(rounds) == 1
+            continue
+        # the dead partner's audits were recomputed in a second round, by the other replicas of cluster 1
+        assert len(rounds) == 2 and rounds[1] and set(rounds[1]) <= {"h1a", "h1c"}
+        return
+    raise AssertionError("the dead replica was never drawn as an audit partner in 40 trajectories")

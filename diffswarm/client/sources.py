@@ -74,6 +74,22 @@ class LocalSource:
         return self.expert.velocity(x.to(dev), t.to(dev), labels.to(dev), guidance).to(x.device)
 
 
+def local_velocities(calls, guidance: float) -> dict[int, torch.Tensor]:
+    """{index: velocity} of the calls [(source, x, t, labels)] whose source is a ``LocalSource``: the calls of one
+    source (an end-of-trajectory audit recomputes several answers of an expert) in one forward pass, split back."""
+    by_src: dict[int, list[int]] = {}
+    for i, c in enumerate(calls):
+        if isinstance(c[0], LocalSource):
+            by_src.setdefault(id(c[0]), []).append(i)
+    out = {}
+    for idx in by_src.values():
+        xs = [calls[i][1] for i in idx]
+        ts = [t.expand(len(x)) if t.dim() == 0 else t for t, x in zip((calls[i][2] for i in idx), xs, strict=True)]
+        v = calls[idx[0]][0].velocity(torch.cat(xs), torch.cat(ts), torch.cat([calls[i][3] for i in idx]), guidance)
+        out.update(zip(idx, v.split([len(x) for x in xs]), strict=True))
+    return out
+
+
 class Sources:
     """The sources of each cluster for one ``SwarmEnsemble``: remote replicas, or the client's own verified copy
     of an expert's weights. ``failed``: names of sources that failed in the current evaluation (skipped)."""
@@ -167,8 +183,7 @@ class Sources:
                                           for i in remote), return_exceptions=True)
 
         def local_answers() -> dict:
-            return {i: (src.velocity(xk, tk, lk, guidance), {"precision": "fp32"})
-                    for i, (src, xk, tk, lk) in enumerate(calls) if isinstance(src, LocalSource)}
+            return {i: (v, {"precision": "fp32"}) for i, v in local_velocities(calls, guidance).items()}
 
         out: list = [None] * len(calls)
         # the client's own evaluations (cross-checks, fallback) overlap the remote calls: a worker thread computes

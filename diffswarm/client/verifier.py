@@ -55,7 +55,11 @@ class Verifier:
         """Before the sampler returns: each peer's last unverified answer used in this trajectory, and
         ``audit_samples`` random earlier ones, are recomputed by a second source; a peer caught lying there is
         punished and ``rollback_to`` names the step of its first answer in x that the client's own copy did not
-        verify. Returns the events."""
+        verify. Returns the events.
+
+        The recomputations go out together (``Sources.answer_all``: remote partners concurrently, the client's own
+        copies of the weights in one forward pass per expert) and are judged in the order they were listed; an
+        answer whose partner failed is recomputed by another partner in a further round."""
         events, failed = [], set()
         self.begin_evaluation()  # every answer audited here is in x already
         todo = {}
@@ -63,19 +67,40 @@ class Verifier:
             for u in [self.ledger.last_call.get(p), *self.ledger.samples.get(p, (0, []))[1]]:
                 if u is not None:
                     todo[(p, u.step, id(u.v))] = u
-        for (p, _, _), u in todo.items():
-            if p in failed:  # caught (or failed) on an earlier answer of this audit
+        pending = list(todo.values())
+        while pending:
+            pending = self._audit_round(pending, events, failed)
+        self.ledger.last_call.clear()
+        self.ledger.samples.clear()
+        return events
+
+    def _audit_round(self, pending: list[Used], events: list[str], failed: set[str]) -> list[Used]:
+        """Recompute ``pending`` answers by a partner each (one ``answer_all`` per guidance scale) and judge them;
+        returns those to recompute again (their partner failed, another may be usable)."""
+        now = time.monotonic()
+        picked = []
+        for u in pending:
+            if u.src.peer_id in failed:  # caught (or failed) on an earlier answer of this audit
                 continue
-            now = time.monotonic()
             partner = self.sources.partner(u.k, u.src, now, failed, self.suspicion.score, self.rng)
-            if partner is None:
+            if partner is not None:
+                picked.append((u, partner))
+        outs = {}
+        for g in dict.fromkeys(u.guidance for u, _ in picked):
+            idx = [i for i, (u, _) in enumerate(picked) if u.guidance == g]
+            outs.update(zip(idx, self.sources.answer_all([(picked[i][1], *picked[i][0].call) for i in idx], g),
+                            strict=True))
+        again = []
+        for i, (u, partner) in enumerate(picked):
+            p = u.src.peer_id
+            if p in failed:  # caught on an earlier answer of this round
                 continue
-            out = self.sources.answer_all([(partner, *u.call)], u.guidance)[0]
-            vb = self.valid(partner, out, u.call[0], u.call[1], u.guidance, events, failed)
+            vb = self.valid(partner, outs[i], u.call[0], u.call[1], u.guidance, events, failed)
             self.checks += 1
             if vb is None:
+                again.append(u)
                 continue
-            self.precision_of[partner.peer_id] = answer_precision(out)
+            self.precision_of[partner.peer_id] = answer_precision(outs[i])
             tol = tolerance(self.trust, self.precision_of.get(p, "fp32"), self.precision_of[partner.peer_id])
             if agree(u.v, vb, tol):
                 self.vouch(u, partner, vb)
@@ -83,9 +108,7 @@ class Verifier:
                 self.ledger.unverified_since[p] = min(self.ledger.unverified_since.get(p, (u.step, u.evaluation)),
                                                (u.step, u.evaluation))
                 self.dispute(u.k, u.rows, u.src, u.v, partner, vb, u.call, u.guidance, events, failed)
-        self.ledger.last_call.clear()
-        self.ledger.samples.clear()
-        return events
+        return again
 
     def history(self, peer: str) -> int:
         return self.verified.get(peer, 0)
