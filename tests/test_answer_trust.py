@@ -228,6 +228,7 @@ def test_a_sleeper_caught_later_is_rolled_back(three, clean):
     x, events = run(ens)
     assert "liar1" in ens.liars, events
     assert any("recomputing from step" in e for e in events), events
+    assert any("liar1" in e and "caught lying" in e for e in events), events  # the user is told who and why
     assert torch.allclose(x, clean, atol=1e-5) and honest_bans(client) == []
 
 
@@ -414,3 +415,51 @@ def test_the_audit_recomputes_its_answers_together_and_retries_a_failed_partner(
         assert len(rounds) == 2 and rounds[1] and set(rounds[1]) <= {"h1a", "h1c"}
         return
     raise AssertionError("the dead replica was never drawn as an audit partner in 40 trajectories")
+
+
+class LiesOn:
+    """An honest peer except on the calls ``when(n, t)`` selects (n: its 1-based call count, t: the flow time)."""
+
+    def __init__(self, expert, when):
+        self.expert, self.when, self.n = expert, when, 0
+
+    def velocity(self, x, t, labels, guidance=1.0):
+        self.n += 1
+        v = self.expert.velocity(x, t, labels, guidance)
+        return v * 1.5 if self.when(self.n, float(t.flatten()[0])) else v
+
+
+def test_the_last_steps_answers_are_checked_in_the_step(three, clean):
+    """Each peer's answer in the trajectory's last step is cross-checked while the step runs (not audited after it):
+    a peer lying only there is caught and the step recomputed before the sampler's audit."""
+    experts = three[0]
+    last_t = 1.0 / SAMPLING.steps  # the Euler grid's last step starts here (uniform grid)
+    peers = {"h0": (0, experts[0]), "h1": (1, experts[1]), "h2": (2, experts[2]),
+             "liar1": (1, LiesOn(experts[1], lambda n, t: t <= last_t + 1e-6))}
+    ens, client = swarm(three, peers, trust=TrustConfig(verify_share=0.0, audit_samples=0),
+                        local={experts[1].weights_sha256: experts[1]})
+    audits = []
+    real = ens.verifier.audit
+    ens.verifier.audit = lambda: audits.append(set(ens.verifier.ledger.last_call)) or real()
+    x, events = run(ens)
+    assert "liar1" in ens.liars and torch.allclose(x, clean, atol=1e-5), events
+    assert any("a peer whose answers went into it was caught lying" in e for e in events), events
+    assert not any("audit caught" in e for e in events)
+    # every last answer that has a second source was checked in its step: the audit is left with h0 and h2 only
+    # (clusters with one peer and no copy of the weights on the client: nothing can check them)
+    assert audits and audits[-1] == {"h0", "h2"}
+
+
+def test_the_audits_random_picks_are_verified_while_the_peers_compute(three, clean):
+    """With room for every answer in the audit's reservoir, each unchecked answer is verified by the client's own
+    copy in the next evaluation's round: a peer lying once mid-trajectory is caught there, and the steps since
+    are recomputed without it."""
+    experts = three[0]
+    peers = {"h0": (0, experts[0]), "h1": (1, experts[1]), "h2": (2, experts[2]),
+             "liar1": (1, LiesOn(experts[1], lambda n, t: n == 3))}
+    ens, client = swarm(three, peers, trust=TrustConfig(verify_share=0.0, audit_samples=100, local_check_share=0.0),
+                        local={experts[1].weights_sha256: experts[1]})
+    x, events = run(ens)
+    assert "liar1" in ens.liars and torch.allclose(x, clean, atol=1e-5), events
+    assert any("a peer whose answers went into it was caught lying" in e for e in events), events
+    assert honest_bans(client) == []

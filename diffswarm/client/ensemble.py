@@ -249,8 +249,9 @@ class SwarmEnsemble(RoutedEnsemble):
         super().reset(batch, device)
         self.verifier.ledger.reset()
 
-    def begin_step(self, i: int) -> None:
+    def begin_step(self, i: int, steps: int) -> None:
         self.verifier.ledger.begin_step(i)
+        self.verifier.final_step = i == steps - 1  # its answers are cross-checked in the step, not audited after
 
     def end_trajectory(self) -> None:
         """Audit before the sampler returns: each peer's last unverified answer used in this trajectory, and random
@@ -273,12 +274,18 @@ class SwarmEnsemble(RoutedEnsemble):
         self._report_coverage(probs, events)
         ev = _Evaluation(x, t, labels, guidance, self.available(), events)
         self.verifier.begin_evaluation()
+        picks = self.verifier.pick_checks(ev.failed, guidance)  # audit picks, verified while the peers compute
         while todo := ev.todo(weights):  # rounds of calls: the rows of every cluster at once, then the retries
             calls, jobs, lost = self._plan(ev, todo)
+            n = len(calls)
+            calls += [(own, *u.call) for u, own in picks]
             outs = self.sources.answer_all(calls, guidance) if calls else []
             for job in jobs:
                 self._settle(ev, job, outs)
+            self.verifier.settle_pick_checks(picks, outs[n:], ev.events, ev.failed)
+            picks = []
             if self.verifier.rollback_to is not None:
+                self.client.events.extend(ev.events)  # who was caught, and why: shown with the recomputed step
                 raise StepRollback(self.verifier.rollback_to, "a peer whose answers went into it was caught lying")
             if lost:
                 if probs is None or not ev.avail.any():

@@ -55,6 +55,8 @@ class Ledger:
         self.samples: dict[str, tuple[int, list[Used]]] = {}  # peer -> (seen, reservoir of its unchecked answers)
         self.vouches: dict[str, dict[str, Used]] = {}  # peer -> {partner: partner's answer that agreed with it}
         self.checked: set[str] = set()  # peers cross-checked in this trajectory
+        self.new_picks: list[Used] = []  # answers the reservoir kept since the last round (verified early if it can)
+        self.audited: set[int] = set()  # id() of kept answers the client's own copy verified already
 
     def begin_step(self, i: int) -> None:
         self.step = i
@@ -82,6 +84,12 @@ class Ledger:
         seen += 1
         if len(kept) < self.audit_samples:
             kept.append(u)
+            self.new_picks.append(u)
         elif kept and self.rng.random() < self.audit_samples / seen:
             kept[self.rng.randrange(len(kept))] = u
+            self.new_picks.append(u)
         self.samples[p] = (seen, kept)
+
+    def is_kept(self, u: Used) -> bool:
+        """Whether ``u`` is still one of its peer's reservoir picks."""
+        return any(x is u for x in self.samples.get(u.src.peer_id, (0, []))[1])

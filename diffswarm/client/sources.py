@@ -76,11 +76,12 @@ class LocalSource:
 
 def local_velocities(calls, guidance: float) -> dict[int, torch.Tensor]:
     """{index: velocity} of the calls [(source, x, t, labels)] whose source is a ``LocalSource``: the calls of one
-    source (an end-of-trajectory audit recomputes several answers of an expert) in one forward pass, split back."""
-    by_src: dict[int, list[int]] = {}
+    checkpoint (an end-of-trajectory audit recomputes several answers of an expert) in one forward pass, split
+    back."""
+    by_src: dict[str, list[int]] = {}
     for i, c in enumerate(calls):
         if isinstance(c[0], LocalSource):
-            by_src.setdefault(id(c[0]), []).append(i)
+            by_src.setdefault(c[0].peer_id, []).append(i)  # local:<sha256 prefix>: one set of weights
     out = {}
     for idx in by_src.values():
         xs = [calls[i][1] for i in idx]

@@ -44,6 +44,7 @@ class Verifier:
         self.rollback_to: int | None = None  # the step to recompute from, once a liar's answers are found in x
         self.verified: dict[str, int] = {}  # peer -> answers verified since its last failed check (check_rate)
         self.ledger = Ledger(trust.audit_samples, self.rng)
+        self.final_step = False  # the trajectory's last step: every answer cross-checked (each peer's last answer)
 
     # -- trajectory bookkeeping (client/ledger.py) ------------------------------------------------
 
@@ -65,7 +66,7 @@ class Verifier:
         todo = {}
         for p in sorted(set(self.ledger.last_call) | set(self.ledger.samples)):
             for u in [self.ledger.last_call.get(p), *self.ledger.samples.get(p, (0, []))[1]]:
-                if u is not None:
+                if u is not None and id(u) not in self.ledger.audited:
                     todo[(p, u.step, id(u.v))] = u
         pending = list(todo.values())
         while pending:
@@ -110,6 +111,41 @@ class Verifier:
                 self.dispute(u.k, u.rows, u.src, u.v, partner, vb, u.call, u.guidance, events, failed)
         return again
 
+    def pick_checks(self, failed: set[str], guidance: float) -> list[tuple[Used, LocalSource]]:
+        """The audit's random picks (``Ledger.new_picks``) still kept, each with the client's own copy of its
+        weights when the client holds one: the caller computes them in its next round, while the peers compute
+        (``settle_pick_checks``), so that the end-of-trajectory audit has less left to do after the last step.
+        Which answer the audit checks is unchanged: each pick is verified once kept (a pick replaced later was
+        verified in vain: client compute, while it waits for the peers)."""
+        picks, self.ledger.new_picks = self.ledger.new_picks, []
+        out = []
+        for u in picks:
+            if u.src.peer_id in failed or u.guidance != guidance or not self.ledger.is_kept(u):
+                continue
+            own = self.sources.local(u.k, failed, u.src.checkpoint_sha256)
+            if own is not None:
+                out.append((u, own))
+        return out
+
+    def settle_pick_checks(self, picks: list[tuple[Used, LocalSource]], outs: list, events: list[str],
+                           failed: set[str]) -> None:
+        """Judge the answers of ``pick_checks`` (``outs``, in order) as the audit would: agreed ones are not audited
+        again; a peer caught lying is punished and ``rollback_to`` set."""
+        for (u, own), out in zip(picks, outs, strict=True):
+            p = u.src.peer_id
+            if p in failed or not self.ledger.is_kept(u):  # caught in this round, or the pick was replaced
+                continue
+            vb = self.valid(own, out, u.call[0], u.call[1], u.guidance, events, failed)
+            self.checks += 1
+            self.precision_of[own.peer_id] = answer_precision(out)
+            if agree(u.v, vb, tolerance(self.trust, self.precision_of.get(p, "fp32"), "fp32")):
+                self.vouch(u, own, vb)
+                self.ledger.audited.add(id(u))
+                continue
+            self.ledger.unverified_since[p] = min(self.ledger.unverified_since.get(p, (u.step, u.evaluation)),
+                                           (u.step, u.evaluation))
+            self.dispute(u.k, u.rows, u.src, u.v, own, vb, u.call, u.guidance, events, failed)
+
     def history(self, peer: str) -> int:
         return self.verified.get(peer, 0)
 
@@ -129,7 +165,7 @@ class Verifier:
         """A second source to cross-check this call of ``src`` with (``should_verify``), or None."""
         if isinstance(src, LocalSource):
             return None
-        if not should_verify(self.trust, self.rng, src.peer_id not in self.ledger.checked,
+        if not self.final_step and not should_verify(self.trust, self.rng, src.peer_id not in self.ledger.checked,
                              self.suspicion.score(src.peer_id, now), self.history(src.peer_id)):
             return None
         return self.sources.partner(k, src, now, failed, self.suspicion.score, self.rng)

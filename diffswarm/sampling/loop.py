@@ -50,7 +50,7 @@ def _step(model: VelocityModel, hooks: TrajectoryHooks, step: Step, x: torch.Ten
         return v_
 
     t, t_next = ts[i], ts[i + 1]
-    hooks.begin_step(i)
+    hooks.begin_step(i, len(ts) - 1)
     v = f(x, t)
     record = hooks.last  # the routing of the step's first evaluation
     x_next = step(f, x, t, t_next, v)
@@ -79,7 +79,7 @@ def sample(
     final step to t = 0 (plain Euler there, as in EDM/k-diffusion).
 
     A model that is a ``TrajectoryHooks`` is reset before the first step, told which step it is asked for
-    (``begin_step(i)``) and may audit the trajectory at its end (``end_trajectory``); one that raises
+    (``begin_step(i, steps)``) and may audit the trajectory at its end (``end_trajectory``); one that raises
     ``StepRollback`` gets the steps from ``rollback.step`` on again, from the states kept for them (the callback
     then sees those steps a second time, after an event saying why).
     """
