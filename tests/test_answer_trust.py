@@ -463,3 +463,35 @@ def test_the_audits_random_picks_are_verified_while_the_peers_compute(three, cle
     assert "liar1" in ens.liars and torch.allclose(x, clean, atol=1e-5), events
     assert any("a peer whose answers went into it was caught lying" in e for e in events), events
     assert honest_bans(client) == []
+
+
+@pytest.mark.parametrize(("a", "horizon", "m"), [(1, 11, 11), (1, 11, 6), (2, 11, 4), (1, None, 6)])
+def test_the_audits_picks_are_uniform_among_a_peers_unchecked_answers(a, horizon, m):
+    """Positions drawn in advance (verified as the answers arrive) and completed at the audit from a reservoir of
+    the rest: every unchecked answer is audited with probability min(a, m) / m; with a peer used in every
+    evaluation (m = horizon) every pick is known before the trajectory ends."""
+    from types import SimpleNamespace
+
+    from diffswarm.client.ledger import Job, Ledger
+
+    rng = random.Random(0)
+    ledger = Ledger(a, rng)
+    peer = SimpleNamespace(peer_id="p")
+    counts, early, trials = [0] * m, 0, 6000
+    for _ in range(trials):
+        ledger.reset(horizon)
+        for pos in range(m):
+            ledger.step = pos
+            ledger.note_used(Job(0, torch.arange(1), peer, None, (None, None, None), 0), 1.0, torch.zeros(1), peer,
+                             False)
+        early += len(ledger.new_picks)
+        picks = ledger.audit_picks("p")
+        assert len(picks) == min(a, m) and len({u.step for u in picks}) == len(picks)
+        for u in picks:
+            counts[u.step] += 1
+    expected = min(a, m) / m
+    assert all(abs(c / trials - expected) < 0.025 for c in counts), [c / trials for c in counts]
+    if horizon == m:
+        assert early == trials * a  # all drawn in advance: nothing left for after the last step
+    if horizon is None:
+        assert early == 0

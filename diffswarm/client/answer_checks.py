@@ -27,10 +27,11 @@ Escape probabilities (``escape_probability``, ``collusion_escape``; measured by 
 - A peer with n verified answers is checked at rate ``check_rate`` = max(verify_share, new_peer_rate *
   rate_decay^n) (a failed check resets n to 0): a fresh identity pays for its anonymity in checks.
 - Each peer's last answer and ``audit_samples`` answers drawn uniformly among its unchecked answers of the
-  trajectory (reservoir sampling) are audited. Where: every answer of the trajectory's last step is
-  cross-checked in that step; a reservoir pick is verified by the client's own copy of the weights (when it
-  holds one) in the next evaluation's round, while the peers compute; what is left (last answers of peers
-  not called in the last step, picks without a local copy) is checked before the sampler returns. A liar that
+  trajectory are audited (``Ledger``: positions drawn in advance from the client's generator, completed at the
+  end from a reservoir). Where: every answer of the trajectory's last step is cross-checked in that step; a
+  pick is verified by the client's own copy of the weights (when it holds one) in the next evaluation's round,
+  while the peers compute; what is left (last answers of peers not called in the last step, picks without a
+  local copy, completions) is checked before the sampler returns. A liar that
   lies on a share f of its m unchecked calls of a trajectory, at steps of its choosing, escapes it with
   probability at most (1 - f)^a * prod over its lies of (1 - r_i) <= (1 - f)^a (1 - verify_share)^(f m),
   with r_i the check rate at its i-th lie and a = ``audit_samples``; over G generations that is raised to

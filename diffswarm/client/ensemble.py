@@ -245,9 +245,9 @@ class SwarmEnsemble(RoutedEnsemble):
 
     # -- trajectory bookkeeping (for cross-check policy and rollbacks) ----------------------------
 
-    def reset(self, batch: int, device) -> None:
-        super().reset(batch, device)
-        self.verifier.ledger.reset()
+    def reset(self, batch: int, device, evaluations: int | None = None) -> None:
+        super().reset(batch, device, evaluations)
+        self.verifier.ledger.reset(evaluations)
 
     def begin_step(self, i: int, steps: int) -> None:
         self.verifier.ledger.begin_step(i)

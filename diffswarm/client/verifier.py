@@ -64,8 +64,8 @@ class Verifier:
         events, failed = [], set()
         self.begin_evaluation()  # every answer audited here is in x already
         todo = {}
-        for p in sorted(set(self.ledger.last_call) | set(self.ledger.samples)):
-            for u in [self.ledger.last_call.get(p), *self.ledger.samples.get(p, (0, []))[1]]:
+        for p in sorted(set(self.ledger.last_call) | set(self.ledger.samples) | set(self.ledger.spare)):
+            for u in [self.ledger.last_call.get(p), *self.ledger.audit_picks(p)]:
                 if u is not None and id(u) not in self.ledger.audited:
                     todo[(p, u.step, id(u.v))] = u
         pending = list(todo.values())
@@ -73,6 +73,7 @@ class Verifier:
             pending = self._audit_round(pending, events, failed)
         self.ledger.last_call.clear()
         self.ledger.samples.clear()
+        self.ledger.spare.clear()
         return events
 
     def _audit_round(self, pending: list[Used], events: list[str], failed: set[str]) -> list[Used]:
@@ -112,11 +113,10 @@ class Verifier:
         return again
 
     def pick_checks(self, failed: set[str], guidance: float) -> list[tuple[Used, LocalSource]]:
-        """The audit's random picks (``Ledger.new_picks``) still kept, each with the client's own copy of its
-        weights when the client holds one: the caller computes them in its next round, while the peers compute
-        (``settle_pick_checks``), so that the end-of-trajectory audit has less left to do after the last step.
-        Which answer the audit checks is unchanged: each pick is verified once kept (a pick replaced later was
-        verified in vain: client compute, while it waits for the peers)."""
+        """The audit's picks made since the last round (``Ledger.new_picks``: drawn in advance, so never replaced),
+        each with the client's own copy of its weights when the client holds one: the caller computes them in its
+        next round, while the peers compute (``settle_pick_checks``), so that the end-of-trajectory audit has less
+        left to do after the last step. Which answers the audit checks is unchanged."""
         picks, self.ledger.new_picks = self.ledger.new_picks, []
         out = []
         for u in picks:

@@ -59,7 +59,7 @@ class RoutedEnsemble(TrajectoryHooks):
             labels = torch.full_like(labels, -1)
         return self.router.probs(x, t, labels)
 
-    def reset(self, batch: int, device) -> None:
+    def reset(self, batch: int, device, evaluations: int | None = None) -> None:
         """Start a new trajectory: fix the per-sample Gumbel noise used by ``sample-k``, forget its draw."""
         gen = torch.Generator(device="cpu").manual_seed(self.gen_seed + 1)
         self.gumbel = sample_gumbel((batch, self.num_experts), gen, "cpu").to(device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from diffswarm.sampling.steps import SAMPLERS
+from diffswarm.sampling.steps import SAMPLERS, evaluations
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class SamplingConfig:
     @property
     def evaluations(self) -> int:
         """Velocity evaluations per trajectory (network evaluations of each chosen expert)."""
-        return self.steps if self.sampler == "euler" else 2 * self.steps - 1
+        return evaluations(self.sampler, self.steps)
 
 
 __all__ = ["SamplingConfig"]

@@ -12,7 +12,7 @@ import torch
 
 from diffswarm.experts.expert import VelocityModel
 from diffswarm.sampling.hooks import StepRollback, TrajectoryHooks
-from diffswarm.sampling.steps import Step, model_velocity, step_function, time_grid
+from diffswarm.sampling.steps import Step, evaluations, model_velocity, step_function, time_grid
 
 
 @dataclass
@@ -88,7 +88,7 @@ def sample(
         raise ValueError("steps must be >= 1")
     ts = time_grid(steps, noise.device, noise.dtype)
     hooks = model if isinstance(model, TrajectoryHooks) else _NO_HOOKS
-    hooks.reset(noise.shape[0], noise.device)
+    hooks.reset(noise.shape[0], noise.device, evaluations(method, steps))
     states = [noise]  # states[i]: x at the start of step i
     pending: list[str] = []  # rollback notices for the next callback
     rollbacks, i = 0, 0

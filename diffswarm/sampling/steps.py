@@ -49,6 +49,12 @@ def step_function(method: str) -> Step:
     return STEPS[method]
 
 
+def evaluations(method: str, steps: int) -> int:
+    """Velocity evaluations of a trajectory of ``steps`` steps of ``method`` (Heun: two per step but the last)."""
+    step_function(method)  # a known method
+    return steps if method == "euler" else 2 * steps - 1
+
+
 def time_grid(steps: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """Uniform flow-time grid 1 -> 0 with steps + 1 points."""
     return torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=dtype)
@@ -89,5 +95,5 @@ def sampler_step(
     return step(model_velocity(model, labels, guidance), x, _time(t, x), _time(t_next, x), v)
 
 
-__all__ = ["SAMPLERS", "STEPS", "Velocity", "euler_step", "heun_step", "model_velocity", "sampler_step",
+__all__ = ["SAMPLERS", "STEPS", "Velocity", "euler_step", "evaluations", "heun_step", "model_velocity", "sampler_step",
            "step_function", "time_grid"]
