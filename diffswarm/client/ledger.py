@@ -68,7 +68,8 @@ class Ledger:
         self.vouches: dict[str, dict[str, Used]] = {}  # peer -> {partner: partner's answer that agreed with it}
         self.checked: set[str] = set()  # peers cross-checked in this trajectory
         self.new_picks: list[Used] = []  # picks made since the last round (verified early when the client can)
-        self.audited: set[int] = set()  # id() of picks the client's own copy verified already
+        # id() -> pick the client's own copy verified already (the pick is kept alive: no other answer reuses its id)
+        self.audited: dict[int, Used] = {}
 
     def begin_step(self, i: int) -> None:
         self.step = i

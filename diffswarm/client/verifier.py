@@ -140,7 +140,7 @@ class Verifier:
             self.precision_of[own.peer_id] = answer_precision(out)
             if agree(u.v, vb, tolerance(self.trust, self.precision_of.get(p, "fp32"), "fp32")):
                 self.vouch(u, own, vb)
-                self.ledger.audited.add(id(u))
+                self.ledger.audited[id(u)] = u
                 continue
             self.ledger.unverified_since[p] = min(self.ledger.unverified_since.get(p, (u.step, u.evaluation)),
                                            (u.step, u.evaluation))
