@@ -60,8 +60,32 @@ def run_dashboard(p: DashboardPlan) -> int:
         return 0
     from diffswarm.tui.app import make_app
 
-    make_app(initial_peers=list(p.swarm.initial_peers), out_dir=p.out, config=p.swarm.config, device=p.device).run()
+    app = make_app(initial_peers=list(p.swarm.initial_peers), out_dir=p.out, config=p.swarm.config, device=p.device)
+    try:
+        app.run()
+    finally:
+        app.restore_signal_handlers()
+        _stop_terminal_threads(app)
+    if app.stopped_by is not None:
+        from diffswarm.utils.signals import Stopped
+
+        raise Stopped(app.stopped_by)  # reported and exited with as for every command (128 + the signal)
     return 0
+
+
+def _stop_terminal_threads(app) -> None:
+    """Stop the Textual driver's input and output threads if the app did not (a signal before the app took its
+    signals over raises ``Stopped`` wherever the main thread is, and one that lands outside the app's own shutdown
+    leaves both threads running: they are not daemons, so the process would never exit). Both stops are bounded:
+    the input thread polls its exit flag every 0.1 s."""
+    driver = getattr(app, "_driver", None)
+    if driver is None:
+        return
+    for stop in ("disable_input", "close"):
+        try:
+            getattr(driver, stop)()
+        except Exception:  # a terminal that is gone: nothing left to restore
+            pass
 
 
 def run_swarm_status(p: SwarmStatusPlan) -> int:

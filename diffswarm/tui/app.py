@@ -71,6 +71,8 @@ class DashboardApp(App):
         self._gen_idle = threading.Event()  # set while no generation thread runs (quit waits for it)
         self._gen_idle.set()
         self._quitting = False  # exit() was called or the app unmounted: workers stop touching widgets
+        self.stopped_by: int | None = None  # the signal (SIGHUP, SIGTERM, SIGINT) that asked the app to exit
+        self.signal_handlers: dict = {}  # signal -> the Python handler before the app's loop took it
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -101,9 +103,44 @@ class DashboardApp(App):
         return self.screen_stack[0].query_one(selector, expect_type)
 
     def on_mount(self) -> None:
+        self._exit_on_signals()
         self._q(SwarmTable).focus()
         self.action_refresh()
         self.set_interval(self.poll_seconds, self.action_refresh)
+
+    def _exit_on_signals(self) -> None:
+        """SIGHUP (its terminal closed), SIGTERM and SIGINT exit the app the way a quit does, on its own loop: the
+        command-wide handler (``utils.signals.stop_on_signals``) raises wherever the main thread is, and an app
+        interrupted outside its own shutdown leaves its terminal threads and workers waiting forever (the process
+        never exits). The command then reports the signal (``stopped_by``)."""
+        import asyncio
+        import signal
+
+        from diffswarm.utils.signals import STOP_SIGNALS
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # a test's pilot: no signals here
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            previous = signal.getsignal(sig)
+            try:
+                loop.add_signal_handler(sig, self._signalled, sig)
+            except (NotImplementedError, RuntimeError, ValueError):  # no signals on this loop
+                return
+            self.signal_handlers[sig] = previous  # the loop resets it when it closes: restore_signal_handlers()
+
+    def restore_signal_handlers(self) -> None:
+        """The handlers from before the app ran (after ``run()``: a closed loop leaves the default ones)."""
+        import signal
+
+        for sig, handler in self.signal_handlers.items():
+            signal.signal(sig, handler)
+        self.signal_handlers.clear()
+
+    def _signalled(self, signum: int) -> None:
+        if self.stopped_by is None:
+            self.stopped_by = signum
+            self.exit()
 
     def on_unmount(self) -> None:
         self._quitting = True
