@@ -103,14 +103,21 @@ class Verifier:
                 again.append(u)
                 continue
             self.precision_of[partner.peer_id] = answer_precision(outs[i])
-            tol = tolerance(self.trust, self.precision_of.get(p, "fp32"), self.precision_of[partner.peer_id])
-            if agree(u.v, vb, tol):
-                self.vouch(u, partner, vb)
-            else:
-                self.ledger.unverified_since[p] = min(self.ledger.unverified_since.get(p, (u.step, u.evaluation)),
-                                               (u.step, u.evaluation))
-                self.dispute(u.k, u.rows, u.src, u.v, partner, vb, u.call, u.guidance, events, failed)
+            self._judge_audited(u, partner, vb, events, failed)
         return again
+
+    def _judge_audited(self, u: Used, partner, vb: torch.Tensor, events: list[str], failed: set[str]) -> bool:
+        """An audited answer ``u`` against its partner's ``vb``: vouched for if they agree, else disputed (the
+        peer's unverified answers start no later than u). Returns whether they agreed."""
+        p = u.src.peer_id
+        tol = tolerance(self.trust, self.precision_of.get(p, "fp32"), self.precision_of[partner.peer_id])
+        if agree(u.v, vb, tol):
+            self.vouch(u, partner, vb)
+            return True
+        self.ledger.unverified_since[p] = min(self.ledger.unverified_since.get(p, (u.step, u.evaluation)),
+                                       (u.step, u.evaluation))
+        self.dispute(u.k, u.rows, u.src, u.v, partner, vb, u.call, u.guidance, events, failed)
+        return False
 
     def pick_checks(self, failed: set[str], guidance: float) -> list[tuple[Used, LocalSource]]:
         """The audit's picks made since the last round (``Ledger.new_picks``: drawn in advance, so never replaced),
@@ -133,18 +140,13 @@ class Verifier:
         again; a peer caught lying is punished and ``rollback_to`` set."""
         for (u, own), out in zip(picks, outs, strict=True):
             p = u.src.peer_id
-            if p in failed or not self.ledger.is_kept(u):  # caught in this round, or the pick was replaced
+            if p in failed or not self.ledger.is_kept(u):  # caught in this round, or its step is being recomputed
                 continue
             vb = self.valid(own, out, u.call[0], u.call[1], u.guidance, events, failed)
             self.checks += 1
             self.precision_of[own.peer_id] = answer_precision(out)
-            if agree(u.v, vb, tolerance(self.trust, self.precision_of.get(p, "fp32"), "fp32")):
-                self.vouch(u, own, vb)
+            if self._judge_audited(u, own, vb, events, failed):
                 self.ledger.audited[id(u)] = u
-                continue
-            self.ledger.unverified_since[p] = min(self.ledger.unverified_since.get(p, (u.step, u.evaluation)),
-                                           (u.step, u.evaluation))
-            self.dispute(u.k, u.rows, u.src, u.v, own, vb, u.call, u.guidance, events, failed)
 
     def history(self, peer: str) -> int:
         return self.verified.get(peer, 0)
