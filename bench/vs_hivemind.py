@@ -23,8 +23,11 @@ hivemind's server. Ratios > 1: diffswarm is faster. Samples of both are compared
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,6 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import call_loop, footer, header, tiny  # noqa: E402
 
 SERVE, WORKER = "--hivemind-serve", "--hivemind-worker"
+START_S = 180.0  # a hivemind server or client process that has not said it is ready by then is reported, not awaited
+CALL_S = 60.0  # the same for one RemoteExpert call (hivemind.moe's calls have no timeout of their own)
 LOOPBACK = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], use_relay=False, use_auto_relay=False, auto_nat=False,
                 nat_port_map=False)
 
@@ -77,23 +82,36 @@ def serve() -> None:
     server.shutdown()
 
 
+def readline_within(proc: subprocess.Popen, seconds: float, what: str) -> str:
+    """The next line ``proc`` prints, or RuntimeError naming ``what`` if it prints none within ``seconds``."""
+    ready, _, _ = select.select([proc.stdout], [], [], seconds)
+    line = proc.stdout.readline() if ready else ""
+    if not line:
+        raise RuntimeError(f"{what}: no answer within {seconds:.0f} s" if not ready else f"{what}: it exited")
+    return line
+
+
 class HivemindServer:
     def __init__(self, paths):
         env = dict(os.environ, GOMAXPROCS="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), SERVE, json.dumps([str(p) for p in
-                                      paths])], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        line = self.proc.stdout.readline()
-        if not line:
+                                      paths])], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     start_new_session=True)
+        try:
+            self.info = json.loads(readline_within(self.proc, START_S, "the hivemind server's start"))
+        except BaseException:
             self.close()
-            raise RuntimeError("the hivemind server did not start")
-        self.info = json.loads(line)
+            raise
 
     def close(self):
         try:
             self.proc.stdin.close()
             self.proc.wait(timeout=30)
         except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
+            # a stuck server: its runtime, pools and connection handlers are forked children in its process group
+            # (start_new_session), which a kill of the server alone would orphan
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
 
@@ -129,7 +147,10 @@ def hivemind_ensemble(remotes, router, routing, seed: int):
                 rows = (weights[:, k] > 0).nonzero(as_tuple=True)[0]
                 if rows.numel():
                     futs[k] = pool.submit(remotes[k], x[rows], t[rows], labels[rows])
-            answers = {k: f.result().detach() for k, f in futs.items()}
+            try:
+                answers = {k: f.result(timeout=CALL_S).detach() for k, f in futs.items()}
+            except TimeoutError:
+                raise RuntimeError(f"a hivemind.moe RemoteExpert call did not return within {CALL_S:.0f} s") from None
             # mix asks expert k for exactly the rows that chose it: the rows its call was given
             return mix(x, weights, lambda k, rows: answers[k], self.calls), weights, []
 
@@ -167,10 +188,12 @@ class HivemindClients:
         self.inner.procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), WORKER, json.dumps(info)],
                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
                             for _ in range(n)]
-        for p in self.inner.procs:
-            if not p.stdout.readline():
-                self.inner.close()
-                raise RuntimeError("a hivemind client process failed to start")
+        try:
+            for p in self.inner.procs:
+                readline_within(p, START_S, f"hivemind client process {p.pid}'s start")
+        except BaseException:
+            self.inner.close()
+            raise
 
     def run(self, n, seconds, rows):
         return self.inner.run(n, {}, seconds, rows)
@@ -180,6 +203,10 @@ class HivemindClients:
 
 
 def main() -> None:
+    # hivemind forks its DHT, runtime and connection handlers from processes that already run threads; the first
+    # tempfile.gettempdir() takes a lock, and a fork while another thread holds it leaves the child waiting on it
+    # forever (a connection handler stuck there kept the server from ever being ready): settle it before any fork
+    tempfile.gettempdir()
     if SERVE in sys.argv:
         return serve()
     if WORKER in sys.argv:
