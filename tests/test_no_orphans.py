@@ -140,7 +140,8 @@ class Run:
     def assert_clean(self, sig: int, rc: int) -> None:
         procs, socks = self.leftovers()
         self.kill_all()
-        assert (procs, socks) == ([], []), f"left after {signal.Signals(sig).name}:\n{self.text()[-3000:]}"
+        left = f"left after {signal.Signals(sig).name}: {procs} {socks}"
+        assert (procs, socks) == ([], []), f"{left}\n{self.text()[-3000:]}"
         assert rc == 128 + sig, f"exit code {rc}:\n{self.text()[-3000:]}"
         assert self.run_dir is None or not (self.run_dir / "swarm.json").exists()
 
@@ -247,7 +248,7 @@ def test_dashboard_in_a_closed_terminal(toy_swarm, tmp_path):
     rc = run.stop(signal.SIGHUP, group=True)
     procs, socks = run.leftovers()
     run.kill_all()
-    assert (procs, socks) == ([], []), run.text()[-3000:]
+    assert (procs, socks) == ([], []), f"left: {procs} {socks}\n{run.text()[-3000:]}"
     assert rc != 0
 
 

@@ -283,3 +283,22 @@ def test_identity_file_keeps_the_peer_id_across_restarts(tmp_path):
 
     first, second = asyncio.run(asyncio.wait_for(start_twice(), 60))
     assert first == second == identity_peer_id(path)
+
+
+def test_shutdown_removes_the_sockets_of_a_daemon_that_died_first():
+    """A closed terminal's SIGHUP reaches p2pd with its process group: the node's shutdown still removes the daemon's
+    socket (hivemind removes it only while the daemon runs)."""
+    import signal
+
+    async def run():
+        node = await SwarmDHT.create(NetworkConfig.loopback())
+        paths = node.socket_paths()
+        assert os.path.exists(paths[0])  # the daemon's (its client's appears once a handler is registered)
+        child = node.p2p._child
+        child.send_signal(signal.SIGHUP)
+        await asyncio.wait_for(child.wait(), 10)
+        await node.shutdown()
+        return paths
+
+    paths = asyncio.run(asyncio.wait_for(run(), 60))
+    assert [p for p in paths if os.path.exists(p)] == []

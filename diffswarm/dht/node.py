@@ -18,6 +18,7 @@ None for a plain DHT node (it runs no schema validator, only signature checks).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -340,11 +341,23 @@ class SwarmDHT:
         """Well-formed manifests announced by anyone; the owner's signature is checked by ``names.choose_manifest``."""
         return parse_manifests(await self._get_entries(manifest_key(self.swarm)), get_dht_time())
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Unregister the DHT's handlers, stop the daemon, remove its sockets. A daemon that already died is not
+        asked anything (its control socket would never answer: hivemind would wait forever), nor one that does not
+        answer within ``timeout``."""
+        sockets = self.socket_paths()
+        child = getattr(self.p2p, "_child", None)
         try:
-            await self.node.shutdown()
+            if child is None or child.returncode is None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.node.shutdown(), timeout)
         finally:
             await self.p2p.shutdown()
+            # hivemind removes the daemon's socket only if the daemon was still running: one that died first (a
+            # closed terminal's SIGHUP reaches the whole process group) leaves it in /tmp
+            for path in sockets:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
             if self._ephemeral and os.path.exists(self._ephemeral):
                 os.chmod(self._ephemeral, 0o600)
                 os.unlink(self._ephemeral)
