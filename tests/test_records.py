@@ -295,7 +295,7 @@ def test_shutdown_removes_the_sockets_of_a_daemon_that_died_first():
         paths = node.socket_paths()
         assert os.path.exists(paths[0])  # the daemon's (its client's appears once a handler is registered)
         child = node.p2p._child
-        child.send_signal(signal.SIGHUP)
+        child.send_signal(signal.SIGKILL)  # dead first (SIGHUP may be ignored: dispositions are inherited)
         await asyncio.wait_for(child.wait(), 10)
         await node.shutdown()
         return paths
