@@ -78,7 +78,8 @@ def eval_config(quick: bool, out: str, **over):
     else:
         # the training seed is the unit of replication: 3 of them (a paired t test with 2 df), one sampling seed
         # each (a second one only narrows a training seed's mean, at the cost of every sampled cell), experts of
-        # FULL_BUDGET steps: sized to fit about 6 h of a 2-core CPU; docs/results.md states what was cut and why
+        # FULL_BUDGET steps: sized for about 6 h of a 2-core CPU by training cost alone; sampling measured more
+        # (2026-12-02: 40-80 s per cell at N = 300), so every study at these sizes takes longer: docs/results.md
         sizes = dict(train_seeds=(0, 1, 2), seeds=(0,), n=400, stability_n=32, gmm=GMMSettings())
     if over.get("n") is None:
         over.pop("n", None)
