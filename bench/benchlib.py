@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import platform
+import select
 import shlex
+import subprocess
 import sys
 import time
 
@@ -112,6 +114,15 @@ def pin(pid: int, cpus: set[int]) -> None:
             os.sched_setaffinity(tid, cpus)
         except OSError:  # the thread ended meanwhile
             pass
+
+
+def readline_within(proc: subprocess.Popen, seconds: float, what: str) -> str:
+    """The next line ``proc`` prints, or RuntimeError naming ``what`` if it prints none within ``seconds``."""
+    ready, _, _ = select.select([proc.stdout], [], [], seconds)
+    line = proc.stdout.readline() if ready else ""
+    if not line:
+        raise RuntimeError(f"{what}: no answer within {seconds:.0f} s" if not ready else f"{what}: it exited")
+    return line
 
 
 def call_loop(call, start: float, seconds: float) -> tuple[list[float], list, int]:

@@ -33,9 +33,11 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import call_loop, footer, header, percentile, rss_mb, tiny  # noqa: E402
+from benchlib import call_loop, footer, header, percentile, readline_within, rss_mb, tiny  # noqa: E402
 
 WORKER_FLAG = "--worker"
+START_S = 180.0  # a client process that has not said it is ready by then is reported, not awaited
+RESULT_GRACE_S = 120.0  # beyond its run's length, how long a client's results may take to come back
 
 
 def worker() -> None:
@@ -92,8 +94,7 @@ class Clients:
                                          text=True, env=env) for _ in range(min(4, n - start))]
                 self.procs += wave
                 for p in wave:
-                    line = p.stdout.readline()
-                    if not line or not json.loads(line).get("ready"):
+                    if not json.loads(readline_within(p, START_S, f"client process {p.pid}'s start")).get("ready"):
                         raise RuntimeError(f"client process {p.pid} failed to start")
         except BaseException:
             self.close()
@@ -105,7 +106,10 @@ class Clients:
         for p in self.procs[:n]:
             p.stdin.write(json.dumps({"peer": peer, "seconds": seconds, "rows": rows, "start": start}) + "\n")
             p.stdin.flush()
-        return [json.loads(p.stdout.readline()) for p in self.procs[:n]]
+        # a client stuck on a peer that stopped answering is reported, not awaited (each call has its own deadline;
+        # this bounds the whole run)
+        return [json.loads(readline_within(p, max(1.0, start - time.time() + seconds + RESULT_GRACE_S),
+                                           f"client process {p.pid}'s results")) for p in self.procs[:n]]
 
     def close(self) -> None:
         for p in self.procs:

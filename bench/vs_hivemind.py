@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import call_loop, footer, header, tiny  # noqa: E402
+from benchlib import call_loop, footer, header, readline_within, tiny  # noqa: E402
 
 SERVE, WORKER = "--hivemind-serve", "--hivemind-worker"
 START_S = 180.0  # a hivemind server or client process that has not said it is ready by then is reported, not awaited
@@ -80,15 +79,6 @@ def serve() -> None:
     print(json.dumps({"peer_id": dht.peer_id.to_base58(), "maddrs": maddrs, "uids": list(backends)}), flush=True)
     sys.stdin.read()  # until the parent closes our stdin
     server.shutdown()
-
-
-def readline_within(proc: subprocess.Popen, seconds: float, what: str) -> str:
-    """The next line ``proc`` prints, or RuntimeError naming ``what`` if it prints none within ``seconds``."""
-    ready, _, _ = select.select([proc.stdout], [], [], seconds)
-    line = proc.stdout.readline() if ready else ""
-    if not line:
-        raise RuntimeError(f"{what}: no answer within {seconds:.0f} s" if not ready else f"{what}: it exited")
-    return line
 
 
 class HivemindServer:
