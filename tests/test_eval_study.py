@@ -412,7 +412,8 @@ def test_the_full_runs_hddm_and_scaling_studies_are_defined(tmp_path, monkeypatc
     assert [r["ensemble"] for r in out["rows"]] == ["fm", "ddpm-eps", "hmix-2", "hmix-2@1"]
     assert len(asked) == 4 * 6 and {c.strategy for c in asked} == {"top-2"}
     full = eval_config(False, str(tmp_path))
-    assert full.train_seeds == (0, 1, 2) and set(full.studies) == set(STUDIES) and "hddm" not in QUICK_STUDIES
+    assert full.train_seeds == (0, 1, 2, 3, 4) and full.n == 300 and full.pool.expert_steps == 100
+    assert set(full.studies) == set(STUDIES) and "hddm" not in QUICK_STUDIES
     pool = ExpertPool(eval_config(True, str(tmp_path), cache_dir=None).pool, str(tmp_path / "cache"))
     eps = pool.expert_config("ddpm-eps", 0)
     assert (eps.objective, eps.ddpm_time, eps.loss_weighting) == ("ddpm", "uniform", "none")

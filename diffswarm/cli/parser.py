@@ -321,11 +321,11 @@ def _add_evaluation_commands(sub) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="sampling seeds, averaged within a training seed (default 0; quick 0 1)")
     p.add_argument("--train-seeds", type=int, nargs="+", default=None,
-                   help="training seeds, one expert pool each: the unit the tests replicate over (default 0 1 2; "
+                   help="training seeds, one expert pool each: the unit the tests replicate over (default 0 1 2 3 4; "
                         "quick 0, which tests nothing)")
     p.add_argument("--budget", type=int, default=None,
-                   help="optimizer steps per expert (default 350; quick 500); the monolith trains K times as many")
-    p.add_argument("--samples", type=int, default=None, help="samples per sample set (default 400; quick 300)")
+                   help="optimizer steps per expert (default 100; quick 500); the monolith trains K times as many")
+    p.add_argument("--samples", type=int, default=None, help="samples per sample set (default 300; quick 300)")
     p.add_argument("--studies", nargs="+", choices=LazyChoices("diffswarm.eval.studies", "STUDIES"), default=None,
                    metavar="STUDY",  # not the choices: argparse formats the metavar when the option is added
                    help="run only these studies (%(choices)s; default all; quick all but hddm and scaling)")

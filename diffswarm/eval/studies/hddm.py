@@ -46,7 +46,7 @@ def section_hddm(res: dict, out: Path) -> tuple[str, list[dict]]:
     fm, dd = find_row(rows, ensemble="fm"), find_row(rows, ensemble="ddpm-eps")
     claims = []
     for r in [r for r in rows if r["ensemble"].startswith("hmix")]:
-        where = r["setting"].split(", ")[-1]
+        where = r["setting"].partition(" FM, ")[2] or r["setting"]  # "DDPM at clusters [0, 4]"
         if fm:
             claims.append(claim(f"HDDM: 2 DDPM + 6 FM beats 8 FM (FID 11.88 vs 12.45) [eps-loss DDPM, {where}]",
                                 f"FD {fmt(r['summary']['fd'])} vs {fmt(fm['summary']['fd'])}",
