@@ -241,7 +241,7 @@ def test_the_plan_takes_the_network_from_the_demo_preset(monkeypatch):
     assert full.pool.k == 8 and full.pool.net == presets.PRESETS["cpu"].net
     # the training seed is the unit of replication: at least 3 of them (sampling seeds are averaged within one);
     # the Gaussian-mixture study replicates over seeds of its own
-    assert len(full.train_seeds) >= 3 and len(full.seeds) >= 1 and len(full.gmm.seeds) >= 3
+    assert len(full.train_seeds) >= 3 and len(full.seeds) >= 1 and len(full.gmm.seeds) == len(full.train_seeds) == 5
     assert full.pool.monolith_steps == 8 * full.pool.expert_steps
     # the machine's cores by default: one training process each, and all of them for sampling
     cores = os.cpu_count() or 1

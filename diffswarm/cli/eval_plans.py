@@ -53,11 +53,11 @@ class EvalReportPlan:
 
 
 # optimizer steps per expert of the full run (batch 96; the monolith trains K times as many). Measured on the
-# project's 2-core CPU (AMD EPYC, AVX-512) at 100 steps and N = 300 (2026-12-03, docs/results.md): 81 pool models
-# over 3 training seeds took 7,414 s of one core each (2 run at a time), the 174 sampled cells 5,063 s, the
-# Gaussian-mixture study ~270 s: ~50 min of the machine per training seed, so 5 seeds come to ~4.5 h. Sampling, not
-# training, is most of the cost; 200 steps (estimated ~6.5 h at 5 seeds) did not fit beside the seeds, and with
-# 3 seeds the Holm-adjusted paired t tests (2 df) had no power left: seeds were chosen over steps.
+# project's 2-core CPU (AMD EPYC, AVX-512), docs/results.md: the default run (5 training seeds, N = 300) trained
+# 135 pool models in 11,689 s of one core each (2 run at a time) and sampled and scored 290 cells in 7,172 s, the
+# Gaussian-mixture study ~270 s: ~3.7 h of the machine from an empty cache, ~45 min per training seed. Sampling,
+# not training, is most of it. Seeds came before steps: with 3 seeds the Holm-adjusted paired t tests (2 df) could
+# not pass; 200 steps would add ~1.6 h (~5.3 h in all: estimated, never run, so not the default).
 FULL_BUDGET = 100
 EVAL_POOL_DESTS = ("budget", "train_seeds", "jobs", "device", "samples", "save_samples")
 
