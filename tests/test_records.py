@@ -302,3 +302,25 @@ def test_shutdown_removes_the_sockets_of_a_daemon_that_died_first():
 
     paths = asyncio.run(asyncio.wait_for(run(), 60))
     assert [p for p in paths if os.path.exists(p)] == []
+
+
+def test_the_sockets_of_a_dead_daemon_whose_node_never_shut_down_are_removed_at_exit():
+    """The owner never reached its shutdown (the daemon died under a worker that was still joining): what
+    ``stop_children`` and the process's exit run removes the dead daemon's socket and keeps a live one's."""
+    import signal
+
+    from diffswarm.utils.signals import remove_dead_sockets
+
+    async def run():
+        dead, live = [await SwarmDHT.create(NetworkConfig.loopback()) for _ in range(2)]
+        dead.p2p._child.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(dead.p2p._child.wait(), 10)
+        removed = remove_dead_sockets()
+        left = [p for p in dead.socket_paths() if os.path.exists(p)]
+        kept = os.path.exists(live.socket_paths()[0])
+        await live.shutdown()
+        dead.p2p._terminate()  # as hivemind's __del__ would: the client's socket, and nothing else to do
+        return removed, dead.socket_paths()[0], left, kept
+
+    removed, dead_socket, left, kept = asyncio.run(asyncio.wait_for(run(), 60))
+    assert dead_socket in removed and left == [] and kept

@@ -47,6 +47,7 @@ from diffswarm.dht.entries import (
     stats_key,
 )
 from diffswarm.dht.records import AttestationRecord, ClusterStatsRecord, ExpertRecord, RouterProvider, SwarmManifest
+from diffswarm.utils.signals import disown_sockets, exited, own_sockets, remove_dead_sockets
 
 logger = logging.getLogger(__name__)
 K_TTL = 60.0  # seconds a SwarmDHT remembers K of the owner's manifest (``num_clusters``)
@@ -61,19 +62,8 @@ def _dead_sockets(before: set[str]) -> None:
     """Remove p2pd sockets that appeared since ``before`` and that nobody listens on (a daemon that
     failed to start leaves its socket behind). A live socket accepts the connection and is kept."""
     import glob
-    import socket
 
-    for path in set(glob.glob(_SOCKETS)) - before:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        except OSError:
-            pass
-        finally:
-            s.close()
+    remove_dead_sockets(set(glob.glob(_SOCKETS)) - before)
 
 
 @dataclass
@@ -207,7 +197,9 @@ class SwarmDHT:
                 raise SwarmNetworkError(f"could not join the swarm via {where}: {e}") from e
             raise
         signer = next(v for v in validators if isinstance(v, RSASignatureValidator))
-        return cls(swarm, p2p, node, key, signer.local_public_key, ephemeral)
+        dht = cls(swarm, p2p, node, key, signer.local_public_key, ephemeral)
+        own_sockets(dht.socket_paths())  # removed at exit if the daemon dies before this node shuts down
+        return dht
 
     def socket_paths(self) -> list[str]:
         """The unix sockets of this node's p2pd (left in /tmp if the process is killed)."""
@@ -348,7 +340,8 @@ class SwarmDHT:
         sockets = self.socket_paths()
         child = getattr(self.p2p, "_child", None)
         try:
-            if child is None or child.returncode is None:
+            # a daemon that died is judged from /proc: its returncode is set only once this loop reaps it
+            if child is None or (child.returncode is None and not exited(child.pid)):
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.node.shutdown(), timeout)
         finally:
@@ -358,6 +351,7 @@ class SwarmDHT:
             for path in sockets:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
+            disown_sockets(sockets)
             if self._ephemeral and os.path.exists(self._ephemeral):
                 os.chmod(self._ephemeral, 0o600)
                 os.unlink(self._ephemeral)

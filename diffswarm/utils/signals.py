@@ -12,6 +12,11 @@ started in its own session and left running (the p2pd of a client that was never
 SIGKILL after a bounded wait, and its p2pd sockets are removed. Peers of a local swarm run in sessions of their
 own and are not touched: a ``swarm up`` that returned keeps its swarm running.
 
+``own_sockets()`` / ``disown_sockets()``: the unix sockets of the p2p daemons this process started (``SwarmDHT``
+registers them). A daemon killed before its node shut down (a closed terminal's SIGHUP reaches the whole process
+group) leaves its socket in /tmp, and hivemind removes it only while the daemon runs; ``stop_children`` and the
+process's exit remove every registered socket that nobody listens on any more.
+
 ``quick_exit(code)``: the end of a short command's process (``diffswarm generate``) once its work is done: the
 exit handlers run and the output is flushed as at a normal exit, and the interpreter's teardown (freeing every
 module's objects and a full garbage collection: 1-3 s once torch, hivemind and diffusers are imported) is skipped.
@@ -22,12 +27,14 @@ parent is SIGKILLed (the workers of a ``WorkerPool``).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import logging
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -131,11 +138,7 @@ def _gone(pid: int) -> bool:
         done, _ = os.waitpid(pid, os.WNOHANG)
         return done == pid
     except ChildProcessError:  # not our child (or already reaped): look at /proc
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(") ", 1)[1][0] == "Z"
-        except OSError:
-            return True
+        return exited(pid)
 
 
 def _sockets(cmdline: list[str]) -> list[str]:
@@ -149,10 +152,62 @@ def _sockets(cmdline: list[str]) -> list[str]:
     return out
 
 
+_OWNED_SOCKETS: set[str] = set()
+
+
+def own_sockets(paths: list[str]) -> None:
+    """Register the sockets of a p2p daemon this process started (removed once the daemon is dead)."""
+    if not _OWNED_SOCKETS:
+        atexit.register(remove_dead_sockets)
+    _OWNED_SOCKETS.update(paths)
+
+
+def disown_sockets(paths: list[str]) -> None:
+    """The daemon's owner removed them itself."""
+    _OWNED_SOCKETS.difference_update(paths)
+
+
+def listening(path: str) -> bool:
+    """True if a process accepts connections on the unix socket ``path`` (a dead daemon's file refuses them)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:  # not ours to judge (permissions, a full backlog): keep it
+        return True
+    finally:
+        s.close()
+
+
+def remove_dead_sockets(paths: set[str] | None = None) -> list[str]:
+    """Remove those of ``paths`` (default: the registered ones) that exist and that nobody listens on."""
+    removed = []
+    for path in sorted(_OWNED_SOCKETS if paths is None else paths):
+        if os.path.exists(path) and not listening(path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed.append(path)
+    if paths is None:
+        _OWNED_SOCKETS.clear()
+    return removed
+
+
+def exited(pid: int) -> bool:
+    """True if ``pid`` is gone or a zombie (read from /proc: nothing is reaped, its owner's watcher still is)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] == "Z"
+    except OSError:
+        return True
+
+
 def stop_children(before: set[int] = frozenset(), timeout: float = 5.0) -> list[int]:
     """SIGTERM this process's children that are not in ``before``, run in this session and are not
     multiprocessing's resource tracker (it exits by itself); SIGKILL those left after ``timeout``; remove the
-    p2pd sockets named on their command lines. Returns the pids it stopped."""
+    p2pd sockets named on their command lines and the registered ones (``own_sockets``) whose daemon is dead.
+    Returns the pids it stopped."""
     sid = os.getsid(0)
     victims = {}
     for pid in _children(os.getpid()):
@@ -180,6 +235,7 @@ def stop_children(before: set[int] = frozenset(), timeout: float = 5.0) -> list[
         for s in _sockets(cmd):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(s)
+    remove_dead_sockets()
     return sorted(victims)
 
 
