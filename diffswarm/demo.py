@@ -45,11 +45,16 @@ from diffswarm.training.recipes import (
     Budget,
     Choice,
     Recipe,
+    choose_objectives,
     choose_recipe,
     generate_seconds,
     measure_costs,
 )
 from diffswarm.utils.cpus import available_cpus
+
+# CPU-seconds of starting the demo's local swarm (5 processes importing torch and hivemind, the bootstrap scoring
+# each expert before admitting it): 39 s on 1.45 CPUs (emulated AVX2 machine, docs/performance.md item 9)
+SWARM_START_CPU_S = 56.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class DemoConfig:
     workers: int | None = None  # training processes (default: one per job)
     local_generation: bool = False  # generate in this process instead of over a local swarm
     seed: int = 0
+    objectives: str = "auto"  # auto | mixed | fm | ddpm (recipes.choose_objectives)
 
 
 def _expert_job(job: TrainJob, deadline: float | None, position: int) -> dict:
@@ -141,6 +147,7 @@ class _Training:
     """The training stage's plan: the experts' jobs, the router's, and the processes they run in."""
 
     objectives: list[str]
+    why_objectives: str  # the reason for that mix (printed and in report.json)
     jobs: list[TrainJob]
     router: RouterJob
     processes: int
@@ -185,10 +192,11 @@ def _partition(run: _Run) -> tuple[ImageDataset, ImageDataset, Partition, Path]:
 
 
 def _plan_training(run: _Run, ds: ImageDataset, part: Partition, part_path: Path) -> _Training:
-    """2. experts (alternating DDPM / FM), router and classifier, in parallel processes, in what the budget leaves;
-    with a budget and a preset listing candidate recipes, the recipe is the one this machine trains best."""
+    """2. experts, router and classifier, in parallel processes, in what the budget leaves; with a budget and a
+    preset listing candidate recipes, the recipe is the one this machine trains best. The experts alternate
+    DDPM and FM where the steps they will train make a DDPM expert about as good as an FM one (its measured
+    curve), else they are all FM (``recipes.choose_objectives``; ``--objectives`` sets the mix)."""
     cfg, preset = run.cfg, run.preset
-    objectives = ["ddpm" if k % 2 == 0 else "fm" for k in range(cfg.k)]
     n_jobs = cfg.k + 2
     workers = cfg.workers or n_jobs
     processes = min(workers, n_jobs)
@@ -197,10 +205,14 @@ def _plan_training(run: _Run, ds: ImageDataset, part: Partition, part_path: Path
     s = preset.sampling
     budget = Budget(seconds=0.0, rows=(grid_n + preset.eval_n) * s.evaluations * min(preset.routing.k, cfg.k),
                     train_share=min(1.0, run.cpus / processes), gen_parallel=min(run.cpus, preset.routing.k),
-                    gen_overhead_s=0 if cfg.local_generation else 25, min_train_s=60 * preset.min_train_minutes)
+                    gen_overhead_s=0 if cfg.local_generation else SWARM_START_CPU_S / run.cpus,
+                    min_train_s=60 * preset.min_train_minutes)
     recipe, choice = _choose_recipe(run, ds, budget) if preset.recipes and not cfg.steps else (None, None)
     net, width, depth, batch = ((recipe.net, recipe.width, recipe.depth, recipe.batch) if recipe
                                 else (preset.net, preset.width, preset.depth, preset.batch))
+    measured = recipe or next((r for r in RECIPES.values() if (r.net, r.width, r.depth, r.batch)
+                               == (net, width, depth, batch)), None)  # --steps: the preset's recipe's curves
+    objectives, why = choose_objectives(cfg.k, cfg.objectives, measured, cfg.steps or (choice and choice.best.steps))
     length = {"steps": cfg.steps} if cfg.steps else {"steps": None, "minutes": 1.0}  # minutes: set per job later
     jobs = [TrainJob(str(part_path), k, str(run.out / "experts" / f"c{k}-{obj}"), objective=obj, net=net,
                      width=width, depth=depth,
@@ -218,7 +230,7 @@ def _plan_training(run: _Run, ds: ImageDataset, part: Partition, part_path: Path
     train_s = max(60 * preset.min_train_minutes, run.budget_s - elapsed - est_generate - 15)
     deadline = None if cfg.steps else time.time() + train_s
     run.timings.update(budget_s=run.budget_s, estimated_generate_s=est_generate, training_budget_s=train_s)
-    return _Training(objectives, jobs, rjob, processes, threads, deadline, est_generate, train_s,
+    return _Training(objectives, why, jobs, rjob, processes, threads, deadline, est_generate, train_s,
                      f"{net} {width or ''}x{depth or ''} batch {batch}", choice)
 
 
@@ -246,6 +258,7 @@ def _train(run: _Run, plan: _Training) -> tuple[list[dict], dict, dict]:
     print(f"[2/4] training {cfg.k} experts ({objectives.count('ddpm')} DDPM + {objectives.count('fm')} FM, "
           f"{plan.network}, {what}) + router + classifier in {plan.processes} "
           f"processes ({plan.threads} thread(s) each); generating is estimated at {plan.est_generate:.0f} s here")
+    print(f"  objectives: {plan.why_objectives}")
     t0 = time.perf_counter()
     with WorkerPool(plan.processes) as pool:
         f_router = pool.submit(_router_job, plan.router)
@@ -328,6 +341,7 @@ def _score(run: _Run, ds: ImageDataset, test: ImageDataset, part: Partition, pla
     timings["total_s"] = time.perf_counter() - run.t_start
     calls = (gen.calls.float() / gen.calls.sum().clamp_min(1)).tolist()
     report = {"dataset": ds.dataset_id, "k": cfg.k, "preset": asdict(preset), "objectives": plan.objectives,
+              "objectives_reason": plan.why_objectives,
               "experts": expert_summaries, "router": router_summary, "classifier": clf_info,
               "quality": rep.to_dict(), "routing": asdict(preset.routing), "sampling": asdict(preset.sampling),
               "expert_call_share": calls, "timings": timings, "cpu_count": run.cores, "available_cpus": run.cpus,

@@ -14,6 +14,7 @@ from diffswarm.training.recipes import (
     Budget,
     Costs,
     Recipe,
+    choose_objectives,
     choose_recipe,
     generate_seconds,
     measure_costs,
@@ -24,6 +25,8 @@ from diffswarm.training.recipes import (
 # a slow, good recipe and a fast, worse one (FD, accuracy at 100 / 1000 steps)
 BIG = Recipe("big", "unet", 16, 3, 96, ((100, 100.0, 0.60), (1000, 10.0, 0.95)))
 FAST = Recipe("fast", "dit", 96, 3, 96, ((100, 80.0, 0.70), (1000, 30.0, 0.90)))
+# DDPM experts that catch up with FM only after many steps (as measured: FD 177 vs 29.7 at 200 steps of batch 48)
+SLOW_DDPM = Recipe("slow-ddpm", "unet", 16, 3, 48, BIG.curve, ddpm_curve=((100, 300.0, 0.30), (1000, 11.0, 0.95)))
 BUDGET = Budget(seconds=1200.0, rows=1000, train_share=1 / 3, gen_parallel=2, min_train_s=60.0)
 
 
@@ -127,3 +130,39 @@ def test_a_cpu_quota_shrinks_the_plan(tmp_path, monkeypatch):
         run.cores, run.cpus = 2, cpus
         steps[cpus] = demo._plan_training(run, ds, part, part_path).choice.best.steps
     assert steps[0.5] * 3 < steps[2.0]  # 4 processes: half a core each, then an eighth
+
+
+def test_the_objectives_follow_the_steps_the_budget_trains():
+    """auto: DDPM experts join where their measured curve is about as good as FM's at the steps trained, else all
+    FM; a recipe without a DDPM curve (nothing measured) keeps the mix; the other modes are what they say."""
+    few, why = choose_objectives(4, "auto", SLOW_DDPM, 150)
+    assert few == ["fm"] * 4 and "all FM" in why and "150 steps" in why
+    many, why = choose_objectives(4, "auto", SLOW_DDPM, 1000)
+    assert many == ["ddpm", "fm", "ddpm", "fm"] and "alternating" in why
+    assert choose_objectives(3, "auto", BIG, 150)[0] == ["ddpm", "fm", "ddpm"]
+    assert choose_objectives(3, "auto")[0] == ["ddpm", "fm", "ddpm"]  # --steps with no recipe of its network
+    assert choose_objectives(4, "mixed", SLOW_DDPM, 150)[0] == ["ddpm", "fm", "ddpm", "fm"]
+    assert choose_objectives(2, "fm")[0] == ["fm", "fm"] and choose_objectives(2, "ddpm")[0] == ["ddpm", "ddpm"]
+    with pytest.raises(ValueError, match="objectives must be one of"):
+        choose_objectives(2, "eps")
+    with pytest.raises(ValueError, match="no measured ddpm curve"):
+        predict_quality(BIG, 100, "ddpm")
+    with pytest.raises(ValueError, match="2 or more points"):
+        Recipe("bad", "unet", 16, 3, 48, BIG.curve, ddpm_curve=((100, 1.0, 0.5),))
+
+
+def test_the_demo_trains_the_objectives_its_budget_chooses(tmp_path, monkeypatch):
+    """The plan's experts: all FM when the measured costs leave few steps, the mix with --objectives mixed."""
+    from dataclasses import replace
+
+    from diffswarm import demo
+
+    monkeypatch.setitem(demo.PRESETS, "choice", replace(PRESETS["tiny"], minutes=20.0, recipes=("slow-ddpm",)))
+    monkeypatch.setitem(demo.RECIPES, "slow-ddpm", SLOW_DDPM)
+    monkeypatch.setattr(demo, "measure_costs", lambda r, *a, **k: Costs(5.0, 1e-5))  # a slow step: few steps
+    for mode, objectives in (("auto", ["fm", "fm"]), ("mixed", ["ddpm", "fm"])):
+        run = demo._start(demo.DemoConfig(out=str(tmp_path / mode), k=2, preset="choice", local_generation=True,
+                                          objectives=mode))
+        ds, _, part, part_path = demo._partition(run)
+        plan = demo._plan_training(run, ds, part, part_path)
+        assert [j.objective for j in plan.jobs] == plan.objectives == objectives, plan.why_objectives

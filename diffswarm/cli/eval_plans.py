@@ -38,7 +38,7 @@ def plan_demo(args, given) -> DemoPlan:
 
     return DemoPlan(DemoConfig(out=args.out, data=dataset(args), k=args.k, preset=args.preset, minutes=args.minutes,
                                steps=args.steps, workers=args.workers, local_generation=args.local_generation,
-                               seed=args.seed))
+                               seed=args.seed, objectives=args.objectives))
 
 
 @dataclass(frozen=True)

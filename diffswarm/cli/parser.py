@@ -296,7 +296,7 @@ def _add_evaluation_commands(sub) -> None:
     p.add_argument("--partition", default=None, help="manifest: its dataset, and cluster shares to compare")
     add_dataset_args(p)
 
-    p = _parser(sub, "demo", "partition, train mixed DDPM/FM experts in parallel, route, generate, evaluate")
+    p = _parser(sub, "demo", "partition, train DDPM/FM experts in parallel, route, generate, evaluate")
     p.add_argument("--out", default="runs/demo")
     add_dataset_args(p)
     p.add_argument("--k", type=int, default=4)
@@ -310,6 +310,10 @@ def _add_evaluation_commands(sub) -> None:
     p.add_argument("--local-generation", action="store_true",
                    help="generate in this process instead of over a local swarm of peer processes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--objectives", choices=["auto", "mixed", "fm", "ddpm"], default="auto",
+                   help="the experts' objectives: DDPM and FM alternating (mixed), all FM, all DDPM, or auto (the "
+                        "default): mixed where the steps the budget trains make a DDPM expert about as good as an "
+                        "FM one by its measured quality curve, else all FM")
 
     p = _parser(sub, "eval", "test the papers' claims on a cached expert pool: routing, objectives, translator, "
                              "stability, alignment, routers, 2-D Gaussian mixture; writes OUT/report.md")

@@ -28,6 +28,7 @@ class Recipe:
     ``curve``: ((steps, FD, class accuracy), ...) in increasing steps: an FM expert trained on all of
     Fashion-MNIST for that many steps (warm-up + cosine LR over them), 500 class-conditional samples
     (Heun 6, CFG 2) scored by ``diffswarm.eval.quality_report``; the command is in docs/performance.md.
+    ``ddpm_curve``: the same for a DDPM expert of the demo's configuration (empty: not measured).
     """
 
     name: str
@@ -36,11 +37,14 @@ class Recipe:
     depth: int
     batch: int
     curve: tuple[tuple[int, float, float], ...]
+    ddpm_curve: tuple[tuple[int, float, float], ...] = ()
 
     def __post_init__(self) -> None:
-        steps = [p[0] for p in self.curve]
-        if len(steps) < 2 or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
-            raise ValueError(f"recipe {self.name}: its curve needs 2 or more points in increasing steps")
+        for curve in (self.curve, self.ddpm_curve):
+            steps = [p[0] for p in curve]
+            if (curve or curve is self.curve) and (
+                    len(steps) < 2 or any(b <= a for a, b in zip(steps, steps[1:], strict=False))):
+                raise ValueError(f"recipe {self.name}: a curve needs 2 or more points in increasing steps")
 
 
 # FD weight of one point of class accuracy in the score a choice minimises (FD + 100 * (1 - accuracy)):
@@ -48,11 +52,13 @@ class Recipe:
 ACCURACY_WEIGHT = 100.0
 
 
-def predict_quality(recipe: Recipe, steps: float) -> tuple[float, float]:
-    """(FD, class accuracy) of ``recipe`` after ``steps`` steps: linear in log(steps) between measured
-    points; past the last point the last point's quality (no promise of more), before the first the
-    first segment's slope continued (so fewer steps than ever measured predict worse, never better)."""
-    pts = recipe.curve
+def predict_quality(recipe: Recipe, steps: float, objective: str = "fm") -> tuple[float, float]:
+    """(FD, class accuracy) of ``recipe``'s ``objective`` expert after ``steps`` steps: linear in log(steps)
+    between measured points; past the last point the last point's quality (no promise of more), before the
+    first the first segment's slope continued (so fewer steps than ever measured predict worse, never better)."""
+    pts = recipe.ddpm_curve if objective == "ddpm" else recipe.curve
+    if not pts:
+        raise ValueError(f"recipe {recipe.name}: no measured {objective} curve")
     if steps >= pts[-1][0]:
         return float(pts[-1][1]), float(pts[-1][2])
     i = next(j for j in range(len(pts) - 1) if steps <= pts[j + 1][0])  # its segment (0 before the first point)
@@ -77,7 +83,10 @@ class Budget:
     rows: int  # velocity rows generating will evaluate (samples x evaluations x top-k)
     train_share: float  # cores each expert gets while training (cores / training processes, at most 1)
     gen_parallel: float  # experts computing at once when generating (below 1 under a CPU quota)
-    gen_factor: float = 2.0  # client, RPCs and routing cost about as much again as the experts' compute
+    # client, RPCs, routing and the answer checks cost 1.5x again the experts' compute: the demo's 1,100 samples
+    # over its swarm took 240 s where 24,200 rows at the measured 5.77 ms on 1.45 CPUs are 96 s (emulated AVX2
+    # machine, docs/performance.md item 9)
+    gen_factor: float = 2.5
     gen_overhead_s: float = 0.0  # fixed cost of generating (the local swarm's start)
     min_train_s: float = 60.0  # never train for less than this
 
@@ -113,6 +122,37 @@ class Choice:
 
     def describe(self) -> str:
         return "\n".join(("* " if p is self.best else "  ") + p.describe() for p in self.ranked)
+
+
+# A DDPM expert joins the demo's mix only where its measured curve predicts images about as good as an FM
+# expert's at the steps the budget trains (its score at most this factor of FM's). DDPM experts need more steps:
+# at 200 steps of batch 48 a DDPM expert scored FD 177 / 60% where an FM one scored 29.7 / 89.6%.
+DDPM_SCORE_RATIO = 1.25
+OBJECTIVE_MIXES = ("auto", "mixed", "fm", "ddpm")
+
+
+def choose_objectives(k: int, mode: str = "auto", recipe: Recipe | None = None,
+                      steps: int | None = None) -> tuple[list[str], str]:
+    """The objectives of ``k`` experts and why. ``mixed``: DDPM and FM alternating (DDPM first); ``fm``, ``ddpm``:
+    all one; ``auto``: mixed where ``recipe``'s measured curves predict a DDPM expert within
+    ``DDPM_SCORE_RATIO`` of an FM one at ``steps`` (and where no curve says otherwise), else all FM."""
+    if mode not in OBJECTIVE_MIXES:
+        raise ValueError(f"objectives must be one of {OBJECTIVE_MIXES}, got {mode!r}")
+    mixed = ["ddpm" if i % 2 == 0 else "fm" for i in range(k)]
+    if mode == "mixed":
+        return mixed, "DDPM and FM alternating (--objectives mixed)"
+    if mode in ("fm", "ddpm"):
+        return [mode] * k, f"all {mode.upper()} (--objectives {mode})"
+    if recipe is None or steps is None or not recipe.ddpm_curve:
+        return mixed, "DDPM and FM alternating"
+    fm_fd, fm_acc = predict_quality(recipe, steps)
+    dd_fd, dd_acc = predict_quality(recipe, steps, "ddpm")
+    fm_score, dd_score = fm_fd + ACCURACY_WEIGHT * (1 - fm_acc), dd_fd + ACCURACY_WEIGHT * (1 - dd_acc)
+    at = (f"at {steps} steps a DDPM expert is predicted FD {dd_fd:.1f} / {100 * dd_acc:.1f}%, "
+          f"an FM one {fm_fd:.1f} / {100 * fm_acc:.1f}%")
+    if dd_score <= DDPM_SCORE_RATIO * fm_score:
+        return mixed, f"DDPM and FM alternating: {at}"
+    return ["fm"] * k, f"all FM: {at} (--objectives mixed trains the mix anyway)"
 
 
 def generate_seconds(budget: Budget, row_s: float) -> float:
@@ -190,8 +230,14 @@ def measure_costs(recipe: Recipe, shape: tuple[int, int, int], num_classes: int,
 # n = 500): on it b96 at 300 steps scored 18.2 / 91.8% (17.9 / 91.8% above) and b48 at 200 steps 34.2 / 89.6%.
 # Smaller batches (recipe_choice 28, 29: b32 300 steps 30.0 / 92.2%, b24 200 / 400 steps 53.0 / 81.0%, 24.0 / 88.8%)
 # did not beat b48 at equal CPU time, so they are not candidates.
+# The DDPM curves: the same command with --objective ddpm (the demo's DDPM expert: logit-normal steps, the flow
+# weighting), 2026-12-03, scored by the classifier of floor 12.1: b96 100 / 300 steps FD 263.4 / 73.2, accuracy
+# 44.8% / 80.0%; b48 200 / 400 steps 177.0 / 75.5, 60.0% / 79.8%. Far behind FM at every measured point: on a 2-core
+# CPU the demo's experts are all FM (choose_objectives).
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
-    Recipe("unet16x3-b96", "unet", 16, 3, 96, ((100, 68.3, 0.780), (300, 17.9, 0.918))),
-    Recipe("unet16x3-b48", "unet", 16, 3, 48, ((100, 75.9, 0.718), (200, 29.7, 0.896), (400, 21.0, 0.926))),
+    Recipe("unet16x3-b96", "unet", 16, 3, 96, ((100, 68.3, 0.780), (300, 17.9, 0.918)),
+           ddpm_curve=((100, 263.4, 0.448), (300, 73.2, 0.800))),
+    Recipe("unet16x3-b48", "unet", 16, 3, 48, ((100, 75.9, 0.718), (200, 29.7, 0.896), (400, 21.0, 0.926)),
+           ddpm_curve=((200, 177.0, 0.600), (400, 75.5, 0.798))),
     Recipe("dit96x3-b96", "dit", 96, 3, 96, ((100, 287.8, 0.352), (300, 111.0, 0.730))),
 )}
