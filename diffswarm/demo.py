@@ -1,8 +1,10 @@
 """``diffswarm demo``: the whole path on the embedded default dataset, in one command, in a time budget.
 
 1. partition the data into K clusters (k-means on whitened pixel PCA, no labels);
-2. train K experts in parallel processes, one per cluster, alternating DDPM and flow matching,
-   as independent volunteers would (the router and the quality classifier train beside them);
+2. train K experts in parallel processes, one per cluster, as independent volunteers would (the router
+   and the quality classifier train beside them): DDPM and flow matching alternating where the steps
+   the budget trains make a DDPM expert about as good as an FM one (their measured quality curves),
+   else all flow matching (``--objectives`` sets the mix);
 3. start a local swarm (a bootstrap node serving the router + one peer process per expert on
    127.0.0.1) and sample a per-class grid over it, as a client, with top-2 routing and CFG;
 4. score class-conditional samples: Frechet distance in the classifier's features against real data

@@ -5,6 +5,7 @@ the prediction never promises more than a recipe's measured curve."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -166,3 +167,26 @@ def test_the_demo_trains_the_objectives_its_budget_chooses(tmp_path, monkeypatch
         ds, _, part, part_path = demo._partition(run)
         plan = demo._plan_training(run, ds, part, part_path)
         assert [j.objective for j in plan.jobs] == plan.objectives == objectives, plan.why_objectives
+
+
+def test_swarm_up_chooses_its_objectives_from_the_steps_its_minutes_train(monkeypatch):
+    """`swarm up`'s default (auto): its wall-clock minutes at the step cost measured here (faked: the measuring is
+    the wrapper above) give the steps; few steps of the default UNet train FM experts, a fixed --train-steps of
+    many steps or a network without measured curves keeps the mix."""
+    from types import SimpleNamespace
+
+    from diffswarm.experts.train import TrainConfig
+    from diffswarm.swarm.up import SwarmUpConfig, plan_objectives
+    from diffswarm.training import recipes
+
+    part = SimpleNamespace(image_shape=(1, 28, 28), num_classes=10)
+    measured = []
+    monkeypatch.setattr(recipes, "measure_costs", lambda r, *a, **k: measured.append(r.batch) or Costs(1.0, 1e-3))
+    base = SwarmUpConfig(run_dir="x", swarm="s", owner_key=None, replicas=1, threads=1, port=0, timeout=1.0)
+    objectives, why = plan_objectives(base, part)  # 4 minutes, 4 peers, a 1 s step: at most 240 steps
+    assert objectives == ["fm"] * 4 and "all FM" in why and measured == [base.train.batch]
+    many = replace(base, train=TrainConfig(steps=10**5))
+    assert plan_objectives(many, part)[0] == ["ddpm", "fm", "ddpm", "fm"]
+    assert plan_objectives(replace(base, net="mlp"), part)[0] == ["ddpm", "fm", "ddpm", "fm"]
+    assert plan_objectives(replace(base, objectives="mixed"), part)[0] == ["ddpm", "fm", "ddpm", "fm"]
+    assert measured == [base.train.batch]  # a fixed step count, another network, a given mix: nothing measured

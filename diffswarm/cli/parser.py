@@ -265,8 +265,10 @@ def _add_swarm_commands(sub) -> None:
     g.add_argument("--partition", default=None,
                    help="partition manifest (default: make one in the run dir); with --checkpoints: the data the "
                         "owner scores them on before clients use them (admission; without it admission is off)")
-    g.add_argument("--objectives", choices=["mixed", "ddpm", "fm"], default=None,
-                   help="expert objectives: mixed alternates DDPM and FM (default)")
+    g.add_argument("--objectives", choices=["auto", "mixed", "ddpm", "fm"], default=None,
+                   help="expert objectives: mixed alternates DDPM and FM; auto (default): mixed where the steps each "
+                        "expert trains make a DDPM expert about as good as an FM one by its measured quality curve, "
+                        "else all FM")
     length = g.add_mutually_exclusive_group()
     length.add_argument("--train-steps", type=int, default=None,
                         help="expert training steps (instead of the wall-clock --train-minutes)")

@@ -41,7 +41,7 @@ def plan_swarm_up(args, given) -> SwarmUpConfig:
     seed = args.seed if args.seed is not None else 0
     return SwarmUpConfig(**common, experts=args.experts or 4, partition=args.partition,
                          data=DatasetSpec() if args.partition else dataset(args),
-                         objectives=args.objectives or "mixed", train=TrainConfig(**length, seed=seed),
+                         objectives=args.objectives or "auto", train=TrainConfig(**length, seed=seed),
                          router_train=RouterTrainConfig(steps=args.router_steps or 300, seed=seed),
                          net=args.net or "unet", width=args.width, depth=args.depth, seed=seed)
 

@@ -41,7 +41,7 @@ class SwarmUpConfig:
     experts: int = 4  # K (training mode)
     partition: str | None = None  # existing manifest; None: partition `data` in the run dir
     data: DatasetSpec = field(default_factory=DatasetSpec)
-    objectives: str = "mixed"
+    objectives: str = "auto"  # auto | mixed | fm | ddpm (training.recipes.choose_objectives)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=None, minutes=DEFAULT_TRAIN_MINUTES))
     router_train: RouterTrainConfig = field(default_factory=lambda: RouterTrainConfig(steps=300))
     net: str = "unet"
@@ -77,6 +77,33 @@ def swarm_up(p: SwarmUpConfig) -> LocalSwarm:
     return sw
 
 
+def plan_objectives(p: SwarmUpConfig, part: Partition) -> tuple[list[str], str]:
+    """The experts' objectives (``choose_objectives``). ``auto``: from the steps each expert will train: a fixed
+    ``--train-steps``, or its wall-clock minutes at the step cost measured here (a few seconds) with the machine's
+    CPUs shared by the K training peers, read off the measured quality curves of the recipe of the same network
+    (the nearest batch); a network without measured curves trains the mix."""
+    from diffswarm.experts.networks import KIND_DEFAULTS
+    from diffswarm.training.recipes import RECIPES, choose_objectives, measure_costs
+    from diffswarm.utils.cpus import available_cpus
+
+    k = p.experts
+    if p.objectives != "auto":
+        return choose_objectives(k, p.objectives)
+    sizes = {**KIND_DEFAULTS.get(p.net, {}), **{n: v for n, v in (("width", p.width), ("depth", p.depth)) if v}}
+    same = [r for r in RECIPES.values() if r.net == p.net and (r.width, r.depth) == (sizes.get("width"),
+                                                                                     sizes.get("depth"))]
+    if not same:
+        return choose_objectives(k, "auto")
+    recipe = min(same, key=lambda r: abs(r.batch - p.train.batch))
+    steps = p.train.steps
+    if steps is None:
+        sized = replace(recipe, batch=p.train.batch)  # what the peers will train
+        step_s = measure_costs(sized, tuple(part.image_shape), part.num_classes).step_s
+        share = min(1.0, available_cpus() / (k * p.replicas))  # of a core, per training peer
+        steps = max(1, int(60 * (p.train.minutes or 0) * share / max(step_s, 1e-6)))
+    return choose_objectives(k, "auto", recipe, steps)
+
+
 def _train_first(p: SwarmUpConfig, run_dir: Path, names: list[str]) -> tuple[list[PeerSpec], str | None, str]:
     """The partition (made in ``run_dir`` unless given), the router trained now (unless ``router_kind`` is stats),
     and one peer per expert and replica that trains its expert before serving it: (peer specs, router path,
@@ -99,8 +126,8 @@ def _train_first(p: SwarmUpConfig, run_dir: Path, names: list[str]) -> tuple[lis
         router = str(run_dir / "router.safetensors")
         logger.info(f"training the router ({p.router_train.steps} steps)")
         run_router_job(RouterJob(part_path, router, train=p.router_train), progress=False, evaluate=False)
-    objectives = {"mixed": ["ddpm" if i % 2 == 0 else "fm" for i in range(k)], "ddpm": ["ddpm"] * k,
-                  "fm": ["fm"] * k}[p.objectives]
+    objectives, why = plan_objectives(p, part)
+    logger.info(f"objectives: {why}")
     specs = []
     for i, obj in enumerate(objectives):
         for r in range(p.replicas):

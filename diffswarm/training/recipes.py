@@ -145,6 +145,9 @@ def choose_objectives(k: int, mode: str = "auto", recipe: Recipe | None = None,
         return [mode] * k, f"all {mode.upper()} (--objectives {mode})"
     if recipe is None or steps is None or not recipe.ddpm_curve:
         return mixed, "DDPM and FM alternating"
+    if steps > recipe.ddpm_curve[-1][0]:  # past what was measured: no evidence that DDPM experts stay behind
+        return mixed, (f"DDPM and FM alternating: {steps} steps is past the measured quality curves "
+                       f"({recipe.ddpm_curve[-1][0]} steps)")
     fm_fd, fm_acc = predict_quality(recipe, steps)
     dd_fd, dd_acc = predict_quality(recipe, steps, "ddpm")
     fm_score, dd_score = fm_fd + ACCURACY_WEIGHT * (1 - fm_acc), dd_fd + ACCURACY_WEIGHT * (1 - dd_acc)
