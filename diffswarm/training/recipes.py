@@ -234,12 +234,12 @@ def measure_costs(recipe: Recipe, shape: tuple[int, int, int], num_classes: int,
 # Smaller batches (recipe_choice 28, 29: b32 300 steps 30.0 / 92.2%, b24 200 / 400 steps 53.0 / 81.0%, 24.0 / 88.8%)
 # did not beat b48 at equal CPU time, so they are not candidates.
 # The DDPM curves: the same command with --objective ddpm (the demo's DDPM expert: logit-normal steps, the flow
-# weighting), 2026-12-03, scored by the classifier of floor 12.1: b96 100 / 300 steps FD 263.4 / 73.2, accuracy
-# 44.8% / 80.0%; b48 200 / 400 steps 177.0 / 75.5, 60.0% / 79.8%. Far behind FM at every measured point: on a 2-core
-# CPU the demo's experts are all FM (choose_objectives).
+# weighting), 2026-12-03, scored by the classifier of floor 12.1: b96 100 / 300 / 600 steps FD 263.4 / 73.2 / 26.3,
+# accuracy 44.8% / 80.0% / 89.8%; b48 200 / 400 steps 177.0 / 75.5, 60.0% / 79.8%. Far behind FM up to ~400 steps,
+# closer at 600: a slow 2-core CPU trains all-FM experts, a quiet fast one (~620 steps in the demo) the mix.
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("unet16x3-b96", "unet", 16, 3, 96, ((100, 68.3, 0.780), (300, 17.9, 0.918)),
-           ddpm_curve=((100, 263.4, 0.448), (300, 73.2, 0.800))),
+           ddpm_curve=((100, 263.4, 0.448), (300, 73.2, 0.800), (600, 26.3, 0.898))),
     Recipe("unet16x3-b48", "unet", 16, 3, 48, ((100, 75.9, 0.718), (200, 29.7, 0.896), (400, 21.0, 0.926)),
            ddpm_curve=((200, 177.0, 0.600), (400, 75.5, 0.798))),
     Recipe("dit96x3-b96", "dit", 96, 3, 96, ((100, 287.8, 0.352), (300, 111.0, 0.730))),
