@@ -85,7 +85,9 @@ class Budget:
     gen_parallel: float  # experts computing at once when generating (below 1 under a CPU quota)
     # client, RPCs, routing and the answer checks cost 1.5x again the experts' compute: the demo's 1,100 samples
     # over its swarm took 240 s where 24,200 rows at the measured 5.77 ms on 1.45 CPUs are 96 s (emulated AVX2
-    # machine, docs/performance.md item 9)
+    # machine, docs/performance.md item 9). Natively (4.71 ms, 2 CPUs) they took 165 s, a factor 2.9: the demo
+    # there ends ~30 s past its budget. Not raised to 2.9: on a slow machine each second of training counts
+    # (a run that planned 60 s less than another trained 85 instead of 120 steps: FD 81.8 instead of 43.0)
     gen_factor: float = 2.5
     gen_overhead_s: float = 0.0  # fixed cost of generating (the local swarm's start)
     min_train_s: float = 60.0  # never train for less than this
@@ -185,7 +187,7 @@ def choose_recipe(recipes: tuple[Recipe, ...] | list[Recipe], costs: dict[str, C
 def measure_costs(recipe: Recipe, shape: tuple[int, int, int], num_classes: int, guidance: float = 2.0,
                   timed: int = 2) -> Costs:
     """Time ``recipe`` on this machine with one thread: the fastest of ``timed`` training steps (loss,
-    backward, AdamW) after one untimed, and of 2 sampling passes (CFG) at batch 64, on random data.
+    backward, AdamW) after one untimed, and of 4 sampling passes (CFG) at batch 64, on random data.
     CPU time of this process (``time.process_time``): what the step costs, not what other work takes."""
     from diffswarm.experts.config import ExpertConfig
     from diffswarm.experts.expert import Expert
@@ -215,7 +217,7 @@ def measure_costs(recipe: Recipe, shape: tuple[int, int, int], num_classes: int,
         xs, ts, ls = torch.randn(64, *shape, generator=g), torch.full((64,), 0.5), torch.zeros(64, dtype=torch.long)
         row = float("inf")
         with torch.no_grad():
-            for _ in range(2):
+            for _ in range(4):  # the fastest of 4: the estimate of generating scales with it
                 t0 = time.process_time()
                 e.velocity(xs, ts, ls, guidance)
                 row = min(row, (time.process_time() - t0) / 64)
