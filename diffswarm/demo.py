@@ -51,6 +51,7 @@ from diffswarm.training.recipes import (
     choose_recipe,
     generate_seconds,
     measure_costs,
+    recipe_for,
 )
 from diffswarm.utils.cpus import available_cpus
 
@@ -212,8 +213,7 @@ def _plan_training(run: _Run, ds: ImageDataset, part: Partition, part_path: Path
     recipe, choice = _choose_recipe(run, ds, budget) if preset.recipes and not cfg.steps else (None, None)
     net, width, depth, batch = ((recipe.net, recipe.width, recipe.depth, recipe.batch) if recipe
                                 else (preset.net, preset.width, preset.depth, preset.batch))
-    measured = recipe or next((r for r in RECIPES.values() if (r.net, r.width, r.depth, r.batch)
-                               == (net, width, depth, batch)), None)  # --steps: the preset's recipe's curves
+    measured = recipe or recipe_for(net, width, depth, batch)  # --steps: the curves of the preset's network
     objectives, why = choose_objectives(cfg.k, cfg.objectives, measured, cfg.steps or (choice and choice.best.steps))
     length = {"steps": cfg.steps} if cfg.steps else {"steps": None, "minutes": 1.0}  # minutes: set per job later
     jobs = [TrainJob(str(part_path), k, str(run.out / "experts" / f"c{k}-{obj}"), objective=obj, net=net,

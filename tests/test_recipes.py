@@ -154,8 +154,6 @@ def test_the_objectives_follow_the_steps_the_budget_trains():
 
 def test_the_demo_trains_the_objectives_its_budget_chooses(tmp_path, monkeypatch):
     """The plan's experts: all FM when the measured costs leave few steps, the mix with --objectives mixed."""
-    from dataclasses import replace
-
     from diffswarm import demo
 
     monkeypatch.setitem(demo.PRESETS, "choice", replace(PRESETS["tiny"], minutes=20.0, recipes=("slow-ddpm",)))

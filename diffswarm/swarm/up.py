@@ -82,19 +82,15 @@ def plan_objectives(p: SwarmUpConfig, part: Partition) -> tuple[list[str], str]:
     ``--train-steps``, or its wall-clock minutes at the step cost measured here (a few seconds) with the machine's
     CPUs shared by the K training peers, read off the measured quality curves of the recipe of the same network
     (the nearest batch); a network without measured curves trains the mix."""
-    from diffswarm.experts.networks import KIND_DEFAULTS
-    from diffswarm.training.recipes import RECIPES, choose_objectives, measure_costs
+    from diffswarm.training.recipes import choose_objectives, measure_costs, recipe_for
     from diffswarm.utils.cpus import available_cpus
 
     k = p.experts
     if p.objectives != "auto":
         return choose_objectives(k, p.objectives)
-    sizes = {**KIND_DEFAULTS.get(p.net, {}), **{n: v for n, v in (("width", p.width), ("depth", p.depth)) if v}}
-    same = [r for r in RECIPES.values() if r.net == p.net and (r.width, r.depth) == (sizes.get("width"),
-                                                                                     sizes.get("depth"))]
-    if not same:
+    recipe = recipe_for(p.net, p.width, p.depth, p.train.batch)
+    if recipe is None:
         return choose_objectives(k, "auto")
-    recipe = min(same, key=lambda r: abs(r.batch - p.train.batch))
     steps = p.train.steps
     if steps is None:
         sized = replace(recipe, batch=p.train.batch)  # what the peers will train

@@ -40,16 +40,20 @@ class Recipe:
     ddpm_curve: tuple[tuple[int, float, float], ...] = ()
 
     def __post_init__(self) -> None:
-        for curve in (self.curve, self.ddpm_curve):
+        for curve in (self.curve, self.ddpm_curve) if self.ddpm_curve else (self.curve,):
             steps = [p[0] for p in curve]
-            if (curve or curve is self.curve) and (
-                    len(steps) < 2 or any(b <= a for a, b in zip(steps, steps[1:], strict=False))):
+            if len(steps) < 2 or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
                 raise ValueError(f"recipe {self.name}: a curve needs 2 or more points in increasing steps")
 
 
 # FD weight of one point of class accuracy in the score a choice minimises (FD + 100 * (1 - accuracy)):
 # both targets of the demo (FD <= 25, accuracy >= 90%) count, FD first.
 ACCURACY_WEIGHT = 100.0
+
+
+def quality_score(fd: float, accuracy: float) -> float:
+    """What a choice minimises: FD + ``ACCURACY_WEIGHT`` x (1 - class accuracy)."""
+    return fd + ACCURACY_WEIGHT * (1.0 - accuracy)
 
 
 def predict_quality(recipe: Recipe, steps: float, objective: str = "fm") -> tuple[float, float]:
@@ -107,7 +111,7 @@ class Prediction:
 
     @property
     def score(self) -> float:
-        return self.fd + ACCURACY_WEIGHT * (1.0 - self.accuracy)
+        return quality_score(self.fd, self.accuracy)
 
     def describe(self) -> str:
         return (f"{self.recipe.name:14s} step {1000 * self.costs.step_s:5.0f} ms, row {1000 * self.costs.row_s:5.2f} ms"
@@ -152,12 +156,21 @@ def choose_objectives(k: int, mode: str = "auto", recipe: Recipe | None = None,
                        f"({recipe.ddpm_curve[-1][0]} steps)")
     fm_fd, fm_acc = predict_quality(recipe, steps)
     dd_fd, dd_acc = predict_quality(recipe, steps, "ddpm")
-    fm_score, dd_score = fm_fd + ACCURACY_WEIGHT * (1 - fm_acc), dd_fd + ACCURACY_WEIGHT * (1 - dd_acc)
     at = (f"at {steps} steps a DDPM expert is predicted FD {dd_fd:.1f} / {100 * dd_acc:.1f}%, "
           f"an FM one {fm_fd:.1f} / {100 * fm_acc:.1f}%")
-    if dd_score <= DDPM_SCORE_RATIO * fm_score:
+    if quality_score(dd_fd, dd_acc) <= DDPM_SCORE_RATIO * quality_score(fm_fd, fm_acc):
         return mixed, f"DDPM and FM alternating: {at}"
     return ["fm"] * k, f"all FM: {at} (--objectives mixed trains the mix anyway)"
+
+
+def recipe_for(net: str, width: int | None, depth: int | None, batch: int) -> Recipe | None:
+    """The measured recipe of this network (``width`` / ``depth`` None: the kind's defaults), the nearest batch;
+    None if none of ``RECIPES`` has it."""
+    from diffswarm.experts.networks import KIND_DEFAULTS
+
+    sizes = {**KIND_DEFAULTS.get(net, {}), **{n: v for n, v in (("width", width), ("depth", depth)) if v}}
+    same = [r for r in RECIPES.values() if (r.net, r.width, r.depth) == (net, sizes.get("width"), sizes.get("depth"))]
+    return min(same, key=lambda r: abs(r.batch - batch), default=None)
 
 
 def generate_seconds(budget: Budget, row_s: float) -> float:

@@ -153,12 +153,14 @@ def _sockets(cmdline: list[str]) -> list[str]:
 
 
 _OWNED_SOCKETS: set[str] = set()
+_AT_EXIT: list[bool] = []  # remove_dead_sockets is registered with atexit (once)
 
 
 def own_sockets(paths: list[str]) -> None:
     """Register the sockets of a p2p daemon this process started (removed once the daemon is dead)."""
-    if not _OWNED_SOCKETS:
+    if not _AT_EXIT:
         atexit.register(remove_dead_sockets)
+        _AT_EXIT.append(True)
     _OWNED_SOCKETS.update(paths)
 
 
@@ -182,15 +184,18 @@ def listening(path: str) -> bool:
 
 
 def remove_dead_sockets(paths: set[str] | None = None) -> list[str]:
-    """Remove those of ``paths`` (default: the registered ones) that exist and that nobody listens on."""
-    removed = []
+    """Remove those of ``paths`` (default: the registered ones) that exist and that nobody listens on; a registered
+    socket stays registered while its daemon listens."""
+    removed, gone = [], []
     for path in sorted(_OWNED_SOCKETS if paths is None else paths):
-        if os.path.exists(path) and not listening(path):
+        if not os.path.exists(path):
+            gone.append(path)
+        elif not listening(path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
                 removed.append(path)
-    if paths is None:
-        _OWNED_SOCKETS.clear()
+            gone.append(path)
+    _OWNED_SOCKETS.difference_update(gone)
     return removed
 
 
