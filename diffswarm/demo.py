@@ -6,8 +6,9 @@
    the budget trains make a DDPM expert about as good as an FM one (their measured quality curves),
    else all flow matching (``--objectives`` sets the mix);
 3. start a local swarm (a bootstrap node serving the router + one peer process per expert on
-   127.0.0.1) and sample a per-class grid over it, as a client, with top-2 routing and CFG;
-4. score class-conditional samples: Frechet distance in the classifier's features against real data
+   127.0.0.1) and sample class-conditional images over it, as a client, with top-2 routing and CFG; the
+   first batch (every class ``per_class`` times) is saved as the per-class grid at once;
+4. score those samples: Frechet distance in the classifier's features against real data
    (with the real train-vs-test floor), class accuracy, and the share of samples per cluster.
 
 The demo keeps its time on any machine: the preset gives a wall-clock budget for the whole run
@@ -50,14 +51,16 @@ from diffswarm.training.recipes import (
     choose_objectives,
     choose_recipe,
     generate_seconds,
+    generation_rows,
     measure_costs,
     recipe_for,
 )
 from diffswarm.utils.cpus import available_cpus
 
 # CPU-seconds of starting the demo's local swarm (5 processes importing torch and hivemind, the bootstrap scoring
-# each expert before admitting it): 39 s on 1.45 CPUs (emulated AVX2 machine, docs/performance.md item 9)
-SWARM_START_CPU_S = 56.0
+# each expert before admitting it): 34-52 s on 1.45 CPUs (emulated AVX2 machine, docs/performance.md item 9),
+# 30-34 s natively on 2 (53 CPU-s measured there: the start waits on the network a quarter of its time)
+SWARM_START_CPU_S = 66.0
 
 
 @dataclass(frozen=True)
@@ -204,9 +207,11 @@ def _plan_training(run: _Run, ds: ImageDataset, part: Partition, part_path: Path
     workers = cfg.workers or n_jobs
     processes = min(workers, n_jobs)
     threads = max(1, run.cores // processes)
-    grid_n = max(1, ds.num_classes) * preset.per_class
-    s = preset.sampling
-    budget = Budget(seconds=0.0, rows=(grid_n + preset.eval_n) * s.evaluations * min(preset.routing.k, cfg.k),
+    grid_n = max(1, ds.num_classes) * preset.per_class  # the grid is the first of the scored samples
+    s = preset.sampling_for_demo
+    rows = generation_rows(max(grid_n, preset.eval_n), s.evaluations, min(preset.routing.k, cfg.k),
+                           checked=not cfg.local_generation)
+    budget = Budget(seconds=0.0, rows=rows,
                     train_share=min(1.0, run.cpus / processes), gen_parallel=min(run.cpus, preset.routing.k),
                     gen_overhead_s=0 if cfg.local_generation else SWARM_START_CPU_S / run.cpus,
                     min_train_s=60 * preset.min_train_minutes)
@@ -241,7 +246,7 @@ def _choose_recipe(run: _Run, ds: ImageDataset, budget: Budget) -> tuple[Recipe,
     make the best images in what the budget leaves (``diffswarm.training.recipes``)."""
     t0 = time.perf_counter()
     candidates = [RECIPES[name] for name in run.preset.recipes]
-    costs = {r.name: measure_costs(r, tuple(ds.shape), ds.num_classes, run.preset.sampling.guidance)
+    costs = {r.name: measure_costs(r, tuple(ds.shape), ds.num_classes, run.preset.sampling_for_demo.guidance)
              for r in candidates}
     run.timings["measure_s"] = time.perf_counter() - t0
     left = run.budget_s - (time.perf_counter() - run.t_start) - 15
@@ -279,7 +284,7 @@ def _train(run: _Run, plan: _Training) -> tuple[list[dict], dict, dict]:
 @dataclass
 class _Generated:
     grid_path: Path
-    samples: torch.Tensor  # (eval_n, C, H, W) scored samples
+    samples: torch.Tensor  # (eval_n, C, H, W) scored samples (the grid's among them)
     labels: torch.Tensor  # (eval_n,) their classes
     calls: torch.Tensor  # (K,) rows each expert evaluated for the scored samples
 
@@ -287,12 +292,12 @@ class _Generated:
 def _generate(run: _Run, ds: ImageDataset, expert_paths: list[Path], router_path: Path,
               part_path: Path | None = None) -> _Generated:
     """3. generate over a local swarm (bootstrap + K peer processes on 127.0.0.1; the bootstrap admits each expert
-    by its score on ``part_path``'s test split, as any swarm's owner does): a per-class grid, then
-    class-conditional samples for scoring (local_generation: in this process instead)."""
-    from diffswarm.router.local import ProgressCallback, generate, load_local_ensemble
+    by its score on ``part_path``'s test split, as any swarm's owner does): class-conditional samples for scoring,
+    whose first batch is saved as the per-class grid (local_generation: in this process instead)."""
+    from diffswarm.router.local import ProgressCallback, generate, load_local_ensemble, seeded_noise
     from diffswarm.utils.images import save_grid, save_samples
 
-    cfg, preset, dev, s, timings = run.cfg, run.preset, run.dev, run.preset.sampling, run.timings
+    cfg, preset, dev, s, timings = run.cfg, run.preset, run.dev, run.preset.sampling_for_demo, run.timings
     classes = list(range(ds.num_classes)) or [-1]
     t_gen = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -310,18 +315,28 @@ def _generate(run: _Run, ds: ImageDataset, expert_paths: list[Path], router_path
             model = stack.enter_context(swarm.client(preset.routing, seed=cfg.seed, device=dev))
             timings["swarm_up_s"] = time.perf_counter() - t0
             where = f"over the swarm ({' '.join(swarm.initial_peers)})"
-        t0 = time.perf_counter()
-        grid_labels = torch.tensor([c for c in classes for _ in range(preset.per_class)])
-        print(f"[3/4] sampling a {len(classes)}x{preset.per_class} grid {where} ({s.steps} {s.sampler} steps, "
-              f"{preset.routing.strategy} k={preset.routing.k}, CFG {s.guidance:g})")
-        grid = generate(model, grid_labels, ds.shape, replace(s, seed=cfg.seed), dev, callback=ProgressCallback("grid"))
-        grid_path = save_grid(grid, run.out / "grid.png", preset.per_class)
-        timings["grid_s"] = time.perf_counter() - t0
-        eval_labels = torch.tensor([classes[i % len(classes)] for i in range(preset.eval_n)])
+        # the grid is the scored samples' first batch: their labels cycle through the classes, so the first
+        # len(classes) x per_class of them hold per_class of every class (no samples made only for the picture)
+        grid_n = len(classes) * preset.per_class
+        n = max(preset.eval_n, grid_n)
+        eval_labels = torch.tensor([classes[i % len(classes)] for i in range(n)])
+        noise = seeded_noise(n, ds.shape, cfg.seed + 1)
+        sampling = replace(s, seed=cfg.seed + 1)
+        print(f"[3/4] sampling {n} class-conditional samples {where} ({s.steps} {s.sampler} steps, "
+              f"{preset.routing.strategy} k={preset.routing.k}, CFG {s.guidance:g}); the first {grid_n} make "
+              f"the {len(classes)}x{preset.per_class} grid")
         t0 = time.perf_counter()
         model.calls.zero_()
-        samples = generate(model, eval_labels, ds.shape, replace(s, seed=cfg.seed + 1), dev,
-                           callback=ProgressCallback("eval samples"))
+        head = generate(model, eval_labels[:grid_n], ds.shape, sampling, dev, callback=ProgressCallback("grid"),
+                        noise=noise[:grid_n])
+        order = torch.cat([torch.nonzero(eval_labels[:grid_n] == c).flatten() for c in classes])
+        grid_path = save_grid(head[order], run.out / "grid.png", preset.per_class)
+        timings["grid_s"] = time.perf_counter() - t0
+        print(f"  grid -> {grid_path} ({timings['grid_s']:.0f}s)")
+        t0 = time.perf_counter()
+        samples = head if n == grid_n else torch.cat([head, generate(
+            model, eval_labels[grid_n:], ds.shape, sampling, dev, callback=ProgressCallback("eval samples"),
+            noise=noise[grid_n:])])
         save_samples(run.out / "samples.npz", samples, eval_labels)
         timings["eval_sampling_s"] = time.perf_counter() - t0
         model_calls = model.calls.clone()
@@ -345,7 +360,7 @@ def _score(run: _Run, ds: ImageDataset, test: ImageDataset, part: Partition, pla
     report = {"dataset": ds.dataset_id, "k": cfg.k, "preset": asdict(preset), "objectives": plan.objectives,
               "objectives_reason": plan.why_objectives,
               "experts": expert_summaries, "router": router_summary, "classifier": clf_info,
-              "quality": rep.to_dict(), "routing": asdict(preset.routing), "sampling": asdict(preset.sampling),
+              "quality": rep.to_dict(), "routing": asdict(preset.routing), "sampling": asdict(preset.sampling_for_demo),
               "expert_call_share": calls, "timings": timings, "cpu_count": run.cores, "available_cpus": run.cpus,
               "recipe_choice": _choice_report(plan.choice), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "generation": "local" if cfg.local_generation else "swarm", "grid": str(gen.grid_path)}

@@ -2,9 +2,12 @@
 
 import json
 
+import numpy as np
+import torch
 from PIL import Image
 
 from diffswarm.cli import main
+from diffswarm.utils.images import make_grid
 
 
 def test_tiny_demo_end_to_end(tmp_path, tmp_cache):
@@ -22,5 +25,12 @@ def test_tiny_demo_end_to_end(tmp_path, tmp_cache):
     assert report["router"]["accuracy_by_t"][0]["top1"] > 0.8
     img = Image.open(out / "grid.png")
     assert img.size[0] > 8 * 4 and img.size[1] > 8 * 10
+    # the grid is the scored samples' first 40 (4 of each class), row by class: no samples made for it alone
+    scored = np.load(out / "samples.npz")
+    labels = torch.from_numpy(scored["labels"])
+    assert labels[:40].tolist() == [i % 10 for i in range(40)]
+    first = torch.from_numpy(scored["samples"][:40])
+    rows = torch.cat([first[labels[:40] == c] for c in range(10)])
+    assert np.array_equal(np.asarray(img), np.asarray(make_grid(rows, 4, scale=3)))
     for sub in ("c0-ddpm", "c1-fm"):
         assert (out / "experts" / sub / "expert.safetensors").exists()

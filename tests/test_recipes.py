@@ -12,12 +12,14 @@ import pytest
 from diffswarm.training.presets import PRESETS
 from diffswarm.training.recipes import (
     RECIPES,
+    SWARM_CHECK_EVALUATIONS,
     Budget,
     Costs,
     Recipe,
     choose_objectives,
     choose_recipe,
     generate_seconds,
+    generation_rows,
     measure_costs,
     predict,
     predict_quality,
@@ -68,6 +70,25 @@ def test_generation_cost_comes_out_of_the_training_time():
     assert dear.train_s == BUDGET.min_train_s  # never less than the minimum
     # steps = train seconds x the expert's share of a core / CPU seconds per step
     assert cheap.steps == int(cheap.train_s * BUDGET.train_share / 0.3)
+
+
+def test_generating_over_the_swarm_counts_the_rows_its_answer_checks_recompute(tmp_path, monkeypatch):
+    """The checks recompute a fixed number of evaluations' rows per trajectory whatever its length: they cost a
+    larger share of a short sampler's generating, and nothing when the demo generates in its own process."""
+    from diffswarm import demo
+
+    assert generation_rows(1000, 5, 2, checked=False) == 10_000
+    assert generation_rows(1000, 5, 2) == 1000 * (5 + SWARM_CHECK_EVALUATIONS) * 2
+    assert generation_rows(1000, 5, 2) / generation_rows(1000, 11, 2) > 5 / 11
+    monkeypatch.setitem(demo.PRESETS, "choice", replace(PRESETS["tiny"], minutes=20.0, recipes=("unet16x3-b96",)))
+    monkeypatch.setattr(demo, "measure_costs", lambda r, *a, **k: Costs(0.5, 1e-3))
+    est = {}
+    for local in (True, False):
+        run = demo._start(demo.DemoConfig(out=str(tmp_path / str(local)), k=2, preset="choice",
+                                          local_generation=local))
+        ds, _, part, part_path = demo._partition(run)
+        est[local] = demo._plan_training(run, ds, part, part_path).est_generate
+    assert est[False] > est[True] + demo.SWARM_START_CPU_S / demo.available_cpus()
 
 
 def test_bad_inputs_are_refused():

@@ -84,15 +84,15 @@ class Budget:
     """What the run leaves to training and generating (wall-clock), and how it shares the cores."""
 
     seconds: float  # wall seconds for training + generating
-    rows: int  # velocity rows generating will evaluate (samples x evaluations x top-k)
+    rows: float  # velocity rows generating will compute (``generation_rows``)
     train_share: float  # cores each expert gets while training (cores / training processes, at most 1)
     gen_parallel: float  # experts computing at once when generating (below 1 under a CPU quota)
-    # client, RPCs, routing and the answer checks cost 1.5x again the experts' compute: the demo's 1,100 samples
-    # over its swarm took 240 s where 24,200 rows at the measured 5.77 ms on 1.45 CPUs are 96 s (emulated AVX2
-    # machine, docs/performance.md item 9). Natively (4.71 ms, 2 CPUs) they took 165 s, a factor 2.9: the demo
-    # there ends ~30 s past its budget. Not raised to 2.9: on a slow machine each second of training counts
-    # (a run that planned 60 s less than another trained 85 instead of 120 steps: FD 81.8 instead of 43.0)
-    gen_factor: float = 2.5
+    # the client, routing, mixing and the sampler's own arithmetic cost about as much again as the rows at the
+    # measured row cost (one thread, batch 64), fitted with SWARM_CHECK_EVALUATIONS to the demo over its swarm on
+    # the emulated AVX2 machine (docs/performance.md item 9): 1,100 samples x 11 evaluations x top-2 at 5.77 ms
+    # on 1.45 CPUs took 240 s (predicted 262), 1,000 x 5 x 2 at 5.69 ms 140 s (predicted 141); natively (4.71 ms,
+    # 2 CPUs) 11 evaluations took 167 s (predicted 155)
+    gen_factor: float = 2.0
     gen_overhead_s: float = 0.0  # fixed cost of generating (the local swarm's start)
     min_train_s: float = 60.0  # never train for less than this
 
@@ -171,6 +171,20 @@ def recipe_for(net: str, width: int | None, depth: int | None, batch: int) -> Re
     sizes = {**KIND_DEFAULTS.get(net, {}), **{n: v for n, v in (("width", width), ("depth", depth)) if v}}
     same = [r for r in RECIPES.values() if (r.net, r.width, r.depth) == (net, sizes.get("width"), sizes.get("depth"))]
     return min(same, key=lambda r: abs(r.batch - batch), default=None)
+
+
+# The swarm client's answer checks (client/answer_checks.py) recompute, with its own copy of the weights where a
+# cluster has one peer as in the demo, every peer's first answer and last-step answer of each trajectory, one audited
+# answer and a share of the rest: about 4 evaluations' rows per trajectory whatever its length. Measured natively on
+# the demo's experts, 1,000 samples: Heun 3 (5 evaluations) over the swarm 78.3 s, with the checks off 42.6 s (4.2
+# evaluations' worth); Heun 6 (11) 122 vs 93 ms per sample (3.4)
+SWARM_CHECK_EVALUATIONS = 4.0
+
+
+def generation_rows(samples: int, evaluations: int, k: int, checked: bool = True) -> float:
+    """Velocity rows generating ``samples`` costs: ``evaluations`` per trajectory for each of the ``k`` experts
+    routed to, plus what the swarm client's answer checks recompute (``checked``; none when generating locally)."""
+    return samples * (evaluations + (SWARM_CHECK_EVALUATIONS if checked else 0.0)) * k
 
 
 def generate_seconds(budget: Budget, row_s: float) -> float:
