@@ -61,6 +61,9 @@ from diffswarm.utils.cpus import available_cpus
 # each expert before admitting it): 34-52 s on 1.45 CPUs (emulated AVX2 machine, docs/performance.md item 9),
 # 30-34 s natively on 2 (53 CPU-s measured there: the start waits on the network a quarter of its time)
 SWARM_START_CPU_S = 66.0
+# seconds the budget keeps besides training and generating: the experts' last step and checkpoint past their
+# deadline (8 s on the emulated AVX2 machine), scoring (1 s), the estimate's error
+END_MARGIN_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -85,10 +88,11 @@ def _expert_job(job: TrainJob, deadline: float | None, position: int) -> dict:
     from diffswarm.training.jobs import run_train_job
 
     t0 = time.perf_counter()
+    prepared = job.load_data()  # before reading the clock: 6 processes loading at once take seconds (8-18 s)
     if deadline is not None:
         left = max(deadline - time.time(), 1.0)
         job = replace(job, train=replace(job.train, minutes=left / 60))
-    summary = run_train_job(job, position=position, progress=True)
+    summary = run_train_job(job, position=position, progress=True, prepared=prepared)
     return {"expert": Path(job.out).name, "seconds": time.perf_counter() - t0, **summary}
 
 
@@ -234,7 +238,7 @@ def _plan_training(run: _Run, ds: ImageDataset, part: Partition, part_path: Path
     else:
         est_generate = choice.best.generate_s
     elapsed = time.perf_counter() - run.t_start
-    train_s = max(60 * preset.min_train_minutes, run.budget_s - elapsed - est_generate - 15)
+    train_s = max(60 * preset.min_train_minutes, run.budget_s - elapsed - est_generate - END_MARGIN_S)
     deadline = None if cfg.steps else time.time() + train_s
     run.timings.update(budget_s=run.budget_s, estimated_generate_s=est_generate, training_budget_s=train_s)
     return _Training(objectives, why, jobs, rjob, processes, threads, deadline, est_generate, train_s,
@@ -249,7 +253,7 @@ def _choose_recipe(run: _Run, ds: ImageDataset, budget: Budget) -> tuple[Recipe,
     costs = {r.name: measure_costs(r, tuple(ds.shape), ds.num_classes, run.preset.sampling_for_demo.guidance)
              for r in candidates}
     run.timings["measure_s"] = time.perf_counter() - t0
-    left = run.budget_s - (time.perf_counter() - run.t_start) - 15
+    left = run.budget_s - (time.perf_counter() - run.t_start) - END_MARGIN_S
     choice = choose_recipe(candidates, costs, replace(budget, seconds=left))
     print(f"[2/4] measured {len(candidates)} candidate recipes on this machine in {run.timings['measure_s']:.1f}s "
           f"(one thread; each expert gets {budget.train_share:.2f} of a core while training):\n{choice.describe()}")
