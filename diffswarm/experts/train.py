@@ -80,7 +80,8 @@ class TrainConfig:
     """
 
     steps: int | None = 2000  # optimizer steps (None: as many as fit in `minutes`)
-    minutes: float | None = None  # wall-clock budget instead of a step count (counts across resumes)
+    minutes: float | None = None  # wall-clock budget instead of a step count (counts across resumes and each
+    # run's set-up: building the model, loading a checkpoint)
     batch: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
