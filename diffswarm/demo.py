@@ -88,7 +88,7 @@ def _expert_job(job: TrainJob, deadline: float | None, position: int) -> dict:
     from diffswarm.training.jobs import run_train_job
 
     t0 = time.perf_counter()
-    prepared = job.load_data()  # before reading the clock: 6 processes loading at once take seconds (8-18 s)
+    prepared = job.load_data()  # before reading the clock, so that the deadline counts the loading too
     if deadline is not None:
         left = max(deadline - time.time(), 1.0)
         job = replace(job, train=replace(job.train, minutes=left / 60))
@@ -324,14 +324,13 @@ def _generate(run: _Run, ds: ImageDataset, expert_paths: list[Path], router_path
         grid_n = len(classes) * preset.per_class
         n = max(preset.eval_n, grid_n)
         eval_labels = torch.tensor([classes[i % len(classes)] for i in range(n)])
-        noise = seeded_noise(n, ds.shape, cfg.seed + 1)
-        sampling = replace(s, seed=cfg.seed + 1)
+        noise = seeded_noise(n, ds.shape, cfg.seed + 1)  # one draw for all n: the grid's and the rest's
         print(f"[3/4] sampling {n} class-conditional samples {where} ({s.steps} {s.sampler} steps, "
               f"{preset.routing.strategy} k={preset.routing.k}, CFG {s.guidance:g}); the first {grid_n} make "
               f"the {len(classes)}x{preset.per_class} grid")
         t0 = time.perf_counter()
         model.calls.zero_()
-        head = generate(model, eval_labels[:grid_n], ds.shape, sampling, dev, callback=ProgressCallback("grid"),
+        head = generate(model, eval_labels[:grid_n], ds.shape, s, dev, callback=ProgressCallback("grid"),
                         noise=noise[:grid_n])
         order = torch.cat([torch.nonzero(eval_labels[:grid_n] == c).flatten() for c in classes])
         grid_path = save_grid(head[order], run.out / "grid.png", preset.per_class)
@@ -339,7 +338,7 @@ def _generate(run: _Run, ds: ImageDataset, expert_paths: list[Path], router_path
         print(f"  grid -> {grid_path} ({timings['grid_s']:.0f}s)")
         t0 = time.perf_counter()
         samples = head if n == grid_n else torch.cat([head, generate(
-            model, eval_labels[grid_n:], ds.shape, sampling, dev, callback=ProgressCallback("eval samples"),
+            model, eval_labels[grid_n:], ds.shape, s, dev, callback=ProgressCallback("eval samples"),
             noise=noise[grid_n:])])
         save_samples(run.out / "samples.npz", samples, eval_labels)
         timings["eval_sampling_s"] = time.perf_counter() - t0
