@@ -136,6 +136,38 @@ def test_the_demo_trains_the_recipe_its_measurements_choose(tmp_path, monkeypatc
     assert plan.choice is None and {(j.net, j.train.batch) for j in plan.jobs} == {("mlp", 64)}
 
 
+def test_recipes_of_one_network_are_compared_on_one_measured_row_cost(tmp_path, monkeypatch):
+    """Candidates that differ only in the training batch sample alike: the demo times the network's sampling once
+    and gives every such candidate that row cost, so noise in two measurements of one thing cannot pick the
+    recipe; another network gets its own."""
+    from diffswarm import demo
+
+    monkeypatch.setitem(demo.PRESETS, "choice", replace(PRESETS["tiny"], minutes=20.0, recipes=(
+        "unet16x3-b96", "unet16x3-b32", "dit96x3-b96", "unet16x3-b48")))
+    calls = []
+
+    def fake(r, *a, row_s=None, **k):
+        calls.append((r.name, row_s))
+        return Costs(0.5, row_s if row_s is not None else {"unet": 3e-3, "dit": 1e-3}[r.net] + 1e-4 * len(calls))
+
+    monkeypatch.setattr(demo, "measure_costs", fake)
+    run = demo._start(demo.DemoConfig(out=str(tmp_path / "demo"), k=2, preset="choice", local_generation=True))
+    ds, _, part, part_path = demo._partition(run)
+    plan = demo._plan_training(run, ds, part, part_path)
+    unet_row = 3e-3 + 1e-4
+    assert calls == [("unet16x3-b96", None), ("unet16x3-b32", unet_row), ("dit96x3-b96", None),
+                     ("unet16x3-b48", unet_row)]
+    rows = {p.recipe.name: p.costs.row_s for p in plan.choice.ranked}
+    assert rows == {"unet16x3-b96": unet_row, "unet16x3-b32": unet_row, "unet16x3-b48": unet_row,
+                    "dit96x3-b96": 1e-3 + 3e-4}
+
+
+def test_measuring_with_a_known_row_cost_times_only_the_training_step():
+    tiny = Recipe("tiny", "mlp", 32, 1, 8, ((1, 1.0, 0.5), (2, 1.0, 0.5)))
+    c = measure_costs(tiny, (1, 8, 8), 10, timed=1, row_s=0.25)
+    assert c.row_s == 0.25 and 0 < c.step_s < 5
+
+
 def test_a_cpu_quota_shrinks_the_plan(tmp_path, monkeypatch):
     """Under a CPU quota (a container's --cpus; process_time does not see the throttling) the demo plans with
     the CPUs the quota allows: each expert's share of a core, so its predicted steps, shrink with it."""

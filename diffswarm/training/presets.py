@@ -44,7 +44,7 @@ class Preset:
 
 PRESETS = {
     "cpu": Preset(None, "unet", 16, 3, 96, minutes=8.5, router_steps=1000, classifier_epochs=2, per_class=10,
-                  eval_n=1000, recipes=("unet16x3-b96", "unet16x3-b48", "dit96x3-b96"),
+                  eval_n=1000, recipes=("unet16x3-b96", "unet16x3-b32", "unet16x3-b48", "dit96x3-b96"),
                   # Heun 3 (5 evaluations) instead of 6 (11): on the demo's experts at 115 training steps FD 47.8 vs
                   # 49.5, at 355 steps 14.7 vs 12.3 (docs/benchmarks.md); generating costs less than half, and a slow
                   # machine's budget trains that much longer

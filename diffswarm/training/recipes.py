@@ -212,10 +212,13 @@ def choose_recipe(recipes: tuple[Recipe, ...] | list[Recipe], costs: dict[str, C
 
 
 def measure_costs(recipe: Recipe, shape: tuple[int, int, int], num_classes: int, guidance: float = 2.0,
-                  timed: int = 2) -> Costs:
+                  timed: int = 2, row_s: float | None = None) -> Costs:
     """Time ``recipe`` on this machine with one thread: the fastest of ``timed`` training steps (loss,
-    backward, AdamW) after one untimed, and of 4 sampling passes (CFG) at batch 64, on random data.
-    CPU time of this process (``time.process_time``): what the step costs, not what other work takes."""
+    backward, AdamW) after one untimed, and of 8 sampling passes (CFG) at batch 64, on random data.
+    CPU time of this process (``time.process_time``): what the step costs, not what other work takes.
+    ``row_s``: the row cost already measured for the same network (recipes that differ only in batch sample
+    alike): the sampling passes are skipped, and such candidates are compared on one row cost, not on the
+    noise of two measurements (5.65 vs 6.13 ms for one network in one run on the emulated AVX2 machine)."""
     from diffswarm.experts.config import ExpertConfig
     from diffswarm.experts.expert import Expert
     from diffswarm.experts.networks import NetConfig, default_patch
@@ -240,11 +243,13 @@ def measure_costs(recipe: Recipe, shape: tuple[int, int, int], num_classes: int,
             loss.mean().backward()
             opt.step()
             step = min(step, time.process_time() - t0) if i else step
+        if row_s is not None:
+            return Costs(step, row_s)
         e.eval()
         xs, ts, ls = torch.randn(64, *shape, generator=g), torch.full((64,), 0.5), torch.zeros(64, dtype=torch.long)
         row = float("inf")
         with torch.no_grad():
-            for _ in range(4):  # the fastest of 4: the estimate of generating scales with it
+            for _ in range(8):  # the fastest of 8 (once per network): the estimate of generating scales with it
                 t0 = time.process_time()
                 e.velocity(xs, ts, ls, guidance)
                 row = min(row, (time.process_time() - t0) / 64)
@@ -253,23 +258,29 @@ def measure_costs(recipe: Recipe, shape: tuple[int, int, int], num_classes: int,
     return Costs(step, row)
 
 
-# The candidates, with their measured quality-per-step curves: (steps, FD, class accuracy) of an FM expert on all of
-# Fashion-MNIST 28x28, 500 class-conditional samples, Heun 6, CFG 2, FD floor (real train vs test, n = 500) 7.9:
-# `python bench/recipe_choice.py --objective fm --n 500 --sampler heun --sample-steps 6 --guidance 2 --steps N
-# --only I` (I: 6 = unet16x3 b96, 7 = unet16x3 b48, 0 = dit96x3 b96), 2026-12-02 (docs/performance.md). At equal
-# CPU time batch 48 beats batch 96 on few steps (200 x b48: FD 29.7 vs 100 x b96: 68.3): what a slow machine trains.
-# b48's 400-step point (issue 21, 2026-12-02 13:00) was scored by the classifier cached later that day (floor 12.1 at
-# n = 500): on it b96 at 300 steps scored 18.2 / 91.8% (17.9 / 91.8% above) and b48 at 200 steps 34.2 / 89.6%.
-# Smaller batches (recipe_choice 28, 29: b32 300 steps 30.0 / 92.2%, b24 200 / 400 steps 53.0 / 81.0%, 24.0 / 88.8%)
-# did not beat b48 at equal CPU time, so they are not candidates.
+# The candidates, with their measured quality-per-step curves: (steps, FD, class accuracy) of an expert on all of
+# Fashion-MNIST 28x28, 500 class-conditional samples, Heun 6, CFG 2, scored by one classifier (FD floor, real train
+# vs test at n = 500: 12.1): `python bench/recipe_choice.py --objective fm --n 500 --sampler heun --sample-steps 6
+# --guidance 2 --steps N --only I` (I: 28 = unet16x3 b32, 7 = b48, 6 = b96, 0 = dit96x3 b96; docs/performance.md).
+# Batch 32 makes the best images per CPU-second at every step count a 2-core CPU trains in the demo: its step costs
+# 0.64x batch 48's (237-240 vs 372-376 ms on the curves' machine), and at equal CPU time b32 vs b48 scored FD 66 vs
+# 82.9 (156 vs 100 steps, b32 interpolated), 44 vs 48.4 (234 / 150), 30.0 vs 34.2 (300 / 200), 22.1 vs 27.8
+# (450 / 300), 19.7 vs 21.0 (600 / 400); batch 24 (recipe_choice 29) did not beat it. Batch 96 wins only with
+# far more time. Points from 2026-12-03 (issue 21); the DiT's are from 2026-12-02, scored by a classifier of floor
+# 7.9 (it scored b96 at 100 / 300 steps 68.3 / 17.9 where the one above scores 75.9 / 18.2).
 # The DDPM curves: the same command with --objective ddpm (the demo's DDPM expert: logit-normal steps, the flow
-# weighting), 2026-12-03, scored by the classifier of floor 12.1: b96 100 / 300 / 600 steps FD 263.4 / 73.2 / 26.3,
-# accuracy 44.8% / 80.0% / 89.8%; b48 200 / 400 steps 177.0 / 75.5, 60.0% / 79.8%. Far behind FM up to ~400 steps,
-# closer at 600: a slow 2-core CPU trains all-FM experts, a quiet fast one (~620 steps in the demo) the mix.
+# weighting): b32 300 / 600 / 900 steps FD 150.4 / 43.2 / 34.6, accuracy 64.2% / 87.4% / 86.4%; b96 100 / 300 / 600
+# FD 263.4 / 73.2 / 26.3, 44.8% / 80.0% / 89.8%; b48 200 / 400 177.0 / 75.5, 60.0% / 79.8%. Far behind FM up to a few
+# hundred steps: a 2-core CPU trains all-FM experts (``choose_objectives``), past the measured curves the mix.
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
-    Recipe("unet16x3-b96", "unet", 16, 3, 96, ((100, 68.3, 0.780), (300, 17.9, 0.918)),
-           ddpm_curve=((100, 263.4, 0.448), (300, 73.2, 0.800), (600, 26.3, 0.898))),
-    Recipe("unet16x3-b48", "unet", 16, 3, 48, ((100, 75.9, 0.718), (200, 29.7, 0.896), (400, 21.0, 0.926)),
+    Recipe("unet16x3-b32", "unet", 16, 3, 32,
+           ((100, 102.3, 0.640), (150, 68.6, 0.742), (300, 30.0, 0.922), (450, 22.1, 0.934), (600, 19.7, 0.924),
+            (900, 18.2, 0.924)),
+           ddpm_curve=((300, 150.4, 0.642), (600, 43.2, 0.874), (900, 34.6, 0.864))),
+    Recipe("unet16x3-b48", "unet", 16, 3, 48,
+           ((100, 82.9, 0.718), (150, 48.4, 0.846), (200, 34.2, 0.896), (300, 27.8, 0.898), (400, 21.0, 0.926)),
            ddpm_curve=((200, 177.0, 0.600), (400, 75.5, 0.798))),
+    Recipe("unet16x3-b96", "unet", 16, 3, 96, ((100, 75.9, 0.780), (300, 18.2, 0.918)),
+           ddpm_curve=((100, 263.4, 0.448), (300, 73.2, 0.800), (600, 26.3, 0.898))),
     Recipe("dit96x3-b96", "dit", 96, 3, 96, ((100, 287.8, 0.352), (300, 111.0, 0.730))),
 )}
