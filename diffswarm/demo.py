@@ -47,6 +47,7 @@ from diffswarm.training.recipes import (
     RECIPES,
     Budget,
     Choice,
+    Costs,
     Recipe,
     choose_objectives,
     choose_recipe,
@@ -167,6 +168,7 @@ class _Training:
     train_s: float  # seconds left to training by the budget
     network: str  # what the experts train, e.g. "unet 16x3 batch 96"
     choice: Choice | None = None  # the measured recipe choice (None: the preset's recipe)
+    classifier_cached: bool = True  # False: the quality classifier trains beside the experts, on their CPU
 
 
 def _start(cfg: DemoConfig) -> _Run:
@@ -241,8 +243,10 @@ def _plan_training(run: _Run, ds: ImageDataset, part: Partition, part_path: Path
     train_s = max(60 * preset.min_train_minutes, run.budget_s - elapsed - est_generate - END_MARGIN_S)
     deadline = None if cfg.steps else time.time() + train_s
     run.timings.update(budget_s=run.budget_s, estimated_generate_s=est_generate, training_budget_s=train_s)
+    from diffswarm.eval.classifier import classifier_path
+
     return _Training(objectives, why, jobs, rjob, processes, threads, deadline, est_generate, train_s,
-                     f"{net} {width or ''}x{depth or ''} batch {batch}", choice)
+                     f"{net} {width or ''}x{depth or ''} batch {batch}", choice, classifier_path(ds).exists())
 
 
 def _choose_recipe(run: _Run, ds: ImageDataset, budget: Budget) -> tuple[Recipe, Choice]:
@@ -250,8 +254,13 @@ def _choose_recipe(run: _Run, ds: ImageDataset, budget: Budget) -> tuple[Recipe,
     make the best images in what the budget leaves (``diffswarm.training.recipes``)."""
     t0 = time.perf_counter()
     candidates = [RECIPES[name] for name in run.preset.recipes]
-    costs = {r.name: measure_costs(r, tuple(ds.shape), ds.num_classes, run.preset.sampling_for_demo.guidance)
-             for r in candidates}
+    costs: dict[str, Costs] = {}
+    rows: dict[tuple, float] = {}  # one row cost per network: its recipes differ only in the training batch
+    for r in candidates:
+        net = (r.net, r.width, r.depth)
+        costs[r.name] = measure_costs(r, tuple(ds.shape), ds.num_classes, run.preset.sampling_for_demo.guidance,
+                                      row_s=rows.get(net))
+        rows.setdefault(net, costs[r.name].row_s)
     run.timings["measure_s"] = time.perf_counter() - t0
     left = run.budget_s - (time.perf_counter() - run.t_start) - END_MARGIN_S
     choice = choose_recipe(candidates, costs, replace(budget, seconds=left))
@@ -269,6 +278,9 @@ def _train(run: _Run, plan: _Training) -> tuple[list[dict], dict, dict]:
     print(f"[2/4] training {cfg.k} experts ({objectives.count('ddpm')} DDPM + {objectives.count('fm')} FM, "
           f"{plan.network}, {what}) + router + classifier in {plan.processes} "
           f"processes ({plan.threads} thread(s) each); generating is estimated at {plan.est_generate:.0f} s here")
+    if not plan.classifier_cached:
+        print("  the quality classifier is not prepared: it trains beside the experts, on their CPU, once (cached "
+              "for later runs); `diffswarm prepare`, which scripts/setup.sh runs, trains it beforehand")
     print(f"  objectives: {plan.why_objectives}")
     t0 = time.perf_counter()
     with WorkerPool(plan.processes) as pool:

@@ -39,3 +39,9 @@ PY=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0"
 pip install -q -e ".[test]"
+
+# the quality classifier the demo scores with (FD features, class judge): trained once per dataset and cached in
+# ~/.cache/diffswarm ($DIFFSWARM_CACHE), here rather than inside the demo's time budget, where it would take the CPU
+# of the experts it judges (docs/performance.md item 9)
+.venv/bin/diffswarm prepare \
+  || echo "setup: could not prepare the quality classifier; the demo will train it beside its experts" >&2

@@ -95,6 +95,28 @@ def test_quality_command(run, capsys, tmp_cache):
     assert "cluster share samples/data: c0" in printed
 
 
+def test_prepare_trains_the_quality_classifier_once_and_quality_then_loads_it(run, capsys, tmp_cache):
+    """`diffswarm prepare` (what scripts/setup.sh runs) trains and caches the dataset's classifier; a second run
+    finds it, and `quality` scores with that very file instead of training another."""
+    import re
+
+    from diffswarm.data import DatasetSpec
+    from diffswarm.eval.classifier import Classifier, classifier_path
+
+    assert main(["prepare", "--dataset", "digits"]) == 0
+    first = capsys.readouterr().out
+    path = classifier_path(DatasetSpec("digits").resolved().load("train"))
+    assert "trained in" in first and str(path) in first and path.parent == tmp_cache
+    acc = float(re.search(r"test accuracy ([\d.]+)%", first).group(1))
+    assert acc == pytest.approx(100 * Classifier.load(path).test_accuracy, abs=0.05) and acc > 80
+    stamp = path.stat().st_mtime_ns
+    assert main(["prepare", "--dataset", "digits"]) == 0
+    assert "already cached" in capsys.readouterr().out
+    _generate(run, "qp")
+    assert main(["quality", str(run / "qp.npz"), "--partition", str(run / "p.json")]) == 0
+    assert path.stat().st_mtime_ns == stamp  # loaded, not retrained
+
+
 def test_resume_and_init_from(run):
     import torch
 

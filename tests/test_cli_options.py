@@ -65,6 +65,7 @@ def bases(f) -> dict[str, list[list[str]]]:
         "swarm down": [[]],
         "swarm status": [["--run-dir", run], remote, [*remote, "--loopback"]],
         "quality": [["s.npz"], ["s.npz", "--partition", p], ["s.npz", *folder]],
+        "prepare": [[], folder],
         "demo": [[], folder],
         "eval": [["--out", str(f / "ev")], ["--quick"], ["--studies", "gmm"]],
     }

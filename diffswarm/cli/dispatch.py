@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 from diffswarm.cli.client_plans import plan_dashboard, plan_export, plan_generate, plan_swarm_status
 from diffswarm.cli.client_runs import run_dashboard, run_export, run_generate, run_swarm_status
-from diffswarm.cli.eval_plans import plan_demo, plan_eval, plan_quality
-from diffswarm.cli.eval_runs import run_demo, run_eval, run_quality
+from diffswarm.cli.eval_plans import plan_demo, plan_eval, plan_prepare, plan_quality
+from diffswarm.cli.eval_runs import run_demo, run_eval, run_prepare, run_quality
 from diffswarm.cli.join_plans import plan_join
 from diffswarm.cli.join_runs import run_join
 from diffswarm.cli.parser import command_path
@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "swarm down": (plan_swarm_down, run_swarm_down),
     "swarm status": (plan_swarm_status, run_swarm_status),
     "quality": (plan_quality, run_quality),
+    "prepare": (plan_prepare, run_prepare),
     "demo": (plan_demo, run_demo),
     "eval": (plan_eval, run_eval),
 }

@@ -1,5 +1,5 @@
-"""Plans of the evaluating subcommands: `quality` (of saved samples), `demo` (the whole path at once), `eval` (the
-papers' claims on a cached expert pool, sized from the demo's presets)."""
+"""Plans of the evaluating subcommands: `quality` (of saved samples), `prepare` (its classifier, once), `demo` (the
+whole path at once), `eval` (the papers' claims on a cached expert pool, sized from the demo's presets)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,15 @@ def plan_quality(args, given) -> QualityPlan:
         refuse(given, DATASET_DESTS, "with --partition (the samples are compared with the manifest's dataset)")
         return QualityPlan(args.samples, args.partition, None)
     return QualityPlan(args.samples, None, dataset(args))
+
+
+@dataclass(frozen=True)
+class PreparePlan:
+    data: DatasetSpec
+
+
+def plan_prepare(args, given) -> PreparePlan:
+    return PreparePlan(dataset(args))
 
 
 @dataclass(frozen=True)

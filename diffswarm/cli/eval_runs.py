@@ -1,8 +1,8 @@
-"""Runners of the evaluating subcommands: `quality`, `demo`, `eval` (the I/O halves of ``eval_plans``)."""
+"""Runners of the evaluating subcommands: `quality`, `prepare`, `demo`, `eval` (the I/O halves of ``eval_plans``)."""
 
 from __future__ import annotations
 
-from diffswarm.cli.eval_plans import DemoPlan, EvalPlan, EvalReportPlan, QualityPlan
+from diffswarm.cli.eval_plans import DemoPlan, EvalPlan, EvalReportPlan, PreparePlan, QualityPlan
 
 
 def run_quality(p: QualityPlan) -> int:
@@ -23,6 +23,28 @@ def run_quality(p: QualityPlan) -> int:
     clf = get_classifier(train)
     rep = quality_report(samples, labels if (labels >= 0).any() else None, train, test, clf, part)
     print(rep.format())
+    return 0
+
+
+def run_prepare(p: PreparePlan) -> int:
+    """Train (or find cached) the classifier the demo on this machine scores with: its preset's epochs, all cores."""
+    import time
+
+    import torch
+
+    from diffswarm.eval import get_classifier
+    from diffswarm.eval.classifier import classifier_path
+    from diffswarm.training.presets import PRESETS
+
+    epochs = PRESETS["gpu" if torch.cuda.is_available() else "cpu"].classifier_epochs  # the demo's preset here
+    train, test = p.data.load("train"), p.data.load("test")
+    path, t0 = classifier_path(train), time.time()
+    before = path.stat().st_mtime_ns if path.exists() else None
+    clf = get_classifier(train, epochs=epochs, progress=False, test_ds=test)
+    fresh = path.exists() and path.stat().st_mtime_ns != before  # (re)trained and written, not loaded
+    how = f"trained in {time.time() - t0:.0f} s ({clf.config.epochs} epochs)" if fresh else "already cached"
+    print(f"quality classifier for {train.dataset_id}: test accuracy {100 * (clf.test_accuracy or 0):.1f}%, {how} "
+          f"-> {path} (the demo, `diffswarm eval` and `quality` load it from there)")
     return 0
 
 

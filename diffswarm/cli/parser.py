@@ -292,10 +292,14 @@ def _add_swarm_commands(sub) -> None:
 
 
 def _add_evaluation_commands(sub) -> None:
-    """`quality`, `demo`, `eval`."""
+    """`quality`, `prepare`, `demo`, `eval`."""
     p = _parser(sub, "quality", "Frechet distance and class accuracy of saved samples")
     p.add_argument("samples", help="npz written by --save-samples")
     p.add_argument("--partition", default=None, help="manifest: its dataset, and cluster shares to compare")
+    add_dataset_args(p)
+
+    p = _parser(sub, "prepare", "train and cache the quality classifier the demo, eval and quality score with (once "
+                                "per dataset; scripts/setup.sh runs it, so that the demo's budget goes to its experts)")
     add_dataset_args(p)
 
     p = _parser(sub, "demo", "partition, train DDPM/FM experts in parallel, route, generate, evaluate")
