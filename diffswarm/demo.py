@@ -208,6 +208,8 @@ def _plan_training(run: _Run, ds: ImageDataset, part: Partition, part_path: Path
     preset listing candidate recipes, the recipe is the one this machine trains best. The experts alternate
     DDPM and FM where the steps they will train make a DDPM expert about as good as an FM one (its measured
     curve), else they are all FM (``recipes.choose_objectives``; ``--objectives`` sets the mix)."""
+    from diffswarm.eval.classifier import cached_classifier
+
     cfg, preset = run.cfg, run.preset
     n_jobs = cfg.k + 2
     workers = cfg.workers or n_jobs
@@ -243,10 +245,9 @@ def _plan_training(run: _Run, ds: ImageDataset, part: Partition, part_path: Path
     train_s = max(60 * preset.min_train_minutes, run.budget_s - elapsed - est_generate - END_MARGIN_S)
     deadline = None if cfg.steps else time.time() + train_s
     run.timings.update(budget_s=run.budget_s, estimated_generate_s=est_generate, training_budget_s=train_s)
-    from diffswarm.eval.classifier import classifier_path
-
     return _Training(objectives, why, jobs, rjob, processes, threads, deadline, est_generate, train_s,
-                     f"{net} {width or ''}x{depth or ''} batch {batch}", choice, classifier_path(ds).exists())
+                     f"{net} {width or ''}x{depth or ''} batch {batch}", choice,
+                     not ds.num_classes or cached_classifier(ds, epochs=preset.classifier_epochs) is not None)
 
 
 def _choose_recipe(run: _Run, ds: ImageDataset, budget: Budget) -> tuple[Recipe, Choice]:

@@ -241,3 +241,17 @@ def test_swarm_up_chooses_its_objectives_from_the_steps_its_minutes_train(monkey
     assert plan_objectives(replace(base, net="mlp"), part)[0] == ["ddpm", "fm", "ddpm", "fm"]
     assert plan_objectives(replace(base, objectives="mixed"), part)[0] == ["ddpm", "fm", "ddpm", "fm"]
     assert measured == [base.train.batch]  # a fixed step count, another network, a given mix: nothing measured
+
+
+def test_the_plan_knows_whether_the_classifier_must_train_beside_the_experts(tmp_path, monkeypatch):
+    """Without a prepared classifier the demo trains one beside its experts (and says so); once `diffswarm prepare`
+    (or an earlier run) cached a valid one, the plan knows it will only be loaded."""
+    from diffswarm import demo
+    from diffswarm.eval import get_classifier
+
+    monkeypatch.setenv("DIFFSWARM_CACHE", str(tmp_path / "cache"))
+    run = demo._start(demo.DemoConfig(out=str(tmp_path / "demo"), k=2, preset="tiny", local_generation=True))
+    ds, _, part, part_path = demo._partition(run)
+    assert not demo._plan_training(run, ds, part, part_path).classifier_cached
+    get_classifier(ds, epochs=run.preset.classifier_epochs, progress=False)
+    assert demo._plan_training(run, ds, part, part_path).classifier_cached

@@ -33,16 +33,15 @@ def run_prepare(p: PreparePlan) -> int:
     import torch
 
     from diffswarm.eval import get_classifier
-    from diffswarm.eval.classifier import classifier_path
+    from diffswarm.eval.classifier import cached_classifier, classifier_path
     from diffswarm.training.presets import PRESETS
 
     epochs = PRESETS["gpu" if torch.cuda.is_available() else "cpu"].classifier_epochs  # the demo's preset here
     train, test = p.data.load("train"), p.data.load("test")
     path, t0 = classifier_path(train), time.time()
-    before = path.stat().st_mtime_ns if path.exists() else None
+    cached = cached_classifier(train, epochs=epochs) is not None if train.num_classes else False
     clf = get_classifier(train, epochs=epochs, progress=False, test_ds=test)
-    fresh = path.exists() and path.stat().st_mtime_ns != before  # (re)trained and written, not loaded
-    how = f"trained in {time.time() - t0:.0f} s ({clf.config.epochs} epochs)" if fresh else "already cached"
+    how = "already cached" if cached else f"trained in {time.time() - t0:.0f} s ({clf.config.epochs} epochs)"
     print(f"quality classifier for {train.dataset_id}: test accuracy {100 * (clf.test_accuracy or 0):.1f}%, {how} "
           f"-> {path} (the demo, `diffswarm eval` and `quality` load it from there)")
     return 0

@@ -273,6 +273,36 @@ def train_classifier(
     return clf
 
 
+def cached_classifier(
+    train_ds: ImageDataset,
+    cache_dir: str | os.PathLike | None = None,
+    epochs: int = 2,
+    seed: int = 0,
+) -> Classifier | None:
+    """The cached classifier for train_ds if the cache holds a valid one (its weights hash checks out, trained on
+    this data with this seed for at least ``epochs``), else None; a file that does not qualify gets a warning
+    saying it will be retrained."""
+    path = classifier_path(train_ds, cache_dir)
+    if not path.exists():
+        return None
+    try:
+        clf = Classifier.load(path)
+    except ValueError as e:
+        warnings.warn(f"ignoring cached classifier: {e}; retraining", stacklevel=2)
+        return None
+    cfg = clf.config
+    if (
+        cfg.content_hash == train_ds.content_hash
+        and cfg.seed == seed
+        and cfg.epochs >= epochs
+        and (cfg.channels, cfg.height, cfg.width) == train_ds.shape
+        and cfg.num_classes == train_ds.num_classes
+    ):
+        return clf
+    warnings.warn(f"cached classifier {path} was trained differently; retraining", stacklevel=2)
+    return None
+
+
 def get_classifier(
     train_ds: ImageDataset,
     cache_dir: str | os.PathLike | None = None,
@@ -281,7 +311,7 @@ def get_classifier(
     progress: bool = True,
     test_ds: ImageDataset | None = None,
 ) -> Classifier:
-    """The classifier for train_ds: loaded from the cache when valid, else trained and cached.
+    """The classifier for train_ds: loaded from the cache when valid (``cached_classifier``), else trained and cached.
 
     Args:
         train_ds: the real train split (must be labeled).
@@ -297,32 +327,20 @@ def get_classifier(
             f"dataset {train_ds.dataset_id} is unlabeled (num_classes=0): the FD classifier needs labels; "
             "measure FD on a labeled dataset"
         )
-    path = classifier_path(train_ds, cache_dir)
-    if path.exists():
-        try:
-            clf = Classifier.load(path)
-            cfg = clf.config
-            if (
-                cfg.content_hash == train_ds.content_hash
-                and cfg.seed == seed
-                and cfg.epochs >= epochs
-                and (cfg.channels, cfg.height, cfg.width) == train_ds.shape
-                and cfg.num_classes == train_ds.num_classes
-            ):
-                if cfg.test_accuracy is None and test_ds is not None:
-                    cfg.test_accuracy = clf.accuracy(test_ds)
-                return clf
-            warnings.warn(f"cached classifier {path} was trained differently; retraining", stacklevel=2)
-        except ValueError as e:
-            warnings.warn(f"ignoring cached classifier: {e}; retraining", stacklevel=2)
+    clf = cached_classifier(train_ds, cache_dir, epochs, seed)
+    if clf is not None:
+        if clf.config.test_accuracy is None and test_ds is not None:
+            clf.config.test_accuracy = clf.accuracy(test_ds)
+        return clf
     clf = train_classifier(train_ds, test_ds, epochs=epochs, seed=seed, progress=progress)
-    clf.save(path)
+    clf.save(classifier_path(train_ds, cache_dir))
     return clf
 
 
 __all__ = [
     "Classifier",
     "ClassifierConfig",
+    "cached_classifier",
     "SmallCNN",
     "classifier_path",
     "default_cache_dir",
