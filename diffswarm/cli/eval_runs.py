@@ -39,9 +39,14 @@ def run_prepare(p: PreparePlan) -> int:
     epochs = PRESETS["gpu" if torch.cuda.is_available() else "cpu"].classifier_epochs  # the demo's preset here
     train, test = p.data.load("train"), p.data.load("test")
     path, t0 = classifier_path(train), time.time()
-    cached = cached_classifier(train, epochs=epochs) is not None if train.num_classes else False
-    clf = get_classifier(train, epochs=epochs, progress=False, test_ds=test)
-    how = "already cached" if cached else f"trained in {time.time() - t0:.0f} s ({clf.config.epochs} epochs)"
+    clf = cached_classifier(train, epochs=epochs) if train.num_classes else None  # load and check the file once
+    if clf is not None:
+        how = "already cached"
+        if clf.test_accuracy is None:  # a classifier cached without its test accuracy (`quality` trains so)
+            clf.config.test_accuracy = clf.accuracy(test)
+    else:  # trains (or refuses an unlabeled dataset)
+        clf = get_classifier(train, epochs=epochs, progress=False, test_ds=test)
+        how = f"trained in {time.time() - t0:.0f} s ({clf.config.epochs} epochs)"
     print(f"quality classifier for {train.dataset_id}: test accuracy {100 * (clf.test_accuracy or 0):.1f}%, {how} "
           f"-> {path} (the demo, `diffswarm eval` and `quality` load it from there)")
     return 0
