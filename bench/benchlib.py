@@ -3,7 +3,9 @@
 
 Benchmarks import it as ``from benchlib import ...`` (``python bench/x.py`` puts ``bench/`` on the path).
 ``DIFFSWARM_BENCH_TINY=1`` asks a ``--quick`` run for its smallest size (the test that keeps every quick
-mode running sets it).
+mode running sets it): the benchmarks that start a swarm then serve MLP experts (``swarm_net``), whose processes
+do not import diffusers (about 3 CPU-s of each peer's and client's start here); what they print is then not a
+figure of the default experts, only proof that the script still runs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,15 @@ import torch
 def tiny() -> bool:
     """True when a ``--quick`` run should shrink further (tests/test_bench_quick.py sets DIFFSWARM_BENCH_TINY=1)."""
     return os.environ.get("DIFFSWARM_BENCH_TINY", "") not in ("", "0")
+
+
+# (width, depth) of the benchmarks' toy experts per network kind: the default UNet 16x3, the DiT 96x3, a small MLP
+NET_SIZES = {"unet": (16, 3), "dit": (96, 3), "mlp": (64, 2)}
+
+
+def swarm_net(net: str) -> str:
+    """The network a swarm benchmark serves: ``net``, or the MLP in a tiny run (see the module doc)."""
+    return "mlp" if tiny() else net
 
 
 def cpu_model() -> str:

@@ -190,21 +190,25 @@ def main() -> None:
     if args.stages:
         return stages(args.stages, args.spawned_at)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from benchlib import footer, header, tiny
+    from benchlib import NET_SIZES, footer, header, swarm_net, tiny
 
     from diffswarm.swarm.local import local_swarm
     from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 
     repeats = args.repeats if args.repeats is not None else 0 if tiny() else 1 if args.quick else 3
     trees = {"this": ROOT} if not args.baseline else {"baseline": os.path.abspath(args.baseline), "this": ROOT}
-    header("time to first image: cold `diffswarm generate --n 1` over a loopback swarm of 4 UNet experts")
+    net = swarm_net("unet")
+    width, depth = NET_SIZES[net]
+    header(f"time to first image: cold `diffswarm generate --n 1` over a loopback swarm of 4 {net} {width}x{depth} "
+           "experts")
     print("trees: " + ", ".join(f"{k} = {v}" for k, v in trees.items()))
     starts: list[float] = []
     cli: dict[str, list[dict]] = {k: [] for k in trees}
     staged: dict[str, list[dict]] = {k: [] for k in trees}
     with tempfile.TemporaryDirectory(prefix="first-image-") as tmp:
-        experts, router = make_toy_swarm(tmp, ToySwarmSpec(["ddpm", "fm", "ddpm", "fm"], size=28, num_classes=10,
-                                                           net="unet", width=16, depth=3, steps=2, router_width=256))
+        spec = ToySwarmSpec(["ddpm", "fm", "ddpm", "fm"], size=28, num_classes=10, net=net, width=width, depth=depth,
+                            steps=2, router_width=256)
+        experts, router = make_toy_swarm(tmp, spec)
         run_dir = os.path.join(tmp, "swarm")
         t0 = time.perf_counter()
         with local_swarm(experts, router, run_dir=run_dir, announce_period=30.0):

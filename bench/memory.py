@@ -21,7 +21,7 @@ import tempfile
 import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import children, footer, header, rss_mb, tiny  # noqa: E402
+from benchlib import children, footer, header, rss_mb, swarm_net, tiny  # noqa: E402
 from serving_throughput import Clients, start_peers  # noqa: E402
 
 
@@ -81,6 +81,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.clients, args.seconds, args.images = (2, 1.0, 10) if tiny() else (8, 3.0, 40)
+        args.net = swarm_net(args.net)
     header(f"memory: peer idle and under {args.clients} clients; a client over {args.images} images")
     with tempfile.TemporaryDirectory(prefix="memory-bench-") as tmp:
         sw, name = start_peers(tmp, args.net, batched_only=True)

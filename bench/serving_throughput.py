@@ -33,7 +33,17 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import call_loop, footer, header, percentile, readline_within, rss_mb, tiny  # noqa: E402
+from benchlib import (  # noqa: E402
+    NET_SIZES,
+    call_loop,
+    footer,
+    header,
+    percentile,
+    readline_within,
+    rss_mb,
+    swarm_net,
+    tiny,
+)
 
 WORKER_FLAG = "--worker"
 START_S = 180.0  # a client process that has not said it is ready by then is reported, not awaited
@@ -149,10 +159,10 @@ def make_expert(tmp: str, net: str) -> tuple[str, str]:
     """The bench's toy expert (UNet 16x3 or DiT 96x3 at 28x28, 10 classes, two training steps); (path, name)."""
     from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 
-    width = 16 if net == "unet" else 96
+    width, depth = NET_SIZES[net]
     experts, _ = make_toy_swarm(os.path.join(tmp, "experts"), ToySwarmSpec(["fm"], size=28, num_classes=10,
-                                                                          net=net, width=width, depth=3, steps=2))
-    return str(experts[0]), f"{net} {width}x3"
+                                                                          net=net, width=width, depth=depth, steps=2))
+    return str(experts[0]), f"{net} {width}x{depth}"
 
 
 def start_peers(tmp: str, net: str, batched_only: bool = False, expert: str | None = None):
@@ -210,6 +220,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.levels, args.seconds = ([1, 2] if tiny() else [1, 4, 8]), (1.0 if tiny() else 2.0)
+        args.net = swarm_net(args.net)
     header(f"serving throughput of one peer: {args.levels} concurrent clients, {args.rows} row(s) per request, "
            f"CFG 2, {args.seconds:.0f} s per level")
     with tempfile.TemporaryDirectory(prefix="serving-bench-") as tmp:

@@ -45,7 +45,7 @@ from collections import defaultdict
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import descendants, footer, header, pin, tiny  # noqa: E402
+from benchlib import NET_SIZES, descendants, footer, header, pin, swarm_net, tiny  # noqa: E402
 
 import diffswarm.client.transport as transport_mod  # noqa: E402
 from diffswarm.client.answer_checks import TrustConfig  # noqa: E402
@@ -60,7 +60,6 @@ from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm  # noqa: E402
 
 NO_CHECKS = TrustConfig(verify_share=0.0, verify_first=False, new_peer_rate=0.0, local_check_share=0.0,
                         audit_samples=0, fetch_checkpoints=False, local_fallback=False)
-SIZES = {"unet": (16, 3), "dit": (96, 3), "mlp": (64, 2)}
 
 
 class _Later:
@@ -187,7 +186,7 @@ def best_time(fn, repeats: int):
 
 
 def bench_net(args, net: str, tmp: str) -> dict:
-    width, depth = SIZES[net]
+    width, depth = NET_SIZES[net]
     routing = RoutingConfig("top-k", 2)
     shape = (1, 28, 28)
     objectives = ["ddpm" if k % 2 == 0 else "fm" for k in range(args.k)]
@@ -311,7 +310,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--steps", type=int, default=20, help="sampling steps per generation")
-    ap.add_argument("--nets", nargs="+", choices=list(SIZES), default=["unet", "dit"])
+    ap.add_argument("--nets", nargs="+", choices=list(NET_SIZES), default=["unet", "dit"])
     ap.add_argument("--repeats", type=int, default=3, help="best of this many timings per setting")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split-cores", action="store_true",
@@ -322,7 +321,7 @@ def main() -> None:
     if args.quick:
         args.k, args.batches, args.nets, args.steps, args.repeats = 4, [1, 16], ["dit"], 6, 1
         if tiny():
-            args.k, args.batches, args.steps = 2, [4], 3
+            args.k, args.batches, args.steps, args.nets = 2, [4], 3, [swarm_net("dit")]
     args.swarm_cpus = None
     if args.split_cores:
         cpus = sorted(os.sched_getaffinity(0))

@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import call_loop, footer, header, readline_within, tiny  # noqa: E402
+from benchlib import NET_SIZES, call_loop, footer, header, readline_within, swarm_net, tiny  # noqa: E402
 
 SERVE, WORKER = "--hivemind-serve", "--hivemind-worker"
 START_S = 180.0  # a hivemind server or client process that has not said it is ready by then is reported, not awaited
@@ -214,7 +214,8 @@ def main() -> None:
     if args.quick:
         args.k, args.batches, args.clients, args.seconds, args.steps, args.repeats = 4, [1, 16], 4, 2.0, 4, 1
         if tiny():
-            args.k, args.batches, args.clients, args.seconds, args.steps = 2, [4], 2, 1.0, 2
+            args.k, args.batches, args.clients, args.seconds, args.steps = 2, [4], 1, 1.0, 2
+            args.net = swarm_net(args.net)
     header(f"diffswarm vs hivemind.moe: top-2 of K={args.k}, batches {args.batches}, {args.clients} clients")
     with tempfile.TemporaryDirectory(prefix="vs-hivemind-") as tmp:
         res = compare(args, tmp)
@@ -234,15 +235,15 @@ def compare(args, tmp: str) -> dict:
     from diffswarm.swarm.local import local_swarm
     from diffswarm.testing.toy import ToySwarmSpec, make_toy_swarm
 
-    width = 16 if args.net == "unet" else 96
+    width, depth = NET_SIZES[args.net]
     objectives = ["ddpm" if k % 2 == 0 else "fm" for k in range(args.k)]
     experts, router_path = make_toy_swarm(os.path.join(tmp, "experts"), ToySwarmSpec(
-        objectives, size=28, num_classes=10, net=args.net, width=width, depth=3, steps=2, router_width=256))
+        objectives, size=28, num_classes=10, net=args.net, width=width, depth=depth, steps=2, router_width=256))
     routing = RoutingConfig("top-k", 2)
     sampling = SamplingConfig(steps=args.steps, sampler="euler", guidance=2.0)
     warm = SamplingConfig(steps=1, sampler="euler", guidance=2.0)
     torch.set_num_threads(1)
-    res = {"net": f"{args.net} {width}x3", "steps": {}, "diff": {}}
+    res = {"net": f"{args.net} {width}x{depth}", "steps": {}, "diff": {}}
     hm = HivemindServer(experts)
     try:
         remotes, close_remotes = remote_experts(hm.info)
