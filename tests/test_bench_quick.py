@@ -31,6 +31,7 @@ QUICK = [
     ("dht_scale.py", []),  # 17
     ("swarm_vs_local.py", []),  # 14
     ("sparse_cost.py", []),  # 8
+    ("fp16_transport.py", []),  # 5
 ]
 
 
