@@ -28,6 +28,7 @@ from benchlib import NET_SIZES, footer, header, tiny  # noqa: E402
 from diffswarm.peer.batching import BatchPolicy  # noqa: E402
 from diffswarm.peer.hosted import ServedExpert  # noqa: E402
 from diffswarm.protocol.wire import (  # noqa: E402
+    as_sent,
     check_request,
     decode_response,
     encode_request,
@@ -49,8 +50,7 @@ class OverTheWire:
         self.expert_id = expert.expert_id
 
     def velocity(self, x, t, labels, guidance):
-        if self.compression == "float16":  # what SwarmEnsemble does before the call (client/ensemble.py)
-            x = x.half().to(x.dtype)
+        x = as_sent(x, self.compression)  # the client's rounding before the call (client/ensemble.py)
         tensors = encode_request(self.expert_id, x, t, labels, guidance, self.compression)
         req = check_request(self.served.spec, self.expert_id, tensors, request_metadata(guidance))
         v = self.served.batcher.velocity(req.x, req.t, req.labels, req.guidance)

@@ -34,6 +34,7 @@ from diffswarm.client.discovery import SwarmTarget
 from diffswarm.client.ledger import Job
 from diffswarm.client.sources import LocalSource, RemoteSlot, Sources
 from diffswarm.client.verifier import Verifier
+from diffswarm.protocol.wire import as_sent
 from diffswarm.router.ensemble import RoutedEnsemble, mix
 from diffswarm.router.routing import NoExpertsError, RoutingConfig
 from diffswarm.sampling.hooks import StepRollback
@@ -322,10 +323,7 @@ class SwarmEnsemble(RoutedEnsemble):
                                  "next-ranked experts")
                 continue
             rd = rows.to(ev.x.device)
-            xk = ev.x[rd]
-            if self.client.cfg.compression == "float16":  # round once to what the peers receive, so that checks
-                xk = xk.half().to(ev.x.dtype)  # compare answers to the same input (DDPM experts amplify the rounding)
-            call = (xk, ev.t[rd], ev.labels[rd])
+            call = (as_sent(ev.x[rd], self.client.cfg.compression), ev.t[rd], ev.labels[rd])
             partner = self.verifier.partner_for(k, src, now, ev.failed)
             jobs.append(Job(k, rows, src, partner, call, len(calls)))
             self.main_calls += 1

@@ -285,6 +285,12 @@ def _meta_loads(b: bytes) -> dict:
 # client side
 
 
+def as_sent(x: torch.Tensor, compression: str) -> torch.Tensor:
+    """x as the peer receives it with ``compression`` (float16: rounded, in x's dtype): the client rounds once, so
+    that its own checks of an answer compute on the peer's input (DDPM experts amplify the rounding)."""
+    return x.half().to(x.dtype) if compression == "float16" else x
+
+
 def encode_request(uid: str, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance: float,
                    compression: str = "none") -> list[runtime_pb2.Tensor]:
     """Serialized [x, t, labels] (CPU tensors)."""
