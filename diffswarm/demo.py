@@ -42,7 +42,7 @@ from diffswarm.experts.train import TrainConfig
 from diffswarm.router.train import RouterTrainConfig
 from diffswarm.training.jobs import RouterJob, TrainJob
 from diffswarm.training.pool import WorkerPool
-from diffswarm.training.presets import PRESETS, Preset
+from diffswarm.training.presets import PRESETS, Preset, device_preset
 from diffswarm.training.recipes import (
     RECIPES,
     Budget,
@@ -176,7 +176,7 @@ def _start(cfg: DemoConfig) -> _Run:
 
     t_start = time.perf_counter()
     dev = pick_device("auto")
-    preset = PRESETS[cfg.preset or ("gpu" if dev.type == "cuda" else "cpu")]
+    preset = PRESETS[cfg.preset or device_preset(dev.type)]
     budget_s = 60 * (cfg.minutes if cfg.minutes is not None else preset.minutes)
     out = Path(cfg.out)
     if not cfg.local_generation:  # leftovers of a demo that was SIGKILLed: refuse now, not after training

@@ -30,13 +30,12 @@ def run_prepare(p: PreparePlan) -> int:
     """Train (or find cached) the classifier the demo on this machine scores with: its preset's epochs, all cores."""
     import time
 
-    import torch
-
     from diffswarm.eval import get_classifier
     from diffswarm.eval.classifier import cached_classifier, classifier_path
-    from diffswarm.training.presets import PRESETS
+    from diffswarm.experts.train import pick_device
+    from diffswarm.training.presets import PRESETS, device_preset
 
-    epochs = PRESETS["gpu" if torch.cuda.is_available() else "cpu"].classifier_epochs  # the demo's preset here
+    epochs = PRESETS[device_preset(pick_device("auto").type)].classifier_epochs  # the demo's preset here
     train, test = p.data.load("train"), p.data.load("test")
     path, t0 = classifier_path(train), time.time()
     clf = cached_classifier(train, epochs=epochs) if train.num_classes else None  # load and check the file once

@@ -54,3 +54,8 @@ PRESETS = {
     "tiny": Preset("digits", "mlp", 128, 2, 64, minutes=1.0, router_steps=150, classifier_epochs=1, per_class=4,
                    eval_n=100, sampling=SamplingConfig(steps=10, sampler="euler"), min_train_minutes=0.05),
 }
+
+
+def device_preset(device_type: str) -> str:
+    """The preset the demo runs by default on a device of this type (``torch.device.type``)."""
+    return "gpu" if device_type == "cuda" else "cpu"
