@@ -321,7 +321,8 @@ def main() -> None:
     if args.quick:
         args.k, args.batches, args.nets, args.steps, args.repeats = 4, [1, 16], ["dit"], 6, 1
         if tiny():
-            args.k, args.batches, args.steps, args.nets = 2, [4], 3, [swarm_net("dit")]
+            args.k, args.batches, args.steps = 2, [4], 3
+        args.nets = [swarm_net(n) for n in args.nets]
     args.swarm_cpus = None
     if args.split_cores:
         cpus = sorted(os.sched_getaffinity(0))

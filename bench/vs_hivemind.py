@@ -215,7 +215,7 @@ def main() -> None:
         args.k, args.batches, args.clients, args.seconds, args.steps, args.repeats = 4, [1, 16], 4, 2.0, 4, 1
         if tiny():
             args.k, args.batches, args.clients, args.seconds, args.steps = 2, [4], 1, 1.0, 2
-            args.net = swarm_net(args.net)
+        args.net = swarm_net(args.net)
     header(f"diffswarm vs hivemind.moe: top-2 of K={args.k}, batches {args.batches}, {args.clients} clients")
     with tempfile.TemporaryDirectory(prefix="vs-hivemind-") as tmp:
         res = compare(args, tmp)

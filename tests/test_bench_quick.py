@@ -5,7 +5,7 @@ is wrong. DIFFSWARM_BENCH_TINY=1 asks each for its smallest size.
 The scripts run three at a time: most of a tiny run is process start, imports and daemon start-up, which
 overlap well; what they print under that load is not what this test checks. In a tiny run the benchmarks that
 start a swarm serve MLP experts, whose peers and clients do not import diffusers (``bench/benchlib.swarm_net``):
-the whole test took 146 s alone on the 2-core machine with UNet peers, 116 s with MLP ones."""
+the whole test took 146 s alone on the 2-core machine with UNet peers, 102-116 s with MLP ones."""
 
 from __future__ import annotations
 
