@@ -73,6 +73,29 @@ def test_quick_exit_finishes_threads_exit_handlers_and_output_then_ends(tmp_path
     assert not (tmp_path / "after").exists()
 
 
+STUCK = """
+import atexit, sys, threading
+from pathlib import Path
+from diffswarm.utils.signals import quick_exit
+
+d = Path(sys.argv[1])
+atexit.register(lambda: (d / "atexit").write_text("ran"))
+def stuck_forever():
+    threading.Event().wait()
+threading.Thread(target=stuck_forever, name="stuck-thread").start()  # non-daemon: a normal exit would hang
+print("written before the exit")
+quick_exit(7, wait=1.0)
+"""
+
+
+def test_quick_exit_does_not_wait_forever_for_a_stuck_thread_and_names_it(tmp_path):
+    proc = _python(STUCK, str(tmp_path))  # a hang fails on the helper's 300 s timeout
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stdout == "written before the exit\n"
+    assert "stuck-thread" in proc.stderr.splitlines()[0] and "stuck_forever" in proc.stderr, proc.stderr
+    assert not (tmp_path / "atexit").exists()  # the exit handlers come after the threads: skipped with them
+
+
 def test_quick_exit_outside_the_main_thread_returns():
     import threading
 

@@ -81,24 +81,52 @@ def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
             signal.signal(s, h)
 
 
-def quick_exit(code: int) -> None:
+QUICK_EXIT_WAIT = 30.0  # seconds quick_exit waits for non-daemon threads before it exits without them
+
+
+def quick_exit(code: int, wait: float = QUICK_EXIT_WAIT) -> None:
     """End the process with ``code`` now, as a normal exit would but without the interpreter's teardown: wait for
     the non-daemon threads and run their exit hooks (``threading._shutdown``: thread pools finish their queued
     work), run the ``atexit`` handlers (log handlers flushed and closed, ``weakref.finalize`` hooks), flush stdout
     and stderr, then ``os._exit``. For the main thread of a command whose files are written and closed and whose
     child processes are stopped: an object still holding unwritten data in a buffer of its own (a file left open)
     loses it. Elsewhere (another thread, an interpreter without these hooks) it returns and the caller exits
-    normally."""
+    normally.
+
+    The wait is bounded: a thread still running ``wait`` seconds later (one blocked for good would hang a normal
+    exit forever) is named on stderr with every thread's stack, and the process ends with ``code`` without it."""
     import atexit
 
     shutdown, run_exitfuncs = getattr(threading, "_shutdown", None), getattr(atexit, "_run_exitfuncs", None)
     if threading.current_thread() is not threading.main_thread() or shutdown is None or run_exitfuncs is None:
         return
+    threading.Thread(target=_exit_anyway, args=(code, wait), name="quick-exit-watchdog", daemon=True).start()
     shutdown()
     run_exitfuncs()
+    _flush_std()
+    os._exit(code)
+
+
+def _flush_std() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
+
+
+def _exit_anyway(code: int, wait: float) -> None:
+    """``quick_exit``'s bound: after ``wait`` seconds, report the threads it still waits for and end the process."""
+    import faulthandler
+
+    time.sleep(wait)
+    me = threading.current_thread()
+    left = [t.name for t in threading.enumerate() if not t.daemon and t is not me and t is not threading.main_thread()]
+    _flush_std()
+    with contextlib.suppress(Exception):
+        sys.stderr.write(f"exit: still waiting after {wait:g}s for thread(s) {', '.join(left) or '?'}; exiting without "
+                         "them. Stacks of every thread:\n")
+        sys.stderr.flush()
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    _flush_std()
     os._exit(code)
 
 
