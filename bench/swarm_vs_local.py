@@ -7,10 +7,9 @@ from two training steps on random data, which cost the same to evaluate as train
 - locally: ``load_local_ensemble`` in this process (best of 1 thread and all threads),
 - over the swarm: a bootstrap node + K peer processes on 127.0.0.1 (``local_swarm``, one torch thread per peer)
   and ``SwarmEnsemble`` clients in this process: with the default answer checks (what a user gets), the same with
-  the checks by the client's own copy judged in their step ("in-step": the step waits for them, as before they were
-  deferred), the same with the client's own evaluations run only when their results are asked for ("serial": nothing
-  overlaps, how the client worked before they overlapped the remote calls), with every check off (the difference
-  is the checks' cost), and with float16 transport (``--compression float16``),
+  the client's own check evaluations run after the remote calls instead of during them ("serial": how the client
+  worked before they overlapped), with every check off (the difference is the checks' cost), and with float16
+  transport (``--compression float16``),
 
 with top-2 routing, CFG 2, Euler. Runs alternate (the peers sit idle during local runs), so all see the same
 background load; each time is the best of ``--repeats``. Then one more instrumented run of the default client
@@ -42,7 +41,6 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import replace
 
 import torch
 
@@ -65,23 +63,19 @@ NO_CHECKS = TrustConfig(verify_share=0.0, verify_first=False, new_peer_rate=0.0,
 
 
 class _Later:
-    def __init__(self, fn, *args):
-        self.fn, self.args = fn, args
-
-    def done(self):
-        return True
+    def __init__(self, fn):
+        self.fn = fn
 
     def result(self):
-        return self.fn(*self.args)
+        return self.fn()
 
 
 class SerialLocal:
     """Stands in for ``Sources``' local-answer pool: runs the client's own evaluations only when their results
-    are asked for (after the remote calls returned; a check by the client's own copy when it is judged, at the next
-    evaluation or at the audit), so that nothing overlaps."""
+    are asked for, after the remote calls returned (the order before they overlapped)."""
 
-    def submit(self, fn, *args):
-        return _Later(fn, *args)
+    def submit(self, fn):
+        return _Later(fn)
 
 
 class Probe:
@@ -142,12 +136,11 @@ class Probe:
             if self.in_check:  # a check's own calls (judge's arbiter, the audit): timed with the checks already
                 return orig(*a, **kw)
             self.rounds.append([])
-            t0, local0 = time.perf_counter(), self.t["local_checks"]
+            t0 = time.perf_counter()
             try:
                 return orig(*a, **kw)
             finally:
                 self.t["answer_all"] += time.perf_counter() - t0
-                self.t["local_in_rounds"] += self.t["local_checks"] - local0  # the rest: judged between rounds
         return f
 
     def __enter__(self):
@@ -173,7 +166,7 @@ class Probe:
         """Milliseconds per evaluation (one velocity call of the sampler) of each part."""
         crit = [max(r) for r in self.rounds if r]  # the slowest call of each round is the step's critical path
         rtt, comp, queue, ser = (sum(c[i] for c in crit) for i in range(4))
-        remote = self.t["answer_all"] - self.t["local_in_rounds"]
+        remote = self.t["answer_all"] - self.t["local_checks"]
         parts = {"router pass": self.t["router"], "peer compute": comp, "peer queueing": queue,
                  "client serialisation": ser, "transport (daemons, peer decode/encode)": rtt - comp - queue - ser,
                  "client loop hop": remote - rtt,
@@ -234,20 +227,16 @@ def measure_batch(args, b, local, model, bare, shape, sampling, warm, cores) -> 
     labels = torch.arange(b) % 10
     cfg = model.client.cfg
 
-    def run(m, threads, compression="none", serial=False, in_step=False):
+    def run(m, threads, compression="none", serial=False):
         torch.set_num_threads(threads)
         cfg.compression = compression
-        if m is local:
+        if not serial:
             return generate(m, labels, shape, sampling)
-        trust, pool = m.verifier.trust, m.sources._pool
-        if in_step:  # the client's own-copy checks judged in their step (the step waits for them)
-            m.verifier.trust = replace(trust, defer_own_checks=False)
-        if serial:
-            m.sources._pool = SerialLocal()
+        pool, m.sources._pool = m.sources._pool, SerialLocal()
         try:
             return generate(m, labels, shape, sampling)
         finally:
-            m.verifier.trust, m.sources._pool = trust, pool
+            m.sources._pool = pool
 
     for threads in sorted({1, cores}):
         torch.set_num_threads(threads)
@@ -265,17 +254,13 @@ def measure_batch(args, b, local, model, bare, shape, sampling, warm, cores) -> 
                 t["local"], out["local"], t["local_threads"] = dt, x, threads
         # the swarm client's own work (router, mixing) is small: one thread, so that no idle OpenMP worker
         # spins on a core the peers need
-        for name, m, comp, serial, in_step in (("swarm", model, "none", False, False),
-                                               ("in_step", model, "none", False, True),
-                                               ("serial", model, "none", True, False),
-                                               ("no_checks", bare, "none", False, False),
-                                               ("fp16", model, "float16", False, False)):
-            dt, x = best_time(lambda m=m, comp=comp, serial=serial, in_step=in_step: run(m, 1, comp, serial, in_step),
-                              1)
+        for name, m, comp, serial in (("swarm", model, "none", False), ("serial", model, "none", True),
+                                      ("no_checks", bare, "none", False), ("fp16", model, "float16", False)):
+            dt, x = best_time(lambda m=m, comp=comp, serial=serial: run(m, 1, comp, serial), 1)
             t[name] = min(t[name], dt)
             out[name] = x
-    checks = (model.checks - checks0) / (4 * args.repeats)  # the default client ran 4 times per repeat
-    calls = (model.main_calls - calls0) / (4 * args.repeats)
+    checks = (model.checks - checks0) / (3 * args.repeats)  # the default client ran 3 times per repeat
+    calls = (model.main_calls - calls0) / (3 * args.repeats)
     torch.set_num_threads(1)
     cfg.compression = "none"
     pool, model.sources._pool = model.sources._pool, SerialLocal()  # parts one after another: they add up
@@ -288,7 +273,6 @@ def measure_batch(args, b, local, model, bare, shape, sampling, warm, cores) -> 
     return {"batch": b, "local_s": t["local"], "local_threads": t["local_threads"], "swarm_s": t["swarm"],
             "no_checks_s": t["no_checks"], "fp16_s": t["fp16"], "ratio": t["local"] / t["swarm"],
             "serial_s": t["serial"], "ratio_serial": t["local"] / t["serial"],
-            "in_step_s": t["in_step"], "ratio_in_step": t["local"] / t["in_step"],
             "ratio_no_checks": t["local"] / t["no_checks"], "ratio_fp16": t["local"] / t["fp16"],
             "diff": float((out["swarm"] - out["local"]).abs().max()),
             "diff_fp16": float((out["fp16"] - out["local"]).abs().max()),
@@ -299,19 +283,17 @@ def measure_batch(args, b, local, model, bare, shape, sampling, warm, cores) -> 
 
 def report(res: dict, args) -> None:
     print(f"\n{res['net']}: {args.steps} Euler steps, top-2 over K={args.k}, CFG 2; best of {args.repeats}")
-    print(f"{'batch':>5} {'local s':>8} {'swarm s':>8} {'local/swarm':>11} {'in-step':>7} {'serial':>6} "
-          f"{'no checks':>9} {'fp16':>6} {'checks cost':>11} {'x-checks/img':>12} {'max|diff|':>9} "
-          f"{'fp16 max|diff|':>14}")
+    print(f"{'batch':>5} {'local s':>8} {'swarm s':>8} {'local/swarm':>11} {'serial':>6} {'no checks':>9} "
+          f"{'fp16':>6} {'checks cost':>11} {'x-checks/img':>12} {'max|diff|':>9} {'fp16 max|diff|':>14}")
     for r in res["rows"]:
         cost = r["swarm_s"] / r["no_checks_s"] - 1
-        print(f"{r['batch']:5d} {r['local_s']:8.3f} {r['swarm_s']:8.3f} {r['ratio']:11.2f} {r['ratio_in_step']:7.2f} "
-              f"{r['ratio_serial']:6.2f} {r['ratio_no_checks']:9.2f} {r['ratio_fp16']:6.2f} {100 * cost:10.0f}% "
+        print(f"{r['batch']:5d} {r['local_s']:8.3f} {r['swarm_s']:8.3f} {r['ratio']:11.2f} {r['ratio_serial']:6.2f} "
+              f"{r['ratio_no_checks']:9.2f} {r['ratio_fp16']:6.2f} {100 * cost:10.0f}% "
               f"{r['cross_checks_per_image']:12.2f} {r['diff']:9.1e} {r['diff_fp16']:14.1e}")
-    print("ratios = local s / swarm s (>= 1: the swarm is as fast); 'in-step', 'serial', 'no checks' and 'fp16' are "
-          "the same ratio for the default client with the checks by its own copy judged in their step (the step "
-          "waits for them: defer_own_checks off), with its own check evaluations run only when asked for (after the "
-          "remote calls: nothing overlaps), for the client without answer checks, and with float16 transport "
-          "(checks on); checks cost = extra swarm time with the checks on")
+    print("ratios = local s / swarm s (>= 1: the swarm is as fast); 'serial', 'no checks' and 'fp16' are the same "
+          "ratio for the default client with its own check evaluations run after the remote calls (the order "
+          "before they overlapped), for the client without answer checks, and with float16 transport (checks on); "
+          "checks cost = extra swarm time with the checks on")
     for r in res["rows"]:
         if r["liars"]:
             print(f"batch {r['batch']}: {r['liars']} honest peer(s) were judged liars (float16 answers against "

@@ -28,13 +28,10 @@ Escape probabilities (``escape_probability``, ``collusion_escape``; measured by 
   rate_decay^n) (a failed check resets n to 0): a fresh identity pays for its anonymity in checks.
 - Each peer's last answer and ``audit_samples`` answers drawn uniformly among its unchecked answers of the
   trajectory are audited (``Ledger``: positions drawn in advance from the client's generator, completed at the
-  end from a reservoir). Where: every answer of the trajectory's last step is cross-checked from that step on; a
-  pick is verified by the client's own copy of the weights (when it holds one) in the background as soon as it
-  is drawn; what is left (last answers of peers not called in the last step, picks without a local copy,
-  completions) is checked before the sampler returns. A check whose second source is the client's own copy never
-  holds a step up: the copy computes in the background while the sampler goes on with the peer's answer, and the
-  check is judged at a later evaluation or before the sampler returns (a lie found so has the steps since its
-  answer recomputed). Which answers are checked does not change, so neither do the bounds below. A liar that
+  end from a reservoir). Where: every answer of the trajectory's last step is cross-checked in that step; a
+  pick is verified by the client's own copy of the weights (when it holds one) in the next evaluation's round,
+  while the peers compute; what is left (last answers of peers not called in the last step, picks without a
+  local copy, completions) is checked before the sampler returns. A liar that
   lies on a share f of its m unchecked calls of a trajectory, at steps of its choosing, escapes it with
   probability at most (1 - f)^a * prod over its lies of (1 - r_i) <= (1 - f)^a (1 - verify_share)^(f m),
   with r_i the check rate at its i-th lie and a = ``audit_samples``; over G generations that is raised to
@@ -77,8 +74,6 @@ class TrustConfig:
     new_peer_rate: float = 0.5  # check rate of a peer with no verified answer yet (see check_rate)
     rate_decay: float = 0.75  # ... multiplied by this per verified answer, down to verify_share
     local_check_share: float = 0.25  # share of checks whose partner is the client's own copy of the weights
-    defer_own_checks: bool = True  # such a check runs in the background and is judged later (the step goes on); off:
-    #                                the step waits for it (a lie it finds is then replaced without a rollback)
     audit_samples: int = 1  # random earlier unchecked answers of each peer audited at a trajectory's end
     suspect_score: float = 2.0  # from this score on, every call of the peer is cross-checked
     lie_ban: float = 3600.0  # seconds a peer caught lying (or returning invalid answers) is banned

@@ -248,11 +248,11 @@ class SwarmEnsemble(RoutedEnsemble):
 
     def reset(self, batch: int, device, evaluations: int | None = None) -> None:
         super().reset(batch, device, evaluations)
-        self.verifier.reset(evaluations)
+        self.verifier.ledger.reset(evaluations)
 
     def begin_step(self, i: int, steps: int) -> None:
-        self.verifier.begin_step(i)
-        self.verifier.final_step = i == steps - 1  # every answer of it cross-checked (from the step on), not audited
+        self.verifier.ledger.begin_step(i)
+        self.verifier.final_step = i == steps - 1  # its answers are cross-checked in the step, not audited after
 
     def end_trajectory(self) -> None:
         """Audit before the sampler returns: each peer's last unverified answer used in this trajectory, and random
@@ -275,25 +275,24 @@ class SwarmEnsemble(RoutedEnsemble):
         self._report_coverage(probs, events)
         ev = _Evaluation(x, t, labels, guidance, self.available(), events)
         self.verifier.begin_evaluation()
-        self.verifier.settle_own_checks(ev.events, ev.failed)  # the client's own checks that finished meanwhile
-        self._roll_back_if_caught(ev)
+        picks = self.verifier.pick_checks(ev.failed, guidance)  # audit picks, verified while the peers compute
         while todo := ev.todo(weights):  # rounds of calls: the rows of every cluster at once, then the retries
             calls, jobs, lost = self._plan(ev, todo)
+            n = len(calls)
+            calls += [(own, *u.call) for u, own in picks]
             outs = self.sources.answer_all(calls, guidance) if calls else []
             for job in jobs:
                 self._settle(ev, job, outs)
-            self._roll_back_if_caught(ev)
+            self.verifier.settle_pick_checks(picks, outs[n:], ev.events, ev.failed)
+            picks = []
+            if self.verifier.rollback_to is not None:
+                self.client.events.extend(ev.events)  # who was caught, and why: shown with the recomputed step
+                raise StepRollback(self.verifier.rollback_to, "a peer whose answers went into it was caught lying")
             if lost:
                 if probs is None or not ev.avail.any():
                     raise NoExpertsError("no expert left for this step")
                 weights = self.choose(probs, ev.avail, ev.t_now)
-        self.verifier.submit_picks(ev.failed)  # audit picks: the client's own copy verifies them in the background
         return mix(x, weights, lambda k, rows: ev.answers[k][rows], self.calls), weights, events
-
-    def _roll_back_if_caught(self, ev: _Evaluation) -> None:
-        if self.verifier.rollback_to is not None:
-            self.client.events.extend(ev.events)  # who was caught, and why: shown with the recomputed step
-            raise StepRollback(self.verifier.rollback_to, "a peer whose answers went into it was caught lying")
 
     def _report_coverage(self, probs, events: list[str]) -> None:
         """An event when the set of uncovered clusters changed since the last routed evaluation."""
@@ -326,15 +325,10 @@ class SwarmEnsemble(RoutedEnsemble):
             rd = rows.to(ev.x.device)
             call = (as_sent(ev.x[rd], self.client.cfg.compression), ev.t[rd], ev.labels[rd])
             partner = self.verifier.partner_for(k, src, now, ev.failed)
-            # a check by the client's own copy starts now and is judged later (Verifier.settle_own_checks): the
-            # client computes it while the peers compute, and the step does not wait for it
-            deferred = None
-            if isinstance(partner, LocalSource) and self.verifier.trust.defer_own_checks:
-                deferred = self.sources.submit_local(partner, call, ev.guidance)
-            jobs.append(Job(k, rows, src, partner, call, len(calls), deferred))
+            jobs.append(Job(k, rows, src, partner, call, len(calls)))
             self.main_calls += 1
             calls.append((src, *call))
-            if partner is not None and deferred is None:
+            if partner is not None:
                 calls.append((partner, *call))
         return calls, jobs, lost
 
@@ -352,10 +346,7 @@ class SwarmEnsemble(RoutedEnsemble):
         ev.store(k, rows, v)
         if not isinstance(used, LocalSource):
             self.client.bans.success(used.peer_id)
-            if job.deferred is not None:
-                self.verifier.defer(job, ev.guidance, v, used)
-            else:
-                self.verifier.ledger.note_used(job, ev.guidance, v, used, checked)
+            self.verifier.ledger.note_used(job, ev.guidance, v, used, checked)
         else:
             self.local_rows += rows.numel()
         self.sources.in_use[k], self.sources.sticky[k] = used.peer_id, used.checkpoint_sha256

@@ -5,7 +5,6 @@ of its answers that the client's own copy of the weights did not verify."""
 from __future__ import annotations
 
 import random
-from concurrent.futures import Future
 from typing import NamedTuple
 
 import torch
@@ -23,8 +22,6 @@ class Job(NamedTuple):
     partner: Replica | LocalSource | None
     call: tuple  # (x, t, labels) of those rows
     i: int  # index of src's answer among the round's answers (the partner's is i + 1)
-    deferred: Future | None = None  # the partner is the client's own copy, computing in the background: its answer
-    #                                 is judged later (``Verifier.settle_own_checks``), not in this round
 
 
 class Used(NamedTuple):

@@ -197,12 +197,6 @@ class Sources:
             out[i] = r
         return out
 
-    def submit_local(self, own: LocalSource, call: tuple, guidance: float):
-        """Start the client's own copy ``own`` on ``call`` (x, t, labels) in the background (the thread that computes
-        local answers, first in first out); returns its future. The cross-checks whose partner is the client's own
-        copy run so: judged later, while the sampler goes on (``Verifier.settle_own_checks``)."""
-        return self._local_pool().submit(own.velocity, *call, guidance)
-
     def _local_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="local-answers")

@@ -45,8 +45,6 @@ class Verifier:
         self.verified: dict[str, int] = {}  # peer -> answers verified since its last failed check (check_rate)
         self.ledger = Ledger(trust.audit_samples, self.rng)
         self.final_step = False  # the trajectory's last step: every answer cross-checked (each peer's last answer)
-        # the client's own-copy checks computing in the background: (answer used, own copy, future, audit pick?)
-        self.pending: list[tuple[Used, LocalSource, object, bool]] = []
 
     # -- trajectory bookkeeping (client/ledger.py) ------------------------------------------------
 
@@ -65,7 +63,6 @@ class Verifier:
         answer whose partner failed is recomputed by another partner in a further round."""
         events, failed = [], set()
         self.begin_evaluation()  # every answer audited here is in x already
-        self.settle_own_checks(events, failed, wait=True)
         todo = {}
         for p in sorted(set(self.ledger.last_call) | set(self.ledger.samples) | set(self.ledger.spare)):
             for u in [self.ledger.last_call.get(p), *self.ledger.audit_picks(p)]:
@@ -122,67 +119,34 @@ class Verifier:
         self.dispute(u.k, u.rows, u.src, u.v, partner, vb, u.call, u.guidance, events, failed)
         return False
 
-    # -- the client's own-copy checks, judged later ---------------------------------------------------
-
-    def reset(self, evaluations: int | None) -> None:
-        """A new trajectory: checks still pending from an unfinished one are dropped with it."""
-        self.ledger.reset(evaluations)
-        self.pending = []
-
-    def begin_step(self, i: int) -> None:
-        """Step i is computed (again): pending checks of answers from step i on are dropped (they leave x)."""
-        self.ledger.begin_step(i)
-        self.pending = [c for c in self.pending if c[0].step < i]
-
-    def defer(self, job: Job, guidance: float, v: torch.Tensor, used) -> None:
-        """``job``'s answer ``v`` went into x while the client's own copy (``job.partner``) recomputes it in the
-        background (``job.deferred``): recorded as checked by that copy, judged by ``settle_own_checks``."""
-        self.ledger.note_used(job, guidance, v, used, True)
-        u = Used(job.k, job.rows, job.call, guidance, v, used, self.ledger.step, self.ledger.evaluation)
-        self.pending.append((u, job.partner, job.deferred, False))
-
-    def submit_picks(self, failed: set[str]) -> None:
-        """Start the audit's picks made since the last call (``Ledger.new_picks``: drawn in advance, so never
-        replaced) on the client's own copy of their weights where it holds one, in the background; the others are
-        left to the end-of-trajectory audit. Which answers the audit checks is unchanged."""
+    def pick_checks(self, failed: set[str], guidance: float) -> list[tuple[Used, LocalSource]]:
+        """The audit's picks made since the last round (``Ledger.new_picks``: drawn in advance, so never replaced),
+        each with the client's own copy of its weights when the client holds one: the caller computes them in its
+        next round, while the peers compute (``settle_pick_checks``), so that the end-of-trajectory audit has less
+        left to do after the last step. Which answers the audit checks is unchanged."""
         picks, self.ledger.new_picks = self.ledger.new_picks, []
+        out = []
         for u in picks:
-            if u.src.peer_id in failed or not self.ledger.is_kept(u):
+            if u.src.peer_id in failed or u.guidance != guidance or not self.ledger.is_kept(u):
                 continue
             own = self.sources.local(u.k, failed, u.src.checkpoint_sha256)
             if own is not None:
-                self.pending.append((u, own, self.sources.submit_local(own, u.call, u.guidance), True))
+                out.append((u, own))
+        return out
 
-    def settle_own_checks(self, events: list[str], failed: set[str], wait: bool = False) -> None:
-        """Judge the client's own-copy checks that finished (all of them with ``wait``), as the audit would: an
-        agreed answer is verified (a pick is not audited again); one that differs is disputed against that copy,
-        so its peer is punished and ``rollback_to`` names the step to recompute from (its answer is in x already).
-        A check of a peer already caught is judged too: its answer may be in x from before the steps that its
-        first rollback recomputes."""
-        keep = []
-        for c in self.pending:
-            u, own, fut, pick = c
-            if not (wait or fut.done()):
-                keep.append(c)
-                continue
-            if pick and not self.ledger.is_kept(u):  # its step is being recomputed
-                continue
+    def settle_pick_checks(self, picks: list[tuple[Used, LocalSource]], outs: list, events: list[str],
+                           failed: set[str]) -> None:
+        """Judge the answers of ``pick_checks`` (``outs``, in order) as the audit would: agreed ones are not audited
+        again; a peer caught lying is punished and ``rollback_to`` set."""
+        for (u, own), out in zip(picks, outs, strict=True):
             p = u.src.peer_id
-            try:
-                vb = fut.result()
-            except Exception as e:  # the client's own evaluation failed: the answer is left to the audit
-                events.append(f"cluster {u.k}: the client's own copy could not check an answer of {p[:12]} ({e!r}); "
-                              "it is audited instead")
-                self.ledger.unverified_since[p] = min(self.ledger.unverified_since.get(p, (u.step, u.evaluation)),
-                                                      (u.step, u.evaluation))
-                if not pick:
-                    self.ledger.last_call.setdefault(p, u)
+            if p in failed or not self.ledger.is_kept(u):  # caught in this round, or its step is being recomputed
                 continue
+            vb = self.valid(own, out, u.call[0], u.call[1], u.guidance, events, failed)
             self.checks += 1
-            self.precision_of[own.peer_id] = "fp32"
-            if self._judge_audited(u, own, vb, events, failed) and pick:
+            self.precision_of[own.peer_id] = answer_precision(out)
+            if self._judge_audited(u, own, vb, events, failed):
                 self.ledger.audited[id(u)] = u
-        self.pending = keep
 
     def history(self, peer: str) -> int:
         return self.verified.get(peer, 0)
@@ -211,16 +175,10 @@ class Verifier:
     def judge(self, job: Job, outs: list, guidance: float, t_now: float, events: list[str], failed: set[str]):
         """(v, source it came from, cross-checked) for the job's rows from the round's answers ``outs``; v is None
         when no valid answer is left (the rows are recomputed by another source)."""
-        k, rows, src, partner, call, i = job[:6]
+        k, rows, src, partner, call, i = job
         xk, tk, _ = call
         va = self.valid(src, outs[i], xk, tk, guidance, events, failed)
         self.precision_of[src.peer_id] = answer_precision(outs[i])
-        if job.deferred is not None:  # the client's own copy checks it in the background (settle_own_checks)
-            self.ledger.checked.add(src.peer_id)
-            if va is not None or not self.trust.local_fallback:
-                return va, src, va is not None
-            events.append(f"t={t_now:.3f}: using the answer of {partner.peer_id[:12]} for cluster {k}")
-            return job.deferred.result(), partner, False
         vb = None
         if partner is not None:
             vb = self.valid(partner, outs[i + 1], xk, tk, guidance, events, failed)
