@@ -30,6 +30,7 @@ QUICK = [
     ("memory.py", []),  # 17
     ("dht_scale.py", []),  # 17
     ("swarm_vs_local.py", []),  # 14
+    ("colocated_peers.py", []),  # 9
     ("sparse_cost.py", []),  # 8
     ("fp16_transport.py", []),  # 5
 ]
