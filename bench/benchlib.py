@@ -10,6 +10,8 @@ figure of the default experts, only proof that the script still runs.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import platform
 import select
@@ -72,6 +74,24 @@ def header(title: str) -> None:
     print(f"machine: {machine()}")
     print(f"command: {command()}")
     print("figures under load are pessimistic: rerun the command on a quiet machine", flush=True)
+
+
+@contextlib.contextmanager
+def dead_sockets_removed():
+    """Remove the p2pd sockets (``/tmp/hivemind-p2p*.sock``) that appeared during the block and that nobody listens on
+    at its end, and say how many: hivemind's own processes (``bench/vs_hivemind.py``'s server, DHT and clients) can
+    leave a client socket behind when they stop, where diffswarm's processes remove theirs. A live socket (another
+    run's) stays."""
+    from diffswarm.dht.node import SOCKETS
+    from diffswarm.utils.signals import remove_dead_sockets
+
+    before = set(glob.glob(SOCKETS))
+    try:
+        yield
+    finally:
+        removed = remove_dead_sockets(set(glob.glob(SOCKETS)) - before)
+        if removed:
+            print(f"removed {len(removed)} p2pd socket(s) that stopped processes left in /tmp")
 
 
 def footer() -> None:

@@ -36,7 +36,16 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import NET_SIZES, call_loop, footer, header, readline_within, swarm_net, tiny  # noqa: E402
+from benchlib import (  # noqa: E402
+    NET_SIZES,
+    call_loop,
+    dead_sockets_removed,
+    footer,
+    header,
+    readline_within,
+    swarm_net,
+    tiny,
+)
 
 SERVE, WORKER = "--hivemind-serve", "--hivemind-worker"
 START_S = 180.0  # a hivemind server or client process that has not said it is ready by then is reported, not awaited
@@ -217,7 +226,7 @@ def main() -> None:
             args.k, args.batches, args.clients, args.seconds, args.steps = 2, [4], 1, 1.0, 2
         args.net = swarm_net(args.net)
     header(f"diffswarm vs hivemind.moe: top-2 of K={args.k}, batches {args.batches}, {args.clients} clients")
-    with tempfile.TemporaryDirectory(prefix="vs-hivemind-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="vs-hivemind-") as tmp, dead_sockets_removed():
         res = compare(args, tmp)
     report(args, res)
     footer()

@@ -51,7 +51,7 @@ from diffswarm.utils.signals import disown_sockets, exited, own_sockets, remove_
 
 logger = logging.getLogger(__name__)
 K_TTL = 60.0  # seconds a SwarmDHT remembers K of the owner's manifest (``num_clusters``)
-_SOCKETS = "/tmp/hivemind-p2p*.sock"
+SOCKETS = "/tmp/hivemind-p2p*.sock"  # where p2pd and its clients put their unix sockets
 
 
 class SwarmNetworkError(RuntimeError):
@@ -63,7 +63,7 @@ def _dead_sockets(before: set[str]) -> None:
     failed to start leaves its socket behind). A live socket accepts the connection and is kept."""
     import glob
 
-    remove_dead_sockets(set(glob.glob(_SOCKETS)) - before)
+    remove_dead_sockets(set(glob.glob(SOCKETS)) - before)
 
 
 @dataclass
@@ -165,7 +165,7 @@ class SwarmDHT:
         p2p = None
         import glob
 
-        sockets_before = set(glob.glob(_SOCKETS))
+        sockets_before = set(glob.glob(SOCKETS))
         try:
             p2p = await P2P.create(
                 initial_peers=net.initial_peers or None,
