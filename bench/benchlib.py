@@ -11,7 +11,6 @@ figure of the default experts, only proof that the script still runs.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import platform
 import select
@@ -82,14 +81,13 @@ def dead_sockets_removed():
     at its end, and say how many: hivemind's own processes (``bench/vs_hivemind.py``'s server, DHT and clients) can
     leave a client socket behind when they stop, where diffswarm's processes remove theirs. A live socket (another
     run's) stays."""
-    from diffswarm.dht.node import SOCKETS
-    from diffswarm.utils.signals import remove_dead_sockets
+    from diffswarm.dht.node import remove_new_dead_sockets, sockets_now
 
-    before = set(glob.glob(SOCKETS))
+    before = sockets_now()
     try:
         yield
     finally:
-        removed = remove_dead_sockets(set(glob.glob(SOCKETS)) - before)
+        removed = remove_new_dead_sockets(before)
         if removed:
             print(f"removed {len(removed)} p2pd socket(s) that stopped processes left in /tmp")
 

@@ -64,12 +64,11 @@ def run(args, together: bool) -> tuple[float, float]:
     """(wall seconds, CPU seconds summed over the processes) of every expert's passes, at once or in turn."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    rows = max(1, 2 * args.batch // args.k)
     groups = [list(range(args.k))] if together else [[c] for c in range(args.k)]
     wall, cpu = 0.0, 0.0
     for group in groups:
         barrier = ctx.Barrier(len(group))
-        procs = [ctx.Process(target=worker, args=(args.net, args.k, c, rows, args.passes, args.cpu, barrier, out))
+        procs = [ctx.Process(target=worker, args=(args.net, args.k, c, args.rows, args.passes, args.cpu, barrier, out))
                  for c in group]
         for p in procs:
             p.start()
@@ -97,7 +96,8 @@ def main() -> None:
             args.net, args.k, args.batch, args.passes = "mlp", 2, 4, 2
     if args.cpu is None:
         args.cpu = max(os.sched_getaffinity(0))
-    header(f"{args.k} peers sharing one core: {args.net} {NET_SIZES[args.net]}, {max(1, 2 * args.batch // args.k)} "
+    args.rows = max(1, 2 * args.batch // args.k)  # each expert's share of a top-2 step
+    header(f"{args.k} peers sharing one core: {args.net} {NET_SIZES[args.net]}, {args.rows} "
            f"rows per expert (batch {args.batch}, top-2 of K={args.k}), {args.passes} passes each, CPU {args.cpu}")
     best = {}
     for _ in range(args.repeats):  # alternate, so both orders see the same background load

@@ -58,12 +58,18 @@ class SwarmNetworkError(RuntimeError):
     """The p2p daemon could not start or could not reach the initial peers."""
 
 
-def _dead_sockets(before: set[str]) -> None:
-    """Remove p2pd sockets that appeared since ``before`` and that nobody listens on (a daemon that
-    failed to start leaves its socket behind). A live socket accepts the connection and is kept."""
+def sockets_now() -> set[str]:
+    """The p2pd sockets in /tmp now (``SOCKETS``), to pass to ``remove_new_dead_sockets`` later."""
     import glob
 
-    remove_dead_sockets(set(glob.glob(SOCKETS)) - before)
+    return set(glob.glob(SOCKETS))
+
+
+def remove_new_dead_sockets(before: set[str]) -> list[str]:
+    """Remove p2pd sockets that appeared since ``before`` and that nobody listens on (a daemon that
+    failed to start, or a process that stopped without removing its own, leaves its socket behind); returns
+    those removed. A live socket accepts the connection and is kept."""
+    return remove_dead_sockets(sockets_now() - before)
 
 
 @dataclass
@@ -163,9 +169,7 @@ class SwarmDHT:
         identity, existed, key = ident.path, ident.existed, ident.key
         validators = make_validators(swarm, key)
         p2p = None
-        import glob
-
-        sockets_before = set(glob.glob(SOCKETS))
+        sockets_before = sockets_now()
         try:
             p2p = await P2P.create(
                 initial_peers=net.initial_peers or None,
@@ -191,7 +195,7 @@ class SwarmDHT:
                 await p2p.shutdown()
             if ephemeral and os.path.exists(ephemeral):
                 os.unlink(ephemeral)
-            _dead_sockets(sockets_before)
+            remove_new_dead_sockets(sockets_before)
             if isinstance(e, Exception) and not isinstance(e, ValueError):
                 where = " ".join(net.initial_peers) or "(new swarm)"
                 raise SwarmNetworkError(f"could not join the swarm via {where}: {e}") from e
