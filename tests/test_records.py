@@ -324,3 +324,87 @@ def test_the_sockets_of_a_dead_daemon_whose_node_never_shut_down_are_removed_at_
 
     removed, dead_socket, left, kept = asyncio.run(asyncio.wait_for(run(), 60))
     assert dead_socket in removed and left == [] and kept
+
+
+_ENDS_WHILE_JOINING = """
+import asyncio, glob, os, signal, sys, threading, time
+import hivemind.dht.node
+from diffswarm.dht.node import SOCKETS, NetworkConfig, SwarmDHT
+from diffswarm.utils.signals import _children
+
+async def never(*a, **k):  # the node's DHT join never ends: its owner never learns the daemon's sockets
+    await asyncio.sleep(3600)
+
+hivemind.dht.node.DHTNode.create = never
+before = set(glob.glob(SOCKETS))
+loop = asyncio.new_event_loop()
+threading.Thread(target=loop.run_forever, daemon=True).start()
+asyncio.run_coroutine_threadsafe(SwarmDHT.create(NetworkConfig.loopback()), loop)
+deadline = time.monotonic() + 60
+while not (new := set(glob.glob(SOCKETS)) - before) and time.monotonic() < deadline:
+    time.sleep(0.05)
+for pid in _children(os.getpid()):
+    os.kill(pid, signal.SIGKILL)  # the daemon dies first (a closed terminal's SIGHUP reaches the whole group)
+time.sleep(0.5)
+print(" ".join(sorted(new)), flush=True)
+sys.exit(0)  # and the command ends while its loop thread is still starting the node
+"""
+
+
+def test_the_sockets_of_a_daemon_that_died_while_its_node_was_starting_are_removed_at_exit(tmp_path):
+    """The dashboard's case (a closed terminal, caught once in 12 runs of test_no_orphans): SIGHUP kills the
+    daemon and the command while the command's loop thread is still inside ``SwarmDHT.create``, so the node
+    never registered its sockets. They are the process's from their creation on, and its exit removes them."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _ENDS_WHILE_JOINING], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    new = out.stdout.split()
+    assert new, f"the daemon made no socket:\n{out.stderr[-3000:]}"
+    assert [p for p in new if os.path.exists(p)] == []
+
+
+def test_a_failed_start_whose_daemon_is_still_dying_leaves_its_sockets_to_the_exit(monkeypatch):
+    """``P2P.create`` failed after its daemon started (hivemind leaves that daemon to the P2P object's ``__del__``): the
+    sockets still listen when ``SwarmDHT.create`` cleans up, so they are registered and removed once the daemon is
+    dead (the dashboard's case again: the daemon died 0.2 s after the start's cleanup)."""
+    import gc
+    import glob
+    import signal
+    import time
+
+    from diffswarm.dht.node import SOCKETS, SwarmNetworkError
+    from diffswarm.utils.signals import _children, _cmdline, listening, remove_dead_sockets
+
+    half_made: list[P2P] = []  # held here: freed, its __del__ would stop the daemon and remove the sockets itself
+
+    async def fail(self):
+        half_made.append(self)
+        raise RuntimeError("the daemon did not answer")
+
+    monkeypatch.setattr(P2P, "_ping_daemon", fail)
+
+    async def run():
+        before = set(glob.glob(SOCKETS))
+        try:
+            with pytest.raises(SwarmNetworkError, match="did not answer"):
+                await SwarmDHT.create(NetworkConfig.loopback())
+            new = set(glob.glob(SOCKETS)) - before
+            daemons = [pid for pid in _children(os.getpid()) if any("p2pd" in a for a in _cmdline(pid)[:1])]
+            kept = remove_dead_sockets()  # still listening: kept
+            for pid in daemons:
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10  # a dying Go process holds its sockets until its last thread ends
+            while any(listening(p) for p in new) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            removed = remove_dead_sockets()
+        finally:
+            half_made.clear()
+        gc.collect()  # the half-made P2P object and its subprocess transport, while their loop still runs
+        await asyncio.sleep(0.2)
+        return new, daemons, kept, removed
+
+    new, daemons, kept, removed = asyncio.run(asyncio.wait_for(run(), 60))
+    assert new and daemons, "the failed start left no live daemon: nothing to test"
+    assert kept == [] and sorted(new) == sorted(removed) and not [p for p in new if os.path.exists(p)]

@@ -31,6 +31,7 @@ from diffswarm.dht.names import SwarmName, SwarmNameError, choose_manifest, pars
 from diffswarm.dht.node import SwarmDHT
 from diffswarm.dht.records import ClusterStatsRecord, RouterProvider, SwarmManifest
 from diffswarm.protocol.wire import PROTOCOL_VERSION
+from diffswarm.utils.signals import raise_if_stopped
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ def poll_until(deadline: float, attempt: Callable[[], T | None], give_up: Callab
     """The first result of ``attempt()`` that is not None, trying every ``POLL_S`` seconds; once past ``deadline``
     (``time.monotonic``) a failed attempt raises ``give_up()`` instead."""
     while True:
+        raise_if_stopped()
         out = attempt()
         if out is not None:
             return out

@@ -38,6 +38,7 @@ from diffswarm.protocol.wire import as_sent
 from diffswarm.router.ensemble import RoutedEnsemble, mix
 from diffswarm.router.routing import NoExpertsError, RoutingConfig
 from diffswarm.sampling.hooks import StepRollback
+from diffswarm.utils.signals import raise_if_stopped
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ class SwarmEnsemble(RoutedEnsemble):
         timeout = self.client.cfg.connect_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while True:
+            raise_if_stopped()
             self.client.refresh()
             self.update_expert_ids()
             uncovered = self.uncovered()

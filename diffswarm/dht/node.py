@@ -47,7 +47,7 @@ from diffswarm.dht.entries import (
     stats_key,
 )
 from diffswarm.dht.records import AttestationRecord, ClusterStatsRecord, ExpertRecord, RouterProvider, SwarmManifest
-from diffswarm.utils.signals import disown_sockets, exited, own_sockets, remove_dead_sockets
+from diffswarm.utils.signals import disown_sockets, exited, new_sockets_owned, own_sockets, remove_dead_sockets
 
 logger = logging.getLogger(__name__)
 K_TTL = 60.0  # seconds a SwarmDHT remembers K of the owner's manifest (``num_clusters``)
@@ -169,40 +169,44 @@ class SwarmDHT:
         identity, existed, key = ident.path, ident.existed, ident.key
         validators = make_validators(swarm, key)
         p2p = None
-        sockets_before = sockets_now()
-        try:
-            p2p = await P2P.create(
-                initial_peers=net.initial_peers or None,
-                host_maddrs=net.host_maddrs,
-                announce_maddrs=net.announce_maddrs or None,
-                identity_path=identity,
-                check_if_identity_free=net.check_identity and existed,
-                use_relay=net.use_relay,
-                use_auto_relay=net.use_auto_relay,
-                auto_nat=net.auto_nat,
-                nat_port_map=net.nat_port_map,
-                dht_mode="client" if net.client_mode else "server",
-            )
-            node = await DHTNode.create(
-                p2p=p2p,
-                initial_peers=net.initial_peers or None,
-                client_mode=net.client_mode,
-                record_validator=CompositeValidator(validators),
-                wait_timeout=net.wait_timeout,
-            )
-        except BaseException as e:
-            if p2p is not None:
-                await p2p.shutdown()
-            if ephemeral and os.path.exists(ephemeral):
-                os.unlink(ephemeral)
-            remove_new_dead_sockets(sockets_before)
-            if isinstance(e, Exception) and not isinstance(e, ValueError):
-                where = " ".join(net.initial_peers) or "(new swarm)"
-                raise SwarmNetworkError(f"could not join the swarm via {where}: {e}") from e
-            raise
-        signer = next(v for v in validators if isinstance(v, RSASignatureValidator))
-        dht = cls(swarm, p2p, node, key, signer.local_public_key, ephemeral)
-        own_sockets(dht.socket_paths())  # removed at exit if the daemon dies before this node shuts down
+        with new_sockets_owned(SOCKETS):  # the daemon's sockets are this process's from their creation on
+            sockets_before = sockets_now()
+            try:
+                p2p = await P2P.create(
+                    initial_peers=net.initial_peers or None,
+                    host_maddrs=net.host_maddrs,
+                    announce_maddrs=net.announce_maddrs or None,
+                    identity_path=identity,
+                    check_if_identity_free=net.check_identity and existed,
+                    use_relay=net.use_relay,
+                    use_auto_relay=net.use_auto_relay,
+                    auto_nat=net.auto_nat,
+                    nat_port_map=net.nat_port_map,
+                    dht_mode="client" if net.client_mode else "server",
+                )
+                node = await DHTNode.create(
+                    p2p=p2p,
+                    initial_peers=net.initial_peers or None,
+                    client_mode=net.client_mode,
+                    record_validator=CompositeValidator(validators),
+                    wait_timeout=net.wait_timeout,
+                )
+            except BaseException as e:
+                if p2p is not None:
+                    await p2p.shutdown()
+                if ephemeral and os.path.exists(ephemeral):
+                    os.unlink(ephemeral)
+                new = sockets_now() - sockets_before
+                # a daemon still dying keeps its socket for now: registered, it is removed once dead (by
+                # stop_children or the process's exit), even after this block's claim ended
+                own_sockets(sorted(new - set(remove_dead_sockets(new))))
+                if isinstance(e, Exception) and not isinstance(e, ValueError):
+                    where = " ".join(net.initial_peers) or "(new swarm)"
+                    raise SwarmNetworkError(f"could not join the swarm via {where}: {e}") from e
+                raise
+            signer = next(v for v in validators if isinstance(v, RSASignatureValidator))
+            dht = cls(swarm, p2p, node, key, signer.local_public_key, ephemeral)
+            own_sockets(dht.socket_paths())  # removed at exit if the daemon dies before this node shuts down
         return dht
 
     def socket_paths(self) -> list[str]:

@@ -62,6 +62,7 @@ from diffswarm.experts.config import ExpertConfig
 from diffswarm.experts.expert import Expert
 from diffswarm.experts.objectives import expert_loss
 from diffswarm.utils.fileio import FolderBusyError, folder_lock, remove_stale_temps
+from diffswarm.utils.signals import raise_if_stopped
 
 STATE_FORMAT = "diffswarm.train-state/2"  # /2: state_sha256 recorded and checked
 STATE_FILE, EXPERT_FILE, LOG_FILE = "state.safetensors", "expert.safetensors", "train_log.jsonl"
@@ -429,6 +430,7 @@ def _train_expert(config: ExpertConfig, train: TrainConfig, images: torch.Tensor
 
     run.expert.train()
     while not done():
+        raise_if_stopped()
         loss_b, t_b = _optimizer_step(run, train, images, labels, use_amp)
         log.add(loss_b, t_b, run.last_loss)
         bar.update(1)

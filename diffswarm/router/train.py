@@ -13,6 +13,7 @@ from diffswarm.experts.objectives import drop_labels
 from diffswarm.experts.schedules import flow_point
 from diffswarm.experts.train import pick_device
 from diffswarm.router.model import Router, RouterConfig
+from diffswarm.utils.signals import raise_if_stopped
 
 EVAL_TIMES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -96,6 +97,7 @@ def train_router(
     bar = tqdm(range(train.steps), desc="train router", disable=not progress, dynamic_ncols=True)
     router.train()
     for step in bar:
+        raise_if_stopped()
         idx = torch.randint(0, images.shape[0], (train.batch,), generator=gen)
         x0 = images[idx]
         t = torch.rand(train.batch, generator=gen)

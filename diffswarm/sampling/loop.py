@@ -13,6 +13,7 @@ import torch
 from diffswarm.experts.expert import VelocityModel
 from diffswarm.sampling.hooks import StepRollback, TrajectoryHooks
 from diffswarm.sampling.steps import Step, evaluations, model_velocity, step_function, time_grid
+from diffswarm.utils.signals import raise_if_stopped
 
 
 @dataclass
@@ -93,6 +94,7 @@ def sample(
     pending: list[str] = []  # rollback notices for the next callback
     rollbacks, i = 0, 0
     while True:
+        raise_if_stopped()  # a command's stop signal whose exception was swallowed (utils.signals)
         try:
             if i == steps:  # done: a model may audit the trajectory and ask for steps again
                 hooks.end_trajectory()

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from diffswarm.training.jobs import TrainJob
 from diffswarm.utils.fileio import atomic_write
+from diffswarm.utils.signals import raise_if_stopped
 
 logger = logging.getLogger(__name__)
 
@@ -265,6 +266,7 @@ def _spawn(name: str, args: list[str], run_dir: Path, env: dict,
 def _wait_online(procs: list[tuple[PeerProc, subprocess.Popen]], deadline: float) -> dict[str, dict]:
     infos: dict[str, dict] = {}
     while len(infos) < len(procs):
+        raise_if_stopped()
         for p, pop in procs:
             if p.name in infos:
                 continue

@@ -7,15 +7,22 @@ a ``WorkerPool`` terminates its workers, a client shuts its daemon down. Only th
 ones are logged and ignored, so the (bounded) cleanup is not cut short by a second Ctrl-C or a second SIGTERM.
 The previous handlers come back when the block ends.
 
+``raise_if_stopped()``: the main thread's long loops (sampling steps, training steps, polls for peers) call it
+once per round; inside a block that got a signal it raises :class:`Stopped` again. A handler's exception can be
+lost: Python runs it wherever the main thread is, and one raised inside a finalizer or a weakref callback that
+the garbage collector runs (an asyncio task's ``WeakSet`` entry, a ``__del__``) is printed as "Exception ignored"
+and dropped, so the command would go on as if never signalled. Cleanup code does not call it.
+
 ``stop_children()`` is the backstop the CLI runs after every command: whatever child process the command
 started in its own session and left running (the p2pd of a client that was never closed) gets SIGTERM, then
 SIGKILL after a bounded wait, and its p2pd sockets are removed. Peers of a local swarm run in sessions of their
 own and are not touched: a ``swarm up`` that returned keeps its swarm running.
 
 ``own_sockets()`` / ``disown_sockets()``: the unix sockets of the p2p daemons this process started (``SwarmDHT``
-registers them). A daemon killed before its node shut down (a closed terminal's SIGHUP reaches the whole process
-group) leaves its socket in /tmp, and hivemind removes it only while the daemon runs; ``stop_children`` and the
-process's exit remove every registered socket that nobody listens on any more.
+registers them; ``new_sockets_owned`` covers a daemon's start, before their names are known, and a start that
+failed registers what its daemon, still dying, left). A daemon killed before its node shut down (a closed
+terminal's SIGHUP reaches the whole process group) leaves its socket in /tmp, and hivemind removes it only while
+the daemon runs; ``stop_children`` and the process's exit remove every registered socket nobody listens on.
 
 ``quick_exit(code)``: the end of a short command's process (``diffswarm generate``) once its work is done: the
 exit handlers run and the output is flushed as at a normal exit, and the interpreter's teardown (freeing every
@@ -74,11 +81,24 @@ def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
         raise Stopped(signum)
 
     old = {s: signal.signal(s, handler) for s in signals}
+    _BLOCKS.append(stopping)
     try:
         yield
     finally:
+        _BLOCKS.pop()
         for s, h in old.items():
             signal.signal(s, h)
+
+
+_BLOCKS: list[list[int]] = []  # per open stop_on_signals block (main thread): the signal it got, once it got one
+
+
+def raise_if_stopped() -> None:
+    """Raise :class:`Stopped` if the innermost ``stop_on_signals`` block got a signal (its first ``Stopped`` may
+    have been swallowed: module docstring). For the main thread's loops, once per round; a no-op in other
+    threads and outside a block."""
+    if _BLOCKS and _BLOCKS[-1] and threading.current_thread() is threading.main_thread():
+        raise Stopped(_BLOCKS[-1][0])
 
 
 QUICK_EXIT_WAIT = 30.0  # seconds quick_exit waits for non-daemon threads before it exits without them
@@ -211,11 +231,41 @@ def listening(path: str) -> bool:
         s.close()
 
 
+_CLAIMS: dict[int, tuple[str, frozenset[str]]] = {}  # open new_sockets_owned blocks: (glob pattern, files before)
+
+
+@contextlib.contextmanager
+def new_sockets_owned(pattern: str) -> Iterator[None]:
+    """While the block runs, the files matching ``pattern`` (a glob) that were not there when it began count as
+    this process's: a daemon being started makes its sockets before its starter learns their names, and a process
+    that ends inside the block (a closed terminal's SIGHUP kills the daemon and the command, and the thread that was
+    starting it never resumes) must still remove them. ``remove_dead_sockets()`` and the process's exit remove
+    those nobody listens on. The block registers the exact sockets (``own_sockets``) once it knows them."""
+    import glob
+
+    if not _AT_EXIT:
+        atexit.register(remove_dead_sockets)
+        _AT_EXIT.append(True)
+    token = object()
+    _CLAIMS[id(token)] = (pattern, frozenset(glob.glob(pattern)))
+    try:
+        yield
+    finally:
+        _CLAIMS.pop(id(token), None)
+
+
+def _claimed() -> set[str]:
+    import glob
+
+    return {f for pattern, before in list(_CLAIMS.values()) for f in glob.glob(pattern) if f not in before}
+
+
 def remove_dead_sockets(paths: set[str] | None = None) -> list[str]:
-    """Remove those of ``paths`` (default: the registered ones) that exist and that nobody listens on; a registered
-    socket stays registered while its daemon listens."""
+    """Remove those of ``paths`` (default: the registered ones and the new ones of open ``new_sockets_owned``
+    blocks) that exist and that nobody listens on; a registered socket stays registered while its daemon
+    listens."""
     removed, gone = [], []
-    for path in sorted(_OWNED_SOCKETS if paths is None else paths):
+    for path in sorted((_OWNED_SOCKETS | _claimed()) if paths is None else paths):
         if not os.path.exists(path):
             gone.append(path)
         elif not listening(path):
