@@ -81,15 +81,16 @@ def dead_sockets_removed():
     at its end, and say how many: hivemind's own processes (``bench/vs_hivemind.py``'s server, DHT and clients) can
     leave a client socket behind when they stop, where diffswarm's processes remove theirs. A live socket (another
     run's) stays."""
-    from diffswarm.dht.node import remove_new_dead_sockets, sockets_now
+    from diffswarm.dht.node import SOCKETS
+    from diffswarm.utils.signals import new_sockets_owned, remove_dead_sockets
 
-    before = sockets_now()
-    try:
-        yield
-    finally:
-        removed = remove_new_dead_sockets(before)
-        if removed:
-            print(f"removed {len(removed)} p2pd socket(s) that stopped processes left in /tmp")
+    with new_sockets_owned(SOCKETS) as new_sockets:
+        try:
+            yield
+        finally:
+            removed = remove_dead_sockets(new_sockets())
+            if removed:
+                print(f"removed {len(removed)} p2pd socket(s) that stopped processes left in /tmp")
 
 
 def footer() -> None:

@@ -58,20 +58,6 @@ class SwarmNetworkError(RuntimeError):
     """The p2p daemon could not start or could not reach the initial peers."""
 
 
-def sockets_now() -> set[str]:
-    """The p2pd sockets in /tmp now (``SOCKETS``), to pass to ``remove_new_dead_sockets`` later."""
-    import glob
-
-    return set(glob.glob(SOCKETS))
-
-
-def remove_new_dead_sockets(before: set[str]) -> list[str]:
-    """Remove p2pd sockets that appeared since ``before`` and that nobody listens on (a daemon that
-    failed to start, or a process that stopped without removing its own, leaves its socket behind); returns
-    those removed. A live socket accepts the connection and is kept."""
-    return remove_dead_sockets(sockets_now() - before)
-
-
 @dataclass
 class NetworkConfig:
     """How a node joins the swarm's network (one field per p2pd/DHT knob we expose)."""
@@ -169,8 +155,7 @@ class SwarmDHT:
         identity, existed, key = ident.path, ident.existed, ident.key
         validators = make_validators(swarm, key)
         p2p = None
-        with new_sockets_owned(SOCKETS):  # the daemon's sockets are this process's from their creation on
-            sockets_before = sockets_now()
+        with new_sockets_owned(SOCKETS) as new_sockets:  # the daemon's sockets are this process's from the start
             try:
                 p2p = await P2P.create(
                     initial_peers=net.initial_peers or None,
@@ -196,7 +181,7 @@ class SwarmDHT:
                     await p2p.shutdown()
                 if ephemeral and os.path.exists(ephemeral):
                     os.unlink(ephemeral)
-                new = sockets_now() - sockets_before
+                new = new_sockets()
                 # a daemon still dying keeps its socket for now: registered, it is removed once dead (by
                 # stop_children or the process's exit), even after this block's claim ended
                 own_sockets(sorted(new - set(remove_dead_sockets(new))))

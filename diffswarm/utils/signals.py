@@ -37,6 +37,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import glob
 import logging
 import os
 import re
@@ -45,7 +46,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -204,11 +205,15 @@ _OWNED_SOCKETS: set[str] = set()
 _AT_EXIT: list[bool] = []  # remove_dead_sockets is registered with atexit (once)
 
 
-def own_sockets(paths: list[str]) -> None:
-    """Register the sockets of a p2p daemon this process started (removed once the daemon is dead)."""
+def _remove_at_exit() -> None:
     if not _AT_EXIT:
         atexit.register(remove_dead_sockets)
         _AT_EXIT.append(True)
+
+
+def own_sockets(paths: list[str]) -> None:
+    """Register the sockets of a p2p daemon this process started (removed once the daemon is dead)."""
+    _remove_at_exit()
     _OWNED_SOCKETS.update(paths)
 
 
@@ -231,33 +236,32 @@ def listening(path: str) -> bool:
         s.close()
 
 
-_CLAIMS: dict[int, tuple[str, frozenset[str]]] = {}  # open new_sockets_owned blocks: (glob pattern, files before)
+_CLAIMS: list[tuple[str, frozenset[str]]] = []  # open new_sockets_owned blocks: (glob pattern, files before)
 
 
 @contextlib.contextmanager
-def new_sockets_owned(pattern: str) -> Iterator[None]:
+def new_sockets_owned(pattern: str) -> Iterator[Callable[[], set[str]]]:
     """While the block runs, the files matching ``pattern`` (a glob) that were not there when it began count as
     this process's: a daemon being started makes its sockets before its starter learns their names, and a process
     that ends inside the block (a closed terminal's SIGHUP kills the daemon and the command, and the thread that was
     starting it never resumes) must still remove them. ``remove_dead_sockets()`` and the process's exit remove
-    those nobody listens on. The block registers the exact sockets (``own_sockets``) once it knows them."""
-    import glob
-
-    if not _AT_EXIT:
-        atexit.register(remove_dead_sockets)
-        _AT_EXIT.append(True)
-    token = object()
-    _CLAIMS[id(token)] = (pattern, frozenset(glob.glob(pattern)))
+    those nobody listens on. The block registers the exact sockets (``own_sockets``) once it knows them. Yields a
+    function that returns those new files."""
+    _remove_at_exit()
+    claim = (pattern, frozenset(glob.glob(pattern)))
+    _CLAIMS.append(claim)
     try:
-        yield
+        yield lambda: _new_files(*claim)
     finally:
-        _CLAIMS.pop(id(token), None)
+        _CLAIMS.remove(claim)
+
+
+def _new_files(pattern: str, before: frozenset[str]) -> set[str]:
+    return set(glob.glob(pattern)) - before
 
 
 def _claimed() -> set[str]:
-    import glob
-
-    return {f for pattern, before in list(_CLAIMS.values()) for f in glob.glob(pattern) if f not in before}
+    return set().union(*(_new_files(*c) for c in list(_CLAIMS)))
 
 
 def remove_dead_sockets(paths: set[str] | None = None) -> list[str]:
