@@ -165,14 +165,21 @@ def make_expert(tmp: str, net: str) -> tuple[str, str]:
     return str(experts[0]), f"{net} {width}x{depth}"
 
 
-def start_peers(tmp: str, net: str, batched_only: bool = False, expert: str | None = None):
-    """A bootstrap + a batching peer (and one with --max-batch 1) serving one toy expert; (swarm, expert name)."""
+def wait_name(ms: float) -> str:
+    return f"wait{ms:g}ms"
+
+
+def start_peers(tmp: str, net: str, batched_only: bool = False, expert: str | None = None,
+                waits: tuple[float, ...] = ()):
+    """A bootstrap + a batching peer (and one with --max-batch 1, and one batching peer with each batching wait in
+    ``waits``) serving one toy expert; (swarm, expert name)."""
     from diffswarm.swarm.local import PeerSpec, start_local_swarm
 
     path, name = make_expert(tmp, net) if expert is None else (expert, net)
     specs = [PeerSpec("batched", checkpoint=path)]
     if not batched_only:
         specs.append(PeerSpec("single", checkpoint=path, extra_args=["--max-batch", "1"]))
+    specs += [PeerSpec(wait_name(ms), checkpoint=path, extra_args=["--batch-wait-ms", f"{ms:g}"]) for ms in waits]
     sw = start_local_swarm(specs, None, os.path.join(tmp, "swarm"), threads=1, announce_period=30.0)
     return sw, name
 
@@ -217,6 +224,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
     ap.add_argument("--rows", type=int, default=1, help="rows per request (CFG doubles them in the network)")
     ap.add_argument("--net", choices=["unet", "dit"], default="unet")
+    ap.add_argument("--also-wait", type=float, nargs="*", default=[], metavar="MS",
+                    help="more batching peers with these --batch-wait-ms (the default peer waits 2 ms), measured "
+                         "side by side")
     args = ap.parse_args()
     if args.quick:
         args.levels, args.seconds = ([1, 2] if tiny() else [1, 4, 8]), (1.0 if tiny() else 2.0)
@@ -230,20 +240,34 @@ def main() -> None:
                                   min(args.seconds, 3.0))
         print("  in-process forward passes, rows/s: " + ", ".join(f"{b} rows {r:.0f}" for b, r in ceiling.items()),
               flush=True)
-        sw, _ = start_peers(tmp, args.net, expert=path)
+        variants = [wait_name(ms) for ms in args.also_wait]
+        sw, _ = start_peers(tmp, args.net, expert=path, waits=tuple(args.also_wait))
         try:
-            peers = {p: sw.info(p) for p in ("batched", "single")}
+            peers = {p: sw.info(p) for p in ("batched", "single", *variants)}
             with Clients(max(args.levels), sw.initial_peers) as clients:
                 table = {}
                 for n in args.levels:
                     table[n] = {p: summarise(clients.run(n, peers[p], args.seconds, args.rows), args.seconds)
-                                for p in ("batched", "single")}
+                                for p in peers}
                     print(f"  {n} clients done: {table[n]['batched']['rows_per_s']:.0f} vs "
                           f"{table[n]['single']['rows_per_s']:.0f} rows/s", flush=True)
         finally:
             sw.stop()
     report(args, name, table, ceiling)
+    if args.also_wait:
+        report_waits(table, ["batched", *(wait_name(ms) for ms in args.also_wait)])
     footer()
+
+
+def report_waits(table: dict, names: list[str]) -> None:
+    """The batching peers side by side: rows/s, p99 and pass rows, and each over the one-at-a-time peer."""
+    print("\nbatching waits side by side (the default peer is 'batched', 2 ms): rows/s (x one-at-a-time) p99 ms, "
+          "pass rows")
+    print(f"{'clients':>7} | " + " | ".join(f"{n:>28}" for n in names))
+    for n, r in table.items():
+        one = r["single"]["rows_per_s"]
+        print(f"{n:7d} | " + " | ".join(f"{r[p]['rows_per_s']:5.0f} ({r[p]['rows_per_s'] / one:4.2f}x) "
+                                        f"{r[p]['p99']:6.1f} {r[p]['batch_rows']:5.1f}" for p in names))
 
 
 def report(args, name: str, table: dict, ceiling: dict[int, float]) -> None:

@@ -286,6 +286,32 @@ def test_batcher_merges_concurrent_clients_into_one_pass():
     assert torch.equal(outs[1][0], reqs[2].x * 2.0 + reqs[2].t.reshape(-1, 1, 1, 1))
 
 
+def test_batcher_stops_waiting_once_every_active_client_is_in():
+    """With a 60 s batching wait, the two active clients' requests still run at once, in one pass: the wait ends
+    when each client that called within the window has a request queued. A third client that called recently but
+    sends nothing now is waited for: its absence keeps the pass open until the wait ends."""
+    reqs = _reqs()
+
+    async def scenario(clients: list[str]):
+        calls = []
+        b = Batcher(fake_velocity(calls), BatchPolicy(max_rows=64, max_wait=60.0))
+        b.last_seen = {c: time.monotonic() for c in clients}
+        b.start()
+        try:
+            both = asyncio.gather(b.submit(reqs[0], "a"), b.submit(reqs[2], "b"))
+            done, _ = await asyncio.wait([both], timeout=3.0)
+            return calls, bool(done)
+        finally:
+            await b.close()
+            both.cancel()
+            await asyncio.gather(both, return_exceptions=True)
+
+    calls, answered = asyncio.run(scenario(["a", "b"]))
+    assert answered and calls == [(3, 2.0)]
+    calls, answered = asyncio.run(scenario(["a", "b", "c"]))
+    assert not answered and calls == []  # still waiting for "c" after 3 s of the 60 s wait
+
+
 def test_batcher_failure_fails_requests_not_the_worker():
     reqs = _reqs()
 

@@ -3,10 +3,11 @@
 Requests from several clients queue up; the batcher takes the oldest request plus whatever else
 is queued, up to ``max_rows`` rows, runs one forward pass per distinct guidance value (CFG is a
 scalar per pass), and splits the answer back. It waits up to ``max_wait`` for more requests only
-when another client was active within ``window`` seconds: a lone client (the common case) never
-pays the wait, several clients get merged passes. Forward passes run one at a time on a worker
-thread, so the event loop keeps receiving requests while the expert computes, and requests that
-arrive during a pass form the next batch on their own. The queue is bounded: at most
+when another client was active within ``window`` seconds, and only until every such client has a
+request queued: a lone client (the common case) never pays the wait, several clients get merged
+passes, and a pass starts as soon as the clients it expects are all in. Forward passes run one at
+a time on a worker thread, so the event loop keeps receiving requests while the expert computes,
+and requests that arrive during a pass form the next batch on their own. The queue is bounded: at most
 ``max_queue_rows`` rows wait or compute at once; ``submit`` answers ``PeerBusy`` above that.
 """
 
@@ -41,6 +42,11 @@ class BatchPolicy:
 def should_wait(now: float, last_seen: dict[str, float], requester: str, window: float) -> bool:
     """Wait for more requests only if a client other than ``requester`` sent one recently."""
     return any(c != requester and now - ts <= window for c, ts in last_seen.items())
+
+
+def active_clients(now: float, last_seen: dict[str, float], window: float) -> set[str]:
+    """The clients that sent a request within ``window``: the batcher stops waiting once each has one queued."""
+    return {c for c, ts in last_seen.items() if now - ts <= window}
 
 
 def take_batch(queued_rows: Sequence[int], max_rows: int) -> int:
@@ -148,7 +154,9 @@ class Batcher:
         if self.policy.max_wait > 0 and should_wait(time.monotonic(), self.last_seen, first.client,
                                                     self.policy.window):
             deadline = time.monotonic() + self.policy.max_wait
-            while sum(i.req.rows for i in self.queue) < self.policy.max_rows:
+            expected = active_clients(time.monotonic(), self.last_seen, self.policy.window)
+            while (sum(i.req.rows for i in self.queue) < self.policy.max_rows
+                   and not expected <= {i.client for i in self.queue}):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
