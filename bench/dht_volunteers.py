@@ -19,7 +19,7 @@ import time
 from hivemind.utils.timed_storage import get_dht_time
 
 from diffswarm.dht.entries import experts_key, stats_key
-from diffswarm.dht.node import NetworkConfig, SwarmDHT
+from diffswarm.dht.node import CACHE_NEAREST, NetworkConfig, SwarmDHT
 from diffswarm.dht.records import RECORD_VERSION, ClusterStatsRecord, ExpertRecord
 from diffswarm.protocol.wire import PROTOCOL_VERSION
 
@@ -135,30 +135,41 @@ async def measure(nodes: list[SwarmDHT], addrs: list[list[str]], swarm: str, vol
     say_unsent(asyncio.get_running_loop())
     pubs = nodes[:min(8, len(nodes))]
     rows = []
-    for old in (True, False):
+    # the new layout is read twice: first by a client with hivemind's default cache_nearest=1 (its copies stay in
+    # the nodes' caches and answer the second client's lookups too: that order favours the default), then by ours
+    for old, cache_nearest in ((True, CACHE_NEAREST), (False, 1), (False, CACHE_NEAREST)):
         t0 = time.perf_counter()
-        stored, refused = await publish(pubs, addrs, swarm, volunteers, k, old)
+        reread = not old and cache_nearest == CACHE_NEAREST != 1  # the row before stored these entries
+        stored, refused = (0, 0) if reread else await publish(pubs, addrs, swarm, volunteers, k, old)
         pub_s = time.perf_counter() - t0
         client = await SwarmDHT.create(NetworkConfig.loopback(addrs[-1], client_mode=True), swarm)
         try:
+            client.node.cache_nearest = cache_nearest
             sizes = Sizes(client)
             t0 = time.perf_counter()
             if old:
                 got = await client._get_many([f"{swarm}_v5_experts", f"{swarm}_v5_stats"])
                 found = (len(got[f"{swarm}_v5_experts"]), len(got[f"{swarm}_v5_stats"]))  # raw entries
-                start = sizes.reset()
-                await client._get_many([f"{swarm}_v5_experts"])
             else:
                 experts, _ = await client.get_experts(range(k))
                 stats, _ = await client.get_stats(range(k))
                 found = (sum("-v" in r.expert_id for r in experts), len(stats))  # not dht_scale's K records
-                start = sizes.reset()
+            read_s = time.perf_counter() - t0
+            await asyncio.sleep(1.0)  # hivemind copies found values to nearby nodes in background tasks: count them
+            start = sizes.reset()
+            if old:
+                await client._get_many([f"{swarm}_v5_experts"])
+            else:
                 await client.get_experts_expiring(range(k))
+            await asyncio.sleep(1.0)
             refresh = sizes.reset()
-            rows.append({"layout": "v5: one key per swarm" if old else "v6: one key per cluster", "stored": stored,
+            layout = "v5: one key per swarm" if old else "v6: one key per cluster"
+            if cache_nearest != CACHE_NEAREST:
+                layout += f", cache_nearest={cache_nearest}"
+            rows.append({"layout": layout, "stored": stored,
 
                          "refused": refused, "publish_s": pub_s, "experts": found[0], "stats": found[1],
-                         "start": start, "refresh": refresh, "read_s": time.perf_counter() - t0})
+                         "start": start, "refresh": refresh, "read_s": read_s})
         finally:
             await client.shutdown()
     return rows
@@ -167,14 +178,16 @@ async def measure(nodes: list[SwarmDHT], addrs: list[list[str]], swarm: str, vol
 def report(rows: list[dict], volunteers: int, k: int) -> None:
     print(f"\n{volunteers} volunteers, K = {k} (one expert and one statistics entry each); a fresh client reads every "
           f"cluster's experts and statistics (start-up) and every cluster's experts again (refresh):")
-    print(f"{'layout':<26} {'stored':>7} {'refused':>7} {'experts':>7} {'stats':>6} {'start-up KB':>11} "
+    print(f"{'layout':<41} {'stored':>7} {'refused':>7} {'experts':>7} {'stats':>6} {'start-up KB':>11} "
           f"{'RPCs':>5} {'refresh KB':>10} {'largest msg KB':>14} {'vs 4 MiB':>8}")
     for r in rows:
         s, f = r["start"], r["refresh"]
         big = max(s["largest"], f["largest"])
-        print(f"{r['layout']:<26} {r['stored']:7d} {r['refused']:7d} {r['experts']:7d} {r['stats']:6d} "
+        print(f"{r['layout']:<41} {r['stored']:7d} {r['refused']:7d} {r['experts']:7d} {r['stats']:6d} "
               f"{s['bytes'] / 1024:11.0f} {s['rpcs']:5d} {f['bytes'] / 1024:10.0f} {big / 1024:14.0f} "
               f"{big / CAP:8.2f}")
     print("stored/refused = entries the DHT accepted / refused; experts, stats = entries the client got; KB = the "
           "client's DHT protobuf bytes both ways; largest msg = the largest single DHT response it received (a "
-          "response over the cap never arrives: its key's entries are then missing)")
+          "response over the cap never arrives: its key's entries are then missing); cache_nearest=1: the client "
+          "copies each value it finds to a nearby node, as hivemind does by default (diffswarm's nodes do not: "
+          "dht.node.CACHE_NEAREST)")

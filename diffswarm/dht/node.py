@@ -51,6 +51,7 @@ from diffswarm.utils.signals import disown_sockets, exited, new_sockets_owned, o
 
 logger = logging.getLogger(__name__)
 K_TTL = 60.0  # seconds a SwarmDHT remembers K of the owner's manifest (``num_clusters``)
+CACHE_NEAREST = 0  # nodes a found value is copied to after a lookup (hivemind's default is 1; see SwarmDHT.create)
 SOCKETS = "/tmp/hivemind-p2p*.sock"  # where p2pd and its clients put their unix sockets
 
 
@@ -175,6 +176,10 @@ class SwarmDHT:
                     client_mode=net.client_mode,
                     record_validator=CompositeValidator(validators),
                     wait_timeout=net.wait_timeout,
+                    # hivemind's default (1) uploads every value a lookup finds to a nearby node's cache. Every swarm
+                    # lookup reads the newest entries (``_get_many``), so such copies only answer later lookups again:
+                    # at 1,000 volunteers a client uploaded ~10 MB at start-up (bench/dht_volunteers.py)
+                    cache_nearest=CACHE_NEAREST,
                 )
             except BaseException as e:
                 if p2p is not None:
