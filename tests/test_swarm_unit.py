@@ -4,6 +4,7 @@ in-process peer + client for the streamed and float16 paths."""
 import asyncio
 import threading
 import time
+from collections import deque
 from dataclasses import replace
 
 import msgpack
@@ -122,6 +123,49 @@ def test_a_missed_replica_leaves_when_its_dht_record_lapses():
     assert view.update([], now=210.0) == [] and view.coverage() == [1, 1]
     assert view.update([record("p0", 0)], now=211.0) == ["c1-fm at p1 left"]  # a real lookup: p1's record lapsed
     assert view.update([], now=232.0) == ["c0-fm at p0 left"] and view.coverage() == [0, 0]  # past the grace
+
+
+def test_an_idle_client_refreshes_less_often_and_catches_up_when_used(monkeypatch):
+    """Refreshes every ``period`` while the client samples, every ``idle_period`` once it has been idle for
+    ``IDLE_AFTER``; the first tick after it is used again refreshes at once."""
+    from diffswarm.client import refresh as refresh_mod
+    from diffswarm.client.refresh import PeerDiscovery
+
+    monkeypatch.setattr(refresh_mod, "IDLE_AFTER", 0.2)
+    lookups = []
+
+    class DHT:
+        async def get_experts_expiring(self, clusters):
+            lookups.append(time.monotonic())
+            return [], [], {}
+
+    async def scenario():
+        d = PeerDiscovery(DHT(), None, Blacklist(), {}, deque())
+        task = asyncio.get_running_loop().create_task(d.refresh_loop(0.02, idle_period=60.0))
+        try:
+            for _ in range(25):  # in use: a call every 20 ms for ~0.5 s
+                d.mark_used()
+                await asyncio.sleep(0.02)
+            busy = len(lookups)
+            await asyncio.sleep(0.4)  # idle for longer than IDLE_AFTER
+            n = len(lookups)
+            await asyncio.sleep(1.0)  # then 1 s of 50 ticks: no lookup (the idle period is 60 s)
+            idle = len(lookups) - n
+            n = len(lookups)
+            d.mark_used()
+            for _ in range(500):  # used again: the next tick refreshes
+                await asyncio.sleep(0.01)
+                if len(lookups) > n:
+                    break
+            return busy, idle, len(lookups) - n
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    busy, idle, again = asyncio.run(scenario())
+    assert busy >= 3, busy  # ~25 ticks of 20 ms; a loaded machine stretches them, never to 3
+    assert idle == 0, idle
+    assert again >= 1
 
 
 def test_peer_records_announce_the_training_summary():

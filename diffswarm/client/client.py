@@ -150,11 +150,12 @@ class SwarmClient:
         return self.discovery.probe_latency
 
     def start_refresh(self) -> None:
-        """Refresh the expert records every ``cfg.refresh`` seconds in the background."""
+        """Refresh the expert records in the background: every ``cfg.refresh`` seconds while the client samples,
+        every ``cfg.idle_refresh`` while it is idle (``PeerDiscovery.refresh_loop``)."""
         if self._refresh_task is None:
             # cancelled with the loop's other tasks by close()
-            self._refresh_task = asyncio.run_coroutine_threadsafe(self.discovery.refresh_loop(self.cfg.refresh),
-                                                                  self.loop)
+            self._refresh_task = asyncio.run_coroutine_threadsafe(
+                self.discovery.refresh_loop(self.cfg.refresh, self.cfg.idle_refresh), self.loop)
 
     def refresh(self) -> None:
         self.run(self.discovery.refresh_once(), timeout=60)
@@ -219,6 +220,7 @@ class SwarmClient:
         """v (B, C, H, W) float32 from ``rep`` for rows x (B, C, H, W), t (B,), labels (B,); records the round
         trip and the load the peer reported."""
         t0 = time.perf_counter()
+        self.discovery.mark_used()
         v, info = await self.transport.velocity(rep, x, t, labels, guidance, timeout)
         rtt = time.perf_counter() - t0
         self.latency[rep.peer_id] = update_ema(self.latency.get(rep.peer_id), rtt)

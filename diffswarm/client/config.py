@@ -16,7 +16,8 @@ class ClientConfig:
 
     swarm: str = ""  # the swarm's full name NAME@FINGERPRINT (its DHT key prefix; needed to discover it)
     net: NetworkConfig = field(default_factory=lambda: NetworkConfig(client_mode=True))
-    refresh: float = 5.0  # seconds between background DHT lookups of expert records
+    refresh: float = 5.0  # seconds between background DHT lookups of expert records while the client samples
+    idle_refresh: float = 60.0  # the same while it has not sampled for 30 s (client.refresh.IDLE_AFTER)
     call_timeout: float = 10.0  # deadline of one velocity call, seconds
     info_timeout: float = 5.0  # deadline of the first-contact rpc_info probe
     connect_timeout: float = 60.0  # how long connect() waits for a router and full cluster coverage

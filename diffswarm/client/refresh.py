@@ -19,6 +19,7 @@ from diffswarm.dht.records import ExpertRecord
 from diffswarm.protocol.wire import RequestError
 
 logger = logging.getLogger(__name__)
+IDLE_AFTER = 30.0  # seconds without a sampler evaluation or velocity call after which a client counts as idle
 
 
 class PeerDiscovery:
@@ -41,6 +42,7 @@ class PeerDiscovery:
         self.liars: dict[str, str] = {}  # validator fingerprint -> why its attestations are ignored (AttestationCheck)
         self.checker = None  # client.attestation_check.AttestationCheck with --verify-attestations
         self._admitted: dict[tuple[str, int], bool] = {}
+        self.last_used = -float("inf")  # time.monotonic() of the last evaluation or call (``mark_used``)
 
     def set_target(self, target: SwarmTarget) -> SwarmView:
         """Route for ``target`` (the router's clusters, partition, shapes): keep a view of the replicas that fit it."""
@@ -102,9 +104,23 @@ class PeerDiscovery:
             self._admitted[key] = v.admitted
         self.view.admission = verdicts
 
-    async def refresh_loop(self, period: float) -> None:
+    def mark_used(self) -> None:
+        """The client is sampling (any thread may call it): refreshes keep their short period."""
+        self.last_used = time.monotonic()
+
+    async def refresh_loop(self, period: float, idle_period: float | None = None) -> None:
+        """Refresh every ``period`` seconds while the client is in use (an evaluation or call within ``IDLE_AFTER``
+        seconds), every ``idle_period`` while it is idle: at 1,000 volunteers one refresh is ~9 MB of DHT traffic
+        (docs/performance.md, section 7), which an idle notebook or API session need not pay every 5 s. The first
+        tick after the client is used again refreshes if ``period`` has passed."""
+        idle_period = period if idle_period is None else max(idle_period, period)
+        last = time.monotonic()
         while True:
             await asyncio.sleep(period)
+            now = time.monotonic()
+            if now - self.last_used > IDLE_AFTER and now - last < idle_period:
+                continue
+            last = now
             try:
                 await self.refresh_once()
             except Exception as e:  # a failed lookup keeps the previous view

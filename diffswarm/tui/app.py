@@ -356,5 +356,6 @@ def make_app(initial_peers=None, source=None, out_dir: str | Path | None = None,
         if not initial_peers:
             raise ValueError("the dashboard needs the swarm's --initial-peers (or a local swarm from `swarm up`)")
         config = config or ClientConfig()
-        source = LiveSource(initial_peers, replace(config, refresh=min(config.refresh, poll_seconds)), device)
+        every = min(config.refresh, poll_seconds)  # the dashboard watches the swarm: no idle back-off
+        source = LiveSource(initial_peers, replace(config, refresh=every, idle_refresh=every), device)
     return DashboardApp(source, out_dir or "runs/dashboard", poll_seconds)
