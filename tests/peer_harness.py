@@ -268,6 +268,9 @@ class FakeSwarmClient:
     def with_fresh_load(self, reps):
         return reps
 
+    def mark_used(self):
+        self.used = getattr(self, "used", 0) + 1
+
     def drain_events(self):
         out = list(self.events)
         self.events.clear()

@@ -160,6 +160,10 @@ class SwarmClient:
     def refresh(self) -> None:
         self.run(self.discovery.refresh_once(), timeout=60)
 
+    def mark_used(self) -> None:
+        """The client is sampling: the background refresh keeps its short period (``start_refresh``)."""
+        self.discovery.mark_used()
+
     def set_target(self, target: SwarmTarget) -> SwarmView:
         """Route for ``target`` (the router's clusters, partition, shapes): keep a view of the replicas that fit it."""
         return self.discovery.set_target(target)

@@ -270,7 +270,7 @@ class SwarmEnsemble(RoutedEnsemble):
 
     def evaluate(self, x, t, labels, guidance, weights, probs):
         """Remote calls with failover and cross-checks. Returns (v, weights actually used, events)."""
-        self.client.discovery.mark_used()
+        self.client.mark_used()
         events = self.client.drain_events()
         if not torch.isfinite(x).all():  # never blame peers for the client's own state
             raise RuntimeError("the sampler's state contains NaN or inf; no answer that passed the checks can cause "
