@@ -8,8 +8,9 @@ K clusters, stored into the in-process DHT of ``bench/dht_scale.py`` in both lay
 Entries are real: an ``ExpertRecord`` and a ``ClusterStatsRecord`` with a 28x28, 10-class statistics blob per
 volunteer, each signed by its DHT node's key (a few publishing nodes sign for all volunteers; each entry has its own
 subkey, so sizes are those of 1,000 distinct peers' entries). Printed: the bytes of a client's start-up lookups
-(every cluster's experts and statistics), of one refresh (every cluster's experts), and the largest single DHT
-message, against p2pd's 4 MiB cap. Used by ``bench/dht_scale.py --volunteers V``.
+(every cluster's experts and statistics), of one full refresh (every cluster's experts, the merge of every storing
+node's answer) and of one first-answer refresh (what a sampling client runs between full ones), and the largest
+single DHT message, against p2pd's 4 MiB cap. Used by ``bench/dht_scale.py --volunteers V``.
 """
 
 from __future__ import annotations
@@ -163,13 +164,20 @@ async def measure(nodes: list[SwarmDHT], addrs: list[list[str]], swarm: str, vol
                 await client.get_experts_expiring(range(k))
             await asyncio.sleep(1.0)
             refresh = sizes.reset()
+            cheap, cheap_found = None, 0
+            if not old:  # the background refresh between full ones: the first answer holding a live entry
+                experts, _, _ = await client.get_experts_expiring(range(k), newest=False)
+                cheap_found = sum("-v" in r.expert_id for r in experts)
+                await asyncio.sleep(1.0)
+                cheap = sizes.reset()
             layout = "v5: one key per swarm" if old else "v6: one key per cluster"
             if cache_nearest != CACHE_NEAREST:
                 layout += f", cache_nearest={cache_nearest}"
             rows.append({"layout": layout, "stored": stored,
 
                          "refused": refused, "publish_s": pub_s, "experts": found[0], "stats": found[1],
-                         "start": start, "refresh": refresh, "read_s": read_s})
+                         "start": start, "refresh": refresh, "read_s": read_s, "cheap": cheap,
+                         "cheap_found": cheap_found})
         finally:
             await client.shutdown()
     return rows
@@ -179,15 +187,20 @@ def report(rows: list[dict], volunteers: int, k: int) -> None:
     print(f"\n{volunteers} volunteers, K = {k} (one expert and one statistics entry each); a fresh client reads every "
           f"cluster's experts and statistics (start-up) and every cluster's experts again (refresh):")
     print(f"{'layout':<41} {'stored':>7} {'refused':>7} {'experts':>7} {'stats':>6} {'start-up KB':>11} "
-          f"{'RPCs':>5} {'refresh KB':>10} {'largest msg KB':>14} {'vs 4 MiB':>8}")
+          f"{'RPCs':>5} {'refresh KB':>10} {'RPCs':>5} {'first-answer KB':>15} {'RPCs':>5} {'got':>5} "
+          f"{'largest msg KB':>14} {'vs 4 MiB':>8}")
     for r in rows:
-        s, f = r["start"], r["refresh"]
+        s, f, c = r["start"], r["refresh"], r["cheap"]
         big = max(s["largest"], f["largest"])
+        cheap = (f"{c['bytes'] / 1024:15.0f} {c['rpcs']:5d} {r['cheap_found']:5d}" if c is not None
+                 else f"{'-':>15} {'-':>5} {'-':>5}")
         print(f"{r['layout']:<41} {r['stored']:7d} {r['refused']:7d} {r['experts']:7d} {r['stats']:6d} "
-              f"{s['bytes'] / 1024:11.0f} {s['rpcs']:5d} {f['bytes'] / 1024:10.0f} {big / 1024:14.0f} "
-              f"{big / CAP:8.2f}")
+              f"{s['bytes'] / 1024:11.0f} {s['rpcs']:5d} {f['bytes'] / 1024:10.0f} {f['rpcs']:5d} {cheap} "
+              f"{big / 1024:14.0f} {big / CAP:8.2f}")
     print("stored/refused = entries the DHT accepted / refused; experts, stats = entries the client got; KB = the "
           "client's DHT protobuf bytes both ways; largest msg = the largest single DHT response it received (a "
-          "response over the cap never arrives: its key's entries are then missing); cache_nearest=1: the client "
+          "response over the cap never arrives: its key's entries are then missing); first-answer = the cheaper "
+          "refresh a client runs between full ones (each key's lookup stops at the first answer holding a live "
+          "entry; got = the volunteers' expert entries it returned); cache_nearest=1: the client "
           "copies each value it finds to a nearby node, as hivemind does by default (diffswarm's nodes do not: "
           "dht.node.CACHE_NEAREST)")

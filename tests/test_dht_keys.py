@@ -157,3 +157,30 @@ def test_records_are_announced_and_read_per_cluster():
     assert [s.cluster for s in stats] == [1]
     assert calls == [[experts_key(SWARM, 0), experts_key(SWARM, 2)], [stats_key(SWARM, 0), stats_key(SWARM, 1)]]
     assert len(raw.value) == 1  # cluster 1's key holds cluster 1's record only
+
+
+def test_a_clients_cheap_lookup_sees_a_record_announced_after_its_last_lookup():
+    """``newest=False`` stops at the first answer holding a live entry: a client's own cache must not be that answer
+    (client-mode nodes keep no cache), or a peer that joined after its previous lookup would stay unseen."""
+
+    async def scenario():
+        a = await SwarmDHT.create(NetworkConfig.loopback(), SWARM)
+        c = await SwarmDHT.create(NetworkConfig.loopback(await a.visible_maddrs()), SWARM)
+        b = await SwarmDHT.create(NetworkConfig.loopback(await a.visible_maddrs(), client_mode=True), SWARM)
+        try:
+            for node, name in ((a, "c0-fm"), (c, "c0-ddpm")):
+                if name == "c0-ddpm":
+                    first, _, _ = await b.get_experts_expiring([0], newest=False)
+                rec = expert_record(version=RECORD_VERSION, cluster=0, num_clusters=64, expert_id=name,
+                                    peer_id=node.peer_id.to_base58(), updated=get_dht_time())
+                assert await node.announce_expert(rec, 60)
+            second, errors, left = await b.get_experts_expiring([0], newest=False)
+            return first, second, errors, left
+        finally:
+            for node in (b, c, a):
+                await node.shutdown()
+
+    first, second, errors, left = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert [r.expert_id for r in first] == ["c0-fm"]
+    assert sorted(r.expert_id for r in second) == ["c0-ddpm", "c0-fm"] and errors == []
+    assert all(0 < s <= 60 for s in left.values())

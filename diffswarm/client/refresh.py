@@ -20,6 +20,8 @@ from diffswarm.protocol.wire import RequestError
 
 logger = logging.getLogger(__name__)
 IDLE_AFTER = 30.0  # seconds without a sampler evaluation or velocity call after which a client counts as idle
+FULL_EVERY = 15.0  # seconds between the background refreshes that merge every storing node's answer; those between
+#                   stop at the first answer (``SwarmDHT._get_many``); below the view's grace for a missed replica
 
 
 class PeerDiscovery:
@@ -60,8 +62,10 @@ class PeerDiscovery:
             return range(self.view.target.num_clusters)
         return range(self.manifest.num_clusters) if self.manifest is not None else None
 
-    async def refresh_once(self) -> None:
-        recs, errors, lifetimes = await self.dht.get_experts_expiring(self.clusters())
+    async def refresh_once(self, newest: bool = True) -> None:
+        """Look the expert records up (``newest``: the merge of every storing node's answer, else the cheaper
+        first answer), update the view and probe new peers."""
+        recs, errors, lifetimes = await self.dht.get_experts_expiring(self.clusters(), newest=newest)
         for e in errors:
             logger.info(f"skipped an invalid expert record: {e}")
         self.records = recs
@@ -112,17 +116,22 @@ class PeerDiscovery:
         """Refresh every ``period`` seconds while the client is in use (an evaluation or call within ``IDLE_AFTER``
         seconds), every ``idle_period`` while it is idle: at 1,000 volunteers one refresh is ~9 MB of DHT traffic
         (docs/performance.md, section 7), which an idle notebook or API session need not pay every 5 s. The first
-        tick after the client is used again refreshes if ``period`` has passed."""
+        tick after the client is used again refreshes if ``period`` has passed. A refresh merges every storing
+        node's answer at least every ``FULL_EVERY`` seconds and takes the first answer in between (~1/6 of the
+        bytes); an entry that first answer lacks stays in the view for its grace period (``SwarmView.update``)."""
         idle_period = period if idle_period is None else max(idle_period, period)
-        last = time.monotonic()
+        last = last_full = time.monotonic()
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
             if now - self.last_used > IDLE_AFTER and now - last < idle_period:
                 continue
+            newest = now - last_full >= FULL_EVERY  # also the first refresh after an idle spell
             last = now
+            if newest:
+                last_full = now
             try:
-                await self.refresh_once()
+                await self.refresh_once(newest)
             except Exception as e:  # a failed lookup keeps the previous view
                 logger.warning(f"swarm refresh failed: {e!r}")
 

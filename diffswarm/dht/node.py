@@ -180,6 +180,9 @@ class SwarmDHT:
                     # lookup reads the newest entries (``_get_many``), so such copies only answer later lookups again:
                     # at 1,000 volunteers a client uploaded ~10 MB at start-up (bench/dht_volunteers.py)
                     cache_nearest=CACHE_NEAREST,
+                    # a client's own cache would answer its partial lookups (``newest=False``) from an earlier
+                    # lookup, never seeing a peer that joined since; servers keep it (hivemind's default)
+                    cache_locally=not net.client_mode,
                 )
             except BaseException as e:
                 if p2p is not None:
@@ -250,13 +253,19 @@ class SwarmDHT:
         expiration time (signed with the value: a storing node cannot extend it)."""
         return (await self._get_many({key: None}, expirations))[key]
 
-    async def _get_many(self, keys: Iterable[str], expirations: dict | None = None) -> dict[str, dict]:
+    async def _get_many(self, keys: Iterable[str], expirations: dict | None = None,
+                        newest: bool = True) -> dict[str, dict]:
         """``{key: {subkey: value}}`` of several dictionary keys, looked up together (one DHT traversal; hivemind
-        asks a node for up to ``chunk_size`` keys per call); ``expirations`` as in ``_get_entries``."""
+        asks a node for up to ``chunk_size`` keys per call); ``expirations`` as in ``_get_entries``.
+
+        ``newest``: merge the answers of every node that stores each key (each entry arrives from ~5 nodes);
+        otherwise stop at the first answer holding a live entry (~1/6 of the bytes at 1,000 volunteers, measured
+        in docs/performance.md section 7), which may lack an entry that node has not received."""
         if not self.swarm:
             raise ValueError("a plain DHT node (no swarm name) has no swarm records")
         keys = list(keys)
-        found = await self.node.get_many(keys, sufficient_expiration_time=float("inf")) if keys else {}
+        enough = float("inf") if newest else get_dht_time()
+        found = await self.node.get_many(keys, sufficient_expiration_time=enough) if keys else {}
         out: dict[str, dict] = {}
         for key in keys:
             got = found.get(key)
@@ -300,12 +309,13 @@ class SwarmDHT:
         recs, errors, _ = await self.get_experts_expiring(clusters)
         return recs, errors
 
-    async def get_experts_expiring(self, clusters: Iterable[int | None] | None = None
+    async def get_experts_expiring(self, clusters: Iterable[int | None] | None = None, newest: bool = True
                                    ) -> tuple[list[ExpertRecord], list[str], dict[tuple[str, str], float]]:
-        """``get_experts`` plus how long each record has left in the DHT: ``{(peer_id, expert_id): seconds}``."""
+        """``get_experts`` plus how long each record has left in the DHT: ``{(peer_id, expert_id): seconds}``;
+        ``newest`` as in ``_get_many`` (False: a cheaper lookup that may miss an entry)."""
         expirations: dict = {}
         keys = {experts_key(self.swarm, k): k for k in await self._clusters(clusters, whole=True)}
-        found = await self._get_many(keys, expirations)
+        found = await self._get_many(keys, expirations, newest)
         now = get_dht_time()
         recs, errors = _by_cluster(found, keys, lambda e: parse_entries(e, ExpertRecord, now))
         left = {}
