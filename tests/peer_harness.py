@@ -255,6 +255,7 @@ class FakeSwarmClient:
         self.view, self.bans = None, Blacklist()
         self.latency, self.fresh, self.last_error, self.events = {}, {}, {}, deque()
         self.calls: list[tuple[str, int]] = []
+        self.used = 0  # mark_used() calls (one per evaluation)
 
     def usable(self, rep, now):
         return not self.bans.is_banned(rep.peer_id, now)
@@ -269,7 +270,7 @@ class FakeSwarmClient:
         return reps
 
     def mark_used(self):
-        self.used = getattr(self, "used", 0) + 1
+        self.used += 1
 
     def drain_events(self):
         out = list(self.events)

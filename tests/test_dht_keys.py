@@ -167,13 +167,15 @@ def test_a_clients_cheap_lookup_sees_a_record_announced_after_its_last_lookup():
         a = await SwarmDHT.create(NetworkConfig.loopback(), SWARM)
         c = await SwarmDHT.create(NetworkConfig.loopback(await a.visible_maddrs()), SWARM)
         b = await SwarmDHT.create(NetworkConfig.loopback(await a.visible_maddrs(), client_mode=True), SWARM)
+        async def announce(node: SwarmDHT, name: str) -> None:
+            rec = expert_record(version=RECORD_VERSION, cluster=0, num_clusters=64, expert_id=name,
+                                peer_id=node.peer_id.to_base58(), updated=get_dht_time())
+            assert await node.announce_expert(rec, 60)
+
         try:
-            for node, name in ((a, "c0-fm"), (c, "c0-ddpm")):
-                if name == "c0-ddpm":
-                    first, _, _ = await b.get_experts_expiring([0], newest=False)
-                rec = expert_record(version=RECORD_VERSION, cluster=0, num_clusters=64, expert_id=name,
-                                    peer_id=node.peer_id.to_base58(), updated=get_dht_time())
-                assert await node.announce_expert(rec, 60)
+            await announce(a, "c0-fm")
+            first, _, _ = await b.get_experts_expiring([0], newest=False)
+            await announce(c, "c0-ddpm")  # a peer that joins after the client's lookup
             second, errors, left = await b.get_experts_expiring([0], newest=False)
             return first, second, errors, left
         finally:

@@ -133,12 +133,11 @@ def test_an_idle_client_refreshes_less_often_and_catches_up_when_used(monkeypatc
 
     monkeypatch.setattr(refresh_mod, "IDLE_AFTER", 0.2)
     monkeypatch.setattr(refresh_mod, "FULL_EVERY", 0.1)
-    lookups, kinds = [], []
+    lookups = []  # (time, newest) of each lookup
 
     class DHT:
         async def get_experts_expiring(self, clusters, newest=True):
-            lookups.append(time.monotonic())
-            kinds.append((time.monotonic(), newest))
+            lookups.append((time.monotonic(), newest))
             return [], [], {}
 
     async def scenario():
@@ -170,10 +169,10 @@ def test_an_idle_client_refreshes_less_often_and_catches_up_when_used(monkeypatc
     assert again >= 1
     # every storing node's answer merged at least every FULL_EVERY, the cheaper first answer in between, and the
     # first refresh after the idle spell a full one
-    full = [ts for ts, newest in kinds[:busy] if newest]
-    assert full and len(full) < busy, kinds
+    full = [ts for ts, newest in lookups[:busy] if newest]
+    assert full and len(full) < busy, lookups
     assert all(b - a >= 0.1 for a, b in zip(full, full[1:], strict=False))
-    assert kinds[busy][1] is True
+    assert lookups[busy][1] is True
 
 
 def test_peer_records_announce_the_training_summary():

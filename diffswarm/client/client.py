@@ -224,7 +224,7 @@ class SwarmClient:
         """v (B, C, H, W) float32 from ``rep`` for rows x (B, C, H, W), t (B,), labels (B,); records the round
         trip and the load the peer reported."""
         t0 = time.perf_counter()
-        self.discovery.mark_used()
+        self.mark_used()
         v, info = await self.transport.velocity(rep, x, t, labels, guidance, timeout)
         rtt = time.perf_counter() - t0
         self.latency[rep.peer_id] = update_ema(self.latency.get(rep.peer_id), rtt)

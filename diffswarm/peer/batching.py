@@ -7,8 +7,8 @@ when another client was active within ``window`` seconds, and only until every s
 request queued: a lone client (the common case) never pays the wait, several clients get merged
 passes, and a pass starts as soon as the clients it expects are all in. Forward passes run one at
 a time on a worker thread, so the event loop keeps receiving requests while the expert computes,
-and requests that arrive during a pass form the next batch on their own. The queue is bounded: at most
-``max_queue_rows`` rows wait or compute at once; ``submit`` answers ``PeerBusy`` above that.
+and requests that arrive during a pass form the next batch on their own. The queue is bounded: at
+most ``max_queue_rows`` rows wait or compute at once; ``submit`` answers ``PeerBusy`` above that.
 """
 
 from __future__ import annotations
@@ -39,14 +39,14 @@ class BatchPolicy:
     #                                             always gets in when the queue is empty)
 
 
-def should_wait(now: float, last_seen: dict[str, float], requester: str, window: float) -> bool:
-    """Wait for more requests only if a client other than ``requester`` sent one recently."""
-    return any(c != requester and now - ts <= window for c, ts in last_seen.items())
-
-
 def active_clients(now: float, last_seen: dict[str, float], window: float) -> set[str]:
     """The clients that sent a request within ``window``: the batcher stops waiting once each has one queued."""
     return {c for c, ts in last_seen.items() if now - ts <= window}
+
+
+def should_wait(now: float, last_seen: dict[str, float], requester: str, window: float) -> bool:
+    """Wait for more requests only if a client other than ``requester`` sent one recently."""
+    return bool(active_clients(now, last_seen, window) - {requester})
 
 
 def take_batch(queued_rows: Sequence[int], max_rows: int) -> int:
@@ -151,10 +151,10 @@ class Batcher:
     async def _one_batch(self) -> None:
         loop = asyncio.get_running_loop()
         first = self.queue[0]
-        if self.policy.max_wait > 0 and should_wait(time.monotonic(), self.last_seen, first.client,
-                                                    self.policy.window):
-            deadline = time.monotonic() + self.policy.max_wait
-            expected = active_clients(time.monotonic(), self.last_seen, self.policy.window)
+        now = time.monotonic()
+        if self.policy.max_wait > 0 and should_wait(now, self.last_seen, first.client, self.policy.window):
+            deadline = now + self.policy.max_wait
+            expected = active_clients(now, self.last_seen, self.policy.window)  # the clients the pass waits for
             while (sum(i.req.rows for i in self.queue) < self.policy.max_rows
                    and not expected <= {i.client for i in self.queue}):
                 left = deadline - time.monotonic()
