@@ -1,9 +1,10 @@
 """How many clients one peer serves: rows x evaluations per second, p50/p99 latency, batched vs one request at a
 time, with 1 to 16 concurrent client processes, in one run.
 
-Starts a bootstrap and two peers serving the same expert (the default UNet 16x3 at 28x28, one torch thread each)
-on 127.0.0.1: one with the default batching (``--batch-wait-ms 2``, up to 256 rows per forward pass) and one that
-runs every request on its own (``--max-batch 1``). Then ``--clients`` client processes start (each its own
+Starts a bootstrap and two peers serving the same expert (the default UNet 16x3 at 28x28, one torch thread each;
+``--threads 0``: torch's default, all cores, as ``diffswarm serve`` without ``--threads``) on 127.0.0.1: one with
+the default batching (``--batch-wait-ms 2``, up to 256 rows per forward pass) and one that runs every request on
+its own (``--max-batch 1``). Then ``--clients`` client processes start (each its own
 ``SwarmClient`` and p2pd) and, for each level n in ``--levels``, the first n call one peer back to back for
 ``--seconds`` (each request ``--rows`` rows with CFG 2: what one image's sampling step sends), then the other peer.
 Only one peer is loaded at a time. Prints per level and peer: rows evaluated per second, p50 and p99 round trip,
@@ -20,6 +21,7 @@ are pessimistic; both peers see the same conditions, so the ratio is fair.
 
     python bench/serving_throughput.py                    # levels 1 2 4 8 16, 5 s each
     python bench/serving_throughput.py --quick            # levels 1 4 8, 2 s each
+    python bench/serving_throughput.py --threads 0        # the peers (and the limit) on every core
 """
 
 from __future__ import annotations
@@ -170,7 +172,7 @@ def wait_name(ms: float) -> str:
 
 
 def start_peers(tmp: str, net: str, batched_only: bool = False, expert: str | None = None,
-                waits: tuple[float, ...] = ()):
+                waits: tuple[float, ...] = (), threads: int = 1):
     """A bootstrap + a batching peer (and one with --max-batch 1, and one batching peer with each batching wait in
     ``waits``) serving one toy expert; (swarm, expert name)."""
     from diffswarm.swarm.local import PeerSpec, start_local_swarm
@@ -180,13 +182,14 @@ def start_peers(tmp: str, net: str, batched_only: bool = False, expert: str | No
     if not batched_only:
         specs.append(PeerSpec("single", checkpoint=path, extra_args=["--max-batch", "1"]))
     specs += [PeerSpec(wait_name(ms), checkpoint=path, extra_args=["--batch-wait-ms", f"{ms:g}"]) for ms in waits]
-    sw = start_local_swarm(specs, None, os.path.join(tmp, "swarm"), threads=1, announce_period=30.0)
+    sw = start_local_swarm(specs, None, os.path.join(tmp, "swarm"), threads=threads, announce_period=30.0)
     return sw, name
 
 
-def compute_ceiling(path: str, batches: list[int], seconds: float) -> dict[int, float]:
-    """Rows per second of the expert's forward pass (CFG 2) in this process, one torch thread like the peers, on
-    the peer's own code path (``ServedExpert``), for passes of each size in ``batches``: the most a peer can serve
+def compute_ceiling(path: str, batches: list[int], seconds: float, threads: int = 1) -> dict[int, float]:
+    """Rows per second of the expert's forward pass (CFG 2) in this process, ``threads`` torch threads like the
+    peers (0: torch's default, as a peer started without ``--threads``), on the peer's own code path
+    (``ServedExpert``), for passes of each size in ``batches``: the most a peer can serve
     with no transport, decoding, checks or queueing at all. Best of three timings of ``seconds`` / 3 each."""
     import torch
 
@@ -195,7 +198,8 @@ def compute_ceiling(path: str, batches: list[int], seconds: float) -> dict[int, 
     from diffswarm.peer.hosted import ServedExpert
 
     prev = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if threads:
+        torch.set_num_threads(threads)
     try:
         velocity = ServedExpert(Expert.from_checkpoint(path), BatchPolicy()).batcher.velocity  # what a pass runs
         out = {}
@@ -224,6 +228,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
     ap.add_argument("--rows", type=int, default=1, help="rows per request (CFG doubles them in the network)")
     ap.add_argument("--net", choices=["unet", "dit"], default="unet")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of each peer and of the limit's passes (0: torch's default, all cores, as "
+                         "`diffswarm serve` without --threads)")
     ap.add_argument("--also-wait", type=float, nargs="*", default=[], metavar="MS",
                     help="more batching peers with these --batch-wait-ms (the default peer waits 2 ms), measured "
                          "side by side")
@@ -237,11 +244,11 @@ def main() -> None:
         path, name = make_expert(tmp, args.net)
         # the physical limit, measured before any peer runs: passes of one request vs of every client's request
         ceiling = compute_ceiling(path, [args.rows] + [min(n * args.rows, 256) for n in args.levels],
-                                  min(args.seconds, 3.0))
+                                  min(args.seconds, 3.0), args.threads)
         print("  in-process forward passes, rows/s: " + ", ".join(f"{b} rows {r:.0f}" for b, r in ceiling.items()),
               flush=True)
         variants = [wait_name(ms) for ms in args.also_wait]
-        sw, _ = start_peers(tmp, args.net, expert=path, waits=tuple(args.also_wait))
+        sw, _ = start_peers(tmp, args.net, expert=path, waits=tuple(args.also_wait), threads=args.threads)
         try:
             peers = {p: sw.info(p) for p in ("batched", "single", *variants)}
             with Clients(max(args.levels), sw.initial_peers) as clients:
@@ -272,7 +279,8 @@ def report_waits(table: dict, names: list[str]) -> None:
 
 def report(args, name: str, table: dict, ceiling: dict[int, float]) -> None:
     one = ceiling[args.rows]
-    print(f"\n{name}, one peer with one torch thread, 127.0.0.1; rows/s = rows evaluated per second (x CFG 2 network "
+    threads = f"{args.threads} torch thread(s)" if args.threads else f"torch's default threads ({os.cpu_count()} CPUs)"
+    print(f"\n{name}, one peer with {threads}, 127.0.0.1; rows/s = rows evaluated per second (x CFG 2 network "
           "rows); latency = round trip per request")
     print(f"{'clients':>7} | {'batched rows/s':>14} {'p50 ms':>7} {'p99 ms':>7} {'pass rows':>9} | "
           f"{'1-at-a-time rows/s':>18} {'p50 ms':>7} {'p99 ms':>7} | {'batched/1-at-a-time':>19}")
