@@ -289,4 +289,5 @@ class FakeSwarmClient:
         self.calls.append((rep.peer_id, x.shape[0]))
         if rep.peer_id in self.dead:
             raise PeerCallError("connection refused")
-        return self.peers[rep.peer_id].velocity(x, t, labels, guidance), {"precision": "fp32"}
+        model = self.peers[rep.peer_id]  # the precision a (lying) model says it computed in, as a peer's metadata
+        return model.velocity(x, t, labels, guidance), {"precision": getattr(model, "precision", "fp32")}

@@ -18,10 +18,12 @@ from peer_harness import FakeSwarmClient
 from diffswarm.client.answer_checks import (
     Suspicion,
     TrustConfig,
+    agree,
     arbitrate,
     check_answer,
     check_rate,
     relative_difference,
+    row_tolerance,
     should_verify,
     velocity_bound,
 )
@@ -68,6 +70,23 @@ def test_relative_difference_and_arbitration():
     assert arbitrate({"p": a, "q": lie}, None, 1e-3) == (set(), set())
 
 
+def test_rows_at_the_noise_end_are_checked_at_the_looser_tolerance():
+    """Within 1e-3 of t = 1 a DDPM expert's answer carries its data estimate at the scale of float32 rounding
+    (honest CPUs differ by up to 3e-3 there): those rows, and only those, get tolerance_noise_end."""
+    cfg = TrustConfig()
+    t = torch.tensor([0.5, 0.99, 0.9995, 1.0])
+    tol = row_tolerance(cfg, t)
+    assert tol.tolist() == pytest.approx([cfg.tolerance, cfg.tolerance, cfg.tolerance_noise_end,
+                                          cfg.tolerance_noise_end])
+    a = torch.randn(4, 1, 8, 8)
+    near = a * (1 + 5e-3)  # every row 0.5% off: rounding at the noise end, a lie anywhere else
+    assert not agree(a, near, tol) and agree(a[2:], near[2:], tol[2:])
+    far = a * 1.05  # 5% off: a lie everywhere
+    assert not agree(a[3:], far[3:], tol[3:])
+    assert arbitrate({"p": a[2:], "q": near[2:]}, a[2:], tol[2:]) == (set(), {"p", "q"})
+    assert arbitrate({"p": a, "q": near}, a, tol) == ({"q"}, {"p"})
+
+
 def test_suspicion_decays_and_checks_follow_it():
     s = Suspicion(half_life=10.0)
     assert s.add("p", 4.0, now=0.0) == 4.0 and s.score("p", 10.0) == pytest.approx(2.0)
@@ -101,6 +120,10 @@ class Liar:
             return v * 1e6
         if m == "scale":
             return v * 1.5
+        if m == "nudge":  # 3% off: far above float32 rounding, below the 5e-2 bf16 answers once got
+            return v * 1.03
+        if m == "rounding_at_t1":  # another CPU's float32 rounding where it is largest: 0.5% off at t = 1 only
+            return torch.where((t >= 0.999).reshape(-1, 1, 1, 1), v * 1.005, v)
         if m == "negate":
             return -v
         if m == "zero":
@@ -189,6 +212,32 @@ def test_a_liar_beside_honest_replicas_never_spoils_the_image(three, clean, mode
     assert client.bans.is_banned("liar1", time.monotonic()) and "liar1" in ens.liars
     assert honest_bans(client) == [] and not any(p.startswith("h") for p in ens.liars)
     assert any("liar1" in e and ("caught lying" in e or "invalid answer" in e) for e in events)
+
+
+def test_a_peer_saying_it_computed_in_bf16_gets_no_looser_check(three, clean):
+    """Peers answer in float32 on every device (bf16 answers of a DDPM expert near t = 1 differ from float32 ones
+    by ~25%, more than most lies): a liar that says "bf16" to shelter a 3% lie is caught like any other."""
+    experts = three[0]
+    liar = Liar(experts[1], "nudge")
+    liar.precision = "bf16"
+    peers = {"h0": (0, experts[0]), "h1": (1, experts[1]), "h2": (2, experts[2]), "liar1": (1, liar)}
+    ens, client = swarm(three, peers, local={experts[1].weights_sha256: experts[1]})
+    x, events = run(ens)
+    assert torch.allclose(x, clean, atol=1e-5), float((x - clean).abs().max())
+    assert "liar1" in ens.liars and honest_bans(client) == []
+
+
+def test_a_peer_whose_rounding_differs_at_t_equal_one_is_not_judged_a_liar(three, clean):
+    """Every peer's first answer (at t = 1) is cross-checked; a peer on another CPU differs there by up to a few
+    1e-3 per row (a DDPM expert's translation amplifies its rounding ~1e4 times): no ban, and the image moves by
+    no more than that first step's difference."""
+    experts = three[0]
+    other_cpu = Liar(experts[1], "rounding_at_t1")
+    peers = {"h0": (0, experts[0]), "h1": (1, other_cpu), "h2": (2, experts[2])}
+    ens, client = swarm(three, peers, local={experts[1].weights_sha256: experts[1]})
+    x, events = run(ens)
+    assert ens.liars == set() and honest_bans(client) == [] and not any("caught" in e for e in events)
+    assert other_cpu.n > 0 and torch.allclose(x, clean, atol=0.05)
 
 
 @pytest.mark.parametrize("mode", ["scale", "negate", "random", "other", "row0"])

@@ -178,7 +178,7 @@ def test_a_run_exports_with_the_statistics_router(workdir, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_pipeline_and_a_session_run_on_cuda(workdir, tmp_path):
-    """bf16 autocast inside each expert on CUDA: the images are the CPU's up to that precision."""
+    """Each expert answers in float32 on CUDA: the images are the CPU's up to float rounding."""
     from diffswarm.api import export_pipeline
 
     run = workdir / "runs" / "demo"

@@ -33,6 +33,7 @@ QUICK = [
     ("colocated_peers.py", []),  # 9
     ("sparse_cost.py", []),  # 8
     ("fp16_transport.py", []),  # 5
+    ("check_precision.py", []),  # 3
 ]
 
 

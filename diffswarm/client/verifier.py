@@ -17,12 +17,11 @@ from diffswarm.client.answer_checks import (
     Suspicion,
     TrustConfig,
     agree,
-    answer_precision,
     arbitrate,
     check_answer,
     relative_difference,
+    row_tolerance,
     should_verify,
-    tolerance,
 )
 from diffswarm.client.config import PeerCallError
 from diffswarm.client.ledger import Job, Ledger, Used
@@ -40,7 +39,6 @@ class Verifier:
         self.liars: set[str] = set()  # peers caught lying or sending invalid answers (banned for lie_ban)
         self.checks = 0  # cross-checked calls (the cost of checking: each is one more call)
         self.unverified = 0  # rows whose replicas disagreed with no arbiter
-        self.precision_of: dict[str, str] = {}  # source -> precision of its last answer (fp32 | bf16)
         self.rollback_to: int | None = None  # the step to recompute from, once a liar's answers are found in x
         self.verified: dict[str, int] = {}  # peer -> answers verified since its last failed check (check_rate)
         self.ledger = Ledger(trust.audit_samples, self.rng)
@@ -102,7 +100,6 @@ class Verifier:
             if vb is None:
                 again.append(u)
                 continue
-            self.precision_of[partner.peer_id] = answer_precision(outs[i])
             self._judge_audited(u, partner, vb, events, failed)
         return again
 
@@ -110,8 +107,7 @@ class Verifier:
         """An audited answer ``u`` against its partner's ``vb``: vouched for if they agree, else disputed (the
         peer's unverified answers start no later than u). Returns whether they agreed."""
         p = u.src.peer_id
-        tol = tolerance(self.trust, self.precision_of.get(p, "fp32"), self.precision_of[partner.peer_id])
-        if agree(u.v, vb, tol):
+        if agree(u.v, vb, row_tolerance(self.trust, u.call[1])):
             self.vouch(u, partner, vb)
             return True
         self.ledger.unverified_since[p] = min(self.ledger.unverified_since.get(p, (u.step, u.evaluation)),
@@ -144,7 +140,6 @@ class Verifier:
                 continue
             vb = self.valid(own, out, u.call[0], u.call[1], u.guidance, events, failed)
             self.checks += 1
-            self.precision_of[own.peer_id] = answer_precision(out)
             if self._judge_audited(u, own, vb, events, failed):
                 self.ledger.audited[id(u)] = u
 
@@ -178,18 +173,15 @@ class Verifier:
         k, rows, src, partner, call, i = job
         xk, tk, _ = call
         va = self.valid(src, outs[i], xk, tk, guidance, events, failed)
-        self.precision_of[src.peer_id] = answer_precision(outs[i])
         vb = None
         if partner is not None:
             vb = self.valid(partner, outs[i + 1], xk, tk, guidance, events, failed)
-            self.precision_of[partner.peer_id] = answer_precision(outs[i + 1])
             self.checks += 1
             self.ledger.checked.add(src.peer_id)
             if vb is not None:
                 self.ledger.checked.add(partner.peer_id)
         if va is not None and vb is not None:
-            tol = tolerance(self.trust, self.precision_of[src.peer_id], self.precision_of[partner.peer_id])
-            if not agree(va, vb, tol):
+            if not agree(va, vb, row_tolerance(self.trust, tk)):
                 return self.dispute(k, rows, src, va, partner, vb, call, guidance, events, failed)
             if not isinstance(src, LocalSource):
                 led = self.ledger
@@ -249,9 +241,8 @@ class Verifier:
         now = time.monotonic()
         answers = {a.peer_id: va, b.peer_id: vb}
         sources = {a.peer_id: a, b.peer_id: b}
-        tol = tolerance(self.trust, self.precision_of[a.peer_id], self.precision_of[b.peer_id])
         reference, arbiter = self._arbiter(k, a, va, b, vb, call, guidance, answers, sources, events, failed, now)
-        liars, honest = arbitrate(answers, reference, tol)
+        liars, honest = arbitrate(answers, reference, row_tolerance(self.trust, tk))
         truth = reference if reference is not None else (answers[min(honest)] if honest else None)
         judge = "the verified weights" if reference is not None else "the other replicas"
         for p in liars:
@@ -303,7 +294,7 @@ class Verifier:
             self.checks += 1
             xk, tk, lk = u.call
             ref = own.velocity(xk, tk, lk, u.guidance)
-            if agree(u.v, ref, tolerance(self.trust, self.precision_of.get(q, "fp32"))):
+            if agree(u.v, ref, row_tolerance(self.trust, tk)):
                 continue
             diff = float(relative_difference(u.v, ref).max())
             self.punish(q, f"caught colluding: it agreed with the liar {p[:12]} on an answer that differs from the "
@@ -336,5 +327,4 @@ class Verifier:
             vc = self.valid(c, out, xk, tk, guidance, events, failed)
             if vc is not None:
                 answers[c.peer_id], sources[c.peer_id] = vc, c
-                self.precision_of[c.peer_id] = answer_precision(out)
         return None, None

@@ -23,7 +23,7 @@ class ServedExpert:
         cfg = expert.config
         self.expert = expert
         self.path = Path(path) if path is not None else None  # the checkpoint file (served by rpc_checkpoint)
-        self.precision = "bf16" if next(expert.parameters()).device.type == "cuda" else "fp32"  # autocast on CUDA
+        self.precision = "fp32"  # on every device (Expert._forward): answers any other source can check
         self.spec = ExpertSpec(expert.expert_id, (cfg.net.channels, cfg.net.size, cfg.net.size), cfg.net.num_classes)
         self.device = next(expert.parameters()).device
         self.batcher = Batcher(self._velocity, policy)
