@@ -114,23 +114,28 @@ def _classifier_job(data: DatasetSpec, epochs: int, threads: int) -> dict:
     return {"seconds": time.perf_counter() - t0, "test_accuracy": getattr(clf.config, "test_accuracy", None)}
 
 
-def sampling_seconds_per_row(job: TrainJob, part, ds, guidance: float) -> float:
-    """Wall seconds of one velocity row (CFG included) of this job's network on this machine, one thread:
-    the best of a few timed forward passes of an untrained expert at batch 64."""
+def sampling_seconds_per_row(job: TrainJob, part, ds, guidance: float, device: torch.device | None = None) -> float:
+    """Wall seconds of one velocity row (CFG included) of this job's network on this machine: the best of a few
+    timed forward passes of an untrained expert at batch 64, on one CPU thread, or on ``device`` when it is a GPU
+    (where the demo generates then)."""
     from diffswarm.experts.expert import Expert
 
     cfg, _, _ = job.expert(part, ds)
+    dev = device if device is not None and device.type == "cuda" else torch.device("cpu")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        e = Expert(cfg).eval()
-        x, t = torch.randn(64, *ds.shape), torch.full((64,), 0.5)
-        labels = torch.zeros(64, dtype=torch.long)
+        e = Expert(cfg).to(dev).eval()
+        x, t = torch.randn(64, *ds.shape, device=dev), torch.full((64,), 0.5, device=dev)
+        labels = torch.zeros(64, dtype=torch.long, device=dev)
         e.velocity(x, t, labels, guidance)  # warm-up
         best = float("inf")
         for _ in range(3):
+            sync()
             t0 = time.perf_counter()
             e.velocity(x, t, labels, guidance)
+            sync()
             best = min(best, time.perf_counter() - t0)
     finally:
         torch.set_num_threads(prev)
@@ -220,7 +225,9 @@ def _plan_training(run: _Run, ds: ImageDataset, part: Partition, part_path: Path
     rows = generation_rows(max(grid_n, preset.eval_n), s.evaluations, min(preset.routing.k, cfg.k),
                            checked=not cfg.local_generation)
     budget = Budget(seconds=0.0, rows=rows,
-                    train_share=min(1.0, run.cpus / processes), gen_parallel=min(run.cpus, preset.routing.k),
+                    train_share=min(1.0, run.cpus / processes),
+                    # the peers share one GPU where there is one (rows timed on it), else each has its CPU share
+                    gen_parallel=1 if run.dev.type == "cuda" else min(run.cpus, preset.routing.k),
                     gen_overhead_s=0 if cfg.local_generation else SWARM_START_CPU_S / run.cpus,
                     min_train_s=60 * preset.min_train_minutes)
     recipe, choice = _choose_recipe(run, ds, budget) if preset.recipes and not cfg.steps else (None, None)
@@ -237,7 +244,7 @@ def _plan_training(run: _Run, ds: ImageDataset, part: Partition, part_path: Path
     rjob = RouterJob(str(part_path), str(run.out / "router.safetensors"),
                      train=RouterTrainConfig(steps=preset.router_steps, seed=cfg.seed, threads=threads))
     if choice is None:
-        row_s = sampling_seconds_per_row(jobs[0], part, ds, s.guidance)
+        row_s = sampling_seconds_per_row(jobs[0], part, ds, s.guidance, run.dev)
         est_generate = generate_seconds(budget, row_s)
     else:
         est_generate = choice.best.generate_s

@@ -140,6 +140,20 @@ def test_a_damaged_pipeline_folder_is_refused(workdir, tmp_path):
         DiffswarmPipeline.from_pretrained(out)
 
 
+def test_a_half_precision_pipeline_is_refused_with_what_to_do(workdir, tmp_path):
+    """diffusers' usual `torch_dtype=torch.float16`: float16 weights would meet float32 noise inside the experts;
+    the pipeline says the experts answer in float32 instead of failing in a matmul."""
+    from diffswarm.api import export_pipeline
+
+    pipe = DiffswarmPipeline.from_pretrained(export_pipeline(tmp_path / "pipe", run=workdir / "runs" / "demo"),
+                                             torch_dtype=torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match="float32"):
+        pipe(class_labels=[0], num_inference_steps=2, output_type="pt")
+    images = pipe.to(torch.float32)(class_labels=[0], num_inference_steps=2, output_type="pt").images
+    assert images.shape[0] == 1 and torch.isfinite(images).all()
+
+
 def test_bad_options_are_value_errors(workdir):
     with load_run(workdir / "runs" / "demo") as s:
         for kw in ({"routing": "best"}, {"classes": 9}, {"classes": "Sneaker"}, {"steps": 0}, {"sampler": "rk4"},

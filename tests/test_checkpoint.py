@@ -76,6 +76,23 @@ def test_resume_continues_exactly_where_a_killed_run_stopped(tmp_path):
     assert [r["step"] for r in log] == [4, 8, 12] and len(log[-1]["loss_by_t"]) == 10
 
 
+def test_a_state_saved_on_another_kind_of_device_resumes(tmp_path, capsys):
+    """A CUDA generator's state (16 bytes: seed and offset) does not fit a CPU generator: a run started on a GPU
+    and resumed on a CPU (or the reverse) re-seeds its generator from the seed and step, says so, and finishes."""
+    from diffswarm.experts.checkpoint import load_state, save_state
+    from diffswarm.experts.train import STATE_FILE, STATE_FORMAT
+
+    x, y = _data()
+    train_expert(_cfg(), TrainConfig(steps=4, batch=8, ckpt_every=4), x, y, tmp_path, progress=False)
+    meta, tensors = load_state(tmp_path / STATE_FILE, STATE_FORMAT)
+    tensors["rng.gen"] = torch.zeros(16, dtype=torch.uint8)  # what torch.cuda's generator.get_state() returns
+    save_state(tmp_path / STATE_FILE, tensors, {k: v for k, v in meta.items() if k != "state_sha256"})
+    summary = train_expert(_cfg(), TrainConfig(steps=8, batch=8, ckpt_every=4, resume=True), x, y, tmp_path,
+                           progress=False)
+    assert summary["steps"] == 8 and read_meta(tmp_path / "expert.safetensors")["summary"]["steps"] == 8
+    assert "saved on another kind of device" in capsys.readouterr().err
+
+
 def test_resume_refuses_another_configuration(tmp_path):
     x, y = _data()
     train_expert(_cfg("fm"), TrainConfig(steps=2, batch=8), x, y, tmp_path, progress=False)

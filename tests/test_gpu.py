@@ -64,3 +64,11 @@ def test_cuda_training_with_amp_writes_a_checkpoint_that_loads_on_cpu(tmp_path):
     e = Expert.from_checkpoint(tmp_path / "expert.safetensors", "cpu")
     v = e.velocity(torch.randn(2, 1, 16, 16), torch.rand(2), torch.tensor([0, 1]))
     assert torch.isfinite(v).all()
+
+
+def test_a_cuda_clients_own_answer_is_compared_with_a_peers_cpu_answer():
+    """A peer's answer arrives on the CPU while a CUDA client's own copy answers on its device: the cross-check
+    compares them (it once raised a device mismatch at the first checked answer)."""
+    a = torch.randn(4, 1, 8, 8)
+    assert torch.equal(relative_difference(a.to(DEVICE), a), torch.zeros(4))
+    assert relative_difference(a, -a.to(DEVICE)).tolist() == pytest.approx([2.0] * 4)

@@ -134,6 +134,10 @@ class DiffswarmPipeline(DiffusionPipeline):
 
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if self.dtype != torch.float32:
+            raise ValueError(f"the experts' weights are {self.dtype}: diffswarm experts answer in float32 (the "
+                             "swarm's cross-checks compare float32 answers); load the pipeline without torch_dtype "
+                             "or call .to(torch.float32)")
         ncfg = self.experts[0].expert_config.net
         shape = (ncfg.channels, ncfg.size, ncfg.size)
         labels = self._labels(class_labels, batch_size, ncfg.num_classes)

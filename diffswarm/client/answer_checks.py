@@ -128,7 +128,8 @@ def check_answer(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor, guidance: fl
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(B,) per-row ||a - b|| / max(||a||, ||b||, 1e-3 * sqrt(D)): 0 for equal answers, 1 for a zeroed one,
     2 for a negated one."""
-    a, b = a.detach().float().flatten(1), b.detach().float().flatten(1)
+    # on the CPU: a peer's answer arrives there, a CUDA client's own evaluations stay on its device
+    a, b = a.detach().float().cpu().flatten(1), b.detach().float().cpu().flatten(1)
     floor = 1e-3 * math.sqrt(a.shape[1])
     scale = torch.maximum(a.norm(dim=1), b.norm(dim=1)).clamp_min(floor)
     return (a - b).norm(dim=1) / scale

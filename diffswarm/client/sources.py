@@ -49,7 +49,7 @@ class RemoteSlot:
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         k, b = self.cluster, x.shape[0]
-        w = torch.zeros(b, self.ensemble.num_experts)
+        w = torch.zeros(b, self.ensemble.num_experts, device=x.device)
         w[:, k] = 1.0
         v, _, _ = self.ensemble.evaluate(x, t, labels, guidance, w, None)
         return v

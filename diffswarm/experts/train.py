@@ -30,11 +30,13 @@ checkpoint at N lands:
 The expert file cannot be the resume point (it lacks raw weights, optimizer moments and RNG), and
 writing it first would serve weights of steps that a resumed run then recomputes. Resuming is exact:
 the state holds the RNG, so a run killed any number of times ends with the bit-identical weights of
-an uninterrupted run with the same seed and step count on the same device and thread count
-(``tests/test_kill_resume.py``). ``train_log.jsonl`` is cut back to its length at the checkpoint, so
-the log of a resumed run lists each step once. A state file that fails its check is refused with a
-``CheckpointError`` saying what to do (never trained on); the folder is locked while a run trains, so
-two runs cannot write the same checkpoints.
+an uninterrupted run with the same seed and step count on the same CPU and thread count
+(``tests/test_kill_resume.py``; CUDA's convolution and attention gradients are not deterministic, so there the
+resumed run continues from the same state but does not repeat the same bits). A state saved on another kind of
+device resumes with a generator re-seeded from the seed and step (a CPU generator's state does not fit CUDA's).
+``train_log.jsonl`` is cut back to its length at the checkpoint, so the log of a resumed run lists each step
+once. A state file that fails its check is refused with a ``CheckpointError`` saying what to do (never trained
+on); the folder is locked while a run trains, so two runs cannot write the same checkpoints.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -291,8 +294,13 @@ def _start_run(config: ExpertConfig, train: TrainConfig, dev: torch.device, out:
         expert.net.load_state_dict(_prefixed(state, "model."))
         ema.net.load_state_dict(_prefixed(state, "ema."))
         _load_opt(opt, _prefixed(state, "opt."))
-        gen.set_state(state["rng.gen"])
         run.step = int(meta["step"])
+        try:
+            gen.set_state(state["rng.gen"])
+        except RuntimeError:  # saved on another kind of device: a CPU generator's state is not a CUDA one's
+            gen.manual_seed(train.seed + run.step)  # deterministic from here on, not the other device's draws
+            print(f"resuming {out} from step {run.step} on {dev.type}: its random state was saved on another kind "
+                  "of device, so the batches drawn from here differ from an uninterrupted run's", file=sys.stderr)
         run.spent = float(meta.get("elapsed_s", 0.0))
         run.last_loss = float(meta.get("last_loss", run.last_loss))
         _truncate_log(out / LOG_FILE, meta.get("log_bytes"))
