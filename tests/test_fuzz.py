@@ -389,6 +389,8 @@ def session_expectations(oracle: Oracle, frames):
     ends the session with a refusal."""
     expect: dict = {}
     for _, body in frames:
+        if len(body) > MAX_SESSION_MESSAGE_BYTES:  # refused from its length header, before the body is read
+            return expect, True
         msg = parse(runtime_pb2.ExpertRequest, body)
         if msg is None:
             return expect, True  # not a protobuf: the peer ends the session (refused)
