@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from diffswarm.client.answer_checks import TrustConfig, relative_difference
+from diffswarm.client.answer_checks import TrustConfig, relative_difference, row_tolerance
 from diffswarm.experts.config import ExpertConfig
 from diffswarm.experts.expert import Expert
 from diffswarm.experts.networks import NetConfig
@@ -31,7 +31,7 @@ def _cfg(objective: str, kind: str = "dit") -> ExpertConfig:
 def test_cuda_answers_pass_a_cpu_clients_cross_check(objective, kind):
     """An expert on CUDA answers in IEEE float32 (no bf16 autocast, no TF32): a CPU source's answer agrees with it
     per row within the cross-check's tolerance at every t, t = 1 included (where a DDPM expert's translation
-    amplifies the network's rounding) and with strong guidance."""
+    amplifies the network's rounding and the check allows 2e-2) and with strong guidance."""
     torch.manual_seed(0)
     e = Expert(_cfg(objective, kind)).eval()
     with torch.no_grad():  # non-zero output layers, so the comparison is not 0 == 0
@@ -45,8 +45,8 @@ def test_cuda_answers_pass_a_cpu_clients_cross_check(objective, kind):
             want = e.velocity(x, tt, y, guidance=g)
             got = on_gpu.velocity(x.to(DEVICE), tt.to(DEVICE), y.to(DEVICE), guidance=g)
             assert got.device.type == DEVICE and got.dtype == torch.float32
-            diff = float(relative_difference(got.cpu(), want).max())
-            assert diff <= TrustConfig().tolerance, f"t={t} g={g}: per-row relative difference {diff:.2e}"
+            diff = relative_difference(got.cpu(), want)
+            assert (diff <= row_tolerance(TrustConfig(), tt)).all(), f"t={t} g={g}: per-row {float(diff.max()):.2e}"
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
 
 
