@@ -58,9 +58,8 @@ WORKER_FLAG = "--answers-worker"
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
-def answers(path: str, cases: dict) -> dict:
-    """{(t, g): float32 velocity} of the expert at ``path`` for ``cases`` {t: (x_t, t, labels)}."""
-    expert = Expert.from_checkpoint(path, "cpu")
+def answers(expert: Expert, cases: dict) -> dict:
+    """{(t, g): float32 velocity} of ``expert`` for ``cases`` {t: (x_t, t, labels)}."""
     return {(t, gs): expert.velocity(xt, tt, labels, gs) for t, (xt, tt, labels) in cases.items() for gs in GUIDANCE}
 
 
@@ -68,7 +67,7 @@ def worker() -> None:
     """``WORKER_FLAG IN OUT``: the answers for the cases saved in IN (expert path + cases), saved to OUT."""
     src, dst = sys.argv[sys.argv.index(WORKER_FLAG) + 1:][:2]
     job = torch.load(src)
-    torch.save(answers(job["path"], job["cases"]), dst)
+    torch.save(answers(Expert.from_checkpoint(job["path"], "cpu"), job["cases"]), dst)
 
 
 def answers_with_avx2_kernels(path: Path, cases: dict, tmp: str) -> dict | None:
@@ -124,7 +123,7 @@ def measure(expert: Expert, path: Path, x0: torch.Tensor, labels: torch.Tensor, 
     g = torch.Generator().manual_seed(seed)
     cases = {t: ((1 - t) * x0 + t * torch.randn(x0.shape, generator=g), torch.full((len(x0),), t), labels)
              for t in TIMES}
-    want = answers(str(path), cases)
+    want = answers(expert, cases)
     res: dict[str, dict[float, float]] = {}
     for name, (e, dev, dtype) in variants(expert).items():
         got = {(t, gs): e.velocity(xt.to(dev, dtype), tt.to(dev, dtype), y.to(dev), gs).cpu().float()
