@@ -17,6 +17,8 @@ Compared with each expert's float32 answer on this CPU (x_t from test images, bo
 - ``float32, AVX2 kernels``: the same expert in float32 in a process limited to AVX2 kernels
   (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``), i.e. another CPU's
   rounding (on an AVX-512 machine; skipped where torch already reports AVX2 or less);
+- ``float32, NCHW layout``: the same expert in float32 with NCHW weights (a training run's layout; a loaded UNet
+  answers channels-last on the CPU, ``UNetDenoiser.inference_layout``);
 - on a CUDA machine also ``CUDA float32`` (the peer's path there: IEEE float32, no TF32) and ``CUDA bf16
   autocast``.
 
@@ -110,6 +112,10 @@ def train_two(out: Path, minutes: float, dataset: str) -> list[Path]:
 def variants(expert: Expert) -> dict[str, tuple[Expert, torch.device, torch.dtype]]:
     out = {"bf16 autocast (CPU)": (autocast_bf16(copy.deepcopy(expert), "cpu"), torch.device("cpu"), torch.float32),
            "float64": (copy.deepcopy(expert).double(), torch.device("cpu"), torch.float64)}
+    if getattr(expert.net, "channels_last", False):  # a loaded UNet answers channels-last on the CPU
+        nchw = copy.deepcopy(expert)
+        nchw.net.inference_layout(channels_last=False)
+        out["float32, NCHW layout"] = (nchw, torch.device("cpu"), torch.float32)
     if torch.cuda.is_available():
         cuda = torch.device("cuda")
         out["CUDA float32"] = (copy.deepcopy(expert).to(cuda), cuda, torch.float32)

@@ -42,7 +42,7 @@ def make_expert(net: str, k: int, cluster: int, seed: int):
     data = ClusterData((1, 28, 28), 10, k, f"colocated-{k}", "random")
     torch.manual_seed(seed + cluster)
     cfg = expert_config(data, "ddpm" if cluster % 2 == 0 else "fm", cluster, net=net, width=width, depth=depth)
-    return Expert(cfg).eval()
+    return Expert(cfg).answering()  # as a peer loads it (a UNet: channels-last on the CPU)
 
 
 def worker(net: str, k: int, cluster: int, rows: int, passes: int, cpu: int, barrier, out) -> None:

@@ -32,6 +32,7 @@ QUICK = [
     ("swarm_vs_local.py", []),  # 14
     ("colocated_peers.py", []),  # 9
     ("sparse_cost.py", []),  # 8
+    ("inference_layout.py", []),  # 8
     ("fp16_transport.py", []),  # 5
     ("check_precision.py", []),  # 3
 ]

@@ -123,3 +123,29 @@ def test_own_timestep_embeddings_match_diffusers_tensor_for_tensor():
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values(), strict=True))
     x = torch.randn(4, 128)
     assert torch.equal(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(attn=True, mid_attn=True)])
+def test_a_loaded_unet_answers_channels_last_with_the_same_answers_and_weights(tmp_path, opts):
+    from diffswarm.experts.checkpoint import save_expert, tensors_sha256
+
+    torch.manual_seed(0)
+    cfg = ExpertConfig(objective="ddpm", net=NetConfig(kind="unet", size=8, width=8, depth=2, num_classes=3, **opts))
+    trained = Expert(cfg)
+    path = tmp_path / "expert.safetensors"
+    save_expert(path, trained.net.state_dict(), cfg.to_dict(), {})
+    loaded = Expert.from_checkpoint(path)
+    weights = dict(loaded.net.named_parameters())
+    convs = [w for n, w in weights.items() if w.dim() == 4]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not any(w.is_contiguous(memory_format=torch.channels_last) and w.shape[1] > 1 and w.shape[2] > 1
+                   for w in trained.net.parameters() if w.dim() == 4)  # training keeps NCHW
+    assert tensors_sha256(loaded.net.state_dict()) == loaded.weights_sha256  # the layout is not in the hash
+    x, ts, y = _inputs()
+    t = ts / 999
+    want = trained.eval().velocity(x, t, y, 2.0)
+    got = loaded.velocity(x, t, y, 2.0)
+    assert got.is_contiguous() and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    save_expert(tmp_path / "again.safetensors", loaded.net.state_dict(), cfg.to_dict(), {})  # saves as loaded
+    assert Expert.from_checkpoint(tmp_path / "again.safetensors").weights_sha256 == loaded.weights_sha256

@@ -78,7 +78,16 @@ class Expert(nn.Module):
         expert = cls(cfg, summary=meta.get("summary", {}))
         expert.net.load_state_dict(weights)
         expert.weights_sha256 = meta["weights_sha256"]
-        return expert.to(device).eval()
+        return expert.to(device).answering()  # a loaded expert answers; it does not train
+
+    def answering(self) -> Expert:
+        """This expert set up to answer, not to train: eval mode and, on the CPU, its network's faster answering
+        layout where it has one (a UNet's channels-last weights, ``UNetDenoiser.inference_layout``)."""
+        self.eval()
+        first = next(self.net.parameters(), None)
+        if first is not None and first.device.type == "cpu" and hasattr(self.net, "inference_layout"):
+            self.net.inference_layout()
+        return self
 
     def network_input(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(network input, network timestep) for flow point x_t at flow time t (B,)."""

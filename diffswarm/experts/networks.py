@@ -202,7 +202,19 @@ class UNetDenoiser(nn.Module):
             num_class_embeds=cfg.num_classes + 1,
         )
 
+        self.channels_last = False  # set by inference_layout
+
+    def inference_layout(self, channels_last: bool = True) -> None:
+        """Channels-last weights for answering on the CPU (oneDNN's NHWC convolutions; measured by
+        ``bench/inference_layout.py``), or back to NCHW. Only for answering: a training step measured 6% slower
+        channels-last (``bench/cpu_kinds.py``), so a training run's network keeps NCHW."""
+        self.net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        self.channels_last = channels_last
+
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.device.type == "cpu" and x.dim() == 4:
+            y = self.net(x.contiguous(memory_format=torch.channels_last), timestep, class_labels=labels).sample
+            return y.contiguous()  # callers (the wire codec, row slicing) expect NCHW
         return self.net(x, timestep, class_labels=labels).sample
 
 
