@@ -149,3 +149,16 @@ def test_a_loaded_unet_answers_channels_last_with_the_same_answers_and_weights(t
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     save_expert(tmp_path / "again.safetensors", loaded.net.state_dict(), cfg.to_dict(), {})  # saves as loaded
     assert Expert.from_checkpoint(tmp_path / "again.safetensors").weights_sha256 == loaded.weights_sha256
+
+
+def test_a_channels_last_unet_answers_nchw_for_any_input_layout():
+    torch.manual_seed(0)
+    net = build_network(NetConfig(kind="unet", size=8, width=8, depth=2, num_classes=3)).eval()
+    net.inference_layout()
+    x, ts, y = _inputs()
+    with torch.no_grad():
+        outs = [net(x, ts, y), net(x.contiguous(memory_format=torch.channels_last), ts, y)]
+    assert all(o.is_contiguous() for o in outs)
+    torch.testing.assert_close(outs[0], outs[1])
+    net.inference_layout(channels_last=False)
+    assert not net.channels_last and net.net.conv_in.weight.is_contiguous()

@@ -212,10 +212,13 @@ class UNetDenoiser(nn.Module):
         self.channels_last = channels_last
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.channels_last and x.device.type == "cpu" and x.dim() == 4:
-            y = self.net(x.contiguous(memory_format=torch.channels_last), timestep, class_labels=labels).sample
-            return y.contiguous()  # callers (the wire codec, row slicing) expect NCHW
-        return self.net(x, timestep, class_labels=labels).sample
+        if not self.channels_last:
+            return self.net(x, timestep, class_labels=labels).sample
+        if x.device.type == "cpu" and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # NCHW out on every device (the wire codec and row slicing expect it), also where the weights were moved
+        # to another device after ``inference_layout``
+        return self.net(x, timestep, class_labels=labels).sample.contiguous()
 
 
 NETWORKS = {"dit": DiTDenoiser, "mlp": MLPDenoiser, "unet": UNetDenoiser}
