@@ -31,6 +31,38 @@ def tiny() -> bool:
 NET_SIZES = {"unet": (16, 3), "dit": (96, 3), "mlp": (64, 2)}
 
 
+# a child process limited to AVX2 kernels (torch's own, oneDNN's convolutions and MKL's): what an AVX2-only CPU
+# computes, e.g. its rounding (bench/slowcpu.py's emulation sets the first two and adds a CPU quota)
+AVX2_KERNELS_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def beyond_avx2() -> bool:
+    """Whether torch uses kernels beyond AVX2 here (AVX-512): only then does a child limited to AVX2 kernels
+    compute differently."""
+    return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2", "NO AVX")
+
+
+def with_avx2_kernels(script: str, *args: str) -> str:
+    """The stdout of ``python script *args`` run in a child limited to AVX2 kernels (``AVX2_KERNELS_ENV``; its
+    stderr passes through)."""
+    return subprocess.run([sys.executable, script, *args], env=dict(os.environ, **AVX2_KERNELS_ENV), check=True,
+                          stdout=subprocess.PIPE, text=True).stdout
+
+
+def random_expert(net: str, k: int, cluster: int, seed: int):
+    """Cluster ``cluster``'s expert of K = ``k`` (DDPM for even clusters, FM for odd) of ``net`` at its benchmark
+    size (``NET_SIZES``), 28x28 with 10 classes, random weights (a forward pass costs what a trained one's does),
+    set up to answer as a loaded expert is (``Expert.answering``: a UNet is channels-last on the CPU)."""
+    from diffswarm.experts.expert import Expert
+    from diffswarm.training.jobs import ClusterData, expert_config
+
+    width, depth = NET_SIZES[net]
+    data = ClusterData((1, 28, 28), 10, k, f"random-{k}", "random")
+    torch.manual_seed(seed + cluster)
+    cfg = expert_config(data, "ddpm" if cluster % 2 == 0 else "fm", cluster, net=net, width=width, depth=depth)
+    return Expert(cfg).answering()
+
+
 def swarm_net(net: str) -> str:
     """The network a swarm benchmark serves: ``net``, or the MLP in a tiny run (see the module doc)."""
     return "mlp" if tiny() else net

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import subprocess
 import sys
 import tempfile
 import types
@@ -45,7 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import footer, header, tiny  # noqa: E402
+from benchlib import beyond_avx2, footer, header, tiny, with_avx2_kernels  # noqa: E402
 
 from diffswarm.client.answer_checks import NOISE_END, TrustConfig, relative_difference  # noqa: E402
 from diffswarm.data.datasets import default_dataset_name, load_dataset  # noqa: E402
@@ -57,7 +56,6 @@ from diffswarm.experts.train import TrainConfig, train_expert  # noqa: E402
 TIMES = (0.02, 0.1, 0.5, 0.9, 0.99, 1.0)
 GUIDANCE = (1.0, 2.0, 4.0, 7.5)
 WORKER_FLAG = "--answers-worker"
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 def answers(expert: Expert, cases: dict) -> dict:
@@ -74,12 +72,11 @@ def worker() -> None:
 
 def answers_with_avx2_kernels(path: Path, cases: dict, tmp: str) -> dict | None:
     """``answers`` computed in a child process limited to AVX2 kernels; None where this CPU has nothing more."""
-    if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2", "NO AVX"):
+    if not beyond_avx2():
         return None
     src, dst = os.path.join(tmp, "cases.pt"), os.path.join(tmp, "answers.pt")
     torch.save({"path": str(path), "cases": cases}, src)
-    subprocess.run([sys.executable, os.path.abspath(__file__), WORKER_FLAG, src, dst],
-                   env=dict(os.environ, **AVX2_ENV), check=True)
+    with_avx2_kernels(os.path.abspath(__file__), WORKER_FLAG, src, dst)
     return torch.load(dst)
 
 

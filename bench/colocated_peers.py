@@ -31,24 +31,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import NET_SIZES, footer, header, tiny  # noqa: E402
-
-
-def make_expert(net: str, k: int, cluster: int, seed: int):
-    from diffswarm.experts.expert import Expert
-    from diffswarm.training.jobs import ClusterData, expert_config
-
-    width, depth = NET_SIZES[net]
-    data = ClusterData((1, 28, 28), 10, k, f"colocated-{k}", "random")
-    torch.manual_seed(seed + cluster)
-    cfg = expert_config(data, "ddpm" if cluster % 2 == 0 else "fm", cluster, net=net, width=width, depth=depth)
-    return Expert(cfg).answering()  # as a peer loads it (a UNet: channels-last on the CPU)
+from benchlib import NET_SIZES, footer, header, random_expert, tiny  # noqa: E402
 
 
 def worker(net: str, k: int, cluster: int, rows: int, passes: int, cpu: int, barrier, out) -> None:
     os.sched_setaffinity(0, {cpu})
     torch.set_num_threads(1)
-    expert = make_expert(net, k, cluster, 0)
+    expert = random_expert(net, k, cluster, 0)
     gen = torch.Generator().manual_seed(cluster)
     x, t = torch.randn(rows, 1, 28, 28, generator=gen), torch.rand(rows, generator=gen).clamp_min(0.05)
     labels = torch.arange(rows) % 10

@@ -21,41 +21,29 @@ import argparse
 import copy
 import json
 import os
-import subprocess
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import NET_SIZES, footer, header, tiny  # noqa: E402
+from benchlib import NET_SIZES, beyond_avx2, footer, header, random_expert, tiny, with_avx2_kernels  # noqa: E402
 
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+NET = "unet"
 WORKER_FLAG = "--layout-worker"
 
 
-def make_expert(net: str):
-    from diffswarm.experts.expert import Expert
-    from diffswarm.training.jobs import ClusterData, expert_config
-
-    width, depth = NET_SIZES[net]
-    torch.manual_seed(0)
-    cfg = expert_config(ClusterData((1, 28, 28), 10, 1, "layout", "random"), "ddpm", 0, net=net, width=width,
-                        depth=depth)
-    return Expert(cfg).eval()
-
-
-def measure(net: str, rows: list[int], calls: int, repeats: int) -> dict:
-    """{rows: [NCHW s per call, channels-last s per call, largest |difference|]} at one torch thread."""
+def measure(rows: list[int], calls: int | None, repeats: int) -> dict:
+    """{rows: [NCHW s per call, channels-last s per call, largest |difference|]} at one torch thread; ``calls``
+    per timing (None: about 64 rows' worth)."""
     torch.set_num_threads(1)
-    nchw = make_expert(net)
-    cl = copy.deepcopy(nchw)
-    if not hasattr(cl.net, "inference_layout"):
-        raise SystemExit(f"the {net} network has no channels-last layout")
-    cl.net.inference_layout()
+    cl = random_expert(NET, 1, 0, 0)  # DDPM, channels-last as loaded
+    nchw = copy.deepcopy(cl)
+    nchw.net.inference_layout(channels_last=False)
     out = {}
     g = torch.Generator().manual_seed(1)
     for b in rows:
+        n = calls or max(2, 64 // b)
         x, t = torch.randn(b, 1, 28, 28, generator=g), torch.rand(b, generator=g).clamp(0.02, 1.0)
         labels = torch.arange(b) % 10
         best = [float("inf"), float("inf")]
@@ -65,17 +53,16 @@ def measure(net: str, rows: list[int], calls: int, repeats: int) -> dict:
                 for i, e in enumerate((nchw, cl)):
                     e.velocity(x, t, labels, 2.0)  # warm (oneDNN primitives for this shape)
                     t0 = time.perf_counter()
-                    for _ in range(calls):
+                    for _ in range(n):
                         e.velocity(x, t, labels, 2.0)
-                    best[i] = min(best[i], (time.perf_counter() - t0) / calls)
+                    best[i] = min(best[i], (time.perf_counter() - t0) / n)
         out[b] = [best[0], best[1], diff]
     return out
 
 
 def worker() -> None:
-    net, rows, calls, repeats = json.loads(sys.argv[sys.argv.index(WORKER_FLAG) + 1])
-    print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(),
-                      "res": measure(net, rows, calls, repeats)}))
+    rows, calls, repeats = json.loads(sys.argv[sys.argv.index(WORKER_FLAG) + 1])
+    print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "res": measure(rows, calls, repeats)}))
 
 
 def report(title: str, capability: str, res: dict) -> None:
@@ -95,29 +82,18 @@ def main() -> None:
     ap.add_argument("--no-avx2", action="store_true", help="skip the run limited to AVX2 kernels")
     ap.add_argument("--quick", action="store_true", help="rows 1 and 8, best of 2")
     args = ap.parse_args()
-    net = "unet"
     if args.quick:
         args.rows, args.repeats = [1, 8], 2
         if tiny():
             args.rows, args.repeats, args.calls = [2], 1, 2
-    calls = args.calls
-    header(f"inference layout: UNet {'x'.join(map(str, NET_SIZES[net]))}, NCHW vs channels-last, rows {args.rows}")
-    res = {}
-    for b in args.rows:
-        res.update(measure(net, [b], calls or max(2, 64 // b), args.repeats))
-    report("native kernels", torch.backends.cpu.get_cpu_capability(), res)
-    if not args.no_avx2 and torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2", "NO AVX"):
-        res, cap = {}, "?"
-        for b in args.rows:
-            job = json.dumps([net, [b], calls or max(2, 64 // b), args.repeats])
-            got = json.loads(subprocess.run([sys.executable, os.path.abspath(__file__), WORKER_FLAG, job],
-                                            env=dict(os.environ, **AVX2_ENV), check=True, capture_output=True,
-                                            text=True).stdout)
-            res.update({int(k): v for k, v in got["res"].items()})
-            cap = got["capability"]
-        report("AVX2 kernels (a child process with the AVX2 switches)", cap, res)
+    header(f"inference layout: UNet {'x'.join(map(str, NET_SIZES[NET]))}, NCHW vs channels-last, rows {args.rows}")
+    report("native kernels", torch.backends.cpu.get_cpu_capability(), measure(args.rows, args.calls, args.repeats))
+    if not args.no_avx2 and beyond_avx2():
+        job = json.dumps([args.rows, args.calls, args.repeats])
+        got = json.loads(with_avx2_kernels(os.path.abspath(__file__), WORKER_FLAG, job))
+        report("AVX2 kernels (a child process limited to AVX2 kernels)", got["capability"],
+               {int(k): v for k, v in got["res"].items()})
     footer()
-
 
 if __name__ == "__main__":
     main()
