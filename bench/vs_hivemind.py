@@ -130,7 +130,13 @@ def remote_experts(info: dict):
         RemoteExpertWorker.run_coroutine(p2p.shutdown())
         dht.shutdown()
 
-    return [RemoteExpert(ExpertInfo(uid, pid), p2p) for uid in info["uids"]], close
+    remotes = [RemoteExpert(ExpertInfo(uid, pid), p2p) for uid in info["uids"]]
+    # fetch each expert's info here, one at a time: the first calls would otherwise come from the ensemble's
+    # threads at once, and hivemind builds its stub class lazily without a lock (``ServicerBase.
+    # _collect_rpc_handlers``), so a thread that comes second can find ``_stub_type`` still None
+    for remote in remotes:
+        remote.info  # noqa: B018 (a property that calls rpc_info and caches the answer)
+    return remotes, close
 
 
 def hivemind_ensemble(remotes, router, routing, seed: int):
