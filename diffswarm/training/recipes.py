@@ -245,6 +245,10 @@ def measure_costs(recipe: Recipe, shape: tuple[int, int, int], num_classes: int,
             step = min(step, time.process_time() - t0) if i else step
         if row_s is not None:
             return Costs(step, row_s)
+        # the row is timed in the training layout (NCHW), as ``Budget.gen_factor`` was fitted; served UNet experts
+        # answer channels-last (``Expert.answering``), 1.04-1.21x faster (bench/inference_layout.py). Demo runs since
+        # generated in 0.89-1.03x the estimate natively and 0.80-0.82x on the emulated AVX2 machine (Intel host,
+        # docs/performance.md item 9), against 1.05-1.10x on the EPYC host before: left as fitted
         e.eval()
         xs, ts, ls = torch.randn(64, *shape, generator=g), torch.full((64,), 0.5), torch.zeros(64, dtype=torch.long)
         row = float("inf")
