@@ -95,5 +95,6 @@ def main() -> None:
                {int(k): v for k, v in got["res"].items()})
     footer()
 
+
 if __name__ == "__main__":
     main()

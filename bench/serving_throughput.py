@@ -330,15 +330,15 @@ def report_tail(table: dict) -> None:
           "compute of a request at that level):")
     print(f"{'clients':>7} | {'p99 ms':>7} {'bound ms':>8} {'p99/bound':>9} | {'queue p99':>9} {'compute p99':>11} "
           f"{'rest p99':>8}")
+    bounds = {n: wait_ms + r["batched"]["compute_p50"] for n, r in table.items()}
     for n, r in table.items():
         b = r["batched"]
-        bound = wait_ms + b["compute_p50"]
-        print(f"{n:7d} | {b['p99']:7.1f} {bound:8.1f} {b['p99'] / bound:9.2f} | {b['queue_p99']:9.1f} "
+        print(f"{n:7d} | {b['p99']:7.1f} {bounds[n]:8.1f} {b['p99'] / bounds[n]:9.2f} | {b['queue_p99']:9.1f} "
               f"{b['compute_p99']:11.1f} {b['rest_p99']:8.1f}")
     if 8 in table:
-        b = table[8]["batched"]
-        verdict = "met" if b["p99"] <= wait_ms + b["compute_p50"] else "NOT met"
-        print(f"p99 at 8 clients: {b['p99']:.1f} ms against {wait_ms + b['compute_p50']:.1f} ms (target: {verdict}); "
+        p99 = table[8]["batched"]["p99"]
+        verdict = "met" if p99 <= bounds[8] else "NOT met"
+        print(f"p99 at 8 clients: {p99:.1f} ms against {bounds[8]:.1f} ms (target: {verdict}); "
               "a request that arrives while a pass runs waits for that pass first, so one worker's p99 cannot go "
               "below about two passes")
 
